@@ -1,0 +1,250 @@
+"""ModelConfig: the static description of a Llama-family model.
+
+Built from a Hugging Face ``config.json``. Frozen and hashable, so it can be a
+static argument of jitted functions. Both config styles are read: the classic
+``rope_theta`` / ``rope_scaling`` keys and the ``rope_parameters`` dict written by
+transformers >= 5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """A config.json that jaxinfer cannot serve."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (``rope_type`` in HF terms); hashable."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static model hyper-parameters. Field names follow HF where they exist."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v projections
+    o_bias: bool = False  # Llama attention_bias=True also puts a bias on o_proj
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
+    sliding_window: int | None = None  # Mistral: keys older than this are masked
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1: MHA, num_heads: MQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self) -> int:
+        d, f, h, k, e = (self.hidden_size, self.intermediate_size, self.num_heads,
+                         self.num_kv_heads, self.head_dim)
+        attn = d * h * e + 2 * d * k * e + h * e * d
+        attn += (h * e + 2 * k * e) * self.qkv_bias + d * self.o_bias + 2 * e * self.qk_norm
+        mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
+        per_layer = attn + mlp + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embed + d
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json that transformers needs to load this model."""
+        model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                      "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[self.architecture]
+        rope: dict[str, Any] = {"rope_type": self.rope_scaling.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_scaling.rope_type == "linear":
+            rope["factor"] = self.rope_scaling.factor
+        elif self.rope_scaling.rope_type == "llama3":
+            rope.update(dataclasses.asdict(self.rope_scaling))
+        out: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": (list(self.eos_token_ids) if len(self.eos_token_ids) > 1
+                             else (self.eos_token_ids[0] if self.eos_token_ids else None)),
+        }
+        if self.rope_scaling.rope_type != "default":
+            out["rope_scaling"] = dict(rope)
+        if model_type in ("llama", "qwen3"):
+            out["attention_bias"] = self.o_bias if model_type == "llama" else self.qkv_bias
+        if model_type == "llama":
+            out["mlp_bias"] = self.mlp_bias
+        if model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
+        if model_type in ("qwen2", "qwen3"):
+            out["use_sliding_window"] = False
+        return out
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Parse an HF config dict; unsupported models raise ConfigError naming the value."""
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type")
+        by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        arch = archs[0] if archs else by_type.get(model_type)
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"{source}: unsupported architecture {arch or model_type!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+        try:
+            hidden = int(hf["hidden_size"])
+            heads = int(hf["num_attention_heads"])
+            layers = int(hf["num_hidden_layers"])
+            inter = int(hf["intermediate_size"])
+            vocab = int(hf["vocab_size"])
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing required key {e.args[0]!r}") from None
+        head_dim = hf.get("head_dim") or hidden // heads
+        kv_heads = hf.get("num_key_value_heads") or heads
+
+        rope_params = hf.get("rope_parameters") or {}
+        rope_scaling_d = hf.get("rope_scaling") or {}
+        theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling_src = rope_scaling_d or rope_params
+        rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default")) or "default"
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"{source}: rope_type={rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        scaling = RopeScaling()
+        if rope_type == "linear":
+            scaling = RopeScaling("linear", factor=float(scaling_src["factor"]))
+        elif rope_type == "llama3":
+            scaling = RopeScaling(
+                "llama3",
+                factor=float(scaling_src["factor"]),
+                low_freq_factor=float(scaling_src["low_freq_factor"]),
+                high_freq_factor=float(scaling_src["high_freq_factor"]),
+                original_max_position_embeddings=int(scaling_src["original_max_position_embeddings"]),
+            )
+
+        sliding_window = None
+        if arch == "MistralForCausalLM":
+            sliding_window = hf.get("sliding_window")
+        elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and hf.get("use_sliding_window"):
+            raise ConfigError(f"{source}: use_sliding_window=True is not supported for {arch}")
+
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
+            o_bias=attention_bias and arch == "LlamaForCausalLM",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=int(sliding_window) if sliding_window else None,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config.json not found")
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_hf_dict(hf, source=str(path))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> list[float]:
+    """Inverse RoPE frequencies [head_dim // 2], with the configured scaling.
+
+    llama3 scaling (Llama 3.1 report): wavelengths longer than
+    original_max / low_freq_factor are divided by `factor`, shorter than
+    original_max / high_freq_factor are kept, and the band between is interpolated.
+    """
+    half = cfg.head_dim // 2
+    inv = [1.0 / (cfg.rope_theta ** (2 * i / cfg.head_dim)) for i in range(half)]
+    s = cfg.rope_scaling
+    if s.rope_type == "linear":
+        return [f / s.factor for f in inv]
+    if s.rope_type == "llama3":
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        out = []
+        for f in inv:
+            wavelen = 2 * math.pi / f
+            if wavelen < high_wavelen:
+                out.append(f)
+            elif wavelen > low_wavelen:
+                out.append(f / s.factor)
+            else:
+                smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                    s.high_freq_factor - s.low_freq_factor)
+                out.append((1 - smooth) * f / s.factor + smooth * f)
+        return out
+    return inv

@@ -1,0 +1,179 @@
+"""Static-batch generation over a contiguous KV cache, as two jitted calls.
+
+Legend: B rows, T prompt tokens (padded), S cache slots, M max new tokens,
+N top logprobs, V vocab.
+
+``prefill`` runs the prompts (right-padded; rows of different lengths) and
+samples each row's first token; ``decode`` is a ``lax.while_loop`` that feeds the
+last token back until every row has stopped or ``max_steps`` ran out. The host
+calls ``decode`` once (the whole generation on device) or in segments to stream.
+Rows stop on their own stop token ids (honouring min_tokens) and max_tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.kv.cache import AttentionMeta, KVCache, init_contiguous
+from jaxinfer.model import Weights, forward
+from jaxinfer.sampling import SamplingTensors, sample, token_logprobs
+
+RUNNING, STOPPED, LENGTH = 0, 1, 2  # finish codes
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateStatics:
+    """Everything that changes the compiled program (hashable)."""
+
+    max_len: int  # S: cache slots per row
+    max_new: int  # M: output slots per row
+    num_logprobs: int = -1  # N top logprobs per generated token; -1: none
+    num_prompt_logprobs: int = -1  # likewise for prompt tokens; -1: none
+    backend: str = "xla"
+
+
+@struct.dataclass
+class RowLimits:
+    """Per-row stopping rules."""
+
+    max_tokens: jax.Array  # [B] int32
+    min_tokens: jax.Array  # [B] int32
+    stop_ids: jax.Array  # [B, E] int32, padded with vocab_size (never matches)
+
+
+@struct.dataclass
+class DecodeState:
+    tokens: jax.Array  # [B] last sampled token, the next step's input
+    kv: KVCache
+    kv_lens: jax.Array  # [B] tokens in cache
+    num_generated: jax.Array  # [B]
+    finish: jax.Array  # [B] RUNNING / STOPPED / LENGTH
+    out_tokens: jax.Array  # [B, M]
+    out_logprobs: jax.Array  # [B, M]    (M = 0 when logprobs are off)
+    out_ranks: jax.Array  # [B, M]
+    out_top_ids: jax.Array  # [B, M, N]
+    out_top_logprobs: jax.Array  # [B, M, N]
+
+
+def _mask_stop_tokens(logits, limits: RowLimits, num_generated):
+    """Before min_tokens, stop tokens cannot be drawn: set their logits to -inf."""
+    blocked = (num_generated < limits.min_tokens)[:, None]  # [B, 1]
+    rows = jnp.broadcast_to(jnp.arange(logits.shape[0])[:, None], limits.stop_ids.shape)
+    cols = jnp.where(blocked, limits.stop_ids, logits.shape[-1])  # out of range -> dropped
+    return logits.at[rows, cols].set(-jnp.inf, mode="drop")
+
+
+def _emit(state: DecodeState, logits, st: SamplingTensors, limits: RowLimits,
+          statics: GenerateStatics, active) -> DecodeState:
+    """Sample the next token of every active row from logits [B, V] and record it."""
+    logits = _mask_stop_tokens(logits, limits, state.num_generated)
+    tok = sample(logits, st, state.num_generated)  # [B]
+    b = jnp.arange(tok.shape[0])
+    slot = jnp.where(active, state.num_generated, statics.max_new)  # inactive rows: dropped
+    out_tokens = state.out_tokens.at[b, slot].set(tok, mode="drop")
+    extras = {}
+    if statics.num_logprobs >= 0:
+        lp, rank, top_ids, top_lp = token_logprobs(logits, tok, statics.num_logprobs)
+        extras = dict(
+            out_logprobs=state.out_logprobs.at[b, slot].set(lp, mode="drop"),
+            out_ranks=state.out_ranks.at[b, slot].set(rank, mode="drop"),
+            out_top_ids=state.out_top_ids.at[b, slot].set(top_ids, mode="drop"),
+            out_top_logprobs=state.out_top_logprobs.at[b, slot].set(top_lp, mode="drop"))
+    num_generated = state.num_generated + active
+    hit_stop = jnp.any(tok[:, None] == limits.stop_ids, axis=-1)
+    finish = jnp.where(active & hit_stop, STOPPED, state.finish)
+    finish = jnp.where(active & (finish == RUNNING) & (num_generated >= limits.max_tokens),
+                       LENGTH, finish)
+    return state.replace(tokens=jnp.where(active, tok, state.tokens), out_tokens=out_tokens,
+                         num_generated=num_generated, finish=finish, **extras)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "statics"))
+def prefill(weights: Weights, cfg: ModelConfig, statics: GenerateStatics, tokens: jax.Array,
+            prompt_lens: jax.Array, st: SamplingTensors, limits: RowLimits):
+    """Run prompts tokens [B, T] (right-padded to T) and sample each row's first token.
+
+    Rows with prompt_lens 0 are padding and finish at once. Returns (DecodeState,
+    prompt_logprobs): the latter is None unless statics.num_prompt_logprobs >= 0,
+    else a tuple (logprob [B, T-1], rank, top_ids [B, T-1, N], top_logprobs) of
+    token t+1 given tokens <= t.
+    """
+    b, t = tokens.shape
+    kv, page_table = init_contiguous(cfg.num_layers, b, statics.max_len, cfg.num_kv_heads,
+                                     cfg.head_dim, weights.dtype)
+    meta = AttentionMeta(page_table=page_table, kv_lens=prompt_lens, q_lens=prompt_lens,
+                         contiguous=True)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    last = jnp.maximum(prompt_lens - 1, 0)[:, None]  # [B, 1]
+    want_prompt_lp = statics.num_prompt_logprobs >= 0
+    logits, _, kv = forward(weights, cfg, tokens, positions, kv, meta, backend=statics.backend,
+                            logits_at=None if want_prompt_lp else last)
+    prompt_lp = None
+    if want_prompt_lp:
+        prompt_lp = token_logprobs(logits[:, :-1], tokens[:, 1:], statics.num_prompt_logprobs)
+        logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)
+    m, n = statics.max_new, max(statics.num_logprobs, 0)
+    m_lp = m if statics.num_logprobs >= 0 else 0
+    state = DecodeState(
+        tokens=jnp.zeros((b,), jnp.int32), kv=kv, kv_lens=prompt_lens,
+        num_generated=jnp.zeros((b,), jnp.int32),
+        finish=jnp.where(prompt_lens > 0, RUNNING, LENGTH).astype(jnp.int32),
+        out_tokens=jnp.zeros((b, m), jnp.int32),
+        out_logprobs=jnp.zeros((b, m_lp), jnp.float32), out_ranks=jnp.zeros((b, m_lp), jnp.int32),
+        out_top_ids=jnp.zeros((b, m_lp, n), jnp.int32),
+        out_top_logprobs=jnp.zeros((b, m_lp, n), jnp.float32))
+    state = _emit(state, logits[:, 0], st, limits, statics, prompt_lens > 0)
+    return state, prompt_lp
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "statics"), donate_argnames=("state",))
+def decode(weights: Weights, cfg: ModelConfig, statics: GenerateStatics, state: DecodeState,
+           st: SamplingTensors, limits: RowLimits, max_steps: jax.Array) -> DecodeState:
+    """Up to max_steps decode steps on device; stops early once every row finished."""
+    b = state.tokens.shape[0]
+    page_table = jnp.arange(b, dtype=jnp.int32)[:, None]
+
+    def step(carry):
+        i, s = carry
+        active = s.finish == RUNNING
+        q_lens = active.astype(jnp.int32)
+        kv_lens = s.kv_lens + q_lens
+        meta = AttentionMeta(page_table=page_table, kv_lens=kv_lens, q_lens=q_lens, contiguous=True)
+        positions = (kv_lens - 1)[:, None]  # [B, 1]
+        logits, _, kv = forward(weights, cfg, s.tokens[:, None], positions, s.kv, meta,
+                                backend=statics.backend)
+        s = s.replace(kv=kv, kv_lens=kv_lens)
+        return i + 1, _emit(s, logits[:, 0], st, limits, statics, active)
+
+    def cond(carry):
+        i, s = carry
+        return (i < max_steps) & jnp.any(s.finish == RUNNING)
+
+    _, state = jax.lax.while_loop(cond, step, (jnp.int32(0), state))
+    return state
+
+
+def row_limits(max_tokens: list[int], min_tokens: list[int], stop_ids: list[list[int]],
+               vocab_size: int) -> RowLimits:
+    width = max(1, max(len(s) for s in stop_ids))
+    padded = np.full((len(stop_ids), width), vocab_size, np.int32)
+    for i, s in enumerate(stop_ids):
+        padded[i, :len(s)] = s
+    return RowLimits(max_tokens=jnp.asarray(max_tokens, jnp.int32),
+                     min_tokens=jnp.asarray(min_tokens, jnp.int32), stop_ids=jnp.asarray(padded))
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Next power of two >= n (and >= minimum): bounds the number of compiled shapes."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

@@ -1,0 +1,102 @@
+"""KV cache pytrees and attention metadata.
+
+Legend: B sequences, T query tokens per sequence, P pages, S cache slots,
+K kv heads, G query heads per kv head, H head dim, ps page size.
+
+One layout serves the contiguous and the paged cache (see ARCHITECTURE.md):
+every layer holds ``k`` and ``v`` pages of shape [P, K, ps, H]. A contiguous
+cache is the special case P = B, ps = S_max with the identity page table; the
+``contiguous`` flag lets the XLA attention read it without a gather.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer K and V pages: lists of [P, K, ps, H] arrays (one per layer)."""
+
+    k: list
+    v: list
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+
+@struct.dataclass
+class AttentionMeta:
+    """Where each row's new tokens go and what each row may attend to.
+
+    Row b holds ``q_lens[b]`` valid query tokens (the rest of its T are padding);
+    after this call's writes it has ``kv_lens[b]`` tokens in the cache, so its query
+    token t sits at position ``kv_lens[b] - q_lens[b] + t``. Decode (T = 1),
+    speculative verification (T = k + 1) and chunked prefill over a cached prefix
+    (T = chunk) are the same call.
+    """
+
+    page_table: jax.Array  # [B, pages_per_seq] int32
+    kv_lens: jax.Array  # [B] int32
+    q_lens: jax.Array  # [B] int32
+    contiguous: bool = struct.field(pytree_node=False, default=False)
+
+    def query_positions(self, num_tokens: int) -> jax.Array:
+        """Absolute position of every query slot: [B, T] int32."""
+        start = self.kv_lens - self.q_lens  # [B]
+        return start[:, None] + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
+
+
+def init_contiguous(num_layers: int, batch: int, max_len: int, num_kv_heads: int,
+                    head_dim: int, dtype) -> tuple[KVCache, jax.Array]:
+    """A zeroed contiguous cache [B, K, S, H] per layer and its identity page table [B, 1]."""
+    shape = (batch, num_kv_heads, max_len, head_dim)
+    cache = KVCache(k=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
+                    v=[jnp.zeros(shape, dtype) for _ in range(num_layers)])
+    return cache, jnp.arange(batch, dtype=jnp.int32)[:, None]
+
+
+def init_paged(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+               head_dim: int, dtype) -> KVCache:
+    """A zeroed paged cache: [P, K, ps, H] per layer."""
+    shape = (num_pages, num_kv_heads, page_size, head_dim)
+    return KVCache(k=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
+                   v=[jnp.zeros(shape, dtype) for _ in range(num_layers)])
+
+
+def write_slots(meta: AttentionMeta, num_tokens: int, page_size: int, num_pages: int):
+    """Page and in-page offset for every query slot; padding slots point past the end.
+
+    Returns (page [B, T], offset [B, T]); a scatter with mode="drop" then ignores the
+    padding slots, so rows with fewer valid tokens never touch another row's pages.
+    """
+    pos = meta.query_positions(num_tokens)  # [B, T]
+    valid = jnp.arange(num_tokens)[None, :] < meta.q_lens[:, None]
+    page_idx = jnp.clip(pos // page_size, 0, meta.page_table.shape[1] - 1)
+    page = jnp.take_along_axis(meta.page_table, page_idx, axis=1)
+    page = jnp.where(valid, page, num_pages)
+    return page, pos % page_size
+
+
+def write_pages(pages: jax.Array, new: jax.Array, page: jax.Array, offset: jax.Array) -> jax.Array:
+    """Scatter new tokens [B, T, K, H] into pages [P, K, ps, H] at (page, offset) [B, T]."""
+    return pages.at[page, :, offset].set(new.astype(pages.dtype), mode="drop")
+
+
+def gather_pages(pages: jax.Array, meta: AttentionMeta) -> jax.Array:
+    """Each row's cache as one contiguous run: [B, K, S, H], S = pages_per_seq * ps."""
+    if meta.contiguous:
+        return pages  # already [B, K, S, H]
+    g = pages[meta.page_table]  # [B, pp, K, ps, H]
+    b, pp, k, ps, h = g.shape
+    return g.transpose(0, 2, 1, 3, 4).reshape(b, k, pp * ps, h)

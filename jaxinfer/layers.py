@@ -1,0 +1,108 @@
+"""Building blocks of the Llama family: RMSNorm, RoPE, SwiGLU MLP, attention.
+
+Legend: B batch, T query tokens, S cache slots, D model dim, N query heads,
+K kv heads, G query heads per kv head (N = K * G), H head dim, F ffn dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.kv.cache import AttentionMeta, gather_pages
+
+ATTENTION_BACKENDS = ("xla", "pallas")
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., Din] @ w [Din, Dout] accumulated in float32, returned in x's dtype.
+
+    The float32 accumulator is also the fast path on CPU: a bf16 x bf16 -> bf16 dot
+    runs ~9x slower there than the same dot with a float32 result.
+    """
+    out = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return out.astype(x.dtype)
+
+
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum with a float32 result. XLA:CPU has no bf16 x bf16 -> f32 batched dot,
+    so on CPU low-precision operands are upcast first; elsewhere they stay native."""
+    native = lambda: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)  # noqa: E731
+    if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+        return native()
+    upcast = lambda: jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))  # noqa: E731
+    return jax.lax.platform_dependent(cpu=upcast, default=native)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32 and cast back, as HF does."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables for positions [B, T]: each [B, T, 1, H/2]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    return (jnp.cos(angles)[:, :, None, :].astype(dtype),
+            jnp.sin(angles)[:, :, None, :].astype(dtype))
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate [B, T, heads, H] by position; HF's rotate-half (non-interleaved) convention."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def swiglu(gate_up: jax.Array) -> jax.Array:
+    """silu(gate) * up for a fused [..., 2F] projection."""
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+def attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                        meta: AttentionMeta, *, scale: float, causal: bool = True,
+                        sliding_window: int | None = None,
+                        soft_cap: float | None = None) -> jax.Array:
+    """Plain-XLA attention of queries [B, T, N, H] against a (paged) cache.
+
+    k_pages, v_pages: [P, K, ps, H] (or [B, K, S, H] when ``meta.contiguous``),
+    already holding this call's new tokens. Query t of row b sits at position
+    kv_lens[b] - q_lens[b] + t and sees keys at positions < kv_lens[b] (and
+    <= its own position when causal). Returns [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    k = gather_pages(k_pages, meta)  # [B, K, S, H]
+    v = gather_pages(v_pages, meta)
+    kv_heads, s = k.shape[1], k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    scores = einsum_f32("btkgh,bksh->bkgts", qg, k) * scale  # [B, K, G, T, S]
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
+    q_pos = meta.query_positions(t)  # [B, T]
+    k_pos = jnp.arange(s, dtype=jnp.int32)
+    mask = k_pos[None, None, :] < meta.kv_lens[:, None, None]  # [B, 1, S]
+    if causal:
+        mask = mask & (k_pos[None, None, :] <= q_pos[:, :, None])  # [B, T, S]
+    if sliding_window is not None:
+        mask = mask & (k_pos[None, None, :] > q_pos[:, :, None] - sliding_window)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    # Padding query rows can have no visible key; keep them finite (they are discarded).
+    scores = jnp.where(jnp.any(mask, axis=-1)[:, None, None, :, None], scores, 0.0)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = einsum_f32("bkgts,bksh->btkgh", probs, v)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend: str = "xla",
+              sliding_window: int | None = None) -> jax.Array:
+    """Dispatch to the chosen attention implementation (same arguments for all)."""
+    if backend == "xla":
+        return attention_reference(q, k_pages, v_pages, meta, scale=scale,
+                                   sliding_window=sliding_window)
+    if backend == "pallas":
+        from jaxinfer import kernels_bridge  # imported lazily: kernels are optional
+        return kernels_bridge.paged_attention(q, k_pages, v_pages, meta, scale=scale,
+                                              sliding_window=sliding_window)
+    raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")

@@ -1,0 +1,173 @@
+"""The Llama-family model as pure functions over a weights pytree.
+
+Legend: B batch, T tokens, D model dim, V vocab, N query heads, K kv heads,
+H head dim, F ffn dim, L layers.
+
+Layers are a Python list (unrolled under jit), each with its own cache arrays:
+scanning over stacked layers copies the per-layer cache every step (FACTS.md).
+Projections are fused ([D, (N + 2K) H] for q/k/v, [D, 2F] for gate/up) so each
+block issues few, large matmuls.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxinfer.config import ModelConfig, rope_inv_freq
+from jaxinfer.kv.cache import AttentionMeta, KVCache, write_pages, write_slots
+from jaxinfer.layers import apply_rope, attention, matmul, rms_norm, rope_cos_sin, swiglu
+
+
+@struct.dataclass
+class LayerWeights:
+    attn_norm: jax.Array  # [D]
+    wqkv: jax.Array  # [D, (N + 2K) H]
+    wo: jax.Array  # [N H, D]
+    mlp_norm: jax.Array  # [D]
+    w_gate_up: jax.Array  # [D, 2F]
+    w_down: jax.Array  # [F, D]
+    bqkv: jax.Array | None = None  # [(N + 2K) H]   Qwen2
+    bo: jax.Array | None = None  # [D]
+    q_norm: jax.Array | None = None  # [H]   Qwen3
+    k_norm: jax.Array | None = None  # [H]
+    b_gate_up: jax.Array | None = None  # [2F]
+    b_down: jax.Array | None = None  # [D]
+
+
+@struct.dataclass
+class Weights:
+    embed: jax.Array  # [V, D]
+    layers: list  # [L] LayerWeights
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None = None  # [D, V]; None when tied to embed
+
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
+    """Shape of every LayerWeights field for this config (None: field absent)."""
+    d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                     cfg.num_kv_heads, cfg.head_dim)
+    qkv = (n + 2 * k) * h
+    return {
+        "attn_norm": (d,), "wqkv": (d, qkv), "wo": (n * h, d), "mlp_norm": (d,),
+        "w_gate_up": (d, 2 * f), "w_down": (f, d),
+        "bqkv": (qkv,) if cfg.qkv_bias else None,
+        "bo": (d,) if cfg.o_bias else None,
+        "q_norm": (h,) if cfg.qk_norm else None,
+        "k_norm": (h,) if cfg.qk_norm else None,
+        "b_gate_up": (2 * f,) if cfg.mlp_bias else None,
+        "b_down": (d,) if cfg.mlp_bias else None,
+    }
+
+
+def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Weights:
+    """Random weights (normal(0, std) matrices, unit norms, zero biases)."""
+    shapes = layer_shapes(cfg)
+    keys = iter(jax.random.split(key, cfg.num_layers * len(shapes) + 2))
+
+    def make(name, shape):
+        k = next(keys)
+        if "norm" in name:
+            return jnp.ones(shape, dtype)
+        if name.startswith("b"):
+            return jnp.zeros(shape, dtype)
+        return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+    layers = [LayerWeights(**{n: (None if s is None else make(n, s)) for n, s in shapes.items()})
+              for _ in range(cfg.num_layers)]
+    embed = (std * jax.random.normal(next(keys), (cfg.vocab_size, cfg.hidden_size))).astype(dtype)
+    lm_head = None
+    if not cfg.tie_word_embeddings:
+        lm_head = (std * jax.random.normal(next(keys), (cfg.hidden_size, cfg.vocab_size))).astype(dtype)
+    return Weights(embed=embed, layers=layers, final_norm=jnp.ones((cfg.hidden_size,), dtype),
+                   lm_head=lm_head)
+
+
+def cast_weights(weights: Weights, dtype) -> Weights:
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), weights)
+
+
+def lm_logits(weights: Weights, hidden: jax.Array, eps: float) -> jax.Array:
+    """Final norm + LM head on pre-norm hidden states [..., D] -> float32 logits [..., V]."""
+    x = rms_norm(hidden, weights.final_norm, eps)
+    if weights.lm_head is None:
+        return jnp.einsum("...d,vd->...v", x, weights.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, weights.lm_head, preferred_element_type=jnp.float32)
+
+
+def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, sin,
+                    k_pages, v_pages, meta: AttentionMeta, backend: str):
+    """Pre-norm attention with cache write. x [B, T, D] -> (delta [B, T, D], k_pages, v_pages)."""
+    b, t, _ = x.shape
+    n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    hn = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+    qkv = matmul(hn, layer.wqkv)  # [B, T, (N + 2K) H]
+    if layer.bqkv is not None:
+        qkv = qkv + layer.bqkv
+    q, k, v = jnp.split(qkv, [n * h, (n + kh) * h], axis=-1)
+    q = q.reshape(b, t, n, h)  # [B, T, N, H]
+    k = k.reshape(b, t, kh, h)  # [B, T, K, H]
+    v = v.reshape(b, t, kh, h)
+    if layer.q_norm is not None:
+        q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    page, offset = write_slots(meta, t, k_pages.shape[2], k_pages.shape[0])
+    k_pages = write_pages(k_pages, k, page, offset)
+    v_pages = write_pages(v_pages, v, page, offset)
+    out = attention(q, k_pages, v_pages, meta, scale=h ** -0.5, backend=backend,
+                    sliding_window=cfg.sliding_window)  # [B, T, N, H]
+    out = matmul(out.reshape(b, t, n * h), layer.wo)
+    if layer.bo is not None:
+        out = out + layer.bo
+    return out, k_pages, v_pages
+
+
+def mlp_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Pre-norm SwiGLU MLP. x [B, T, D] -> delta [B, T, D]."""
+    hn = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+    gu = matmul(hn, layer.w_gate_up)  # [B, T, 2F]
+    if layer.b_gate_up is not None:
+        gu = gu + layer.b_gate_up
+    out = matmul(swiglu(gu), layer.w_down)
+    if layer.b_down is not None:
+        out = out + layer.b_down
+    return out
+
+
+def forward(weights: Weights, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+            kv: KVCache, meta: AttentionMeta, *, backend: str = "xla",
+            logits_at: jax.Array | None = None, num_layers: int | None = None):
+    """Run the model on tokens [B, T] at positions [B, T], writing their K/V into kv.
+
+    logits_at: optional [B, M] indices into T; logits are computed only there
+    (prefill needs the last position, not all T). num_layers: run only the first
+    layers (self-speculative drafting); their caches are the only ones written.
+    Returns (logits [B, T or M, V] float32, hidden [B, T, D] pre-final-norm, kv).
+    """
+    num_layers = cfg.num_layers if num_layers is None else num_layers
+    x = weights.embed[tokens]  # [B, T, D]
+    inv_freq = jnp.asarray(np.asarray(rope_inv_freq(cfg), np.float32))
+    cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
+    new_k, new_v = list(kv.k), list(kv.v)
+    for i in range(num_layers):
+        layer = weights.layers[i]
+        with jax.named_scope(f"layer{i}"):
+            delta, new_k[i], new_v[i] = attention_block(layer, cfg, x, cos, sin, kv.k[i], kv.v[i],
+                                                         meta, backend)
+            x = x + delta
+            x = x + mlp_block(layer, cfg, x)
+    hidden = x
+    if logits_at is not None:
+        hidden_sel = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)  # [B, M, D]
+    else:
+        hidden_sel = hidden
+    logits = lm_logits(weights, hidden_sel, cfg.rms_norm_eps)
+    return logits, hidden, KVCache(k=new_k, v=new_v)

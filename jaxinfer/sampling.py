@@ -1,0 +1,185 @@
+"""SamplingParams (vLLM's names) and the on-device sampler.
+
+Legend: B rows, V vocab, N top logprobs.
+
+Per-row parameters live in a SamplingTensors pytree so one compiled sampler
+serves a batch that mixes greedy and sampled rows. The filters follow vLLM's
+order: temperature, min-p, top-k, then top-p on what is left. Randomness is
+seeded per request and folded with the index of the token being drawn, so a
+request's output depends only on its own seed, never on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+_MASK = -jnp.inf
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How to sample one request. Field names and defaults follow vLLM.
+
+    temperature 0 is greedy. top_k 0 or -1 disables top-k; top_p 1 and min_p 0
+    disable theirs. stop: strings that end the output (excluded from the text
+    unless include_stop_str_in_output). logprobs / prompt_logprobs: how many top
+    alternatives to return per token (the chosen token is always included).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        def bad(field, allowed):
+            raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r}: {allowed}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            bad("n", "must be an integer >= 1")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0
+                and np.isfinite(self.temperature)):
+            bad("temperature", "must be a finite number >= 0 (0 means greedy)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", "must be -1 or 0 (disabled) or a positive integer")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            bad("min_p", "must be in [0, 1]")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "must be an integer or None")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad("max_tokens", "must be an integer >= 1 (or None: until the context is full)")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
+        for field in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, field)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                bad(field, "must be None or an integer >= 0")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "must be non-empty strings")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative token ids")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate_vocab(self, vocab_size: int):
+        """Token ids must exist in the model's vocabulary."""
+        for t in self.stop_token_ids:
+            if t >= vocab_size:
+                raise ValueError(f"SamplingParams.stop_token_ids contains {t}; vocab_size={vocab_size}")
+
+
+@struct.dataclass
+class SamplingTensors:
+    """Per-row sampling parameters on device."""
+
+    temperature: jax.Array  # [B] float32, 0 = greedy
+    top_k: jax.Array  # [B] int32, 0 = off
+    top_p: jax.Array  # [B] float32
+    min_p: jax.Array  # [B] float32
+    keys: jax.Array  # [B, 2] uint32 per-request PRNG keys
+
+    @staticmethod
+    def from_params(params: list[SamplingParams], seeds: list[int], vocab_size: int,
+                    sample_index: list[int] | None = None) -> "SamplingTensors":
+        """One row per entry; the rows of an n > 1 request differ by sample_index."""
+        sample_index = sample_index or [0] * len(params)
+        keys = [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), i)))
+                for seed, i in zip(seeds, sample_index)]
+        top_k = [0 if p.top_k in (-1, 0) or p.top_k >= vocab_size else p.top_k for p in params]
+        return SamplingTensors(
+            temperature=jnp.asarray([p.temperature for p in params], jnp.float32),
+            top_k=jnp.asarray(top_k, jnp.int32),
+            top_p=jnp.asarray([p.top_p for p in params], jnp.float32),
+            min_p=jnp.asarray([p.min_p for p in params], jnp.float32),
+            keys=jnp.asarray(np.stack(keys), jnp.uint32),
+        )
+
+
+def filter_logits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
+    """Temperature-scaled logits [B, V] with min-p, top-k and top-p masked to -inf.
+
+    softmax of the result is the distribution a non-greedy row samples from (and
+    the p or q of speculative verification). Greedy rows come back unscaled.
+    """
+    t = jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
+    x = logits.astype(jnp.float32) / t
+    vocab = x.shape[-1]
+    # min-p: drop tokens whose probability is below min_p * the top probability.
+    top = jnp.max(x, axis=-1, keepdims=True)
+    min_p = st.min_p[:, None]
+    x = jnp.where((min_p > 0) & (x - top < jnp.log(jnp.maximum(min_p, 1e-38))), _MASK, x)
+    # One descending sort serves top-k and top-p.
+    srt = -jnp.sort(-x, axis=-1)  # [B, V]
+    k = jnp.where(st.top_k > 0, st.top_k, vocab)
+    kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)  # [B, 1]
+    x = jnp.where(x < kth, _MASK, x)
+    srt = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], srt, _MASK)
+    # top-p: keep the smallest prefix of the sorted distribution whose mass reaches p.
+    probs = jax.nn.softmax(srt, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < st.top_p[:, None]
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+    pth = jnp.take_along_axis(srt, (n_keep - 1)[:, None], axis=-1)
+    return jnp.where(x < pth, _MASK, x)
+
+
+def row_keys(st: SamplingTensors, counter: jax.Array) -> jax.Array:
+    """Key for drawing token number counter[b] of row b: [B, 2] uint32."""
+    return jax.vmap(lambda k, c: jax.random.key_data(
+        jax.random.fold_in(jax.random.wrap_key_data(k), c)))(st.keys, counter)
+
+
+def sample(logits: jax.Array, st: SamplingTensors, counter: jax.Array) -> jax.Array:
+    """Draw one token per row from logits [B, V]; counter [B] indexes the draw. -> [B] int32."""
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        filtered = filter_logits(logits, st)
+        keys = row_keys(st, counter)
+        drawn = jax.vmap(lambda k, l: jax.random.categorical(jax.random.wrap_key_data(k), l))(
+            keys, filtered).astype(jnp.int32)
+        return jnp.where(st.temperature > 0, drawn, greedy_tokens)
+
+    return jax.lax.cond(jnp.all(st.temperature == 0), lambda _: greedy_tokens, draw, None)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, num_top: int):
+    """Log-probabilities of the model's raw distribution (vLLM's default mode).
+
+    logits [..., V], tokens [...] -> (logprob [...], rank [...] (1 = most likely),
+    top_ids [..., N], top_logprobs [..., N]).
+    """
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[..., None], axis=-1)[..., 0]
+    rank = jnp.sum(lp > chosen[..., None], axis=-1) + 1
+    if num_top > 0:
+        top_lp, top_ids = jax.lax.top_k(lp, num_top)
+    else:
+        top_lp = jnp.zeros(tokens.shape + (0,), jnp.float32)
+        top_ids = jnp.zeros(tokens.shape + (0,), jnp.int32)
+    return chosen, rank.astype(jnp.int32), top_ids.astype(jnp.int32), top_lp

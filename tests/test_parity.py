@@ -1,0 +1,53 @@
+"""Numerical parity with Hugging Face transformers on tiny random checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_models import ARCHS, load_hf_model, write_tiny
+from jaxinfer import LLM, SamplingParams
+
+PROMPT_LENS = (5, 17, 40)  # different lengths in one batch; 40 > mistral's sliding window
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def tiny(request, tmp_path_factory):
+    path = write_tiny(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, path, load_hf_model(path)
+
+
+def _prompts(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 128, size=n).tolist() for n in PROMPT_LENS]
+
+
+def test_prompt_logprobs_and_greedy_match_transformers(tiny):
+    arch, path, hf = tiny
+    llm = LLM(str(path), dtype="float32")
+    prompts = _prompts()
+    # min_tokens blocks EOS exactly like transformers' min_new_tokens does.
+    params = SamplingParams(temperature=0, max_tokens=32, min_tokens=32, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for p, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref_lp = hf(torch.tensor([p])).logits[0].log_softmax(-1).numpy()
+            ref_tokens = hf.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32,
+                                     do_sample=False)[0, len(p):].tolist()
+        ref = ref_lp[np.arange(len(p) - 1), p[1:]]
+        got = np.array([out.prompt_logprobs[i + 1][t].logprob for i, t in enumerate(p[1:])])
+        assert out.prompt_logprobs[0] is None
+        np.testing.assert_allclose(got, ref, atol=1e-4, err_msg=f"{arch} prompt logprobs")
+        assert out.outputs[0].token_ids == ref_tokens, f"{arch} greedy tokens differ"
+
+
+def test_bfloat16_close_to_float32(tiny):
+    """bf16 weights/activations: prompt logprobs within 0.1 nats of float32 (stated tolerance)."""
+    arch, path, _ = tiny
+    prompts = [{"prompt_token_ids": p} for p in _prompts(1)]
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    ref = LLM(str(path), dtype="float32").generate(prompts, params)
+    got = LLM(str(path), dtype="bfloat16").generate(prompts, params)
+    for r, g in zip(ref, got):
+        a = np.array([next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]])
+        b = np.array([next(iter(d.values())).logprob for d in g.prompt_logprobs[1:]])
+        assert np.max(np.abs(a - b)) < 0.1, arch
