@@ -119,11 +119,15 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
         k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    page, offset = write_slots(meta, t, k_pages.shape[2], k_pages.shape[0])
-    k_pages = write_pages(k_pages, k, page, offset)
-    v_pages = write_pages(v_pages, v, page, offset)
-    out = attention(q, k_pages, v_pages, meta, scale=h ** -0.5, backend=backend,
-                    sliding_window=cfg.sliding_window)  # [B, T, N, H]
+    if k_pages is None:  # no cache (training, scoring): the new tokens are the whole context
+        out = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), meta,
+                        scale=h ** -0.5, backend="xla", sliding_window=cfg.sliding_window)
+    else:
+        page, offset = write_slots(meta, t, k_pages.shape[2], k_pages.shape[0])
+        k_pages = write_pages(k_pages, k, page, offset)
+        v_pages = write_pages(v_pages, v, page, offset)
+        out = attention(q, k_pages, v_pages, meta, scale=h ** -0.5, backend=backend,
+                        sliding_window=cfg.sliding_window)  # [B, T, N, H]
     out = matmul(out.reshape(b, t, n * h), layer.wo)
     if layer.bo is not None:
         out = out + layer.bo
@@ -143,16 +147,25 @@ def mlp_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def forward(weights: Weights, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            kv: KVCache, meta: AttentionMeta, *, backend: str = "xla",
+            kv: KVCache | None, meta: AttentionMeta | None, *, backend: str = "xla",
             logits_at: jax.Array | None = None, num_layers: int | None = None):
     """Run the model on tokens [B, T] at positions [B, T], writing their K/V into kv.
 
     logits_at: optional [B, M] indices into T; logits are computed only there
     (prefill needs the last position, not all T). num_layers: run only the first
     layers (self-speculative drafting); their caches are the only ones written.
+    kv=None runs without a cache (training, scoring): causal attention over the
+    tokens themselves; meta=None then means every row is all T tokens long.
     Returns (logits [B, T or M, V] float32, hidden [B, T, D] pre-final-norm, kv).
     """
     num_layers = cfg.num_layers if num_layers is None else num_layers
+    b, t = tokens.shape
+    if kv is None:
+        kv = KVCache(k=[None] * cfg.num_layers, v=[None] * cfg.num_layers)
+        if meta is None:
+            full = jnp.full((b,), t, jnp.int32)
+            meta = AttentionMeta(page_table=jnp.zeros((b, 1), jnp.int32), kv_lens=full, q_lens=full,
+                                 contiguous=True)
     x = weights.embed[tokens]  # [B, T, D]
     inv_freq = jnp.asarray(np.asarray(rope_inv_freq(cfg), np.float32))
     cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
