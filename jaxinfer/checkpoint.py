@@ -39,6 +39,25 @@ def save_safetensors(path: Path, tensors: dict[str, np.ndarray]):
               metadata={"format": "pt"})
 
 
+def save_sharded(out_dir: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int):
+    """Write model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, arr in tensors.items():
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors(out_dir / fname, shard)
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def _open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="numpy")
@@ -188,14 +207,22 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> dict[str, n
 
 
 def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: Weights, dtype="bfloat16",
-              tokenizer_json: str | Path | None = None, generation_config: dict | None = None):
-    """Write an HF directory (config.json + model.safetensors [+ tokenizer]) transformers loads."""
+              tokenizer_json: str | Path | None = None, generation_config: dict | None = None,
+              max_shard_bytes: int | None = None):
+    """Write an HF directory (config.json + safetensors [+ tokenizer]) that transformers loads.
+
+    max_shard_bytes: split the weights into shards with an index file, as HF does.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    save_safetensors(out_dir / "model.safetensors", hf_state_dict(cfg, weights, DTYPES[dtype]))
+    state = hf_state_dict(cfg, weights, DTYPES[dtype])
+    if max_shard_bytes is None:
+        save_safetensors(out_dir / "model.safetensors", state)
+    else:
+        save_sharded(out_dir, state, max_shard_bytes)
     if tokenizer_json is not None:
         (out_dir / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
     gen = generation_config or {}

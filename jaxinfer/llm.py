@@ -128,11 +128,14 @@ class LLM:
         emitted, text_len, shown = 0, 0, 0
         for state, _ in self._decode_segments([(req, 0)], segment):
             n = int(state.num_generated[0])
-            for t in np.asarray(state.out_tokens[0, emitted:n]):
-                if int(t) in self._stop_ids(params) and not params.include_stop_str_in_output:
+            stopped_by_token = int(state.finish[0]) == gen.STOPPED
+            for k, t in enumerate(np.asarray(state.out_tokens[0, emitted:n]), start=emitted):
+                if stopped_by_token and k == n - 1 and not params.include_stop_str_in_output:
                     continue
                 detok.add(int(t))
             emitted = n
+            if int(state.finish[0]) != gen.RUNNING:
+                detok.flush()
             hit = find_stop(detok.text, params.stop, len(detok.text) - text_len)
             text_len = len(detok.text)
             visible = detok.text
@@ -275,10 +278,9 @@ class LLM:
         text = ""
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, p.skip_special_tokens)
-            for k, t in enumerate(ids):
-                if finish == "stop" and k == len(ids) - 1 and not p.include_stop_str_in_output \
-                        and t in self._stop_ids(p) and t not in p.stop_token_ids:
-                    break  # eos is not part of the text
+            # As in vLLM, a stop token (eos or stop_token_ids) is not detokenized.
+            text_ids = ids[:-1] if finish == "stop" and not p.include_stop_str_in_output else ids
+            for k, t in enumerate(text_ids):
                 delta = detok.add(t)
                 hit = find_stop(detok.text, p.stop, len(delta)) if p.stop and delta else None
                 if hit is not None:
@@ -287,6 +289,8 @@ class LLM:
                     detok.text = detok.text[:start + (len(s) if p.include_stop_str_in_output else 0)]
                     finish, stop_reason = "stop", s
                     break
+            else:
+                detok.flush()
             text = detok.text
         logprobs, cum = None, None
         if p.logprobs is not None:

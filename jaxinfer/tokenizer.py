@@ -92,6 +92,17 @@ class IncrementalDetokenizer:
             return delta
         return ""
 
+    def flush(self) -> str:
+        """At the end of generation: emit whatever was held back (even if incomplete)."""
+        if self.read_offset == len(self.ids):
+            return ""
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        delta = full[len(prefix):]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.text += delta
+        return delta
+
 
 def find_stop(text: str, stops: list[str], new_chars: int) -> tuple[int, str] | None:
     """Earliest stop string that ends within the last new_chars of text: (start, stop)."""

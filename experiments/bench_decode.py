@@ -1,0 +1,139 @@
+"""Decode throughput: jaxinfer vs transformers on the same checkpoint, in one run.
+
+A ~25M-parameter Llama (6 layers, hidden 512, 8 heads, ffn 1536, vocab 8192) is
+written with transformers; both frameworks run greedy generation of 128 new
+tokens from 16-token prompts at batch 1, 8 and 32, in float32 and bfloat16.
+Prints tokens/s for both, their ratio, and jaxinfer's fraction of the
+memory-bandwidth roofline: (weight bytes + KV bytes read per decode step) /
+step time / the read bandwidth measured here, in this same run.
+
+    python experiments/bench_decode.py [--batches 1 8 32] [--dtypes float32 bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+              tie_word_embeddings=True)
+PROMPT_LEN, NEW_TOKENS = 16, 128
+
+
+def read_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 10) -> float:
+    """Best-of-n jitted full read of a float32 buffer (GB/s)."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a.sum())
+    f(x).block_until_ready()
+    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
+    return nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def write_checkpoint(path: Path):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG))
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def bench_jaxinfer(path: Path, dtype: str, batch: int, prompts: np.ndarray, repeats: int):
+    from jaxinfer import LLM, SamplingParams
+    llm = LLM(str(path), dtype=dtype, max_num_seqs=batch)
+    reqs = [{"prompt_token_ids": p.tolist()} for p in prompts]
+    full = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(reqs, full), llm.generate(reqs, first)  # compile
+    total = min(_timed(lambda: llm.generate(reqs, full)) for _ in range(repeats))
+    prefill = min(_timed(lambda: llm.generate(reqs, first)) for _ in range(repeats))
+    out = llm.generate(reqs, full)
+    assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in out)
+    step = (total - prefill) / (NEW_TOKENS - 1)
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(llm.weights))
+    cfg = llm.cfg
+    itemsize = jnp.dtype(llm.weights.dtype).itemsize
+    # KV actually needed per step: 2 (K, V) x layers x batch x mean context x kv heads x head dim
+    mean_ctx = PROMPT_LEN + NEW_TOKENS / 2
+    kv_bytes = 2 * cfg.num_layers * batch * mean_ctx * cfg.num_kv_heads * cfg.head_dim * itemsize
+    return dict(tok_s=batch * NEW_TOKENS / total, step_ms=step * 1e3,
+                bytes_per_step=weight_bytes + kv_bytes, first_tokens=out[0].outputs[0].token_ids[:8])
+
+
+def bench_transformers(path: Path, dtype: str, batch: int, prompts: np.ndarray, repeats: int):
+    import torch
+    import transformers
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=tdt).eval()
+    ids = torch.tensor(prompts)
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+              attention_mask=torch.ones_like(ids), pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        best = min(_timed(lambda: model.generate(ids, **kw)) for _ in range(repeats))
+        out = model.generate(ids, **kw)
+    return dict(tok_s=batch * NEW_TOKENS / best, first_tokens=out[0, PROMPT_LEN:PROMPT_LEN + 8].tolist())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    bw = read_bandwidth_gbs()
+    print(f"measured read bandwidth: {bw:.1f} GB/s   backend: {jax.default_backend()}   "
+          f"cpu: {platform.processor() or platform.machine()}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        n_params = write_checkpoint(Path(tmp))
+        print(f"model: {n_params / 1e6:.1f}M parameters, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens, greedy")
+        rng = np.random.default_rng(0)
+        for dtype in args.dtypes:
+            for b in args.batches:
+                prompts = rng.integers(3, CONFIG["vocab_size"], size=(b, PROMPT_LEN))
+                j = bench_jaxinfer(Path(tmp), dtype, b, prompts, args.repeats)
+                t = bench_transformers(Path(tmp), dtype, b, prompts, args.repeats)
+                roofline = j["bytes_per_step"] / (j["step_ms"] / 1e3) / (bw * 1e9)
+                row = dict(dtype=dtype, batch=b, jaxinfer_tok_s=round(j["tok_s"], 1),
+                           transformers_tok_s=round(t["tok_s"], 1), ratio=round(j["tok_s"] / t["tok_s"], 2),
+                           step_ms=round(j["step_ms"], 2), roofline=round(roofline, 3),
+                           same_first_tokens=j["first_tokens"] == t["first_tokens"])
+                rows.append(row)
+                print(f"{dtype:9s} batch {b:3d}: jaxinfer {row['jaxinfer_tok_s']:8.1f} tok/s   transformers "
+                      f"{row['transformers_tok_s']:7.1f} tok/s   ratio {row['ratio']:5.2f}x   "
+                      f"step {row['step_ms']:6.2f} ms   roofline {roofline:5.1%}   "
+                      f"same greedy start: {row['same_first_tokens']}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    result = dict(bandwidth_gbs=round(bw, 2), params=n_params, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+                  backend=jax.default_backend(), rows=rows)
+    (RESULTS / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| dtype | batch | jaxinfer tok/s | transformers tok/s | ratio | step ms | roofline |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['batch']} | {r['jaxinfer_tok_s']} | {r['transformers_tok_s']} | "
+              f"{r['ratio']}x | {r['step_ms']} | {r['roofline']:.1%} |" for r in rows]
+    (RESULTS / "bench_decode.md").write_text(
+        f"Measured read bandwidth {bw:.1f} GB/s; {n_params / 1e6:.1f}M params; "
+        f"{NEW_TOKENS} new tokens from {PROMPT_LEN}-token prompts, greedy.\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / 'bench_decode.json'}")
+
+
+if __name__ == "__main__":
+    main()

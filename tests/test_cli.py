@@ -1,0 +1,41 @@
+"""`jaxinfer generate`: streams text; bad input is one clear line and a non-zero exit."""
+
+import subprocess
+import sys
+
+import pytest
+
+from hf_models import write_tiny, write_tokenizer
+from jaxinfer.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_model")
+    write_tiny("llama", d, vocab_size=300)
+    write_tokenizer(d, 300)
+    return d
+
+
+def test_generate_streams_the_completion(model_dir, capsys):
+    from jaxinfer import LLM, SamplingParams
+    rc = main(["generate", "def add(a, b):", "--model", str(model_dir), "--max-tokens", "12"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    ref = LLM(str(model_dir)).generate("def add(a, b):", SamplingParams(temperature=0, max_tokens=12))[0]
+    assert out == "def add(a, b):" + ref.outputs[0].text + "\n"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model", "/no/such/dir"], "no such directory"),
+    (["--temperature", "-1"], "temperature=-1.0"),
+    (["--max-tokens", "0"], "max_tokens=0"),
+])
+def test_bad_input_exits_nonzero_with_one_line(model_dir, args, match):
+    argv = ["generate", "hello"] + (args if args[0] == "--model" else ["--model", str(model_dir)] + args)
+    proc = subprocess.run([sys.executable, "-m", "jaxinfer.cli"] + argv, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxinfer: error:") and match in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

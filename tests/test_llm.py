@@ -1,0 +1,124 @@
+"""The public API: prompts in every form, sampling options, stop strings, outputs, errors."""
+
+import math
+
+import numpy as np
+import pytest
+
+from hf_models import write_tiny, write_tokenizer
+from jaxinfer import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok_model")
+    write_tiny("llama", d, vocab_size=300, max_position_embeddings=96)
+    write_tokenizer(d, 300)
+    return LLM(str(d), dtype="float32", max_num_seqs=4)
+
+
+def test_prompt_forms_and_output_fields(llm):
+    tok = llm.get_tokenizer()
+    ids = tok.encode("def add(a, b):")
+    assert tok.decode(ids) == "def add(a, b):"
+    outs = llm.generate(["def add(a, b):", {"prompt_token_ids": ids}, {"prompt": "def add(a, b):"}],
+                        SamplingParams(temperature=0, max_tokens=8, logprobs=3, prompt_logprobs=1,
+                                       ignore_eos=True))
+    assert [o.prompt_token_ids for o in outs] == [ids] * 3
+    a, b, c = (o.outputs[0] for o in outs)
+    assert a.token_ids == b.token_ids == c.token_ids and len(a.token_ids) == 8
+    assert a.finish_reason == "length" and a.text == tok.decode(a.token_ids)
+    assert len(a.logprobs) == 8
+    for t, pos in zip(a.token_ids, a.logprobs):
+        assert t in pos and len(pos) in (3, 4) and pos[t].rank == 1  # greedy: chosen is top-1
+    assert math.isclose(a.cumulative_logprob, sum(p[t].logprob for t, p in zip(a.token_ids, a.logprobs)),
+                        rel_tol=1e-5)
+    plp = outs[0].prompt_logprobs
+    assert plp[0] is None and len(plp) == len(ids)
+    assert all(ids[i] in plp[i] for i in range(1, len(ids)))
+
+
+def test_stop_string_is_excluded_and_ends_generation(llm):
+    base = llm.generate("for i in", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    text = base.outputs[0].text
+    assert len(text) > 4
+    stop = text[2:4]
+    out = llm.generate("for i in", SamplingParams(temperature=0, max_tokens=24, stop=[stop],
+                                                  ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.index(stop)]
+    assert len(out.token_ids) < len(base.outputs[0].token_ids)
+    inc = llm.generate("for i in", SamplingParams(temperature=0, max_tokens=24, stop=[stop], ignore_eos=True,
+                                                  include_stop_str_in_output=True))[0].outputs[0]
+    assert inc.text == text[:text.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_and_min_tokens(llm):
+    base = llm.generate("class Point:", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    toks = base.outputs[0].token_ids
+    out = llm.generate("class Point:", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                      stop_token_ids=[toks[3]]))[0].outputs[0]
+    first = toks.index(toks[3])
+    assert out.token_ids == toks[:first + 1] and out.finish_reason == "stop"
+    assert out.stop_reason == toks[3]
+    # min_tokens blocks the stop token until reached
+    out2 = llm.generate("class Point:", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                       stop_token_ids=[toks[0]], min_tokens=3))[0].outputs[0]
+    assert toks[0] not in out2.token_ids[:3]
+
+
+def test_sampling_is_seeded_and_n_samples_differ(llm):
+    p = SamplingParams(temperature=1.0, max_tokens=12, seed=123, n=3, ignore_eos=True)
+    a = llm.generate("import os", p)[0]
+    b = llm.generate("import os", p)[0]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert len({tuple(c.token_ids) for c in a.outputs}) > 1
+    assert [c.index for c in a.outputs] == [0, 1, 2]
+    # the output of a seeded request does not depend on its batch-mates
+    mixed = llm.generate(["x = 1", "import os"], [SamplingParams(temperature=0.5, max_tokens=12), p])
+    assert [c.token_ids for c in mixed[1].outputs] == [c.token_ids for c in a.outputs]
+
+
+def test_many_prompts_spanning_batches_keep_order(llm):
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (9, 2, 5, 7, 3, 11)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    single = [llm.generate(p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0] for p in prompts]
+    assert [o.outputs[0].token_ids for o in outs] == [s.outputs[0].token_ids for s in single]
+    assert [o.prompt_token_ids for o in outs] == [p["prompt_token_ids"] for p in prompts]
+
+
+def test_stream_matches_generate(llm):
+    p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    streamed = "".join(llm.stream("def f(x):", p))
+    assert streamed == llm.generate("def f(x):", p)[0].outputs[0].text
+
+
+def test_max_tokens_none_runs_to_the_context_limit(llm):
+    out = llm.generate({"prompt_token_ids": list(range(3, 83))},
+                       SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 96 - 80 and out.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("prompt,match", [
+    ({"prompt_token_ids": list(range(3, 99))}, "max_model_len=96"),
+    ({"prompt_token_ids": []}, "empty"),
+    ({"prompt_token_ids": [5, 300]}, r"contains 300; token ids must be in \[0, 300\)"),
+    ({"text": "x"}, "expected a string"),
+])
+def test_bad_prompts_raise_before_any_work(llm, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(["fine", prompt], SamplingParams(max_tokens=2))
+
+
+def test_params_list_length_and_vocab_checked(llm):
+    with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
+        llm.generate(["a", "b"], [SamplingParams()])
+    with pytest.raises(ValueError, match="stop_token_ids contains 999"):
+        llm.generate("a", SamplingParams(stop_token_ids=[999]))
+
+
+def test_bad_constructor_arguments(tmp_path):
+    with pytest.raises(ValueError, match="attention_backend='cuda'"):
+        LLM(str(tmp_path), attention_backend="cuda")
+    with pytest.raises(ValueError, match="no such directory"):
+        LLM(str(tmp_path / "missing"))

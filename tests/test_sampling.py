@@ -1,0 +1,110 @@
+"""Sampler: validation, masks that hold, frequencies that match the softmax, seeds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.sampling import SamplingParams, SamplingTensors, filter_logits, sample, token_logprobs
+
+V = 12
+
+
+def _tensors(n, vocab=V, **kw):
+    p = SamplingParams(**kw)
+    return SamplingTensors.from_params([p] * n, list(range(n)), vocab)
+
+
+def _draws(logits_row, n, **kw):
+    """n independent draws from one logits row (different request seeds)."""
+    st = _tensors(n, vocab=logits_row.shape[-1], **kw)
+    logits = jnp.broadcast_to(logits_row, (n, logits_row.shape[-1]))
+    return np.asarray(jax.jit(sample)(logits, st, jnp.zeros((n,), jnp.int32)))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
+    ("top_k", -2), ("min_p", 1.5), ("max_tokens", 0), ("n", 0), ("logprobs", -1),
+    ("prompt_logprobs", -3), ("min_tokens", -1), ("seed", 1.5), ("stop", [""]),
+    ("stop_token_ids", [-4]),
+])
+def test_invalid_params_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_min_tokens_above_max_tokens_raises():
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=3, min_tokens=4)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.5), dict(min_p=0.2),
+                                dict(top_k=5, top_p=0.7, min_p=0.05)])
+def test_filters_never_emit_a_masked_token(kw):
+    logits = jax.random.normal(jax.random.PRNGKey(0), (V,)) * 2
+    probs = np.asarray(jax.nn.softmax(logits))
+    order = np.argsort(-probs)
+    allowed = set(range(V))
+    if "min_p" in kw:
+        allowed &= {i for i in range(V) if probs[i] >= kw["min_p"] * probs.max()}
+    if "top_k" in kw:
+        allowed &= set(order[:kw["top_k"]].tolist())
+    if "top_p" in kw:
+        kept = [i for i in order if i in allowed]
+        p_sub = probs[kept] / probs[kept].sum()
+        n_keep = int(np.sum(np.cumsum(p_sub) - p_sub < kw["top_p"]))
+        allowed = set(kept[:max(n_keep, 1)])
+    draws = _draws(logits, 4000, temperature=1.0, **kw)
+    assert set(draws.tolist()) <= allowed
+    assert len(set(draws.tolist())) == len(allowed)  # and every allowed token does occur
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.6])
+def test_temperature_frequencies_match_softmax(temperature):
+    """Chi-square goodness of fit, df = V - 1 = 11; critical value at p = 0.001 is 31.26."""
+    logits = jax.random.normal(jax.random.PRNGKey(1), (V,))
+    n = 20000
+    draws = _draws(logits, n, temperature=temperature)
+    expected = np.asarray(jax.nn.softmax(logits / temperature)) * n
+    observed = np.bincount(draws, minlength=V)
+    chi2 = float(np.sum((observed - expected) ** 2 / expected))
+    assert chi2 < 31.26, (chi2, observed, expected)
+
+
+def test_greedy_rows_and_sampled_rows_mix_in_one_batch():
+    logits = jax.random.normal(jax.random.PRNGKey(2), (4, V))
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=2),
+              SamplingParams(temperature=0), SamplingParams(temperature=1.0)]
+    st = SamplingTensors.from_params(params, [0, 1, 2, 3], V)
+    tok = np.asarray(sample(logits, st, jnp.zeros((4,), jnp.int32)))
+    am = np.asarray(jnp.argmax(logits, -1))
+    assert tok[0] == am[0] and tok[2] == am[2]
+    assert tok[1] in np.argsort(-np.asarray(logits[1]))[:2]
+
+
+def test_same_seed_same_draws_different_seed_different():
+    logits = jnp.zeros((1, 1000))  # uniform: draws are pure randomness
+    p = SamplingParams(temperature=1.0)
+
+    def draws(seed):
+        st = SamplingTensors.from_params([p], [seed], 1000)
+        return [int(sample(logits, st, jnp.array([i]))[0]) for i in range(8)]
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_filter_is_identity_when_disabled():
+    logits = jax.random.normal(jax.random.PRNGKey(3), (2, V))
+    st = _tensors(2, temperature=1.0)
+    np.testing.assert_allclose(filter_logits(logits, st), logits, rtol=1e-6)
+
+
+def test_token_logprobs_rank_and_top():
+    logits = jnp.array([[1.0, 3.0, 2.0, 0.0]])
+    lp, rank, top_ids, top_lp = token_logprobs(logits, jnp.array([2]), 2)
+    ref = jax.nn.log_softmax(logits[0])
+    assert abs(float(lp[0]) - float(ref[2])) < 1e-6
+    assert int(rank[0]) == 2
+    assert top_ids[0].tolist() == [1, 2]
+    np.testing.assert_allclose(top_lp[0], ref[jnp.array([1, 2])], rtol=1e-6)
