@@ -1,0 +1,156 @@
+"""Train the embedded default models (stdlib-target, stdlib-draft) and export them.
+
+    python experiments/train_default_models.py --model all            # target, then draft
+    python experiments/train_default_models.py --model target --minutes 30   # stop after 30 min;
+    python experiments/train_default_models.py --model target                # ...rerun resumes
+
+Everything is deterministic given --seed: corpus order, tokenizer, init, batches. Runs
+resume from the orbax checkpoints under --workdir (default runs/default_models, git-ignored);
+a finished run only re-exports. The draft is distilled from the exported target (the
+weights that ship), so train the target first. Works unchanged on a GPU (jax picks the
+device); --batch-scale multiplies the batch size there (and then it is a different run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxinfer import corpus, train  # noqa: E402
+from jaxinfer.checkpoint import export_hf, load_hf  # noqa: E402
+from jaxinfer.config import ModelConfig  # noqa: E402
+from jaxinfer.model import init_weights  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _llama(d: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int) -> ModelConfig:
+    return ModelConfig(architecture="LlamaForCausalLM", vocab_size=vocab, hidden_size=d,
+                       intermediate_size=ffn, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                       head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       tie_word_embeddings=True, bos_token_id=corpus.BOS, eos_token_ids=(corpus.EOS,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A model and its recipe: phases are (steps, batch, seq_len); the last phase uses long
+    windows so that relative distances up to its seq_len are seen in training."""
+
+    cfg: ModelConfig
+    phases: tuple[tuple[int, int, int], ...]
+    lr: float
+    warmup: int
+    distill_weight: float = 0.0
+
+    def train_config(self, seed: int) -> train.TrainConfig:
+        steps = sum(p[0] for p in self.phases)
+        b, t = self.phases[0][1], self.phases[0][2]
+        return train.TrainConfig(steps=steps, batch_size=b, seq_len=t, lr=self.lr, warmup_steps=self.warmup,
+                                 seed=seed, eval_every=200, eval_batches=4, ckpt_every=100,
+                                 distill_weight=self.distill_weight)
+
+
+VOCAB = 4096
+PRESETS = {
+    # 11.0M parameters (9.4M outside the tied embedding). Measured on the 2-core dev machine:
+    # ~1,450 tok/s at 256-token windows, ~720 tok/s at 1,024 (uncontended); 1,800 steps of
+    # 2,048 tokens (3.7M tokens, ~1.4 epochs) fit in about an hour.
+    "target": Preset(_llama(384, 6, 6, 2, 1024, VOCAB), phases=((1100, 8, 256), (200, 2, 1024)),
+                     lr=2e-3, warmup=60),
+    # 1.1M parameters, ~10x fewer FLOPs per token than the target (LM head included: 2.2 vs
+    # 22 MFLOP); distilled from the exported target (0.8 KL + 0.2 CE).
+    "draft": Preset(_llama(128, 3, 2, 1, 384, VOCAB), phases=((1600, 8, 256), (400, 2, 1024)),
+                    lr=3e-3, warmup=60, distill_weight=0.8),
+}
+
+
+def flops_per_token(cfg: ModelConfig, context: int = 0) -> float:
+    """Forward FLOPs per token: 2 x matmul parameters (LM head included) + attention at a context."""
+    d, n, k, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
+    return 2.0 * (cfg.num_layers * per_layer + d * cfg.vocab_size) + 4.0 * cfg.num_layers * n * h * context
+
+
+def build_batcher(preset: Preset, data: corpus.CorpusData, seed: int) -> train.PhasedBatcher:
+    phases, until = [], 0
+    for i, (steps, b, t) in enumerate(preset.phases):
+        until += steps
+        phases.append((until, train.TokenBatcher(data.train, b, t, seed=seed * 1000 + i)))
+    return train.PhasedBatcher(phases)
+
+
+def run_model(name: str, args, data: corpus.CorpusData) -> dict:
+    preset = PRESETS[name]
+    cfg = preset.cfg
+    tc = preset.train_config(args.seed)
+    workdir = Path(args.workdir) / name
+    teacher = None
+    extra: tuple = ()
+    if preset.distill_weight > 0:
+        tdir = Path(args.out) / "stdlib-target"
+        if not (tdir / "model.safetensors").is_file():
+            raise SystemExit(f"{tdir}: train and export the target first (--model target)")
+        t_cfg, t_weights = load_hf(tdir, "float32")
+        teacher, extra = (t_cfg, t_weights), (t_weights,)
+    loss_fn = train.lm_loss_fn(cfg, teacher, preset.distill_weight)
+    heldout = train.eval_batches(data.heldout, tc.eval_batches, tc.batch_size, tc.seq_len)
+    params = init_weights(cfg, jax.random.PRNGKey(args.seed))
+    print(f"{name}: {cfg.num_params() / 1e6:.2f}M params, {flops_per_token(cfg) / 1e6:.1f} MFLOP/token, "
+          f"{tc.steps} steps, phases (steps, batch, seq) {preset.phases}", flush=True)
+    state, summary = train.train(
+        loss_fn, params, tc, build_batcher(preset, data, args.seed), workdir=workdir, heldout=heldout,
+        extra=extra, max_seconds=args.minutes * 60 if args.minutes else None, desc=name,
+        meta={"model": name, "config": cfg.to_hf_dict()})
+    summary_path = workdir / "summary.json"
+    prev = json.loads(summary_path.read_text()) if summary_path.is_file() else {"sessions": []}
+    prev["sessions"].append({k: v for k, v in summary.items()})
+    prev["train_seconds"] = sum(s["seconds"] for s in prev["sessions"])
+    summary_path.write_text(json.dumps(prev, indent=1) + "\n")
+    if int(state.step) < tc.steps:
+        print(f"{name}: stopped at step {int(state.step)}/{tc.steps}; rerun to resume", flush=True)
+        return summary
+    out = Path(args.out) / f"stdlib-{name}"
+    export_hf(out, cfg, state.params, dtype="bfloat16", tokenizer_json=data.tokenizer_path,
+              generation_config={"bos_token_id": corpus.BOS, "eos_token_id": corpus.EOS,
+                                 "pad_token_id": corpus.PAD, "do_sample": False})
+    (out / "tokenizer_config.json").write_text(json.dumps(corpus.tokenizer_config_json(), indent=2) + "\n")
+    recipe = {"model": f"stdlib-{name}", "params": cfg.num_params(), "flops_per_token": flops_per_token(cfg),
+              "phases": preset.phases, "train_config": dataclasses.asdict(tc),
+              "train_seconds": round(prev["train_seconds"]), "final": {k: summary.get(k) for k in (
+                  "step", "loss_ema", "heldout_ce")},
+              "corpus": {"heldout_packages": list(corpus.HELDOUT_PACKAGES), "train_tokens": int(data.train.size),
+                         "heldout_tokens": int(data.heldout.size), "vocab_size": VOCAB},
+              "python": sys.version.split()[0], "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+              "command": f"python experiments/train_default_models.py --model {name} --seed {args.seed}"}
+    (workdir / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    print(f"{name}: exported {out} (held-out CE {summary.get('heldout_ce')})", flush=True)
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["target", "draft", "all"], default="all")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget of this invocation per model; rerun to resume")
+    p.add_argument("--out", default=str(REPO / "jaxinfer" / "assets" / "models"))
+    p.add_argument("--workdir", default=str(REPO / "runs" / "default_models"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    t0 = time.time()
+    data = corpus.build_corpus(args.workdir, vocab_size=VOCAB)
+    for name in (["target", "draft"] if args.model == "all" else [args.model]):
+        run_model(name, args, data)
+    print(f"done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
