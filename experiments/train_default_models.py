@@ -49,6 +49,9 @@ class Preset:
     lr: float
     warmup: int
     distill_weight: float = 0.0
+    init_from: str | None = None  # start from the final params of this preset's run
+    export: bool = True
+    data_seed: int = 0  # offsets the batch order, so stages do not replay the same batches
 
     def train_config(self, seed: int) -> train.TrainConfig:
         steps = sum(p[0] for p in self.phases)
@@ -66,10 +69,16 @@ PRESETS = {
     "target": Preset(_llama(384, 6, 6, 2, 1024, VOCAB), phases=((1100, 8, 256), (200, 2, 1024)),
                      lr=2e-3, warmup=60),
     # 1.1M parameters, ~10x fewer FLOPs per token than the target (LM head included: 2.2 vs
-    # 22 MFLOP); distilled from the exported target (0.8 KL + 0.2 CE).
-    "draft": Preset(_llama(128, 3, 2, 1, 384, VOCAB), phases=((1600, 8, 256), (400, 2, 1024)),
-                    lr=3e-3, warmup=60, distill_weight=0.8),
+    # 22 MFLOP). Two stages: next-token pre-training on the labels (needs no target, so it can
+    # run while the target trains), then distillation from the exported target (0.8 KL + 0.2 CE).
+    "draft-pre": Preset(_llama(128, 3, 2, 1, 384, VOCAB), phases=((1600, 8, 256), (400, 2, 1024)),
+                        lr=3e-3, warmup=60, export=False, data_seed=100),
+    "draft": Preset(_llama(128, 3, 2, 1, 384, VOCAB), phases=((300, 8, 256), (100, 2, 1024)),
+                    lr=1e-3, warmup=20, distill_weight=0.8, init_from="draft-pre",
+                    data_seed=200),
 }
+STAGES = {"target": ["target"], "draft-pre": ["draft-pre"], "draft": ["draft-pre", "draft"],
+          "all": ["target", "draft-pre", "draft"]}
 
 
 def flops_per_token(cfg: ModelConfig, context: int = 0) -> float:
@@ -79,12 +88,32 @@ def flops_per_token(cfg: ModelConfig, context: int = 0) -> float:
     return 2.0 * (cfg.num_layers * per_layer + d * cfg.vocab_size) + 4.0 * cfg.num_layers * n * h * context
 
 
-def build_batcher(preset: Preset, data: corpus.CorpusData, seed: int) -> train.PhasedBatcher:
+def build_batcher(name: str, preset: Preset, data: corpus.CorpusData, seed: int) -> train.PhasedBatcher:
     phases, until = [], 0
     for i, (steps, b, t) in enumerate(preset.phases):
         until += steps
-        phases.append((until, train.TokenBatcher(data.train, b, t, seed=seed * 1000 + i)))
+        phases.append((until, train.TokenBatcher(data.train, b, t, seed=seed * 1000 + preset.data_seed + i)))
     return train.PhasedBatcher(phases)
+
+
+def final_params(name: str, args):
+    """Params of the finished run of preset `name` (from its last orbax checkpoint)."""
+    preset = PRESETS[name]
+    tc = preset.train_config(args.seed)
+    ckpt = train.Checkpointer(Path(args.workdir) / name / "checkpoints")
+    if ckpt.latest_step() != tc.steps:
+        raise SystemExit(f"{name} has not finished ({ckpt.latest_step()}/{tc.steps} steps); run it first")
+    like = train.init_state(init_weights(preset.cfg, jax.random.PRNGKey(args.seed)), train.make_optimizer(tc))
+    state, _ = ckpt.restore(like)
+    ckpt.close()
+    return state.params
+
+
+def last_eval(workdir: Path) -> dict:
+    """The last record of workdir/metrics.jsonl that has a held-out loss."""
+    recs = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    recs = [r for r in recs if r.get("heldout_ce") is not None]
+    return {k: recs[-1][k] for k in ("step", "loss_ema", "heldout_ce")} if recs else {}
 
 
 def run_model(name: str, args, data: corpus.CorpusData) -> dict:
@@ -103,10 +132,12 @@ def run_model(name: str, args, data: corpus.CorpusData) -> dict:
     loss_fn = train.lm_loss_fn(cfg, teacher, preset.distill_weight)
     heldout = train.eval_batches(data.heldout, tc.eval_batches, tc.batch_size, tc.seq_len)
     params = init_weights(cfg, jax.random.PRNGKey(args.seed))
+    if preset.init_from is not None:
+        params = final_params(preset.init_from, args)
     print(f"{name}: {cfg.num_params() / 1e6:.2f}M params, {flops_per_token(cfg) / 1e6:.1f} MFLOP/token, "
           f"{tc.steps} steps, phases (steps, batch, seq) {preset.phases}", flush=True)
     state, summary = train.train(
-        loss_fn, params, tc, build_batcher(preset, data, args.seed), workdir=workdir, heldout=heldout,
+        loss_fn, params, tc, build_batcher(name, preset, data, args.seed), workdir=workdir, heldout=heldout,
         extra=extra, max_seconds=args.minutes * 60 if args.minutes else None, desc=name,
         meta={"model": name, "config": cfg.to_hf_dict()})
     summary_path = workdir / "summary.json"
@@ -116,6 +147,8 @@ def run_model(name: str, args, data: corpus.CorpusData) -> dict:
     summary_path.write_text(json.dumps(prev, indent=1) + "\n")
     if int(state.step) < tc.steps:
         print(f"{name}: stopped at step {int(state.step)}/{tc.steps}; rerun to resume", flush=True)
+        raise SystemExit(3)
+    if not preset.export:
         return summary
     out = Path(args.out) / f"stdlib-{name}"
     export_hf(out, cfg, state.params, dtype="bfloat16", tokenizer_json=data.tokenizer_path,
@@ -124,20 +157,20 @@ def run_model(name: str, args, data: corpus.CorpusData) -> dict:
     (out / "tokenizer_config.json").write_text(json.dumps(corpus.tokenizer_config_json(), indent=2) + "\n")
     recipe = {"model": f"stdlib-{name}", "params": cfg.num_params(), "flops_per_token": flops_per_token(cfg),
               "phases": preset.phases, "train_config": dataclasses.asdict(tc),
-              "train_seconds": round(prev["train_seconds"]), "final": {k: summary.get(k) for k in (
-                  "step", "loss_ema", "heldout_ce")},
+              "train_seconds": round(prev["train_seconds"]), "final": last_eval(workdir),
               "corpus": {"heldout_packages": list(corpus.HELDOUT_PACKAGES), "train_tokens": int(data.train.size),
                          "heldout_tokens": int(data.heldout.size), "vocab_size": VOCAB},
               "python": sys.version.split()[0], "jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "command": f"python experiments/train_default_models.py --model {name} --seed {args.seed}"}
     (workdir / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
-    print(f"{name}: exported {out} (held-out CE {summary.get('heldout_ce')})", flush=True)
+    print(f"{name}: exported {out} ({recipe['final']})", flush=True)
     return summary
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["target", "draft", "all"], default="all")
+    p.add_argument("--model", choices=list(STAGES), default="all",
+                   help="draft runs draft-pre (if not done) and then the distillation from the target")
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-clock budget of this invocation per model; rerun to resume")
     p.add_argument("--out", default=str(REPO / "jaxinfer" / "assets" / "models"))
@@ -146,7 +179,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.time()
     data = corpus.build_corpus(args.workdir, vocab_size=VOCAB)
-    for name in (["target", "draft"] if args.model == "all" else [args.model]):
+    for name in STAGES[args.model]:
         run_model(name, args, data)
     print(f"done in {(time.time() - t0) / 60:.1f} min", flush=True)
     return 0
