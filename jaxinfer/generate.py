@@ -17,13 +17,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, KVCache, init_contiguous
 from jaxinfer.model import Weights, forward
-from jaxinfer.sampling import SamplingTensors, sample, token_logprobs
+from jaxinfer.sampling import RowLimits, SamplingTensors, block_stop_tokens, sample, token_logprobs
 
 RUNNING, STOPPED, LENGTH = 0, 1, 2  # finish codes
 
@@ -40,15 +39,6 @@ class GenerateStatics:
 
 
 @struct.dataclass
-class RowLimits:
-    """Per-row stopping rules."""
-
-    max_tokens: jax.Array  # [B] int32
-    min_tokens: jax.Array  # [B] int32
-    stop_ids: jax.Array  # [B, E] int32, padded with vocab_size (never matches)
-
-
-@struct.dataclass
 class DecodeState:
     tokens: jax.Array  # [B] last sampled token, the next step's input
     kv: KVCache
@@ -62,18 +52,10 @@ class DecodeState:
     out_top_logprobs: jax.Array  # [B, M, N]
 
 
-def _mask_stop_tokens(logits, limits: RowLimits, num_generated):
-    """Before min_tokens, stop tokens cannot be drawn: set their logits to -inf."""
-    blocked = (num_generated < limits.min_tokens)[:, None]  # [B, 1]
-    rows = jnp.broadcast_to(jnp.arange(logits.shape[0])[:, None], limits.stop_ids.shape)
-    cols = jnp.where(blocked, limits.stop_ids, logits.shape[-1])  # out of range -> dropped
-    return logits.at[rows, cols].set(-jnp.inf, mode="drop")
-
-
 def _emit(state: DecodeState, logits, st: SamplingTensors, limits: RowLimits,
           statics: GenerateStatics, active) -> DecodeState:
     """Sample the next token of every active row from logits [B, V] and record it."""
-    logits = _mask_stop_tokens(logits, limits, state.num_generated)
+    logits = block_stop_tokens(logits, limits, state.num_generated)
     tok = sample(logits, st, state.num_generated)  # [B]
     b = jnp.arange(tok.shape[0])
     slot = jnp.where(active, state.num_generated, statics.max_new)  # inactive rows: dropped
@@ -158,16 +140,6 @@ def decode(weights: Weights, cfg: ModelConfig, statics: GenerateStatics, state: 
 
     _, state = jax.lax.while_loop(cond, step, (jnp.int32(0), state))
     return state
-
-
-def row_limits(max_tokens: list[int], min_tokens: list[int], stop_ids: list[list[int]],
-               vocab_size: int) -> RowLimits:
-    width = max(1, max(len(s) for s in stop_ids))
-    padded = np.full((len(stop_ids), width), vocab_size, np.int32)
-    for i, s in enumerate(stop_ids):
-        padded[i, :len(s)] = s
-    return RowLimits(max_tokens=jnp.asarray(max_tokens, jnp.int32),
-                     min_tokens=jnp.asarray(min_tokens, jnp.int32), stop_ids=jnp.asarray(padded))
 
 
 def bucket(n: int, minimum: int = 16) -> int:

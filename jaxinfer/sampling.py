@@ -108,8 +108,7 @@ class SamplingTensors:
                     sample_index: list[int] | None = None) -> "SamplingTensors":
         """One row per entry; the rows of an n > 1 request differ by sample_index."""
         sample_index = sample_index or [0] * len(params)
-        keys = [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), i)))
-                for seed, i in zip(seeds, sample_index)]
+        keys = [request_key(seed, i) for seed, i in zip(seeds, sample_index)]
         top_k = [0 if p.top_k in (-1, 0) or p.top_k >= vocab_size else p.top_k for p in params]
         return SamplingTensors(
             temperature=jnp.asarray([p.temperature for p in params], jnp.float32),
@@ -118,6 +117,38 @@ class SamplingTensors:
             min_p=jnp.asarray([p.min_p for p in params], jnp.float32),
             keys=jnp.asarray(np.stack(keys), jnp.uint32),
         )
+
+
+def request_key(seed: int, sample_index: int = 0) -> np.ndarray:
+    """PRNG key data [2] uint32 of one request's sample stream."""
+    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), sample_index)))
+
+
+@struct.dataclass
+class RowLimits:
+    """Per-row stopping rules that act on device."""
+
+    max_tokens: jax.Array  # [B] int32
+    min_tokens: jax.Array  # [B] int32
+    stop_ids: jax.Array  # [B, E] int32, padded with vocab_size (never matches)
+
+
+def row_limits(max_tokens: list[int], min_tokens: list[int], stop_ids: list[list[int]],
+               vocab_size: int) -> RowLimits:
+    width = max(1, max(len(s) for s in stop_ids))
+    padded = np.full((len(stop_ids), width), vocab_size, np.int32)
+    for i, s in enumerate(stop_ids):
+        padded[i, :len(s)] = s
+    return RowLimits(max_tokens=jnp.asarray(max_tokens, jnp.int32),
+                     min_tokens=jnp.asarray(min_tokens, jnp.int32), stop_ids=jnp.asarray(padded))
+
+
+def block_stop_tokens(logits: jax.Array, limits: RowLimits, num_generated: jax.Array) -> jax.Array:
+    """Before min_tokens, stop tokens cannot be drawn: their logits [B, V] become -inf."""
+    blocked = (num_generated < limits.min_tokens)[:, None]  # [B, 1]
+    rows = jnp.broadcast_to(jnp.arange(logits.shape[0])[:, None], limits.stop_ids.shape)
+    cols = jnp.where(blocked, limits.stop_ids, logits.shape[-1])  # out of range -> dropped
+    return logits.at[rows, cols].set(-jnp.inf, mode="drop")
 
 
 def filter_logits(logits: jax.Array, st: SamplingTensors) -> jax.Array:

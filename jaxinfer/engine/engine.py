@@ -1,0 +1,187 @@
+"""LLMEngine: add requests, step, stream outputs. Plain Python around one jitted step.
+
+    engine = LLMEngine(cfg, weights, tokenizer, EngineConfig(...))
+    engine.add_request("r0", "def add(a, b):", SamplingParams(max_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine.inputs import InputProcessor
+from jaxinfer.engine.metrics import EngineStats
+from jaxinfer.engine.request import EngineRequest, Status
+from jaxinfer.engine.runner import ModelRunner
+from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.kv.allocator import PageAllocator
+from jaxinfer.kv.cache import init_paged
+from jaxinfer.model import Weights
+from jaxinfer.outputs import RequestOutput
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.tokenizer import Tokenizer
+
+DEFAULT_KV_CACHE_MEMORY_BYTES = 512 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine options; names follow vLLM's engine arguments."""
+
+    max_model_len: int
+    block_size: int = 16
+    num_kv_pages: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    attention_backend: str = "xla"
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        if self.num_kv_pages is not None and (not isinstance(self.num_kv_pages, int) or self.num_kv_pages < 1):
+            raise ValueError(f"num_kv_pages={self.num_kv_pages!r} must be a positive integer")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes={self.kv_cache_memory_bytes!r} must be positive")
+        if self.num_kv_pages is not None and self.kv_cache_memory_bytes is not None:
+            raise ValueError("give num_kv_pages or kv_cache_memory_bytes, not both")
+
+
+def kv_bytes_per_page(cfg: ModelConfig, block_size: int, itemsize: int) -> int:
+    """K and V of every layer for one page of tokens."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * block_size * itemsize
+
+
+class LLMEngine:
+    def __init__(self, cfg: ModelConfig, weights: Weights, tokenizer: Tokenizer | None,
+                 config: EngineConfig, model_id: str = ""):
+        self.cfg, self.config, self.tokenizer = cfg, config, tokenizer
+        dtype = weights.dtype
+        page_bytes = kv_bytes_per_page(cfg, config.block_size, jnp.dtype(dtype).itemsize)
+        if config.num_kv_pages is not None:
+            num_pages = config.num_kv_pages
+        else:
+            num_pages = (config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES) // page_bytes
+            if num_pages < 1:
+                raise ValueError(f"kv_cache_memory_bytes={config.kv_cache_memory_bytes} is smaller than one "
+                                 f"page ({page_bytes} bytes at block_size={config.block_size})")
+        self.num_pages = num_pages
+        self.kv_cache_bytes = num_pages * page_bytes
+        kv = init_paged(cfg.num_layers, num_pages, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+        self.allocator = PageAllocator(num_pages, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
+                                   config.max_num_batched_tokens, cache_extra=(model_id, str(dtype)))
+        max_pages = -(-config.max_model_len // config.block_size)
+        decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
+        self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,
+                                  decode_token)
+        self.inputs = InputProcessor(cfg, tokenizer, config.max_model_len, num_pages * config.block_size)
+        self.groups: dict[str, list[EngineRequest]] = {}
+        self.num_steps = 0
+        self.num_prompt_tokens_computed = 0
+        self.num_generated_tokens = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def make_requests(self, request_id: str, prompt, params: SamplingParams, seed: int,
+                      arrival_time: float | None = None) -> list[EngineRequest]:
+        """Validate and build the sequences of one request (n of them); raises ValueError."""
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        p = self.inputs.process(prompt, params)
+        return [EngineRequest(request_id, p.text, p.token_ids, params, seed, i, p.stop_ids, p.max_tokens,
+                              self.tokenizer, arrival_time) for i in range(params.n)]
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    seed: int | None = None, arrival_time: float | None = None):
+        """Queue a request. Invalid input raises ValueError here; nothing else is affected."""
+        params = params or SamplingParams()
+        seed = params.seed if params.seed is not None else (seed if seed is not None else 0)
+        self.add_sequences(self.make_requests(request_id, prompt, params, seed, arrival_time))
+
+    def add_sequences(self, seqs: list[EngineRequest]):
+        self.groups[seqs[0].request_id] = seqs
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its pages return to the pool at once."""
+        seqs = self.groups.pop(request_id, None)
+        if seqs is None:
+            return None
+        now = time.perf_counter()
+        for s in seqs:
+            if s.status is not Status.FINISHED:
+                self.scheduler.remove(s)
+                s.finish("abort", now)
+        return self._group_output(seqs)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self, delta: bool = False) -> list[RequestOutput]:
+        """Schedule, run the model once, and return the requests that progressed."""
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler made no progress (no request fits in the free pages)")
+            return []
+        now = time.perf_counter()
+        for c in sched.chunks:
+            if c.request.metrics.first_scheduled_time is None:
+                c.request.metrics.first_scheduled_time = now
+            self.num_prompt_tokens_computed += max(0, min(c.start + c.num_tokens, len(c.request.prompt_ids))
+                                                   - c.start)
+        sampled = self.runner.execute(sched.chunks)
+        now = time.perf_counter()
+        self.num_steps += 1
+        touched = {}
+        for c in sched.chunks:
+            r = c.request
+            r.num_computed = c.start + c.num_tokens
+            if r in sampled:
+                token, lp = sampled[r]
+                self.num_generated_tokens += 1
+                if r.append_token(token, lp, now):
+                    self.scheduler.remove(r)
+                    r.finish(now=now)
+            touched[r.request_id] = self.groups.get(r.request_id)
+        outputs = []
+        for rid, seqs in touched.items():
+            if seqs is None:
+                continue
+            outputs.append(self._group_output(seqs, delta))
+            if all(s.status is Status.FINISHED for s in seqs):
+                del self.groups[rid]
+        return outputs
+
+    def _group_output(self, seqs: list[EngineRequest], delta: bool = False) -> RequestOutput:
+        out = seqs[0].to_output(delta)
+        out.outputs = [s.completion(delta) if i else out.outputs[0] for i, s in enumerate(seqs)]
+        out.finished = all(s.status is Status.FINISHED for s in seqs)
+        if len(seqs) > 1:  # the request's metrics span all of its samples
+            out.metrics = dataclasses.replace(seqs[0].metrics)
+            times = [s.metrics.finished_time for s in seqs]
+            out.metrics.finished_time = max(times) if all(t is not None for t in times) else None
+        return out
+
+    def get_stats(self) -> EngineStats:
+        a = self.allocator
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_usage=a.num_used / a.num_pages, num_pages=a.num_pages, num_free_pages=a.num_free,
+            num_cached_pages=a.num_cached, prefix_cache_queries=a.queries, prefix_cache_hits=a.hits,
+            num_preemptions=self.scheduler.num_preemptions, compilations=self.runner.compilations,
+            num_steps=self.num_steps, num_prompt_tokens_computed=self.num_prompt_tokens_computed,
+            num_generated_tokens=self.num_generated_tokens)

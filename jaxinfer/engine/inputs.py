@@ -1,0 +1,87 @@
+"""Request validation at the boundary: prompt forms, parameters, context and KV limits.
+
+Every check raises ValueError naming the value and what is allowed, before any
+work is done, so a bad request never reaches the scheduler or a jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class ProcessedPrompt:
+    text: str | None
+    token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # effective: capped by the context when params.max_tokens is None
+    stop_ids: list[int]  # stop_token_ids + eos (unless ignore_eos)
+
+
+class InputProcessor:
+    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None, max_model_len: int,
+                 kv_capacity_tokens: int | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.kv_capacity_tokens = kv_capacity_tokens
+
+    def prompt_ids(self, p) -> tuple[str | None, list[int]]:
+        if isinstance(p, str):
+            return p, self._tokenizer().encode(p)
+        if isinstance(p, dict) and "prompt_token_ids" in p:
+            ids = [int(t) for t in p["prompt_token_ids"]]
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_token_ids contains {bad[0]}; token ids must be in "
+                                 f"[0, {self.cfg.vocab_size})")
+            return p.get("prompt"), ids
+        if isinstance(p, dict) and "prompt" in p:
+            return p["prompt"], self._tokenizer().encode(p["prompt"])
+        raise ValueError(f"prompt {p!r}: expected a string, {{'prompt': str}} or {{'prompt_token_ids': list}}")
+
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model directory has no tokenizer.json; pass prompts as "
+                             "{'prompt_token_ids': [...]}")
+        return self.tokenizer
+
+    def stop_ids(self, p: SamplingParams) -> list[int]:
+        ids = list(p.stop_token_ids)
+        if not p.ignore_eos:
+            ids += [e for e in self.cfg.eos_token_ids if e not in ids]
+        return ids
+
+    def process(self, prompt, params: SamplingParams) -> ProcessedPrompt:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        text, ids = self.prompt_ids(prompt)
+        n = len(ids)
+        if n == 0:
+            raise ValueError("prompt is empty (0 tokens)")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens; max_model_len={self.max_model_len} "
+                             f"leaves room for prompts of at most {self.max_model_len - 1}")
+        params.validate_vocab(self.cfg.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model directory has none")
+        limit = self.max_model_len
+        if self.kv_capacity_tokens is not None:
+            limit = min(limit, self.kv_capacity_tokens)
+            if n + 1 > self.kv_capacity_tokens:
+                raise ValueError(f"prompt has {n} tokens but the KV cache holds only {self.kv_capacity_tokens} "
+                                 "tokens (num_kv_pages x block_size): this request could never fit")
+        if params.max_tokens is None:
+            max_tokens = limit - n
+        else:
+            max_tokens = min(params.max_tokens, self.max_model_len - n)
+            if self.kv_capacity_tokens is not None and n + max_tokens > self.kv_capacity_tokens:
+                raise ValueError(
+                    f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs {n + max_tokens} tokens of KV but "
+                    f"the cache holds only {self.kv_capacity_tokens} (num_kv_pages x block_size): this request "
+                    "could never fit; lower max_tokens or grow the cache")
+        return ProcessedPrompt(text, ids, params, max_tokens, self.stop_ids(params))

@@ -1,0 +1,169 @@
+"""Continuous-batching scheduler: a token budget per step, running first, chunked prefill.
+
+Each step (as in vLLM V1) fills `max_num_batched_tokens` with the running
+requests first (their one decode token, or the next chunk of a prefill that did
+not fit before), then admits waiting requests in arrival order while pages and
+`max_num_seqs` allow, chunking the prefill that does not fit in what is left of
+the budget. When a running request needs a page and none is free, the newest
+running request is preempted by recompute: its pages are freed and it returns to
+the front of the waiting queue, to be recomputed (prompt + output so far) later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+from jaxinfer.engine.request import EngineRequest, Status
+from jaxinfer.kv.allocator import PageAllocator
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    request: EngineRequest
+    start: int  # first token index (into all_tokens) computed this step
+    num_tokens: int
+    admitted: bool = False  # admitted this step: may read pages other rows write this step
+
+    @property
+    def completes(self) -> bool:
+        """This chunk reaches the end of the known tokens: a token is sampled after it."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[EngineRequest]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, cache_extra=None, speculative_tokens: int = 0):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.cache_extra = cache_extra
+        self.lookahead = speculative_tokens  # pages reserved for tokens proposed by a drafter
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue ops
+
+    def add(self, req: EngineRequest):
+        self.waiting.append(req)
+
+    def remove(self, req: EngineRequest):
+        """Drop a request from the queues and free its pages at once (finish or abort)."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _pages_needed(self, req: EngineRequest, num_tokens: int) -> int:
+        """Extra pages for req to hold num_computed + num_tokens (+ lookahead) tokens."""
+        total = min(req.num_computed + num_tokens + self.lookahead, req.max_total_tokens + self.lookahead)
+        return max(0, -(-total // self.page_size) - len(req.pages))
+
+    def _grow(self, req: EngineRequest, n_pages: int):
+        for _ in range(n_pages):
+            req.pages.append(self.allocator.allocate())
+
+    def _release(self, req: EngineRequest):
+        self.allocator.free(req.pages)
+        req.pages = []
+
+    def _preempt(self, victim: EngineRequest):
+        self.running.remove(victim)
+        self._release(victim)
+        victim.num_computed = 0
+        victim.num_cached_tokens = 0
+        victim.status = Status.WAITING
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+
+    def _admit_prefix(self, req: EngineRequest) -> int:
+        """Reuse every cached full page of the request's tokens (not for prompt logprobs).
+
+        Returns the number of pages looked up."""
+        if req.wants_prompt_logprobs or not self.allocator.enable_prefix_caching:
+            return 0
+        keys = req.full_page_keys(self.page_size, self.cache_extra)
+        # Leave at least one token to compute: its logits give the next token.
+        keys = keys[:(req.num_tokens - 1) // self.page_size]
+        req.pages = self.allocator.lookup(keys)
+        req.num_computed = req.num_cached_tokens = len(req.pages) * self.page_size
+        return len(keys)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[EngineRequest] = []
+
+        # 1. Running requests, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_pending, budget)
+            need = self._pages_needed(req, n)
+            while need > self.allocator.num_free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                break  # req preempted itself: nothing newer is left to schedule
+            self._grow(req, need)
+            chunks.append(ScheduledChunk(req, req.num_computed, n))
+            self.register_full_pages(req, req.num_computed + n)
+            budget -= n
+            i += 1
+
+        # 2. Waiting requests, in order, while the budget, pages and max_num_seqs allow.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            queried = self._admit_prefix(req)
+            n = min(req.num_pending, budget)
+            need = self._pages_needed(req, n)
+            if need > self.allocator.num_free:
+                # Admission by free pages: give the prefix hits back and try again next step.
+                self.allocator.free(req.pages)
+                req.pages, req.num_computed, req.num_cached_tokens = [], 0, 0
+                break
+            self.allocator.record_lookup(queried, len(req.pages))
+            self.waiting.popleft()
+            self._grow(req, need)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            chunks.append(ScheduledChunk(req, req.num_computed, n, admitted=True))
+            self.register_full_pages(req, req.num_computed + n)
+            budget -= n
+        return SchedulerOutput(chunks, preempted)
+
+    def register_full_pages(self, req: EngineRequest, num_tokens: int):
+        """Key every full page of req's first num_tokens tokens so other requests can share it.
+
+        Called when a chunk is scheduled (as vLLM does): a request admitted later in the
+        same step may already hit these pages, since every row's K/V is written before
+        any row's attention reads the cache, layer by layer, and prefill chunks run
+        before decodes."""
+        if not self.allocator.enable_prefix_caching:
+            return
+        n_full = min(num_tokens, req.num_tokens) // self.page_size
+        keys = req.full_page_keys(self.page_size, self.cache_extra)
+        for page, key in zip(req.pages[:n_full], keys[:n_full]):
+            self.allocator.register(page, key)

@@ -1,0 +1,104 @@
+"""Static batching: the whole generation of a padded batch on device, batch after batch.
+
+The fastest path for a uniform batch (one prefill, one `lax.while_loop`), and the
+baseline that continuous batching is measured against. Rows are sorted by prompt
+length and cut into batches; each batch runs `generate.prefill` + `generate.decode`
+over a contiguous cache, then the host replays the tokens through each request's
+stop logic (stop strings need the detokenized text).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import generate as gen
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine.request import EngineRequest, Status
+from jaxinfer.model import Weights
+from jaxinfer.outputs import position_logprobs
+from jaxinfer.sampling import SamplingTensors, row_limits
+
+
+class StaticBatchGenerator:
+    def __init__(self, weights: Weights, cfg: ModelConfig, max_model_len: int, backend: str = "xla",
+                 decode_token=None):
+        self.weights, self.cfg = weights, cfg
+        self.max_model_len = max_model_len
+        self.backend = backend
+        self.decode_token = decode_token
+
+    def run(self, seqs: list[EngineRequest], batch_size: int):
+        """Generate every sequence (finished in place), batch_size rows at a time."""
+        order = sorted(seqs, key=lambda s: len(s.prompt_ids))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            for state, plp in self.segments(rows, None):
+                pass
+            self.finish_rows(rows, state, plp)
+
+    def _prepare(self, rows: list[EngineRequest]):
+        b = gen.bucket(len(rows), minimum=1)
+        lens = [len(r.prompt_ids) for r in rows]
+        t = min(gen.bucket(max(lens)), gen.round_up(self.max_model_len, 16))
+        s = min(gen.round_up(max(n + r.max_tokens for n, r in zip(lens, rows)), 64), self.max_model_len)
+        want_lp = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=-1)
+        want_plp = max((r.params.prompt_logprobs for r in rows if r.wants_prompt_logprobs), default=-1)
+        statics = gen.GenerateStatics(max_len=s, max_new=max(r.max_tokens for r in rows), num_logprobs=want_lp,
+                                      num_prompt_logprobs=want_plp, backend=self.backend)
+        tokens = np.zeros((b, t), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, :lens[i]] = r.prompt_ids
+        pad = b - len(rows)
+        params = [r.params for r in rows] + [rows[0].params] * pad
+        st = SamplingTensors.from_params(params, [r.seed for r in rows] + [0] * pad, self.cfg.vocab_size,
+                                         [r.sample_index for r in rows] + [0] * pad)
+        limits = row_limits([r.max_tokens for r in rows] + [1] * pad, [p.min_tokens for p in params],
+                            [r.stop_ids for r in rows] + [[]] * pad, self.cfg.vocab_size)
+        return statics, jnp.asarray(tokens), jnp.asarray(lens + [0] * pad, jnp.int32), st, limits
+
+    def segments(self, rows: list[EngineRequest], segment: int | None) -> Iterator:
+        """Prefill, then decode `segment` steps at a time (None: to the end); yields (state, prompt_lp)."""
+        statics, tokens, prompt_lens, st, limits = self._prepare(rows)
+        now = time.perf_counter()
+        for r in rows:
+            r.metrics.first_scheduled_time = now
+        state, prompt_lp = gen.prefill(self.weights, self.cfg, statics, tokens, prompt_lens, st, limits)
+        yield state, prompt_lp
+        steps = jnp.int32(statics.max_new if segment is None else segment)
+        while bool(jnp.any(state.finish == gen.RUNNING)):
+            state = gen.decode(self.weights, self.cfg, statics, state, st, limits, steps)
+            yield state, prompt_lp
+
+    def finish_rows(self, rows: list[EngineRequest], state, prompt_lp):
+        """Replay each row's tokens through its request (stop strings, logprobs, finish)."""
+        now = time.perf_counter()
+        host = jax.device_get({"n": state.num_generated, "tok": state.out_tokens, "lp": state.out_logprobs,
+                               "rank": state.out_ranks, "top_ids": state.out_top_ids,
+                               "top_lp": state.out_top_logprobs, "plp": prompt_lp})
+        for i, r in enumerate(rows):
+            if r.wants_prompt_logprobs:
+                lp, rank, top_ids, top_lp = host["plp"]
+                k = r.params.prompt_logprobs
+                r.prompt_logprobs += [position_logprobs(t, lp[i, j], rank[i, j], top_ids[i, j, :k],
+                                                        top_lp[i, j, :k], self.decode_token)
+                                      for j, t in enumerate(r.prompt_ids[1:])]
+            self.replay(r, host, i, int(host["n"][i]), now)
+
+    def replay(self, r: EngineRequest, host, i: int, n: int, now: float):
+        k = r.params.logprobs
+        for j in range(len(r.output_ids), n):
+            t = int(host["tok"][i, j])
+            entry = None
+            if k is not None:
+                entry = position_logprobs(t, host["lp"][i, j], host["rank"][i, j], host["top_ids"][i, j, :k],
+                                          host["top_lp"][i, j, :k], self.decode_token)
+            if r.append_token(t, entry, now):
+                r.finish(now=now)
+                return
+        if n >= r.max_tokens and r.status is not Status.FINISHED:
+            r.finish("length", now)

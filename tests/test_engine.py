@@ -1,0 +1,171 @@
+"""Continuous-batching engine: identical outputs under any schedule, pages never leak, errors."""
+
+import numpy as np
+import pytest
+
+from hf_models import write_tiny, write_tokenizer
+from jaxinfer import LLM, SamplingParams
+from jaxinfer.engine.metrics import summarize
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine_model")
+    write_tiny("qwen2", d, vocab_size=300, max_position_embeddings=160)
+    write_tokenizer(d, 300)
+    return str(d)
+
+
+def _prompts(n=7, seed=0, shared_prefix=0):
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(3, 300, size=shared_prefix).tolist()
+    return [{"prompt_token_ids": prefix + rng.integers(3, 300, size=int(k)).tolist()}
+            for k in rng.integers(1, 40, size=n)]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Standalone static-batch generate, one prompt at a time."""
+    llm = LLM(model_dir, max_num_seqs=1, block_size=8)
+    prompts = _prompts() + _prompts(4, seed=1, shared_prefix=37)
+    return prompts, [llm.generate_static(p, GREEDY)[0].outputs[0].token_ids for p in prompts]
+
+
+def _check_pages_returned(llm):
+    a = llm.engine.allocator
+    a.check_invariants()
+    assert a.num_free == a.num_pages  # everything free or evictable
+    assert all(r == 0 for r in a.ref)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(max_num_seqs=3, max_num_batched_tokens=512, block_size=16),  # batch composition
+    dict(max_num_seqs=8, max_num_batched_tokens=12, block_size=4),  # chunked prefill, small pages
+    dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14),  # preemption
+    dict(max_num_seqs=8, max_num_batched_tokens=64, block_size=8, enable_prefix_caching=True),
+])
+def test_engine_greedy_equals_standalone_generate(model_dir, reference, opts):
+    prompts, ref = reference
+    llm = LLM(model_dir, **{"enable_prefix_caching": False, **opts})
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    if opts.get("enable_prefix_caching"):
+        outs = llm.generate(prompts, GREEDY)  # second pass: every prompt's full pages are cached
+        assert [o.outputs[0].token_ids for o in outs] == ref
+        stats = llm.get_stats()
+        assert stats.prefix_cache_hits > 0 and 0 < stats.prefix_cache_hit_rate <= 1
+        assert sum(o.num_cached_tokens for o in outs) > 0
+    if "num_kv_pages" in opts:
+        assert llm.get_stats().num_preemptions > 0
+    _check_pages_returned(llm)
+
+
+def test_seeded_sampling_survives_preemption_and_batching(model_dir):
+    """A request's tokens depend on its seed only: static == engine == engine under preemption."""
+    prompts = _prompts(6, seed=3)
+    params = [SamplingParams(temperature=0.9, top_p=0.9, max_tokens=16, seed=i, ignore_eos=True)
+              for i in range(6)]
+    ref = LLM(model_dir, block_size=8).generate_static(prompts, params)
+    tight = LLM(model_dir, num_kv_pages=12, block_size=8, max_num_batched_tokens=24)
+    outs = tight.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert tight.get_stats().num_preemptions > 0
+
+
+def test_prefix_caching_computes_fewer_prompt_tokens(model_dir):
+    """Requests admitted in the same step already share the pages the first one computes."""
+    prompts = _prompts(5, seed=4, shared_prefix=64)
+    on = LLM(model_dir, enable_prefix_caching=True, block_size=8)
+    off = LLM(model_dir, enable_prefix_caching=False, block_size=8)
+    a, b = on.generate(prompts, GREEDY), off.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    s_on, s_off = on.get_stats(), off.get_stats()
+    assert s_on.num_prompt_tokens_computed <= s_off.num_prompt_tokens_computed - 3 * 64
+    assert s_off.prefix_cache_queries == 0
+
+
+def test_abort_frees_pages_at_once_and_others_continue(model_dir):
+    llm = LLM(model_dir, block_size=8)
+    eng = llm.engine
+    eng.add_request("a", {"prompt_token_ids": list(range(3, 40))}, SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.add_request("b", {"prompt_token_ids": list(range(5, 30))}, SamplingParams(max_tokens=5, ignore_eos=True))
+    eng.step()
+    used = eng.allocator.num_used
+    out = eng.abort_request("a")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert eng.allocator.num_used < used
+    finished = []
+    while eng.has_unfinished_requests():
+        finished += [o for o in eng.step() if o.finished]
+    assert [o.request_id for o in finished] == ["b"] and len(finished[0].outputs[0].token_ids) == 5
+    _check_pages_returned(llm)
+
+
+def test_bad_requests_are_rejected_and_the_engine_keeps_serving(model_dir):
+    llm = LLM(model_dir, num_kv_pages=6, block_size=8, max_model_len=160)  # 48 tokens of KV
+    eng = llm.engine
+    eng.add_request("ok", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4, ignore_eos=True))
+    with pytest.raises(ValueError, match="max_model_len=160"):
+        eng.add_request("long", {"prompt_token_ids": [5] * 170}, SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="could never fit"):
+        eng.add_request("huge", {"prompt_token_ids": [5] * 60}, SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="could never fit"):
+        eng.add_request("long_out", {"prompt_token_ids": [5] * 20}, SamplingParams(max_tokens=40))
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request("ok", {"prompt_token_ids": [5]}, SamplingParams())
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        eng.add_request("zero", {"prompt_token_ids": [5]}, SamplingParams(max_tokens=0))
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += [o for o in eng.step() if o.finished]
+    assert [o.request_id for o in outs] == ["ok"] and len(outs[0].outputs[0].token_ids) == 4
+    # LLM.generate refuses the whole call before doing any work, and serves the next one.
+    with pytest.raises(ValueError, match="could never fit"):
+        llm.generate([{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [5] * 60}], SamplingParams(max_tokens=2))
+    assert not eng.has_unfinished_requests()
+    assert len(llm.generate({"prompt_token_ids": [9, 9]}, SamplingParams(max_tokens=3))[0].outputs[0].token_ids) <= 3
+    _check_pages_returned(llm)
+
+
+def test_streaming_deltas_add_up_to_the_final_text(model_dir):
+    llm = LLM(model_dir, block_size=8)
+    eng = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=["zz"])
+    eng.add_request("s", "def add(a, b):", params)
+    text, tokens, final = "", [], None
+    while eng.has_unfinished_requests():
+        for o in eng.step(delta=True):
+            text += o.outputs[0].text
+            tokens += o.outputs[0].token_ids
+            final = o
+    ref = llm.generate("def add(a, b):", params)[0].outputs[0]
+    assert final.finished and text == ref.text and tokens == ref.token_ids
+
+
+def test_metrics_and_summary(model_dir):
+    llm = LLM(model_dir, max_num_seqs=2, block_size=8)
+    outs = llm.generate(_prompts(4, seed=5), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    for o in outs:
+        m = o.metrics
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+        assert len(m.token_times) == 6 and len(m.itl) == 5
+        assert abs(m.tpot - (m.e2el - m.ttft) / 5) < 1e-12
+    s = summarize(outs, duration=1.0)
+    assert s["total_output_tokens"] == 24
+    assert s["ttft_ms"]["median"] <= s["ttft_ms"]["p99"]
+    stats = llm.get_stats()
+    assert stats.num_running == stats.num_waiting == 0 and stats.compilations >= 1
+
+
+def test_compilations_stay_bounded(model_dir):
+    llm = LLM(model_dir, max_num_seqs=16, max_num_batched_tokens=64, block_size=8)
+    rng = np.random.default_rng(7)
+    prompts = [{"prompt_token_ids": rng.integers(3, 300, size=int(k)).tolist()} for k in rng.integers(1, 60, 24)]
+    params = [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in rng.integers(1, 30, 24)]
+    llm.generate(prompts, params)
+    # batch, chunk and page-table buckets are powers of two: a handful of programs, not one per step
+    stats = llm.get_stats()
+    assert stats.compilations <= 24 < stats.num_steps
