@@ -1,0 +1,229 @@
+"""Serving benchmark: continuous batching, prefix caching and paged KV, measured in one run.
+
+Workloads (seeded; random token prompts as in `vllm bench serve --dataset-name random`):
+  (a) mixed: prompt lengths U[16, 384], output lengths U[8, 256], all at once and with
+      Poisson arrivals at --rate requests/s;
+  (b) shared system prompt of 512 tokens + user turns of U[8, 32] tokens, outputs of
+      U[16, 48] tokens, Poisson arrivals.
+Comparisons:
+  1. continuous batching (engine) vs static batching (padded batches of max_num_seqs in
+     arrival order, each generated to its longest request) on (a);
+  2. prefix caching on vs off on (b) (mean TTFT);
+  3. paged KV vs contiguous max-length preallocation: concurrent sequences in the same
+     KV memory on (a);
+  4. the engine vs transformers' `generate` in static batches on (a).
+Writes experiments/results/bench_serving.{json,md}.
+
+    python experiments/bench_serving.py [--model stdlib-target] [--num-requests 64] [--rate 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxinfer import LLM, SamplingParams
+from jaxinfer.engine.metrics import format_summary, summarize
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def mixed_workload(rng, n, vocab):
+    prompts = [{"prompt_token_ids": rng.integers(3, vocab, size=int(k)).tolist()}
+               for k in rng.integers(16, 385, size=n)]
+    params = [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in rng.integers(8, 257, n)]
+    return prompts, params
+
+
+def shared_prefix_workload(rng, n, vocab, system_len=512):
+    system = rng.integers(3, vocab, size=system_len).tolist()
+    prompts = [{"prompt_token_ids": system + rng.integers(3, vocab, size=int(k)).tolist()}
+               for k in rng.integers(8, 33, size=n)]
+    params = [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in rng.integers(16, 49, n)]
+    return prompts, params
+
+
+def run_engine(llm: LLM, prompts, params, arrivals=None):
+    """Serve requests (arriving at the given offsets, or all at once); returns (outputs, summary, kv)."""
+    eng = llm.engine
+    t0 = time.perf_counter()
+    arrivals = arrivals if arrivals is not None else [0.0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    pending = list(order)
+    done, kv_usage, running = {}, [], []
+    base = llm._counter
+    llm._counter += len(prompts)
+    while pending or eng.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        while pending and arrivals[pending[0]] <= now:
+            i = pending.pop(0)
+            eng.add_request(f"r{base + i}", prompts[i], params[i], seed=0, arrival_time=t0 + arrivals[i])
+        if not eng.has_unfinished_requests():
+            time.sleep(max(0.0, arrivals[pending[0]] - (time.perf_counter() - t0)))
+            continue
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+        s = eng.get_stats()
+        kv_usage.append(s.kv_usage)
+        running.append(s.num_running)
+    duration = time.perf_counter() - t0
+    outs = [done[f"r{base + i}"] for i in range(len(prompts))]
+    kv = {"kv_usage_mean": float(np.mean(kv_usage)), "kv_usage_max": float(np.max(kv_usage)),
+          "max_concurrent_seqs": int(np.max(running))}
+    return outs, summarize(outs, duration), kv
+
+
+def run_static(llm: LLM, prompts, params, batch_size):
+    """Padded static batches in arrival order; tokens of a batch arrive when it finishes."""
+    t0 = time.perf_counter()
+    outs = []
+    for s in range(0, len(prompts), batch_size):
+        batch = llm.generate_static(prompts[s:s + batch_size], params[s:s + batch_size], batch_size=batch_size)
+        for o in batch:  # all requests arrived at t0 (offline)
+            o.metrics.arrival_time = t0
+        outs += batch
+    return outs, summarize(outs, time.perf_counter() - t0)
+
+
+def run_transformers(model_dir: Path, prompts, params, batch_size):
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    useful = 0
+    with torch.no_grad():
+        for s in range(0, len(prompts), batch_size):
+            ids = [p["prompt_token_ids"] for p in prompts[s:s + batch_size]]
+            width = max(map(len, ids))
+            x = torch.tensor([[0] * (width - len(i)) + i for i in ids])  # left padding
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+            new = max(p.max_tokens for p in params[s:s + batch_size])
+            model.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=0)
+            useful += sum(p.max_tokens for p in params[s:s + batch_size])
+    dt = time.perf_counter() - t0
+    return {"output_throughput": useful / dt, "duration_s": dt}
+
+
+def measured(run, llm: LLM, *args):
+    """Run a workload twice and keep the second: the first compiles every shape it needs
+    (compilations are counted and reported), the second measures serving. The prefix
+    cache is emptied in between so the second run starts cold."""
+    run(llm, *args)
+    llm.engine.allocator.reset_prefix_cache()
+    return run(llm, *args)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="stdlib-target")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate (requests/s)")
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--kv-cache-memory-mb", type=float, default=64.0)
+    ap.add_argument("--contiguous-seqs", type=int, default=4,
+                    help="part 3: KV budget = this many max_model_len sequences preallocated contiguously")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    common = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  kv_cache_memory_bytes=int(args.kv_cache_memory_mb * 2**20), max_model_len=1024)
+    llm = LLM(args.model, enable_prefix_caching=False, **common)
+    vocab = llm.cfg.vocab_size
+    results: dict = {"model": str(llm.model_dir), "args": vars(args)}
+    print(f"model {llm.model_dir.name}: {llm.cfg.num_params() / 1e6:.1f}M params; KV budget "
+          f"{llm.engine.kv_cache_bytes / 2**20:.0f} MiB = {llm.engine.num_pages} pages of "
+          f"{llm.engine_config.block_size} tokens")
+
+    # 1. continuous vs static batching, workload (a), offline
+    prompts_a, params_a = mixed_workload(rng, args.num_requests, vocab)
+    outs, cont, kv_a = measured(run_engine, llm, prompts_a, params_a)
+    static_outs, static = measured(run_static, llm, prompts_a, params_a, args.max_num_seqs)
+    same = [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in static_outs]
+    results["a_continuous"] = {**cont, **kv_a, "compilations": llm.get_stats().compilations}
+    results["a_static"] = static
+    results["a_continuous_over_static"] = cont["output_throughput"] / static["output_throughput"]
+    results["a_identical_outputs"] = same
+    print("\n(a) mixed, all at once — continuous batching\n" + format_summary(cont))
+    print(f"  KV usage mean {kv_a['kv_usage_mean']:.1%} max {kv_a['kv_usage_max']:.1%}; "
+          f"max concurrent {kv_a['max_concurrent_seqs']}; compilations {llm.get_stats().compilations}")
+    print("(a) mixed, all at once — static batching\n" + format_summary(static))
+    print(f"  continuous / static output tok/s: {results['a_continuous_over_static']:.2f}x "
+          f"(identical tokens: {same})")
+
+    # (a) with Poisson arrivals
+    gaps = rng.exponential(1.0 / args.rate, size=args.num_requests)
+    arrivals = np.cumsum(gaps).tolist()
+    _, pois, kv_p = measured(run_engine, llm, prompts_a, params_a, arrivals)
+    results["a_poisson"] = {**pois, **kv_p, "rate": args.rate}
+    print(f"\n(a) mixed, Poisson {args.rate}/s — continuous batching\n" + format_summary(pois))
+
+    # 2. prefix caching on vs off, workload (b)
+    prompts_b, params_b = shared_prefix_workload(rng, args.num_requests, vocab)
+    arrivals_b = np.cumsum(rng.exponential(1.0 / args.rate, size=args.num_requests)).tolist()
+    _, off, kv_off = measured(run_engine, llm, prompts_b, params_b, arrivals_b)
+    llm_pc = LLM(args.model, enable_prefix_caching=True, **common)
+    _, on, kv_on = measured(run_engine, llm_pc, prompts_b, params_b, arrivals_b)
+    st = llm_pc.get_stats()
+    results["b_prefix_off"] = {**off, **kv_off}
+    results["b_prefix_on"] = {**on, **kv_on, "hit_rate": st.prefix_cache_hit_rate, "compilations": st.compilations}
+    results["b_ttft_off_over_on"] = off["ttft_ms"]["mean"] / on["ttft_ms"]["mean"]
+    print("\n(b) shared 512-token system prompt — prefix caching off\n" + format_summary(off))
+    print("(b) shared 512-token system prompt — prefix caching on\n" + format_summary(on))
+    print(f"  hit rate {st.prefix_cache_hit_rate:.1%}; mean TTFT off/on: {results['b_ttft_off_over_on']:.2f}x")
+
+    # 3. paged vs contiguous: sequences that fit in the same KV memory. The budget is what a
+    # contiguous cache needs for --contiguous-seqs sequences of max_model_len tokens.
+    per_token = llm.engine.kv_cache_bytes / (llm.engine.num_pages * llm.engine_config.block_size)
+    budget = int(args.contiguous_seqs * llm.max_model_len * per_token)
+    big = LLM(args.model, enable_prefix_caching=False,
+              **{**common, "max_num_seqs": 256, "kv_cache_memory_bytes": budget})
+    _, paged, kv_big = measured(run_engine, big, prompts_a, params_a)
+    results["kv_budget_bytes"] = budget
+    results["paged_max_concurrent"] = kv_big["max_concurrent_seqs"]
+    results["contiguous_max_concurrent"] = args.contiguous_seqs
+    results["paged_tight_budget"] = {**paged, **kv_big, "preemptions": big.get_stats().num_preemptions}
+    print(f"\n(3) {budget / 2**20:.1f} MiB of KV: contiguous preallocation of max_model_len={llm.max_model_len} "
+          f"fits {args.contiguous_seqs} sequences; paged ran up to {kv_big['max_concurrent_seqs']} at once "
+          f"({kv_big['max_concurrent_seqs'] / args.contiguous_seqs:.1f}x), KV usage mean "
+          f"{kv_big['kv_usage_mean']:.0%}, preemptions {big.get_stats().num_preemptions}")
+
+    # 4. engine vs transformers static batches on (a)
+    if not args.skip_transformers:
+        hf = run_transformers(llm.model_dir, prompts_a, params_a, args.max_num_seqs)
+        results["a_transformers"] = hf
+        results["a_engine_over_transformers"] = cont["output_throughput"] / hf["output_throughput"]
+        print(f"\n(4) transformers generate, static batches of {args.max_num_seqs}: "
+              f"{hf['output_throughput']:.1f} out tok/s; engine {cont['output_throughput']:.1f} "
+              f"({results['a_engine_over_transformers']:.2f}x)")
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_serving.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = ["| run | out tok/s | req/s | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | E2EL p50/p95/p99 ms |",
+          "|---|---|---|---|---|---|"]
+    for key in ("a_continuous", "a_static", "a_poisson", "b_prefix_off", "b_prefix_on"):
+        s = results[key]
+        md.append(f"| {key} | {s['output_throughput']:.1f} | {s['request_throughput']:.2f} | "
+                  + " | ".join("/".join(f"{s[m][p]:.0f}" for p in ("median", "p95", "p99"))
+                               for m in ("ttft_ms", "tpot_ms", "e2el_ms")) + " |")
+    md.append("")
+    md.append(f"continuous/static output throughput: {results['a_continuous_over_static']:.2f}x; "
+              f"prefix caching mean-TTFT off/on: {results['b_ttft_off_over_on']:.2f}x; "
+              f"paged/contiguous concurrent sequences: {results['paged_max_concurrent']}/"
+              f"{results['contiguous_max_concurrent']}")
+    if "a_transformers" in results:
+        md.append(f"; engine/transformers output throughput: {results['a_engine_over_transformers']:.2f}x")
+    (RESULTS / "bench_serving.md").write_text("\n".join(md) + "\n")
+    print(f"\nwrote {RESULTS / 'bench_serving.json'}")
+
+
+if __name__ == "__main__":
+    main()
