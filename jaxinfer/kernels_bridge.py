@@ -26,7 +26,8 @@ def _tensor_scales(tensor_scale):
         return None, None
     if isinstance(tensor_scale, (tuple, list)):
         if len(tensor_scale) != 2:
-            raise ValueError(f"tensor_scale must be a scalar or a (K, V) pair; got {len(tensor_scale)} values")
+            raise ValueError(f"tensor_scale must be a scalar or a (K, V) pair; got {len(tensor_scale)} "
+                             "values")
         return tensor_scale[0], tensor_scale[1]
     return tensor_scale, tensor_scale
 

@@ -71,7 +71,9 @@ def resolve_backend(backend: str, interpret: bool | None) -> tuple[str, bool]:
     """('auto' | 'triton' | 'mosaic', interpret or None) -> (kernel variant, interpret).
 
     'auto' picks Triton on GPU, Mosaic on TPU, and the Triton variant in interpret
-    mode on CPU (its in-kernel loop interprets faster than a grid axis).
+    mode on CPU: its in-kernel K/V loop interprets faster than a grid axis, and the
+    paged kernel's whole-pool blocks are read in place, where the interpreter copies
+    every BlockSpec'd page tile input of the Mosaic variant through its loop carry.
     """
     platform = jax.default_backend()
     if backend == "auto":

@@ -49,6 +49,9 @@ from pallas_kernels.flash_attention import (FLOAT_DTYPES, attention_scores, div_
                                             init_state, online_softmax_step, resolve_backend)
 
 
+MOSAIC_MAX_PAGES_PER_STEP = 16  # each page of a step is its own BlockSpec input (one DMA)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """block_rows query rows (T * G folded) per program, block_k keys per step.
@@ -65,7 +68,7 @@ class BlockSizes:
 
     @classmethod
     def default(cls, backend: str) -> "BlockSizes":
-        if backend == "mosaic":  # at most 16 pages per step (one DMA each), see paged_attention_tpu
+        if backend == "mosaic":  # 256 keys per grid step amortize the per-step overhead
             return cls(block_rows=128, block_k=256)
         return cls()
 
@@ -164,16 +167,16 @@ def dequant_tile(data, scale, zero, st: Statics, groups: tuple[int, int], asym: 
 
 # ------------------------------------------------------------------ Triton (GPU)
 
-def _load_block(ref, pt_ref, b, blk, st: Statics, tg: int):
-    """Rows of kv block blk for one kv head from ref [P, ps/tg, X] -> [block_k/tg or 1, X]."""
+def _load_block(ref, pt_ref, b, h, blk, st: Statics, tg: int):
+    """Rows of kv block blk of kv head h from ref [P, K, ps/tg, X] -> [block_k/tg or 1, X]."""
     if st.pages_per_block == 1:  # a slice of one page
         per_page = st.page_size // st.block_k
         page = pt_ref[b, lax.div(blk, per_page)]
         off = lax.rem(blk, per_page) * st.block_k  # first token of the block inside its page
         rows = max(st.block_k // tg, 1)
-        return ref[page, pl.ds(lax.div(off, tg), rows), :]
+        return ref[page, h, pl.ds(lax.div(off, tg), rows), :]
     pages = pt_ref[b, pl.ds(blk * st.pages_per_block, st.pages_per_block)]  # [ppb]
-    x = ref[pages]  # [ppb, ps/tg, X] gathered through the page table
+    x = ref[pages, h]  # [ppb, ps/tg, X] gathered through the page table
     return x.reshape(x.shape[0] * x.shape[1], x.shape[2])
 
 
@@ -183,13 +186,13 @@ def paged_attention_kernel(pt_ref, kv_lens_ref, q_lens_ref, q_ref, k_ref, v_ref,
 
     pt_ref:       [B, pp] int32 page table;  kv_lens_ref, q_lens_ref: [B] int32
     q_ref:        [block_rows, H]        rows (t, g) of kv head h
-    k_ref, v_ref: [P, ps, H or H/2]      kv head h of every page
-    ks/vs_ref:    [P, ps/tg, H/cg]       scales (None when unquantized)
-    kz/vz_ref:    [P, ps/tg, H/cg]       zero points (None unless asymmetric int4)
-    o_ref:        [block_rows, H]        output (S = 1) or unnormalized partial... normalized by l
-    m_ref, l_ref: [block_rows, 1] f32    running max and normalizer of this part
+    k_ref, v_ref: [P, K, ps, H or H/2]   the whole page pool (the kernel reads kv head h)
+    ks/vs_ref:    [P, K, ps/tg, H/cg]    scales (None when unquantized)
+    kz/vz_ref:    [P, K, ps/tg, H/cg]    zero points (None unless asymmetric int4)
+    o_ref:        [block_rows, H]        this part's output, normalized by its own l
+    m_ref, l_ref: [block_rows, 1] f32    this part's running max and normalizer (for the split-K merge)
     """
-    b, rb, s = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, h, rb, s = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     rows, head_dim = q_ref.shape
     kv_len, q_len = kv_lens_ref[b], q_lens_ref[b]
     lo, hi = kv_block_range(rb, kv_len, q_len, st)
@@ -198,7 +201,7 @@ def paged_attention_kernel(pt_ref, kv_lens_ref, q_lens_ref, q_ref, k_ref, v_ref,
     q_pos = row_positions(rb, kv_len, q_len, st, rows)
 
     def load(ref, blk, tg):
-        return None if ref is None else _load_block(ref, pt_ref, b, blk, st, tg)
+        return None if ref is None else _load_block(ref, pt_ref, b, h, blk, st, tg)
 
     def body(blk, state):
         (ktg, _), (vtg, _) = st.k_groups, st.v_groups
@@ -223,8 +226,10 @@ def _paged_triton(q, k_pages, v_pages, scales, page_table, kv_lens, q_lens, st: 
     b, kh, r_pad, h = q.shape
     grid = (b, kh, r_pad // st.block_rows, st.num_splits)
 
-    def whole(x):  # one kv head of every page; the kernel indexes pages itself
-        return pl.BlockSpec((x.shape[0], None, *x.shape[2:]), lambda bi, hd, rb, s: (0, hd, 0, 0))
+    def whole(x):
+        """The whole pool: the kernel indexes pages and the kv head itself. (A per-head block
+        would be a copy of the pool per grid step in interpret mode; a whole-array block is not.)"""
+        return pl.BlockSpec(x.shape, lambda *_: (0, 0, 0, 0))
 
     scale_specs = [None if x is None else whole(x) for x in scales]
     row_spec = pl.BlockSpec((None, None, None, st.block_rows, h), lambda bi, hd, rb, s: (s, bi, hd, rb, 0))
@@ -266,7 +271,8 @@ def _pair(x, name):
 
 
 def _check_and_plan(q, k_pages, v_pages, page_table, kv_lens, q_lens, scales, kv_format, token_group,
-                    channel_group, sliding_window, soft_cap, bs: BlockSizes, backend: str, interpret: bool):
+                    channel_group, scale, causal, sliding_window, soft_cap, bs: BlockSizes, backend: str,
+                    interpret: bool):
     """Validate every input (errors name the values) and derive the kernel statics."""
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, N, H]; got {q.shape=}")
@@ -308,7 +314,8 @@ def _check_and_plan(q, k_pages, v_pages, page_table, kv_lens, q_lens, scales, kv
                              f"k_pages.dtype={k_pages.dtype}")
         want_hd = h // 2 if kv_format in kvf.PACKED else h
         if hd != want_hd:
-            raise ValueError(f"kv_format={kv_format!r} pages must have last dim {want_hd} for {h=} (got {hd})")
+            raise ValueError(f"kv_format={kv_format!r} pages must have last dim {want_hd} for {h=} "
+                             f"(got {hd})")
         groups = []
         for name, tg, cg in (("k", tgs[0], cgs[0]), ("v", tgs[1], cgs[1])):
             cg = (kvf.NVFP4_GROUP if kv_format == "nvfp4" else h) if cg is None else cg
@@ -318,18 +325,20 @@ def _check_and_plan(q, k_pages, v_pages, page_table, kv_lens, q_lens, scales, kv
             sc, zr = (k_scale, k_zero) if name == "k" else (v_scale, v_zero)
             if sc is None or sc.shape != shape or sc.dtype != kvf.SCALE_DTYPE[kv_format]:
                 got = None if sc is None else (sc.shape, sc.dtype)
-                raise ValueError(f"{name}_scale must be {jnp.dtype(kvf.SCALE_DTYPE[kv_format]).name} {shape} "
-                                 f"(token_group={tg}, channel_group={cg}); got {got}")
+                raise ValueError(f"{name}_scale must be {jnp.dtype(kvf.SCALE_DTYPE[kv_format]).name} "
+                                 f"{shape} (token_group={tg}, channel_group={cg}); got {got}")
             if zr is not None and (kv_format != "int4" or zr.shape != shape):
-                raise ValueError(f"{name}_zero is only for asymmetric int4, shaped like {name}_scale {shape}; "
-                                 f"got {zr.shape} for kv_format={kv_format!r}")
+                raise ValueError(f"{name}_zero is only for asymmetric int4, shaped like {name}_scale "
+                                 f"{shape}; got {zr.shape} for kv_format={kv_format!r}")
         groups = tuple(groups)
 
-    # Keys per step: a slice of one page, or several whole pages.
+    # Keys per step: a slice of one page, or several whole pages (Mosaic: one DMA each, <= 16).
     if page_size >= bs.block_k:
         block_k, per_block = math.gcd(page_size, bs.block_k), 1
     else:
         per_block = bs.block_k // page_size
+        if backend == "mosaic":
+            per_block = min(per_block, MOSAIC_MAX_PAGES_PER_STEP)
         block_k = per_block * page_size
     for tg, _ in groups:
         if not (block_k % tg == 0 or tg % block_k == 0):
@@ -339,17 +348,17 @@ def _check_and_plan(q, k_pages, v_pages, page_table, kv_lens, q_lens, scales, kv
     block_rows = min(bs.block_rows, max(16, 1 << (rows - 1).bit_length()))  # a power of two >= 16
     if block_rows < 1:
         raise ValueError(f"block_rows={bs.block_rows} must be positive")
-    if backend == "triton" and not interpret:
-        for name, val in (("head_dim", h), ("page_size", page_size), ("block_rows", block_rows),
-                          ("kv block", block_k)):
+    if backend == "triton" and not interpret:  # Triton tensors are powers of two; tl.dot needs >= 16
+        for name, val in (("page_size", page_size), *[(f"group {g}", g) for g in sum(groups, ())]):
+            if val & (val - 1):
+                raise ValueError(f"{name}={val} must be a power of two for Triton")
+        for name, val in (("head_dim", h), ("block_rows", block_rows), ("kv block", block_k)):
             if val < 16 or val & (val - 1):
                 raise ValueError(f"{name}={val} must be a power of two >= 16 for Triton")
     if backend == "mosaic" and not interpret:
         if block_rows % 8 or (block_k // per_block) % 8:
-            raise ValueError(f"block_rows={block_rows} and the page tile ({block_k // per_block} keys) must be "
-                             "multiples of 8 for Mosaic")
-        if per_block > 16:
-            raise ValueError(f"block_k={bs.block_k} spans {per_block} pages of {page_size=}; Mosaic takes <= 16")
+            raise ValueError(f"block_rows={block_rows} and the page tile ({block_k // per_block} keys) "
+                             "must be multiples of 8 for Mosaic")
 
     pages_per_seq = -(-page_table.shape[1] // per_block) * per_block
     num_blocks = pages_per_seq * page_size // block_k
@@ -361,7 +370,8 @@ def _check_and_plan(q, k_pages, v_pages, page_table, kv_lens, q_lens, scales, kv
     if num_splits < 1:
         raise ValueError(f"num_splits={num_splits} must be >= 1")
     st = Statics(
-        scale=0.0, soft_cap=soft_cap, causal=True, window=sliding_window, group=n // kh, head_dim=h,
+        scale=float(h ** -0.5 if scale is None else scale), soft_cap=soft_cap, causal=causal,
+        window=sliding_window, group=n // kh, head_dim=h,
         block_rows=block_rows, block_k=block_k, page_size=page_size, pages_per_block=per_block,
         num_blocks=num_blocks, num_splits=num_splits, kv_format=kv_format, k_groups=groups[0],
         v_groups=groups[1], k_asym=k_zero is not None, v_asym=v_zero is not None)
@@ -394,10 +404,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     scales = (k_scale, v_scale, k_zero, v_zero)
     st, pages_per_seq, r_pad = _check_and_plan(
         q, k_pages, v_pages, page_table, kv_lens, q_lens, scales, kv_format, token_group, channel_group,
-        sliding_window, soft_cap, bs, backend, interpret)
+        scale, causal, sliding_window, soft_cap, bs, backend, interpret)
     b, t, n, h = q.shape
     kh = k_pages.shape[1]
-    st = dataclasses.replace(st, scale=float(h ** -0.5 if scale is None else scale), causal=causal)
 
     if k_tensor_scale is not None:  # NVFP4: q . (t * k) == (t * q) . k
         q = (q.astype(jnp.float32) * k_tensor_scale).astype(q.dtype)

@@ -13,6 +13,10 @@ clamp to its last block (same block index: no new DMA) and skip the compute.
 A step covers block_k keys: one tile of a page (ps >= block_k), or block_k / ps
 whole pages (ps < block_k), each page its own BlockSpec input (one DMA each),
 folded into the softmax state one after another.
+
+Interpret mode runs this variant correctly but slowly for large page pools (the CPU
+interpreter carries every page-tile input, i.e. the pool once per input, through
+its grid loop); on CPU the wrapper's 'auto' backend interprets the Triton variant.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def _step_block(b, rb, s, j, kv_lens_ref, q_lens_ref, st: Statics):
     return jnp.clip(blk, 0, st.num_blocks - 1), s_lo + j < s_hi
 
 
-def paged_attention_kernel_tpu(pt_ref, kv_lens_ref, q_lens_ref, q_ref, *refs, st: Statics, num_kv_inputs: int):
+def paged_attention_kernel_tpu(pt_ref, kv_lens_ref, q_lens_ref, q_ref, *refs, st: Statics,
+                               num_kv_inputs: int):
     """Mosaic step j of row tile rb of (row b, kv head h), split part s.
 
     pt_ref:       [B * pp] int32 SMEM, flattened page table
@@ -99,7 +104,10 @@ def _unpack_extra(extra, st: Statics):
 
 def paged_mosaic(q, k_pages, v_pages, scales, page_table, kv_lens, q_lens, st: Statics, out_dtype,
                  interpret: bool):
-    """pallas_call of the Mosaic kernel. q [B, K, R_pad, H] -> (o [S, B, K, R_pad, H], m, l [S, B, K, R_pad, 1])."""
+    """pallas_call of the Mosaic kernel.
+
+    q [B, K, R_pad, H] -> (o [S, B, K, R_pad, H], m [S, B, K, R_pad, 1], l [S, B, K, R_pad, 1]).
+    """
     b, kh, r_pad, h = q.shape
     pp = page_table.shape[1]
     steps = -(-st.num_blocks // st.num_splits)
@@ -143,7 +151,8 @@ def paged_mosaic(q, k_pages, v_pages, scales, page_table, kv_lens, q_lens, st: S
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(b, kh, r_pad // st.block_rows, st.num_splits, steps),
-            in_specs=[pl.BlockSpec((None, None, st.block_rows, h), lambda bi, hd, rb, s, j, *_: (bi, hd, rb, 0)),
+            in_specs=[pl.BlockSpec((None, None, st.block_rows, h),
+                                   lambda bi, hd, rb, s, j, *_: (bi, hd, rb, 0)),
                       *kv_specs],
             out_specs=[pl.BlockSpec((None, None, None, st.block_rows, h), row_map),
                        pl.BlockSpec((None, None, None, st.block_rows, 1), row_map),

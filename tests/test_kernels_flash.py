@@ -42,7 +42,8 @@ def test_flash_kernel_matches_reference(case):
     assert bool(jnp.all(jnp.isfinite(got)))
     want = fa.flash_attention_reference(q, k, v, kv_lens, causal=causal, soft_cap=cap)
     # Rows t >= kv_lens[b] are padding by contract, but both sides define them the same way.
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=TOL[dtype], rtol=0)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=TOL[dtype],
+                               rtol=0)
 
 
 def test_flash_errors_name_the_values():

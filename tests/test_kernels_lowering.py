@@ -45,6 +45,7 @@ def test_flash_attention_lowers(backend, b, t, n, kh, h, dtype, causal, cap):
 # format, page size, T, (token_group, channel_group) as ints or (K, V) pairs, asymmetric, num_splits
 PAGED = [
     (None, 16, 1, (1, None), False, 4),
+    (None, 8, 2, (1, None), False, 1),  # small pages: a kv block gathers several
     (None, 512, 5, (1, None), False, 1),  # contiguous-cache style: blocks inside one big page
     ("int8", 16, 2, (1, None), False, 2),
     ("fp8_e4m3", 32, 1, (1, 32), False, 1),
@@ -56,7 +57,8 @@ PAGED = [
 
 
 @pytest.mark.parametrize("backend", ["triton", "mosaic"])
-@pytest.mark.parametrize("fmt,ps,t,groups,asym,splits", PAGED, ids=[f"{p[0]}-ps{p[1]}-T{p[2]}" for p in PAGED])
+@pytest.mark.parametrize("fmt,ps,t,groups,asym,splits", PAGED,
+                         ids=[f"{p[0]}-ps{p[1]}-T{p[2]}" for p in PAGED])
 def test_paged_attention_lowers(backend, fmt, ps, t, groups, asym, splits):
     b, n, kh, h, pages = 4, 16, 2, 128, 64
     pp = 1024 // ps
@@ -82,7 +84,8 @@ def test_paged_attention_lowers(backend, fmt, ps, t, groups, asym, splits):
             kw.update(kv_format=fmt, token_group=(ktg, vtg), channel_group=(kcg, vcg))
         return pa.paged_attention(q, k, v, table, kv_lens, q_lens, sliding_window=256, soft_cap=50.0,
                                   backend=backend, interpret=False,
-                                  block_sizes=dataclasses.replace(pa.BlockSizes.default(backend), num_splits=splits), **kw)
+                                  block_sizes=dataclasses.replace(pa.BlockSizes.default(backend),
+                                                                  num_splits=splits), **kw)
 
     _export(fn, backend, *args)
 

@@ -98,7 +98,8 @@ def test_paged_kernel_matches_reference(case):
     assert bool(jnp.all(jnp.isfinite(got))), "padding slots must stay finite"
     want = pa.paged_attention_reference(q, k, v, table, kv_lens, q_lens, **common, **kw)
     tol = TOL[jnp.bfloat16] if jnp.bfloat16 in (dtype, k.dtype) else TOL[jnp.float32]
-    np.testing.assert_allclose(_valid(got, q_lens).astype(jnp.float32), _valid(want, q_lens).astype(jnp.float32),
+    np.testing.assert_allclose(_valid(got, q_lens).astype(jnp.float32),
+                               _valid(want, q_lens).astype(jnp.float32),
                                atol=tol, rtol=0)
     if fmt is not None:  # the quantization error itself, against full-precision pages
         full = pa.paged_attention_reference(q, k_full, v_full, table, kv_lens, q_lens, **common)
