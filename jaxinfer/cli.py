@@ -39,12 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     g.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"])
     g.set_defaults(func=_generate)
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from jaxinfer.kv.memory import register_cli as register_memory
+    register_memory(sub)
     return p
-
-
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from flax import struct
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, KVCache, init_contiguous
+from jaxinfer.kv.quant import KVQuantSpec
 from jaxinfer.model import Weights, forward
 from jaxinfer.sampling import RowLimits, SamplingTensors, block_stop_tokens, sample, token_logprobs
 
@@ -36,6 +37,7 @@ class GenerateStatics:
     num_logprobs: int = -1  # N top logprobs per generated token; -1: none
     num_prompt_logprobs: int = -1  # likewise for prompt tokens; -1: none
     backend: str = "xla"
+    kv_quant: KVQuantSpec | None = None  # quantized KV cache (None: the model dtype)
 
 
 @struct.dataclass
@@ -89,7 +91,7 @@ def prefill(weights: Weights, cfg: ModelConfig, statics: GenerateStatics, tokens
     """
     b, t = tokens.shape
     kv, page_table = init_contiguous(cfg.num_layers, b, statics.max_len, cfg.num_kv_heads,
-                                     cfg.head_dim, weights.dtype)
+                                     cfg.head_dim, weights.dtype, statics.kv_quant)
     meta = AttentionMeta(page_table=page_table, kv_lens=prompt_lens, q_lens=prompt_lens,
                          contiguous=True)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.kv.cache import AttentionMeta, gather_pages
+from jaxinfer.kv.quant import QuantPages
 
 ATTENTION_BACKENDS = ("xla", "pallas")
 
@@ -103,6 +104,11 @@ def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend
                                    sliding_window=sliding_window)
     if backend == "pallas":
         from jaxinfer import kernels_bridge  # imported lazily: kernels are optional
+        if isinstance(k_pages, QuantPages):  # dequantized inside the kernel
+            return kernels_bridge.paged_attention(
+                q, k_pages.data, v_pages.data, meta, scale=scale, sliding_window=sliding_window,
+                k_scale=k_pages.scale, v_scale=v_pages.scale, kv_format=k_pages.spec.fmt,
+                channel_group=k_pages.spec.channel_group, tensor_scale=k_pages.tensor_scale)
         return kernels_bridge.paged_attention(q, k_pages, v_pages, meta, scale=scale,
                                               sliding_window=sliding_window)
     raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")

@@ -53,14 +53,15 @@ class LLM:
     >>> outs = llm.generate(["def add(a, b):"], SamplingParams(temperature=0, max_tokens=32))
 
     Engine options keep vLLM's names: block_size, num_kv_pages (or kv_cache_memory_bytes),
-    enable_prefix_caching, max_num_seqs, max_num_batched_tokens.
+    enable_prefix_caching, max_num_seqs, max_num_batched_tokens, kv_cache_dtype ("auto",
+    "fp8_e4m3" (alias "fp8"), "fp8_e5m2", "int8", "int4", "nvfp4").
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
                  seed: int = 0, attention_backend: str = "xla", max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, block_size: int = 16,
                  num_kv_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto"):
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
         self.model_dir = resolve_model(model)
@@ -79,11 +80,11 @@ class LLM:
             max_model_len=self.max_model_len, block_size=block_size, num_kv_pages=num_kv_pages,
             kv_cache_memory_bytes=kv_cache_memory_bytes, enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            attention_backend=attention_backend)
+            attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype)
         self.engine = LLMEngine(cfg, self.weights, self.tokenizer, self.engine_config,
                                 model_id=str(self.model_dir))
         self.static = StaticBatchGenerator(self.weights, cfg, self.max_model_len, attention_backend,
-                                           self.engine.runner.decode_token)
+                                           self.engine.runner.decode_token, self.engine.kv_quant)
         self._rng = random.Random(seed)
         self._counter = 0
 

@@ -19,6 +19,7 @@ import numpy as np
 from jaxinfer import generate as gen
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.request import EngineRequest, Status
+from jaxinfer.kv.quant import KVQuantSpec
 from jaxinfer.model import Weights
 from jaxinfer.outputs import position_logprobs
 from jaxinfer.sampling import SamplingTensors, row_limits
@@ -26,10 +27,11 @@ from jaxinfer.sampling import SamplingTensors, row_limits
 
 class StaticBatchGenerator:
     def __init__(self, weights: Weights, cfg: ModelConfig, max_model_len: int, backend: str = "xla",
-                 decode_token=None):
+                 decode_token=None, kv_quant: KVQuantSpec | None = None):
         self.weights, self.cfg = weights, cfg
         self.max_model_len = max_model_len
         self.backend = backend
+        self.kv_quant = kv_quant
         self.decode_token = decode_token
 
     def run(self, seqs: list[EngineRequest], batch_size: int):
@@ -46,10 +48,13 @@ class StaticBatchGenerator:
         lens = [len(r.prompt_ids) for r in rows]
         t = min(gen.bucket(max(lens)), gen.round_up(self.max_model_len, 16))
         s = min(gen.round_up(max(n + r.max_tokens for n, r in zip(lens, rows)), 64), self.max_model_len)
+        if self.backend == "pallas":  # the Triton kernel takes power-of-two pages (here: one per row)
+            s = gen.bucket(s)
         want_lp = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=-1)
         want_plp = max((r.params.prompt_logprobs for r in rows if r.wants_prompt_logprobs), default=-1)
         statics = gen.GenerateStatics(max_len=s, max_new=max(r.max_tokens for r in rows), num_logprobs=want_lp,
-                                      num_prompt_logprobs=want_plp, backend=self.backend)
+                                      num_prompt_logprobs=want_plp, backend=self.backend,
+                                      kv_quant=self.kv_quant)
         tokens = np.zeros((b, t), np.int32)
         for i, r in enumerate(rows):
             tokens[i, :lens[i]] = r.prompt_ids

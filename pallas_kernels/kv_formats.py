@@ -40,6 +40,15 @@ DATA_DTYPE = {"int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.f
               "int4": jnp.uint8, "nvfp4": jnp.uint8}
 SCALE_DTYPE = {"int8": jnp.float32, "fp8_e4m3": jnp.float32, "fp8_e5m2": jnp.float32,
                "int4": jnp.float32, "nvfp4": jnp.float8_e4m3fn}
+# Scales may also be stored narrower (the cache keeps bf16 scales so int8 / fp8 cost H + 2 bytes
+# per token and head); kernels widen them to f32 after the load.
+STORED_SCALE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def allowed_scale_dtypes(fmt: str) -> tuple:
+    return (jnp.float8_e4m3fn,) if fmt == "nvfp4" else STORED_SCALE_DTYPES
+
+
 # Largest magnitude of the code (before scaling) that a group's absmax maps to.
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "int4": 7.0, "nvfp4": 6.0}
 NVFP4_GROUP = 16  # channels per e4m3 block scale (NVFP4 spec)

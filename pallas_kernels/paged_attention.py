@@ -323,10 +323,12 @@ def _check_and_plan(q, k_pages, v_pages, page_table, kv_lens, q_lens, scales, kv
             groups.append((tg, cg))
             shape = (num_pages, kh, page_size // tg, h // cg)
             sc, zr = (k_scale, k_zero) if name == "k" else (v_scale, v_zero)
-            if sc is None or sc.shape != shape or sc.dtype != kvf.SCALE_DTYPE[kv_format]:
+            allowed = kvf.allowed_scale_dtypes(kv_format)
+            if sc is None or sc.shape != shape or sc.dtype not in allowed:
                 got = None if sc is None else (sc.shape, sc.dtype)
-                raise ValueError(f"{name}_scale must be {jnp.dtype(kvf.SCALE_DTYPE[kv_format]).name} "
-                                 f"{shape} (token_group={tg}, channel_group={cg}); got {got}")
+                names = " or ".join(jnp.dtype(d).name for d in allowed)
+                raise ValueError(f"{name}_scale must be {names} {shape} (token_group={tg}, "
+                                 f"channel_group={cg}); got {got}")
             if zr is not None and (kv_format != "int4" or zr.shape != shape):
                 raise ValueError(f"{name}_zero is only for asymmetric int4, shaped like {name}_scale "
                                  f"{shape}; got {zr.shape} for kv_format={kv_format!r}")

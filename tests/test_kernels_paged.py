@@ -134,7 +134,7 @@ def test_wrapper_errors_name_the_values():
                            backend="triton", interpret=False)
     with pytest.raises(ValueError, match="kv_format='int3'"):
         pa.paged_attention(q, k, k, table, lens, lens, kv_format="int3")
-    with pytest.raises(ValueError, match=r"k_scale must be float32 \(4, 2, 16, 1\)"):
+    with pytest.raises(ValueError, match=r"k_scale must be float32 or bfloat16 or float16 \(4, 2, 16, 1\)"):
         pa.paged_attention(q, k.astype(jnp.int8), k.astype(jnp.int8), table, lens, lens, kv_format="int8",
                            k_scale=jnp.ones((4, 2, 16, 2)), v_scale=jnp.ones((4, 2, 16, 1)))
     with pytest.raises(ValueError, match="kv_lens must be int32"):

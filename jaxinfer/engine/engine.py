@@ -22,6 +22,7 @@ from jaxinfer.engine.runner import ModelRunner
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.kv.allocator import PageAllocator
 from jaxinfer.kv.cache import init_paged
+from jaxinfer.kv.quant import KVQuantSpec, page_bytes_per_token
 from jaxinfer.model import Weights
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling import SamplingParams
@@ -42,6 +43,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     attention_backend: str = "xla"
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -56,9 +58,10 @@ class EngineConfig:
             raise ValueError("give num_kv_pages or kv_cache_memory_bytes, not both")
 
 
-def kv_bytes_per_page(cfg: ModelConfig, block_size: int, itemsize: int) -> int:
-    """K and V of every layer for one page of tokens."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * block_size * itemsize
+def kv_bytes_per_page(cfg: ModelConfig, block_size: int, itemsize: int, quant: KVQuantSpec | None = None) -> int:
+    """K and V of every layer for one page of tokens (codes and scales for quantized KV)."""
+    per_token = page_bytes_per_token(quant, cfg.head_dim, itemsize)
+    return int(2 * cfg.num_layers * cfg.num_kv_heads * per_token * block_size)
 
 
 class LLMEngine:
@@ -66,7 +69,8 @@ class LLMEngine:
                  config: EngineConfig, model_id: str = ""):
         self.cfg, self.config, self.tokenizer = cfg, config, tokenizer
         dtype = weights.dtype
-        page_bytes = kv_bytes_per_page(cfg, config.block_size, jnp.dtype(dtype).itemsize)
+        self.kv_quant = KVQuantSpec.parse(config.kv_cache_dtype, cfg.head_dim)
+        page_bytes = kv_bytes_per_page(cfg, config.block_size, jnp.dtype(dtype).itemsize, self.kv_quant)
         if config.num_kv_pages is not None:
             num_pages = config.num_kv_pages
         else:
@@ -76,10 +80,13 @@ class LLMEngine:
                                  f"page ({page_bytes} bytes at block_size={config.block_size})")
         self.num_pages = num_pages
         self.kv_cache_bytes = num_pages * page_bytes
-        kv = init_paged(cfg.num_layers, num_pages, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+        kv = init_paged(cfg.num_layers, num_pages, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
+                        self.kv_quant)
+        assert kv.nbytes() == self.kv_cache_bytes, (kv.nbytes(), self.kv_cache_bytes)
         self.allocator = PageAllocator(num_pages, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
-                                   config.max_num_batched_tokens, cache_extra=(model_id, str(dtype)))
+                                   config.max_num_batched_tokens,
+                                   cache_extra=(model_id, str(dtype), config.kv_cache_dtype))
         max_pages = -(-config.max_model_len // config.block_size)
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,

@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxinfer.kv.quant import KVQuantSpec, QuantPages, dequantize_pages, init_quant_pages, write_quant
+
 
 @struct.dataclass
 class KVCache:
-    """Per-layer K and V pages: lists of [P, K, ps, H] arrays (one per layer)."""
+    """Per-layer K and V pages: lists of [P, K, ps, H] arrays, or QuantPages (quantized KV)."""
 
     k: list
     v: list
@@ -57,21 +59,22 @@ class AttentionMeta:
         return start[:, None] + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
 
 
-def init_contiguous(num_layers: int, batch: int, max_len: int, num_kv_heads: int,
-                    head_dim: int, dtype) -> tuple[KVCache, jax.Array]:
-    """A zeroed contiguous cache [B, K, S, H] per layer and its identity page table [B, 1]."""
-    shape = (batch, num_kv_heads, max_len, head_dim)
-    cache = KVCache(k=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
-                    v=[jnp.zeros(shape, dtype) for _ in range(num_layers)])
-    return cache, jnp.arange(batch, dtype=jnp.int32)[:, None]
-
-
 def init_paged(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
-               head_dim: int, dtype) -> KVCache:
-    """A zeroed paged cache: [P, K, ps, H] per layer."""
-    shape = (num_pages, num_kv_heads, page_size, head_dim)
-    return KVCache(k=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
-                   v=[jnp.zeros(shape, dtype) for _ in range(num_layers)])
+               head_dim: int, dtype, quant: KVQuantSpec | None = None) -> KVCache:
+    """A zeroed paged cache: [P, K, ps, H] per layer (QuantPages when quant is given)."""
+    def pages():
+        if quant is not None:
+            return init_quant_pages(num_pages, num_kv_heads, page_size, head_dim, quant, dtype)
+        return jnp.zeros((num_pages, num_kv_heads, page_size, head_dim), dtype)
+
+    return KVCache(k=[pages() for _ in range(num_layers)], v=[pages() for _ in range(num_layers)])
+
+
+def init_contiguous(num_layers: int, batch: int, max_len: int, num_kv_heads: int,
+                    head_dim: int, dtype, quant: KVQuantSpec | None = None) -> tuple[KVCache, jax.Array]:
+    """A zeroed contiguous cache [B, K, S, H] per layer and its identity page table [B, 1]."""
+    cache = init_paged(num_layers, batch, max_len, num_kv_heads, head_dim, dtype, quant)
+    return cache, jnp.arange(batch, dtype=jnp.int32)[:, None]
 
 
 def write_slots(meta: AttentionMeta, num_tokens: int, page_size: int, num_pages: int):
@@ -88,15 +91,28 @@ def write_slots(meta: AttentionMeta, num_tokens: int, page_size: int, num_pages:
     return page, pos % page_size
 
 
-def write_pages(pages: jax.Array, new: jax.Array, page: jax.Array, offset: jax.Array) -> jax.Array:
-    """Scatter new tokens [B, T, K, H] into pages [P, K, ps, H] at (page, offset) [B, T]."""
+def write_pages(pages, new: jax.Array, page: jax.Array, offset: jax.Array):
+    """Scatter new tokens [B, T, K, H] into pages [P, K, ps, H] at (page, offset) [B, T].
+
+    QuantPages quantize on write."""
+    if isinstance(pages, QuantPages):
+        return write_quant(pages, new, page, offset)
     return pages.at[page, :, offset].set(new.astype(pages.dtype), mode="drop")
 
 
-def gather_pages(pages: jax.Array, meta: AttentionMeta) -> jax.Array:
-    """Each row's cache as one contiguous run: [B, K, S, H], S = pages_per_seq * ps."""
+def _gather(x: jax.Array, meta: AttentionMeta) -> jax.Array:
     if meta.contiguous:
-        return pages  # already [B, K, S, H]
-    g = pages[meta.page_table]  # [B, pp, K, ps, H]
-    b, pp, k, ps, h = g.shape
-    return g.transpose(0, 2, 1, 3, 4).reshape(b, k, pp * ps, h)
+        return x  # already [B, K, S, W]
+    g = x[meta.page_table]  # [B, pp, K, ps, W]
+    b, pp, k, ps, w = g.shape
+    return g.transpose(0, 2, 1, 3, 4).reshape(b, k, pp * ps, w)
+
+
+def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
+    """Each row's cache as one contiguous run: [B, K, S, H], S = pages_per_seq * ps.
+
+    QuantPages are gathered as codes and scales, then dequantized."""
+    if isinstance(pages, QuantPages):
+        return dequantize_pages(_gather(pages.data, meta), _gather(pages.scale, meta), pages.spec,
+                                pages.head_dim, pages.dtype)
+    return _gather(pages, meta)

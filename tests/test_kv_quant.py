@@ -1,0 +1,133 @@
+"""Quantized KV: round-trip bounds, 4-bit packing, no NaN/Inf, attention tolerance, real bytes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_models import write_tiny
+from jaxinfer import LLM, SamplingParams
+from jaxinfer.config import ModelConfig
+from jaxinfer.kv.cache import AttentionMeta, init_paged, write_pages, write_slots
+from jaxinfer.kv.memory import load_model_config, memory_report
+from jaxinfer.kv.quant import KVQuantSpec, dequantize_pages, page_bytes_per_token, quantize_tokens
+from jaxinfer.layers import attention
+from pallas_kernels import kv_formats as kvf
+
+FORMATS = ["fp8_e4m3", "fp8_e5m2", "int8", "int4", "nvfp4"]
+# Worst-case error of one value, relative to its group's absmax (format step + bf16 scale rounding).
+BOUND = {"int8": 0.5 / 127 + 2 ** -8, "int4": 0.5 / 7 + 2 ** -8, "fp8_e4m3": 2 ** -4 + 2 ** -8,
+         "fp8_e5m2": 2 ** -3 + 2 ** -8, "nvfp4": 1 / 6 + 2 ** -4}
+
+
+def _data(kind, shape=(4, 3, 64)):
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    if kind == "outliers":  # a few channels 100x larger, as in real keys
+        x = x.at[..., 5].mul(100.0).at[..., 40].mul(-60.0)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["normal", "outliers"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_error_bound(fmt, kind):
+    spec = KVQuantSpec.parse(fmt, 64)
+    x = _data(kind)
+    data, scale = quantize_tokens(x, spec)
+    y = dequantize_pages(data[..., None, :], scale[..., None, :], spec, 64, jnp.float32)[..., 0, :]
+    cg = spec.channel_group
+    amax = jnp.repeat(jnp.max(jnp.abs(x).reshape(*x.shape[:-1], -1, cg), axis=-1), cg, axis=-1)
+    err = jnp.abs(y - x) / amax
+    assert float(err.max()) <= BOUND[fmt], (fmt, float(err.max()))
+    assert float(jnp.mean(jnp.abs(y - x))) < 0.5 * BOUND[fmt] * float(jnp.mean(amax))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_values_beyond_range_clip_and_never_nan(fmt):
+    spec = KVQuantSpec.parse(fmt, 64)
+    x = jnp.concatenate([jnp.full((1, 32), 1e30), jnp.full((1, 32), -3e38)], axis=-1)
+    x = jnp.concatenate([x, jnp.zeros((1, 64)), jnp.full((1, 64), 1e-30)], axis=0)
+    data, scale = quantize_tokens(x, spec)
+    y = dequantize_pages(data[:, None], scale[:, None], spec, 64, jnp.float32)[:, 0]
+    assert bool(jnp.all(jnp.isfinite(y))), fmt
+    assert bool(jnp.all(y[1] == 0)) and bool(jnp.all(jnp.abs(y[2]) <= 2e-30))
+
+
+def test_nibble_packing_round_trip_and_order():
+    codes = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 16
+    packed = kvf.pack_nibbles(codes)
+    assert packed.dtype == jnp.uint8 and packed.shape == (2, 4)
+    assert int(packed[0, 0]) == 0x10  # channel 0 in the low nibble, channel 1 in the high
+    np.testing.assert_array_equal(kvf.unpack_nibbles(packed), codes)
+    all_codes = jnp.arange(16, dtype=jnp.int32)
+    np.testing.assert_array_equal(kvf.e2m1_encode(kvf.e2m1_decode(all_codes)) & 0xF,
+                                  jnp.where(all_codes == 8, 0, all_codes))  # -0 encodes as +0
+
+
+def test_cache_bytes_are_real():
+    """The arrays shrink: bytes per token vs a bfloat16 cache, scales counted."""
+    for h in (64, 128):
+        bf16 = page_bytes_per_token(None, h, 2)
+        for fmt, limit in (("fp8_e4m3", 0.53), ("fp8_e5m2", 0.53), ("int8", 0.53), ("int4", 0.3), ("nvfp4", 0.3)):
+            spec = KVQuantSpec.parse(fmt, h)
+            kv = init_paged(1, 3, 16, 2, h, jnp.bfloat16, spec)
+            per_token = kv.nbytes() / (2 * 3 * 16 * 2)
+            assert per_token == page_bytes_per_token(spec, h, 2)
+            assert per_token / bf16 <= limit, (fmt, h, per_token / bf16)
+
+
+def _attend(fmt, backend, q, k, v, meta, ps):
+    spec = KVQuantSpec.parse(fmt, q.shape[-1]) if fmt != "auto" else None
+    kv = init_paged(1, 6, ps, k.shape[2], k.shape[3], jnp.float32, spec)
+    page, offset = write_slots(meta, k.shape[1], ps, 6)
+    kp, vp = write_pages(kv.k[0], k, page, offset), write_pages(kv.v[0], v, page, offset)
+    return attention(q, kp, vp, meta, scale=q.shape[-1] ** -0.5, backend=backend)
+
+
+@pytest.mark.parametrize("fmt,tol", [("fp8_e4m3", 0.06), ("fp8_e5m2", 0.12), ("int8", 0.02), ("int4", 0.2),
+                                     ("nvfp4", 0.25)])
+def test_attention_over_quantized_cache(fmt, tol):
+    """Max error within tol x max |output| of full precision (per format); xla == pallas."""
+    ks = jax.random.split(jax.random.PRNGKey(1), 3)
+    b, t, kh, g, h, ps = 2, 12, 2, 2, 64, 8
+    q = jax.random.normal(ks[0], (b, t, kh * g, h))
+    k = jax.random.normal(ks[1], (b, t, kh, h))
+    v = jax.random.normal(ks[2], (b, t, kh, h))
+    meta = AttentionMeta(jnp.array([[0, 2], [5, 1]], jnp.int32), jnp.array([12, 9]), jnp.array([12, 9]))
+    ref = _attend("auto", "xla", q, k, v, meta, ps)
+    got = _attend(fmt, "xla", q, k, v, meta, ps)
+    valid = (jnp.arange(t)[None, :] < meta.q_lens[:, None])[:, :, None, None]
+    assert float(jnp.max(jnp.where(valid, jnp.abs(got - ref), 0))) < tol * float(jnp.max(jnp.abs(ref)))
+    pallas = _attend(fmt, "pallas", q, k, v, meta, ps)
+    assert float(jnp.max(jnp.where(valid, jnp.abs(pallas - got), 0))) < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nvfp4"])
+def test_engine_quantized_cache_same_with_and_without_prefix_caching(fmt, tmp_path):
+    d = write_tiny("llama", tmp_path / "m", vocab_size=300, max_position_embeddings=160)
+    rng = np.random.default_rng(0)
+    system = rng.integers(3, 300, size=40).tolist()
+    prompts = [{"prompt_token_ids": system + rng.integers(3, 300, size=int(n)).tolist()} for n in (3, 9, 5, 12)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    on = LLM(str(d), kv_cache_dtype=fmt, enable_prefix_caching=True, block_size=8)
+    off = LLM(str(d), kv_cache_dtype=fmt, enable_prefix_caching=False, block_size=8)
+    a = [o.outputs[0].token_ids for o in on.generate(prompts, params)]
+    a2 = [o.outputs[0].token_ids for o in on.generate(prompts, params)]  # all hits the second time
+    b = [o.outputs[0].token_ids for o in off.generate(prompts, params)]
+    assert a == b == a2
+    assert on.get_stats().prefix_cache_hits >= 4 * 5
+
+
+def test_calculator_llama2_70b():
+    name, cfg = load_model_config("llama-2-70b")
+    r = memory_report(cfg, batch=32, seq=4096, kv_cache_dtype="auto", weights_dtype="float16")
+    assert r.kv_bytes == 2 * 80 * 32 * 4096 * 8 * 128 * 2
+    assert r.kv_bytes_per_token == 2 * 80 * 8 * 128 * 2
+    assert abs(r.num_params - 68.98e9) < 0.05e9
+    q = memory_report(cfg, batch=32, seq=4096, kv_cache_dtype="fp8_e4m3", weights_dtype="float16")
+    assert q.kv_bytes == 2 * 80 * 32 * 4096 * 8 * (128 + 2)  # one bf16 scale per token and head
+
+
+def test_unknown_kv_cache_dtype_is_refused():
+    cfg = ModelConfig("LlamaForCausalLM", 10, 64, 64, 1, 4, 2, 16, 64)
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp4'"):
+        memory_report(cfg, 1, 1, kv_cache_dtype="fp4")
