@@ -61,7 +61,8 @@ class LLM:
                  seed: int = 0, attention_backend: str = "xla", max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, block_size: int = 16,
                  num_kv_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto"):
+                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
+                 speculative_config: dict | None = None):
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
         self.model_dir = resolve_model(model)
@@ -76,11 +77,16 @@ class LLM:
         self.tokenizer = Tokenizer.from_dir(tok_dir, cfg.bos_token_id, cfg.eos_token_ids)
         if tokenizer and self.tokenizer is None:
             raise CheckpointError(f"{tok_dir}: no tokenizer.json")
+        self.speculative_config = None
+        if speculative_config is not None:
+            from jaxinfer.spec.config import SpeculativeConfig
+            self.speculative_config = SpeculativeConfig.from_dict(speculative_config, cfg)
         self.engine_config = EngineConfig(
             max_model_len=self.max_model_len, block_size=block_size, num_kv_pages=num_kv_pages,
             kv_cache_memory_bytes=kv_cache_memory_bytes, enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype)
+            attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype,
+            speculative_config=self.speculative_config)
         self.engine = LLMEngine(cfg, self.weights, self.tokenizer, self.engine_config,
                                 model_id=str(self.model_dir))
         self.static = StaticBatchGenerator(self.weights, cfg, self.max_model_len, attention_backend,

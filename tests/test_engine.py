@@ -169,3 +169,37 @@ def test_compilations_stay_bounded(model_dir):
     # batch, chunk and page-table buckets are powers of two: a handful of programs, not one per step
     stats = llm.get_stats()
     assert stats.compilations <= 24 < stats.num_steps
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine_draft")
+    write_tiny("qwen2", d, seed=1, vocab_size=300, max_position_embeddings=160, num_hidden_layers=1)
+    return str(d)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
+    """Lossless: greedy engine output with speculation == without, with prefix caching on,
+    stop tokens inside accepted runs, and acceptance stats in the engine stats."""
+    rng = np.random.default_rng(11)
+    base = rng.integers(3, 300, size=12).tolist()
+    prompts = [{"prompt_token_ids": (base * 3)[:int(n)]} for n in (30, 17, 25)]  # repetitive: n-gram hits
+    plain = LLM(model_dir, block_size=8)
+    ref = plain.generate(prompts, GREEDY)
+    stop = ref[1].outputs[0].token_ids[9]
+    params = [GREEDY, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop]), GREEDY]
+    ref = plain.generate(prompts, params)
+    conf = {"method": method, "num_speculative_tokens": 3}
+    conf.update({"model": draft_dir} if method == "draft_model" else {"prompt_lookup_max": 3,
+                                                                        "prompt_lookup_min": 1})
+    spec = LLM(model_dir, block_size=8, enable_prefix_caching=True, speculative_config=conf)
+    outs = spec.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert outs[1].outputs[0].finish_reason == "stop"
+    s = spec.get_stats()
+    assert s.spec_steps > 0 and s.spec_drafted_tokens == 3 * s.spec_steps
+    assert 0 <= s.spec_accepted_tokens <= s.spec_drafted_tokens
+    if method == "ngram":
+        assert s.spec_acceptance_rate > 0
+    _check_pages_returned(spec)

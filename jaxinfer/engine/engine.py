@@ -29,6 +29,7 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.tokenizer import Tokenizer
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 << 20
+ENGINE_SPEC_METHODS = ("ngram", "draft_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     attention_backend: str = "xla"
     kv_cache_dtype: str = "auto"
+    speculative_config: object = None  # spec.config.SpeculativeConfig: "ngram" or "draft_model"
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -78,24 +80,47 @@ class LLMEngine:
             if num_pages < 1:
                 raise ValueError(f"kv_cache_memory_bytes={config.kv_cache_memory_bytes} is smaller than one "
                                  f"page ({page_bytes} bytes at block_size={config.block_size})")
+        spec = config.speculative_config
+        draft = None
+        if spec is not None:
+            if spec.method not in ENGINE_SPEC_METHODS:
+                raise ValueError(f"speculative_config method={spec.method!r} runs in the static loop "
+                                 f"(LLM.generate_static); the engine runs {ENGINE_SPEC_METHODS}")
+            if spec.method == "draft_model":
+                from jaxinfer.checkpoint import load_hf
+                dcfg, dweights = load_hf(spec.draft_dir(), jnp.dtype(dtype).name)
+                draft = [dcfg, dweights]
+                page_bytes += kv_bytes_per_page(dcfg, config.block_size, jnp.dtype(dtype).itemsize)
+                if config.num_kv_pages is None:
+                    num_pages = (config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES) // page_bytes
         self.num_pages = num_pages
         self.kv_cache_bytes = num_pages * page_bytes
         kv = init_paged(cfg.num_layers, num_pages, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
                         self.kv_quant)
-        assert kv.nbytes() == self.kv_cache_bytes, (kv.nbytes(), self.kv_cache_bytes)
+        if draft is not None:  # the draft's pages mirror the target's: same ids, same page tables
+            dcfg = draft[0]
+            draft.append(init_paged(dcfg.num_layers, num_pages, config.block_size, dcfg.num_kv_heads,
+                                    dcfg.head_dim, dtype))
+            assert kv.nbytes() + draft[2].nbytes() == self.kv_cache_bytes
+        else:
+            assert kv.nbytes() == self.kv_cache_bytes, (kv.nbytes(), self.kv_cache_bytes)
+        k = spec.k if spec is not None else 0
         self.allocator = PageAllocator(num_pages, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens,
-                                   cache_extra=(model_id, str(dtype), config.kv_cache_dtype))
-        max_pages = -(-config.max_model_len // config.block_size)
+                                   cache_extra=(model_id, str(dtype), config.kv_cache_dtype), speculative_tokens=k)
+        max_pages = -(-(config.max_model_len + k) // config.block_size)
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,
-                                  decode_token)
-        self.inputs = InputProcessor(cfg, tokenizer, config.max_model_len, num_pages * config.block_size)
+                                  decode_token, spec=spec, draft=tuple(draft) if draft else None)
+        self.inputs = InputProcessor(cfg, tokenizer, config.max_model_len, num_pages * config.block_size - k)
         self.groups: dict[str, list[EngineRequest]] = {}
         self.num_steps = 0
         self.num_prompt_tokens_computed = 0
         self.num_generated_tokens = 0
+        self.spec_drafted = 0
+        self.spec_accepted = 0
+        self.spec_steps = 0
 
     # ------------------------------------------------------------------ requests
 
@@ -158,11 +183,18 @@ class LLMEngine:
             r = c.request
             r.num_computed = c.start + c.num_tokens
             if r in sampled:
-                token, lp = sampled[r]
-                self.num_generated_tokens += 1
-                if r.append_token(token, lp, now):
-                    self.scheduler.remove(r)
-                    r.finish(now=now)
+                tokens, logprobs, drafted = sampled[r]
+                if drafted:  # speculative row: the accepted drafts' K/V stay, the rest roll back
+                    self.spec_steps += 1
+                    self.spec_drafted += drafted
+                    self.spec_accepted += len(tokens) - 1
+                    r.num_computed = c.start + len(tokens)
+                for token, lp in zip(tokens, logprobs):
+                    self.num_generated_tokens += 1
+                    if r.append_token(token, lp, now):
+                        self.scheduler.remove(r)
+                        r.finish(now=now)
+                        break
             touched[r.request_id] = self.groups.get(r.request_id)
         outputs = []
         for rid, seqs in touched.items():
@@ -191,4 +223,5 @@ class LLMEngine:
             num_cached_pages=a.num_cached, prefix_cache_queries=a.queries, prefix_cache_hits=a.hits,
             num_preemptions=self.scheduler.num_preemptions, compilations=self.runner.compilations,
             num_steps=self.num_steps, num_prompt_tokens_computed=self.num_prompt_tokens_computed,
-            num_generated_tokens=self.num_generated_tokens)
+            num_generated_tokens=self.num_generated_tokens, spec_drafted_tokens=self.spec_drafted,
+            spec_accepted_tokens=self.spec_accepted, spec_steps=self.spec_steps)

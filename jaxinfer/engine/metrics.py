@@ -28,6 +28,7 @@ class EngineStats:
     num_generated_tokens: int
     spec_drafted_tokens: int = 0
     spec_accepted_tokens: int = 0
+    spec_steps: int = 0  # speculative row-steps (one target forward over k + 1 positions each)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -36,6 +37,11 @@ class EngineStats:
     @property
     def spec_acceptance_rate(self) -> float:
         return self.spec_accepted_tokens / self.spec_drafted_tokens if self.spec_drafted_tokens else 0.0
+
+    @property
+    def spec_mean_tokens_per_step(self) -> float:
+        """tau: tokens emitted per speculative row-step (accepted drafts + the bonus/corrected one)."""
+        return (self.spec_accepted_tokens + self.spec_steps) / self.spec_steps if self.spec_steps else 0.0
 
 
 def _dist(values: list[float], scale: float = 1e3) -> dict[str, float]:

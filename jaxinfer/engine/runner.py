@@ -8,6 +8,10 @@ Keeping them apart keeps decode attention at one query per row instead of paddin
 every decode to the longest chunk. Shapes are bucketed (B, T and the page-table
 width to powers of two) so a long run compiles a bounded number of programs;
 `compilations` counts the distinct ones.
+
+With speculative decoding (method "ngram" or "draft_model"), decode rows instead run
+`spec_step`: k drafted tokens (host prompt lookup, or a draft model whose paged cache
+shares the target's page tables) verified by one target forward over k + 1 positions.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.scheduler import ScheduledChunk
@@ -35,71 +40,155 @@ class StepStatics:
     backend: str = "xla"
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "statics"), donate_argnames=("kv",))
-def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache,
-                tokens: jax.Array, page_table: jax.Array, kv_lens: jax.Array, q_lens: jax.Array,
-                st: SamplingTensors, counters: jax.Array, limits: RowLimits, next_tokens: jax.Array):
+@struct.dataclass
+class StepInputs:
+    """Fixed-shape device inputs of one group of rows."""
+
+    tokens: jax.Array  # [B, T]
+    page_table: jax.Array  # [B, pp]
+    kv_lens: jax.Array  # [B] cached tokens after this call's writes
+    q_lens: jax.Array  # [B] valid tokens of each row
+    counters: jax.Array  # [B] output tokens so far: index of the token sampled next
+    st: SamplingTensors
+    limits: RowLimits
+    next_tokens: jax.Array  # [B, T] the token after each position (prompt logprobs only)
+
+    def meta(self) -> AttentionMeta:
+        return AttentionMeta(page_table=self.page_table, kv_lens=self.kv_lens, q_lens=self.q_lens)
+
+
+def _draft_forward(dweights, dkv, dcfg, tokens, meta, backend):
+    """Keep a draft model's paged cache in step with the target's: same pages, same tokens."""
+    _, _, dkv = forward(dweights, dcfg, tokens, meta.query_positions(tokens.shape[1]), dkv, meta,
+                        backend=backend, logits_at=jnp.zeros((tokens.shape[0], 1), jnp.int32))
+    return dkv
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg"), donate_argnames=("kv", "dkv"))
+def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
+                dweights=None, dkv=None, dcfg: ModelConfig | None = None):
     """One forward over tokens [B, T] into the paged cache, then sample each row's next token.
 
-    next_tokens [B, T]: the token following each position (for prompt logprobs only).
-    Returns (kv, sampled [B], logprob extras or None, prompt-logprob extras or None).
+    dweights, dkv: optional draft model and its paged cache, fed the same tokens
+    (speculative drafting with a draft model). Returns (kv, draft cache or None, sampled [B], logprob extras or
+    None, prompt-logprob extras or None).
     """
-    b, t = tokens.shape
-    meta = AttentionMeta(page_table=page_table, kv_lens=kv_lens, q_lens=q_lens)
-    positions = meta.query_positions(t)
-    last = jnp.maximum(q_lens - 1, 0)[:, None]  # [B, 1]
+    meta = inp.meta()
+    t = inp.tokens.shape[1]
+    last = jnp.maximum(inp.q_lens - 1, 0)[:, None]  # [B, 1]
     want_plp = statics.num_prompt_logprobs >= 0
-    logits, _, kv = forward(weights, cfg, tokens, positions, kv, meta, backend=statics.backend,
-                            logits_at=None if want_plp else last)
+    logits, _, kv = forward(weights, cfg, inp.tokens, meta.query_positions(t), kv, meta,
+                            backend=statics.backend, logits_at=None if want_plp else last)
+    if dkv is not None:
+        dkv = _draft_forward(dweights, dkv, dcfg, inp.tokens, meta, statics.backend)
     plp = None
     if want_plp:
-        plp = token_logprobs(logits, next_tokens, statics.num_prompt_logprobs)
+        plp = token_logprobs(logits, inp.next_tokens, statics.num_prompt_logprobs)
         logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)
-    logits = block_stop_tokens(logits[:, 0], limits, counters)  # [B, V]
-    tok = sample(logits, st, counters)
+    logits = block_stop_tokens(logits[:, 0], inp.limits, inp.counters)  # [B, V]
+    tok = sample(logits, inp.st, inp.counters)
     lp = token_logprobs(logits, tok, statics.num_logprobs) if statics.num_logprobs >= 0 else None
-    return kv, tok, lp, plp
+    return kv, dkv, tok, lp, plp
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg", "k"), donate_argnames=("kv", "dkv"))
+def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
+              prev: jax.Array, dweights=None, dkv=None, dcfg: ModelConfig | None = None, k: int = 1):
+    """Speculative decode of rows whose only pending token is the last sampled one.
+
+    inp.tokens [B, k+1] = [last, d_1..d_k] (n-gram drafts from the host), or [last, ...]
+    when a draft model (dweights, and its paged cache dkv) proposes d_1..d_k here: its first
+    step re-reads [prev, last] (rewriting prev's K/V is idempotent, and it catches the
+    draft's cache up when all k drafts were accepted last time), then k - 1 single steps.
+    One target forward scores all k + 1 positions; `spec.verify.verify` accepts
+    (min(1, p/q), residual on rejection, bonus when all pass; greedy: argmax match).
+    Rejected positions are rolled back by the host not advancing num_computed.
+    Returns (kv, draft cache, drafts [B, k], n_acc [B], next [B], logprob extras or None).
+    """
+    from jaxinfer.spec.verify import draft_sample, verify
+
+    b = inp.tokens.shape[0]
+    start = inp.kv_lens - (k + 1)  # position of the last sampled token
+    active = inp.q_lens > 0
+    draft_logits = None
+    drafts = inp.tokens[:, 1:]
+    if dkv is not None:
+        toks = jnp.stack([prev, inp.tokens[:, 0]], axis=1)  # [B, 2]
+        q_lens = jnp.where(active, 2, 0)
+        outs, shaped = [], []
+        for i in range(k):
+            meta = AttentionMeta(inp.page_table, start + 1 + i, q_lens)
+            logits, _, dkv = forward(dweights, dcfg, toks, meta.query_positions(toks.shape[1]), dkv, meta,
+                                     backend=statics.backend, logits_at=(q_lens - 1)[:, None])
+            d, sh = draft_sample(logits[:, 0], inp.st, inp.limits, inp.counters + i)
+            outs.append(d)
+            shaped.append(sh)
+            toks, q_lens = d[:, None], active.astype(jnp.int32)
+        drafts = jnp.stack(outs, axis=1)  # [B, k]
+        draft_logits = jnp.stack(shaped, axis=1)  # [B, k, V]
+    tokens = jnp.concatenate([inp.tokens[:, :1], drafts], axis=1)  # [B, k+1]
+    meta = inp.meta()
+    logits, _, kv = forward(weights, cfg, tokens, meta.query_positions(k + 1), kv, meta, backend=statics.backend)
+    n_acc, nxt, blocked = verify(logits, drafts, draft_logits, inp.st, inp.limits, inp.counters)
+    lp = None
+    if statics.num_logprobs >= 0:
+        i = jnp.arange(k + 1)[None, :]
+        emitted = jnp.where(i < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])  # [B, k+1]
+        lp = token_logprobs(blocked, emitted, statics.num_logprobs)
+    del b
+    return kv, dkv, drafts, n_acc, nxt, lp
 
 
 class ModelRunner:
-    """Owns the device state: weights, the paged KV cache, the compiled step."""
+    """Owns the device state: weights, the paged KV cache (and a draft model's), the compiled steps."""
 
     def __init__(self, weights: Weights, cfg: ModelConfig, kv: KVCache, page_size: int,
-                 max_pages_per_seq: int, backend: str = "xla", decode_token=None):
+                 max_pages_per_seq: int, backend: str = "xla", decode_token=None, spec=None,
+                 draft: tuple | None = None):
         self.weights, self.cfg, self.kv = weights, cfg, kv
         self.page_size = page_size
         self.max_pages_per_seq = max_pages_per_seq
         self.backend = backend
         self.decode_token = decode_token
+        self.spec = spec  # SpeculativeConfig or None
+        # (draft cfg, draft weights, draft paged cache) for method="draft_model"
+        self.draft_cfg, self.draft_weights, self.draft_kv = draft if draft is not None else (None, None, None)
         self.signatures: set[tuple] = set()
 
     @property
     def compilations(self) -> int:
         return len(self.signatures)
 
+
     def execute(self, chunks: list[ScheduledChunk]) -> dict:
-        """Run every chunk; returns {request: (token, logprobs dict | None)} for completing chunks,
-        and writes prompt logprobs straight into the requests."""
+        """Run every chunk. Returns {request: (tokens, logprob dicts or None, num_drafted)} for
+        chunks that sample (speculative rows may emit several tokens); prompt logprobs are
+        written straight into the requests."""
         results = {}
         # Decodes first: they read only pages computed in earlier steps. Prefill chunks and
         # requests admitted this step run after, so any page another row fills this step
         # (a prefix-cache hit registered at scheduling) is written before they read it.
-        decodes = [c for c in chunks if c.num_tokens == 1 and not c.admitted]
-        prefills = [c for c in chunks if c.num_tokens > 1 or c.admitted]
+        spec = [c for c in chunks if c.num_draft]
+        decodes = [c for c in chunks if c.num_tokens == 1 and not c.admitted and not c.num_draft]
+        prefills = [c for c in chunks if (c.num_tokens > 1 or c.admitted) and not c.num_draft]
+        if spec:
+            results.update(self._run_spec(spec))
         for group, min_t in ((decodes, 1), (prefills, 16)):
             if group:
                 results.update(self._run_group(group, min_t))
         return results
 
-    def _run_group(self, group: list[ScheduledChunk], min_t: int) -> dict:
+    def _inputs(self, group: list[ScheduledChunk], t: int, width=None) -> tuple[StepInputs, int, int, int]:
+        """Padded arrays for a group; width(c) is a row's token count (default c.num_tokens).
+
+        Returns (inputs, top-N logprobs wanted, prompt top-N wanted, page-table width)."""
+        width = width or (lambda c: c.num_tokens)
         b = bucket(len(group), minimum=1)
-        t = bucket(max(c.num_tokens for c in group), minimum=min_t)
-        n_pages = max(-(-(c.start + c.num_tokens) // self.page_size) for c in group)
+        n_pages = max(-(-(c.start + width(c)) // self.page_size) for c in group)
         # Page-table width: a power of two, at least 256 tokens' worth (few programs for short
         # contexts), at most the pages of max_model_len.
         pp = min(bucket(n_pages, minimum=-(-256 // self.page_size)), bucket(self.max_pages_per_seq, minimum=1))
         vocab = self.cfg.vocab_size
-
         tokens = np.zeros((b, t), np.int32)
         next_tokens = np.zeros((b, t), np.int32)
         page_table = np.zeros((b, pp), np.int32)
@@ -124,8 +213,8 @@ class ModelRunner:
                 next_tokens[i, :len(nxt)] = nxt
                 num_plp = max(num_plp, p.prompt_logprobs)
             page_table[i, :len(r.pages)] = r.pages[:pp]
-            kv_lens[i] = c.start + c.num_tokens
-            q_lens[i] = c.num_tokens
+            kv_lens[i] = c.start + width(c)
+            q_lens[i] = width(c)
             counters[i] = len(r.output_ids)
             temperature[i], top_p[i], min_p[i] = p.temperature, p.top_p, p.min_p
             top_k[i] = 0 if p.top_k in (-1, 0) or p.top_k >= vocab else p.top_k
@@ -134,30 +223,67 @@ class ModelRunner:
             stop_ids[i, :len(r.stop_ids)] = r.stop_ids
             if p.logprobs is not None and c.completes:
                 num_lp = max(num_lp, p.logprobs)
-        statics = StepStatics(num_lp, num_plp, self.backend)
-        self.signatures.add((b, t, pp, statics))
         st = SamplingTensors(temperature=jnp.asarray(temperature), top_k=jnp.asarray(top_k),
                              top_p=jnp.asarray(top_p), min_p=jnp.asarray(min_p), keys=jnp.asarray(keys))
         limits = RowLimits(max_tokens=jnp.zeros((b,), jnp.int32), min_tokens=jnp.asarray(min_tokens),
                            stop_ids=jnp.asarray(stop_ids))
-        self.kv, tok, lp, plp = engine_step(
-            self.weights, self.cfg, statics, self.kv, jnp.asarray(tokens), jnp.asarray(page_table),
-            jnp.asarray(kv_lens), jnp.asarray(q_lens), st, jnp.asarray(counters), limits,
-            jnp.asarray(next_tokens))
-        tok, lp, plp = jax.device_get((tok, lp, plp))
+        inp = StepInputs(jnp.asarray(tokens), jnp.asarray(page_table), jnp.asarray(kv_lens), jnp.asarray(q_lens),
+                         jnp.asarray(counters), st, limits, jnp.asarray(next_tokens))
+        return inp, num_lp, num_plp, pp
 
+    def _logprob_entry(self, r, token: int, lp, i: int, j: int | None = None):
+        if lp is None or r.params.logprobs is None:
+            return None
+        n = r.params.logprobs
+        at = (i,) if j is None else (i, j)
+        return position_logprobs(token, lp[0][at], lp[1][at], lp[2][at][:n], lp[3][at][:n], self.decode_token)
+
+    def _run_group(self, group: list[ScheduledChunk], min_t: int) -> dict:
+        t = bucket(max(c.num_tokens for c in group), minimum=min_t)
+        inp, num_lp, num_plp, pp = self._inputs(group, t)
+        statics = StepStatics(num_lp, num_plp, self.backend)
+        self.signatures.add(("step", inp.tokens.shape, pp, statics))
+        self.kv, dkv, tok, lp, plp = engine_step(self.weights, self.cfg, statics, self.kv, inp,
+                                                 self.draft_weights, self.draft_kv, self.draft_cfg)
+        if dkv is not None:
+            self.draft_kv = dkv
+        tok, lp, plp = jax.device_get((tok, lp, plp))
         results = {}
         for i, c in enumerate(group):
             r = c.request
             if plp is not None and r.wants_prompt_logprobs:
                 self._record_prompt_logprobs(c, plp, i)
             if c.completes:
-                entry = None
-                if lp is not None and r.params.logprobs is not None:
-                    n = r.params.logprobs
-                    entry = position_logprobs(int(tok[i]), lp[0][i], lp[1][i], lp[2][i, :n], lp[3][i, :n],
-                                              self.decode_token)
-                results[r] = (int(tok[i]), entry)
+                results[r] = ([int(tok[i])], [self._logprob_entry(r, int(tok[i]), lp, i)], 0)
+        return results
+
+    def _run_spec(self, group: list[ScheduledChunk]) -> dict:
+        k = group[0].num_draft
+        inp, num_lp, _, pp = self._inputs(group, k + 1, width=lambda c: 1 + c.num_draft)
+        prev = np.zeros((inp.tokens.shape[0],), np.int32)
+        if self.spec.method == "ngram":
+            tokens = np.array(inp.tokens)
+            for i, c in enumerate(group):
+                tokens[i, 1:] = ngram_propose(c.request.all_tokens, k, self.spec.prompt_lookup_min,
+                                              self.spec.prompt_lookup_max)
+            inp = inp.replace(tokens=jnp.asarray(tokens))
+        else:
+            for i, c in enumerate(group):
+                prev[i] = c.request.all_tokens[c.start - 1]
+        statics = StepStatics(num_lp, -1, self.backend)
+        self.signatures.add(("spec", inp.tokens.shape, pp, statics))
+        self.kv, dkv, drafts, n_acc, nxt, lp = spec_step(
+            self.weights, self.cfg, statics, self.kv, inp, jnp.asarray(prev), self.draft_weights, self.draft_kv,
+            self.draft_cfg, k=k)
+        if dkv is not None:
+            self.draft_kv = dkv
+        drafts, n_acc, nxt, lp = jax.device_get((drafts, n_acc, nxt, lp))
+        results = {}
+        for i, c in enumerate(group):
+            r, n = c.request, int(n_acc[i])
+            toks = [int(x) for x in drafts[i, :n]] + [int(nxt[i])]
+            entries = [self._logprob_entry(r, t, lp, i, j) for j, t in enumerate(toks)]
+            results[r] = (toks, entries, k)
         return results
 
     def _record_prompt_logprobs(self, c: ScheduledChunk, plp, i: int):
@@ -171,3 +297,17 @@ class ModelRunner:
             r.prompt_logprobs.append(position_logprobs(r.prompt_ids[pos], lp[i, j], rank[i, j],
                                                        top_ids[i, j, :n], top_lp[i, j, :n], self.decode_token))
 
+
+def ngram_propose(tokens: list[int], k: int, n_min: int, n_max: int) -> np.ndarray:
+    """Prompt lookup: the k tokens that followed the most recent earlier occurrence of the
+    last n tokens (n from n_max down to n_min); without a match, the last token repeated
+    (verified anyway, so any proposal is safe)."""
+    seq = np.asarray(tokens, np.int64)
+    for n in range(min(n_max, len(seq) - 1), n_min - 1, -1):
+        suffix = seq[-n:]
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # starts 0 .. len-1-n
+        hits = np.flatnonzero(np.all(windows == suffix, axis=1))
+        if hits.size:
+            follow = seq[hits[-1] + n:hits[-1] + n + k]
+            return np.pad(follow, (0, k - len(follow)), mode="edge") if len(follow) else np.full(k, seq[-1])
+    return np.full(k, seq[-1])

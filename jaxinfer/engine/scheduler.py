@@ -24,6 +24,7 @@ class ScheduledChunk:
     start: int  # first token index (into all_tokens) computed this step
     num_tokens: int
     admitted: bool = False  # admitted this step: may read pages other rows write this step
+    num_draft: int = 0  # speculative tokens verified after the one pending token (decode rows)
 
     @property
     def completes(self) -> bool:
@@ -49,7 +50,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.cache_extra = cache_extra
-        self.lookahead = speculative_tokens  # pages reserved for tokens proposed by a drafter
+        self.lookahead = speculative_tokens  # k: tokens a drafter proposes per decode step
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.num_preemptions = 0
@@ -73,8 +74,8 @@ class Scheduler:
     # ------------------------------------------------------------------ scheduling
 
     def _pages_needed(self, req: EngineRequest, num_tokens: int) -> int:
-        """Extra pages for req to hold num_computed + num_tokens (+ lookahead) tokens."""
-        total = min(req.num_computed + num_tokens + self.lookahead, req.max_total_tokens + self.lookahead)
+        """Extra pages for req to hold num_computed + num_tokens tokens (drafts included)."""
+        total = min(req.num_computed + num_tokens, req.max_total_tokens + self.lookahead)
         return max(0, -(-total // self.page_size) - len(req.pages))
 
     def _grow(self, req: EngineRequest, n_pages: int):
@@ -118,7 +119,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_pending, budget)
-            need = self._pages_needed(req, n)
+            # A decoding request verifies k drafted tokens after its pending one, budget permitting.
+            drafts = self.lookahead if (self.lookahead and req.num_pending == 1 and req.output_ids
+                                        and budget >= 1 + self.lookahead) else 0
+            need = self._pages_needed(req, n + drafts)
             while need > self.allocator.num_free:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -128,9 +132,9 @@ class Scheduler:
             if req.status is not Status.RUNNING:
                 break  # req preempted itself: nothing newer is left to schedule
             self._grow(req, need)
-            chunks.append(ScheduledChunk(req, req.num_computed, n))
+            chunks.append(ScheduledChunk(req, req.num_computed, n, num_draft=drafts))
             self.register_full_pages(req, req.num_computed + n)
-            budget -= n
+            budget -= n + drafts
             i += 1
 
         # 2. Waiting requests, in order, while the budget, pages and max_num_seqs allow.
