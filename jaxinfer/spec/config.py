@@ -1,0 +1,149 @@
+"""SpeculativeConfig: vLLM-style `speculative_config` dicts, validated, and the drafter they build.
+
+    {"method": "draft_model", "model": "stdlib-draft", "num_speculative_tokens": 4}
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    {"method": "layer_skip", "num_speculative_tokens": 3}               # optional "num_layers"
+    {"method": "eagle", "num_speculative_tokens": 4}                    # optional "model": head dir
+    {"method": "medusa", "num_speculative_tokens": 3}                   # likewise
+
+Unknown methods or keys, k < 1, a draft model with another vocabulary, or a head trained
+for another target raise ValueError naming the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jaxinfer.config import ModelConfig
+
+METHODS = ("draft_model", "ngram", "layer_skip", "eagle", "medusa")
+_KEYS = {
+    "draft_model": ("model",),
+    "ngram": ("prompt_lookup_max", "prompt_lookup_min"),
+    "layer_skip": ("num_layers",),
+    "eagle": ("model",),
+    "medusa": ("model",),
+}
+HEADS_DIR = Path(__file__).resolve().parents[1] / "assets" / "models" / "stdlib-target-heads"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None  # draft model (name or path) or head directory
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    num_layers: int | None = None  # layer_skip: layers of the target the draft runs
+
+    @property
+    def k(self) -> int:
+        return self.num_speculative_tokens
+
+    @staticmethod
+    def from_dict(d: dict, target_cfg: ModelConfig) -> "SpeculativeConfig":
+        """Validate a speculative_config dict against the target; errors name the value."""
+        if not isinstance(d, dict):
+            raise ValueError(f"speculative_config={d!r} must be a dict")
+        method = d.get("method")
+        if method not in METHODS:
+            raise ValueError(f"speculative_config method={method!r}; choose one of {METHODS}")
+        allowed = ("method", "num_speculative_tokens") + _KEYS[method]
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError(f"speculative_config keys {unknown} are not known for method {method!r}; "
+                             f"allowed: {allowed}")
+        k = d.get("num_speculative_tokens")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"speculative_config num_speculative_tokens={k!r} must be an integer >= 1")
+        cfg = SpeculativeConfig(method=method, num_speculative_tokens=k,
+                                **{key: d[key] for key in _KEYS[method] if key in d})
+        if method == "draft_model" and not cfg.model:
+            raise ValueError("speculative_config method='draft_model' needs 'model' (a name or a path)")
+        if cfg.model is not None and not isinstance(cfg.model, (str, Path)):
+            raise ValueError(f"speculative_config model={cfg.model!r} must be a name or a path")
+        if method == "draft_model":
+            from jaxinfer.checkpoint import load_config
+            dcfg = load_config(cfg.draft_dir())
+            if dcfg.vocab_size != target_cfg.vocab_size:
+                raise ValueError(f"speculative_config model={cfg.model!r} has vocab_size={dcfg.vocab_size}; "
+                                 f"the target has vocab_size={target_cfg.vocab_size} (they must share a "
+                                 "tokenizer)")
+        if method in ("eagle", "medusa"):
+            head = cfg.head_dir()
+            if not (head / "head_config.json").is_file():
+                raise ValueError(
+                    f"speculative_config method={method!r}: no head at {str(head)!r}"
+                    + ("" if cfg.model else " (a default head ships only for the embedded target; pass "
+                       "'model': a head directory written by experiments/train_spec_heads.py)"))
+        if method == "ngram":
+            lo, hi = cfg.prompt_lookup_min, cfg.prompt_lookup_max
+            if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+                raise ValueError(f"speculative_config prompt_lookup_min={lo!r}, prompt_lookup_max={hi!r}: "
+                                 "need integers with 1 <= prompt_lookup_min <= prompt_lookup_max")
+        if method == "layer_skip":
+            n = cfg.num_layers
+            if n is not None and (not isinstance(n, int) or not 1 <= n <= target_cfg.num_layers):
+                raise ValueError(f"speculative_config num_layers={n!r} must be an integer in "
+                                 f"[1, {target_cfg.num_layers}] (the target's layers)")
+        return cfg
+
+    def draft_dir(self) -> Path:
+        """The draft model's directory (an embedded model name or a path)."""
+        from jaxinfer.checkpoint import CheckpointError
+        from jaxinfer.llm import resolve_model
+        try:
+            return resolve_model(str(self.model))
+        except CheckpointError as e:
+            raise ValueError(f"speculative_config model={self.model!r}: {e}") from None
+
+    def head_dir(self) -> Path:
+        """EAGLE / Medusa head directory: `model`, else the head shipped for the embedded target."""
+        if self.model is not None:
+            return Path(self.model).expanduser()
+        return HEADS_DIR / self.method
+
+
+def default_skip_layers(target_cfg: ModelConfig) -> int:
+    """Layer-skip depth when none is given: half the target's layers (at least 1)."""
+    return max(1, target_cfg.num_layers // 2)
+
+
+def build_drafter(spec: SpeculativeConfig, target_cfg: ModelConfig, dtype=jnp.float32,
+                  backend: str = "xla"):
+    """(drafter, draft_params) for the loop: loads the draft model or head from disk.
+
+    Raises ValueError for a draft model with another vocabulary or a head of another target.
+    """
+    from jaxinfer.spec import drafters
+    from jaxinfer.spec.heads import eagle_config, load_head, medusa_num_heads
+
+    k = spec.k
+    if spec.method == "ngram":
+        return drafters.NgramDrafter(k, spec.prompt_lookup_max, spec.prompt_lookup_min), None
+    if spec.method == "layer_skip":
+        n = spec.num_layers or default_skip_layers(target_cfg)
+        return drafters.LayerSkipDrafter(k, target_cfg, n, backend), None
+    if spec.method == "draft_model":
+        from jaxinfer.checkpoint import load_hf
+        dcfg, dweights = load_hf(spec.draft_dir(), jnp.dtype(dtype).name)
+        if dcfg.vocab_size != target_cfg.vocab_size:
+            raise ValueError(f"speculative_config model={spec.model!r} has vocab_size={dcfg.vocab_size}; "
+                             f"the target has vocab_size={target_cfg.vocab_size} (they must share a tokenizer)")
+        return drafters.DraftModelDrafter(k, dcfg, backend), dweights
+    head_dir = spec.head_dir()
+    meta, params = load_head(head_dir, target_cfg, dtype)
+    if meta["method"] != spec.method:
+        raise ValueError(f"speculative_config model={str(head_dir)!r} is a {meta['method']!r} head, "
+                         f"not {spec.method!r}")
+    if spec.method == "eagle":
+        hcfg = eagle_config(target_cfg, meta["sizes"]["intermediate_size"])
+        return drafters.EagleDrafter(k, hcfg, backend), params
+    heads = medusa_num_heads(params)
+    if k > heads:
+        raise ValueError(f"speculative_config num_speculative_tokens={k} exceeds the {heads} heads of the "
+                         f"Medusa head at {str(head_dir)!r}")
+    return drafters.MedusaDrafter(k, target_cfg), params

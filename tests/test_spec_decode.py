@@ -1,0 +1,181 @@
+"""Speculative decoding loop: greedy output is token-identical to plain decoding for every drafter.
+
+Tiny random models (2 layers, hidden 64, vocab 128); batch 1 and batch 4 with mixed prompt
+lengths, a stop token that occurs in the output, min_tokens and max_tokens. Also: the
+n-gram lookup, head save / load, seeded sampling reproducibility, config validation.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine.request import EngineRequest
+from jaxinfer.model import init_weights
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.spec import SpecDecoder, SpeculativeConfig
+from jaxinfer.spec import drafters as D
+from jaxinfer.spec.config import build_drafter
+from jaxinfer.spec.heads import eagle_config, init_eagle, init_medusa, load_head, save_head
+from jaxinfer.static_batch import StaticBatchGenerator
+
+V, K = 128, 3
+
+
+def _cfg(d, layers, heads, kv_heads, ffn):
+    return ModelConfig(architecture="LlamaForCausalLM", vocab_size=V, hidden_size=d, intermediate_size=ffn,
+                       num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=16,
+                       max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+CFG = _cfg(64, 2, 4, 2, 96)
+DCFG = _cfg(32, 1, 2, 1, 64)  # another vocabulary's draft, for the error test
+
+
+@pytest.fixture(scope="module")
+def models():
+    w = init_weights(CFG, jax.random.PRNGKey(0), std=0.15)
+    # A draft that agrees with the target often but not always: both the all-accepted path
+    # (its cache must catch up on d_k) and rejections get exercised.
+    noise = init_weights(CFG, jax.random.PRNGKey(1), std=0.05)
+    dw = jax.tree_util.tree_map(lambda a, b: a + b, w, noise)
+    hcfg = eagle_config(CFG, 64)
+    return {
+        "ngram": (D.NgramDrafter(K, 3, 1), None),
+        "draft_model": (D.DraftModelDrafter(K, CFG), dw),
+        "layer_skip": (D.LayerSkipDrafter(K, CFG, 1), None),
+        "eagle": (D.EagleDrafter(K, hcfg), init_eagle(hcfg, jax.random.PRNGKey(2))),
+        "medusa": (D.MedusaDrafter(K, CFG), init_medusa(64, K, 32, jax.random.PRNGKey(3))),
+    }, w
+
+
+PROMPTS = [
+    [5, 6, 7, 8, 5, 6, 7, 8, 5, 6],  # periodic: the n-gram lookup has matches
+    [9, 10, 11],
+    [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35],
+    [40, 41, 40, 41, 40],
+]
+MAX_TOKENS = [24, 17, 20, 11]
+
+
+def _requests(params, stop_ids, min_tokens=(0, 0, 6, 0), seeds=(100, 101, 102, 103)):
+    reqs = []
+    for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS)):
+        sp = SamplingParams(temperature=params.temperature, top_k=params.top_k, max_tokens=m,
+                            min_tokens=min(min_tokens[i], m))
+        reqs.append(EngineRequest(str(i), None, p, sp, seed=seeds[i], sample_index=0, stop_ids=list(stop_ids),
+                                  max_tokens=m, tokenizer=None))
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    """Plain greedy decoding (StaticBatchGenerator), with a stop token that occurs in the output."""
+    _, w = models
+    gen = StaticBatchGenerator(w, CFG, max_model_len=256)
+    free = _requests(SamplingParams(temperature=0), [])
+    gen.run(free, batch_size=4)
+    outs = [r.output_ids for r in free]
+    stop = outs[0][5]  # row 0 stops early; row 2 (min_tokens 6) may have to pass it
+    reqs = _requests(SamplingParams(temperature=0), [stop])
+    gen.run(reqs, batch_size=4)
+    out = [(r.output_ids, r.finish_reason) for r in reqs]
+    assert out[0][1] == "stop" and any(reason == "length" for _, reason in out)
+    return stop, out
+
+
+@pytest.mark.parametrize("name", ["ngram", "draft_model", "layer_skip", "eagle", "medusa"])
+def test_greedy_identical_to_plain_decoding(models, reference, name):
+    drafters, w = models
+    drafter, params = drafters[name]
+    stop, expected = reference
+    dec = SpecDecoder(w, CFG, None, max_model_len=256, drafter=drafter, draft_params=params)
+    for bs in (4, 1):
+        reqs = _requests(SamplingParams(temperature=0), [stop])
+        dec.run(reqs, batch_size=bs)
+        assert [(r.output_ids, r.finish_reason) for r in reqs] == expected, (name, bs)
+    s = dec.stats
+    assert s.forwards > 0 and s.drafted == K * s.forwards and 0 <= s.accepted <= s.drafted
+    if name in ("ngram", "draft_model"):  # predictable prompts / a draft close to the target
+        assert s.accepted > 0
+    if name == "draft_model":
+        assert s.accepted < s.drafted
+
+
+def test_sampled_rows_are_reproducible_and_batch_independent(models):
+    drafters, w = models
+    drafter, params = drafters["draft_model"]
+    dec = SpecDecoder(w, CFG, None, max_model_len=256, drafter=drafter, draft_params=params)
+    sp = SamplingParams(temperature=0.8, top_k=20)
+    a = _requests(sp, [])
+    dec.run(a, batch_size=4)
+    again = _requests(sp, [])
+    dec.run(again, batch_size=4)
+    assert [r.output_ids for r in again] == [r.output_ids for r in a]
+    other_mates = _requests(sp, [], seeds=(100, 7, 8, 9))  # row 0 keeps its seed, its batch-mates change
+    dec.run(other_mates, batch_size=4)
+    assert other_mates[0].output_ids == a[0].output_ids
+    assert [r.output_ids for r in other_mates[1:]] != [r.output_ids for r in a[1:]]
+    assert all(len(r.output_ids) == m for r, m in zip(a, MAX_TOKENS))
+    assert 0 < dec.stats.accepted < dec.stats.drafted
+
+
+def test_ngram_lookup_most_recent_match_and_periodic_continuation():
+    h = jnp.array([[1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3, 0, 0, 0, 0],
+                   [4, 5, 4, 5, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                   [1, 2, 3, 4, 5, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    last = jnp.array([11, 4, 5])
+    d = np.asarray(jax.jit(D.ngram_lookup, static_argnums=(2, 3, 4))(h, last, 4, 3, 2))
+    assert d[0].tolist() == [7, 8, 1, 2]  # "1 2 3" last seen at 4..6, followed by 7 8 1 2
+    assert d[1].tolist() == [5, 4, 5, 4]  # "5 4" at 1..2 -> continues with period 2
+    assert d[2].tolist() == [6, 6, 6, 6]  # no match: repeat the last token
+
+
+def test_head_save_load_roundtrip_and_checks(tmp_path):
+    hcfg = eagle_config(CFG, 64)
+    head = init_eagle(hcfg, jax.random.PRNGKey(0))
+    save_head(tmp_path / "eagle", "eagle", head, CFG, {"intermediate_size": 64}, dtype=jnp.float32)
+    meta, loaded = load_head(tmp_path / "eagle", CFG)
+    assert meta["method"] == "eagle"
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), head, loaded))
+    spec = SpeculativeConfig.from_dict({"method": "eagle", "num_speculative_tokens": 2,
+                                        "model": str(tmp_path / "eagle")}, CFG)
+    drafter, _ = build_drafter(spec, CFG)
+    assert isinstance(drafter, D.EagleDrafter) and drafter.cfg.intermediate_size == 64
+    other = _cfg(32, 2, 2, 1, 64)
+    with pytest.raises(ValueError, match="hidden_size=64"):
+        load_head(tmp_path / "eagle", other)
+    save_head(tmp_path / "medusa", "medusa", init_medusa(64, 2, 16, jax.random.PRNGKey(1)), CFG,
+              {"num_heads": 2, "inner": 16})
+    spec = SpeculativeConfig.from_dict({"method": "medusa", "num_speculative_tokens": 3,
+                                        "model": str(tmp_path / "medusa")}, CFG)
+    with pytest.raises(ValueError, match="num_speculative_tokens=3 exceeds the 2 heads"):
+        build_drafter(spec, CFG)
+    with pytest.raises(ValueError, match="is a 'medusa' head, not 'eagle'"):
+        build_drafter(SpeculativeConfig.from_dict({"method": "eagle", "num_speculative_tokens": 1,
+                                                   "model": str(tmp_path / "medusa")}, CFG), CFG)
+
+
+@pytest.mark.parametrize("d,match", [
+    ({"method": "medusa2", "num_speculative_tokens": 2}, "method='medusa2'"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens=0"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, r"keys \['model'\]"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min=5"),
+    ({"method": "layer_skip", "num_speculative_tokens": 2, "num_layers": 3}, "num_layers=3"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "needs 'model'"),
+    ({"method": "eagle", "num_speculative_tokens": 2, "model": "/nonexistent/head"}, "no head at"),
+])
+def test_config_errors_name_the_value(d, match):
+    with pytest.raises(ValueError, match=match):
+        SpeculativeConfig.from_dict(d, CFG)
+
+
+def test_draft_model_with_other_vocabulary_is_rejected(tmp_path):
+    other = ModelConfig(**{**DCFG.__dict__, "vocab_size": 64})
+    (tmp_path / "config.json").write_text(json.dumps(other.to_hf_dict()))
+    with pytest.raises(ValueError, match="vocab_size=64"):
+        SpeculativeConfig.from_dict({"method": "draft_model", "model": str(tmp_path),
+                                     "num_speculative_tokens": 2}, CFG)
