@@ -13,10 +13,13 @@ CFG = ModelConfig("LlamaForCausalLM", vocab_size=97, hidden_size=64, intermediat
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128)
 
 
+_forward = jax.jit(forward, static_argnames=("cfg",))
+
+
 def _full_logits(w, tokens):
     b, t = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return forward(w, CFG, tokens, pos, None, None)[0]
+    return _forward(w, CFG, tokens, pos, None, None)[0]
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
@@ -28,11 +31,11 @@ def test_cached_decode_equals_full_recompute(dtype, tol):
     # prefill 5 tokens, then decode one at a time
     lens = jnp.array([5, 5])
     pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
-    logits, _, kv = forward(w, CFG, tokens[:, :5], pos, kv, AttentionMeta(pt, lens, lens, True))
+    logits, _, kv = _forward(w, CFG, tokens[:, :5], pos, kv, AttentionMeta(pt, lens, lens, True))
     np.testing.assert_allclose(logits, full[:, :5], atol=tol, rtol=tol)
     for i in range(5, 12):
         meta = AttentionMeta(pt, jnp.array([i + 1, i + 1]), jnp.array([1, 1]), True)
-        logits, _, kv = forward(w, CFG, tokens[:, i:i + 1], jnp.full((2, 1), i), kv, meta)
+        logits, _, kv = _forward(w, CFG, tokens[:, i:i + 1], jnp.full((2, 1), i), kv, meta)
         np.testing.assert_allclose(logits[:, 0], full[:, i], atol=tol, rtol=tol)
 
 
@@ -47,7 +50,7 @@ def test_paged_cache_with_scattered_pages_equals_contiguous():
     for start in range(0, 12, 3):
         meta = AttentionMeta(page_table, jnp.array([start + 3] * 2), jnp.array([3, 3]))
         pos = jnp.broadcast_to(jnp.arange(start, start + 3), (2, 3))
-        logits, _, kv = forward(w, CFG, tokens[:, start:start + 3], pos, kv, meta)
+        logits, _, kv = _forward(w, CFG, tokens[:, start:start + 3], pos, kv, meta)
         np.testing.assert_allclose(logits, full[:, start:start + 3], atol=1e-5, rtol=1e-5)
     for unused in (1, 4, 6):  # no row wrote outside its own pages
         assert not np.any(np.asarray(kv.k[0][unused]))
@@ -60,7 +63,7 @@ def test_padding_tokens_do_not_write_or_leak():
     kv, pt = init_contiguous(CFG.num_layers, 2, 16, CFG.num_kv_heads, CFG.head_dim, jnp.float32)
     meta = AttentionMeta(pt, jnp.array([6, 2]), jnp.array([6, 2]), True)
     pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
-    logits, _, kv = forward(w, CFG, tokens, pos, kv, meta)
+    logits, _, kv = _forward(w, CFG, tokens, pos, kv, meta)
     assert not np.any(np.asarray(kv.k[0][1, :, 2:]))
     short = _full_logits(w, tokens[1:, :2])
     np.testing.assert_allclose(logits[1, :2], short[0], atol=1e-5, rtol=1e-5)

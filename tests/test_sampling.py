@@ -86,9 +86,11 @@ def test_same_seed_same_draws_different_seed_different():
     logits = jnp.zeros((1, 1000))  # uniform: draws are pure randomness
     p = SamplingParams(temperature=1.0)
 
+    fn = jax.jit(sample)
+
     def draws(seed):
         st = SamplingTensors.from_params([p], [seed], 1000)
-        return [int(sample(logits, st, jnp.array([i]))[0]) for i in range(8)]
+        return [int(fn(logits, st, jnp.array([i]))[0]) for i in range(8)]
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
