@@ -86,13 +86,24 @@ class LLM:
             kv_cache_memory_bytes=kv_cache_memory_bytes, enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype,
-            speculative_config=self.speculative_config)
+            speculative_config=self.speculative_config if self._spec_in_engine else None)
         self.engine = LLMEngine(cfg, self.weights, self.tokenizer, self.engine_config,
                                 model_id=str(self.model_dir))
-        self.static = StaticBatchGenerator(self.weights, cfg, self.max_model_len, attention_backend,
-                                           self.engine.runner.decode_token, self.engine.kv_quant)
+        decode_token = self.engine.runner.decode_token
+        if self.speculative_config is not None:
+            from jaxinfer.spec.loop import SpecDecoder
+            self.static = SpecDecoder(self.weights, cfg, self.speculative_config, self.max_model_len,
+                                      attention_backend, decode_token)
+        else:
+            self.static = StaticBatchGenerator(self.weights, cfg, self.max_model_len, attention_backend,
+                                               decode_token, self.engine.kv_quant)
         self._rng = random.Random(seed)
         self._counter = 0
+
+    @property
+    def _spec_in_engine(self) -> bool:
+        from jaxinfer.engine.engine import ENGINE_SPEC_METHODS
+        return self.speculative_config is not None and self.speculative_config.method in ENGINE_SPEC_METHODS
 
     # ------------------------------------------------------------------ API
 
@@ -105,7 +116,11 @@ class LLM:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for every prompt: a string, {"prompt": str}, {"prompt_token_ids": [...]}, or a list.
 
-        Every prompt is validated before any work starts (ValueError names the problem)."""
+        Every prompt is validated before any work starts (ValueError names the problem).
+        Runs on the continuous-batching engine; speculative methods the engine does not run
+        (layer_skip, eagle, medusa) run in the jit-compiled static loop instead."""
+        if self.speculative_config is not None and not self._spec_in_engine:
+            return self.generate_static(prompts, sampling_params)
         groups = self._make_requests(prompts, sampling_params)
         for seqs in groups:
             self.engine.add_sequences(seqs)
@@ -125,7 +140,8 @@ class LLM:
         return [done[seqs[0].request_id] for seqs in groups]
 
     def generate_static(self, prompts, sampling_params=None, batch_size: int | None = None) -> list[RequestOutput]:
-        """Static batching baseline: padded batches, one whole on-device generation after another."""
+        """Static batching baseline: padded batches, one whole on-device generation after another
+        (speculative, with any method, when speculative_config is set)."""
         groups = self._make_requests(prompts, sampling_params)
         self.static.run([s for seqs in groups for s in seqs], batch_size or self.engine_config.max_num_seqs)
         outs = []
@@ -155,7 +171,12 @@ class LLM:
                 self.engine.abort_request(rid)
 
     def get_stats(self):
+        """Engine statistics (KV usage, prefix cache, preemptions, compilations, speculation)."""
         return self.engine.get_stats()
+
+    def spec_stats(self):
+        """Acceptance statistics of the static speculative loop (tau, acceptance rate), or None."""
+        return getattr(self.static, "stats", None)
 
     # ------------------------------------------------------------------ helpers
 

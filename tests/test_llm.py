@@ -122,3 +122,25 @@ def test_bad_constructor_arguments(tmp_path):
         LLM(str(tmp_path), attention_backend="cuda")
     with pytest.raises(ValueError, match="no such directory"):
         LLM(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("conf", [
+    {"method": "layer_skip", "num_speculative_tokens": 2, "num_layers": 1},  # static jit loop
+    {"method": "ngram", "num_speculative_tokens": 3},  # engine
+])
+def test_speculative_config_is_lossless_through_llm(llm, conf):
+    spec = LLM(str(llm.model_dir), dtype="float32", speculative_config=conf)
+    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = ["def add(a, b):", "for i in range(10):\n"]
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, p)] == \
+        [o.outputs[0].token_ids for o in llm.generate(prompts, p)]
+
+
+@pytest.mark.parametrize("conf,match", [
+    ({"method": "medusa2", "num_speculative_tokens": 2}, "method='medusa2'"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens=0"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "lookup": 3}, r"keys \['lookup'\]"),
+])
+def test_bad_speculative_config(llm, conf, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(str(llm.model_dir), speculative_config=conf)
