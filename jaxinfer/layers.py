@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.kv.cache import AttentionMeta, gather_pages
+from jaxinfer.kv.kivi import KiviKeys
 from jaxinfer.kv.quant import QuantPages
 
 ATTENTION_BACKENDS = ("xla", "pallas")
@@ -104,10 +105,14 @@ def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend
                                    sliding_window=sliding_window)
     if backend == "pallas":
         from jaxinfer import kernels_bridge  # imported lazily: kernels are optional
+        if isinstance(k_pages, KiviKeys):
+            raise ValueError("kv_cache_dtype='int4_kivi' runs on attention_backend='xla' (the kernel does "
+                             "not read the full-precision residual)")
         if isinstance(k_pages, QuantPages):  # dequantized inside the kernel
             return kernels_bridge.paged_attention(
                 q, k_pages.data, v_pages.data, meta, scale=scale, sliding_window=sliding_window,
-                k_scale=k_pages.scale, v_scale=v_pages.scale, kv_format=k_pages.spec.fmt,
+                k_scale=k_pages.scale, v_scale=v_pages.scale, k_zero=k_pages.zero, v_zero=v_pages.zero,
+                kv_format=k_pages.spec.fmt,
                 channel_group=k_pages.spec.channel_group, tensor_scale=k_pages.tensor_scale)
         return kernels_bridge.paged_attention(q, k_pages, v_pages, meta, scale=scale,
                                               sliding_window=sliding_window)

@@ -124,8 +124,8 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
                         scale=h ** -0.5, backend="xla", sliding_window=cfg.sliding_window)
     else:
         page, offset = write_slots(meta, t, k_pages.shape[2], k_pages.shape[0])
-        k_pages = write_pages(k_pages, k, page, offset)
-        v_pages = write_pages(v_pages, v, page, offset)
+        k_pages = write_pages(k_pages, k, page, offset, meta)
+        v_pages = write_pages(v_pages, v, page, offset, meta)
         out = attention(q, k_pages, v_pages, meta, scale=h ** -0.5, backend=backend,
                         sliding_window=cfg.sliding_window)  # [B, T, N, H]
     out = matmul(out.reshape(b, t, n * h), layer.wo)

@@ -32,7 +32,7 @@ def _data(kind, shape=(4, 3, 64)):
 def test_round_trip_error_bound(fmt, kind):
     spec = KVQuantSpec.parse(fmt, 64)
     x = _data(kind)
-    data, scale = quantize_tokens(x, spec)
+    data, scale, _ = quantize_tokens(x, spec)
     y = dequantize_pages(data[..., None, :], scale[..., None, :], spec, 64, jnp.float32)[..., 0, :]
     cg = spec.channel_group
     amax = jnp.repeat(jnp.max(jnp.abs(x).reshape(*x.shape[:-1], -1, cg), axis=-1), cg, axis=-1)
@@ -46,7 +46,7 @@ def test_values_beyond_range_clip_and_never_nan(fmt):
     spec = KVQuantSpec.parse(fmt, 64)
     x = jnp.concatenate([jnp.full((1, 32), 1e30), jnp.full((1, 32), -3e38)], axis=-1)
     x = jnp.concatenate([x, jnp.zeros((1, 64)), jnp.full((1, 64), 1e-30)], axis=0)
-    data, scale = quantize_tokens(x, spec)
+    data, scale, _ = quantize_tokens(x, spec)
     y = dequantize_pages(data[:, None], scale[:, None], spec, 64, jnp.float32)[:, 0]
     assert bool(jnp.all(jnp.isfinite(y))), fmt
     assert bool(jnp.all(y[1] == 0)) and bool(jnp.all(jnp.abs(y[2]) <= 2e-30))
@@ -67,10 +67,12 @@ def test_cache_bytes_are_real():
     """The arrays shrink: bytes per token vs a bfloat16 cache, scales counted."""
     for h in (64, 128):
         bf16 = page_bytes_per_token(None, h, 2)
-        for fmt, limit in (("fp8_e4m3", 0.53), ("fp8_e5m2", 0.53), ("int8", 0.53), ("int4", 0.3), ("nvfp4", 0.3)):
+        for fmt, limit in (("fp8_e4m3", 0.53), ("fp8_e5m2", 0.53), ("int8", 0.53), ("int4", 0.3), ("nvfp4", 0.3),
+                           ("int4_kivi", 0.3)):
             spec = KVQuantSpec.parse(fmt, h)
-            kv = init_paged(1, 3, 16, 2, h, jnp.bfloat16, spec)
-            per_token = kv.nbytes() / (2 * 3 * 16 * 2)
+            kv = init_paged(1, 3, 32, 2, h, jnp.bfloat16, spec, num_slots=1)
+            resid = kv.k[0].resid.nbytes if spec.kivi else 0  # per sequence, not per token
+            per_token = (kv.nbytes() - resid) / (2 * 3 * 32 * 2)
             assert per_token == page_bytes_per_token(spec, h, 2)
             assert per_token / bf16 <= limit, (fmt, h, per_token / bf16)
 
@@ -101,20 +103,21 @@ def test_attention_over_quantized_cache(fmt, tol):
     assert float(jnp.max(jnp.where(valid, jnp.abs(pallas - got), 0))) < 1e-4
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["int8", "nvfp4", "int4_kivi"])
 def test_engine_quantized_cache_same_with_and_without_prefix_caching(fmt, tmp_path):
     d = write_tiny("llama", tmp_path / "m", vocab_size=300, max_position_embeddings=160)
     rng = np.random.default_rng(0)
     system = rng.integers(3, 300, size=40).tolist()
     prompts = [{"prompt_token_ids": system + rng.integers(3, 300, size=int(n)).tolist()} for n in (3, 9, 5, 12)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    on = LLM(str(d), kv_cache_dtype=fmt, enable_prefix_caching=True, block_size=8)
-    off = LLM(str(d), kv_cache_dtype=fmt, enable_prefix_caching=False, block_size=8)
+    bs = 32 if fmt == "int4_kivi" else 8
+    on = LLM(str(d), kv_cache_dtype=fmt, enable_prefix_caching=True, block_size=bs)
+    off = LLM(str(d), kv_cache_dtype=fmt, enable_prefix_caching=False, block_size=bs)
     a = [o.outputs[0].token_ids for o in on.generate(prompts, params)]
     a2 = [o.outputs[0].token_ids for o in on.generate(prompts, params)]  # all hits the second time
     b = [o.outputs[0].token_ids for o in off.generate(prompts, params)]
     assert a == b == a2
-    assert on.get_stats().prefix_cache_hits >= 4 * 5
+    assert on.get_stats().prefix_cache_hits >= 4 * (40 // bs)
 
 
 def test_calculator_llama2_70b():
@@ -131,3 +134,31 @@ def test_unknown_kv_cache_dtype_is_refused():
     cfg = ModelConfig("LlamaForCausalLM", 10, 64, 64, 1, 4, 2, 16, 64)
     with pytest.raises(ValueError, match="kv_cache_dtype='fp4'"):
         memory_report(cfg, 1, 1, kv_cache_dtype="fp4")
+
+
+@pytest.mark.parametrize("chunks", [[45], [5, 30, 10], [1] * 12 + [33]])
+def test_kivi_keys_quantize_full_groups_and_keep_the_residual_exact(chunks):
+    """After any chunking, full 32-token groups read back as their per-channel int4 codes and
+    the partial group's keys read back exactly (full precision)."""
+    from jaxinfer.kv.kivi import quantize_groups
+    h, kh, ps = 16, 2, 32
+    spec = KVQuantSpec.parse("int4_kivi", h)
+    kv = init_paged(1, 4, ps, kh, h, jnp.float32, spec, num_slots=2)
+    keys = jax.random.normal(jax.random.PRNGKey(0), (1, 45, kh, h)) * jnp.arange(1, h + 1)  # per-channel ranges
+    table = jnp.array([[2, 0]], jnp.int32)
+    kp, done = kv.k[0], 0
+    for n in chunks:
+        meta = AttentionMeta(table, jnp.array([done + n]), jnp.array([n]), slots=jnp.array([1]))
+        page, offset = write_slots(meta, n, ps, 4)
+        kp = write_pages(kp, keys[:, done:done + n], page, offset, meta)
+        done += n
+    from jaxinfer.kv.cache import gather_pages
+    got = gather_pages(kp, AttentionMeta(table, jnp.array([45]), jnp.array([0]), slots=jnp.array([1])))
+    got = got.transpose(0, 2, 1, 3)[0, :45]  # [45, K, H]
+    codes, scale, zero = quantize_groups(keys[0, :32][None])
+    want_group = (kvf.unpack_nibbles(codes[0]).astype(jnp.float32) * scale[0].astype(jnp.float32)
+                  + zero[0].astype(jnp.float32))
+    np.testing.assert_allclose(got[:32], want_group, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[32:], keys[0, 32:])  # the residual is exact
+    err = jnp.abs(got[:32] - keys[0, :32]) / (jnp.max(keys[0, :32], 0) - jnp.min(keys[0, :32], 0))
+    assert float(err.max()) <= 0.5 / 15 + 2 ** -7  # half a step of the channel's range (+ bf16 scale)

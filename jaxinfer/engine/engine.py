@@ -22,6 +22,7 @@ from jaxinfer.engine.runner import ModelRunner
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.kv.allocator import PageAllocator
 from jaxinfer.kv.cache import init_paged
+from jaxinfer.kv.kivi import KiviKeys
 from jaxinfer.kv.quant import KVQuantSpec, page_bytes_per_token
 from jaxinfer.model import Weights
 from jaxinfer.outputs import RequestOutput
@@ -96,14 +97,15 @@ class LLMEngine:
         self.num_pages = num_pages
         self.kv_cache_bytes = num_pages * page_bytes
         kv = init_paged(cfg.num_layers, num_pages, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
-                        self.kv_quant)
+                        self.kv_quant, num_slots=config.max_num_seqs)
+        # KIVI keeps one full-precision residual group per running sequence, beside the pages.
+        resid_bytes = sum(x.resid.nbytes for x in kv.k if isinstance(x, KiviKeys))
+        self.kv_cache_bytes += resid_bytes
         if draft is not None:  # the draft's pages mirror the target's: same ids, same page tables
             dcfg = draft[0]
             draft.append(init_paged(dcfg.num_layers, num_pages, config.block_size, dcfg.num_kv_heads,
                                     dcfg.head_dim, dtype))
-            assert kv.nbytes() + draft[2].nbytes() == self.kv_cache_bytes
-        else:
-            assert kv.nbytes() == self.kv_cache_bytes, (kv.nbytes(), self.kv_cache_bytes)
+        assert kv.nbytes() + (draft[2].nbytes() if draft else 0) == self.kv_cache_bytes, "KV byte count"
         k = spec.k if spec is not None else 0
         self.allocator = PageAllocator(num_pages, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,

@@ -43,6 +43,7 @@ class EngineRequest:
         self.cumulative_logprob = 0.0
         self.prompt_logprobs: list[PositionLogprobs | None] = [None]
         self.pages: list[int] = []
+        self.slot: int | None = None  # per-sequence device slot while running (scheduler)
         self.num_computed = 0
         self.num_cached_tokens = 0
         self.page_keys: list[PageKey] = []  # keys of this request's full pages, in order

@@ -52,9 +52,11 @@ class StepInputs:
     st: SamplingTensors
     limits: RowLimits
     next_tokens: jax.Array  # [B, T] the token after each position (prompt logprobs only)
+    slots: jax.Array  # [B] each row's sequence slot (padding rows: out of range)
 
     def meta(self) -> AttentionMeta:
-        return AttentionMeta(page_table=self.page_table, kv_lens=self.kv_lens, q_lens=self.q_lens)
+        return AttentionMeta(page_table=self.page_table, kv_lens=self.kv_lens, q_lens=self.q_lens,
+                             slots=self.slots)
 
 
 def _draft_forward(dweights, dkv, dcfg, tokens, meta, backend):
@@ -117,7 +119,7 @@ def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCa
         q_lens = jnp.where(active, 2, 0)
         outs, shaped = [], []
         for i in range(k):
-            meta = AttentionMeta(inp.page_table, start + 1 + i, q_lens)
+            meta = AttentionMeta(inp.page_table, start + 1 + i, q_lens, slots=inp.slots)
             logits, _, dkv = forward(dweights, dcfg, toks, meta.query_positions(toks.shape[1]), dkv, meta,
                                      backend=statics.backend, logits_at=(q_lens - 1)[:, None])
             d, sh = draft_sample(logits[:, 0], inp.st, inp.limits, inp.counters + i)
@@ -203,6 +205,7 @@ class ModelRunner:
         min_tokens = np.zeros((b,), np.int32)
         stop_w = max(1, max(len(c.request.stop_ids) for c in group))
         stop_ids = np.full((b, stop_w), vocab, np.int32)
+        slots = np.full((b,), 1 << 30, np.int32)
         num_lp, num_plp = -1, -1
         for i, c in enumerate(group):
             r, p = c.request, c.request.params
@@ -221,6 +224,7 @@ class ModelRunner:
             keys[i] = r.key_data
             min_tokens[i] = p.min_tokens
             stop_ids[i, :len(r.stop_ids)] = r.stop_ids
+            slots[i] = r.slot
             if p.logprobs is not None and c.completes:
                 num_lp = max(num_lp, p.logprobs)
         st = SamplingTensors(temperature=jnp.asarray(temperature), top_k=jnp.asarray(top_k),
@@ -228,7 +232,7 @@ class ModelRunner:
         limits = RowLimits(max_tokens=jnp.zeros((b,), jnp.int32), min_tokens=jnp.asarray(min_tokens),
                            stop_ids=jnp.asarray(stop_ids))
         inp = StepInputs(jnp.asarray(tokens), jnp.asarray(page_table), jnp.asarray(kv_lens), jnp.asarray(q_lens),
-                         jnp.asarray(counters), st, limits, jnp.asarray(next_tokens))
+                         jnp.asarray(counters), st, limits, jnp.asarray(next_tokens), jnp.asarray(slots))
         return inp, num_lp, num_plp, pp
 
     def _logprob_entry(self, r, token: int, lp, i: int, j: int | None = None):

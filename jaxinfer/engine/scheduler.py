@@ -53,6 +53,8 @@ class Scheduler:
         self.lookahead = speculative_tokens  # k: tokens a drafter proposes per decode step
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
+        # One slot per running sequence for per-sequence device state (KIVI's residual keys).
+        self.free_slots: deque[int] = deque(range(max_num_seqs))
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ queue ops
@@ -85,6 +87,9 @@ class Scheduler:
     def _release(self, req: EngineRequest):
         self.allocator.free(req.pages)
         req.pages = []
+        if req.slot is not None:
+            self.free_slots.append(req.slot)
+            req.slot = None
 
     def _preempt(self, victim: EngineRequest):
         self.running.remove(victim)
@@ -151,6 +156,7 @@ class Scheduler:
             self.allocator.record_lookup(queried, len(req.pages))
             self.waiting.popleft()
             self._grow(req, need)
+            req.slot = self.free_slots.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
             chunks.append(ScheduledChunk(req, req.num_computed, n, admitted=True))

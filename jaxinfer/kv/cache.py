@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxinfer.kv.kivi import KiviKeys, init_kivi_keys, read_kivi_keys, write_kivi_keys
 from jaxinfer.kv.quant import KVQuantSpec, QuantPages, dequantize_pages, init_quant_pages, write_quant
 
 
@@ -52,6 +53,12 @@ class AttentionMeta:
     kv_lens: jax.Array  # [B] int32
     q_lens: jax.Array  # [B] int32
     contiguous: bool = struct.field(pytree_node=False, default=False)
+    slots: jax.Array | None = None  # [B] per-sequence slot (KIVI residual); None: the row index
+
+    def row_slots(self) -> jax.Array:
+        if self.slots is not None:
+            return self.slots
+        return jnp.arange(self.kv_lens.shape[0], dtype=jnp.int32)
 
     def query_positions(self, num_tokens: int) -> jax.Array:
         """Absolute position of every query slot: [B, T] int32."""
@@ -60,14 +67,20 @@ class AttentionMeta:
 
 
 def init_paged(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
-               head_dim: int, dtype, quant: KVQuantSpec | None = None) -> KVCache:
-    """A zeroed paged cache: [P, K, ps, H] per layer (QuantPages when quant is given)."""
+               head_dim: int, dtype, quant: KVQuantSpec | None = None, num_slots: int | None = None) -> KVCache:
+    """A zeroed paged cache: [P, K, ps, H] per layer (QuantPages when quant is given; KIVI
+    keys with num_slots per-sequence residuals)."""
     def pages():
         if quant is not None:
             return init_quant_pages(num_pages, num_kv_heads, page_size, head_dim, quant, dtype)
         return jnp.zeros((num_pages, num_kv_heads, page_size, head_dim), dtype)
 
-    return KVCache(k=[pages() for _ in range(num_layers)], v=[pages() for _ in range(num_layers)])
+    def keys():
+        if quant is not None and quant.kivi:
+            return init_kivi_keys(num_pages, num_kv_heads, page_size, head_dim, num_slots or num_pages, dtype)
+        return pages()
+
+    return KVCache(k=[keys() for _ in range(num_layers)], v=[pages() for _ in range(num_layers)])
 
 
 def init_contiguous(num_layers: int, batch: int, max_len: int, num_kv_heads: int,
@@ -91,10 +104,12 @@ def write_slots(meta: AttentionMeta, num_tokens: int, page_size: int, num_pages:
     return page, pos % page_size
 
 
-def write_pages(pages, new: jax.Array, page: jax.Array, offset: jax.Array):
+def write_pages(pages, new: jax.Array, page: jax.Array, offset: jax.Array, meta: AttentionMeta | None = None):
     """Scatter new tokens [B, T, K, H] into pages [P, K, ps, H] at (page, offset) [B, T].
 
-    QuantPages quantize on write."""
+    QuantPages quantize on write; KIVI keys append to each row's residual group (meta)."""
+    if isinstance(pages, KiviKeys):
+        return write_kivi_keys(pages, new, meta)
     if isinstance(pages, QuantPages):
         return write_quant(pages, new, page, offset)
     return pages.at[page, :, offset].set(new.astype(pages.dtype), mode="drop")
@@ -112,7 +127,10 @@ def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
     """Each row's cache as one contiguous run: [B, K, S, H], S = pages_per_seq * ps.
 
     QuantPages are gathered as codes and scales, then dequantized."""
+    if isinstance(pages, KiviKeys):
+        return read_kivi_keys(pages, meta, _gather)
     if isinstance(pages, QuantPages):
+        zero = None if pages.zero is None else _gather(pages.zero, meta)
         return dequantize_pages(_gather(pages.data, meta), _gather(pages.scale, meta), pages.spec,
-                                pages.head_dim, pages.dtype)
+                                pages.head_dim, pages.dtype, zero)
     return _gather(pages, meta)

@@ -32,6 +32,9 @@ KV_CACHE_DTYPES = {
     "int8": ("int8", None),
     "int4": ("int4", 32),
     "nvfp4": ("nvfp4", 16),
+    # KIVI: keys int4 per channel over 32-token groups with a full-precision residual (kv/kivi.py),
+    # values int4 per token; both asymmetric (zero points).
+    "int4_kivi": ("int4", None),
 }
 STORED_SCALE_DTYPE = jnp.bfloat16
 NVFP4_TENSOR_SCALE = 1.0 / 8  # e4m3 block scales amax / (6 t) stay normal for block absmax in ~[0.012, 336]
@@ -39,10 +42,14 @@ NVFP4_TENSOR_SCALE = 1.0 / 8  # e4m3 block scales amax / (6 t) stay normal for b
 
 @dataclasses.dataclass(frozen=True)
 class KVQuantSpec:
-    """How one cache quantizes: format and channel group (hashable; a static)."""
+    """How one cache quantizes: format and channel group (hashable; a static).
+
+    asymmetric: codes with a zero point (int4 in [0, 15]); kivi: keys in the KIVI arrangement."""
 
     fmt: str
     channel_group: int
+    asymmetric: bool = False
+    kivi: bool = False
 
     @staticmethod
     def parse(kv_cache_dtype: str, head_dim: int) -> "KVQuantSpec | None":
@@ -57,7 +64,8 @@ class KVQuantSpec:
         if head_dim % cg:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs head_dim divisible by {cg}; "
                              f"head_dim={head_dim}")
-        return KVQuantSpec(fmt, cg)
+        kivi = kv_cache_dtype == "int4_kivi"
+        return KVQuantSpec(fmt, cg, asymmetric=kivi, kivi=kivi)
 
 
 @struct.dataclass
@@ -66,6 +74,7 @@ class QuantPages:
 
     data: jax.Array  # [P, K, ps, H] (4-bit formats: uint8 [P, K, ps, H/2])
     scale: jax.Array  # [P, K, ps, H/cg] bfloat16 (nvfp4: float8_e4m3fn)
+    zero: jax.Array | None  # [P, K, ps, H/cg] bfloat16 zero points (asymmetric int4), else None
     spec: KVQuantSpec = struct.field(pytree_node=False)
     head_dim: int = struct.field(pytree_node=False)
     dtype: jnp.dtype = struct.field(pytree_node=False)  # compute dtype of dequantized values
@@ -84,13 +93,15 @@ def init_quant_pages(num_pages: int, num_kv_heads: int, page_size: int, head_dim
                      dtype) -> QuantPages:
     width = head_dim // 2 if spec.fmt in kvf.PACKED else head_dim
     scale_dtype = kvf.SCALE_DTYPE[spec.fmt] if spec.fmt == "nvfp4" else STORED_SCALE_DTYPE
+    groups = (num_pages, num_kv_heads, page_size, head_dim // spec.channel_group)
     return QuantPages(
         data=jnp.zeros((num_pages, num_kv_heads, page_size, width), kvf.DATA_DTYPE[spec.fmt]),
-        scale=jnp.zeros((num_pages, num_kv_heads, page_size, head_dim // spec.channel_group), scale_dtype),
+        scale=jnp.zeros(groups, scale_dtype),
+        zero=jnp.zeros(groups, STORED_SCALE_DTYPE) if spec.asymmetric else None,
         spec=spec, head_dim=head_dim, dtype=jnp.dtype(dtype))
 
 
-def quantize_tokens(x: jax.Array, spec: KVQuantSpec) -> tuple[jax.Array, jax.Array]:
+def quantize_tokens(x: jax.Array, spec: KVQuantSpec) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Tokens [..., H] -> (codes [..., H or H/2], scales [..., H/cg]) in storage dtypes.
 
     One scale per token and group of cg channels (tg = 1), so a token's codes never
@@ -101,9 +112,17 @@ def quantize_tokens(x: jax.Array, spec: KVQuantSpec) -> tuple[jax.Array, jax.Arr
     if spec.fmt == "nvfp4":
         data, scale, _ = kvf.quantize(x[..., None, :], "nvfp4", 1, spec.channel_group,
                                       tensor_scale=NVFP4_TENSOR_SCALE)
-        return data[..., 0, :], scale[..., 0, :]
+        return data[..., 0, :], scale[..., 0, :], None
     h, cg = x.shape[-1], spec.channel_group
     x32 = x.astype(jnp.float32)
+    if spec.asymmetric:  # int4 with a zero point: codes in [0, 15] over [min, max] of the group
+        g = x32.reshape(*x.shape[:-1], h // cg, cg)
+        lo, hi = jnp.min(g, axis=-1), jnp.max(g, axis=-1)
+        scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(STORED_SCALE_DTYPE)
+        zero = lo.astype(STORED_SCALE_DTYPE)
+        q = (x32 - jnp.repeat(zero.astype(jnp.float32), cg, axis=-1)) / jnp.repeat(
+            scale.astype(jnp.float32), cg, axis=-1)
+        return kvf.pack_nibbles(jnp.clip(jnp.round(q), 0, 15).astype(jnp.int32)), scale, zero
     amax = jnp.max(jnp.abs(x32).reshape(*x.shape[:-1], h // cg, cg), axis=-1)  # [..., H/cg]
     scale = jnp.where(amax > 0, amax / kvf.QMAX[spec.fmt], 1.0).astype(STORED_SCALE_DTYPE)
     q = x32 / jnp.repeat(scale.astype(jnp.float32), cg, axis=-1)
@@ -114,26 +133,35 @@ def quantize_tokens(x: jax.Array, spec: KVQuantSpec) -> tuple[jax.Array, jax.Arr
     else:  # fp8: clip first, an e4m3 overflow would become NaN
         qmax = kvf.QMAX[spec.fmt]
         codes = jnp.clip(q, -qmax, qmax).astype(kvf.DATA_DTYPE[spec.fmt])
-    return codes, scale
+    return codes, scale, None
 
 
-def dequantize_pages(data: jax.Array, scale: jax.Array, spec: KVQuantSpec, head_dim: int, dtype) -> jax.Array:
-    """Codes [..., S, H(/2)] and scales [..., S, H/cg] -> values [..., S, H] in dtype."""
-    return kvf.dequantize(data, scale, None, spec.fmt, 1, spec.channel_group,
+def dequantize_pages(data: jax.Array, scale: jax.Array, spec: KVQuantSpec, head_dim: int, dtype,
+                     zero: jax.Array | None = None) -> jax.Array:
+    """Codes [..., S, H(/2)] and scales (+ zero points) [..., S, H/cg] -> values [..., S, H] in dtype."""
+    return kvf.dequantize(data, scale, zero, spec.fmt, 1, spec.channel_group,
                           tensor_scale=NVFP4_TENSOR_SCALE if spec.fmt == "nvfp4" else None, dtype=dtype)
 
 
 def write_quant(pages: QuantPages, new: jax.Array, page: jax.Array, offset: jax.Array) -> QuantPages:
     """Quantize new tokens [B, T, K, H] and scatter them at (page, offset) [B, T]."""
-    data, scale = quantize_tokens(new, pages.spec)
+    data, scale, zero = quantize_tokens(new, pages.spec)
+    if zero is not None:
+        zero = pages.zero.at[page, :, offset].set(zero, mode="drop")
     return pages.replace(data=pages.data.at[page, :, offset].set(data, mode="drop"),
-                         scale=pages.scale.at[page, :, offset].set(scale, mode="drop"))
+                         scale=pages.scale.at[page, :, offset].set(scale, mode="drop"), zero=zero)
 
 
 def page_bytes_per_token(spec: KVQuantSpec | None, head_dim: int, itemsize: int) -> float:
-    """Bytes one token costs in one K (or V) page of one kv head, scales included."""
+    """Bytes one token costs in one K and one V page of one kv head, halved (the mean of the
+    two), scales and zero points included (KIVI's per-sequence residual is not per token)."""
     if spec is None:
         return head_dim * itemsize
     data = head_dim // 2 if spec.fmt in kvf.PACKED else head_dim
     scale_itemsize = 1 if spec.fmt == "nvfp4" else jnp.dtype(STORED_SCALE_DTYPE).itemsize
-    return data + (head_dim // spec.channel_group) * scale_itemsize
+    per_group = scale_itemsize * (2 if spec.asymmetric else 1)
+    v = data + (head_dim // spec.channel_group) * per_group
+    if spec.kivi:
+        from jaxinfer.kv.kivi import kivi_key_bytes_per_token
+        return (kivi_key_bytes_per_token(head_dim) + v) / 2
+    return v
