@@ -35,8 +35,9 @@ from jaxinfer.kv.quant import KVQuantSpec
 from jaxinfer.model import forward
 
 RESULTS = Path(__file__).parent / "results"
-FORMATS = ["auto", "fp8_e4m3", "fp8_e5m2", "int8", "int4", "nvfp4"]
-TARGETS = {"fp8_e4m3": (0.5, 0.53), "int8": (0.5, 0.53), "int4": (3.0, 0.3), "nvfp4": (3.0, 0.3)}
+FORMATS = ["auto", "fp8_e4m3", "fp8_e5m2", "int8", "int4", "int4_kivi", "nvfp4"]
+TARGETS = {"fp8_e4m3": (0.5, 0.53), "int8": (0.5, 0.53), "int4": (3.0, 0.3), "int4_kivi": (3.0, 0.3),
+           "nvfp4": (3.0, 0.3)}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "chunk"))
@@ -89,7 +90,7 @@ def engine_perplexity(llm: LLM, toks: np.ndarray) -> float:
 
 def capacity(model: str, fmt: str, budget: int, prompt_len: int, out_len: int, n: int, vocab: int) -> int:
     """Most sequences the engine ran at once with `budget` bytes of KV (prompt + output each)."""
-    llm = LLM(model, kv_cache_dtype=fmt, kv_cache_memory_bytes=budget, max_num_seqs=n,
+    llm = LLM(model, kv_cache_dtype=fmt, kv_cache_memory_bytes=budget, max_num_seqs=n, block_size=32,
               max_num_batched_tokens=2048, enable_prefix_caching=False, max_model_len=prompt_len + out_len + 16)
     rng = np.random.default_rng(0)
     eng = llm.engine
@@ -128,7 +129,7 @@ def main():
           f"{cfg.head_dim}; {args.windows} held-out windows of {args.window_len} tokens, chunks of {args.chunk}")
     for fmt in FORMATS:
         t0 = time.perf_counter()
-        llm = LLM(args.model, kv_cache_dtype=fmt, max_num_batched_tokens=args.chunk)
+        llm = LLM(args.model, kv_cache_dtype=fmt, max_num_batched_tokens=args.chunk, block_size=32)
         ppl, kl, lps = teacher_forced(llm, toks, args.chunk, ref_lp)
         eng_ppl = engine_perplexity(llm, toks[:args.engine_windows])
         outs = llm.generate_static(prompts, greedy, batch_size=8)
