@@ -9,6 +9,7 @@ stop logic (stop strings need the detokenized text).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Iterator
 
@@ -19,6 +20,7 @@ import numpy as np
 from jaxinfer import generate as gen
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.request import EngineRequest, Status
+from jaxinfer.kv.cache import grow_contiguous
 from jaxinfer.kv.quant import KVQuantSpec
 from jaxinfer.model import Weights
 from jaxinfer.outputs import position_logprobs
@@ -67,16 +69,34 @@ class StaticBatchGenerator:
         return statics, jnp.asarray(tokens), jnp.asarray(lens + [0] * pad, jnp.int32), st, limits
 
     def segments(self, rows: list[EngineRequest], segment: int | None) -> Iterator:
-        """Prefill, then decode `segment` steps at a time (None: to the end); yields (state, prompt_lp)."""
+        """Prefill, then decode `segment` steps at a time (None: as far as the cache allows);
+        yields (state, prompt_lp).
+
+        The contiguous cache starts at the longest prompt (rounded up to 64 slots) and
+        doubles, up to statics.max_len, whenever the rows would outgrow it: attention reads
+        every slot each step, so a cache sized for the end of generation would make every
+        early step pay for it. Each cache length is its own (cached) decode program."""
         statics, tokens, prompt_lens, st, limits = self._prepare(rows)
         now = time.perf_counter()
         for r in rows:
             r.metrics.first_scheduled_time = now
+        full = statics.max_len
+        window = gen.round_up(max(len(r.prompt_ids) for r in rows) + 1, 64)
+        if self.backend == "pallas":  # keep the cache (one page per row) a power of two
+            window = gen.bucket(window)
+        window = min(full, window)
+        statics = dataclasses.replace(statics, max_len=window)
         state, prompt_lp = gen.prefill(self.weights, self.cfg, statics, tokens, prompt_lens, st, limits)
         yield state, prompt_lp
-        steps = jnp.int32(statics.max_new if segment is None else segment)
         while bool(jnp.any(state.finish == gen.RUNNING)):
-            state = gen.decode(self.weights, self.cfg, statics, state, st, limits, steps)
+            fits = window - int(jnp.max(jnp.where(state.finish == gen.RUNNING, state.kv_lens, 0)))
+            if fits <= 0:  # every running row's next token needs a slot: grow the cache
+                window = min(full, 2 * window)
+                statics = dataclasses.replace(statics, max_len=window)
+                state = state.replace(kv=grow_contiguous(state.kv, window))
+                continue
+            steps = fits if segment is None else min(fits, segment)
+            state = gen.decode(self.weights, self.cfg, statics, state, st, limits, jnp.int32(steps))
             yield state, prompt_lp
 
     def finish_rows(self, rows: list[EngineRequest], state, prompt_lp):

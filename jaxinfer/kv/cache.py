@@ -134,3 +134,24 @@ def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
         return dequantize_pages(_gather(pages.data, meta), _gather(pages.scale, meta), pages.spec,
                                 pages.head_dim, pages.dtype, zero)
     return _gather(pages, meta)
+
+
+def grow_contiguous(cache: KVCache, new_len: int) -> KVCache:
+    """A contiguous cache [B, K, S, H] per layer extended to new_len slots (zero-filled).
+
+    Static generation starts with a short cache and grows it between decode segments, so
+    each step's attention reads about as many slots as the sequences hold, not S_max."""
+    def pad(x, slots):
+        return jnp.pad(x, [(0, 0), (0, 0), (0, slots - x.shape[2]), (0, 0)])
+
+    def grow(pages):
+        if isinstance(pages, KiviKeys):
+            g = pages.group
+            return pages.replace(data=pad(pages.data, new_len), scale=pad(pages.scale, new_len // g),
+                                 zero=pad(pages.zero, new_len // g))
+        if isinstance(pages, QuantPages):
+            return pages.replace(data=pad(pages.data, new_len), scale=pad(pages.scale, new_len),
+                                 zero=None if pages.zero is None else pad(pages.zero, new_len))
+        return pad(pages, new_len)
+
+    return KVCache(k=[grow(x) for x in cache.k], v=[grow(x) for x in cache.v])
