@@ -22,7 +22,7 @@ from jaxinfer.engine.runner import ModelRunner
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.kv.allocator import PageAllocator
 from jaxinfer.kv.cache import init_paged
-from jaxinfer.kv.kivi import KiviKeys
+from jaxinfer.kv.kivi import KIVI_KEY_GROUP
 from jaxinfer.kv.quant import KVQuantSpec, page_bytes_per_token
 from jaxinfer.model import Weights
 from jaxinfer.outputs import RequestOutput
@@ -67,44 +67,54 @@ def kv_bytes_per_page(cfg: ModelConfig, block_size: int, itemsize: int, quant: K
     return int(2 * cfg.num_layers * cfg.num_kv_heads * per_token * block_size)
 
 
+def _load_draft(spec, dtype):
+    """The draft model of speculative_config method "draft_model": (cfg, weights), else None."""
+    if spec is None:
+        return None
+    if spec.method not in ENGINE_SPEC_METHODS:
+        raise ValueError(f"speculative_config method={spec.method!r} runs in the static loop "
+                         f"(LLM.generate_static); the engine runs {ENGINE_SPEC_METHODS}")
+    if spec.method != "draft_model":
+        return None
+    from jaxinfer.checkpoint import load_hf
+    return load_hf(spec.draft_dir(), jnp.dtype(dtype).name)
+
+
 class LLMEngine:
     def __init__(self, cfg: ModelConfig, weights: Weights, tokenizer: Tokenizer | None,
                  config: EngineConfig, model_id: str = ""):
         self.cfg, self.config, self.tokenizer = cfg, config, tokenizer
         dtype = weights.dtype
+        itemsize = jnp.dtype(dtype).itemsize
+        bs = config.block_size
         self.kv_quant = KVQuantSpec.parse(config.kv_cache_dtype, cfg.head_dim)
-        page_bytes = kv_bytes_per_page(cfg, config.block_size, jnp.dtype(dtype).itemsize, self.kv_quant)
+        spec = config.speculative_config
+        draft = _load_draft(spec, dtype)  # (cfg, weights) of a draft model, or None
+        # One page holds block_size tokens of K and V for every layer (the draft model's too:
+        # its pages mirror the target's, same ids, same page tables).
+        page_bytes = kv_bytes_per_page(cfg, bs, itemsize, self.kv_quant)
+        if draft is not None:
+            page_bytes += kv_bytes_per_page(draft[0], bs, itemsize)
+        # KIVI keeps one full-precision residual key group per running sequence, beside the pages.
+        resid_bytes = 0
+        if self.kv_quant is not None and self.kv_quant.kivi:
+            resid_bytes = cfg.num_layers * config.max_num_seqs * cfg.num_kv_heads * KIVI_KEY_GROUP * cfg.head_dim \
+                * itemsize
         if config.num_kv_pages is not None:
             num_pages = config.num_kv_pages
         else:
-            num_pages = (config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES) // page_bytes
+            budget = config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES
+            num_pages = (budget - resid_bytes) // page_bytes
             if num_pages < 1:
-                raise ValueError(f"kv_cache_memory_bytes={config.kv_cache_memory_bytes} is smaller than one "
-                                 f"page ({page_bytes} bytes at block_size={config.block_size})")
-        spec = config.speculative_config
-        draft = None
-        if spec is not None:
-            if spec.method not in ENGINE_SPEC_METHODS:
-                raise ValueError(f"speculative_config method={spec.method!r} runs in the static loop "
-                                 f"(LLM.generate_static); the engine runs {ENGINE_SPEC_METHODS}")
-            if spec.method == "draft_model":
-                from jaxinfer.checkpoint import load_hf
-                dcfg, dweights = load_hf(spec.draft_dir(), jnp.dtype(dtype).name)
-                draft = [dcfg, dweights]
-                page_bytes += kv_bytes_per_page(dcfg, config.block_size, jnp.dtype(dtype).itemsize)
-                if config.num_kv_pages is None:
-                    num_pages = (config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES) // page_bytes
+                raise ValueError(f"kv_cache_memory_bytes={budget} is smaller than one page ({page_bytes} bytes at "
+                                 f"block_size={bs}{' plus the KIVI residuals' if resid_bytes else ''})")
         self.num_pages = num_pages
-        self.kv_cache_bytes = num_pages * page_bytes
-        kv = init_paged(cfg.num_layers, num_pages, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
-                        self.kv_quant, num_slots=config.max_num_seqs)
-        # KIVI keeps one full-precision residual group per running sequence, beside the pages.
-        resid_bytes = sum(x.resid.nbytes for x in kv.k if isinstance(x, KiviKeys))
-        self.kv_cache_bytes += resid_bytes
-        if draft is not None:  # the draft's pages mirror the target's: same ids, same page tables
-            dcfg = draft[0]
-            draft.append(init_paged(dcfg.num_layers, num_pages, config.block_size, dcfg.num_kv_heads,
-                                    dcfg.head_dim, dtype))
+        self.kv_cache_bytes = num_pages * page_bytes + resid_bytes
+        kv = init_paged(cfg.num_layers, num_pages, bs, cfg.num_kv_heads, cfg.head_dim, dtype, self.kv_quant,
+                        num_slots=config.max_num_seqs)
+        if draft is not None:
+            draft = (*draft, init_paged(draft[0].num_layers, num_pages, bs, draft[0].num_kv_heads,
+                                        draft[0].head_dim, dtype))
         assert kv.nbytes() + (draft[2].nbytes() if draft else 0) == self.kv_cache_bytes, "KV byte count"
         k = spec.k if spec is not None else 0
         self.allocator = PageAllocator(num_pages, config.enable_prefix_caching)
@@ -114,7 +124,7 @@ class LLMEngine:
         max_pages = -(-(config.max_model_len + k) // config.block_size)
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,
-                                  decode_token, spec=spec, draft=tuple(draft) if draft else None)
+                                  decode_token, spec=spec, draft=draft)
         self.inputs = InputProcessor(cfg, tokenizer, config.max_model_len, num_pages * config.block_size - k)
         self.groups: dict[str, list[EngineRequest]] = {}
         self.num_steps = 0
