@@ -268,8 +268,10 @@ class SpecDecoder(StaticBatchGenerator):
     def statics_for(self, rows: list[EngineRequest], gs: GenerateStatics) -> SpecStatics:
         """The cache must hold the k+1 verified positions past the last token of the longest row.
         Output slots are bucketed (a power of two) so batches of different max_tokens share a program."""
-        need = max(len(r.prompt_ids) + r.max_tokens for r in rows) + self.drafter.k + 1
-        return SpecStatics(max_len=round_up(need, 64), max_new=bucket(gs.max_new), num_logprobs=gs.num_logprobs,
+        need = round_up(max(len(r.prompt_ids) + r.max_tokens for r in rows) + self.drafter.k + 1, 64)
+        if self.backend == "pallas":  # the Triton kernel takes power-of-two pages (here: one per row)
+            need = bucket(need)
+        return SpecStatics(max_len=need, max_new=bucket(gs.max_new), num_logprobs=gs.num_logprobs,
                            num_prompt_logprobs=gs.num_prompt_logprobs, backend=self.backend,
                            greedy=all(r.params.temperature == 0 for r in rows))
 

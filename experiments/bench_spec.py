@@ -1,0 +1,375 @@
+"""Speculative decoding benchmark with Spec-Bench's definitions, on the embedded target.
+
+For every drafter (draft model, layer skip, n-gram prompt lookup, EAGLE, Medusa), number of
+speculative tokens k, batch size and temperature, on two held-out prompt sets:
+
+- continuation: `corpus.heldout_prompts` (a held-out definition's signature and first body
+  tokens; the model continues the code);
+- code_edit: a whole held-out function, then the same function renamed
+  (`def name_v2(...`): the answer repeats much of the prompt (Spec-Bench's
+  summarization / RAG-like regime, where prompt lookup shines);
+
+it reports
+- acceptance rate: accepted drafted tokens / drafted tokens;
+- τ: mean tokens emitted per target forward, counting the correction / bonus token
+  (Spec-Bench's "mean accepted tokens");
+- draft cost: wall time of one `propose` call (jitted, in a loop on device) per proposed
+  token, in ms and as a fraction of one plain decode step of the target at that batch;
+- speedup: generated tokens/s of speculative decoding over plain decoding
+  (`jaxinfer.generate` prefill + `lax.while_loop` decode), measured in the same run on the
+  same prompts, prefill included in both; greedy outputs are checked token-identical.
+
+Every row generates exactly --max-tokens tokens (EOS ignored), so greedy runs compare
+equal work. Writes experiments/results/bench_spec.{md,json,png}.
+
+    python experiments/bench_spec.py                                   # the full grid
+    python experiments/bench_spec.py --methods ngram eagle --ks 2 4 --batches 1 --temps 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxinfer import corpus  # noqa: E402
+from jaxinfer import generate as gen  # noqa: E402
+from jaxinfer.checkpoint import load_hf  # noqa: E402
+from jaxinfer.llm import resolve_model  # noqa: E402
+from jaxinfer.sampling import SamplingParams, SamplingTensors, row_limits  # noqa: E402
+from jaxinfer.spec.config import SpeculativeConfig, build_drafter  # noqa: E402
+from jaxinfer.spec.drafters import DraftContext  # noqa: E402
+from jaxinfer.spec.loop import SpecStatics, spec_decode, spec_prefill  # noqa: E402
+from jaxinfer.tokenizer import Tokenizer  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+METHOD_CONFIGS = {
+    "draft_model": {"method": "draft_model", "model": "stdlib-draft"},
+    "layer_skip": {"method": "layer_skip"},
+    "ngram": {"method": "ngram", "prompt_lookup_max": 4, "prompt_lookup_min": 2},
+    "eagle": {"method": "eagle"},
+    "medusa": {"method": "medusa"},
+}
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def continuation_prompts(tok: Tokenizer, num: int) -> list[list[int]]:
+    return [tok.encode(p.text) for p in corpus.heldout_prompts(tok, num=num, prompt_tokens=32)]
+
+
+def code_edit_prompts(tok: Tokenizer, num: int, min_tokens: int = 80, max_tokens: int = 224) -> list[list[int]]:
+    """A held-out function, a blank line, then its header renamed to `<name>_v2`: continuing it
+    means rewriting the function, so most answer tokens repeat the prompt."""
+    root = corpus.stdlib_root()
+    _, held = corpus.split_files(corpus.corpus_files(root))
+    cands = []
+    for f in held:
+        text = corpus.read_text(root / f)
+        if text is None:
+            continue
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.col_offset == 0:
+                src = ast.get_source_segment(text, node)
+                if src and min_tokens <= len(tok.encode(src, add_special_tokens=False)) <= max_tokens:
+                    cands.append((f.as_posix(), node.name, src))
+    idx = np.linspace(0, len(cands) - 1, num=min(num, len(cands))).round().astype(int)
+    prompts = []
+    for i in idx:
+        _, name, src = cands[i]
+        header = src.split("\n", 1)[0].replace(f"def {name}(", f"def {name}_v2(", 1)
+        prompts.append(tok.encode(f"{src}\n\n\n{header}\n"))
+    return prompts
+
+
+# ----------------------------------------------------------------------------- runs
+
+def _inputs(prompts: list[list[int]], t: int, temp: float, max_tokens: int, vocab: int, seed0: int = 0):
+    b = len(prompts)
+    tokens = np.zeros((b, t), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    sp = SamplingParams(temperature=temp, max_tokens=max_tokens, ignore_eos=True)
+    st = SamplingTensors.from_params([sp] * b, [seed0 + i for i in range(b)], vocab)
+    limits = row_limits([max_tokens] * b, [0] * b, [[]] * b, vocab)
+    return jnp.asarray(tokens), lens, st, limits
+
+
+def _timed_runs(run_one, batches):
+    """Run every batch once to compile, then time them all; returns (seconds, outputs, states)."""
+    run_one(*batches[0])
+    outs, states, total = [], [], 0.0
+    for b in batches:
+        t0 = time.perf_counter()
+        state = run_one(*b)
+        state.out_tokens.block_until_ready()
+        total += time.perf_counter() - t0
+        outs.append(np.asarray(state.out_tokens))
+        states.append(state)
+    return total, np.concatenate(outs), states
+
+
+def _programs(prefill, decode, weights, args, bake: bool):
+    """(prefill(*inputs), decode(state, st, limits, n)) with the weights as jit arguments (the
+    framework's way) or, with bake, closed over: compile-time constants, which XLA:CPU may re-layout
+    and pre-pack once (with --xla_cpu_experimental_ynn_fusion_type=dot it does)."""
+    if not bake:
+        return (lambda *a: prefill(weights, *args, *a)), (lambda state, *a: decode(weights, *args, state, *a))
+    return (jax.jit(lambda *a: prefill(weights, *args, *a)),
+            jax.jit(lambda state, *a: decode(weights, *args, state, *a), donate_argnums=0))
+
+
+def plain_runner(weights, cfg, t, s, m, temp, bake=False):
+    statics = gen.GenerateStatics(max_len=s, max_new=m)
+    pre, dec = _programs(gen.prefill, gen.decode, weights, (cfg, statics), bake)
+
+    def run(prompts, seed0):
+        tokens, lens, st, limits = _inputs(prompts, t, temp, m, cfg.vocab_size, seed0)
+        state, _ = pre(tokens, lens, st, limits)
+        return dec(state, st, limits, jnp.int32(m))
+    return run
+
+
+def spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, bake=False):
+    statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0)
+    pre, dec = _programs(spec_prefill, spec_decode, weights, (cfg, drafter, dparams, statics), bake)
+
+    def run(prompts, seed0):
+        tokens, lens, st, limits = _inputs(prompts, t, temp, m, cfg.vocab_size, seed0)
+        state, _ = pre(tokens, lens, st, limits)
+        return dec(state, st, limits, jnp.int32(m))
+    return run
+
+
+def draft_cost(weights, cfg, drafter, dparams, prompts, t, s, m, temp, reps: int = 16, bake=False) -> float:
+    """Seconds per proposed token: `propose` alone, `reps` times in a fori_loop on device."""
+    statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0)
+    tokens, lens, st, limits = _inputs(prompts, t, temp, m, cfg.vocab_size)
+    state, _ = spec_prefill(weights, cfg, drafter, dparams, statics, tokens, lens, st, limits)
+
+    def propose_loop(weights, dparams, state):
+        ctx = DraftContext(tokens=state.tokens, kv_lens=state.kv_lens, active=state.finish == 0,
+                           history=state.history, num_generated=state.num_generated, st=st, limits=limits,
+                           greedy=statics.greedy)
+
+        def body(i, carry):
+            kv, dstate, acc = carry
+            draft, _, dstate, kv = drafter.propose(dparams, weights, kv, dstate, ctx)
+            return kv, dstate, acc + jnp.sum(draft)
+        return jax.lax.fori_loop(0, reps, body, (state.kv, state.draft, jnp.int32(0)))[2]
+
+    if bake:
+        loop = jax.jit(lambda state: propose_loop(weights, dparams, state))
+    else:
+        jitted = jax.jit(propose_loop)
+        loop = lambda state: jitted(weights, dparams, state)  # noqa: E731
+    loop(state).block_until_ready()
+    best = min(_seconds(lambda: loop(state).block_until_ready()) for _ in range(3))
+    return best / (reps * drafter.k)
+
+
+def plain_step_seconds(weights, cfg, prompts, t, s, m, bake=False) -> float:
+    """One plain decode step of the target at this batch (greedy), from a timed decode."""
+    statics = gen.GenerateStatics(max_len=s, max_new=m)
+    pre, dec = _programs(gen.prefill, gen.decode, weights, (cfg, statics), bake)
+    tokens, lens, st, limits = _inputs(prompts, t, 0.0, m, cfg.vocab_size)
+    dec(pre(tokens, lens, st, limits)[0], st, limits, jnp.int32(m)).out_tokens.block_until_ready()
+    state, _ = pre(tokens, lens, st, limits)
+    state.tokens.block_until_ready()
+    t0 = time.perf_counter()
+    dec(state, st, limits, jnp.int32(m)).out_tokens.block_until_ready()
+    return (time.perf_counter() - t0) / (m - 1)
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="stdlib-target")
+    p.add_argument("--methods", nargs="+", default=list(METHOD_CONFIGS), choices=list(METHOD_CONFIGS))
+    p.add_argument("--ks", nargs="+", type=int, default=list(range(1, 9)))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--temps", nargs="+", type=float, default=[0.0, 0.8])
+    p.add_argument("--sets", nargs="+", default=["continuation", "code_edit"], choices=["continuation", "code_edit"])
+    p.add_argument("--prompts-b1", type=int, default=4, help="prompts per set at batch 1 (one batch each)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--layer-skip-layers", type=int, default=None)
+    p.add_argument("--eagle", default=None, help="EAGLE head dir (default: the shipped one)")
+    p.add_argument("--medusa", default=None, help="Medusa head dir (default: the shipped one)")
+    p.add_argument("--no-draft-cost", action="store_true")
+    p.add_argument("--bake-weights", action="store_true",
+                   help="close over the weights (compile-time constants) in plain and speculative programs alike; "
+                        "run with XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot to let XLA:CPU pre-pack them")
+    p.add_argument("--out", default=str(RESULTS / "bench_spec"))
+    args = p.parse_args(argv)
+
+    target_dir = resolve_model(args.target)
+    cfg, weights = load_hf(target_dir, "float32")
+    tok = Tokenizer.from_dir(target_dir, cfg.bos_token_id, cfg.eos_token_ids)
+    m = args.max_tokens
+    nb = max(args.batches)
+    sets = {"continuation": continuation_prompts(tok, max(nb, args.prompts_b1)),
+            "code_edit": code_edit_prompts(tok, max(nb, args.prompts_b1))}
+    sets = {k: v for k, v in sets.items() if k in args.sets}
+    longest = max(len(x) for v in sets.values() for x in v)
+    s = gen.round_up(longest + m + max(args.ks) + 1, 64)  # one cache length: decode programs shared
+    print(f"target {target_dir.name}: {cfg.num_params() / 1e6:.1f}M params; prompts: "
+          + ", ".join(f"{k} {len(v)} (mean {np.mean([len(x) for x in v]):.0f} tokens)" for k, v in sets.items())
+          + f"; {m} new tokens; cache {s}", flush=True)
+
+    overrides = {"layer_skip": {"num_layers": args.layer_skip_layers} if args.layer_skip_layers else {},
+                 "eagle": {"model": args.eagle} if args.eagle else {},
+                 "medusa": {"model": args.medusa} if args.medusa else {}}
+    rows, t_start = [], time.time()
+    step_s = {}
+    for batch in args.batches:
+        for set_name, prompts in sets.items():
+            use = prompts[:args.prompts_b1] if batch == 1 else prompts[:batch]
+            batches = [(use[i:i + batch], 1000 * i) for i in range(0, len(use), batch)]
+            t = gen.bucket(max(len(x) for x in use))
+            if batch not in step_s:
+                step_s[batch] = plain_step_seconds(weights, cfg, batches[0][0], t, s, m, args.bake_weights)
+            for temp in args.temps:
+                plain_s, plain_out, _ = _timed_runs(plain_runner(weights, cfg, t, s, m, temp, args.bake_weights),
+                                                    batches)
+                n_tokens = plain_out.shape[0] * m
+                print(f"\n[{set_name} batch {batch} T={temp}] plain: {n_tokens / plain_s:.1f} tok/s", flush=True)
+                for method in args.methods:
+                    for k in args.ks:
+                        d = {**METHOD_CONFIGS[method], **overrides.get(method, {}), "num_speculative_tokens": k}
+                        try:
+                            spec = SpeculativeConfig.from_dict(d, cfg)
+                            drafter, dparams = build_drafter(spec, cfg, weights.dtype)
+                        except ValueError as e:
+                            print(f"  {method} k={k}: skipped ({e})", flush=True)
+                            continue
+                        sec, out, states = _timed_runs(
+                            spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, args.bake_weights), batches)
+                        fwd = sum(int(x.forwards.sum()) for x in states)
+                        drafted = sum(int(x.drafted.sum()) for x in states)
+                        acc = sum(int(x.accepted.sum()) for x in states)
+                        cost = None
+                        if not args.no_draft_cost:
+                            cost = draft_cost(weights, cfg, drafter, dparams, batches[0][0], t, s, m, temp,
+                                              bake=args.bake_weights)
+                        row = {"set": set_name, "batch": batch, "temperature": temp, "method": method, "k": k,
+                               "acceptance_rate": acc / drafted, "tau": (acc + fwd) / fwd,
+                               "draft_ms_per_token": None if cost is None else 1e3 * cost,
+                               "draft_cost_ratio": None if cost is None else cost / step_s[batch],
+                               "tok_s": n_tokens / sec, "plain_tok_s": n_tokens / plain_s,
+                               "speedup": plain_s / sec,
+                               "greedy_identical": bool((out == plain_out).all()) if temp == 0 else None}
+                        if method == "layer_skip":
+                            row["num_layers"] = drafter.num_layers
+                        rows.append(row)
+                        print(f"  {method:11s} k={k}: α {row['acceptance_rate']:.3f}  τ {row['tau']:.2f}  "
+                              f"draft {row['draft_ms_per_token'] or 0:.2f} ms/tok "
+                              f"({row['draft_cost_ratio'] or 0:.2f} step)  {row['tok_s']:.1f} tok/s  "
+                              f"speedup {row['speedup']:.2f}x"
+                              + ("" if temp else f"  identical={row['greedy_identical']}"), flush=True)
+    meta = {"target": target_dir.name, "params": cfg.num_params(), "max_tokens": m, "cache_len": s,
+            "plain_step_ms": {b: 1e3 * v for b, v in step_s.items()},
+            "compilations": {"spec_prefill": spec_prefill._cache_size(), "spec_decode": spec_decode._cache_size()},
+            "bake_weights": args.bake_weights, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "minutes": (time.time() - t_start) / 60, "machine": f"{platform.processor() or platform.machine()}, "
+            f"{jax.device_count()} {jax.default_backend()} device(s)", "jax": jax.__version__,
+            "command": "python experiments/bench_spec.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    write_results(Path(args.out), rows, meta)
+    return 0
+
+
+def write_results(out: Path, rows: list[dict], meta: dict):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"# Speculative decoding on {meta['target']} ({meta['params'] / 1e6:.1f}M params)", "",
+             f"`{meta['command']}` — {meta['machine']}, jax {meta['jax']}, {meta['minutes']:.0f} min; "
+             f"XLA_FLAGS={meta['xla_flags'] or '(none)'}; weights "
+             + ("baked into the programs (compile-time constants)" if meta["bake_weights"] else "passed as jit arguments")
+             + ".",
+             f"{meta['max_tokens']} new tokens per row (EOS ignored); speedup = plain wall time / speculative wall "
+             "time on the same prompts in the same run, prefill included; τ = tokens per target forward "
+             "(bonus / correction included); α = accepted / drafted; draft cost = one propose call per proposed "
+             "token (ms, and as a fraction of a plain decode step: "
+             + ", ".join(f"batch {b}: {v:.2f} ms" for b, v in meta["plain_step_ms"].items()) + ").", ""]
+    best = {}
+    for r in rows:
+        key = (r["set"], r["batch"], r["temperature"], r["method"])
+        if key not in best or r["speedup"] > best[key]["speedup"]:
+            best[key] = r
+    lines += ["## Best k per method", "", "| set | batch | T | method | k | α | τ | draft ms/tok (× step) | tok/s "
+              "| plain tok/s | speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in best.values():
+        lines.append(_row(r))
+    lines += ["", "## All runs", "", "| set | batch | T | method | k | α | τ | draft ms/tok (× step) | tok/s "
+              "| plain tok/s | speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [_row(r) for r in rows]
+    mismatched = [r for r in rows if r["greedy_identical"] is False]
+    lines += ["", f"Greedy outputs identical to plain decoding: {'yes, every greedy run' if not mismatched else mismatched}",
+              f"Compilations: {meta['compilations']}"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(out.with_suffix(".png"), rows)
+
+
+def _row(r: dict) -> str:
+    cost = "-" if r["draft_ms_per_token"] is None else f"{r['draft_ms_per_token']:.2f} ({r['draft_cost_ratio']:.2f})"
+    name = r["method"] + (f" (L'={r['num_layers']})" if "num_layers" in r else "")
+    return (f"| {r['set']} | {r['batch']} | {r['temperature']:g} | {name} | {r['k']} | {r['acceptance_rate']:.3f} "
+            f"| {r['tau']:.2f} | {cost} | {r['tok_s']:.1f} | {r['plain_tok_s']:.1f} | {r['speedup']:.2f}x |")
+
+
+def plot(path: Path, rows: list[dict]):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    panels = sorted({(r["set"], r["batch"], r["temperature"]) for r in rows})
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, sharey=True)
+    for ax, (set_name, batch, temp) in zip(axes.flat, panels):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["k"], r["speedup"]) for r in rows if (r["set"], r["batch"], r["temperature"],
+                                                                    r["method"]) == (set_name, batch, temp, method))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_title(f"{set_name}, batch {batch}, T={temp:g}", fontsize=9)
+        ax.set_xlabel("k (speculative tokens)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("speedup over plain decoding")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

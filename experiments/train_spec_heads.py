@@ -1,0 +1,114 @@
+"""Train the EAGLE and Medusa heads of a target model and save them with orbax.
+
+    python experiments/train_spec_heads.py --head eagle              # the shipped EAGLE head
+    python experiments/train_spec_heads.py --head medusa             # the shipped Medusa head
+    python experiments/train_spec_heads.py --head eagle --minutes 10 # stop after 10 min; rerun resumes
+
+The target (default: the embedded stdlib-target) stays frozen; its features are computed
+on the fly on [B, T + 1] windows of the corpus's training split (jaxinfer.corpus), the
+optimizer and resumable orbax checkpoints are jaxinfer.train's (AdamW, warmup + cosine).
+Runs resume from --workdir (default runs/spec_heads/<head>, git-ignored); the finished head
+is written to --out (default jaxinfer/assets/models/stdlib-target-heads/<head>) as
+head_config.json (sizes, target, recipe) + params/ (orbax, bfloat16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxinfer import corpus, train  # noqa: E402
+from jaxinfer.checkpoint import load_hf  # noqa: E402
+from jaxinfer.llm import resolve_model  # noqa: E402
+from jaxinfer.spec.heads import eagle_config, init_eagle, init_medusa, save_head  # noqa: E402
+from jaxinfer.spec.train_heads import HeadLossConfig, eagle_loss_fn, medusa_loss_fn  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Recipes of the shipped heads (the defaults of this script). Sizes were chosen on the 2-core
+# dev machine so that training fits in ~20-30 minutes next to other jobs.
+RECIPES = {
+    "eagle": dict(steps=900, batch=8, seq=256, lr=2e-3, warmup=50, ffn=1024, unroll=3, cls_weight=1.0,
+                  noise=0.0),
+    "medusa": dict(steps=600, batch=8, seq=256, lr=2e-3, warmup=50, heads=5, inner=384),
+}
+
+
+def build(head: str, cfg, args):
+    r = RECIPES[head]
+    lc = HeadLossConfig(unroll=args.unroll or r.get("unroll", 1), cls_weight=r.get("cls_weight", 1.0),
+                        noise=r.get("noise", 0.0))
+    key = jax.random.PRNGKey(args.seed)
+    if head == "eagle":
+        hcfg = eagle_config(cfg, args.ffn or r["ffn"])
+        return init_eagle(hcfg, key), eagle_loss_fn(cfg, hcfg, lc), {"intermediate_size": hcfg.intermediate_size}, lc
+    heads, inner = args.heads or r["heads"], args.inner or r["inner"]
+    return init_medusa(cfg.hidden_size, heads, inner, key), medusa_loss_fn(cfg, lc), \
+        {"num_heads": heads, "inner": inner}, lc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--head", choices=list(RECIPES), required=True)
+    p.add_argument("--target", default="stdlib-target", help="embedded model name or HF directory")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--ffn", type=int, default=None, help="EAGLE: the head layer's MLP width")
+    p.add_argument("--unroll", type=int, default=None, help="EAGLE: draft steps trained as drafting runs them")
+    p.add_argument("--heads", type=int, default=None, help="Medusa: number of heads")
+    p.add_argument("--inner", type=int, default=None, help="Medusa: residual block width")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget; rerun to resume")
+    p.add_argument("--corpus-workdir", default=str(REPO / "runs" / "default_models"),
+                   help="where the corpus token streams are cached (shared with train_default_models.py)")
+    p.add_argument("--workdir", default=None, help="default runs/spec_heads/<head>")
+    p.add_argument("--out", default=None, help="default jaxinfer/assets/models/stdlib-target-heads/<head>")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    r = RECIPES[args.head]
+    target_dir = resolve_model(args.target)
+    cfg, target = load_hf(target_dir, "float32")
+    data = corpus.build_corpus(args.corpus_workdir, vocab_size=cfg.vocab_size)
+    tc = train.TrainConfig(steps=args.steps or r["steps"], batch_size=args.batch or r["batch"],
+                           seq_len=args.seq or r["seq"], lr=args.lr or r["lr"], warmup_steps=r["warmup"],
+                           weight_decay=0.0, seed=args.seed, eval_every=100, eval_batches=2, ckpt_every=50)
+    params, loss_fn, sizes, lc = build(args.head, cfg, args)
+    workdir = Path(args.workdir or REPO / "runs" / "spec_heads" / args.head)
+    out = Path(args.out or REPO / "jaxinfer" / "assets" / "models" / "stdlib-target-heads" / args.head)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    print(f"{args.head} head: {n_params / 1e6:.2f}M params, {sizes}, {lc}, {tc.steps} steps of "
+          f"{tc.batch_size}x{tc.seq_len} tokens, target {target_dir}", flush=True)
+    batcher = train.TokenBatcher(data.train, tc.batch_size, tc.seq_len, seed=1000 + args.seed)
+    heldout = train.eval_batches(data.heldout, tc.eval_batches, tc.batch_size, tc.seq_len)
+    t0 = time.time()
+    state, summary = train.train(loss_fn, params, tc, batcher, workdir=workdir, heldout=heldout, extra=(target,),
+                                 max_seconds=args.minutes * 60 if args.minutes else None, desc=args.head,
+                                 meta={"head": args.head, "sizes": sizes})
+    if int(state.step) < tc.steps:
+        print(f"{args.head}: stopped at step {int(state.step)}/{tc.steps}; rerun to resume", flush=True)
+        return 3
+    cmd = " ".join(["python experiments/train_spec_heads.py", *(argv if argv is not None else sys.argv[1:])])
+    recipe = {"command": cmd, "target": str(target_dir.relative_to(REPO) if target_dir.is_relative_to(REPO)
+                                            else target_dir),
+              "params": int(n_params), "loss": dataclasses.asdict(lc), "train_config": dataclasses.asdict(tc),
+              "final": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and k != "resumed_from"},
+              "session_seconds": round(time.time() - t0), "jax": jax.__version__}
+    save_head(out, args.head, state.params, cfg, sizes, recipe)
+    (workdir / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    print(f"{args.head}: saved {out} ({n_params / 1e6:.2f}M params; held-out ce {summary.get('heldout_ce')})",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
