@@ -98,7 +98,9 @@ def test_greedy_identical_to_plain_decoding(models, reference, name):
         dec.run(reqs, batch_size=bs)
         assert [(r.output_ids, r.finish_reason) for r in reqs] == expected, (name, bs)
     s = dec.stats
-    assert s.forwards > 0 and s.drafted == K * s.forwards and 0 <= s.accepted <= s.drafted
+    assert s.forwards > 0 and 0 <= s.accepted <= s.drafted <= K * s.forwards
+    if name != "ngram":
+        assert s.drafted == K * s.forwards
     if name in ("ngram", "draft_model"):  # predictable prompts / a draft close to the target
         assert s.accepted > 0
     if name == "draft_model":
@@ -131,7 +133,7 @@ def test_ngram_lookup_most_recent_match_and_periodic_continuation():
     d = np.asarray(jax.jit(D.ngram_lookup, static_argnums=(2, 3, 4))(h, last, 4, 3, 2))
     assert d[0].tolist() == [7, 8, 1, 2]  # "1 2 3" last seen at 4..6, followed by 7 8 1 2
     assert d[1].tolist() == [5, 4, 5, 4]  # "5 4" at 1..2 -> continues with period 2
-    assert d[2].tolist() == [6, 6, 6, 6]  # no match: repeat the last token
+    assert d[2].tolist() == [-1, -1, -1, -1]  # no match: no proposal
 
 
 def test_head_save_load_roundtrip_and_checks(tmp_path):

@@ -77,12 +77,15 @@ def test_sampled_first_token_follows_p_and_tau_matches_closed_form(pq):
         assert abs((n_acc >= i).mean() - alpha ** i) < 0.005
 
 
-def test_one_hot_draft_is_lossless(pq):
+@pytest.mark.parametrize("token", [1, -1])
+def test_one_hot_draft_is_lossless(pq, token):
     p, _ = pq
-    n_acc, _, first = _run_sampled(p, None, 3, 100_000, seed=1, one_hot_draft=1)
+    n_acc, _, first = _run_sampled(p, None, 3, 100_000, seed=1, one_hot_draft=token)
     assert chi_square(np.bincount(first, minlength=len(p)), p) < CHI2_CRIT[5]
-    # one-hot q at token 1: alpha = p(1), accepted while the target draws 1
-    assert abs((n_acc >= 1).mean() - p[1]) < 0.005
+    if token >= 0:  # one-hot q at the token: alpha = p(token), accepted while the target draws it
+        assert abs((n_acc >= 1).mean() - p[token]) < 0.005
+    else:  # -1: no proposal, never accepted; the residual is p itself
+        assert (n_acc == 0).all()
 
 
 def test_identical_draft_accepts_everything(pq):

@@ -183,13 +183,12 @@ def ngram_lookup(history: jax.Array, last_pos: jax.Array, k: int, n_max: int, n_
     For n from n_max down to n_min: find the most recent earlier occurrence of the last n
     tokens (history[P-n+1..P]) and propose what followed it. A match that ends δ tokens
     before P is continued periodically (period δ), the only continuation the context
-    supports past P. No match: repeat the last token (verified anyway).
+    supports past P. No match: -1 (no proposal; the loop may then run a plain step).
     """
     b, s = history.shape
     p = last_pos[:, None]  # [B, 1]
     j = jnp.arange(s, dtype=jnp.int32)[None, :]  # [1, S] candidate start of a match
-    last = jnp.take_along_axis(history, last_pos[:, None], axis=1)  # [B, 1]
-    draft = jnp.broadcast_to(last, (b, k))
+    draft = jnp.full((b, k), -1, history.dtype)
     found = jnp.zeros((b,), bool)
     padded = jnp.concatenate([history, jnp.full((b, n_max), -1, history.dtype)], axis=1)  # [B, S + n_max]
     for n in range(n_max, n_min - 1, -1):
@@ -210,11 +209,13 @@ def ngram_lookup(history: jax.Array, last_pos: jax.Array, k: int, n_max: int, n_
 
 @dataclasses.dataclass(frozen=True)
 class NgramDrafter:
-    """Prompt lookup over the row's own tokens; no model cost, deterministic drafts (one-hot q)."""
+    """Prompt lookup over the row's own tokens; no model cost, deterministic drafts (one-hot q).
+    Rows without a match propose nothing (-1), as vLLM's n-gram proposer does."""
 
     k: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    abstains = True  # class constant: may propose -1 (commit ignores the round's width)
 
     def init(self, params, batch, max_len, dtype):
         return {}

@@ -140,18 +140,33 @@ def spec_prefill(weights: Weights, cfg: ModelConfig, drafter, draft_params, stat
 def _round(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: SpecStatics,
            s: SpecState, st: SamplingTensors, limits: RowLimits) -> SpecState:
     """One propose / verify / accept round for every running row."""
-    b, k = s.tokens.shape[0], drafter.k
     active = s.finish == RUNNING  # [B]
     p = s.kv_lens  # [B] position of x_P
     g = s.num_generated  # [B]
     ctx = DraftContext(tokens=s.tokens, kv_lens=p, active=active, history=s.history, num_generated=g,
                        st=st, limits=limits, greedy=statics.greedy)
 
-    # 1. Propose d_1..d_k (q: the shaped logits they were drawn from; None = one-hot).
+    # 1. Propose d_1..d_k (q: the shaped logits they were drawn from; None = one-hot; a draft
+    #    token -1 is no proposal: always rejected).
     draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)  # [B, k]
+    args = (weights, cfg, drafter, draft_params, statics, s, ctx, kv, dstate)
+    if not getattr(drafter, "abstains", False):
+        return _verify_emit(*args, draft, q_logits)
+    # A drafter that may abstain (n-gram without a match): when no running row has a proposal, a
+    # plain one-token step does the same work as verifying k rejected tokens, at 1 / (k+1) the width.
+    proposes = jnp.any(active & (draft[:, 0] >= 0))
+    return jax.lax.cond(proposes, lambda: _verify_emit(*args, draft, q_logits),
+                        lambda: _verify_emit(*args, draft[:, :0], None))
+
+
+def _verify_emit(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: SpecStatics, s: SpecState,
+                 ctx: DraftContext, kv: KVCache, dstate, draft: jax.Array, q_logits) -> SpecState:
+    """Steps 2-5 of a round for drafts [B, k'] (k' = k, or 0 for a plain step)."""
+    b, k = draft.shape
+    active, p, g, st, limits = ctx.active, ctx.kv_lens, ctx.num_generated, ctx.st, ctx.limits
 
     # 2. One target forward over [x_P, d_1..d_k] at P..P+k: logits i are p_{i+1}.
-    inputs = jnp.concatenate([s.tokens[:, None], draft], axis=1)  # [B, k+1]
+    inputs = jnp.concatenate([s.tokens[:, None], jnp.maximum(draft, 0)], axis=1)  # [B, k+1]
     q_lens = jnp.where(active, k + 1, 0).astype(jnp.int32)
     meta = AttentionMeta(page_table=jnp.arange(b, dtype=jnp.int32)[:, None], kv_lens=p + q_lens, q_lens=q_lens,
                          contiguous=True)
@@ -163,7 +178,7 @@ def _round(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: S
 
     # 4. Emit d_1..d_{n_acc}, nxt; cut after the first stop token and at max_tokens.
     i = jnp.arange(k + 1, dtype=jnp.int32)[None, :]  # [1, k+1]
-    padded = jnp.concatenate([draft, draft[:, :1]], axis=1)  # [B, k+1]
+    padded = jnp.pad(draft, ((0, 0), (0, 1)))  # [B, k+1]
     emitted = jnp.where(i < n_acc[:, None], padded, nxt[:, None])  # [B, k+1]; valid for i <= n_acc
     is_stop = jnp.any(emitted[..., None] == limits.stop_ids[:, None, :], axis=-1) & (i <= n_acc[:, None])
     has_stop = jnp.any(is_stop, axis=1)  # [B]
@@ -194,7 +209,8 @@ def _round(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: S
         history=_write(s.history, jnp.where(keep, p[:, None] + 1 + i, s.history.shape[1]), emitted),
         num_generated=num_generated, finish=finish.astype(jnp.int32),
         out_tokens=_write(s.out_tokens, out_slots, emitted),
-        forwards=s.forwards + act, drafted=s.drafted + k * act, accepted=s.accepted + n_acc * act,
+        forwards=s.forwards + act, drafted=s.drafted + jnp.sum(draft >= 0, axis=1) * act,
+        accepted=s.accepted + n_acc * act,
         draft=dstate, **extras)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.sampling import RowLimits, SamplingTensors, block_stop_tokens, filter_logits
 
@@ -44,7 +45,7 @@ def stream_keys(st: SamplingTensors, counter: jax.Array, stream: int) -> jax.Arr
         k = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key), c), stream)
         return jax.random.key_data(k)
 
-    flat = counter.reshape(counter.shape[0], -1)  # [B, n]
+    flat = counter.reshape(counter.shape[0], int(np.prod(counter.shape[1:])))  # [B, n]
     out = jax.vmap(lambda key, cs: jax.vmap(lambda c: one(key, c))(cs))(st.keys, flat)  # [B, n, 2]
     return out.reshape(counter.shape + (2,))
 
@@ -113,16 +114,18 @@ def accept_sampled(p: jax.Array, q: jax.Array | None, draft: jax.Array, u: jax.A
 
     p [B, k+1, V] target probabilities; q [B, k, V] draft probabilities, or None for a
     one-hot q (deterministic drafts); draft [B, k]; u [B, k] uniforms in [0, 1);
-    residual_keys [B, k+1, 2]: the key of the residual / bonus draw at each position.
+    residual_keys [B, k+1, 2]: the key of the residual / bonus draw at each position. A draft
+    token -1 means no proposal: it is rejected and the residual there is p itself.
     Returns (n_acc [B] accepted drafts, next [B] the token emitted after them).
     """
     b, k = draft.shape
-    p_d = jnp.take_along_axis(p[:, :k], draft[..., None], axis=-1)[..., 0]  # [B, k] p_i(d_i)
+    hot = jax.nn.one_hot(draft, p.shape[-1], dtype=p.dtype)  # [B, k, V]; all zero for "no draft" (-1)
+    p_d = jnp.sum(p[:, :k] * hot, axis=-1)  # [B, k] p_i(d_i)
     if q is None:
         q_d = jnp.ones_like(p_d)
-        q_full = jax.nn.one_hot(draft, p.shape[-1], dtype=p.dtype)  # [B, k, V]
+        q_full = hot
     else:
-        q_d = jnp.take_along_axis(q, draft[..., None], axis=-1)[..., 0]  # [B, k] q_i(d_i)
+        q_d = jnp.sum(q * hot, axis=-1)  # [B, k] q_i(d_i)
         q_full = q
     # Accept d_i with probability min(1, p_i(d_i) / q_i(d_i)):  u < p / q  <=>  u q < p.
     accept = u * q_d < p_d  # [B, k]
