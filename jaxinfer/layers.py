@@ -78,8 +78,12 @@ def attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     k = gather_pages(k_pages, meta)  # [B, K, S, H]
     v = gather_pages(v_pages, meta)
     kv_heads, s = k.shape[1], k.shape[2]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    scores = einsum_f32("btkgh,bksh->bkgts", qg, k) * scale  # [B, K, G, T, S]
+    g = n // kv_heads
+    # One batch dim (B K) for the two matmuls: XLA:CPU runs a dot with a single batch dim
+    # ~3x faster than the same dot with batch dims (B, K).
+    qf = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv_heads, t * g, h)  # [BK, TG, H]
+    scores = einsum_f32("xqh,xsh->xqs", qf, k.reshape(b * kv_heads, s, h)) * scale  # [BK, TG, S]
+    scores = scores.reshape(b, kv_heads, t, g, s)
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
     q_pos = meta.query_positions(t)  # [B, T]
@@ -89,11 +93,13 @@ def attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         mask = mask & (k_pos[None, None, :] <= q_pos[:, :, None])  # [B, T, S]
     if sliding_window is not None:
         mask = mask & (k_pos[None, None, :] > q_pos[:, :, None] - sliding_window)
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    mask = jnp.broadcast_to(mask, (b, t, s))[:, None, :, None, :]  # [B, 1, T, 1, S]
+    scores = jnp.where(mask, scores, -jnp.inf)
     # Padding query rows can have no visible key; keep them finite (they are discarded).
-    scores = jnp.where(jnp.any(mask, axis=-1)[:, None, None, :, None], scores, 0.0)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = einsum_f32("bkgts,bksh->btkgh", probs, v)
+    scores = jnp.where(jnp.any(mask, axis=-1, keepdims=True), scores, 0.0)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b * kv_heads, t * g, s)
+    out = einsum_f32("xqs,xsh->xqh", probs, v.reshape(b * kv_heads, s, h))  # [BK, TG, H]
+    out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
