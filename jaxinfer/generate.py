@@ -149,5 +149,17 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
+def fine_bucket(n: int, minimum: int = 1, steps: int = 4) -> int:
+    """Smallest bucket >= n (and >= minimum) on a grid of `steps` sizes per power of two
+    (steps=4: ... 16, 20, 24, 28, 32, 40, 48, ...): at most 1/steps of padding, at most
+    `steps` programs per doubling of the size."""
+    n = max(n, minimum, 1)
+    if n <= steps:
+        return n
+    octave = 1 << ((n - 1).bit_length() - 1)  # largest power of two < n
+    grain = max(1, octave // steps)
+    return round_up(n, grain)
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple

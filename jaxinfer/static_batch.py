@@ -48,7 +48,7 @@ class StaticBatchGenerator:
     def _prepare(self, rows: list[EngineRequest]):
         b = gen.bucket(len(rows), minimum=1)
         lens = [len(r.prompt_ids) for r in rows]
-        t = min(gen.bucket(max(lens)), gen.round_up(self.max_model_len, 16))
+        t = min(gen.fine_bucket(max(lens), minimum=16), gen.round_up(self.max_model_len, 16))
         s = min(gen.round_up(max(n + r.max_tokens for n, r in zip(lens, rows)), 64), self.max_model_len)
         if self.backend == "pallas":  # the Triton kernel takes power-of-two pages (here: one per row)
             s = gen.bucket(s)

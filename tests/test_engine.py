@@ -166,7 +166,7 @@ def test_compilations_stay_bounded(model_dir):
     prompts = [{"prompt_token_ids": rng.integers(3, 300, size=int(k)).tolist()} for k in rng.integers(1, 60, 24)]
     params = [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in rng.integers(1, 30, 24)]
     llm.generate(prompts, params)
-    # batch, chunk and page-table buckets are powers of two: a handful of programs, not one per step
+    # batch, chunk and page-table sizes are bucketed: a handful of programs, not one per step
     stats = llm.get_stats()
     assert stats.compilations <= 24 < stats.num_steps
 

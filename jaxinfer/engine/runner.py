@@ -26,7 +26,7 @@ from flax import struct
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.scheduler import ScheduledChunk
-from jaxinfer.generate import bucket
+from jaxinfer.generate import bucket, fine_bucket
 from jaxinfer.kv.cache import AttentionMeta, KVCache
 from jaxinfer.model import Weights, forward
 from jaxinfer.outputs import position_logprobs
@@ -185,11 +185,13 @@ class ModelRunner:
 
         Returns (inputs, top-N logprobs wanted, prompt top-N wanted, page-table width)."""
         width = width or (lambda c: c.num_tokens)
-        b = bucket(len(group), minimum=1)
+        # Rows and page-table width on a grid of 4 sizes per doubling: at most 25% padding (the XLA
+        # path gathers and reads every slot of the table, so power-of-two widths could double the
+        # KV read by a decode step) and a bounded number of programs. The table covers at least
+        # 256 tokens (few programs for short contexts) and at most max_model_len.
+        b = fine_bucket(len(group))
         n_pages = max(-(-(c.start + width(c)) // self.page_size) for c in group)
-        # Page-table width: a power of two, at least 256 tokens' worth (few programs for short
-        # contexts), at most the pages of max_model_len.
-        pp = min(bucket(n_pages, minimum=-(-256 // self.page_size)), bucket(self.max_pages_per_seq, minimum=1))
+        pp = min(fine_bucket(n_pages, minimum=-(-256 // self.page_size)), self.max_pages_per_seq)
         vocab = self.cfg.vocab_size
         tokens = np.zeros((b, t), np.int32)
         next_tokens = np.zeros((b, t), np.int32)
