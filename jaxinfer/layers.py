@@ -41,9 +41,11 @@ def batched_qk_pv(spec: str, a: jax.Array, b: jax.Array, small_q: bool) -> jax.A
     """The two attention products with one batch dim x, float32 results:
     "xqh,xsh->xqs" (scores) and "xqs,xsh->xqh" (weighted values).
 
-    For a few query rows (decode) XLA:CPU runs these as matrix-vector products at a
-    fraction of the bandwidth (~2 GB/s at 64 rows x 900 slots, vs ~8 GB/s written as a
-    fused multiply + reduce, which reads the cache once); elsewhere they are dots.
+    small_q: decode with grouped queries (one token, G >= 2 query heads per kv head). XLA:CPU
+    runs those products 2-5x slower as batched dots than as a fused multiply + reduce that
+    reads the cache once (attention of the embedded target at 64 rows x 1,024 slots: 23 ms
+    vs 4.2 ms). With a single query row (G = 1, MHA) the reduce is the slow one (50x), so
+    the caller passes small_q only for G >= 2. Elsewhere, and on other platforms: dots.
     """
     def reduce():
         a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
@@ -100,7 +102,7 @@ def attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     # One batch dim (B K) for the two matmuls: XLA:CPU runs a dot with a single batch dim
     # ~3x faster than the same dot with batch dims (B, K).
     qf = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv_heads, t * g, h)  # [BK, TG, H]
-    small_q = t == 1  # decode: one query token (G rows) per kv head
+    small_q = t == 1 and g >= 2  # decode with grouped queries: G rows per kv head
     scores = batched_qk_pv("xqh,xsh->xqs", qf, k.reshape(b * kv_heads, s, h), small_q) * scale  # [BK, TG, S]
     scores = scores.reshape(b, kv_heads, t, g, s)
     if soft_cap is not None:
