@@ -6,8 +6,12 @@ Workloads (seeded; random token prompts as in `vllm bench serve --dataset-name r
   (b) shared system prompt of 512 tokens + user turns of U[8, 32] tokens, outputs of
       U[16, 48] tokens, Poisson arrivals.
 Comparisons:
-  1. continuous batching (engine) vs static batching (padded batches of max_num_seqs in
-     arrival order, each generated to its longest request) on (a);
+  1. continuous batching (engine) vs static batching (padded batches in arrival order, each
+     generated to its longest request) on (a), in the same KV memory: a static batch
+     preallocates every row for the longest request of the workload (prompt + max_tokens; it
+     cannot know which row ends first), so the budget holds fewer rows than the engine keeps
+     running. Also reported: static batches of max_num_seqs rows with no memory limit (the
+     best a static batch can do; it needs more KV memory than the engine is given);
   2. prefix caching on vs off on (b) (mean TTFT);
   3. paged KV vs contiguous max-length preallocation: concurrent sequences in the same
      KV memory on (a);
@@ -124,7 +128,7 @@ def main():
     ap.add_argument("--model", default="stdlib-target")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate (requests/s)")
-    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--kv-cache-memory-mb", type=float, default=64.0)
     ap.add_argument("--contiguous-seqs", type=int, default=4,
@@ -146,17 +150,29 @@ def main():
     # 1. continuous vs static batching, workload (a), offline
     prompts_a, params_a = mixed_workload(rng, args.num_requests, vocab)
     outs, cont, kv_a = measured(run_engine, llm, prompts_a, params_a)
-    static_outs, static = measured(run_static, llm, prompts_a, params_a, args.max_num_seqs)
+    per_token = llm.engine.kv_cache_bytes / (llm.engine.num_pages * llm.engine_config.block_size)
+    longest = max(len(p["prompt_token_ids"]) + sp.max_tokens for p, sp in zip(prompts_a, params_a))
+    fit = max(1, min(args.max_num_seqs, int(llm.engine.kv_cache_bytes // (longest * per_token))))
+    static_rows = 1 << (fit.bit_length() - 1)  # generate_static pads the batch to a power of two
+    static_outs, static = measured(run_static, llm, prompts_a, params_a, static_rows)
+    _, static_free = measured(run_static, llm, prompts_a, params_a, args.max_num_seqs)
     same = [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in static_outs]
     results["a_continuous"] = {**cont, **kv_a, "compilations": llm.get_stats().compilations}
-    results["a_static"] = static
+    results["a_static"] = {**static, "batch_size": static_rows, "row_slots": longest}
+    results["a_static_unlimited"] = {**static_free, "batch_size": args.max_num_seqs,
+                                     "kv_bytes_needed": int(args.max_num_seqs * longest * per_token)}
     results["a_continuous_over_static"] = cont["output_throughput"] / static["output_throughput"]
+    results["a_continuous_over_static_unlimited"] = cont["output_throughput"] / static_free["output_throughput"]
     results["a_identical_outputs"] = same
     print("\n(a) mixed, all at once — continuous batching\n" + format_summary(cont))
     print(f"  KV usage mean {kv_a['kv_usage_mean']:.1%} max {kv_a['kv_usage_max']:.1%}; "
           f"max concurrent {kv_a['max_concurrent_seqs']}; compilations {llm.get_stats().compilations}")
-    print("(a) mixed, all at once — static batching\n" + format_summary(static))
-    print(f"  continuous / static output tok/s: {results['a_continuous_over_static']:.2f}x "
+    print(f"(a) mixed, all at once — static batching, {static_rows} rows of {longest} slots "
+          f"(the same {llm.engine.kv_cache_bytes / 2**20:.0f} MiB of KV)\n" + format_summary(static))
+    print(f"(a) mixed, all at once — static batching, {args.max_num_seqs} rows, no memory limit "
+          f"({results['a_static_unlimited']['kv_bytes_needed'] / 2**20:.0f} MiB of KV)\n" + format_summary(static_free))
+    print(f"  continuous / static output tok/s: {results['a_continuous_over_static']:.2f}x in the same memory, "
+          f"{results['a_continuous_over_static_unlimited']:.2f}x against unlimited static batches "
           f"(identical tokens: {same})")
 
     # (a) with Poisson arrivals
@@ -182,7 +198,6 @@ def main():
 
     # 3. paged vs contiguous: sequences that fit in the same KV memory. The budget is what a
     # contiguous cache needs for --contiguous-seqs sequences of max_model_len tokens.
-    per_token = llm.engine.kv_cache_bytes / (llm.engine.num_pages * llm.engine_config.block_size)
     budget = int(args.contiguous_seqs * llm.max_model_len * per_token)
     big = LLM(args.model, enable_prefix_caching=False,
               **{**common, "max_num_seqs": 256, "kv_cache_memory_bytes": budget})
@@ -209,13 +224,16 @@ def main():
     (RESULTS / "bench_serving.json").write_text(json.dumps(results, indent=2) + "\n")
     md = ["| run | out tok/s | req/s | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | E2EL p50/p95/p99 ms |",
           "|---|---|---|---|---|---|"]
-    for key in ("a_continuous", "a_static", "a_poisson", "b_prefix_off", "b_prefix_on"):
+    for key in ("a_continuous", "a_static", "a_static_unlimited", "a_poisson", "b_prefix_off", "b_prefix_on"):
         s = results[key]
         md.append(f"| {key} | {s['output_throughput']:.1f} | {s['request_throughput']:.2f} | "
                   + " | ".join("/".join(f"{s[m][p]:.0f}" for p in ("median", "p95", "p99"))
                                for m in ("ttft_ms", "tpot_ms", "e2el_ms")) + " |")
     md.append("")
-    md.append(f"continuous/static output throughput: {results['a_continuous_over_static']:.2f}x; "
+    md.append(f"continuous/static output throughput: {results['a_continuous_over_static']:.2f}x in the same KV "
+              f"memory ({results['a_static']['batch_size']} static rows of {results['a_static']['row_slots']} "
+              f"slots), {results['a_continuous_over_static_unlimited']:.2f}x against static batches of "
+              f"{args.max_num_seqs} with no memory limit; "
               f"prefix caching mean-TTFT off/on: {results['b_ttft_off_over_on']:.2f}x; "
               f"paged/contiguous concurrent sequences: {results['paged_max_concurrent']}/"
               f"{results['contiguous_max_concurrent']}")
