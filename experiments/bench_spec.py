@@ -18,6 +18,9 @@ it reports
 - speedup: generated tokens/s of speculative decoding over plain decoding
   (`jaxinfer.generate` prefill + `lax.while_loop` decode), measured in the same run on the
   same prompts, prefill included in both; greedy outputs are checked token-identical.
+  Plain decoding is timed before, between and after the drafters of each (set, batch,
+  temperature) group, and every speedup of the group uses its best pass (--repeats sets the
+  passes per speculative run), so a slow moment of the shared machine cannot inflate a ratio.
 
 Every row generates exactly --max-tokens tokens (EOS ignored), so greedy runs compare
 equal work. Writes experiments/results/bench_spec.{md,json,png}.
@@ -70,8 +73,10 @@ def continuation_prompts(tok: Tokenizer, num: int) -> list[list[int]]:
 
 
 def code_edit_prompts(tok: Tokenizer, num: int, min_tokens: int = 80, max_tokens: int = 224) -> list[list[int]]:
-    """A held-out function, a blank line, then its header renamed to `<name>_v2`: continuing it
-    means rewriting the function, so most answer tokens repeat the prompt."""
+    """A held-out function, two blank lines, then its header renamed to `<name>_v2`: the answer
+    a copying model gives repeats the function. (The embedded 11M target barely copies: its
+    greedy continuation shares only the first 0-4% of characters with the original body; the
+    repetition prompt lookup finds there is mostly the model's own loops.)"""
     root = corpus.stdlib_root()
     _, held = corpus.split_files(corpus.corpus_files(root))
     cands = []
@@ -93,7 +98,7 @@ def code_edit_prompts(tok: Tokenizer, num: int, min_tokens: int = 80, max_tokens
     for i in idx:
         _, name, src = cands[i]
         header = src.split("\n", 1)[0].replace(f"def {name}(", f"def {name}_v2(", 1)
-        prompts.append(tok.encode(f"{src}\n\n\n{header}\n"))
+        prompts.append(tok.encode(f"{src}\n\n\n{header}"))  # ends at the header, as the corpus tokenizes it
     return prompts
 
 
@@ -111,18 +116,25 @@ def _inputs(prompts: list[list[int]], t: int, temp: float, max_tokens: int, voca
     return jnp.asarray(tokens), lens, st, limits
 
 
-def _timed_runs(run_one, batches):
-    """Run every batch once to compile, then time them all; returns (seconds, outputs, states)."""
-    run_one(*batches[0])
-    outs, states, total = [], [], 0.0
-    for b in batches:
-        t0 = time.perf_counter()
-        state = run_one(*b)
-        state.out_tokens.block_until_ready()
-        total += time.perf_counter() - t0
-        outs.append(np.asarray(state.out_tokens))
-        states.append(state)
-    return total, np.concatenate(outs), states
+def _timed_runs(run_one, batches, repeats: int = 1):
+    """Run the first batch once to compile, then time a pass over all batches `repeats` times.
+
+    Returns (seconds of the fastest pass, outputs, states). The best pass is the least disturbed
+    by other work on a shared machine; outputs are deterministic, so any pass's are the same.
+    """
+    run_one(*batches[0]).out_tokens.block_until_ready()  # compile, and finish before the clock starts
+    best = float("inf")
+    for _ in range(repeats):
+        outs, states, total = [], [], 0.0
+        for b in batches:
+            t0 = time.perf_counter()
+            state = run_one(*b)
+            state.out_tokens.block_until_ready()
+            total += time.perf_counter() - t0
+            outs.append(np.asarray(state.out_tokens))
+            states.append(state)
+        best = min(best, total)
+    return best, np.concatenate(outs), states
 
 
 def _programs(prefill, decode, weights, args, bake: bool):
@@ -218,6 +230,9 @@ def main(argv=None) -> int:
     p.add_argument("--layer-skip-layers", type=int, default=None)
     p.add_argument("--eagle", default=None, help="EAGLE head dir (default: the shipped one)")
     p.add_argument("--medusa", default=None, help="Medusa head dir (default: the shipped one)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed passes per speculative run (best kept); plain decoding, the denominator of "
+                        "every speedup, is timed max(3, repeats) times")
     p.add_argument("--no-draft-cost", action="store_true")
     p.add_argument("--bake-weights", action="store_true",
                    help="close over the weights (compile-time constants) in plain and speculative programs alike; "
@@ -252,11 +267,14 @@ def main(argv=None) -> int:
             if batch not in step_s:
                 step_s[batch] = plain_step_seconds(weights, cfg, batches[0][0], t, s, m, args.bake_weights)
             for temp in args.temps:
-                plain_s, plain_out, _ = _timed_runs(plain_runner(weights, cfg, t, s, m, temp, args.bake_weights),
-                                                    batches)
+                plain_run = plain_runner(weights, cfg, t, s, m, temp, args.bake_weights)
+                plain_s, plain_out, _ = _timed_runs(plain_run, batches, max(3, args.repeats))
                 n_tokens = plain_out.shape[0] * m
                 print(f"\n[{set_name} batch {batch} T={temp}] plain: {n_tokens / plain_s:.1f} tok/s", flush=True)
+                group = []
                 for method in args.methods:
+                    if method != args.methods[0]:  # plain again between methods: the best pass of the group counts
+                        plain_s = min(plain_s, _timed_runs(plain_run, batches, 1)[0])
                     for k in args.ks:
                         d = {**METHOD_CONFIGS[method], **overrides.get(method, {}), "num_speculative_tokens": k}
                         try:
@@ -266,7 +284,8 @@ def main(argv=None) -> int:
                             print(f"  {method} k={k}: skipped ({e})", flush=True)
                             continue
                         sec, out, states = _timed_runs(
-                            spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, args.bake_weights), batches)
+                            spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, args.bake_weights), batches,
+                            args.repeats)
                         fwd = sum(int(x.forwards.sum()) for x in states)
                         drafted = sum(int(x.drafted.sum()) for x in states)
                         acc = sum(int(x.accepted.sum()) for x in states)
@@ -284,15 +303,23 @@ def main(argv=None) -> int:
                         if method == "layer_skip":
                             row["num_layers"] = drafter.num_layers
                         rows.append(row)
+                        group.append((row, sec))
                         print(f"  {method:11s} k={k}: α {row['acceptance_rate']:.3f}  τ {row['tau']:.2f}  "
                               f"draft {row['draft_ms_per_token'] or 0:.2f} ms/tok "
                               f"({row['draft_cost_ratio'] or 0:.2f} step)  {row['tok_s']:.1f} tok/s  "
                               f"speedup {row['speedup']:.2f}x"
                               + ("" if temp else f"  identical={row['greedy_identical']}"), flush=True)
+                plain_s = min(plain_s, _timed_runs(plain_run, batches, 1)[0])
+                for row, sec in group:  # every speedup of the group against the same, best plain pass
+                    row.update(plain_tok_s=n_tokens / plain_s, speedup=plain_s / sec)
+                print(f"  plain, best of the group's passes: {n_tokens / plain_s:.1f} tok/s; speedups: "
+                      + ", ".join(f"{r['method']} k={r['k']} {r['speedup']:.2f}x" for r, _ in group
+                                  if r["speedup"] == max(x["speedup"] for x, _ in group if x["method"] == r["method"])),
+                      flush=True)
     meta = {"target": target_dir.name, "params": cfg.num_params(), "max_tokens": m, "cache_len": s,
             "plain_step_ms": {b: 1e3 * v for b, v in step_s.items()},
             "compilations": {"spec_prefill": spec_prefill._cache_size(), "spec_decode": spec_decode._cache_size()},
-            "bake_weights": args.bake_weights, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "bake_weights": args.bake_weights, "repeats": args.repeats, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "minutes": (time.time() - t_start) / 60, "machine": f"{platform.processor() or platform.machine()}, "
             f"{jax.device_count()} {jax.default_backend()} device(s)", "jax": jax.__version__,
             "command": "python experiments/bench_spec.py " + " ".join(argv if argv is not None else sys.argv[1:])}
