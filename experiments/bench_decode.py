@@ -7,7 +7,8 @@ jaxinfer runs its jit-compiled generate (`LLM.generate_static`: prefill, then th
 decode `lax.while_loop` on device); transformers runs `generate` (PyTorch eager).
 Prints tokens/s for both, their ratio, and jaxinfer's fraction of the
 memory-bandwidth roofline: (weight bytes + KV bytes read per decode step) /
-step time / the read bandwidth measured here, in this same run.
+step time / the read bandwidth measured here, in this same run. Also the time of one step's
+weight matmuls alone (XLA:CPU's dot efficiency at this batch bounds the step from below).
 
     python experiments/bench_decode.py [--batches 1 8 32] [--dtypes float32 bfloat16]
 """
@@ -76,8 +77,32 @@ def bench_jaxinfer(path: Path, dtype: str, batch: int, prompts: np.ndarray, repe
     # KV actually needed per step: 2 (K, V) x layers x batch x mean context x kv heads x head dim
     mean_ctx = PROMPT_LEN + NEW_TOKENS / 2
     kv_bytes = 2 * cfg.num_layers * batch * mean_ctx * cfg.num_kv_heads * cfg.head_dim * itemsize
-    return dict(tok_s=batch * NEW_TOKENS / total, step_ms=step * 1e3,
+    return dict(tok_s=batch * NEW_TOKENS / total, step_ms=step * 1e3, matmul_ms=matmul_floor_ms(llm, batch),
                 bytes_per_step=weight_bytes + kv_bytes, first_tokens=out[0].outputs[0].token_ids[:8])
+
+
+def matmul_floor_ms(llm, batch: int, steps: int = 64) -> float:
+    """One decode step's weight matmuls alone (every layer's qkv, o, gate/up, down and the LM
+    head, with `layers.matmul`), `steps` times in a fori_loop on device: the step time jaxinfer
+    would have if attention, norms, RoPE, the cache write and sampling were free (ms)."""
+    from jaxinfer.layers import matmul, swiglu
+    from jaxinfer.model import lm_logits
+    weights, cfg = llm.weights, llm.cfg
+    q_width = cfg.num_heads * cfg.head_dim
+
+    @jax.jit
+    def loop(weights, x):
+        def body(_, x):
+            for layer in weights.layers:
+                x = x + matmul(matmul(x, layer.wqkv)[:, :q_width], layer.wo)
+                x = x + matmul(swiglu(matmul(x, layer.w_gate_up)), layer.w_down)
+            logits = lm_logits(weights, x, cfg.rms_norm_eps)
+            return x + 1e-6 * jnp.max(logits, axis=-1, keepdims=True).astype(x.dtype)
+        return jax.lax.fori_loop(0, steps, body, x)
+
+    x = jnp.ones((batch, cfg.hidden_size), weights.dtype) * 0.01
+    loop(weights, x).block_until_ready()
+    return 1e3 * min(_timed(lambda: loop(weights, x).block_until_ready()) for _ in range(3)) / steps
 
 
 def bench_transformers(path: Path, dtype: str, batch: int, prompts: np.ndarray, repeats: int):
@@ -118,24 +143,28 @@ def main():
                 roofline = j["bytes_per_step"] / (j["step_ms"] / 1e3) / (bw * 1e9)
                 row = dict(dtype=dtype, batch=b, jaxinfer_tok_s=round(j["tok_s"], 1),
                            transformers_tok_s=round(t["tok_s"], 1), ratio=round(j["tok_s"] / t["tok_s"], 2),
-                           step_ms=round(j["step_ms"], 2), roofline=round(roofline, 3),
+                           step_ms=round(j["step_ms"], 2), matmul_ms=round(j["matmul_ms"], 2),
+                           roofline=round(roofline, 3),
                            same_first_tokens=j["first_tokens"] == t["first_tokens"])
                 rows.append(row)
                 print(f"{dtype:9s} batch {b:3d}: jaxinfer {row['jaxinfer_tok_s']:8.1f} tok/s   transformers "
                       f"{row['transformers_tok_s']:7.1f} tok/s   ratio {row['ratio']:5.2f}x   "
-                      f"step {row['step_ms']:6.2f} ms   roofline {roofline:5.1%}   "
+                      f"step {row['step_ms']:6.2f} ms (matmuls alone {row['matmul_ms']:6.2f})   "
+                      f"roofline {roofline:5.1%}   "
                       f"same greedy start: {row['same_first_tokens']}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     result = dict(bandwidth_gbs=round(bw, 2), params=n_params, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
                   backend=jax.default_backend(), rows=rows)
     (RESULTS / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| dtype | batch | jaxinfer tok/s | transformers tok/s | ratio | step ms | roofline |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| dtype | batch | jaxinfer tok/s | transformers tok/s | ratio | step ms | matmuls alone ms | roofline |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['dtype']} | {r['batch']} | {r['jaxinfer_tok_s']} | {r['transformers_tok_s']} | "
-              f"{r['ratio']}x | {r['step_ms']} | {r['roofline']:.1%} |" for r in rows]
+              f"{r['ratio']}x | {r['step_ms']} | {r['matmul_ms']} | {r['roofline']:.1%} |" for r in rows]
     (RESULTS / "bench_decode.md").write_text(
         f"Measured read bandwidth {bw:.1f} GB/s; {n_params / 1e6:.1f}M params; "
-        f"{NEW_TOKENS} new tokens from {PROMPT_LEN}-token prompts, greedy.\n\n" + "\n".join(lines) + "\n")
+        f"{NEW_TOKENS} new tokens from {PROMPT_LEN}-token prompts, greedy. \"matmuls alone\": one step's "
+        "weight matmuls (all layers and the LM head) timed by themselves in a loop on device, the step time "
+        "if attention, norms, the cache write and sampling were free.\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {RESULTS / 'bench_decode.json'}")
 
 
