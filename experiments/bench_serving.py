@@ -222,25 +222,45 @@ def main():
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_serving.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = ["| run | out tok/s | req/s | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | E2EL p50/p95/p99 ms |",
-          "|---|---|---|---|---|---|"]
+    (RESULTS / "bench_serving.md").write_text(markdown(results))
+    print(f"\nwrote {RESULTS / 'bench_serving.json'}")
+
+
+def markdown(results: dict) -> str:
+    """The results table. Static batches return every token at the end of the batch: no TPOT/ITL."""
+    md = ["| run | out tok/s | req/s | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | E2EL p50/p95/p99 ms "
+          "| KV usage mean/max | max running | compilations |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for key in ("a_continuous", "a_static", "a_static_unlimited", "a_poisson", "b_prefix_off", "b_prefix_on"):
         s = results[key]
-        md.append(f"| {key} | {s['output_throughput']:.1f} | {s['request_throughput']:.2f} | "
-                  + " | ".join("/".join(f"{s[m][p]:.0f}" for p in ("median", "p95", "p99"))
-                               for m in ("ttft_ms", "tpot_ms", "e2el_ms")) + " |")
-    md.append("")
-    md.append(f"continuous/static output throughput: {results['a_continuous_over_static']:.2f}x in the same KV "
-              f"memory ({results['a_static']['batch_size']} static rows of {results['a_static']['row_slots']} "
-              f"slots), {results['a_continuous_over_static_unlimited']:.2f}x against static batches of "
-              f"{args.max_num_seqs} with no memory limit; "
-              f"prefix caching mean-TTFT off/on: {results['b_ttft_off_over_on']:.2f}x; "
-              f"paged/contiguous concurrent sequences: {results['paged_max_concurrent']}/"
-              f"{results['contiguous_max_concurrent']}")
+        cells = ["/".join(f"{s[m][p]:.0f}" for p in ("median", "p95", "p99")) for m in ("ttft_ms", "tpot_ms", "e2el_ms")]
+        if key.startswith("a_static"):
+            cells[1] = "-"
+        kv = f"{s['kv_usage_mean']:.0%}/{s['kv_usage_max']:.0%}" if "kv_usage_mean" in s else "-"
+        running = s.get("max_concurrent_seqs", s.get("batch_size", "-"))
+        md.append(f"| {key} | {s['output_throughput']:.1f} | {s['request_throughput']:.2f} | " + " | ".join(cells)
+                  + f" | {kv} | {running} | {s.get('compilations', '-')} |")
+    a = results["args"]
+    md += ["", f"{a['num_requests']} requests per workload, seed {a['seed']}, max_num_seqs {a['max_num_seqs']}, "
+           f"max_num_batched_tokens {a['max_num_batched_tokens']}, {a['kv_cache_memory_mb']:.0f} MiB of KV. "
+           "Compilations: the engine's jitted programs after the run (cumulative within one LLM).", "",
+           f"- continuous / static output throughput: {results['a_continuous_over_static']:.2f}x in the same KV "
+           f"memory ({results['a_static']['batch_size']} static rows of {results['a_static']['row_slots']} slots), "
+           f"{results['a_continuous_over_static_unlimited']:.2f}x against static batches of "
+           f"{results['a_static_unlimited']['batch_size']} with no memory limit "
+           f"({results['a_static_unlimited']['kv_bytes_needed'] / 2**20:.0f} MiB); identical tokens: "
+           f"{results['a_identical_outputs']}",
+           f"- prefix caching, mean TTFT off / on: {results['b_ttft_off_over_on']:.2f}x "
+           f"(hit rate {results['b_prefix_on']['hit_rate']:.1%})",
+           f"- paged / contiguous max-length preallocation, concurrent sequences in "
+           f"{results['kv_budget_bytes'] / 2**20:.0f} MiB: {results['paged_max_concurrent']} / "
+           f"{results['contiguous_max_concurrent']} (preemptions {results['paged_tight_budget']['preemptions']})"]
     if "a_transformers" in results:
-        md.append(f"; engine/transformers output throughput: {results['a_engine_over_transformers']:.2f}x")
-    (RESULTS / "bench_serving.md").write_text("\n".join(md) + "\n")
-    print(f"\nwrote {RESULTS / 'bench_serving.json'}")
+        md.append(f"- engine / transformers `generate` (static batches of {a['max_num_seqs']}) output throughput: "
+                  f"{results['a_engine_over_transformers']:.2f}x "
+                  f"({results['a_continuous']['output_throughput']:.1f} vs "
+                  f"{results['a_transformers']['output_throughput']:.1f} tok/s)")
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":
