@@ -259,6 +259,7 @@ def main(argv=None) -> int:
                  "medusa": {"model": args.medusa} if args.medusa else {}}
     rows, t_start = [], time.time()
     step_s = {}
+    compiled = {"spec_prefill": 0, "spec_decode": 0}
     for batch in args.batches:
         for set_name, prompts in sets.items():
             use = prompts[:args.prompts_b1] if batch == 1 else prompts[:batch]
@@ -304,6 +305,11 @@ def main(argv=None) -> int:
                             row["num_layers"] = drafter.num_layers
                         rows.append(row)
                         group.append((row, sec))
+                        # Each (drafter, k) compiles its own programs; a process that keeps hundreds of them
+                        # runs out of memory mappings in LLVM's JIT. Count them, then let them go.
+                        compiled["spec_prefill"] += spec_prefill._cache_size()
+                        compiled["spec_decode"] += spec_decode._cache_size()
+                        jax.clear_caches()
                         print(f"  {method:11s} k={k}: α {row['acceptance_rate']:.3f}  τ {row['tau']:.2f}  "
                               f"draft {row['draft_ms_per_token'] or 0:.2f} ms/tok "
                               f"({row['draft_cost_ratio'] or 0:.2f} step)  {row['tok_s']:.1f} tok/s  "
@@ -318,7 +324,7 @@ def main(argv=None) -> int:
                       flush=True)
     meta = {"target": target_dir.name, "params": cfg.num_params(), "max_tokens": m, "cache_len": s,
             "plain_step_ms": {b: 1e3 * v for b, v in step_s.items()},
-            "compilations": {"spec_prefill": spec_prefill._cache_size(), "spec_decode": spec_decode._cache_size()},
+            "compilations": compiled,
             "bake_weights": args.bake_weights, "repeats": args.repeats, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "minutes": (time.time() - t_start) / 60, "machine": f"{platform.processor() or platform.machine()}, "
             f"{jax.device_count()} {jax.default_backend()} device(s)", "jax": jax.__version__,
