@@ -74,9 +74,9 @@ def continuation_prompts(tok: Tokenizer, num: int) -> list[list[int]]:
 
 def code_edit_prompts(tok: Tokenizer, num: int, min_tokens: int = 80, max_tokens: int = 224) -> list[list[int]]:
     """A held-out function, two blank lines, then its header renamed to `<name>_v2`: the answer
-    a copying model gives repeats the function. (The embedded 11M target barely copies: its
-    greedy continuation shares only the first 0-4% of characters with the original body; the
-    repetition prompt lookup finds there is mostly the model's own loops.)"""
+    a copying model gives repeats the function. How much a given model's answer actually repeats
+    the prompt is what the n-gram rows measure (the embedded 11M target rarely copies a whole
+    body; much of what prompt lookup finds is its own repetition)."""
     root = corpus.stdlib_root()
     _, held = corpus.split_files(corpus.corpus_files(root))
     cands = []
