@@ -1,0 +1,83 @@
+"""What a speculative round's verification costs: one target forward over T = k+1 tokens vs T = 1.
+
+Speculative decoding pays off when tau (tokens per round) exceeds the cost of a round in plain
+steps; the verify forward is the floor of that cost. On a GPU, decode is memory-bound and T = k+1
+costs about what T = 1 does; on a CPU the weight matmuls at M = B*T rows are not free. Times the
+embedded target's forward (contiguous cache, context ~200 tokens) at each T inside one jitted
+fori_loop, in one run, and writes experiments/results/verify_cost.{json,md}.
+
+    python experiments/verify_cost.py [--model stdlib-target] [--batches 1 8] [--tokens 1 2 3 5 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.checkpoint import load_hf
+from jaxinfer.kv.cache import AttentionMeta, init_contiguous
+from jaxinfer.llm import resolve_model
+from jaxinfer.model import forward
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def forward_ms(weights, cfg, batch: int, t: int, context: int = 200, steps: int = 100) -> float:
+    """Best-of-3 time of one forward over t new tokens per row after `context` cached ones (ms)."""
+    kv, page_table = init_contiguous(cfg.num_layers, batch, context + t + 64, cfg.num_kv_heads, cfg.head_dim,
+                                     weights.dtype)
+
+    @jax.jit
+    def loop(weights, kv):
+        def body(i, carry):
+            kv, tok = carry
+            lens = jnp.full((batch,), context + t, jnp.int32)
+            meta = AttentionMeta(page_table=page_table, kv_lens=lens, q_lens=jnp.full((batch,), t, jnp.int32),
+                                 contiguous=True)
+            tokens = jnp.broadcast_to(tok, (batch, t))
+            positions = (lens - t)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+            logits, _, kv = forward(weights, cfg, tokens, positions, kv, meta)
+            return kv, jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32)  # feeds the next step
+        return jax.lax.fori_loop(0, steps, body, (kv, jnp.ones((batch, 1), jnp.int32)))[1]
+
+    loop(weights, kv).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        loop(weights, kv).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best / steps
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="stdlib-target")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 5, 9])
+    args = ap.parse_args()
+    cfg, weights = load_hf(resolve_model(args.model), "float32")
+    rows = []
+    for b in args.batches:
+        base = None
+        for t in args.tokens:
+            ms = forward_ms(weights, cfg, b, t)
+            base = base or ms
+            rows.append(dict(batch=b, tokens=t, ms=round(ms, 3), vs_one_token=round(ms / base, 2)))
+            print(f"batch {b:2d}  T={t}: {ms:7.3f} ms per forward   {ms / base:5.2f}x T={args.tokens[0]}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "verify_cost.json").write_text(json.dumps(dict(model=args.model, rows=rows), indent=2) + "\n")
+    md = [f"Target forward over T new tokens per row ({args.model}, float32, context 200), "
+          f"relative to T = {args.tokens[0]}. `python experiments/verify_cost.py`", "",
+          "| batch | T | ms | vs T=1 |", "|---|---|---|---|"]
+    md += [f"| {r['batch']} | {r['tokens']} | {r['ms']} | {r['vs_one_token']}x |" for r in rows]
+    (RESULTS / "verify_cost.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {RESULTS / 'verify_cost.md'}")
+
+
+if __name__ == "__main__":
+    main()
