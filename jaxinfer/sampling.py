@@ -156,6 +156,12 @@ def filter_logits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
 
     softmax of the result is the distribution a non-greedy row samples from (and
     the p or q of speculative verification). Greedy rows come back unscaled.
+
+    top-k and top-p need the k-th largest logit and the smallest logit of the top-p
+    prefix. Both are found by an exact bisection over the 2^32 float keys (32 masked
+    reductions over [B, V]) instead of sorting each row: XLA:CPU sorts a 4,096-token row
+    in ~0.44 ms, longer than a whole decode step of the embedded target at batch 1. Each
+    filter runs only when some row of the batch enables it.
     """
     t = jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
     x = logits.astype(jnp.float32) / t
@@ -164,19 +170,48 @@ def filter_logits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
     top = jnp.max(x, axis=-1, keepdims=True)
     min_p = st.min_p[:, None]
     x = jnp.where((min_p > 0) & (x - top < jnp.log(jnp.maximum(min_p, 1e-38))), _MASK, x)
-    # One descending sort serves top-k and top-p.
-    srt = -jnp.sort(-x, axis=-1)  # [B, V]
-    k = jnp.where(st.top_k > 0, st.top_k, vocab)
-    kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)  # [B, 1]
-    x = jnp.where(x < kth, _MASK, x)
-    srt = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], srt, _MASK)
-    # top-p: keep the smallest prefix of the sorted distribution whose mass reaches p.
-    probs = jax.nn.softmax(srt, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < st.top_p[:, None]
-    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
-    pth = jnp.take_along_axis(srt, (n_keep - 1)[:, None], axis=-1)
-    return jnp.where(x < pth, _MASK, x)
+
+    def top_k(x):  # keep the k largest (and every token tied with the k-th)
+        on = st.top_k > 0
+        k = jnp.where(on, jnp.minimum(st.top_k, vocab), vocab).astype(jnp.float32)
+        keys = _ordered_keys(x)
+        kth = _largest_key_reaching(keys, jnp.ones_like(x), k)
+        return jnp.where(on[:, None] & (keys < kth[:, None]), _MASK, x)
+
+    def top_p(x):  # keep the smallest set of largest tokens whose mass reaches p (and ties)
+        on = st.top_p < 1
+        keys = _ordered_keys(x)
+        pth = _largest_key_reaching(keys, jax.nn.softmax(x, axis=-1), jnp.where(on, st.top_p, 0.0))
+        return jnp.where(on[:, None] & (keys < pth[:, None]), _MASK, x)
+
+    x = jax.lax.cond(jnp.any(st.top_k > 0), top_k, lambda x: x, x)
+    return jax.lax.cond(jnp.any(st.top_p < 1), top_p, lambda x: x, x)
+
+
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 keys with the same order (-inf lowest): sign-magnitude to offset binary."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _largest_key_reaching(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row of keys [B, V]: the largest key K with sum(weights[keys >= K]) >= target [B].
+
+    The sum only shrinks as K grows, so a bisection over all 2^32 keys finds K exactly in 32
+    steps, and K is always one of the row's keys (the sum changes only at them). Key 0 is
+    the answer when even the whole row falls short of the target (keep everything).
+    """
+    def step(_, bounds):
+        lo, hi = bounds  # invariant: sum(weights[keys >= lo]) >= target; the answer is in [lo, hi]
+        half = hi - lo
+        mid = lo + (half >> 1) + (half & 1)  # upper middle, > lo while lo < hi; no uint32 overflow
+        ok = jnp.sum(jnp.where(keys >= mid[:, None], weights, 0.0), axis=-1) >= target
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    rows = keys.shape[0]
+    lo = jnp.zeros((rows,), jnp.uint32)
+    hi = jnp.full((rows,), 0xFFFFFFFF, jnp.uint32)
+    return jax.lax.fori_loop(0, 32, step, (lo, hi))[0]
 
 
 def row_keys(st: SamplingTensors, counter: jax.Array) -> jax.Array:

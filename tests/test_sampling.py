@@ -102,6 +102,48 @@ def test_filter_is_identity_when_disabled():
     np.testing.assert_allclose(filter_logits(logits, st), logits, rtol=1e-6)
 
 
+def test_filter_keeps_the_whole_tail_when_disabled_at_a_large_vocab():
+    """top_p=1 and top_k off keep every token, even where a float32 running sum of the sorted
+    probabilities reaches 1.0 before the last token (a peaked 4,096-token row)."""
+    logits = jnp.concatenate([jnp.array([30.0]), jax.random.normal(jax.random.PRNGKey(4), (4095,))])[None]
+    out = filter_logits(logits, _tensors(1, vocab=4096, temperature=1.0))
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def _kept_reference(row, top_k, top_p):
+    """Token set kept by top-k then top-p, by sorting in numpy (vLLM's rule: every token tied
+    with the k-th / last kept logit stays; top-p normalizes over what top-k kept)."""
+    keep = np.ones(row.shape, bool)
+    if 0 < top_k < row.size:
+        keep &= row >= np.sort(row)[::-1][top_k - 1]
+    if top_p < 1:
+        probs = np.where(keep, np.exp(row - row.max()), 0.0)
+        probs /= probs.sum()
+        order = np.argsort(-row, kind="stable")
+        before = np.cumsum(probs[order]) - probs[order]
+        last = order[max(int(np.sum(before < top_p)), 1) - 1]
+        keep &= row >= row[last]
+    return keep
+
+
+@pytest.mark.parametrize("vocab,ties", [(12, False), (4096, False), (4096, True)])
+def test_top_k_top_p_threshold_search_matches_a_sort(vocab, ties):
+    """The bisection finds the same k-th and top-p thresholds a full sort does, row by row,
+    in a batch mixing filters on and off, including logits with many exact ties."""
+    rng = np.random.default_rng(vocab + ties)
+    rows = 24
+    x = (rng.normal(size=(rows, vocab)) * rng.uniform(0.5, 4, size=(rows, 1))).astype(np.float32)
+    if ties:
+        x = np.round(x, 1)
+    params = [SamplingParams(temperature=1.0, top_k=int(rng.choice([0, 1, 3, 50])),
+                             top_p=float(rng.choice([1.0, 0.95, 0.5, 0.1]))) for _ in range(rows)]
+    st = SamplingTensors.from_params(params, list(range(rows)), vocab)
+    out = np.asarray(jax.jit(filter_logits)(jnp.asarray(x), st))
+    for i, p in enumerate(params):
+        np.testing.assert_array_equal(np.isfinite(out[i]), _kept_reference(x[i], p.top_k, p.top_p),
+                                      err_msg=f"row {i}: top_k={p.top_k} top_p={p.top_p}")
+
+
 def test_token_logprobs_rank_and_top():
     logits = jnp.array([[1.0, 3.0, 2.0, 0.0]])
     lp, rank, top_ids, top_lp = token_logprobs(logits, jnp.array([2]), 2)
