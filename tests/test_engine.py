@@ -87,6 +87,22 @@ def test_prefix_caching_computes_fewer_prompt_tokens(model_dir):
     assert s_off.prefix_cache_queries == 0
 
 
+def test_same_step_prefix_hit_reads_pages_after_they_are_written(model_dir):
+    """A short request first, then two sharing a 64-token prefix, all admitted in one step: the
+    third hits the pages the second computes, and its short chunk has the first one's length.
+    Outputs equal the engine's without prefix caching."""
+    rng = np.random.default_rng(11)
+    prefix = rng.integers(3, 300, size=64).tolist()
+    prompts = [{"prompt_token_ids": rng.integers(3, 300, size=9).tolist()},
+               {"prompt_token_ids": prefix + rng.integers(3, 300, size=5).tolist()},
+               {"prompt_token_ids": prefix + rng.integers(3, 300, size=7).tolist()}]
+    on = LLM(model_dir, enable_prefix_caching=True, block_size=8)
+    off = LLM(model_dir, enable_prefix_caching=False, block_size=8)
+    a, b = on.generate(prompts, GREEDY), off.generate(prompts, GREEDY)
+    assert on.get_stats().prefix_cache_hits == 8  # the third request's 8 full prefix pages
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+
+
 def test_abort_frees_pages_at_once_and_others_continue(model_dir):
     llm = LLM(model_dir, block_size=8)
     eng = llm.engine
@@ -203,3 +219,21 @@ def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
     if method == "ngram":
         assert s.spec_acceptance_rate > 0
     _check_pages_returned(spec)
+
+
+def test_prefill_calls_group_similar_lengths_and_keep_readers_after_writers():
+    from jaxinfer.engine.runner import prefill_calls
+    from jaxinfer.engine.scheduler import ScheduledChunk
+
+    def chunk(n, start=0, admitted=True):
+        return ScheduledChunk(request=None, start=start, num_tokens=n, admitted=admitted)
+
+    a, b, c, d = chunk(460), chunk(40), chunk(470), chunk(38, admitted=False)
+    calls = prefill_calls([a, b, c, d])
+    assert sorted(map(len, calls)) == [2, 2] and {id(x) for x in calls[0]} in ({id(a), id(c)}, {id(b), id(d)})
+    # e arrives with prefix-cache hits (start > 0): every earlier chunk runs in an earlier call
+    e, f = chunk(8, start=64), chunk(30)
+    calls = prefill_calls([a, b, e, f])
+    where = {id(x): i for i, call in enumerate(calls) for x in call}
+    assert where[id(e)] > max(where[id(a)], where[id(b)])
+    assert where[id(f)] >= where[id(e)]

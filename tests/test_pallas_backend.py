@@ -34,7 +34,8 @@ def test_pallas_generate_matches_xla(tmp_path, monkeypatch):
         ref = getattr(xla, method)(prompts, params)
         traced.clear()
         got = getattr(pallas, method)(prompts, params)
-        assert {shape[1] for shape in traced} == {1, 32}, (method, traced)  # decode T = 1, prefill T = 32
+        widths = {shape[1] for shape in traced}  # decode T = 1; prefill calls of T >= 16 tokens
+        assert 1 in widths and min(widths - {1}, default=0) >= 16, (method, traced)
         for r, g in zip(ref, got):
             assert g.outputs[0].token_ids == r.outputs[0].token_ids, method
             # stated tolerance: float32 kernel vs float32 XLA, log-probs within 1e-4 nats

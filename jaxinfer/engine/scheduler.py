@@ -168,9 +168,10 @@ class Scheduler:
         """Key every full page of req's first num_tokens tokens so other requests can share it.
 
         Called when a chunk is scheduled (as vLLM does): a request admitted later in the
-        same step may already hit these pages, since every row's K/V is written before
-        any row's attention reads the cache, layer by layer, and prefill chunks run
-        before decodes."""
+        same step may already hit these pages: within one call every row's K/V is written
+        before any row's attention reads the cache, layer by layer, and the runner puts
+        such a chunk in a call after every call holding an earlier chunk
+        (`runner.prefill_calls`)."""
         if not self.allocator.enable_prefix_caching:
             return
         n_full = min(num_tokens, req.num_tokens) // self.page_size
