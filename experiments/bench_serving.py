@@ -115,12 +115,27 @@ def run_transformers(model_dir: Path, prompts, params, batch_size):
 
 
 def measured(run, llm: LLM, *args):
-    """Run a workload twice and keep the second: the first compiles every shape it needs
-    (compilations are counted and reported), the second measures serving. The prefix
-    cache is emptied in between so the second run starts cold."""
-    run(llm, *args)
-    llm.engine.allocator.reset_prefix_cache()
-    return run(llm, *args)
+    """Warm up, then measure one run of a workload; returns (run's result, compile info).
+
+    Warm-up passes compile the shapes the workload needs; an engine workload is warmed up
+    until a pass compiles nothing new (at most 3 passes: with Poisson arrivals the step
+    compositions, hence the shapes, depend on timing). Compilations are counted and
+    reported, including any during the measured run. The prefix cache is emptied before
+    every pass so each starts cold."""
+    def count():
+        return llm.get_stats().compilations
+
+    passes = 0
+    while passes < (3 if run is run_engine else 1):
+        before = count()
+        run(llm, *args)
+        llm.engine.allocator.reset_prefix_cache()
+        passes += 1
+        if count() == before:
+            break
+    before = count()
+    out = run(llm, *args)
+    return out, {"warmup_passes": passes, "compilations": count(), "compiled_while_measured": count() - before}
 
 
 def main():
@@ -149,15 +164,15 @@ def main():
 
     # 1. continuous vs static batching, workload (a), offline
     prompts_a, params_a = mixed_workload(rng, args.num_requests, vocab)
-    outs, cont, kv_a = measured(run_engine, llm, prompts_a, params_a)
+    (outs, cont, kv_a), comp_a = measured(run_engine, llm, prompts_a, params_a)
     per_token = llm.engine.kv_cache_bytes / (llm.engine.num_pages * llm.engine_config.block_size)
     longest = max(len(p["prompt_token_ids"]) + sp.max_tokens for p, sp in zip(prompts_a, params_a))
     fit = max(1, min(args.max_num_seqs, int(llm.engine.kv_cache_bytes // (longest * per_token))))
     static_rows = 1 << (fit.bit_length() - 1)  # generate_static pads the batch to a power of two
-    static_outs, static = measured(run_static, llm, prompts_a, params_a, static_rows)
-    _, static_free = measured(run_static, llm, prompts_a, params_a, args.max_num_seqs)
+    (static_outs, static), _ = measured(run_static, llm, prompts_a, params_a, static_rows)
+    (_, static_free), _ = measured(run_static, llm, prompts_a, params_a, args.max_num_seqs)
     same = [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in static_outs]
-    results["a_continuous"] = {**cont, **kv_a, "compilations": llm.get_stats().compilations}
+    results["a_continuous"] = {**cont, **kv_a, **comp_a}
     results["a_static"] = {**static, "batch_size": static_rows, "row_slots": longest}
     results["a_static_unlimited"] = {**static_free, "batch_size": args.max_num_seqs,
                                      "kv_bytes_needed": int(args.max_num_seqs * longest * per_token)}
@@ -166,7 +181,8 @@ def main():
     results["a_identical_outputs"] = same
     print("\n(a) mixed, all at once — continuous batching\n" + format_summary(cont))
     print(f"  KV usage mean {kv_a['kv_usage_mean']:.1%} max {kv_a['kv_usage_max']:.1%}; "
-          f"max concurrent {kv_a['max_concurrent_seqs']}; compilations {llm.get_stats().compilations}")
+          f"max concurrent {kv_a['max_concurrent_seqs']}; compilations {comp_a['compilations']} "
+          f"({comp_a['compiled_while_measured']} while measured)")
     print(f"(a) mixed, all at once — static batching, {static_rows} rows of {longest} slots "
           f"(the same {llm.engine.kv_cache_bytes / 2**20:.0f} MiB of KV)\n" + format_summary(static))
     print(f"(a) mixed, all at once — static batching, {args.max_num_seqs} rows, no memory limit "
@@ -178,22 +194,25 @@ def main():
     # (a) with Poisson arrivals
     gaps = rng.exponential(1.0 / args.rate, size=args.num_requests)
     arrivals = np.cumsum(gaps).tolist()
-    _, pois, kv_p = measured(run_engine, llm, prompts_a, params_a, arrivals)
-    results["a_poisson"] = {**pois, **kv_p, "rate": args.rate}
+    (_, pois, kv_p), comp_p = measured(run_engine, llm, prompts_a, params_a, arrivals)
+    results["a_poisson"] = {**pois, **kv_p, **comp_p, "rate": args.rate}
     print(f"\n(a) mixed, Poisson {args.rate}/s — continuous batching\n" + format_summary(pois))
+    print(_compile_line(comp_p))
 
     # 2. prefix caching on vs off, workload (b)
     prompts_b, params_b = shared_prefix_workload(rng, args.num_requests, vocab)
     arrivals_b = np.cumsum(rng.exponential(1.0 / args.rate, size=args.num_requests)).tolist()
-    _, off, kv_off = measured(run_engine, llm, prompts_b, params_b, arrivals_b)
+    (_, off, kv_off), comp_off = measured(run_engine, llm, prompts_b, params_b, arrivals_b)
     llm_pc = LLM(args.model, enable_prefix_caching=True, **common)
-    _, on, kv_on = measured(run_engine, llm_pc, prompts_b, params_b, arrivals_b)
+    (_, on, kv_on), comp_on = measured(run_engine, llm_pc, prompts_b, params_b, arrivals_b)
     st = llm_pc.get_stats()
-    results["b_prefix_off"] = {**off, **kv_off}
-    results["b_prefix_on"] = {**on, **kv_on, "hit_rate": st.prefix_cache_hit_rate, "compilations": st.compilations}
+    results["b_prefix_off"] = {**off, **kv_off, **comp_off}
+    results["b_prefix_on"] = {**on, **kv_on, **comp_on, "hit_rate": st.prefix_cache_hit_rate}
     results["b_ttft_off_over_on"] = off["ttft_ms"]["mean"] / on["ttft_ms"]["mean"]
     print("\n(b) shared 512-token system prompt — prefix caching off\n" + format_summary(off))
+    print(_compile_line(comp_off))
     print("(b) shared 512-token system prompt — prefix caching on\n" + format_summary(on))
+    print(_compile_line(comp_on))
     print(f"  hit rate {st.prefix_cache_hit_rate:.1%}; mean TTFT off/on: {results['b_ttft_off_over_on']:.2f}x")
 
     # 3. paged vs contiguous: sequences that fit in the same KV memory. The budget is what a
@@ -201,11 +220,11 @@ def main():
     budget = int(args.contiguous_seqs * llm.max_model_len * per_token)
     big = LLM(args.model, enable_prefix_caching=False,
               **{**common, "max_num_seqs": 256, "kv_cache_memory_bytes": budget})
-    _, paged, kv_big = measured(run_engine, big, prompts_a, params_a)
+    (_, paged, kv_big), comp_big = measured(run_engine, big, prompts_a, params_a)
     results["kv_budget_bytes"] = budget
     results["paged_max_concurrent"] = kv_big["max_concurrent_seqs"]
     results["contiguous_max_concurrent"] = args.contiguous_seqs
-    results["paged_tight_budget"] = {**paged, **kv_big, "preemptions": big.get_stats().num_preemptions}
+    results["paged_tight_budget"] = {**paged, **kv_big, "preemptions": big.get_stats().num_preemptions, **comp_big}
     print(f"\n(3) {budget / 2**20:.1f} MiB of KV: contiguous preallocation of max_model_len={llm.max_model_len} "
           f"fits {args.contiguous_seqs} sequences; paged ran up to {kv_big['max_concurrent_seqs']} at once "
           f"({kv_big['max_concurrent_seqs'] / args.contiguous_seqs:.1f}x), KV usage mean "
@@ -226,6 +245,17 @@ def main():
     print(f"\nwrote {RESULTS / 'bench_serving.json'}")
 
 
+def _compile_line(c: dict) -> str:
+    return (f"  compilations {c['compilations']} ({c['compiled_while_measured']} while measured, after "
+            f"{c['warmup_passes']} warm-up passes)")
+
+
+def _compiled(s: dict) -> str:
+    if "compilations" not in s:
+        return "-"
+    return f"{s['compilations']} (+{s['compiled_while_measured']})"
+
+
 def markdown(results: dict) -> str:
     """The results table. Static batches return every token at the end of the batch: no TPOT/ITL."""
     md = ["| run | out tok/s | req/s | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | E2EL p50/p95/p99 ms "
@@ -239,11 +269,13 @@ def markdown(results: dict) -> str:
         kv = f"{s['kv_usage_mean']:.0%}/{s['kv_usage_max']:.0%}" if "kv_usage_mean" in s else "-"
         running = s.get("max_concurrent_seqs", s.get("batch_size", "-"))
         md.append(f"| {key} | {s['output_throughput']:.1f} | {s['request_throughput']:.2f} | " + " | ".join(cells)
-                  + f" | {kv} | {running} | {s.get('compilations', '-')} |")
+                  + f" | {kv} | {running} | {_compiled(s)} |")
     a = results["args"]
     md += ["", f"{a['num_requests']} requests per workload, seed {a['seed']}, max_num_seqs {a['max_num_seqs']}, "
            f"max_num_batched_tokens {a['max_num_batched_tokens']}, {a['kv_cache_memory_mb']:.0f} MiB of KV. "
-           "Compilations: the engine's jitted programs after the run (cumulative within one LLM).", "",
+           "Compilations: the engine's jitted programs after the run (cumulative within one LLM; "
+           "+n: compiled during the measured run, after warm-up passes that stop once one compiles nothing "
+           "new, at most 3).", "",
            f"- continuous / static output throughput: {results['a_continuous_over_static']:.2f}x in the same KV "
            f"memory ({results['a_static']['batch_size']} static rows of {results['a_static']['row_slots']} slots), "
            f"{results['a_continuous_over_static_unlimited']:.2f}x against static batches of "
