@@ -1,0 +1,98 @@
+"""What the paged KV cache costs a decode step on the XLA path: paged vs contiguous, same work.
+
+The engine's decode attention gathers every row's pages (through its page table) into a
+contiguous copy, layer by layer, before the attention products; `generate_static` reads a
+contiguous cache in place. Times one decode forward of the embedded target over each layout
+(same rows, same cache slots per row, same context), inside one jitted fori_loop, in one run.
+The pages of the paged cache are a random permutation, as they end up after a while of serving.
+Writes experiments/results/paged_decode_cost.{json,md}.
+
+    python experiments/paged_decode_cost.py [--model stdlib-target] [--batches 8 24 48] [--slots 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.checkpoint import load_hf
+from jaxinfer.kv.cache import AttentionMeta, init_contiguous, init_paged
+from jaxinfer.llm import resolve_model
+from jaxinfer.model import forward
+
+RESULTS = Path(__file__).parent / "results"
+PAGE = 16
+STEPS = 20
+
+
+def _time_loop(loop, weights, kv) -> float:
+    """Best-of-3 ms per decode forward of a jitted STEPS-step loop."""
+    loop(weights, kv).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        loop(weights, kv).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best / STEPS
+
+
+def decode_ms(weights, cfg, batch: int, slots: int, context: int, paged: bool) -> float:
+    pages_per_row = slots // PAGE
+    if paged:
+        num_pages = batch * pages_per_row + 1
+        kv = init_paged(cfg.num_layers, num_pages, PAGE, cfg.num_kv_heads, cfg.head_dim, weights.dtype)
+        perm = np.random.default_rng(0).permutation(num_pages - 1)[:batch * pages_per_row]
+        table = jnp.asarray(perm.reshape(batch, pages_per_row), jnp.int32)
+    else:
+        kv, table = init_contiguous(cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim, weights.dtype)
+
+    @jax.jit
+    def loop(weights, kv):
+        def body(i, carry):
+            kv, tok = carry
+            lens = jnp.full((batch,), context, jnp.int32)
+            meta = AttentionMeta(page_table=table, kv_lens=lens, q_lens=jnp.ones((batch,), jnp.int32),
+                                 contiguous=not paged)
+            logits, _, kv = forward(weights, cfg, tok, (lens - 1)[:, None], kv, meta)
+            return kv, jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32)
+        return jax.lax.fori_loop(0, STEPS, body, (kv, jnp.ones((batch, 1), jnp.int32)))[1]
+
+    return _time_loop(loop, weights, kv)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="stdlib-target")
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 24, 48])
+    ap.add_argument("--slots", type=int, default=512, help="cache slots per row (both layouts)")
+    ap.add_argument("--context", type=int, default=400, help="tokens in each row's cache")
+    args = ap.parse_args()
+    cfg, weights = load_hf(resolve_model(args.model), "float32")
+    rows = []
+    for b in args.batches:
+        contiguous = decode_ms(weights, cfg, b, args.slots, args.context, paged=False)
+        paged = decode_ms(weights, cfg, b, args.slots, args.context, paged=True)
+        rows.append(dict(batch=b, contiguous_ms=round(contiguous, 2), paged_ms=round(paged, 2),
+                         paged_over_contiguous=round(paged / contiguous, 2)))
+        print(f"batch {b:2d}: contiguous {contiguous:6.2f} ms  paged {paged:6.2f} ms  "
+              f"({paged / contiguous:.2f}x)", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = dict(model=args.model, slots=args.slots, context=args.context, page_size=PAGE, rows=rows)
+    (RESULTS / "paged_decode_cost.json").write_text(json.dumps(out, indent=2) + "\n")
+    md = [f"One decode forward ({args.model}, float32, XLA attention, {args.slots} cache slots per row, "
+          f"context {args.context}, pages of {PAGE}): paged cache vs contiguous. "
+          "`python experiments/paged_decode_cost.py`", "",
+          "| batch | contiguous ms | paged ms | paged / contiguous |", "|---|---|---|---|"]
+    md += [f"| {r['batch']} | {r['contiguous_ms']} | {r['paged_ms']} | {r['paged_over_contiguous']}x |" for r in rows]
+    (RESULTS / "paged_decode_cost.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {RESULTS / 'paged_decode_cost.md'}")
+
+
+if __name__ == "__main__":
+    main()
