@@ -14,32 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from verify_cost import loop_ms  # experiments/ is on sys.path when this runs as a script
 
 from jaxinfer.checkpoint import load_hf
 from jaxinfer.kv.cache import AttentionMeta, init_contiguous, init_paged
 from jaxinfer.llm import resolve_model
-from jaxinfer.model import forward
 
 RESULTS = Path(__file__).parent / "results"
 PAGE = 16
 STEPS = 20
-
-
-def _time_loop(loop, weights, kv) -> float:
-    """Best-of-3 ms per decode forward of a jitted STEPS-step loop."""
-    loop(weights, kv).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        loop(weights, kv).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 1e3 * best / STEPS
 
 
 def decode_ms(weights, cfg, batch: int, slots: int, context: int, paged: bool) -> float:
@@ -51,19 +38,9 @@ def decode_ms(weights, cfg, batch: int, slots: int, context: int, paged: bool) -
         table = jnp.asarray(perm.reshape(batch, pages_per_row), jnp.int32)
     else:
         kv, table = init_contiguous(cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim, weights.dtype)
-
-    @jax.jit
-    def loop(weights, kv):
-        def body(i, carry):
-            kv, tok = carry
-            lens = jnp.full((batch,), context, jnp.int32)
-            meta = AttentionMeta(page_table=table, kv_lens=lens, q_lens=jnp.ones((batch,), jnp.int32),
-                                 contiguous=not paged)
-            logits, _, kv = forward(weights, cfg, tok, (lens - 1)[:, None], kv, meta)
-            return kv, jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32)
-        return jax.lax.fori_loop(0, STEPS, body, (kv, jnp.ones((batch, 1), jnp.int32)))[1]
-
-    return _time_loop(loop, weights, kv)
+    meta = AttentionMeta(page_table=table, kv_lens=jnp.full((batch,), context, jnp.int32),
+                         q_lens=jnp.ones((batch,), jnp.int32), contiguous=not paged)
+    return loop_ms(weights, cfg, kv, meta, 1, STEPS)
 
 
 def main():
