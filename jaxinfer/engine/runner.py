@@ -176,10 +176,13 @@ class ModelRunner:
         prefills = [c for c in chunks if (c.num_tokens > 1 or c.admitted) and not c.num_draft]
         if spec:
             results.update(self._run_spec(spec))
-        if decodes:
-            results.update(self._run_group(decodes, 1))
-        for group in prefill_calls(prefills):
-            results.update(self._run_group(group, fine_bucket(max(c.num_tokens for c in group), minimum=16)))
+        calls = [(decodes, 1)] if decodes else []
+        calls += [(g, fine_bucket(max(c.num_tokens for c in g), minimum=16)) for g in prefill_calls(prefills)]
+        # Dispatch every call, then fetch: the host builds the next call's inputs while the
+        # device runs the previous one, and waits only once all of the step's calls are queued.
+        launched = [(group, self._launch(group, t)) for group, t in calls]
+        for group, out in launched:
+            results.update(self._collect(group, out))
         return results
 
     def _inputs(self, group: list[ScheduledChunk], t: int, width=None) -> tuple[StepInputs, int, int, int]:
@@ -246,8 +249,9 @@ class ModelRunner:
         at = (i,) if j is None else (i, j)
         return position_logprobs(token, lp[0][at], lp[1][at], lp[2][at][:n], lp[3][at][:n], self.decode_token)
 
-    def _run_group(self, group: list[ScheduledChunk], t: int) -> dict:
-        """One engine_step over the group's rows, each padded to t tokens."""
+    def _launch(self, group: list[ScheduledChunk], t: int) -> tuple:
+        """Dispatch one engine_step over the group's rows, each padded to t tokens; returns its
+        (device) sampled tokens and logprob extras without waiting for them."""
         inp, num_lp, num_plp, pp = self._inputs(group, t)
         statics = StepStatics(num_lp, num_plp, self.backend)
         self.signatures.add(("step", inp.tokens.shape, pp, statics))
@@ -255,7 +259,11 @@ class ModelRunner:
                                                  self.draft_weights, self.draft_kv, self.draft_cfg)
         if dkv is not None:
             self.draft_kv = dkv
-        tok, lp, plp = jax.device_get((tok, lp, plp))
+        return tok, lp, plp
+
+    def _collect(self, group: list[ScheduledChunk], out: tuple) -> dict:
+        """Fetch a launched call's results; record prompt logprobs; {request: (tokens, logprobs, 0)}."""
+        tok, lp, plp = jax.device_get(out)
         results = {}
         for i, c in enumerate(group):
             r = c.request
