@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.kv.cache import AttentionMeta, gather_pages
+from jaxinfer.kv.cache import AttentionMeta, gather_pages, page_values
 from jaxinfer.kv.kivi import KiviKeys
 from jaxinfer.kv.quant import QuantPages
 
@@ -141,6 +141,6 @@ def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend
                 k_scale=k_pages.scale, v_scale=v_pages.scale, k_zero=k_pages.zero, v_zero=v_pages.zero,
                 kv_format=k_pages.spec.fmt,
                 channel_group=k_pages.spec.channel_group, tensor_scale=k_pages.tensor_scale)
-        return kernels_bridge.paged_attention(q, k_pages, v_pages, meta, scale=scale,
+        return kernels_bridge.paged_attention(q, page_values(k_pages), page_values(v_pages), meta, scale=scale,
                                               sliding_window=sliding_window)
     raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")

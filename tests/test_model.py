@@ -68,3 +68,30 @@ def test_padding_tokens_do_not_write_or_leak():
     short = _full_logits(w, tokens[1:, :2])
     np.testing.assert_allclose(logits[1, :2], short[0], atol=1e-5, rtol=1e-5)
     assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_bf16_pages_on_cpu_are_stored_as_bits_and_read_back_exactly():
+    """On CPU, bf16 pages are kept as uint16 bits (XLA:CPU would convert a bf16 cache to f32 and
+    back for every scatter). Writing and reading them must give exactly what a plain bf16 page
+    array gives: same logits bit for bit over a paged prefill + decode, same stored values."""
+    from jaxinfer.kv.cache import BitsPages, KVCache, page_values
+
+    w = init_weights(CFG, jax.random.PRNGKey(0), jnp.bfloat16, std=0.1)
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 10), 0, CFG.vocab_size)
+    bits = init_paged(CFG.num_layers, num_pages=7, page_size=4, num_kv_heads=CFG.num_kv_heads,
+                      head_dim=CFG.head_dim, dtype=jnp.bfloat16)
+    if jax.default_backend() == "cpu":
+        assert isinstance(bits.k[0], BitsPages) and bits.k[0].bits.dtype == jnp.uint16
+    plain = KVCache(k=[page_values(x) for x in bits.k], v=[page_values(x) for x in bits.v])
+    assert not isinstance(plain.k[0], BitsPages) and plain.k[0].dtype == jnp.bfloat16
+    page_table = jnp.array([[6, 1, 4], [0, 3, 5]], jnp.int32)
+    steps = [(0, 6)] + [(i, 1) for i in range(6, 10)]  # prefill 6 tokens, then decode 4
+    for start, t in steps:
+        meta = AttentionMeta(page_table, jnp.array([start + t] * 2), jnp.array([t, t]))
+        pos = jnp.broadcast_to(jnp.arange(start, start + t), (2, t))
+        got, _, bits = _forward(w, CFG, tokens[:, start:start + t], pos, bits, meta)
+        want, _, plain = _forward(w, CFG, tokens[:, start:start + t], pos, plain, meta)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for a, b in zip(bits.k + bits.v, plain.k + plain.v):
+        np.testing.assert_array_equal(np.asarray(page_values(a), np.float32), np.asarray(b, np.float32))
+    assert np.any(np.asarray(page_values(bits.k[1]), np.float32))  # something was written
