@@ -136,9 +136,10 @@ def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend
             raise ValueError("kv_cache_dtype='int4_kivi' runs on attention_backend='xla' (the kernel does "
                              "not read the full-precision residual)")
         if isinstance(k_pages, QuantPages):  # dequantized inside the kernel
+            (k_data, k_scale, k_zero), (v_data, v_scale, v_zero) = k_pages.values(), v_pages.values()
             return kernels_bridge.paged_attention(
-                q, k_pages.data, v_pages.data, meta, scale=scale, sliding_window=sliding_window,
-                k_scale=k_pages.scale, v_scale=v_pages.scale, k_zero=k_pages.zero, v_zero=v_pages.zero,
+                q, k_data, v_data, meta, scale=scale, sliding_window=sliding_window,
+                k_scale=k_scale, v_scale=v_scale, k_zero=k_zero, v_zero=v_zero,
                 kv_format=k_pages.spec.fmt,
                 channel_group=k_pages.spec.channel_group, tensor_scale=k_pages.tensor_scale)
         return kernels_bridge.paged_attention(q, page_values(k_pages), page_values(v_pages), meta, scale=scale,

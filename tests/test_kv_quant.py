@@ -162,3 +162,26 @@ def test_kivi_keys_quantize_full_groups_and_keep_the_residual_exact(chunks):
     np.testing.assert_array_equal(got[32:], keys[0, 32:])  # the residual is exact
     err = jnp.abs(got[:32] - keys[0, :32]) / (jnp.max(keys[0, :32], 0) - jnp.min(keys[0, :32], 0))
     assert float(err.max()) <= 0.5 / 15 + 2 ** -7  # half a step of the channel's range (+ bf16 scale)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_written_pages_hold_exactly_the_quantized_tokens(fmt):
+    """What write_pages stores reads back (QuantPages.values) as exactly quantize_tokens' codes and
+    scales, in the format's dtypes, whatever the storage: on CPU, fp8 codes and bf16 / e4m3 scales
+    are kept as same-width unsigned ints (XLA:CPU cannot scatter narrow floats in place)."""
+    spec = KVQuantSpec.parse(fmt, 64)
+    kv = init_paged(1, 3, 8, 2, 64, jnp.bfloat16, spec)
+    if jax.default_backend() == "cpu":
+        assert not any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4
+                       for x in jax.tree_util.tree_leaves(kv))
+    new = jax.random.normal(jax.random.PRNGKey(5), (1, 5, 2, 64))
+    meta = AttentionMeta(jnp.array([[2]], jnp.int32), jnp.array([7]), jnp.array([5]))
+    page, offset = write_slots(meta, 5, 8, 3)
+    data, scale, zero = write_pages(kv.k[0], new, page, offset).values()
+    want_data, want_scale, want_zero = quantize_tokens(new[0].transpose(1, 0, 2), spec)  # [K, 5, ...]
+    assert data.dtype == want_data.dtype and scale.dtype == want_scale.dtype
+    np.testing.assert_array_equal(np.asarray(data[2, :, 2:7], np.float32), np.asarray(want_data, np.float32))
+    np.testing.assert_array_equal(np.asarray(scale[2, :, 2:7], np.float32), np.asarray(want_scale, np.float32))
+    assert not np.any(np.asarray(data[:2], np.float32)) and not np.any(np.asarray(data[2, :, :2], np.float32))
+    if want_zero is not None:
+        np.testing.assert_array_equal(np.asarray(zero[2, :, 2:7], np.float32), np.asarray(want_zero, np.float32))

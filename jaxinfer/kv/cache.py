@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxinfer.kv.bits import from_storage, store_as_bits, storage_dtype, to_storage
 from jaxinfer.kv.kivi import KiviKeys, init_kivi_keys, read_kivi_keys, write_kivi_keys
 from jaxinfer.kv.quant import KVQuantSpec, QuantPages, dequantize_pages, init_quant_pages, write_quant
 
@@ -41,16 +42,10 @@ class KVCache:
 
 @struct.dataclass
 class BitsPages:
-    """A [P, K, ps, H] page array of 16- or 8-bit floats, held as unsigned integers of the same width.
+    """A [P, K, ps, H] page array of bf16 / f16 values held as uint16 (see kv/bits.py: XLA:CPU
+    would convert the whole cache to f32 and back for every write). Only used on CPU."""
 
-    XLA:CPU has no scatter for floats narrower than 32 bits: it wraps one in converts to float32,
-    so writing one token into a bf16 cache converts the whole cache to f32 and back, per layer
-    and step (a micro-benchmark of 12 [32, 8, 128, 64] caches: 14.2 ms per step vs 5.3 ms with
-    integer storage). The same bits scattered as integers are written in place; readers view
-    them as `dtype` again (a bitcast that fuses into the reader's convert). Only used on CPU.
-    """
-
-    bits: jax.Array  # [P, K, ps, H] uint16 / uint8
+    bits: jax.Array  # [P, K, ps, H] unsigned, same width as dtype
     dtype: jnp.dtype = struct.field(pytree_node=False)  # the float type the bits hold
 
     @property
@@ -62,17 +57,7 @@ class BitsPages:
         return self.bits.nbytes
 
     def values(self) -> jax.Array:
-        return jax.lax.bitcast_convert_type(self.bits, self.dtype)
-
-
-def _as_bits(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
-
-
-def store_as_bits(dtype) -> bool:
-    """Whether plain pages of this dtype are kept as BitsPages (narrow floats on a CPU backend)."""
-    dtype = jnp.dtype(dtype)
-    return jax.default_backend() == "cpu" and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
+        return from_storage(self.bits, self.dtype)
 
 
 def page_values(pages):
@@ -115,8 +100,10 @@ def init_paged(num_layers: int, num_pages: int, page_size: int, num_kv_heads: in
     def pages():
         if quant is not None:
             return init_quant_pages(num_pages, num_kv_heads, page_size, head_dim, quant, dtype)
-        zeros = jnp.zeros((num_pages, num_kv_heads, page_size, head_dim), dtype)
-        return BitsPages(_as_bits(zeros), jnp.dtype(dtype)) if store_as_bits(dtype) else zeros
+        shape = (num_pages, num_kv_heads, page_size, head_dim)
+        if store_as_bits(dtype):
+            return BitsPages(jnp.zeros(shape, storage_dtype(dtype)), jnp.dtype(dtype))
+        return jnp.zeros(shape, dtype)
 
     def keys():
         if quant is not None and quant.kivi:
@@ -156,7 +143,8 @@ def write_pages(pages, new: jax.Array, page: jax.Array, offset: jax.Array, meta:
     if isinstance(pages, QuantPages):
         return write_quant(pages, new, page, offset)
     if isinstance(pages, BitsPages):
-        return pages.replace(bits=pages.bits.at[page, :, offset].set(_as_bits(new.astype(pages.dtype)), mode="drop"))
+        new = to_storage(new.astype(pages.dtype), pages.bits.dtype)
+        return pages.replace(bits=pages.bits.at[page, :, offset].set(new, mode="drop"))
     return pages.at[page, :, offset].set(new.astype(pages.dtype), mode="drop")
 
 
@@ -175,11 +163,12 @@ def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
     if isinstance(pages, KiviKeys):
         return read_kivi_keys(pages, meta, _gather)
     if isinstance(pages, QuantPages):
-        zero = None if pages.zero is None else _gather(pages.zero, meta)
-        return dequantize_pages(_gather(pages.data, meta), _gather(pages.scale, meta), pages.spec,
+        data, scale, zero = pages.values()
+        zero = None if zero is None else _gather(zero, meta)
+        return dequantize_pages(_gather(data, meta), _gather(scale, meta), pages.spec,
                                 pages.head_dim, pages.dtype, zero)
     if isinstance(pages, BitsPages):
-        return jax.lax.bitcast_convert_type(_gather(pages.bits, meta), pages.dtype)
+        return from_storage(_gather(pages.bits, meta), pages.dtype)
     return _gather(pages, meta)
 
 

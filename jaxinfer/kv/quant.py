@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxinfer.kv.bits import from_storage, storage_dtype, to_storage
 from pallas_kernels import kv_formats as kvf
 
 # kv_cache_dtype -> (format, channels per scale group or None for the whole head)
@@ -88,16 +89,29 @@ class QuantPages:
     def tensor_scale(self) -> float | None:
         return NVFP4_TENSOR_SCALE if self.spec.fmt == "nvfp4" else None
 
+    def values(self) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """(data, scale, zero) in their format's dtypes: on CPU, fp8 codes and bf16 / e4m3 scales
+        are stored as unsigned integers of the same width (kv/bits.py) and viewed back here."""
+        data_dt, scale_dt = quant_dtypes(self.spec)
+        zero = None if self.zero is None else from_storage(self.zero, STORED_SCALE_DTYPE)
+        return from_storage(self.data, data_dt), from_storage(self.scale, scale_dt), zero
+
+
+def quant_dtypes(spec: KVQuantSpec) -> tuple[jnp.dtype, jnp.dtype]:
+    """(codes dtype, scale dtype) of a format, as quantize_tokens returns them."""
+    scale = kvf.SCALE_DTYPE[spec.fmt] if spec.fmt == "nvfp4" else STORED_SCALE_DTYPE
+    return jnp.dtype(kvf.DATA_DTYPE[spec.fmt]), jnp.dtype(scale)
+
 
 def init_quant_pages(num_pages: int, num_kv_heads: int, page_size: int, head_dim: int, spec: KVQuantSpec,
                      dtype) -> QuantPages:
     width = head_dim // 2 if spec.fmt in kvf.PACKED else head_dim
-    scale_dtype = kvf.SCALE_DTYPE[spec.fmt] if spec.fmt == "nvfp4" else STORED_SCALE_DTYPE
+    data_dtype, scale_dtype = quant_dtypes(spec)
     groups = (num_pages, num_kv_heads, page_size, head_dim // spec.channel_group)
     return QuantPages(
-        data=jnp.zeros((num_pages, num_kv_heads, page_size, width), kvf.DATA_DTYPE[spec.fmt]),
-        scale=jnp.zeros(groups, scale_dtype),
-        zero=jnp.zeros(groups, STORED_SCALE_DTYPE) if spec.asymmetric else None,
+        data=jnp.zeros((num_pages, num_kv_heads, page_size, width), storage_dtype(data_dtype)),
+        scale=jnp.zeros(groups, storage_dtype(scale_dtype)),
+        zero=jnp.zeros(groups, storage_dtype(STORED_SCALE_DTYPE)) if spec.asymmetric else None,
         spec=spec, head_dim=head_dim, dtype=jnp.dtype(dtype))
 
 
@@ -146,10 +160,11 @@ def dequantize_pages(data: jax.Array, scale: jax.Array, spec: KVQuantSpec, head_
 def write_quant(pages: QuantPages, new: jax.Array, page: jax.Array, offset: jax.Array) -> QuantPages:
     """Quantize new tokens [B, T, K, H] and scatter them at (page, offset) [B, T]."""
     data, scale, zero = quantize_tokens(new, pages.spec)
-    if zero is not None:
-        zero = pages.zero.at[page, :, offset].set(zero, mode="drop")
-    return pages.replace(data=pages.data.at[page, :, offset].set(data, mode="drop"),
-                         scale=pages.scale.at[page, :, offset].set(scale, mode="drop"), zero=zero)
+    def put(stored, values):  # narrow floats go in as their bits where the pages hold bits
+        return stored.at[page, :, offset].set(to_storage(values, stored.dtype), mode="drop")
+
+    return pages.replace(data=put(pages.data, data), scale=put(pages.scale, scale),
+                         zero=None if zero is None else put(pages.zero, zero))
 
 
 def page_bytes_per_token(spec: KVQuantSpec | None, head_dim: int, itemsize: int) -> float:
