@@ -94,10 +94,10 @@ def run_static(llm: LLM, prompts, params, batch_size):
     return outs, summarize(outs, time.perf_counter() - t0)
 
 
-def run_transformers(model_dir: Path, prompts, params, batch_size):
+def run_transformers(model_dir: Path, prompts, params, batch_size, dtype: str = "float32"):
     import torch
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     t0 = time.perf_counter()
     useful = 0
     with torch.no_grad():
@@ -150,11 +150,14 @@ def main():
                     help="part 3: KV budget = this many max_model_len sequences preallocated contiguously")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights, activations and KV cache of every run (transformers' too)")
+    ap.add_argument("--out", default=str(RESULTS / "bench_serving"), help="results path without suffix")
     args = ap.parse_args()
 
     rng = np.random.default_rng(args.seed)
     common = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  kv_cache_memory_bytes=int(args.kv_cache_memory_mb * 2**20), max_model_len=1024)
+                  kv_cache_memory_bytes=int(args.kv_cache_memory_mb * 2**20), max_model_len=1024, dtype=args.dtype)
     llm = LLM(args.model, enable_prefix_caching=False, **common)
     vocab = llm.cfg.vocab_size
     results: dict = {"model": str(llm.model_dir), "args": vars(args)}
@@ -232,17 +235,18 @@ def main():
 
     # 4. engine vs transformers static batches on (a)
     if not args.skip_transformers:
-        hf = run_transformers(llm.model_dir, prompts_a, params_a, args.max_num_seqs)
+        hf = run_transformers(llm.model_dir, prompts_a, params_a, args.max_num_seqs, args.dtype)
         results["a_transformers"] = hf
         results["a_engine_over_transformers"] = cont["output_throughput"] / hf["output_throughput"]
         print(f"\n(4) transformers generate, static batches of {args.max_num_seqs}: "
               f"{hf['output_throughput']:.1f} out tok/s; engine {cont['output_throughput']:.1f} "
               f"({results['a_engine_over_transformers']:.2f}x)")
 
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_serving.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "bench_serving.md").write_text(markdown(results))
-    print(f"\nwrote {RESULTS / 'bench_serving.json'}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(f"\nwrote {out.with_suffix('.json')}")
 
 
 def _compile_line(c: dict) -> str:
@@ -271,7 +275,8 @@ def markdown(results: dict) -> str:
         md.append(f"| {key} | {s['output_throughput']:.1f} | {s['request_throughput']:.2f} | " + " | ".join(cells)
                   + f" | {kv} | {running} | {_compiled(s)} |")
     a = results["args"]
-    md += ["", f"{a['num_requests']} requests per workload, seed {a['seed']}, max_num_seqs {a['max_num_seqs']}, "
+    md += ["", f"{a.get('dtype', 'float32')}; {a['num_requests']} requests per workload, seed {a['seed']}, "
+           f"max_num_seqs {a['max_num_seqs']}, "
            f"max_num_batched_tokens {a['max_num_batched_tokens']}, {a['kv_cache_memory_mb']:.0f} MiB of KV. "
            "Compilations: the engine's jitted programs after the run (cumulative within one LLM; "
            "+n: compiled during the measured run, after warm-up passes that stop once one compiles nothing "
