@@ -72,26 +72,37 @@ def test_padding_tokens_do_not_write_or_leak():
 
 def test_bf16_pages_on_cpu_are_stored_as_bits_and_read_back_exactly():
     """On CPU, bf16 pages are kept as uint16 bits (XLA:CPU would convert a bf16 cache to f32 and
-    back for every scatter). Writing and reading them must give exactly what a plain bf16 page
-    array gives: same logits bit for bit over a paged prefill + decode, same stored values."""
-    from jaxinfer.kv.cache import BitsPages, KVCache, page_values
+    back for every scatter). Writes must store exactly what a plain bf16 page array stores, and
+    the XLA read path returns exactly those values (as float32). Through the model, logits agree
+    with a plain bf16 cache within bf16 tolerance (the bits are read as float32, so attention
+    probabilities are not rounded to bf16 as they are over a bf16 array)."""
+    from jaxinfer.kv.cache import BitsPages, KVCache, gather_pages, page_values, write_pages, write_slots
+
+    bits = init_paged(1, num_pages=5, page_size=4, num_kv_heads=2, head_dim=16, dtype=jnp.bfloat16).k[0]
+    if jax.default_backend() == "cpu":
+        assert isinstance(bits, BitsPages) and bits.bits.dtype == jnp.uint16
+    plain = page_values(bits)
+    assert not isinstance(plain, BitsPages) and plain.dtype == jnp.bfloat16
+    table = jnp.array([[3, 0], [4, 1]], jnp.int32)
+    for start, t, seed in [(0, 5, 0), (5, 1, 1), (6, 2, 2)]:  # 5 tokens across a page boundary, then more
+        new = jax.random.normal(jax.random.PRNGKey(seed), (2, t, 2, 16))
+        meta = AttentionMeta(table, jnp.array([start + t, start + t]), jnp.array([t, t - 1]))  # row 1: one pad
+        page, offset = write_slots(meta, t, 4, 5)
+        bits, plain = write_pages(bits, new, page, offset), write_pages(plain, new, page, offset)
+        np.testing.assert_array_equal(np.asarray(page_values(bits), np.float32), np.asarray(plain, np.float32))
+        got, want = gather_pages(bits, meta), gather_pages(plain, meta)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert np.any(np.asarray(plain, np.float32)) and not np.any(np.asarray(plain[2], np.float32))
 
     w = init_weights(CFG, jax.random.PRNGKey(0), jnp.bfloat16, std=0.1)
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 10), 0, CFG.vocab_size)
-    bits = init_paged(CFG.num_layers, num_pages=7, page_size=4, num_kv_heads=CFG.num_kv_heads,
-                      head_dim=CFG.head_dim, dtype=jnp.bfloat16)
-    if jax.default_backend() == "cpu":
-        assert isinstance(bits.k[0], BitsPages) and bits.k[0].bits.dtype == jnp.uint16
-    plain = KVCache(k=[page_values(x) for x in bits.k], v=[page_values(x) for x in bits.v])
-    assert not isinstance(plain.k[0], BitsPages) and plain.k[0].dtype == jnp.bfloat16
+    kv = init_paged(CFG.num_layers, num_pages=7, page_size=4, num_kv_heads=CFG.num_kv_heads,
+                    head_dim=CFG.head_dim, dtype=jnp.bfloat16)
+    kv_plain = KVCache(k=[page_values(x) for x in kv.k], v=[page_values(x) for x in kv.v])
     page_table = jnp.array([[6, 1, 4], [0, 3, 5]], jnp.int32)
-    steps = [(0, 6)] + [(i, 1) for i in range(6, 10)]  # prefill 6 tokens, then decode 4
-    for start, t in steps:
+    for start, t in [(0, 6)] + [(i, 1) for i in range(6, 10)]:  # prefill 6 tokens, then decode 4
         meta = AttentionMeta(page_table, jnp.array([start + t] * 2), jnp.array([t, t]))
         pos = jnp.broadcast_to(jnp.arange(start, start + t), (2, t))
-        got, _, bits = _forward(w, CFG, tokens[:, start:start + t], pos, bits, meta)
-        want, _, plain = _forward(w, CFG, tokens[:, start:start + t], pos, plain, meta)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    for a, b in zip(bits.k + bits.v, plain.k + plain.v):
-        np.testing.assert_array_equal(np.asarray(page_values(a), np.float32), np.asarray(b, np.float32))
-    assert np.any(np.asarray(page_values(bits.k[1]), np.float32))  # something was written
+        got, _, kv = _forward(w, CFG, tokens[:, start:start + t], pos, kv, meta)
+        want, _, kv_plain = _forward(w, CFG, tokens[:, start:start + t], pos, kv_plain, meta)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-2, rtol=5e-2)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxinfer.kv.bits import from_storage, store_as_bits, storage_dtype, to_storage
+from jaxinfer.kv.bits import from_storage, store_as_bits, storage_dtype, to_storage, widen_from_storage
 from jaxinfer.kv.kivi import KiviKeys, init_kivi_keys, read_kivi_keys, write_kivi_keys
 from jaxinfer.kv.quant import KVQuantSpec, QuantPages, dequantize_pages, init_quant_pages, write_quant
 
@@ -159,7 +159,8 @@ def _gather(x: jax.Array, meta: AttentionMeta) -> jax.Array:
 def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
     """Each row's cache as one contiguous run: [B, K, S, H], S = pages_per_seq * ps.
 
-    QuantPages are gathered as codes and scales, then dequantized."""
+    QuantPages are gathered as codes and scales, then dequantized; bf16 BitsPages come back as
+    float32 (exact; attention computes in f32 anyway)."""
     if isinstance(pages, KiviKeys):
         return read_kivi_keys(pages, meta, _gather)
     if isinstance(pages, QuantPages):
@@ -168,7 +169,7 @@ def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
         return dequantize_pages(_gather(data, meta), _gather(scale, meta), pages.spec,
                                 pages.head_dim, pages.dtype, zero)
     if isinstance(pages, BitsPages):
-        return from_storage(_gather(pages.bits, meta), pages.dtype)
+        return widen_from_storage(_gather(pages.bits, meta), pages.dtype)  # bf16: as float32
     return _gather(pages, meta)
 
 
