@@ -40,7 +40,9 @@ def resolve_model(model: str | None) -> Path:
 
 
 def default_dtype(requested: str) -> str:
-    """'auto' is float32 on CPU (faster there than bf16) and bfloat16 on accelerators."""
+    """'auto' is float32 on CPU and bfloat16 on accelerators. On CPU float32 is the faster dtype at
+    batch 1 (XLA:CPU's bf16 matrix-vector dot is slow) and the one whose outputs do not depend on
+    batch shapes; bf16 is faster at larger batches (experiments/results/bench_decode.md)."""
     if requested == "auto":
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return requested
