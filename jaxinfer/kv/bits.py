@@ -4,8 +4,10 @@ XLA:CPU has no scatter for floats narrower than 32 bits: it wraps one in convert
 and back (float normalization), so writing one token into a bf16 or fp8 cache converts the whole
 cache, per layer and step. In a decode loop over 12 caches of [32, 8, 128, 64] that is 14.2 vs
 5.3 ms per step for bf16 and 27.4 vs 7.3 ms for float8_e4m3fn (scratch micro-benchmark). The
-same bits scattered as integers are written in place, and a reader's bitcast back fuses into
-the convert that reads them. Other backends scatter narrow floats natively and keep them.
+same bits scattered as integers are written in place. Readers view them as floats only after
+gathering the rows they need: XLA:CPU may materialize a bitcast as a copy of its whole operand
+(for bf16 pages `widen_from_storage` avoids even that). Other backends scatter narrow floats
+natively and keep them.
 """
 
 from __future__ import annotations

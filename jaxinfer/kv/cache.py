@@ -163,11 +163,11 @@ def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
     float32 (exact; attention computes in f32 anyway)."""
     if isinstance(pages, KiviKeys):
         return read_kivi_keys(pages, meta, _gather)
-    if isinstance(pages, QuantPages):
-        data, scale, zero = pages.values()
-        zero = None if zero is None else _gather(zero, meta)
-        return dequantize_pages(_gather(data, meta), _gather(scale, meta), pages.spec,
-                                pages.head_dim, pages.dtype, zero)
+    if isinstance(pages, QuantPages):  # gather the stored arrays, then view the rows' pages as floats
+        rows = pages.replace(data=_gather(pages.data, meta), scale=_gather(pages.scale, meta),
+                             zero=None if pages.zero is None else _gather(pages.zero, meta))
+        data, scale, zero = rows.values()
+        return dequantize_pages(data, scale, pages.spec, pages.head_dim, pages.dtype, zero)
     if isinstance(pages, BitsPages):
         return widen_from_storage(_gather(pages.bits, meta), pages.dtype)  # bf16: as float32
     return _gather(pages, meta)
