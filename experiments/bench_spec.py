@@ -365,9 +365,9 @@ def write_results(out: Path, rows: list[dict], meta: dict):
     mismatched = [r for r in rows if r["greedy_identical"] is False]
     same = "yes, every greedy run" if not mismatched else (
         "no: " + ", ".join(f"{r['set']} {r['method']} k={r['k']} (batch {r['batch']})" for r in mismatched)
-        + ". In reduced precision the k+1-token verification forward and the one-token plain step run different "
-        "matmul kernels (XLA:CPU: a YNNPACK fusion vs a matrix-vector dot) whose bf16 roundings differ, so near-ties "
-        "of the argmax can flip; float32 runs are token-identical")
+        + ". A k+1-token verification forward and a one-token plain step that run different matmul kernels "
+        "round differently in reduced precision, and near-ties of the argmax can flip (jaxinfer runs one-row bf16 "
+        "dots as two rows on CPU so that both use the same kernel; see layers.one_row_padded)")
     lines += ["", f"Greedy outputs identical to plain decoding: {same}",
               f"Compilations: {meta['compilations']}"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -40,9 +40,9 @@ def resolve_model(model: str | None) -> Path:
 
 
 def default_dtype(requested: str) -> str:
-    """'auto' is float32 on CPU and bfloat16 on accelerators. On CPU float32 is the faster dtype at
-    batch 1 (XLA:CPU's bf16 matrix-vector dot is slow) and the one whose outputs do not depend on
-    batch shapes; bf16 is faster at larger batches (experiments/results/bench_decode.md)."""
+    """'auto' is float32 on CPU and bfloat16 on accelerators. On CPU float32 is the precise reference
+    (it matches transformers within 1e-4) and costs little there: decode is bound by XLA:CPU's dot
+    kernels more than by the bytes of the weights (experiments/results/bench_decode.md has both)."""
     if requested == "auto":
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return requested

@@ -18,7 +18,7 @@ from flax import struct
 
 from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta, KVCache, write_pages, write_slots
-from jaxinfer.layers import apply_rope, attention, matmul, rms_norm, rope_cos_sin, swiglu
+from jaxinfer.layers import apply_rope, attention, matmul, one_row_padded, rms_norm, rope_cos_sin, swiglu
 
 
 @struct.dataclass
@@ -97,8 +97,10 @@ def lm_logits(weights: Weights, hidden: jax.Array, eps: float) -> jax.Array:
     """Final norm + LM head on pre-norm hidden states [..., D] -> float32 logits [..., V]."""
     x = rms_norm(hidden, weights.final_norm, eps)
     if weights.lm_head is None:
-        return jnp.einsum("...d,vd->...v", x, weights.embed, preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", x, weights.lm_head, preferred_element_type=jnp.float32)
+        return one_row_padded(lambda x: jnp.einsum("...d,vd->...v", x, weights.embed,
+                                                   preferred_element_type=jnp.float32), x)
+    return one_row_padded(lambda x: jnp.einsum("...d,dv->...v", x, weights.lm_head,
+                                               preferred_element_type=jnp.float32), x)
 
 
 def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, sin,

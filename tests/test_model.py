@@ -70,6 +70,27 @@ def test_padding_tokens_do_not_write_or_leak():
     assert np.all(np.isfinite(np.asarray(logits)))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the one-row padding is CPU-only")
+def test_bf16_one_token_step_equals_the_first_row_of_a_wider_step():
+    """A bf16 one-token step and a k+1-token verification step over the same cache give the same
+    logits for their shared first token, bit for bit: one-row dots run as two rows on CPU, on the
+    kernel the wider step uses (XLA:CPU's one-row bf16 path rounds differently, and greedy
+    speculative decoding in bf16 then drifted from plain decoding at near-ties)."""
+    w = init_weights(CFG, jax.random.PRNGKey(0), jnp.bfloat16, std=0.1)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 24), 0, CFG.vocab_size)
+    kv, pt = init_contiguous(CFG.num_layers, 1, 32, CFG.num_kv_heads, CFG.head_dim, jnp.bfloat16)
+    meta = AttentionMeta(pt, jnp.array([16]), jnp.array([16]), contiguous=True)
+    _, _, kv = _forward(w, CFG, tokens[:, :16], jnp.arange(16)[None], kv, meta)
+    first = {}
+    for t in (1, 2, 5, 8):
+        meta = AttentionMeta(pt, jnp.array([16 + t]), jnp.array([t]), contiguous=True)
+        logits, hidden, _ = _forward(w, CFG, tokens[:, 16:16 + t], 16 + jnp.arange(t)[None], kv, meta)
+        first[t] = np.asarray(logits[0, 0]), np.asarray(hidden[0, 0], np.float32)
+    for t in (2, 5, 8):
+        np.testing.assert_array_equal(first[t][1], first[1][1])
+        np.testing.assert_array_equal(first[t][0], first[1][0])
+
+
 def test_bf16_pages_on_cpu_are_stored_as_bits_and_read_back_exactly():
     """On CPU, bf16 pages are kept as uint16 bits (XLA:CPU would convert a bf16 cache to f32 and
     back for every scatter). Writes must store exactly what a plain bf16 page array stores, and
