@@ -7,6 +7,7 @@ embedded target's forward (contiguous cache, context ~200 tokens) at each T insi
 fori_loop, in one run, and writes experiments/results/verify_cost.{json,md}.
 
     python experiments/verify_cost.py [--model stdlib-target] [--batches 1 8] [--tokens 1 2 3 5 9]
+                                      [--dtypes float32 bfloat16]
 """
 
 from __future__ import annotations
@@ -65,22 +66,25 @@ def main():
     ap.add_argument("--model", default="stdlib-target")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 5, 9])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    cfg, weights = load_hf(resolve_model(args.model), "float32")
     rows = []
-    for b in args.batches:
-        base = None
-        for t in args.tokens:
-            ms = forward_ms(weights, cfg, b, t)
-            base = base or ms
-            rows.append(dict(batch=b, tokens=t, ms=round(ms, 3), vs_one_token=round(ms / base, 2)))
-            print(f"batch {b:2d}  T={t}: {ms:7.3f} ms per forward   {ms / base:5.2f}x T={args.tokens[0]}", flush=True)
+    for dtype in args.dtypes:
+        cfg, weights = load_hf(resolve_model(args.model), dtype)
+        for b in args.batches:
+            base = None
+            for t in args.tokens:
+                ms = forward_ms(weights, cfg, b, t)
+                base = base or ms
+                rows.append(dict(dtype=dtype, batch=b, tokens=t, ms=round(ms, 3), vs_one_token=round(ms / base, 2)))
+                print(f"{dtype:9s} batch {b:2d}  T={t}: {ms:7.3f} ms per forward   {ms / base:5.2f}x T={args.tokens[0]}",
+                      flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "verify_cost.json").write_text(json.dumps(dict(model=args.model, rows=rows), indent=2) + "\n")
-    md = [f"Target forward over T new tokens per row ({args.model}, float32, context 200), "
-          f"relative to T = {args.tokens[0]}. `python experiments/verify_cost.py`", "",
-          "| batch | T | ms | vs T=1 |", "|---|---|---|---|"]
-    md += [f"| {r['batch']} | {r['tokens']} | {r['ms']} | {r['vs_one_token']}x |" for r in rows]
+    md = [f"Target forward over T new tokens per row ({args.model}, context 200), "
+          f"relative to T = {args.tokens[0]} in the same dtype. `python experiments/verify_cost.py`", "",
+          "| dtype | batch | T | ms | vs T=1 |", "|---|---|---|---|---|"]
+    md += [f"| {r['dtype']} | {r['batch']} | {r['tokens']} | {r['ms']} | {r['vs_one_token']}x |" for r in rows]
     (RESULTS / "verify_cost.md").write_text("\n".join(md) + "\n")
     print(f"wrote {RESULTS / 'verify_cost.md'}")
 
