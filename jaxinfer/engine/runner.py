@@ -43,7 +43,7 @@ class StepStatics:
 
 @struct.dataclass
 class StepInputs:
-    """Fixed-shape device inputs of one group of rows."""
+    """Fixed-shape inputs of one group of rows: host (numpy) arrays that the jitted call transfers."""
 
     tokens: jax.Array  # [B, T]
     page_table: jax.Array  # [B, pp]

@@ -52,10 +52,6 @@ class BitsPages:
     def shape(self) -> tuple[int, ...]:
         return self.bits.shape
 
-    @property
-    def nbytes(self) -> int:
-        return self.bits.nbytes
-
     def values(self) -> jax.Array:
         return from_storage(self.bits, self.dtype)
 
