@@ -144,10 +144,80 @@ def attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
+def loop_chunk_pages(page_size: int, num_tokens: int) -> int:
+    """Pages per iteration of `attention_paged_loop`: 64 cache slots for one-token rows (decode),
+    256 for wider calls (prefill chunks, speculative verification). On CPU, 64-slot chunks of a
+    decode step's gather stay in cache between the gather and its products."""
+    return max(1, (64 if num_tokens == 1 else 256) // page_size)
+
+
+def attention_paged_loop(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, *, scale: float,
+                         sliding_window: int | None = None) -> jax.Array:
+    """Attention over a paged cache, a few pages at a time, as far as the longest row reaches.
+
+    Same arguments and result as `attention_reference` (paged caches only: float, bits or
+    quantized pages). A `lax.fori_loop` whose trip count is computed on device from
+    ``max(kv_lens)`` gathers `loop_chunk_pages` pages of every row per iteration and folds them
+    in with an online softmax (running max, running sum, rescaled accumulator). Two things
+    follow: the work is set by the longest row actually in the batch, not by the page table's
+    width, so callers may pass a table of a fixed width (the serving engine passes
+    max_model_len's, and its compiled programs no longer depend on context length); and the
+    gathered chunk is consumed while still in cache. It sums in a different order than the
+    reference (agrees to ~1e-6 in float32).
+    """
+    b, t, n, h = q.shape
+    kv_heads, ps = k_pages.shape[1], k_pages.shape[2]
+    g = n // kv_heads
+    chunk = loop_chunk_pages(ps, t)
+    width = chunk * ps  # cache slots per iteration
+    pp = meta.page_table.shape[1]
+    table = jnp.pad(meta.page_table, ((0, 0), (0, -pp % chunk)))
+    qf = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv_heads, t * g, h)  # [BK, TG, H]
+    small_q = t == 1 and g >= 2
+    q_pos = meta.query_positions(t)  # [B, T]
+    last = (jnp.max(meta.kv_lens) + width - 1) // width  # iterations that hold any row's keys
+    first = 0
+    if sliding_window is not None:  # chunks wholly before every row's window are skipped
+        lowest = jnp.where(meta.q_lens > 0, q_pos[:, 0] - sliding_window + 1, jnp.iinfo(jnp.int32).max)
+        first = jnp.minimum(jnp.maximum(jnp.min(lowest), 0) // width, last)
+
+    def fold(i, carry):
+        m, l, acc = carry  # running max [BK, TG], running sum [BK, TG], accumulator [BK, TG, H]
+        rows = meta.replace(page_table=jax.lax.dynamic_slice_in_dim(table, i * chunk, chunk, axis=1))
+        k = gather_pages(k_pages, rows).reshape(b * kv_heads, width, h)
+        v = gather_pages(v_pages, rows).reshape(b * kv_heads, width, h)
+        s = batched_qk_pv("xqh,xsh->xqs", qf, k, small_q) * scale  # [BK, TG, width]
+        k_pos = i * width + jnp.arange(width, dtype=jnp.int32)
+        mask = (k_pos[None, None, :] < meta.kv_lens[:, None, None]) & (k_pos[None, None, :] <= q_pos[:, :, None])
+        if sliding_window is not None:
+            mask = mask & (k_pos[None, None, :] > q_pos[:, :, None] - sliding_window)
+        mask = jnp.broadcast_to(mask[:, None, :, None, :], (b, kv_heads, t, g, width))
+        s = jnp.where(mask.reshape(b * kv_heads, t * g, width), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        base = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet stay at 0
+        p = jnp.exp(s - base[..., None])
+        alpha = jnp.exp(m - base)
+        pv = batched_qk_pv("xqs,xsh->xqh", p.astype(v.dtype), v, small_q)
+        return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
+
+    init = (jnp.full((b * kv_heads, t * g), -jnp.inf, jnp.float32),
+            jnp.zeros((b * kv_heads, t * g), jnp.float32),
+            jnp.zeros((b * kv_heads, t * g, h), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(first, last, fold, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # padding rows (nothing visible): zeros
+    out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
 def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend: str = "xla",
               sliding_window: int | None = None) -> jax.Array:
-    """Dispatch to the chosen attention implementation (same arguments for all)."""
+    """Dispatch to the chosen attention implementation (same arguments for all).
+
+    "xla" over a paged cache runs `attention_paged_loop` (KIVI keys and contiguous caches:
+    `attention_reference`)."""
     if backend == "xla":
+        if not meta.contiguous and not isinstance(k_pages, KiviKeys):
+            return attention_paged_loop(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window)
         return attention_reference(q, k_pages, v_pages, meta, scale=scale,
                                    sliding_window=sliding_window)
     if backend == "pallas":

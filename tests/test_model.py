@@ -127,3 +127,42 @@ def test_bf16_pages_on_cpu_are_stored_as_bits_and_read_back_exactly():
         got, _, kv = _forward(w, CFG, tokens[:, start:start + t], pos, kv, meta)
         want, _, kv_plain = _forward(w, CFG, tokens[:, start:start + t], pos, kv_plain, meta)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("t,window", [(1, None), (1, 50), (6, None), (6, 50)])
+def test_paged_loop_attention_equals_the_reference(kind, t, window):
+    """The engine's XLA attention (`attention_paged_loop`: a few pages per iteration, up to the
+    longest row, online softmax) against `attention_reference` over the same pages. Rows span
+    several iterations (pages of 4 slots: 16 or 64 pages per iteration), the table is wider than
+    any row needs and its unused entries point at pages full of other rows' keys, one row is
+    padding (no tokens), and one row's queries are partly padding."""
+    from jaxinfer.kv.cache import write_pages, write_slots
+    from jaxinfer.kv.quant import KVQuantSpec
+    from jaxinfer.layers import attention_paged_loop, attention_reference
+
+    ps, kh, g, h, num_pages = 4, 2, 3, 16, 200
+    spec = KVQuantSpec.parse(kind, h) if kind == "int8" else None
+    dtype = jnp.float32 if kind == "int8" else jnp.dtype(kind)
+    kv = init_paged(1, num_pages, ps, kh, h, dtype, spec)
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.permutation(num_pages)[:4 * 50].reshape(4, 50), jnp.int32)
+    fill = AttentionMeta(table, jnp.full((4,), 200), jnp.full((4,), 200))  # every page written
+    kvals, vvals = (jnp.asarray(rng.normal(size=(4, 200, kh, h)), jnp.float32) for _ in range(2))
+    page, offset = write_slots(fill, 200, ps, num_pages)
+    k_pages, v_pages = write_pages(kv.k[0], kvals, page, offset), write_pages(kv.v[0], vvals, page, offset)
+    kv_lens = jnp.array([173, 0, 40, 130], jnp.int32)  # row 1: padding; longest needs 44 of 50 pages
+    q_lens = jnp.array([t, 0, max(1, t - 2), t], jnp.int32)
+    meta = AttentionMeta(table, kv_lens, q_lens)
+    q = jnp.asarray(rng.normal(size=(4, t, kh * g, h)), jnp.float32).astype(dtype)
+    want = attention_reference(q, k_pages, v_pages, meta, scale=h ** -0.5, sliding_window=window)
+    loop = jax.jit(lambda q, k, v, m: attention_paged_loop(q, k, v, m, scale=h ** -0.5, sliding_window=window))
+    got = loop(q, k_pages, v_pages, meta)
+    valid = (jnp.arange(t)[None, :] < q_lens[:, None])[:, :, None, None]
+    err = jnp.max(jnp.where(valid, jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)), 0))
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: the two round their outputs to bf16 apart
+    assert float(err) <= tol * float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+    assert np.all(np.isfinite(np.asarray(got, np.float32)))
+    # the same keys behind a table only as wide as the longest row: same result
+    narrow = loop(q, k_pages, v_pages, AttentionMeta(table[:, :44], kv_lens, q_lens))
+    np.testing.assert_allclose(np.asarray(narrow, np.float32), np.asarray(got, np.float32), rtol=1e-6, atol=1e-6)

@@ -29,6 +29,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.engine.scheduler import ScheduledChunk
 from jaxinfer.generate import fine_bucket
 from jaxinfer.kv.cache import AttentionMeta, KVCache
+from jaxinfer.kv.kivi import KiviKeys
 from jaxinfer.model import Weights, forward
 from jaxinfer.outputs import position_logprobs
 from jaxinfer.sampling import RowLimits, SamplingTensors, block_stop_tokens, sample, token_logprobs
@@ -157,6 +158,8 @@ class ModelRunner:
         # (draft cfg, draft weights, draft paged cache) for method="draft_model"
         self.draft_cfg, self.draft_weights, self.draft_kv = draft if draft is not None else (None, None, None)
         self.signatures: set[tuple] = set()
+        # attention that stops at the longest row (see _inputs)
+        self.full_width_tables = backend == "xla" and not isinstance(kv.k[0], KiviKeys)
 
     @property
     def compilations(self) -> int:
@@ -190,13 +193,18 @@ class ModelRunner:
 
         Returns (inputs, top-N logprobs wanted, prompt top-N wanted, page-table width)."""
         width = width or (lambda c: c.num_tokens)
-        # Rows and page-table width on a grid of 4 sizes per doubling: at most 25% padding (the XLA
-        # path gathers and reads every slot of the table, so power-of-two widths could double the
-        # KV read by a decode step) and a bounded number of programs. The table covers at least
-        # 256 tokens (few programs for short contexts) and at most max_model_len.
+        # Rows on a grid of 4 sizes per doubling: at most 25% padding and a bounded number of
+        # programs. The page table: on the XLA path (`layers.attention_paged_loop`) attention
+        # reads only as far as the longest row, so the table always has max_model_len's width
+        # and context length never selects a program. Elsewhere (the Pallas kernel, KIVI keys,
+        # which read every slot of the table) its width is on the same grid: at least 256
+        # tokens, at most max_model_len.
         b = fine_bucket(len(group))
-        n_pages = max(-(-(c.start + width(c)) // self.page_size) for c in group)
-        pp = min(fine_bucket(n_pages, minimum=-(-256 // self.page_size)), self.max_pages_per_seq)
+        if self.full_width_tables:
+            pp = self.max_pages_per_seq
+        else:
+            n_pages = max(-(-(c.start + width(c)) // self.page_size) for c in group)
+            pp = min(fine_bucket(n_pages, minimum=-(-256 // self.page_size)), self.max_pages_per_seq)
         vocab = self.cfg.vocab_size
         tokens = np.zeros((b, t), np.int32)
         next_tokens = np.zeros((b, t), np.int32)
