@@ -166,3 +166,27 @@ def test_paged_loop_attention_equals_the_reference(kind, t, window):
     # the same keys behind a table only as wide as the longest row: same result
     narrow = loop(q, k_pages, v_pages, AttentionMeta(table[:, :44], kv_lens, q_lens))
     np.testing.assert_allclose(np.asarray(narrow, np.float32), np.asarray(got, np.float32), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_contiguous_bf16_bits_loop_equals_the_reference(t):
+    """Static generation's bf16 cache on CPU (bits, [B, K, S, H]) runs `attention_paged_loop` over
+    slot slices (S = 96: slices of 32, three iterations for the longest row) and must agree with
+    `attention_reference` reading the whole cache; slots past a row's length hold other values."""
+    from jaxinfer.kv.cache import BitsPages, init_contiguous
+    from jaxinfer.layers import attention_paged_loop, attention_reference, contiguous_bits_loop
+
+    kv, table = init_contiguous(1, 3, 96, 2, 16, jnp.bfloat16)
+    if not isinstance(kv.k[0], BitsPages):
+        pytest.skip("bf16 caches are stored as bits on CPU only")
+    rng = np.random.default_rng(1)
+    vals = [jnp.asarray(rng.normal(size=(3, 2, 96, 16)), jnp.bfloat16) for _ in range(2)]
+    k, v = (kv.k[0].replace(bits=jax.lax.bitcast_convert_type(x, jnp.uint16)) for x in vals)
+    meta = AttentionMeta(table, jnp.array([90, 7, 40], jnp.int32), jnp.array([t, 1, t], jnp.int32), True)
+    q = jnp.asarray(rng.normal(size=(3, t, 6, 16)), jnp.bfloat16)
+    assert contiguous_bits_loop(q, k, meta)
+    want = attention_reference(q, k, v, meta, scale=0.25)
+    got = jax.jit(lambda q, k, v, m: attention_paged_loop(q, k, v, m, scale=0.25))(q, k, v, meta)
+    valid = (jnp.arange(t)[None, :] < meta.q_lens[:, None])[:, :, None, None]
+    err = jnp.max(jnp.where(valid, jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)), 0))
+    assert float(err) <= 1e-2 * float(jnp.max(jnp.abs(want.astype(jnp.float32))))

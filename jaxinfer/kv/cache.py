@@ -169,6 +169,16 @@ def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
     return _gather(pages, meta)
 
 
+def slice_slots(pages, start: jax.Array, width: int) -> jax.Array:
+    """Slots [start, start + width) of every row of a contiguous cache [B, K, S, H], read as
+    `gather_pages` reads whole rows (bf16 BitsPages widened to float32). start + width <= S."""
+    def take(x):
+        return jax.lax.dynamic_slice_in_dim(x, start, width, axis=2)
+    if isinstance(pages, BitsPages):
+        return widen_from_storage(take(pages.bits), pages.dtype)
+    return take(pages)
+
+
 def grow_contiguous(cache: KVCache, new_len: int) -> KVCache:
     """A contiguous cache [B, K, S, H] per layer extended to new_len slots (zero-filled).
 
