@@ -161,17 +161,17 @@ def attention_paged_loop(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, *,
     quantized pages; contiguous caches too, read in slot slices: see `contiguous_bits_loop`).
     A `lax.fori_loop` whose trip count is computed on device from ``max(kv_lens)`` gathers
     `loop_chunk_pages` pages of every row per iteration and folds them in with an online
-    softmax (running max, running sum, rescaled accumulator). Two things
-    follow: the work is set by the longest row actually in the batch, not by the page table's
-    width, so callers may pass a table of a fixed width (the serving engine passes
-    max_model_len's, and its compiled programs no longer depend on context length); and the
-    gathered chunk is consumed while still in cache. It sums in a different order than the
-    reference (agrees to ~1e-6 in float32).
+    softmax (running max, running sum, rescaled accumulator). Two things follow: the work is
+    set by the longest row actually in the batch, not by the page table's width, so callers may
+    pass a table of a fixed width (the serving engine passes max_model_len's, and its compiled
+    programs no longer depend on context length); and the gathered chunk is consumed while
+    still in cache. It sums in a different order than the reference (agrees to ~1e-6 in
+    float32).
     """
     b, t, n, h = q.shape
-    kv_heads, ps = k_pages.shape[1], k_pages.shape[2]
+    kv_heads, ps = k_pages.shape[1], k_pages.shape[2]  # ps: page size, or S for a contiguous cache
     g = n // kv_heads
-    if meta.contiguous:  # [B, K, S, H]: slices of 64 slots (or S's largest divisor below)
+    if meta.contiguous:  # [B, K, S, H]: slices of 64 slots (or of S's largest divisor below 64)
         width = math.gcd(ps, 64)
 
         def read(pages, i):
@@ -236,12 +236,11 @@ def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend
               sliding_window: int | None = None) -> jax.Array:
     """Dispatch to the chosen attention implementation (same arguments for all).
 
-    "xla" over a paged cache runs `attention_paged_loop` (KIVI keys and contiguous caches:
-    `attention_reference`)."""
+    "xla" runs `attention_paged_loop` over paged caches (except KIVI keys) and over bf16 bits
+    contiguous caches for short steps (`contiguous_bits_loop`); `attention_reference` otherwise."""
     if backend == "xla":
-        if not meta.contiguous and not isinstance(k_pages, KiviKeys):
-            return attention_paged_loop(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window)
-        if contiguous_bits_loop(q, k_pages, meta):
+        paged = not meta.contiguous and not isinstance(k_pages, KiviKeys)
+        if paged or contiguous_bits_loop(q, k_pages, meta):
             return attention_paged_loop(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window)
         return attention_reference(q, k_pages, v_pages, meta, scale=scale,
                                    sliding_window=sliding_window)
