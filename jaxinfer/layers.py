@@ -105,6 +105,33 @@ def swiglu(gate_up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
+def fold_heads(q: jax.Array, kv_heads: int) -> jax.Array:
+    """Queries [B, T, N, H] -> [B*K, T*G, H]: one batch dim (B K) for the attention products
+    (XLA:CPU runs a dot with a single batch dim ~3x faster than with batch dims (B, K))."""
+    b, t, n, h = q.shape
+    g = n // kv_heads
+    return q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv_heads, t * g, h)
+
+
+def unfold_heads(out: jax.Array, b: int, t: int, kv_heads: int) -> jax.Array:
+    """The inverse of `fold_heads`: [B*K, T*G, H] -> [B, T, N, H]."""
+    h = out.shape[-1]
+    g = out.shape[1] // t
+    return out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, kv_heads * g, h)
+
+
+def visible_keys(meta: AttentionMeta, q_pos: jax.Array, k_pos: jax.Array, causal: bool = True,
+                 sliding_window: int | None = None) -> jax.Array:
+    """Which cache slots each query may attend to: keys below the row's length, not after the
+    query (causal), within the sliding window. q_pos [B, T], k_pos [S] -> [B, T or 1, S] bool."""
+    mask = k_pos[None, None, :] < meta.kv_lens[:, None, None]  # [B, 1, S]
+    if causal:
+        mask = mask & (k_pos[None, None, :] <= q_pos[:, :, None])  # [B, T, S]
+    if sliding_window is not None:
+        mask = mask & (k_pos[None, None, :] > q_pos[:, :, None] - sliding_window)
+    return mask
+
+
 def attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                         meta: AttentionMeta, *, scale: float, causal: bool = True,
                         sliding_window: int | None = None,
@@ -121,29 +148,20 @@ def attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     v = gather_pages(v_pages, meta)
     kv_heads, s = k.shape[1], k.shape[2]
     g = n // kv_heads
-    # One batch dim (B K) for the two matmuls: XLA:CPU runs a dot with a single batch dim
-    # ~3x faster than the same dot with batch dims (B, K).
-    qf = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv_heads, t * g, h)  # [BK, TG, H]
+    qf = fold_heads(q, kv_heads)  # [BK, TG, H]
     small_q = t == 1 and g >= 2  # decode with grouped queries: G rows per kv head
     scores = batched_qk_pv("xqh,xsh->xqs", qf, k.reshape(b * kv_heads, s, h), small_q) * scale  # [BK, TG, S]
     scores = scores.reshape(b, kv_heads, t, g, s)
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
-    q_pos = meta.query_positions(t)  # [B, T]
-    k_pos = jnp.arange(s, dtype=jnp.int32)
-    mask = k_pos[None, None, :] < meta.kv_lens[:, None, None]  # [B, 1, S]
-    if causal:
-        mask = mask & (k_pos[None, None, :] <= q_pos[:, :, None])  # [B, T, S]
-    if sliding_window is not None:
-        mask = mask & (k_pos[None, None, :] > q_pos[:, :, None] - sliding_window)
+    mask = visible_keys(meta, meta.query_positions(t), jnp.arange(s, dtype=jnp.int32), causal, sliding_window)
     mask = jnp.broadcast_to(mask, (b, t, s))[:, None, :, None, :]  # [B, 1, T, 1, S]
     scores = jnp.where(mask, scores, -jnp.inf)
     # Padding query rows can have no visible key; keep them finite (they are discarded).
     scores = jnp.where(jnp.any(mask, axis=-1, keepdims=True), scores, 0.0)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b * kv_heads, t * g, s)
     out = batched_qk_pv("xqs,xsh->xqh", probs, v.reshape(b * kv_heads, s, h), small_q)  # [BK, TG, H]
-    out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4)
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    return unfold_heads(out, b, t, kv_heads).astype(q.dtype)
 
 
 def loop_chunk_pages(page_size: int, num_tokens: int) -> int:
@@ -185,7 +203,7 @@ def attention_paged_loop(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, *,
         def read(pages, i):
             pages_i = jax.lax.dynamic_slice_in_dim(table, i * chunk, chunk, axis=1)
             return gather_pages(pages, meta.replace(page_table=pages_i))
-    qf = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv_heads, t * g, h)  # [BK, TG, H]
+    qf = fold_heads(q, kv_heads)  # [BK, TG, H]
     small_q = t == 1 and g >= 2
     q_pos = meta.query_positions(t)  # [B, T]
     last = (jnp.max(meta.kv_lens) + width - 1) // width  # iterations that hold any row's keys
@@ -199,10 +217,7 @@ def attention_paged_loop(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, *,
         k = read(k_pages, i).reshape(b * kv_heads, width, h)
         v = read(v_pages, i).reshape(b * kv_heads, width, h)
         s = batched_qk_pv("xqh,xsh->xqs", qf, k, small_q) * scale  # [BK, TG, width]
-        k_pos = i * width + jnp.arange(width, dtype=jnp.int32)
-        mask = (k_pos[None, None, :] < meta.kv_lens[:, None, None]) & (k_pos[None, None, :] <= q_pos[:, :, None])
-        if sliding_window is not None:
-            mask = mask & (k_pos[None, None, :] > q_pos[:, :, None] - sliding_window)
+        mask = visible_keys(meta, q_pos, i * width + jnp.arange(width, dtype=jnp.int32), True, sliding_window)
         mask = jnp.broadcast_to(mask[:, None, :, None, :], (b, kv_heads, t, g, width))
         s = jnp.where(mask.reshape(b * kv_heads, t * g, width), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -217,8 +232,14 @@ def attention_paged_loop(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, *,
             jnp.zeros((b * kv_heads, t * g, h), jnp.float32))
     _, l, acc = jax.lax.fori_loop(first, last, fold, init)
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # padding rows (nothing visible): zeros
-    out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4)
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    return unfold_heads(out, b, t, kv_heads).astype(q.dtype)
+
+
+def paged_loop_applies(backend: str, k_pages) -> bool:
+    """Whether `attention` over a paged cache runs `attention_paged_loop`, whose work stops at the
+    longest row whatever the page table's width (the serving engine then passes full-width
+    tables). The Pallas kernel and KIVI keys read every slot of the table."""
+    return backend == "xla" and not isinstance(k_pages, KiviKeys)
 
 
 def contiguous_bits_loop(q: jax.Array, k_pages, meta: AttentionMeta) -> bool:
@@ -239,7 +260,7 @@ def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend
     "xla" runs `attention_paged_loop` over paged caches (except KIVI keys) and over bf16 bits
     contiguous caches for short steps (`contiguous_bits_loop`); `attention_reference` otherwise."""
     if backend == "xla":
-        paged = not meta.contiguous and not isinstance(k_pages, KiviKeys)
+        paged = not meta.contiguous and paged_loop_applies(backend, k_pages)
         if paged or contiguous_bits_loop(q, k_pages, meta):
             return attention_paged_loop(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window)
         return attention_reference(q, k_pages, v_pages, meta, scale=scale,

@@ -29,7 +29,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.engine.scheduler import ScheduledChunk
 from jaxinfer.generate import fine_bucket
 from jaxinfer.kv.cache import AttentionMeta, KVCache
-from jaxinfer.kv.kivi import KiviKeys
+from jaxinfer.layers import paged_loop_applies
 from jaxinfer.model import Weights, forward
 from jaxinfer.outputs import position_logprobs
 from jaxinfer.sampling import RowLimits, SamplingTensors, block_stop_tokens, sample, token_logprobs
@@ -159,7 +159,7 @@ class ModelRunner:
         self.draft_cfg, self.draft_weights, self.draft_kv = draft if draft is not None else (None, None, None)
         self.signatures: set[tuple] = set()
         # attention that stops at the longest row (see _inputs)
-        self.full_width_tables = backend == "xla" and not isinstance(kv.k[0], KiviKeys)
+        self.full_width_tables = paged_loop_applies(backend, kv.k[0])
 
     @property
     def compilations(self) -> int:
