@@ -16,11 +16,12 @@ it reports
 - draft cost: wall time of one `propose` call (jitted, in a loop on device) per proposed
   token, in ms and as a fraction of one plain decode step of the target at that batch;
 - speedup: generated tokens/s of speculative decoding over plain decoding
-  (`jaxinfer.generate` prefill + `lax.while_loop` decode), measured in the same run on the
-  same prompts, prefill included in both; greedy outputs are checked token-identical.
-  Plain decoding is timed before, between and after the drafters of each (set, batch,
-  temperature) group, and every speedup of the group uses its best pass (--repeats sets the
-  passes per speculative run), so a slow moment of the shared machine cannot inflate a ratio.
+  (`jaxinfer.generate` prefill + `lax.while_loop` decode) on the same prompts, prefill
+  included in both; greedy outputs are checked token-identical. The two are timed in
+  pairs: each of --repeats passes runs plain decoding and the speculative run back to
+  back over all prompts (alternating which goes first), and the speedup is the median
+  of the passes' ratios. A slow moment of the shared machine then slows both sides of
+  a pair instead of one side of the ratio; tok/s columns are the medians of the passes.
 
 Every row generates exactly --max-tokens tokens (EOS ignored), so greedy runs compare
 equal work. Writes experiments/results/bench_spec.{md,json,png}.
@@ -116,25 +117,47 @@ def _inputs(prompts: list[list[int]], t: int, temp: float, max_tokens: int, voca
     return jnp.asarray(tokens), lens, st, limits
 
 
+def _pass(run_one, batches):
+    """One timed pass over all batches -> (seconds, outputs [rows, M], states)."""
+    outs, states, total = [], [], 0.0
+    for b in batches:
+        t0 = time.perf_counter()
+        state = run_one(*b)
+        state.out_tokens.block_until_ready()
+        total += time.perf_counter() - t0
+        outs.append(np.asarray(state.out_tokens))
+        states.append(state)
+    return total, np.concatenate(outs), states
+
+
 def _timed_runs(run_one, batches, repeats: int = 1):
     """Run the first batch once to compile, then time a pass over all batches `repeats` times.
 
-    Returns (seconds of the fastest pass, outputs, states). The best pass is the least disturbed
-    by other work on a shared machine; outputs are deterministic, so any pass's are the same.
+    Returns (seconds of the fastest pass, outputs, states). Outputs are deterministic, so any
+    pass's are the same.
     """
     run_one(*batches[0]).out_tokens.block_until_ready()  # compile, and finish before the clock starts
-    best = float("inf")
-    for _ in range(repeats):
-        outs, states, total = [], [], 0.0
-        for b in batches:
-            t0 = time.perf_counter()
-            state = run_one(*b)
-            state.out_tokens.block_until_ready()
-            total += time.perf_counter() - t0
-            outs.append(np.asarray(state.out_tokens))
-            states.append(state)
-        best = min(best, total)
-    return best, np.concatenate(outs), states
+    passes = [_pass(run_one, batches) for _ in range(repeats)]
+    return min(x[0] for x in passes), passes[0][1], passes[0][2]
+
+
+def _paired_runs(plain_run, spec_run, batches, passes: int):
+    """Plain and speculative passes back to back, `passes` times, alternating which runs first.
+
+    Returns (plain seconds per pass, speculative seconds per pass, speculative outputs, states);
+    the ratio of a pair is measured within seconds, whatever the machine does between pairs.
+    """
+    for run in (plain_run, spec_run):
+        run(*batches[0]).out_tokens.block_until_ready()  # compile / warm up outside the clock
+    plain_s, spec_s = [], []
+    for i in range(passes):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            if which == 0:
+                plain_s.append(_pass(plain_run, batches)[0])
+            else:
+                sec, out, states = _pass(spec_run, batches)
+                spec_s.append(sec)
+    return plain_s, spec_s, out, states
 
 
 def _programs(prefill, decode, weights, args, bake: bool):
@@ -230,11 +253,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompts-b1", type=int, default=4, help="prompts per set at batch 1 (one batch each)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--layer-skip-layers", type=int, default=None)
+    p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest suffix matched")
+    p.add_argument("--prompt-lookup-min", type=int, default=2, help="n-gram: shortest suffix matched")
     p.add_argument("--eagle", default=None, help="EAGLE head dir (default: the shipped one)")
     p.add_argument("--medusa", default=None, help="Medusa head dir (default: the shipped one)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed passes per speculative run (best kept); plain decoding, the denominator of "
-                        "every speedup, is timed max(3, repeats) times")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed pairs (a plain pass and a speculative pass) per speculative run; the speedup is the "
+                        "median of the pairs' ratios")
     p.add_argument("--no-draft-cost", action="store_true")
     p.add_argument("--bake-weights", action="store_true",
                    help="close over the weights (compile-time constants) in plain and speculative programs alike; "
@@ -256,7 +281,8 @@ def main(argv=None) -> int:
           + ", ".join(f"{k} {len(v)} (mean {np.mean([len(x) for x in v]):.0f} tokens)" for k, v in sets.items())
           + f"; {m} new tokens; cache {s}", flush=True)
 
-    overrides = {"layer_skip": {"num_layers": args.layer_skip_layers} if args.layer_skip_layers else {},
+    overrides = {"ngram": {"prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min},
+                 "layer_skip": {"num_layers": args.layer_skip_layers} if args.layer_skip_layers else {},
                  "eagle": {"model": args.eagle} if args.eagle else {},
                  "medusa": {"model": args.medusa} if args.medusa else {}}
     rows, t_start = [], time.time()
@@ -271,13 +297,10 @@ def main(argv=None) -> int:
                 step_s[batch] = plain_step_seconds(weights, cfg, batches[0][0], t, s, m, args.bake_weights)
             for temp in args.temps:
                 plain_run = plain_runner(weights, cfg, t, s, m, temp, args.bake_weights)
-                plain_s, plain_out, _ = _timed_runs(plain_run, batches, max(3, args.repeats))
+                plain_s, plain_out, _ = _timed_runs(plain_run, batches, 1)
                 n_tokens = plain_out.shape[0] * m
                 print(f"\n[{set_name} batch {batch} T={temp}] plain: {n_tokens / plain_s:.1f} tok/s", flush=True)
-                group = []
                 for method in args.methods:
-                    if method != args.methods[0]:  # plain again between methods: the best pass of the group counts
-                        plain_s = min(plain_s, _timed_runs(plain_run, batches, 1)[0])
                     for k in args.ks:
                         d = {**METHOD_CONFIGS[method], **overrides.get(method, {}), "num_speculative_tokens": k}
                         try:
@@ -286,9 +309,9 @@ def main(argv=None) -> int:
                         except ValueError as e:
                             print(f"  {method} k={k}: skipped ({e})", flush=True)
                             continue
-                        sec, out, states = _timed_runs(
-                            spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, args.bake_weights), batches,
-                            args.repeats)
+                        plain_ts, spec_ts, out, states = _paired_runs(
+                            plain_run, spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, args.bake_weights),
+                            batches, args.repeats)
                         fwd = sum(int(x.forwards.sum()) for x in states)
                         drafted = sum(int(x.drafted.sum()) for x in states)
                         acc = sum(int(x.accepted.sum()) for x in states)
@@ -300,31 +323,27 @@ def main(argv=None) -> int:
                                "acceptance_rate": acc / drafted, "tau": (acc + fwd) / fwd,
                                "draft_ms_per_token": None if cost is None else 1e3 * cost,
                                "draft_cost_ratio": None if cost is None else cost / step_s[batch],
-                               "tok_s": n_tokens / sec, "plain_tok_s": n_tokens / plain_s,
-                               "speedup": plain_s / sec,
+                               "tok_s": n_tokens / float(np.median(spec_ts)),
+                               "plain_tok_s": n_tokens / float(np.median(plain_ts)),
+                               "speedup": float(np.median(np.asarray(plain_ts) / np.asarray(spec_ts))),
+                               "pass_speedups": [round(a / b, 3) for a, b in zip(plain_ts, spec_ts)],
                                "greedy_identical": bool((out == plain_out).all()) if temp == 0 else None}
                         if method == "layer_skip":
                             row["num_layers"] = drafter.num_layers
+                        if method == "ngram":
+                            row["ngram"] = [drafter.prompt_lookup_min, drafter.prompt_lookup_max]
                         rows.append(row)
-                        group.append((row, sec))
                         # Each (drafter, k) compiles its own pair of programs; a process that keeps hundreds
                         # of them runs out of memory mappings in LLVM's JIT. Count them, then let them go
-                        # (plain decoding's programs stay: it is re-timed between drafters).
+                        # (plain decoding's programs stay: every pair re-times it).
                         for name, fn in (("spec_prefill", spec_prefill), ("spec_decode", spec_decode)):
                             compiled[name] += fn._cache_size()
                             fn.clear_cache()
                         print(f"  {method:11s} k={k}: α {row['acceptance_rate']:.3f}  τ {row['tau']:.2f}  "
                               f"draft {row['draft_ms_per_token'] or 0:.2f} ms/tok "
                               f"({row['draft_cost_ratio'] or 0:.2f} step)  {row['tok_s']:.1f} tok/s  "
-                              f"speedup {row['speedup']:.2f}x"
+                              f"speedup {row['speedup']:.2f}x (pairs {min(row['pass_speedups']):.2f}-{max(row['pass_speedups']):.2f})"
                               + ("" if temp else f"  identical={row['greedy_identical']}"), flush=True)
-                plain_s = min(plain_s, _timed_runs(plain_run, batches, 1)[0])
-                for row, sec in group:  # every speedup of the group against the same, best plain pass
-                    row.update(plain_tok_s=n_tokens / plain_s, speedup=plain_s / sec)
-                print(f"  plain, best of the group's passes: {n_tokens / plain_s:.1f} tok/s; speedups: "
-                      + ", ".join(f"{r['method']} k={r['k']} {r['speedup']:.2f}x" for r, _ in group
-                                  if r["speedup"] == max(x["speedup"] for x, _ in group if x["method"] == r["method"])),
-                      flush=True)
     meta = {"target": target_dir.name, "params": cfg.num_params(), "dtype": args.dtype, "max_tokens": m, "cache_len": s,
             "plain_step_ms": {b: 1e3 * v for b, v in step_s.items()},
             "compilations": compiled,
@@ -345,8 +364,9 @@ def write_results(out: Path, rows: list[dict], meta: dict):
              f"XLA_FLAGS={meta['xla_flags'] or '(none)'}; weights "
              + ("baked into the programs (compile-time constants)" if meta["bake_weights"] else "passed as jit arguments")
              + ".",
-             f"{meta['max_tokens']} new tokens per row (EOS ignored); speedup = plain wall time / speculative wall "
-             "time on the same prompts in the same run, prefill included; τ = tokens per target forward "
+             f"{meta['max_tokens']} new tokens per row (EOS ignored); speedup = median over "
+             f"{meta['repeats']} back-to-back pairs of (plain wall time / speculative wall time) on the same prompts, "
+             "prefill included (tok/s: medians of the passes); τ = tokens per target forward "
              "(bonus / correction included); α = accepted / drafted; draft cost = one propose call per proposed "
              "token (ms, and as a fraction of a plain decode step: "
              + ", ".join(f"batch {b}: {v:.2f} ms" for b, v in meta["plain_step_ms"].items()) + ").", ""]
@@ -377,7 +397,8 @@ def write_results(out: Path, rows: list[dict], meta: dict):
 
 def _row(r: dict) -> str:
     cost = "-" if r["draft_ms_per_token"] is None else f"{r['draft_ms_per_token']:.2f} ({r['draft_cost_ratio']:.2f})"
-    name = r["method"] + (f" (L'={r['num_layers']})" if "num_layers" in r else "")
+    name = r["method"] + (f" (L'={r['num_layers']})" if "num_layers" in r else "") + (
+        f" (n={r['ngram'][0]}..{r['ngram'][1]})" if "ngram" in r else "")
     return (f"| {r['set']} | {r['batch']} | {r['temperature']:g} | {name} | {r['k']} | {r['acceptance_rate']:.3f} "
             f"| {r['tau']:.2f} | {cost} | {r['tok_s']:.1f} | {r['plain_tok_s']:.1f} | {r['speedup']:.2f}x |")
 
