@@ -204,10 +204,14 @@ def draft_cost(weights, cfg, drafter, dparams, prompts, t, s, m, temp, reps: int
                            greedy=statics.greedy)
 
         def body(i, carry):
-            kv, dstate, acc = carry
+            kv, dstate, ctx, acc = carry
+            # Without the barrier XLA hoists whatever depends only on loop-invariant inputs (EAGLE's
+            # first token comes from a feature that propose does not change) out of the loop, and the
+            # loop would time that work once instead of `reps` times.
+            kv, dstate, ctx = jax.lax.optimization_barrier((kv, dstate, ctx))
             draft, _, dstate, kv = drafter.propose(dparams, weights, kv, dstate, ctx)
-            return kv, dstate, acc + jnp.sum(draft)
-        return jax.lax.fori_loop(0, reps, body, (state.kv, state.draft, jnp.int32(0)))[2]
+            return kv, dstate, ctx, acc + jnp.sum(draft)
+        return jax.lax.fori_loop(0, reps, body, (state.kv, state.draft, ctx, jnp.int32(0)))[3]
 
     if bake:
         loop = jax.jit(lambda state: propose_loop(weights, dparams, state))
