@@ -151,8 +151,8 @@ def _paired_runs(plain_run, spec_run, batches, passes: int):
         run(*batches[0]).out_tokens.block_until_ready()  # compile / warm up outside the clock
     plain_s, spec_s = [], []
     for i in range(passes):
-        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-            if which == 0:
+        for side in (("plain", "spec") if i % 2 == 0 else ("spec", "plain")):
+            if side == "plain":
                 plain_s.append(_pass(plain_run, batches)[0])
             else:
                 sec, out, states = _pass(spec_run, batches)
@@ -205,9 +205,9 @@ def draft_cost(weights, cfg, drafter, dparams, prompts, t, s, m, temp, reps: int
 
         def body(i, carry):
             kv, dstate, ctx, acc = carry
-            # Without the barrier XLA hoists whatever depends only on loop-invariant inputs (EAGLE's
-            # first token comes from a feature that propose does not change) out of the loop, and the
-            # loop would time that work once instead of `reps` times.
+            # The barrier keeps XLA from hoisting work that reads only loop-invariant inputs (EAGLE's
+            # first token comes from a feature that propose does not change) out of the timed loop,
+            # which would then count that work once instead of `reps` times.
             kv, dstate, ctx = jax.lax.optimization_barrier((kv, dstate, ctx))
             draft, _, dstate, kv = drafter.propose(dparams, weights, kv, dstate, ctx)
             return kv, dstate, ctx, acc + jnp.sum(draft)
