@@ -130,25 +130,14 @@ def _pass(run_one, batches):
     return total, np.concatenate(outs), states
 
 
-def _timed_runs(run_one, batches, repeats: int = 1):
-    """Run the first batch once to compile, then time a pass over all batches `repeats` times.
-
-    Returns (seconds of the fastest pass, outputs, states). Outputs are deterministic, so any
-    pass's are the same.
-    """
-    run_one(*batches[0]).out_tokens.block_until_ready()  # compile, and finish before the clock starts
-    passes = [_pass(run_one, batches) for _ in range(repeats)]
-    return min(x[0] for x in passes), passes[0][1], passes[0][2]
-
-
 def _paired_runs(plain_run, spec_run, batches, passes: int):
     """Plain and speculative passes back to back, `passes` times, alternating which runs first.
 
     Returns (plain seconds per pass, speculative seconds per pass, speculative outputs, states);
     the ratio of a pair is measured within seconds, whatever the machine does between pairs.
+    plain_run must have run once already (main's first plain pass compiles it).
     """
-    for run in (plain_run, spec_run):
-        run(*batches[0]).out_tokens.block_until_ready()  # compile / warm up outside the clock
+    spec_run(*batches[0]).out_tokens.block_until_ready()  # compile, and finish before the clock starts
     plain_s, spec_s = [], []
     for i in range(passes):
         for side in (("plain", "spec") if i % 2 == 0 else ("spec", "plain")):
@@ -301,7 +290,8 @@ def main(argv=None) -> int:
                 step_s[batch] = plain_step_seconds(weights, cfg, batches[0][0], t, s, m, args.bake_weights)
             for temp in args.temps:
                 plain_run = plain_runner(weights, cfg, t, s, m, temp, args.bake_weights)
-                plain_s, plain_out, _ = _timed_runs(plain_run, batches, 1)
+                plain_run(*batches[0]).out_tokens.block_until_ready()  # compile outside the clock
+                plain_s, plain_out, _ = _pass(plain_run, batches)
                 n_tokens = plain_out.shape[0] * m
                 print(f"\n[{set_name} batch {batch} T={temp}] plain: {n_tokens / plain_s:.1f} tok/s", flush=True)
                 for method in args.methods:

@@ -2,8 +2,9 @@
 
 The engine's decode attention (`layers.attention_paged_loop`) gathers every row's pages
 through its page table, 64 slots at a time, before the attention products of each chunk;
-`generate_static` reads a contiguous cache in place. Times one decode forward of the embedded target over each layout
-(same rows, same cache slots per row, same context), inside one jitted fori_loop, in one run.
+`generate_static` reads a float32 contiguous cache in place. Times one decode forward of the
+embedded target over each layout (same rows, same cache slots per row, same context), inside
+one jitted fori_loop, in one run.
 The pages of the paged cache are a random permutation, as they end up after a while of serving.
 Writes experiments/results/paged_decode_cost.{json,md}.
 

@@ -152,31 +152,32 @@ def _gather(x: jax.Array, meta: AttentionMeta) -> jax.Array:
     return g.transpose(0, 2, 1, 3, 4).reshape(b, k, pp * ps, w)
 
 
-def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
-    """Each row's cache as one contiguous run: [B, K, S, H], S = pages_per_seq * ps.
-
-    QuantPages are gathered as codes and scales, then dequantized; bf16 BitsPages come back as
-    float32 (exact; attention computes in f32 anyway)."""
-    if isinstance(pages, KiviKeys):
-        return read_kivi_keys(pages, meta, _gather)
-    if isinstance(pages, QuantPages):  # gather the stored arrays, then view the rows' pages as floats
-        rows = pages.replace(data=_gather(pages.data, meta), scale=_gather(pages.scale, meta),
-                             zero=None if pages.zero is None else _gather(pages.zero, meta))
+def _read(pages, take):
+    """`take` (a selection of slots, [P or B, K, ps, W] -> [B, K, S', W]) applied to every stored
+    array of non-KIVI pages, then viewed as floats: QuantPages' codes and scales are selected, then
+    dequantized; bf16 BitsPages come back as float32 (exact; attention computes in f32 anyway)."""
+    if isinstance(pages, QuantPages):
+        rows = pages.replace(data=take(pages.data), scale=take(pages.scale),
+                             zero=None if pages.zero is None else take(pages.zero))
         data, scale, zero = rows.values()
         return dequantize_pages(data, scale, pages.spec, pages.head_dim, pages.dtype, zero)
     if isinstance(pages, BitsPages):
-        return widen_from_storage(_gather(pages.bits, meta), pages.dtype)  # bf16: as float32
-    return _gather(pages, meta)
+        return widen_from_storage(take(pages.bits), pages.dtype)
+    return take(pages)
+
+
+def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
+    """Each row's cache as one contiguous run: [B, K, S, H], S = pages_per_seq * ps, read as
+    `_read` says (QuantPages dequantized, bf16 BitsPages as float32)."""
+    if isinstance(pages, KiviKeys):
+        return read_kivi_keys(pages, meta, _gather)
+    return _read(pages, lambda x: _gather(x, meta))
 
 
 def slice_slots(pages, start: jax.Array, width: int) -> jax.Array:
     """Slots [start, start + width) of every row of a contiguous cache [B, K, S, H], read as
-    `gather_pages` reads whole rows (bf16 BitsPages widened to float32). start + width <= S."""
-    def take(x):
-        return jax.lax.dynamic_slice_in_dim(x, start, width, axis=2)
-    if isinstance(pages, BitsPages):
-        return widen_from_storage(take(pages.bits), pages.dtype)
-    return take(pages)
+    `gather_pages` reads whole rows. start + width <= S."""
+    return _read(pages, lambda x: jax.lax.dynamic_slice_in_dim(x, start, width, axis=2))
 
 
 def grow_contiguous(cache: KVCache, new_len: int) -> KVCache:
