@@ -15,7 +15,10 @@ Comparisons:
   2. prefix caching on vs off on (b) (mean TTFT);
   3. paged KV vs contiguous max-length preallocation: concurrent sequences in the same
      KV memory on (a);
-  4. the engine vs transformers' `generate` in static batches on (a).
+  4. the engine vs transformers' `generate` in static batches on (a);
+  5. fused decode steps (`num_scheduler_steps`, vLLM's multi-step scheduling) vs single
+     steps on (a), all at once (throughput: --pairs back-to-back pairs, median ratio) and
+     with Poisson arrivals (what the fused steps cost arriving requests in TTFT).
 Writes experiments/results/bench_serving.{json,md}.
 
     python experiments/bench_serving.py [--model stdlib-target] [--num-requests 64] [--rate 4]
@@ -149,6 +152,8 @@ def main():
     ap.add_argument("--contiguous-seqs", type=int, default=4,
                     help="part 3: KV budget = this many max_model_len sequences preallocated contiguously")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-scheduler-steps", type=int, default=8, help="part 5: decode steps fused per call")
+    ap.add_argument("--pairs", type=int, default=3, help="part 5: single / fused runs timed back to back")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights, activations and KV cache of every run (transformers' too)")
@@ -233,6 +238,31 @@ def main():
           f"({kv_big['max_concurrent_seqs'] / args.contiguous_seqs:.1f}x), KV usage mean "
           f"{kv_big['kv_usage_mean']:.0%}, preemptions {big.get_stats().num_preemptions}")
 
+    # 5. fused decode steps vs single steps, on (a): all at once, then Poisson arrivals
+    n_fused = args.num_scheduler_steps
+    fused_llm = LLM(args.model, enable_prefix_caching=False, num_scheduler_steps=n_fused, **common)
+    (fused_outs, fused, kv_f), comp_f = measured(run_engine, fused_llm, prompts_a, params_a)
+    ratios = []
+    for i in range(args.pairs):  # back to back, alternating which goes first
+        pair = [(llm, None), (fused_llm, None)]
+        for j in ([0, 1] if i % 2 == 0 else [1, 0]):
+            pair[j] = run_engine(pair[j][0], prompts_a, params_a)[1]
+        ratios.append(pair[1]["output_throughput"] / pair[0]["output_throughput"])
+    (_, fused_pois, kv_fp), comp_fp = measured(run_engine, fused_llm, prompts_a, params_a, arrivals)
+    results["a_fused"] = {**fused, **kv_f, **comp_f, "num_scheduler_steps": n_fused,
+                          "fused_steps": fused_llm.get_stats().num_fused_steps}
+    results["a_fused_poisson"] = {**fused_pois, **kv_fp, **comp_fp, "rate": args.rate}
+    results["a_fused_over_single_pairs"] = ratios
+    results["a_fused_over_single"] = float(np.median(ratios))
+    results["a_fused_over_static"] = fused["output_throughput"] / static["output_throughput"]
+    results["a_fused_identical_outputs"] = [o.outputs[0].token_ids for o in fused_outs] == \
+        [o.outputs[0].token_ids for o in outs]
+    print(f"\n(5) (a) all at once, {n_fused} decode steps fused per call\n" + format_summary(fused))
+    print(f"  fused / single output tok/s: {results['a_fused_over_single']:.2f}x (median of {args.pairs} "
+          f"pairs: {', '.join(f'{r:.2f}' for r in ratios)}); fused / static {results['a_fused_over_static']:.2f}x; "
+          f"identical tokens: {results['a_fused_identical_outputs']}")
+    print(f"(5) (a) Poisson {args.rate}/s, {n_fused} decode steps fused per call\n" + format_summary(fused_pois))
+
     # 4. engine vs transformers static batches on (a)
     if not args.skip_transformers:
         hf = run_transformers(llm.model_dir, prompts_a, params_a, args.max_num_seqs, args.dtype)
@@ -265,7 +295,10 @@ def markdown(results: dict) -> str:
     md = ["| run | out tok/s | req/s | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | E2EL p50/p95/p99 ms "
           "| KV usage mean/max | max running | compilations |",
           "|---|---|---|---|---|---|---|---|---|"]
-    for key in ("a_continuous", "a_static", "a_static_unlimited", "a_poisson", "b_prefix_off", "b_prefix_on"):
+    for key in ("a_continuous", "a_fused", "a_static", "a_static_unlimited", "a_poisson", "a_fused_poisson",
+                "b_prefix_off", "b_prefix_on"):
+        if key not in results:
+            continue
         s = results[key]
         cells = ["/".join(f"{s[m][p]:.0f}" for p in ("median", "p95", "p99")) for m in ("ttft_ms", "tpot_ms", "e2el_ms")]
         if key.startswith("a_static"):
@@ -287,6 +320,11 @@ def markdown(results: dict) -> str:
            f"{results['a_static_unlimited']['batch_size']} with no memory limit "
            f"({results['a_static_unlimited']['kv_bytes_needed'] / 2**20:.0f} MiB); identical tokens: "
            f"{results['a_identical_outputs']}",
+           *([f"- {results['a_fused']['num_scheduler_steps']} decode steps fused per call (a_fused, "
+              f"`num_scheduler_steps`) / single steps, output throughput: {results['a_fused_over_single']:.2f}x "
+              f"(median of back-to-back pairs: {', '.join(f'{r:.2f}' for r in results['a_fused_over_single_pairs'])}); "
+              f"fused / static {results['a_fused_over_static']:.2f}x; identical tokens: "
+              f"{results['a_fused_identical_outputs']}"] if "a_fused" in results else []),
            f"- prefix caching, mean TTFT off / on: {results['b_ttft_off_over_on']:.2f}x "
            f"(hit rate {results['b_prefix_on']['hit_rate']:.1%})",
            f"- paged / contiguous max-length preallocation, concurrent sequences in "

@@ -56,7 +56,8 @@ class LLM:
 
     Engine options keep vLLM's names: block_size, num_kv_pages (or kv_cache_memory_bytes),
     enable_prefix_caching, max_num_seqs, max_num_batched_tokens, kv_cache_dtype ("auto",
-    "fp8_e4m3" (alias "fp8"), "fp8_e5m2", "int8", "int4", "nvfp4").
+    "fp8_e4m3" (alias "fp8"), "fp8_e5m2", "int8", "int4", "nvfp4"), num_scheduler_steps
+    (decode steps fused into one device call while only decodes run; vLLM's multi-step).
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
@@ -64,7 +65,7 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, block_size: int = 16,
                  num_kv_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
-                 speculative_config: dict | None = None):
+                 speculative_config: dict | None = None, num_scheduler_steps: int = 1):
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
         self.model_dir = resolve_model(model)
@@ -88,7 +89,8 @@ class LLM:
             kv_cache_memory_bytes=kv_cache_memory_bytes, enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype,
-            speculative_config=self.speculative_config if self._spec_in_engine else None)
+            speculative_config=self.speculative_config if self._spec_in_engine else None,
+            num_scheduler_steps=num_scheduler_steps)
         self.engine = LLMEngine(cfg, self.weights, self.tokenizer, self.engine_config,
                                 model_id=str(self.model_dir))
         decode_token = self.engine.runner.decode_token

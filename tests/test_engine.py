@@ -46,6 +46,10 @@ def _check_pages_returned(llm):
     dict(max_num_seqs=8, max_num_batched_tokens=12, block_size=4),  # chunked prefill, small pages
     dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14),  # preemption
     dict(max_num_seqs=8, max_num_batched_tokens=64, block_size=8, enable_prefix_caching=True),
+    # fused decode steps, with preemption (pages for the steps often do not fit: halved)
+    dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, num_scheduler_steps=4),
+    dict(max_num_seqs=4, max_num_batched_tokens=64, block_size=4, enable_prefix_caching=True,
+         num_scheduler_steps=8),
 ])
 def test_engine_greedy_equals_standalone_generate(model_dir, reference, opts):
     prompts, ref = reference
@@ -60,7 +64,41 @@ def test_engine_greedy_equals_standalone_generate(model_dir, reference, opts):
         assert sum(o.num_cached_tokens for o in outs) > 0
     if "num_kv_pages" in opts:
         assert llm.get_stats().num_preemptions > 0
+    if "num_scheduler_steps" in opts:
+        assert llm.get_stats().num_fused_steps > 0
     _check_pages_returned(llm)
+
+
+def test_fused_decode_steps_equal_single_steps(model_dir):
+    """num_scheduler_steps > 1: stop tokens, stop strings, min_tokens, max_tokens, seeded
+    sampling and logprobs give what single steps give, and a row that ends inside a fused
+    call returns its pages."""
+    prompts = _prompts(8, seed=11)
+    single = LLM(model_dir, block_size=4, max_num_seqs=8)
+    fused = LLM(model_dir, block_size=4, max_num_seqs=8, num_scheduler_steps=6)
+    kw = [dict(temperature=0.0 if i % 2 else 1.0, seed=i, max_tokens=3 + 5 * i, ignore_eos=True) for i in range(8)]
+    free = single.generate(prompts, [SamplingParams(**k) for k in kw])
+    # Stops that these rows do reach: a token (or text) of their unstopped output.
+    params = []
+    for i, (k, o) in enumerate(zip(kw, free)):
+        ids, text = o.outputs[0].token_ids, o.outputs[0].text
+        stop_ids = [ids[min(i, len(ids) - 1)]] if i % 4 < 2 else []  # i % 4 == 2: no stop
+        stop = [text[len(text) // 2:len(text) // 2 + 2]] if i % 4 == 3 and len(text) > 4 else None
+        params.append(SamplingParams(**k, logprobs=2, min_tokens=i % 3, stop_token_ids=stop_ids, stop=stop))
+    ref, outs = single.generate(prompts, params), fused.generate(prompts, params)
+    for a, b in zip(ref, outs):
+        a, b = a.outputs[0], b.outputs[0]
+        assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+        for la, lb in zip(a.logprobs, b.logprobs, strict=True):
+            assert la.keys() == lb.keys()
+            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-5 and la[t].rank == lb[t].rank for t in la)
+    assert {a.outputs[0].finish_reason for a in ref} == {"stop", "length"}
+    assert fused.get_stats().num_fused_steps > 0 and single.get_stats().num_fused_steps == 0
+    _check_pages_returned(fused)
+    with pytest.raises(ValueError, match="num_scheduler_steps=0"):
+        LLM(model_dir, num_scheduler_steps=0)
+    with pytest.raises(ValueError, match="speculative_config"):
+        LLM(model_dir, num_scheduler_steps=4, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
 
 
 def test_seeded_sampling_survives_preemption_and_batching(model_dir):

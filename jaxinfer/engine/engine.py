@@ -47,9 +47,10 @@ class EngineConfig:
     attention_backend: str = "xla"
     kv_cache_dtype: str = "auto"
     speculative_config: object = None  # spec.config.SpeculativeConfig: "ngram" or "draft_model"
+    num_scheduler_steps: int = 1  # decode steps fused into one device call when only decodes run
 
     def __post_init__(self):
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_scheduler_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
@@ -57,6 +58,9 @@ class EngineConfig:
             raise ValueError(f"num_kv_pages={self.num_kv_pages!r} must be a positive integer")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes={self.kv_cache_memory_bytes!r} must be positive")
+        if self.num_scheduler_steps > 1 and self.speculative_config is not None:
+            raise ValueError(f"num_scheduler_steps={self.num_scheduler_steps} fuses plain decode steps; it cannot "
+                             "be combined with speculative_config (use num_scheduler_steps=1)")
         if self.num_kv_pages is not None and self.kv_cache_memory_bytes is not None:
             raise ValueError("give num_kv_pages or kv_cache_memory_bytes, not both")
 
@@ -128,6 +132,7 @@ class LLMEngine:
         self.inputs = InputProcessor(cfg, tokenizer, config.max_model_len, num_pages * config.block_size - k)
         self.groups: dict[str, list[EngineRequest]] = {}
         self.num_steps = 0
+        self.num_fused_steps = 0  # decode steps run by multi-step calls
         self.num_prompt_tokens_computed = 0
         self.num_generated_tokens = 0
         self.spec_drafted = 0
@@ -187,20 +192,25 @@ class LLMEngine:
                 c.request.metrics.first_scheduled_time = now
             self.num_prompt_tokens_computed += max(0, min(c.start + c.num_tokens, len(c.request.prompt_ids))
                                                    - c.start)
-        sampled = self.runner.execute(sched.chunks)
+        n_steps = self._fused_steps(sched)
+        sampled = self.runner.execute_multi(sched.chunks, n_steps) if n_steps > 1 else \
+            self.runner.execute(sched.chunks)
         now = time.perf_counter()
         self.num_steps += 1
+        self.num_fused_steps += n_steps if n_steps > 1 else 0
         touched = {}
         for c in sched.chunks:
             r = c.request
             r.num_computed = c.start + c.num_tokens
             if r in sampled:
                 tokens, logprobs, drafted = sampled[r]
-                if drafted:  # speculative row: the accepted drafts' K/V stay, the rest roll back
+                # Every token but the last was fed back: accepted drafts (their K/V stay, the
+                # rest roll back) or the tokens of fused decode steps.
+                r.num_computed += len(tokens) - 1
+                if drafted:
                     self.spec_steps += 1
                     self.spec_drafted += drafted
                     self.spec_accepted += len(tokens) - 1
-                    r.num_computed = c.start + len(tokens)
                 for token, lp in zip(tokens, logprobs):
                     self.num_generated_tokens += 1
                     if r.append_token(token, lp, now):
@@ -216,6 +226,17 @@ class LLMEngine:
             if all(s.status is Status.FINISHED for s in seqs):
                 del self.groups[rid]
         return outputs
+
+    def _fused_steps(self, sched) -> int:
+        """How many decode steps to fuse into this step's device call (vLLM's multi-step
+        scheduling). Only when the step holds nothing but plain decodes (no prefill chunk, no
+        admission, no preemption, no drafts): a request that arrives meanwhile waits at most
+        num_scheduler_steps steps for its prefill."""
+        n = self.config.num_scheduler_steps
+        if n <= 1 or sched.preempted or not all(
+                c.num_tokens == 1 and c.completes and not c.admitted and not c.num_draft for c in sched.chunks):
+            return 1
+        return self.scheduler.reserve_steps(sched.chunks, n)
 
     def _group_output(self, seqs: list[EngineRequest], delta: bool = False) -> RequestOutput:
         out = seqs[0].to_output(delta)
@@ -236,4 +257,5 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions, compilations=self.runner.compilations,
             num_steps=self.num_steps, num_prompt_tokens_computed=self.num_prompt_tokens_computed,
             num_generated_tokens=self.num_generated_tokens, spec_drafted_tokens=self.spec_drafted,
-            spec_accepted_tokens=self.spec_accepted, spec_steps=self.spec_steps)
+            spec_accepted_tokens=self.spec_accepted, spec_steps=self.spec_steps,
+            num_fused_steps=self.num_fused_steps)

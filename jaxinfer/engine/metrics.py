@@ -23,12 +23,13 @@ class EngineStats:
     prefix_cache_hits: int
     num_preemptions: int
     compilations: int
-    num_steps: int
+    num_steps: int  # engine steps (schedule, one device call per group of rows, outputs)
     num_prompt_tokens_computed: int
     num_generated_tokens: int
     spec_drafted_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_steps: int = 0  # speculative row-steps (one target forward over k + 1 positions each)
+    num_fused_steps: int = 0  # decode steps run inside fused multi-step calls (num_scheduler_steps > 1)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -95,6 +95,41 @@ def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KV
     return kv, dkv, tok, lp, plp
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "statics", "num_steps"), donate_argnames=("kv",))
+def multi_decode_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
+                      steps_left: jax.Array, num_steps: int):
+    """num_steps decode steps of rows [B, 1] in one call (vLLM's multi-step scheduling).
+
+    Each step runs every live row's last token through the model, samples the next one on
+    device and feeds it to the following step, so the host schedules, transfers and reads
+    back once per num_steps tokens instead of once per token. A row stops writing and
+    sampling after a stop token or after steps_left[b] steps (its max_tokens; 0 for padding
+    rows); the host applies stop strings and everything else after the call and drops what
+    a finished row sampled past its end. The draws equal single steps': the PRNG is keyed
+    by each row's output counter. Returns (kv, tokens [n, B], live [n, B] (token i of row b
+    is valid), logprob extras [n, B, ...] or None).
+    """
+    logits_at = jnp.zeros((inp.tokens.shape[0], 1), jnp.int32)
+
+    def step(carry, _):
+        kv, tok, kv_lens, counters, live = carry
+        q_lens = live.astype(jnp.int32)
+        meta = AttentionMeta(page_table=inp.page_table, kv_lens=kv_lens, q_lens=q_lens, slots=inp.slots)
+        logits, _, kv = forward(weights, cfg, tok[:, None], meta.query_positions(1), kv, meta,
+                                backend=statics.backend, logits_at=logits_at)
+        logits = block_stop_tokens(logits[:, 0], inp.limits, counters)  # [B, V]
+        nxt = jnp.where(live, sample(logits, inp.st, counters), tok)
+        lp = token_logprobs(logits, nxt, statics.num_logprobs) if statics.num_logprobs >= 0 else None
+        stopped = jnp.any(nxt[:, None] == inp.limits.stop_ids, axis=-1)
+        ran = counters + 1 - inp.counters  # steps this row has run, this one included
+        live_next = live & ~stopped & (ran < steps_left)
+        return (kv, nxt, kv_lens + live_next, counters + 1, live_next), (nxt, live, lp)
+
+    init = (kv, inp.tokens[:, 0], inp.kv_lens, inp.counters, inp.q_lens > 0)
+    (kv, *_), (toks, live, lp) = jax.lax.scan(step, init, None, length=num_steps)
+    return kv, toks, live, lp
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg", "k"), donate_argnames=("kv", "dkv"))
 def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
               prev: jax.Array, dweights=None, dkv=None, dcfg: ModelConfig | None = None, k: int = 1):
@@ -188,8 +223,10 @@ class ModelRunner:
             results.update(self._collect(group, out))
         return results
 
-    def _inputs(self, group: list[ScheduledChunk], t: int, width=None) -> tuple[StepInputs, int, int, int]:
-        """Padded arrays for a group; width(c) is a row's token count (default c.num_tokens).
+    def _inputs(self, group: list[ScheduledChunk], t: int, width=None,
+                lookahead: int = 0) -> tuple[StepInputs, int, int, int]:
+        """Padded arrays for a group; width(c) is a row's token count (default c.num_tokens);
+        the page table also covers `lookahead` further tokens (written by later fused steps).
 
         Returns (inputs, top-N logprobs wanted, prompt top-N wanted, page-table width)."""
         width = width or (lambda c: c.num_tokens)
@@ -203,7 +240,7 @@ class ModelRunner:
         if self.full_width_tables:
             pp = self.max_pages_per_seq
         else:
-            n_pages = max(-(-(c.start + width(c)) // self.page_size) for c in group)
+            n_pages = max(-(-(c.start + width(c) + lookahead) // self.page_size) for c in group)
             pp = min(fine_bucket(n_pages, minimum=-(-256 // self.page_size)), self.max_pages_per_seq)
         vocab = self.cfg.vocab_size
         tokens = np.zeros((b, t), np.int32)
@@ -249,6 +286,26 @@ class ModelRunner:
         limits = RowLimits(max_tokens=np.zeros((b,), np.int32), min_tokens=min_tokens, stop_ids=stop_ids)
         inp = StepInputs(tokens, page_table, kv_lens, q_lens, counters, st, limits, next_tokens, slots)
         return inp, num_lp, num_plp, pp
+
+    def execute_multi(self, chunks: list[ScheduledChunk], num_steps: int) -> dict:
+        """num_steps fused decode steps for decode-only chunks (pages for them already granted).
+
+        Returns {request: (tokens, logprob dicts, 0)} with up to num_steps tokens per row."""
+        inp, num_lp, _, pp = self._inputs(chunks, 1, lookahead=num_steps - 1)
+        steps_left = np.zeros((inp.tokens.shape[0],), np.int32)
+        for i, c in enumerate(chunks):
+            steps_left[i] = min(num_steps, c.request.max_tokens - len(c.request.output_ids))
+        statics = StepStatics(num_lp, -1, self.backend)
+        self.signatures.add(("multi", inp.tokens.shape, pp, statics, num_steps))
+        self.kv, toks, live, lp = multi_decode_step(self.weights, self.cfg, statics, self.kv, inp, steps_left,
+                                                    num_steps=num_steps)
+        toks, live, lp = jax.device_get((toks, live, lp))
+        results = {}
+        for i, c in enumerate(chunks):
+            r, n = c.request, int(live[:, i].sum())
+            tokens = [int(x) for x in toks[:n, i]]
+            results[r] = (tokens, [self._logprob_entry(r, t, lp, j, i) for j, t in enumerate(tokens)], 0)
+        return results
 
     def _logprob_entry(self, r, token: int, lp, i: int, j: int | None = None):
         if lp is None or r.params.logprobs is None:

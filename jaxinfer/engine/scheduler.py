@@ -164,6 +164,21 @@ class Scheduler:
             budget -= n
         return SchedulerOutput(chunks, preempted)
 
+    def reserve_steps(self, chunks: list[ScheduledChunk], num_steps: int) -> int:
+        """Grant decode-only chunks pages for num_steps tokens each (fused decode steps).
+
+        Halves num_steps until every row's pages fit in the free pool; never preempts or
+        evicts anything for it. Returns the steps granted (1: run the single step scheduled)."""
+        n = num_steps
+        while n > 1:
+            needs = [self._pages_needed(c.request, n) for c in chunks]
+            if sum(needs) <= self.allocator.num_free:
+                for c, need in zip(chunks, needs):
+                    self._grow(c.request, need)
+                return n
+            n //= 2
+        return 1
+
     def register_full_pages(self, req: EngineRequest, num_tokens: int):
         """Key every full page of req's first num_tokens tokens so other requests can share it.
 
