@@ -2,10 +2,11 @@
 
 from jaxinfer.checkpoint import CheckpointError
 from jaxinfer.config import ConfigError, ModelConfig
+from jaxinfer.jit_cache import disable_compilation_cache, enable_compilation_cache
 from jaxinfer.llm import LLM
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.sampling import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
+__all__ = ["LLM", "enable_compilation_cache", "disable_compilation_cache", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
            "ModelConfig", "CheckpointError", "ConfigError"]
 __version__ = "0.1.0"

@@ -8,7 +8,9 @@ import sys
 
 def _generate(args) -> int:
     from jaxinfer import LLM, SamplingParams
+    from jaxinfer.jit_cache import enable_compilation_cache
 
+    enable_compilation_cache(args.compilation_cache)  # None: $JAXINFER_COMPILATION_CACHE or ~/.cache
     llm = LLM(model=args.model, dtype=args.dtype, attention_backend=args.attention_backend)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens,
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     g.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"])
+    g.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="keep compiled programs here for the next run (default: $JAXINFER_COMPILATION_CACHE, "
+                   "else ~/.cache/jaxinfer/xla; set the variable to 0 to turn it off)")
     g.set_defaults(func=_generate)
     from jaxinfer.kv.memory import register_cli as register_memory
     register_memory(sub)

@@ -12,6 +12,7 @@ import jax
 from jaxinfer.checkpoint import CheckpointError, load_hf
 from jaxinfer.engine.engine import EngineConfig, LLMEngine
 from jaxinfer.engine.request import EngineRequest, Status
+from jaxinfer.jit_cache import enable_compilation_cache
 from jaxinfer.layers import ATTENTION_BACKENDS
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling import SamplingParams
@@ -58,6 +59,8 @@ class LLM:
     enable_prefix_caching, max_num_seqs, max_num_batched_tokens, kv_cache_dtype ("auto",
     "fp8_e4m3" (alias "fp8"), "fp8_e5m2", "int8", "int4", "nvfp4"), num_scheduler_steps
     (decode steps fused into one device call while only decodes run; vLLM's multi-step).
+    compilation_cache_dir: keep compiled programs on disk for the next process
+    (`jit_cache.enable_compilation_cache`).
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
@@ -65,7 +68,10 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, block_size: int = 16,
                  num_kv_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
-                 speculative_config: dict | None = None, num_scheduler_steps: int = 1):
+                 speculative_config: dict | None = None, num_scheduler_steps: int = 1,
+                 compilation_cache_dir: str | None = None):
+        if compilation_cache_dir is not None:  # before anything compiles
+            enable_compilation_cache(compilation_cache_dir)
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
         self.model_dir = resolve_model(model)

@@ -1,0 +1,68 @@
+"""Persistent compilation cache: compiled XLA programs outlive the process.
+
+A jaxinfer process compiles a prefill and a decode program per shape bucket (the
+engine tens of them for a mixed workload: ~70 s on 2 CPU cores), and every run of an
+experiment script or ablation sweep compiles them again. With the cache on, JAX writes
+each compiled program to a directory and the next process loads it instead of
+compiling. Entries are keyed by the program, the compile options, the jax/jaxlib
+versions and the device, so an entry from another version or machine is never used.
+
+    from jaxinfer import enable_compilation_cache
+    enable_compilation_cache()                     # $JAXINFER_COMPILATION_CACHE or ~/.cache/jaxinfer/xla
+    enable_compilation_cache("/scratch/xla-cache")
+
+`jaxinfer generate` turns it on by default; `LLM(compilation_cache_dir=...)` does for
+scripts. The cache is process-wide (JAX keeps one): the first directory set wins until
+`disable_compilation_cache()`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache as cc
+
+ENV_VAR = "JAXINFER_COMPILATION_CACHE"  # a directory; "" or "0" turns the default off
+MIN_COMPILE_SECONDS = 0.1  # programs that compile faster are not worth a disk entry
+
+
+def default_dir() -> Path | None:
+    """$JAXINFER_COMPILATION_CACHE if set ("" or "0": None), else $XDG_CACHE_HOME/jaxinfer/xla."""
+    env = os.environ.get(ENV_VAR)
+    if env is not None:
+        return None if env.strip() in ("", "0") else Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "jaxinfer" / "xla"
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Cache compiled programs in `path` (default: `default_dir()`); returns the directory in
+    use, or None when turned off by the environment. Raises ValueError if the directory
+    cannot be created or written."""
+    d = Path(path).expanduser() if path is not None else default_dir()
+    if d is None:
+        return None
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / ".jaxinfer-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"compilation_cache_dir={str(d)!r} is not a writable directory ({e.strerror})") from None
+    current = jax.config.jax_compilation_cache_dir
+    if current and Path(current) != d:
+        return Path(current)  # JAX keeps one cache per process: the first one set stays
+    if current is None:
+        jax.config.update("jax_compilation_cache_dir", str(d))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        cc.reset_cache()  # JAX decides once whether the cache is used: at the first compile
+    return d
+
+
+def disable_compilation_cache():
+    """Stop reading and writing the persistent cache in this process."""
+    jax.config.update("jax_compilation_cache_dir", None)
+    cc.reset_cache()

@@ -1,0 +1,57 @@
+"""Persistent compilation cache: a second process loads what the first compiled."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hf_models import write_tiny
+from jaxinfer.jit_cache import ENV_VAR, default_dir, enable_compilation_cache
+
+CHILD = """
+import json, sys
+import jax
+from jax import monitoring
+events = {"hits": 0}
+def on_event(name, **kw):
+    if name == "/jax/compilation_cache/cache_hits":
+        events["hits"] += 1
+monitoring.register_event_listener(on_event)
+from jaxinfer import LLM, SamplingParams
+llm = LLM(sys.argv[1], compilation_cache_dir=sys.argv[2])
+out = llm.generate([{"prompt_token_ids": [5, 9, 11, 3]}], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+print(json.dumps({"hits": events["hits"], "tokens": out[0].outputs[0].token_ids}))
+"""
+
+
+def _run(model_dir, cache_dir) -> dict:
+    res = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), str(cache_dir)], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_loads_compiled_programs(tmp_path):
+    model = write_tiny("llama", tmp_path / "m", vocab_size=300, max_position_embeddings=128)
+    cache = tmp_path / "xla"
+    first = _run(model, cache)
+    entries = {p.name for p in cache.iterdir()}
+    second = _run(model, cache)
+    assert first["hits"] == 0 and entries  # compiled, and written to the directory
+    assert second["hits"] >= 1  # the engine's programs come from disk
+    assert second["tokens"] == first["tokens"]
+
+
+def test_cache_directory_errors_and_environment(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="compilation_cache_dir=.*not a writable directory"):
+        enable_compilation_cache(blocker / "sub")
+    monkeypatch.setenv(ENV_VAR, "0")
+    assert default_dir() is None and enable_compilation_cache() is None
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "c"))
+    assert default_dir() == tmp_path / "c"
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_dir() == tmp_path / "xdg" / "jaxinfer" / "xla"
