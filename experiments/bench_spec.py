@@ -1,7 +1,8 @@
 """Speculative decoding benchmark with Spec-Bench's definitions, on the embedded target.
 
-For every drafter (draft model, layer skip, n-gram prompt lookup, EAGLE, Medusa), number of
-speculative tokens k, batch size and temperature, on two held-out prompt sets:
+For every drafter (draft model, layer skip, n-gram prompt lookup, prompt lookup with a
+draft-model fallback, EAGLE, Medusa), number of speculative tokens k, batch size and
+temperature, on two held-out prompt sets:
 
 - continuation: `corpus.heldout_prompts` (a held-out definition's signature and first body
   tokens; the model continues the code);
@@ -62,6 +63,8 @@ METHOD_CONFIGS = {
     "draft_model": {"method": "draft_model", "model": "stdlib-draft"},
     "layer_skip": {"method": "layer_skip"},
     "ngram": {"method": "ngram", "prompt_lookup_max": 4, "prompt_lookup_min": 2},
+    "ngram_draft_model": {"method": "ngram_draft_model", "model": "stdlib-draft", "prompt_lookup_max": 4,
+                          "prompt_lookup_min": 2},
     "eagle": {"method": "eagle"},
     "medusa": {"method": "medusa"},
 }
@@ -274,7 +277,8 @@ def main(argv=None) -> int:
           + ", ".join(f"{k} {len(v)} (mean {np.mean([len(x) for x in v]):.0f} tokens)" for k, v in sets.items())
           + f"; {m} new tokens; cache {s}", flush=True)
 
-    overrides = {"ngram": {"prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min},
+    lookup = {"prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min}
+    overrides = {"ngram": lookup, "ngram_draft_model": lookup,
                  "layer_skip": {"num_layers": args.layer_skip_layers} if args.layer_skip_layers else {},
                  "eagle": {"model": args.eagle} if args.eagle else {},
                  "medusa": {"model": args.medusa} if args.medusa else {}}
@@ -324,7 +328,7 @@ def main(argv=None) -> int:
                                "greedy_identical": bool((out == plain_out).all()) if temp == 0 else None}
                         if method == "layer_skip":
                             row["num_layers"] = drafter.num_layers
-                        if method == "ngram":
+                        if method in ("ngram", "ngram_draft_model"):
                             row["ngram"] = [drafter.prompt_lookup_min, drafter.prompt_lookup_max]
                         rows.append(row)
                         # Each (drafter, k) compiles its own pair of programs; a process that keeps hundreds

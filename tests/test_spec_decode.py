@@ -46,6 +46,7 @@ def models():
     return {
         "ngram": (D.NgramDrafter(K, 3, 1), None),
         "draft_model": (D.DraftModelDrafter(K, CFG), dw),
+        "ngram_draft_model": (D.LookupDraftModelDrafter(K, CFG, 3, 1), dw),
         "layer_skip": (D.LayerSkipDrafter(K, CFG, 1), None),
         "eagle": (D.EagleDrafter(K, hcfg), init_eagle(hcfg, jax.random.PRNGKey(2))),
         "medusa": (D.MedusaDrafter(K, CFG), init_medusa(64, K, 32, jax.random.PRNGKey(3))),
@@ -87,7 +88,7 @@ def reference(models):
     return stop, out
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft_model", "layer_skip", "eagle", "medusa"])
+@pytest.mark.parametrize("name", ["ngram", "draft_model", "ngram_draft_model", "layer_skip", "eagle", "medusa"])
 def test_greedy_identical_to_plain_decoding(models, reference, name):
     drafters, w = models
     drafter, params = drafters[name]
@@ -101,10 +102,29 @@ def test_greedy_identical_to_plain_decoding(models, reference, name):
     assert s.forwards > 0 and 0 <= s.accepted <= s.drafted <= K * s.forwards
     if name != "ngram":
         assert s.drafted == K * s.forwards
-    if name in ("ngram", "draft_model"):  # predictable prompts / a draft close to the target
+    if name in ("ngram", "draft_model", "ngram_draft_model"):  # predictable prompts / a draft close to the target
         assert s.accepted > 0
-    if name == "draft_model":
+    if name in ("draft_model", "ngram_draft_model"):
         assert s.accepted < s.drafted
+
+
+def test_lookup_draft_model_keeps_the_draft_cache_in_step(models):
+    """Rows without a lookup match draft with the model (never a plain step), and the draft
+    model's cache holds every kept token whichever way each round drafted: with the target's
+    own weights as the draft, its K/V equal the target's at every kept position (a lookup
+    round that skipped the draft cache, or wrote it one position off, leaves a hole)."""
+    _, w = models
+    dec = SpecDecoder(w, CFG, None, max_model_len=256, drafter=D.LookupDraftModelDrafter(K, CFG, 3, 1),
+                      draft_params=w)
+    for i in (0, 2):  # periodic prompt: lookup rounds; distinct tokens: model rounds first
+        reqs = _requests(SamplingParams(temperature=0), [])[i:i + 1]
+        *_, (state, _) = dec.segments(reqs, None)
+        n = int(state.kv_lens[0]) - 1  # the last position may hold a draft the model never ran
+        for name in ("k", "v"):
+            for tgt, drf in zip(getattr(state.kv, name), getattr(state.draft["kv"], name)):
+                np.testing.assert_allclose(np.asarray(drf[0, :, :n]), np.asarray(tgt[0, :, :n]), atol=2e-5)
+    s = dec.stats
+    assert s.drafted == K * s.forwards > 0 and s.accepted > 0
 
 
 def test_sampled_rows_are_reproducible_and_batch_independent(models):

@@ -2,6 +2,8 @@
 
     {"method": "draft_model", "model": "stdlib-draft", "num_speculative_tokens": 4}
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    {"method": "ngram_draft_model", "model": "stdlib-draft", "num_speculative_tokens": 8}
+                                        # prompt lookup, else the draft model; optional lookup keys
     {"method": "layer_skip", "num_speculative_tokens": 3}               # optional "num_layers"
     {"method": "eagle", "num_speculative_tokens": 4}                    # optional "model": head dir
     {"method": "medusa", "num_speculative_tokens": 3}                   # likewise
@@ -19,10 +21,11 @@ import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 
-METHODS = ("draft_model", "ngram", "layer_skip", "eagle", "medusa")
+METHODS = ("draft_model", "ngram", "ngram_draft_model", "layer_skip", "eagle", "medusa")
 _KEYS = {
     "draft_model": ("model",),
     "ngram": ("prompt_lookup_max", "prompt_lookup_min"),
+    "ngram_draft_model": ("model", "prompt_lookup_max", "prompt_lookup_min"),
     "layer_skip": ("num_layers",),
     "eagle": ("model",),
     "medusa": ("model",),
@@ -61,11 +64,11 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config num_speculative_tokens={k!r} must be an integer >= 1")
         cfg = SpeculativeConfig(method=method, num_speculative_tokens=k,
                                 **{key: d[key] for key in _KEYS[method] if key in d})
-        if method == "draft_model" and not cfg.model:
-            raise ValueError("speculative_config method='draft_model' needs 'model' (a name or a path)")
+        if method in ("draft_model", "ngram_draft_model") and not cfg.model:
+            raise ValueError(f"speculative_config method={method!r} needs 'model' (a name or a path)")
         if cfg.model is not None and not isinstance(cfg.model, (str, Path)):
             raise ValueError(f"speculative_config model={cfg.model!r} must be a name or a path")
-        if method == "draft_model":
+        if method in ("draft_model", "ngram_draft_model"):
             from jaxinfer.checkpoint import load_config
             dcfg = load_config(cfg.draft_dir())
             if dcfg.vocab_size != target_cfg.vocab_size:
@@ -79,7 +82,7 @@ class SpeculativeConfig:
                     f"speculative_config method={method!r}: no head at {str(head)!r}"
                     + ("" if cfg.model else " (a default head ships only for the embedded target; pass "
                        "'model': a head directory written by experiments/train_spec_heads.py)"))
-        if method == "ngram":
+        if method in ("ngram", "ngram_draft_model"):
             lo, hi = cfg.prompt_lookup_min, cfg.prompt_lookup_max
             if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
                 raise ValueError(f"speculative_config prompt_lookup_min={lo!r}, prompt_lookup_max={hi!r}: "
@@ -127,12 +130,15 @@ def build_drafter(spec: SpeculativeConfig, target_cfg: ModelConfig, dtype=jnp.fl
     if spec.method == "layer_skip":
         n = spec.num_layers or default_skip_layers(target_cfg)
         return drafters.LayerSkipDrafter(k, target_cfg, n, backend), None
-    if spec.method == "draft_model":
+    if spec.method in ("draft_model", "ngram_draft_model"):
         from jaxinfer.checkpoint import load_hf
         dcfg, dweights = load_hf(spec.draft_dir(), jnp.dtype(dtype).name)
         if dcfg.vocab_size != target_cfg.vocab_size:
             raise ValueError(f"speculative_config model={spec.model!r} has vocab_size={dcfg.vocab_size}; "
                              f"the target has vocab_size={target_cfg.vocab_size} (they must share a tokenizer)")
+        if spec.method == "ngram_draft_model":
+            return drafters.LookupDraftModelDrafter(k, dcfg, spec.prompt_lookup_max, spec.prompt_lookup_min,
+                                                    backend), dweights
         return drafters.DraftModelDrafter(k, dcfg, backend), dweights
     head_dir = spec.head_dir()
     meta, params = load_head(head_dir, target_cfg, dtype)

@@ -231,6 +231,65 @@ class NgramDrafter:
         return state
 
 
+# ----------------------------------------------------------------------------- n-gram, then draft model
+
+@dataclasses.dataclass(frozen=True)
+class LookupDraftModelDrafter:
+    """Prompt lookup where it finds a match, a draft model where it does not.
+
+    Lookup proposals cost nothing but exist in only part of the rounds (about half on the
+    embedded target's held-out prompts); a plain step in the others emits one token. Here
+    those rounds draft with the model instead. The loop (`loop._round`) asks `lookup` first
+    and, when every running row has a match, verifies its drafts (one-hot q) after `sync`;
+    otherwise it runs `propose` (the draft model's k tokens and their q) for all rows. Both
+    are verified losslessly, so the mix is lossless too.
+
+    The draft model's cache follows the target's: `sync` runs it over
+    [x_{P-1}, x_P, d_1..d_k] at P-1..P+k in lookup rounds (what verification keeps is
+    valid; P-1 may be missing after a model round whose k drafts were all accepted), and
+    `propose` catches up as DraftModelDrafter's does.
+    """
+
+    k: int
+    cfg: ModelConfig  # the draft model's config
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    backend: str = "xla"
+    hybrid = True  # class constant: the loop picks lookup or propose per round
+
+    @property
+    def model(self) -> DraftModelDrafter:
+        return DraftModelDrafter(self.k, self.cfg, self.backend)
+
+    def init(self, params, batch, max_len, dtype):
+        return self.model.init(params, batch, max_len, dtype)
+
+    def prefill(self, params, target, state, tokens, prompt_lens, hidden, first):
+        return self.model.prefill(params, target, state, tokens, prompt_lens, hidden, first)
+
+    def lookup(self, ctx: DraftContext) -> jax.Array:
+        """Prompt-lookup drafts [B, k]; -1 where a row has no match."""
+        return ngram_lookup(ctx.history, ctx.kv_lens, self.k, self.prompt_lookup_max, self.prompt_lookup_min)
+
+    def sync(self, params: Weights, state, ctx: DraftContext, draft: jax.Array):
+        """Write the draft model's K/V for [x_{P-1}, x_P, d_1..d_k] at P-1..P+k."""
+        b = ctx.tokens.shape[0]
+        p = ctx.kv_lens
+        prev = jnp.take_along_axis(ctx.history, jnp.maximum(p - 1, 0)[:, None], axis=1)[:, 0]
+        inputs = jnp.concatenate([prev[:, None], ctx.tokens[:, None], jnp.maximum(draft, 0)], axis=1)
+        q_lens = jnp.where(ctx.active, self.k + 2, 0).astype(jnp.int32)
+        positions = jnp.maximum(p - 1, 0)[:, None] + jnp.arange(self.k + 2, dtype=jnp.int32)[None, :]
+        _, _, dkv = forward(params, self.cfg, inputs, positions, state["kv"], _meta(b, p - 1 + q_lens, q_lens),
+                            backend=self.backend, logits_at=jnp.zeros((b, 1), jnp.int32))
+        return {"kv": dkv}
+
+    def propose(self, params, target, kv, state, ctx: DraftContext):
+        return self.model.propose(params, target, kv, state, ctx)
+
+    def commit(self, params, target, state, ctx, hidden, emitted, n_emit):
+        return state
+
+
 # ----------------------------------------------------------------------------- EAGLE
 
 @dataclasses.dataclass(frozen=True)

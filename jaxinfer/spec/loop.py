@@ -146,6 +146,19 @@ def _round(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: S
     ctx = DraftContext(tokens=s.tokens, kv_lens=p, active=active, history=s.history, num_generated=g,
                        st=st, limits=limits, greedy=statics.greedy)
 
+    if getattr(drafter, "hybrid", False):  # prompt lookup if every running row has a match, else the model
+        looked = drafter.lookup(ctx)  # [B, k]
+
+        def by_lookup():
+            dstate = drafter.sync(draft_params, s.draft, ctx, looked)
+            return _verify_emit(weights, cfg, drafter, draft_params, statics, s, ctx, s.kv, dstate, looked, None)
+
+        def by_model():
+            draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)
+            return _verify_emit(weights, cfg, drafter, draft_params, statics, s, ctx, kv, dstate, draft, q_logits)
+
+        return jax.lax.cond(jnp.all(~active | (looked[:, 0] >= 0)), by_lookup, by_model)
+
     # 1. Propose d_1..d_k (q: the shaped logits they were drawn from; None = one-hot; a draft
     #    token -1 is no proposal: always rejected).
     draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)  # [B, k]
