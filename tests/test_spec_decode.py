@@ -108,23 +108,32 @@ def test_greedy_identical_to_plain_decoding(models, reference, name):
         assert s.accepted < s.drafted
 
 
-def test_lookup_draft_model_keeps_the_draft_cache_in_step(models):
-    """Rows without a lookup match draft with the model (never a plain step), and the draft
-    model's cache holds every kept token whichever way each round drafted: with the target's
-    own weights as the draft, its K/V equal the target's at every kept position (a lookup
-    round that skipped the draft cache, or wrote it one position off, leaves a hole)."""
+def test_lookup_draft_model_catches_its_cache_up_before_drafting(models):
+    """Lookup rounds leave the draft model alone; a model round first feeds it the last
+    catch_up tokens. After a gap of g <= catch_up tokens its cache equals a full prefill of
+    the sequence; the loop with this drafter never abstains (rows without a match draft with
+    the model)."""
+    from jaxinfer.sampling import SamplingTensors, row_limits
     _, w = models
-    dec = SpecDecoder(w, CFG, None, max_model_len=256, drafter=D.LookupDraftModelDrafter(K, CFG, 3, 1),
-                      draft_params=w)
-    for i in (0, 2):  # periodic prompt: lookup rounds; distinct tokens: model rounds first
-        reqs = _requests(SamplingParams(temperature=0), [])[i:i + 1]
-        *_, (state, _) = dec.segments(reqs, None)
-        n = int(state.kv_lens[0]) - 1  # the last position may hold a draft the model never ran
-        for name in ("k", "v"):
-            for tgt, drf in zip(getattr(state.kv, name), getattr(state.draft["kv"], name)):
-                np.testing.assert_allclose(np.asarray(drf[0, :, :n]), np.asarray(tgt[0, :, :n]), atol=2e-5)
-    s = dec.stats
-    assert s.drafted == K * s.forwards > 0 and s.accepted > 0
+    drafter = D.LookupDraftModelDrafter(K, CFG, 3, 1)
+    assert drafter.model.catch_up == 2 * (K + 1)
+    seq = jnp.asarray([[7, 3, 9, 12, 5, 5, 30, 2, 8, 41, 17, 6, 90, 11]], jnp.int32)  # x_P = seq[0, -1]
+    p = seq.shape[1] - 1
+    history = jnp.zeros((1, 64), jnp.int32).at[:, :p + 1].set(seq)
+    st = SamplingTensors.from_params([SamplingParams(temperature=0)], [0], V)
+    limits = row_limits([32], [0], [[]], V)
+    full = drafter.prefill(w, w, drafter.init(w, 1, 64, jnp.float32), seq, jnp.asarray([p + 1]), None, None)
+    for gap in (1, 5, drafter.model.catch_up - 1):  # tokens the draft cache lacks before P
+        state = drafter.prefill(w, w, drafter.init(w, 1, 64, jnp.float32), seq, jnp.asarray([p - gap]), None, None)
+        ctx = D.DraftContext(tokens=seq[:, -1], kv_lens=jnp.asarray([p]), active=jnp.asarray([True]),
+                             history=history, num_generated=jnp.asarray([1]), st=st, limits=limits, greedy=True)
+        _, _, state, _ = drafter.propose(w, w, None, state, ctx)
+        for got, want in zip(state["kv"].k + state["kv"].v, full["kv"].k + full["kv"].v):
+            np.testing.assert_allclose(np.asarray(got[0, :, :p + 1]), np.asarray(want[0, :, :p + 1]), atol=2e-5)
+    dec = SpecDecoder(w, CFG, None, max_model_len=256, drafter=drafter, draft_params=w)
+    reqs = _requests(SamplingParams(temperature=0), [])
+    dec.run(reqs, batch_size=1)
+    assert dec.stats.drafted == K * dec.stats.forwards > 0
 
 
 def test_sampled_rows_are_reproducible_and_batch_independent(models):

@@ -88,14 +88,16 @@ def _autoregress(step, k: int, first_token, first_q, carry):
 class DraftModelDrafter:
     """A smaller model with the same vocabulary and its own contiguous KV cache.
 
-    Each round feeds it the last two tokens (positions P-1 and P; rewriting P-1 is
-    idempotent), so its cache catches up whatever was accepted, including d_k when all
-    k were (the draft never ran d_k), then k-1 single-token steps.
+    Each round feeds it the last `catch_up` tokens (positions P-1 and P by default;
+    rewriting what it already holds is idempotent), so its cache catches up whatever was
+    accepted, including d_k when all k were (the draft never ran d_k), then k-1
+    single-token steps.
     """
 
     k: int
     cfg: ModelConfig  # the draft model's config
     backend: str = "xla"
+    catch_up: int = 2  # trailing tokens fed at the start of a round (>= 2)
 
     def init(self, params: Weights, batch: int, max_len: int, dtype):
         kv, _ = init_contiguous(self.cfg.num_layers, batch, max_len, self.cfg.num_kv_heads,
@@ -114,11 +116,13 @@ class DraftModelDrafter:
         b = ctx.tokens.shape[0]
         p = ctx.kv_lens
         act = ctx.active.astype(jnp.int32)
-        prev = jnp.take_along_axis(ctx.history, jnp.maximum(p - 1, 0)[:, None], axis=1)[:, 0]
-        two = jnp.stack([prev, ctx.tokens], axis=1)  # [B, 2] tokens at P-1, P
-        positions = jnp.maximum(p - 1, 0)[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
-        logits, _, dkv = forward(params, self.cfg, two, positions, state["kv"], _meta(b, p + 1, 2 * act),
-                                 backend=self.backend, logits_at=jnp.ones((b, 1), jnp.int32))
+        w = self.catch_up
+        start = jnp.maximum(p - w + 1, 0)  # [B] the window start..P (history[P] = x_P)
+        n = p - start + 1  # [B] valid tokens in the window
+        positions = start[:, None] + jnp.arange(w, dtype=jnp.int32)[None, :]  # [B, w]
+        window = jnp.take_along_axis(ctx.history, jnp.minimum(positions, ctx.history.shape[1] - 1), axis=1)
+        logits, _, dkv = forward(params, self.cfg, window, positions, state["kv"], _meta(b, p + 1, n * act),
+                                 backend=self.backend, logits_at=(n - 1)[:, None])
         d1, q1 = ctx.sample(logits[:, 0], 0)
 
         def step(dkv, i, tok):  # feed d_i at position P + i -> d_{i+1}
@@ -244,10 +248,10 @@ class LookupDraftModelDrafter:
     otherwise it runs `propose` (the draft model's k tokens and their q) for all rows. Both
     are verified losslessly, so the mix is lossless too.
 
-    The draft model's cache follows the target's: `sync` runs it over
-    [x_{P-1}, x_P, d_1..d_k] at P-1..P+k in lookup rounds (what verification keeps is
-    valid; P-1 may be missing after a model round whose k drafts were all accepted), and
-    `propose` catches up as DraftModelDrafter's does.
+    Lookup rounds leave the draft model alone; a model round first feeds it the last
+    `catch_up` tokens (default 2(k+1), rewriting what it holds), which covers the tokens
+    kept since its last round unless lookup rounds emitted more than that in between. A
+    longer gap leaves a hole in its cache: worse drafts there, never a wrong output.
     """
 
     k: int
@@ -255,11 +259,12 @@ class LookupDraftModelDrafter:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     backend: str = "xla"
+    catch_up: int | None = None  # tokens fed before the model drafts; None: 2(k+1)
     hybrid = True  # class constant: the loop picks lookup or propose per round
 
     @property
     def model(self) -> DraftModelDrafter:
-        return DraftModelDrafter(self.k, self.cfg, self.backend)
+        return DraftModelDrafter(self.k, self.cfg, self.backend, self.catch_up or 2 * (self.k + 1))
 
     def init(self, params, batch, max_len, dtype):
         return self.model.init(params, batch, max_len, dtype)
@@ -270,18 +275,6 @@ class LookupDraftModelDrafter:
     def lookup(self, ctx: DraftContext) -> jax.Array:
         """Prompt-lookup drafts [B, k]; -1 where a row has no match."""
         return ngram_lookup(ctx.history, ctx.kv_lens, self.k, self.prompt_lookup_max, self.prompt_lookup_min)
-
-    def sync(self, params: Weights, state, ctx: DraftContext, draft: jax.Array):
-        """Write the draft model's K/V for [x_{P-1}, x_P, d_1..d_k] at P-1..P+k."""
-        b = ctx.tokens.shape[0]
-        p = ctx.kv_lens
-        prev = jnp.take_along_axis(ctx.history, jnp.maximum(p - 1, 0)[:, None], axis=1)[:, 0]
-        inputs = jnp.concatenate([prev[:, None], ctx.tokens[:, None], jnp.maximum(draft, 0)], axis=1)
-        q_lens = jnp.where(ctx.active, self.k + 2, 0).astype(jnp.int32)
-        positions = jnp.maximum(p - 1, 0)[:, None] + jnp.arange(self.k + 2, dtype=jnp.int32)[None, :]
-        _, _, dkv = forward(params, self.cfg, inputs, positions, state["kv"], _meta(b, p - 1 + q_lens, q_lens),
-                            backend=self.backend, logits_at=jnp.zeros((b, 1), jnp.int32))
-        return {"kv": dkv}
 
     def propose(self, params, target, kv, state, ctx: DraftContext):
         return self.model.propose(params, target, kv, state, ctx)

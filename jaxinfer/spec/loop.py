@@ -150,8 +150,7 @@ def _round(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: S
         looked = drafter.lookup(ctx)  # [B, k]
 
         def by_lookup():
-            dstate = drafter.sync(draft_params, s.draft, ctx, looked)
-            return _verify_emit(weights, cfg, drafter, draft_params, statics, s, ctx, s.kv, dstate, looked, None)
+            return _verify_emit(weights, cfg, drafter, draft_params, statics, s, ctx, s.kv, s.draft, looked, None)
 
         def by_model():
             draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)
