@@ -197,6 +197,9 @@ def test_head_save_load_roundtrip_and_checks(tmp_path):
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min=5"),
     ({"method": "layer_skip", "num_speculative_tokens": 2, "num_layers": 3}, "num_layers=3"),
     ({"method": "draft_model", "num_speculative_tokens": 2}, "needs 'model'"),
+    ({"method": "ngram_draft_model", "num_speculative_tokens": 2}, "needs 'model'"),
+    ({"method": "ngram_draft_model", "num_speculative_tokens": 2, "model": "stdlib-draft",
+      "prompt_lookup_max": 0}, "prompt_lookup_max=0"),
     ({"method": "eagle", "num_speculative_tokens": 2, "model": "/nonexistent/head"}, "no head at"),
 ])
 def test_config_errors_name_the_value(d, match):

@@ -68,6 +68,11 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config method={method!r} needs 'model' (a name or a path)")
         if cfg.model is not None and not isinstance(cfg.model, (str, Path)):
             raise ValueError(f"speculative_config model={cfg.model!r} must be a name or a path")
+        if method in ("ngram", "ngram_draft_model"):
+            lo, hi = cfg.prompt_lookup_min, cfg.prompt_lookup_max
+            if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+                raise ValueError(f"speculative_config prompt_lookup_min={lo!r}, prompt_lookup_max={hi!r}: "
+                                 "need integers with 1 <= prompt_lookup_min <= prompt_lookup_max")
         if method in ("draft_model", "ngram_draft_model"):
             from jaxinfer.checkpoint import load_config
             dcfg = load_config(cfg.draft_dir())
@@ -82,11 +87,6 @@ class SpeculativeConfig:
                     f"speculative_config method={method!r}: no head at {str(head)!r}"
                     + ("" if cfg.model else " (a default head ships only for the embedded target; pass "
                        "'model': a head directory written by experiments/train_spec_heads.py)"))
-        if method in ("ngram", "ngram_draft_model"):
-            lo, hi = cfg.prompt_lookup_min, cfg.prompt_lookup_max
-            if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
-                raise ValueError(f"speculative_config prompt_lookup_min={lo!r}, prompt_lookup_max={hi!r}: "
-                                 "need integers with 1 <= prompt_lookup_min <= prompt_lookup_max")
         if method == "layer_skip":
             n = cfg.num_layers
             if n is not None and (not isinstance(n, int) or not 1 <= n <= target_cfg.num_layers):
