@@ -184,8 +184,9 @@ def test_bad_requests_are_rejected_and_the_engine_keeps_serving(model_dir):
     _check_pages_returned(llm)
 
 
-def test_streaming_deltas_add_up_to_the_final_text(model_dir):
-    llm = LLM(model_dir, block_size=8)
+@pytest.mark.parametrize("fused", [1, 4])
+def test_streaming_deltas_add_up_to_the_final_text(model_dir, fused):
+    llm = LLM(model_dir, block_size=8, num_scheduler_steps=fused)
     eng = llm.engine
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=["zz"])
     eng.add_request("s", "def add(a, b):", params)

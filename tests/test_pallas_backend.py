@@ -42,6 +42,11 @@ def test_pallas_generate_matches_xla(tmp_path, monkeypatch):
             np.testing.assert_allclose(
                 [next(iter(d.values())).logprob for d in g.outputs[0].logprobs],
                 [next(iter(d.values())).logprob for d in r.outputs[0].logprobs], atol=1e-4, err_msg=method)
+    # fused decode steps (num_scheduler_steps): the kernel reads pages granted ahead of the writes
+    fused = LLM(str(path), dtype="float32", attention_backend="pallas", num_scheduler_steps=4)
+    got = fused.generate(prompts, params)
+    assert [g.outputs[0].token_ids for g in got] == [r.outputs[0].token_ids for r in xla.generate(prompts, params)]
+    assert fused.get_stats().num_fused_steps > 0
 
 
 def test_bridge_matches_layers_reference_on_paged_cache():
