@@ -18,7 +18,8 @@ Comparisons:
   4. the engine vs transformers' `generate` in static batches on (a);
   5. fused decode steps (`num_scheduler_steps`, vLLM's multi-step scheduling) vs single
      steps on (a), all at once (throughput: --pairs back-to-back pairs, median ratio) and
-     with Poisson arrivals (what the fused steps cost arriving requests in TTFT).
+     with Poisson arrivals (what the fused steps cost arriving requests in TTFT), and on
+     (c) decode-heavy: --num-requests / 2 requests, prompts U[16, 64], outputs U[128, 256].
 Writes experiments/results/bench_serving.{json,md}.
 
     python experiments/bench_serving.py [--model stdlib-target] [--num-requests 64] [--rate 4]
@@ -44,6 +45,25 @@ def mixed_workload(rng, n, vocab):
                for k in rng.integers(16, 385, size=n)]
     params = [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in rng.integers(8, 257, n)]
     return prompts, params
+
+
+def decode_heavy_workload(rng, n, vocab):
+    """(c) short prompts U[16, 64], long outputs U[128, 256]: most steps are decode-only."""
+    prompts = [{"prompt_token_ids": rng.integers(3, vocab, size=int(k)).tolist()}
+               for k in rng.integers(16, 65, size=n)]
+    params = [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in rng.integers(128, 257, n)]
+    return prompts, params
+
+
+def paired_ratio(base: LLM, other: LLM, prompts, params, pairs: int) -> list[float]:
+    """Output tok/s of `other` over `base`, runs back to back, alternating which goes first."""
+    ratios = []
+    for i in range(pairs):
+        tput = {}
+        for which in ((base, other) if i % 2 == 0 else (other, base)):
+            tput[id(which)] = run_engine(which, prompts, params)[1]["output_throughput"]
+        ratios.append(tput[id(other)] / tput[id(base)])
+    return ratios
 
 
 def shared_prefix_workload(rng, n, vocab, system_len=512):
@@ -242,13 +262,14 @@ def main():
     n_fused = args.num_scheduler_steps
     fused_llm = LLM(args.model, enable_prefix_caching=False, num_scheduler_steps=n_fused, **common)
     (fused_outs, fused, kv_f), comp_f = measured(run_engine, fused_llm, prompts_a, params_a)
-    ratios = []
-    for i in range(args.pairs):  # back to back, alternating which goes first
-        pair = [(llm, None), (fused_llm, None)]
-        for j in ([0, 1] if i % 2 == 0 else [1, 0]):
-            pair[j] = run_engine(pair[j][0], prompts_a, params_a)[1]
-        ratios.append(pair[1]["output_throughput"] / pair[0]["output_throughput"])
+    ratios = paired_ratio(llm, fused_llm, prompts_a, params_a, args.pairs)
     (_, fused_pois, kv_fp), comp_fp = measured(run_engine, fused_llm, prompts_a, params_a, arrivals)
+    prompts_c, params_c = decode_heavy_workload(rng, args.num_requests // 2, vocab)
+    measured(run_engine, llm, prompts_c, params_c)  # warm both up (compile), then pairs
+    measured(run_engine, fused_llm, prompts_c, params_c)
+    ratios_c = paired_ratio(llm, fused_llm, prompts_c, params_c, args.pairs)
+    results["c_fused_over_single_pairs"] = ratios_c
+    results["c_fused_over_single"] = float(np.median(ratios_c))
     results["a_fused"] = {**fused, **kv_f, **comp_f, "num_scheduler_steps": n_fused,
                           "fused_steps": fused_llm.get_stats().num_fused_steps}
     results["a_fused_poisson"] = {**fused_pois, **kv_fp, **comp_fp, "rate": args.rate}
@@ -262,6 +283,9 @@ def main():
           f"pairs: {', '.join(f'{r:.2f}' for r in ratios)}); fused / static {results['a_fused_over_static']:.2f}x; "
           f"identical tokens: {results['a_fused_identical_outputs']}")
     print(f"(5) (a) Poisson {args.rate}/s, {n_fused} decode steps fused per call\n" + format_summary(fused_pois))
+    print(f"(5) (c) decode-heavy ({args.num_requests // 2} requests, prompts U[16, 64], outputs U[128, 256]): "
+          f"fused / single output tok/s {results['c_fused_over_single']:.2f}x (pairs: "
+          f"{', '.join(f'{r:.2f}' for r in ratios_c)})")
 
     # 4. engine vs transformers static batches on (a)
     if not args.skip_transformers:
@@ -324,7 +348,10 @@ def markdown(results: dict) -> str:
               f"`num_scheduler_steps`) / single steps, output throughput: {results['a_fused_over_single']:.2f}x "
               f"(median of back-to-back pairs: {', '.join(f'{r:.2f}' for r in results['a_fused_over_single_pairs'])}); "
               f"fused / static {results['a_fused_over_static']:.2f}x; identical tokens: "
-              f"{results['a_fused_identical_outputs']}"] if "a_fused" in results else []),
+              f"{results['a_fused_identical_outputs']}; on decode-heavy workload (c) "
+              f"{results['c_fused_over_single']:.2f}x (pairs: "
+              f"{', '.join(f'{r:.2f}' for r in results['c_fused_over_single_pairs'])})"]
+             if "a_fused" in results else []),
            f"- prefix caching, mean TTFT off / on: {results['b_ttft_off_over_on']:.2f}x "
            f"(hit rate {results['b_prefix_on']['hit_rate']:.1%})",
            f"- paged / contiguous max-length preallocation, concurrent sequences in "

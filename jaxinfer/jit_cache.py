@@ -19,6 +19,7 @@ scripts. The cache is process-wide (JAX keeps one): the first directory set wins
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -52,8 +53,10 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     except OSError as e:
         raise ValueError(f"compilation_cache_dir={str(d)!r} is not a writable directory ({e.strerror})") from None
     current = jax.config.jax_compilation_cache_dir
-    if current and Path(current) != d:
-        return Path(current)  # JAX keeps one cache per process: the first one set stays
+    if current and Path(current) != d:  # JAX keeps one cache per process: the first one set stays
+        warnings.warn(f"compilation cache already at {current!r}; {str(d)!r} is not used "
+                      "(disable_compilation_cache() first to move it)", stacklevel=2)
+        return Path(current)
     if current is None:
         jax.config.update("jax_compilation_cache_dir", str(d))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
