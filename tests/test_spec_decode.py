@@ -131,8 +131,8 @@ def test_lookup_draft_model_catches_its_cache_up_before_drafting(models):
         for got, want in zip(state["kv"].k + state["kv"].v, full["kv"].k + full["kv"].v):
             np.testing.assert_allclose(np.asarray(got[0, :, :p + 1]), np.asarray(want[0, :, :p + 1]), atol=2e-5)
     dec = SpecDecoder(w, CFG, None, max_model_len=256, drafter=drafter, draft_params=w)
-    reqs = _requests(SamplingParams(temperature=0), [])
-    dec.run(reqs, batch_size=1)
+    reqs = _requests(SamplingParams(temperature=0), [])[1:3]  # no lookup match at first: model rounds
+    dec.run(reqs, batch_size=2)
     assert dec.stats.drafted == K * dec.stats.forwards > 0
 
 
