@@ -10,7 +10,11 @@ def _generate(args) -> int:
     from jaxinfer import LLM, SamplingParams
     from jaxinfer.jit_cache import enable_compilation_cache
 
-    enable_compilation_cache(args.compilation_cache)  # None: $JAXINFER_COMPILATION_CACHE or ~/.cache
+    try:  # None: $JAXINFER_COMPILATION_CACHE or ~/.cache; an unwritable default only costs compile time
+        enable_compilation_cache(args.compilation_cache)
+    except ValueError:
+        if args.compilation_cache is not None:
+            raise
     llm = LLM(model=args.model, dtype=args.dtype, attention_backend=args.attention_backend)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens,

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from hf_models import write_tiny
+from hf_models import write_tiny, write_tokenizer
 
 from jaxinfer.jit_cache import ENV_VAR, default_dir, enable_compilation_cache
 
@@ -55,3 +55,19 @@ def test_cache_directory_errors_and_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_dir() == tmp_path / "xdg" / "jaxinfer" / "xla"
+
+
+def test_cli_runs_without_a_writable_default_cache(tmp_path, monkeypatch, capsys):
+    """The quickstart must work where the home cache cannot be written; an explicit bad
+    --compilation-cache is an error."""
+    from jaxinfer.cli import main
+    model = write_tiny("llama", tmp_path / "m", vocab_size=300, max_position_embeddings=128)
+    write_tokenizer(model, 300)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # default dir under a file: not creatable
+    assert main(["generate", "def f(", "--model", str(model), "--max-tokens", "2"]) == 0
+    assert "error" not in capsys.readouterr().err
+    assert main(["generate", "x", "--model", str(model), "--compilation-cache", str(blocker / "c")]) == 2
+    assert "compilation_cache_dir=" in capsys.readouterr().err
