@@ -68,6 +68,15 @@ def _draft_forward(dweights, dkv, dcfg, tokens, meta, backend):
     return dkv
 
 
+def _next_token(logits: jax.Array, inp: StepInputs, counters: jax.Array, statics: StepStatics):
+    """Each row's next token from logits [B, V] (stop tokens blocked before min_tokens, the
+    draw keyed by the output counter) and its logprob extras (None unless asked for)."""
+    logits = block_stop_tokens(logits, inp.limits, counters)
+    tok = sample(logits, inp.st, counters)
+    lp = token_logprobs(logits, tok, statics.num_logprobs) if statics.num_logprobs >= 0 else None
+    return tok, lp
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg"), donate_argnames=("kv", "dkv"))
 def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
                 dweights=None, dkv=None, dcfg: ModelConfig | None = None):
@@ -89,9 +98,7 @@ def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KV
     if want_plp:
         plp = token_logprobs(logits, inp.next_tokens, statics.num_prompt_logprobs)
         logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)
-    logits = block_stop_tokens(logits[:, 0], inp.limits, inp.counters)  # [B, V]
-    tok = sample(logits, inp.st, inp.counters)
-    lp = token_logprobs(logits, tok, statics.num_logprobs) if statics.num_logprobs >= 0 else None
+    tok, lp = _next_token(logits[:, 0], inp, inp.counters, statics)
     return kv, dkv, tok, lp, plp
 
 
@@ -117,9 +124,8 @@ def multi_decode_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, 
         meta = AttentionMeta(page_table=inp.page_table, kv_lens=kv_lens, q_lens=q_lens, slots=inp.slots)
         logits, _, kv = forward(weights, cfg, tok[:, None], meta.query_positions(1), kv, meta,
                                 backend=statics.backend, logits_at=logits_at)
-        logits = block_stop_tokens(logits[:, 0], inp.limits, counters)  # [B, V]
-        nxt = jnp.where(live, sample(logits, inp.st, counters), tok)
-        lp = token_logprobs(logits, nxt, statics.num_logprobs) if statics.num_logprobs >= 0 else None
+        nxt, lp = _next_token(logits[:, 0], inp, counters, statics)
+        nxt = jnp.where(live, nxt, tok)
         stopped = jnp.any(nxt[:, None] == inp.limits.stop_ids, axis=-1)
         ran = counters + 1 - inp.counters  # steps this row has run, this one included
         live_next = live & ~stopped & (ran < steps_left)

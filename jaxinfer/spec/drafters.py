@@ -244,9 +244,9 @@ class LookupDraftModelDrafter:
     Lookup proposals cost nothing but exist in only part of the rounds (about half on the
     embedded target's held-out prompts); a plain step in the others emits one token. Here
     those rounds draft with the model instead. The loop (`loop._round`) asks `lookup` first
-    and, when every running row has a match, verifies its drafts (one-hot q) after `sync`;
-    otherwise it runs `propose` (the draft model's k tokens and their q) for all rows. Both
-    are verified losslessly, so the mix is lossless too.
+    and, when every running row has a match, verifies its drafts (one-hot q); otherwise it
+    runs `propose` (the draft model's k tokens and their q) for all rows. Both are verified
+    losslessly, so the mix is lossless too.
 
     Lookup rounds leave the draft model alone; a model round first feeds it the last
     `catch_up` tokens (default 2(k+1), rewriting what it holds), which covers the tokens
