@@ -132,21 +132,29 @@ class LLM:
         if self.speculative_config is not None and not self._spec_in_engine:
             return self.generate_static(prompts, sampling_params)
         groups = self._make_requests(prompts, sampling_params)
-        for seqs in groups:
-            self.engine.add_sequences(seqs)
         done: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
             from tqdm import tqdm
             bar = tqdm(total=len(groups), desc="requests", unit="req")
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            for seqs in groups:
+                self.engine.add_sequences(seqs)
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            # An error or Ctrl-C mid-call: drop this call's requests (their pages return at once)
+            # so that the same LLM serves the next call instead of replaying them.
+            for seqs in groups:
+                self.engine.abort_request(seqs[0].request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [done[seqs[0].request_id] for seqs in groups]
 
     def generate_static(self, prompts, sampling_params=None, batch_size: int | None = None) -> list[RequestOutput]:

@@ -87,10 +87,14 @@ class SamplingParams:
         return self.temperature == 0
 
     def validate_vocab(self, vocab_size: int):
-        """Token ids must exist in the model's vocabulary."""
+        """Token ids must exist in the model's vocabulary; top logprobs cannot outnumber it."""
         for t in self.stop_token_ids:
             if t >= vocab_size:
                 raise ValueError(f"SamplingParams.stop_token_ids contains {t}; vocab_size={vocab_size}")
+        for field in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, field)
+            if v is not None and v > vocab_size:
+                raise ValueError(f"SamplingParams.{field}={v}: at most vocab_size={vocab_size} top logprobs")
 
 
 @struct.dataclass

@@ -115,6 +115,32 @@ def test_params_list_length_and_vocab_checked(llm):
         llm.generate(["a", "b"], [SamplingParams()])
     with pytest.raises(ValueError, match="stop_token_ids contains 999"):
         llm.generate("a", SamplingParams(stop_token_ids=[999]))
+    for field in ("logprobs", "prompt_logprobs"):  # more top logprobs than the vocabulary holds
+        with pytest.raises(ValueError, match=f"{field}=301: at most vocab_size=300"):
+            llm.generate("a", SamplingParams(max_tokens=2, **{field: 301}))
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_call_that_fails_mid_run_leaves_the_llm_serving(llm, monkeypatch):
+    """An error (or Ctrl-C) inside generate's step loop aborts that call's requests: the next
+    call runs alone and every page is back in the pool."""
+    runner = llm.engine.runner
+    real, calls = runner.execute, []
+
+    def fail_third(chunks):
+        calls.append(len(chunks))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(chunks)
+    monkeypatch.setattr(runner, "execute", fail_third)
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["def f(x):", "import os"], p)
+    assert not llm.engine.has_unfinished_requests() and not llm.engine.groups
+    assert llm.engine.allocator.num_used == 0
+    out = llm.generate("def f(x):", p)[0].outputs[0]
+    monkeypatch.setattr(runner, "execute", real)
+    assert out.token_ids == llm.generate("def f(x):", p)[0].outputs[0].token_ids and len(out.token_ids) == 6
 
 
 def test_bad_constructor_arguments(tmp_path):
