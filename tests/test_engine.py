@@ -258,6 +258,14 @@ def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
     assert 0 <= s.spec_accepted_tokens <= s.spec_drafted_tokens
     if method == "ngram":
         assert s.spec_acceptance_rate > 0
+        # disable_by_batch_size=2: steps that run all 3 requests decode plainly; once the second
+        # stops at its stop token the other two draft. Fewer speculative steps, same tokens.
+        capped = LLM(model_dir, block_size=8, speculative_config={**conf, "disable_by_batch_size": 2})
+        outs = capped.generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+        c = capped.get_stats()
+        assert 0 < c.spec_steps < s.spec_steps
+        _check_pages_returned(capped)
     _check_pages_returned(spec)
 
 

@@ -166,6 +166,9 @@ def test_speculative_config_is_lossless_through_llm(llm, conf):
     ({"method": "medusa2", "num_speculative_tokens": 2}, "method='medusa2'"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens=0"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookup": 3}, r"keys \['lookup'\]"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size=0"),
+    ({"method": "medusa", "num_speculative_tokens": 2, "disable_by_batch_size": 4},
+     r"keys \['disable_by_batch_size'\] are not known for method 'medusa'"),
 ])
 def test_bad_speculative_config(llm, conf, match):
     with pytest.raises(ValueError, match=match):

@@ -13,6 +13,7 @@ a bounded number of programs; `compilations` counts the distinct ones.
 With speculative decoding (method "ngram" or "draft_model"), decode rows instead run
 `spec_step`: k drafted tokens (host prompt lookup, or a draft model whose paged cache
 shares the target's page tables) verified by one target forward over k + 1 positions.
+A step in which no row's context holds a prompt-lookup match decodes plainly.
 """
 
 from __future__ import annotations
@@ -218,8 +219,21 @@ class ModelRunner:
         spec = [c for c in chunks if c.num_draft]
         decodes = [c for c in chunks if c.num_tokens == 1 and not c.admitted and not c.num_draft]
         prefills = [c for c in chunks if (c.num_tokens > 1 or c.admitted) and not c.num_draft]
+        proposals = None
+        if spec and self.spec.method == "ngram":
+            # Prompt lookup on the host. When no row's context holds a match there is nothing
+            # worth verifying, and the rows run as plain decodes instead of paying a (k + 1)-token
+            # forward. When some rows match, the others ride along in the same call (their last
+            # token repeated, verified like any draft): a second call would read every weight
+            # again, which costs more than the padding at the batch sizes where speculation pays.
+            found = [ngram_propose(c.request.all_tokens, c.num_draft, self.spec.prompt_lookup_min,
+                                   self.spec.prompt_lookup_max) for c in spec]
+            if all(d is None for d in found):
+                decodes, spec = decodes + spec, []
+            proposals = [np.full(c.num_draft, c.request.all_tokens[-1]) if d is None else d
+                         for c, d in zip(spec, found)]
         if spec:
-            results.update(self._run_spec(spec))
+            results.update(self._run_spec(spec, proposals))
         calls = [(decodes, 1)] if decodes else []
         calls += [(g, fine_bucket(max(c.num_tokens for c in g), minimum=16)) for g in prefill_calls(prefills)]
         # Dispatch every call, then fetch: the host builds the next call's inputs while the
@@ -344,14 +358,15 @@ class ModelRunner:
                 results[r] = ([int(tok[i])], [self._logprob_entry(r, int(tok[i]), lp, i)], 0)
         return results
 
-    def _run_spec(self, group: list[ScheduledChunk]) -> dict:
+    def _run_spec(self, group: list[ScheduledChunk], proposals: list[np.ndarray] | None = None) -> dict:
+        """Verify k drafts per row: the n-gram proposals given (one per row), or, without
+        them, the draft model's, drafted on device."""
         k = group[0].num_draft
         inp, num_lp, _, pp = self._inputs(group, k + 1, width=lambda c: 1 + c.num_draft)
         prev = np.zeros((inp.tokens.shape[0],), np.int32)
-        if self.spec.method == "ngram":
-            for i, c in enumerate(group):  # inp.tokens is a host array
-                inp.tokens[i, 1:] = ngram_propose(c.request.all_tokens, k, self.spec.prompt_lookup_min,
-                                                  self.spec.prompt_lookup_max)
+        if proposals is not None:
+            for i, d in enumerate(proposals):  # inp.tokens is a host array
+                inp.tokens[i, 1:] = d
         else:
             for i, c in enumerate(group):
                 prev[i] = c.request.all_tokens[c.start - 1]
@@ -404,10 +419,10 @@ def prefill_calls(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
     return calls + list(by_len.values())
 
 
-def ngram_propose(tokens: list[int], k: int, n_min: int, n_max: int) -> np.ndarray:
+def ngram_propose(tokens: list[int], k: int, n_min: int, n_max: int) -> np.ndarray | None:
     """Prompt lookup: the k tokens that followed the most recent earlier occurrence of the
-    last n tokens (n from n_max down to n_min); without a match, the last token repeated
-    (verified anyway, so any proposal is safe)."""
+    last n tokens (n from n_max down to n_min), padded with the last of them when fewer
+    follow; None without a match."""
     seq = np.asarray(tokens, np.int64)
     for n in range(min(n_max, len(seq) - 1), n_min - 1, -1):
         suffix = seq[-n:]
@@ -416,4 +431,4 @@ def ngram_propose(tokens: list[int], k: int, n_min: int, n_max: int) -> np.ndarr
         if hits.size:
             follow = seq[hits[-1] + n:hits[-1] + n + k]
             return np.pad(follow, (0, k - len(follow)), mode="edge") if len(follow) else np.full(k, seq[-1])
-    return np.full(k, seq[-1])
+    return None

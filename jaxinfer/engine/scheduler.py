@@ -44,13 +44,16 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, cache_extra=None, speculative_tokens: int = 0):
+                 max_num_batched_tokens: int, cache_extra=None, speculative_tokens: int = 0,
+                 disable_spec_above: int | None = None):
         self.allocator = allocator
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.cache_extra = cache_extra
         self.lookahead = speculative_tokens  # k: tokens a drafter proposes per decode step
+        # speculative_config disable_by_batch_size: no drafts in a step with more running requests
+        self.disable_spec_above = disable_spec_above
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         # One slot per running sequence for per-sequence device state (KIVI's residual keys).
@@ -120,13 +123,16 @@ class Scheduler:
         preempted: list[EngineRequest] = []
 
         # 1. Running requests, oldest first.
+        lookahead = self.lookahead
+        if self.disable_spec_above is not None and len(self.running) > self.disable_spec_above:
+            lookahead = 0  # a large batch gains less from speculation than verification costs
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_pending, budget)
             # A decoding request verifies k drafted tokens after its pending one, budget permitting.
-            drafts = self.lookahead if (self.lookahead and req.num_pending == 1 and req.output_ids
-                                        and budget >= 1 + self.lookahead) else 0
+            drafts = lookahead if (lookahead and req.num_pending == 1 and req.output_ids
+                                   and budget >= 1 + lookahead) else 0
             need = self._pages_needed(req, n + drafts)
             while need > self.allocator.num_free:
                 victim = self.running[-1]

@@ -2,6 +2,7 @@
 
     {"method": "draft_model", "model": "stdlib-draft", "num_speculative_tokens": 4}
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+                                        # draft_model, ngram: optional "disable_by_batch_size" (engine)
     {"method": "ngram_draft_model", "model": "stdlib-draft", "num_speculative_tokens": 8}
                                         # prompt lookup, else the draft model; optional lookup keys
     {"method": "layer_skip", "num_speculative_tokens": 3}               # optional "num_layers"
@@ -23,8 +24,8 @@ from jaxinfer.config import ModelConfig
 
 METHODS = ("draft_model", "ngram", "ngram_draft_model", "layer_skip", "eagle", "medusa")
 _KEYS = {
-    "draft_model": ("model",),
-    "ngram": ("prompt_lookup_max", "prompt_lookup_min"),
+    "draft_model": ("model", "disable_by_batch_size"),
+    "ngram": ("prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"),
     "ngram_draft_model": ("model", "prompt_lookup_max", "prompt_lookup_min"),
     "layer_skip": ("num_layers",),
     "eagle": ("model",),
@@ -41,6 +42,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     num_layers: int | None = None  # layer_skip: layers of the target the draft runs
+    # engine (draft_model, ngram): no drafting in a step that runs more requests than this
+    disable_by_batch_size: int | None = None
 
     @property
     def k(self) -> int:
@@ -87,6 +90,9 @@ class SpeculativeConfig:
                     f"speculative_config method={method!r}: no head at {str(head)!r}"
                     + ("" if cfg.model else " (a default head ships only for the embedded target; pass "
                        "'model': a head directory written by experiments/train_spec_heads.py)"))
+        n = cfg.disable_by_batch_size
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"speculative_config disable_by_batch_size={n!r} must be an integer >= 1")
         if method == "layer_skip":
             n = cfg.num_layers
             if n is not None and (not isinstance(n, int) or not 1 <= n <= target_cfg.num_layers):
