@@ -430,5 +430,5 @@ def ngram_propose(tokens: list[int], k: int, n_min: int, n_max: int) -> np.ndarr
         hits = np.flatnonzero(np.all(windows == suffix, axis=1))
         if hits.size:
             follow = seq[hits[-1] + n:hits[-1] + n + k]
-            return np.pad(follow, (0, k - len(follow)), mode="edge") if len(follow) else np.full(k, seq[-1])
+            return np.pad(follow, (0, k - len(follow)), mode="edge")  # a hit leaves >= 1 token after it
     return None
