@@ -125,7 +125,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens,
                                    cache_extra=(model_id, str(dtype), config.kv_cache_dtype), speculative_tokens=k,
-                                   disable_spec_above=spec.disable_by_batch_size if spec is not None else None)
+                                   disable_by_batch_size=spec.disable_by_batch_size if spec is not None else None)
         max_pages = -(-(config.max_model_len + k) // config.block_size)
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,

@@ -230,7 +230,7 @@ class ModelRunner:
                                    self.spec.prompt_lookup_max) for c in spec]
             if all(d is None for d in found):
                 decodes, spec = decodes + spec, []
-            proposals = [np.full(c.num_draft, c.request.all_tokens[-1]) if d is None else d
+            proposals = [np.full(c.num_draft, c.request.output_ids[-1]) if d is None else d
                          for c, d in zip(spec, found)]
         if spec:
             results.update(self._run_spec(spec, proposals))

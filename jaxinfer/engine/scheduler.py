@@ -45,7 +45,7 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, cache_extra=None, speculative_tokens: int = 0,
-                 disable_spec_above: int | None = None):
+                 disable_by_batch_size: int | None = None):
         self.allocator = allocator
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -53,7 +53,7 @@ class Scheduler:
         self.cache_extra = cache_extra
         self.lookahead = speculative_tokens  # k: tokens a drafter proposes per decode step
         # speculative_config disable_by_batch_size: no drafts in a step with more running requests
-        self.disable_spec_above = disable_spec_above
+        self.disable_by_batch_size = disable_by_batch_size
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         # One slot per running sequence for per-sequence device state (KIVI's residual keys).
@@ -124,7 +124,7 @@ class Scheduler:
 
         # 1. Running requests, oldest first.
         lookahead = self.lookahead
-        if self.disable_spec_above is not None and len(self.running) > self.disable_spec_above:
+        if self.disable_by_batch_size is not None and len(self.running) > self.disable_by_batch_size:
             lookahead = 0  # a large batch gains less from speculation than verification costs
         i = 0
         while i < len(self.running) and budget > 0:

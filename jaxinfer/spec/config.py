@@ -90,9 +90,9 @@ class SpeculativeConfig:
                     f"speculative_config method={method!r}: no head at {str(head)!r}"
                     + ("" if cfg.model else " (a default head ships only for the embedded target; pass "
                        "'model': a head directory written by experiments/train_spec_heads.py)"))
-        n = cfg.disable_by_batch_size
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ValueError(f"speculative_config disable_by_batch_size={n!r} must be an integer >= 1")
+        cap = cfg.disable_by_batch_size
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise ValueError(f"speculative_config disable_by_batch_size={cap!r} must be an integer >= 1")
         if method == "layer_skip":
             n = cfg.num_layers
             if n is not None and (not isinstance(n, int) or not 1 <= n <= target_cfg.num_layers):
