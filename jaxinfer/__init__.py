@@ -1,5 +1,6 @@
 """jaxinfer: a JAX/Pallas research framework for LLM inference."""
 
+from jaxinfer.beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from jaxinfer.checkpoint import CheckpointError
 from jaxinfer.config import ConfigError, ModelConfig
 from jaxinfer.jit_cache import disable_compilation_cache, enable_compilation_cache
@@ -7,6 +8,6 @@ from jaxinfer.llm import LLM
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.sampling import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
            "ModelConfig", "CheckpointError", "ConfigError", "enable_compilation_cache", "disable_compilation_cache"]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 
 import jax
 
+from jaxinfer.beam import BeamSearchOutput, BeamSearchParams, run_beam_search
 from jaxinfer.checkpoint import CheckpointError, load_hf
 from jaxinfer.engine.engine import EngineConfig, LLMEngine
 from jaxinfer.engine.request import EngineRequest, Status
@@ -168,6 +169,28 @@ class LLM:
             out.outputs = [s.completion() for s in seqs]
             outs.append(out)
         return outs
+
+    def beam_search(self, prompts, params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search for every prompt (forms as in `generate`): params.beam_width finished beams
+        each, best first (`jaxinfer.beam`: transformers' algorithm, one jitted loop per batch of
+        max_num_seqs // beam_width prompts). Every prompt is validated before any work starts."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        ids = [self.engine.inputs.prompt_ids(p)[1] for p in prompts]
+        if not ids:
+            raise ValueError("prompts is empty")
+        for i, p in enumerate(ids):
+            if not p:
+                raise ValueError(f"prompt {i} is empty (0 tokens)")
+            if len(p) + params.max_tokens > self.max_model_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; with max_tokens={params.max_tokens} it needs "
+                                 f"{len(p) + params.max_tokens} > max_model_len={self.max_model_len}")
+        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: None)
+        return run_beam_search(self.weights, self.cfg, ids, params, self.cfg.eos_token_ids,
+                               self.engine_config.max_num_seqs, decode, self.engine_config.attention_backend,
+                               self.engine.kv_quant)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one request as the engine produces it."""
