@@ -19,10 +19,12 @@ compare against token for token:
   soon as W beams have finished). The loop ends when every prompt has stopped,
   or at M tokens.
 
-The prompt is prefilled once per prompt and its cache rows copied to the W
-beams. Reordering copies cache rows ([B x W, K, S, H] per layer per step):
-the cost beam search pays on a contiguous cache, where a paged cache would
-copy only the last partial page.
+`beam_prefill` runs each prompt once and copies its cache rows to the W beams;
+`beam_decode` is a lax.while_loop of beam steps. Reordering copies cache rows
+([B x W, K, S, H] per layer per step): the cost beam search pays on a
+contiguous cache, where a paged cache would copy only the last partial page.
+So the host runs the loop in segments over a cache that starts at the longest
+prompt and doubles as the beams grow (`run_beam_search`).
 
 With temperature > 0 the C candidates are drawn without replacement from the
 softmax of the running scores (Gumbel top-k) instead of taken best first, on
@@ -41,7 +43,7 @@ from flax import struct
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.generate import bucket, fine_bucket, round_up
-from jaxinfer.kv.cache import AttentionMeta, KVCache, init_contiguous
+from jaxinfer.kv.cache import AttentionMeta, KVCache, grow_contiguous, init_contiguous
 from jaxinfer.kv.quant import KVQuantSpec
 from jaxinfer.model import Weights, forward
 from jaxinfer.outputs import Logprob
@@ -126,8 +128,19 @@ class BeamStatics:
 
 
 @struct.dataclass
+class BeamInputs:
+    """The run's settings that do not change the compiled program."""
+
+    eos_ids: jax.Array  # [E] token ids that end a beam
+    max_new: jax.Array  # most tokens a beam generates (<= BeamStatics.max_new)
+    temperature: jax.Array
+    length_penalty: jax.Array
+
+
+@struct.dataclass
 class BeamState:
     kv: KVCache  # B x W rows, beam w of prompt b in row b * W + w
+    lens: jax.Array  # [B x W] prompt lengths
     step: jax.Array  # tokens generated so far by every running beam
     key: jax.Array
     run_tokens: jax.Array  # [B, W, M]
@@ -151,14 +164,15 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
-def initial_state(kv: KVCache, real: jax.Array, w: int, m: int, key: jax.Array) -> BeamState:
+def initial_state(kv: KVCache, prompt_lens: jax.Array, w: int, m: int, key: jax.Array) -> BeamState:
     """W beams per prompt, all equal to the prompt: only beam 0 may extend at the first step
-    (transformers' -1e9 start scores), so the first W candidates are distinct tokens. real [B]:
-    False for padding rows, which take no finished beams and do not hold the loop open."""
-    b = real.shape[0]
+    (transformers' -1e9 start scores), so the first W candidates are distinct tokens. Padding
+    rows (prompt_lens 0) take no finished beams and do not hold the loop open."""
+    b = prompt_lens.shape[0]
+    real = prompt_lens > 0
     zeros = jnp.zeros((b, w, m), jnp.int32)
     return BeamState(
-        kv=kv, step=jnp.int32(0), key=key, run_tokens=zeros, run_logprobs=zeros.astype(jnp.float32),
+        kv=kv, lens=jnp.repeat(prompt_lens, w), step=jnp.int32(0), key=key, run_tokens=zeros, run_logprobs=zeros.astype(jnp.float32),
         run_scores=jnp.where(jnp.arange(w) == 0, 0.0, _NEG) * jnp.ones((b, 1), jnp.float32),
         parents=jnp.zeros((b, w), jnp.int32),
         fin_tokens=zeros, fin_logprobs=zeros.astype(jnp.float32),
@@ -167,15 +181,15 @@ def initial_state(kv: KVCache, real: jax.Array, w: int, m: int, key: jax.Array) 
         fin_filled=jnp.broadcast_to(~real[:, None], (b, w)), open=real, alive=jnp.bool_(True))
 
 
-def select(s: BeamState, logits: jax.Array, statics: BeamStatics, eos_ids: jax.Array, max_new: jax.Array,
-            temperature: jax.Array, length_penalty: jax.Array) -> BeamState:
+def select(s: BeamState, logits: jax.Array, statics: BeamStatics, run: BeamInputs) -> BeamState:
     """One beam step from the running beams' next-token logits [B x W, V] (token index s.step)."""
+    eos_ids, max_new, length_penalty = run.eos_ids, run.max_new, run.length_penalty
     b, w = s.run_scores.shape
     v = logits.shape[-1]
     n = s.step
     logits = logits.astype(jnp.float32)
     if statics.sampled:
-        logits = logits / temperature
+        logits = logits / run.temperature
     logp = jax.nn.log_softmax(logits, axis=-1).reshape(b, w * v)
     total = (s.run_scores[:, :, None] + logp.reshape(b, w, v)).reshape(b, w * v)  # beam w, token t: w * V + t
     key = s.key
@@ -235,70 +249,88 @@ def select(s: BeamState, logits: jax.Array, statics: BeamStatics, eos_ids: jax.A
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "statics"))
-def beam_search(weights: Weights, cfg: ModelConfig, statics: BeamStatics, tokens: jax.Array,
-                prompt_lens: jax.Array, eos_ids: jax.Array, max_new: jax.Array, temperature: jax.Array,
-                length_penalty: jax.Array, key: jax.Array) -> BeamState:
-    """Beam search for prompts tokens [B, T] (right-padded; prompt_lens 0: a padding row).
-
-    eos_ids [E] end a beam; max_new (<= statics.max_new) caps the generated tokens. Returns the
-    final BeamState: the finished pool (fin_*) holds each prompt's W beams, best first."""
+def beam_prefill(weights: Weights, cfg: ModelConfig, statics: BeamStatics, tokens: jax.Array,
+                 prompt_lens: jax.Array, run: BeamInputs, key: jax.Array) -> BeamState:
+    """Prefill prompts tokens [B, T] (right-padded; prompt_lens 0: a padding row) once each, copy
+    their cache rows to the W beams, and take the first beam step."""
     b, t = tokens.shape
-    w, m = statics.beam_width, statics.max_new
     kv, page_table = init_contiguous(cfg.num_layers, b, statics.max_len, cfg.num_kv_heads,
                                      cfg.head_dim, weights.dtype, statics.kv_quant)
     meta = AttentionMeta(page_table=page_table, kv_lens=prompt_lens, q_lens=prompt_lens, contiguous=True)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     last = jnp.maximum(prompt_lens - 1, 0)[:, None]
     logits, _, kv = forward(weights, cfg, tokens, positions, kv, meta, backend=statics.backend, logits_at=last)
+    w = statics.beam_width
     kv = jax.tree_util.tree_map(lambda x: jnp.repeat(x, w, axis=0), kv)
-    state = initial_state(kv, prompt_lens > 0, w, m, key)
-    step_select = functools.partial(select, statics=statics, eos_ids=eos_ids, max_new=max_new,
-                               temperature=temperature, length_penalty=length_penalty)
-    state = step_select(state, jnp.repeat(logits[:, 0], w, axis=0))
-    lens = jnp.repeat(prompt_lens, w)  # [B x W]
+    state = initial_state(kv, prompt_lens, w, statics.max_new, key)
+    return select(state, jnp.repeat(logits[:, 0], w, axis=0), statics, run)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "statics"), donate_argnames=("state",))
+def beam_decode(weights: Weights, cfg: ModelConfig, statics: BeamStatics, state: BeamState, run: BeamInputs,
+                max_steps: jax.Array) -> BeamState:
+    """Up to max_steps beam steps on device (a lax.while_loop); stops early once the search is over."""
+    b, w = state.run_scores.shape
     rows = jnp.arange(b * w, dtype=jnp.int32)[:, None]
 
-    def step(s: BeamState) -> BeamState:
+    def step(carry):
+        i, s = carry
         src = (jnp.arange(b)[:, None] * w + s.parents).reshape(-1)  # each beam's parent row
         kv = jax.tree_util.tree_map(lambda x: x[src], s.kv)
-        kv_lens = lens + s.step  # the newest token (index step - 1) sits at lens + step - 1
+        kv_lens = s.lens + s.step  # the newest token (index step - 1) goes to slot lens + step - 1
         meta = AttentionMeta(page_table=rows, kv_lens=kv_lens, q_lens=jnp.ones_like(kv_lens), contiguous=True)
         newest = s.run_tokens[:, :, s.step - 1].reshape(-1, 1)
         logits, _, kv = forward(weights, cfg, newest, (kv_lens - 1)[:, None], kv, meta, backend=statics.backend)
-        return step_select(s.replace(kv=kv), logits[:, 0])
+        return i + 1, select(s.replace(kv=kv), logits[:, 0], statics, run)
 
-    return jax.lax.while_loop(lambda s: s.alive, step, state)
+    _, state = jax.lax.while_loop(lambda c: c[1].alive & (c[0] < max_steps), step, (jnp.int32(0), state))
+    return state
 
 
 def run_beam_search(weights: Weights, cfg: ModelConfig, prompts: list[list[int]], params: BeamSearchParams,
                     eos_ids: list[int], max_rows: int, decode, backend: str = "xla",
                     kv_quant: KVQuantSpec | None = None) -> list[BeamSearchOutput]:
-    """Beam search for already-validated prompts, max(1, max_rows // beam_width) prompts per call
-    (the batch, prompt and cache sizes are bucketed, so repeated calls reuse compiled programs)."""
+    """Beam search for already-validated prompts, max(1, max_rows // beam_width) prompts per call.
+
+    The batch, prompt and cache sizes are bucketed, so repeated calls reuse compiled programs.
+    Every step copies and reads every cache slot, so the cache starts at the longest prompt
+    (rounded up to 64 slots) and doubles between decode segments as the beams grow, as
+    `StaticBatchGenerator.segments` does; each cache length is its own decode program."""
     w = params.beam_width
     eos = [] if params.ignore_eos else list(dict.fromkeys(eos_ids))
     per_call = max(1, max_rows // w)
     seed = params.seed if params.seed is not None else 0
+    run = BeamInputs(eos_ids=jnp.asarray(eos, jnp.int32).reshape(len(eos)), max_new=jnp.int32(params.max_tokens),
+                     temperature=jnp.float32(params.temperature), length_penalty=jnp.float32(params.length_penalty))
     outs = []
     for start in range(0, len(prompts), per_call):
         group = prompts[start:start + per_call]
         lens = [len(p) for p in group]
         b = bucket(len(group), minimum=1)
         t = fine_bucket(max(lens), minimum=16)
-        s = round_up(max(lens) + params.max_tokens, 32)  # every step copies and reads all S slots
+        full = round_up(max(lens) + params.max_tokens, 32)
+        window = min(full, round_up(max(lens) + 1, 64))
         if backend == "pallas":  # the Triton kernel takes power-of-two pages (here: one per row)
-            s = bucket(s)
-        statics = BeamStatics(max_len=s, max_new=bucket(params.max_tokens, minimum=16), beam_width=w,
+            full, window = bucket(full), bucket(window)
+        statics = BeamStatics(max_len=window, max_new=bucket(params.max_tokens, minimum=16), beam_width=w,
                               num_candidates=max(2, 1 + len(eos)) * w, early_stopping=params.early_stopping,
                               sampled=params.temperature > 0, backend=backend, kv_quant=kv_quant)
         tokens = np.zeros((b, t), np.int32)
         for i, p in enumerate(group):
             tokens[i, :len(p)] = p
-        state = beam_search(weights, cfg, statics, jnp.asarray(tokens), jnp.asarray(lens + [0] * (b - len(group)),
-                                                                                       jnp.int32),
-                            jnp.asarray(eos, jnp.int32).reshape(len(eos)), jnp.int32(params.max_tokens),
-                            jnp.float32(params.temperature), jnp.float32(params.length_penalty),
-                            jax.random.fold_in(jax.random.PRNGKey(seed), start))
+        state = beam_prefill(weights, cfg, statics, jnp.asarray(tokens),
+                             jnp.asarray(lens + [0] * (b - len(group)), jnp.int32), run,
+                             jax.random.fold_in(jax.random.PRNGKey(seed), start))
+        done = 1  # tokens every running beam holds
+        while bool(state.alive):
+            fits = window - (max(lens) + done) + 1  # steps before the newest token's slot leaves the cache
+            if fits <= 0:
+                window = min(full, 2 * window)
+                statics = dataclasses.replace(statics, max_len=window)
+                state = state.replace(kv=grow_contiguous(state.kv, window))
+                continue
+            state = beam_decode(weights, cfg, statics, state, run, jnp.int32(fits))
+            done = int(state.step)
         outs += beam_search_outputs(state, group, decode)
     return outs
 
@@ -327,5 +359,5 @@ def beam_search_outputs(state: BeamState, prompts: list[list[int]], decode) -> l
     return outs
 
 
-__all__ = ["BeamSearchParams", "BeamSearchSequence", "BeamSearchOutput", "BeamStatics", "beam_search", "initial_state", "select",
-           "run_beam_search", "beam_search_outputs"]
+__all__ = ["BeamSearchParams", "BeamSearchSequence", "BeamSearchOutput", "BeamStatics", "BeamInputs", "BeamState",
+           "beam_prefill", "beam_decode", "initial_state", "select", "run_beam_search", "beam_search_outputs"]

@@ -8,7 +8,7 @@ import torch
 
 from hf_models import load_hf_model, write_tiny
 from jaxinfer import LLM, BeamSearchParams, SamplingParams
-from jaxinfer.beam import BeamStatics, initial_state, select
+from jaxinfer.beam import BeamInputs, BeamStatics, initial_state, select
 
 W, M = 4, 12
 PROMPT_LENS = (5, 17, 30)
@@ -63,11 +63,12 @@ def test_beams_match_transformers(tiny_eos, length_penalty, early_stopping):
 
 
 def test_one_beam_without_eos_is_greedy(tiny_eos):
+    """48 tokens after a 30-token prompt: the beam cache (64 slots at first) grows mid-search."""
     path, _, _ = tiny_eos
     llm = LLM(str(path), dtype="float32")
     reqs = [{"prompt_token_ids": p} for p in _prompts(1)]
-    greedy = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=M, ignore_eos=True, logprobs=0))
-    beams = llm.beam_search(reqs, BeamSearchParams(beam_width=1, max_tokens=M, ignore_eos=True))
+    greedy = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=0))
+    beams = llm.beam_search(reqs, BeamSearchParams(beam_width=1, max_tokens=48, ignore_eos=True))
     for g, b in zip(greedy, beams):
         (seq,) = b.sequences
         assert seq.output_token_ids == g.outputs[0].token_ids
@@ -91,9 +92,10 @@ def test_sampled_candidates_are_drawn_without_replacement():
     rows, v = 20000, 6
     logits = jnp.log(jnp.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
     statics = BeamStatics(max_len=16, max_new=16, beam_width=1, num_candidates=2, early_stopping=False, sampled=True)
-    state = initial_state(None, jnp.ones((rows,), bool), 1, 16, jax.random.PRNGKey(0))
-    out = select(state, jnp.broadcast_to(logits, (rows, v)), statics, jnp.zeros((0,), jnp.int32), jnp.int32(16),
-                 jnp.float32(1.0), jnp.float32(1.0))
+    state = initial_state(None, jnp.full((rows,), 3, jnp.int32), 1, 16, jax.random.PRNGKey(0))
+    run = BeamInputs(eos_ids=jnp.zeros((0,), jnp.int32), max_new=jnp.int32(16), temperature=jnp.float32(1.0),
+                     length_penalty=jnp.float32(1.0))
+    out = select(state, jnp.broadcast_to(logits, (rows, v)), statics, run)
     first = np.asarray(out.run_tokens[:, 0, 0])
     p = np.exp(np.asarray(logits))
     expected = np.array([sum(p[a] * p[t] / (1 - p[a]) + p[t] * p[a] / (1 - p[t])
