@@ -16,6 +16,13 @@ def _generate(args) -> int:
         if args.compilation_cache is not None:
             raise
     llm = LLM(model=args.model, dtype=args.dtype, attention_backend=args.attention_backend)
+    if args.beam_width is not None:  # beam search: the best beam, printed once the search is over
+        from jaxinfer import BeamSearchParams
+        params = BeamSearchParams(beam_width=args.beam_width, max_tokens=args.max_tokens,
+                                  temperature=args.temperature, length_penalty=args.length_penalty, seed=args.seed)
+        best = llm.beam_search([args.prompt], params)[0].sequences[0]
+        sys.stdout.write(args.prompt + llm.get_tokenizer().decode(best.output_token_ids) + "\n")
+        return 0
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens,
                             stop=args.stop or None)
@@ -42,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--beam-width", type=int, default=None,
+                   help="beam search with this many beams; prints the best beam when done (no streaming)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = logprob / len ** this")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     g.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"])
     g.add_argument("--compilation-cache", default=None, metavar="DIR",

@@ -26,7 +26,18 @@ def test_generate_streams_the_completion(model_dir, capsys):
     assert out == "def add(a, b):" + ref.outputs[0].text + "\n"
 
 
+def test_generate_with_beams_prints_the_best_beam(model_dir, capsys):
+    from jaxinfer import LLM, BeamSearchParams
+    rc = main(["generate", "def add(a, b):", "--model", str(model_dir), "--max-tokens", "12", "--beam-width", "3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    llm = LLM(str(model_dir))
+    best = llm.beam_search(["def add(a, b):"], BeamSearchParams(beam_width=3, max_tokens=12))[0].sequences[0]
+    assert out == "def add(a, b):" + llm.get_tokenizer().decode(best.output_token_ids) + "\n"
+
+
 @pytest.mark.parametrize("args,match", [
+    (["--beam-width", "0"], "beam_width=0"),
     (["--model", "/no/such/dir"], "no such directory"),
     (["--temperature", "-1"], "temperature=-1.0"),
     (["--max-tokens", "0"], "max_tokens=0"),
