@@ -98,8 +98,8 @@ def main():
               "columns describe the best beam; seconds are per call (all prompts), medians of "
               f"{args.repeats} alternating pairs; speedup = median of the pairs' transformers / jaxinfer ratios; "
               "identical: prompts whose best beam is token-identical to transformers'.\n\n")
-    lines = ["| beam width | logprob / token | mean length | ended on eos | distinct bigrams | jaxinfer s | "
-             "transformers s | speedup | identical |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| beam width | logprob / token | mean length | ended on eos | distinct bigrams | jaxinfer s | "
+              "transformers s | speedup | identical |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['beam_width']} | {r['logprob_per_token']:.3f} | {r['mean_len']:.1f} | {r['stopped']}/"
                      f"{len(prompts)} | {r['distinct2']:.3f} | {r['jaxinfer_s']:.3f} | {r['transformers_s']:.3f} | "

@@ -172,7 +172,8 @@ def initial_state(kv: KVCache, prompt_lens: jax.Array, w: int, m: int, key: jax.
     real = prompt_lens > 0
     zeros = jnp.zeros((b, w, m), jnp.int32)
     return BeamState(
-        kv=kv, lens=jnp.repeat(prompt_lens, w), step=jnp.int32(0), key=key, run_tokens=zeros, run_logprobs=zeros.astype(jnp.float32),
+        kv=kv, lens=jnp.repeat(prompt_lens, w), step=jnp.int32(0), key=key,
+        run_tokens=zeros, run_logprobs=zeros.astype(jnp.float32),
         run_scores=jnp.where(jnp.arange(w) == 0, 0.0, _NEG) * jnp.ones((b, 1), jnp.float32),
         parents=jnp.zeros((b, w), jnp.int32),
         fin_tokens=zeros, fin_logprobs=zeros.astype(jnp.float32),
@@ -235,7 +236,7 @@ def select(s: BeamState, logits: jax.Array, statics: BeamStatics, run: BeamInput
     best_running = run_scores[:, :1] / length ** length_penalty
     worst = jnp.where(fin_filled, jnp.min(fin_scores, axis=1, keepdims=True), _NEG)
     open_ = s.open & jnp.any(best_running > worst, axis=1)
-    alive = jnp.any(open_) & jnp.any(~ends) & (n + 1 < max_new)
+    alive = jnp.any(open_) & jnp.any(~ends)  # every candidate ends at max_new
     if statics.early_stopping is True:
         alive = alive & ~jnp.all(fin_filled)
     return s.replace(
