@@ -23,7 +23,8 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, KVCache, init_contiguous
 from jaxinfer.kv.quant import KVQuantSpec
 from jaxinfer.model import Weights, forward
-from jaxinfer.sampling import RowLimits, SamplingTensors, block_stop_tokens, sample, token_logprobs
+from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens, sample,
+                               token_logprobs)
 
 RUNNING, STOPPED, LENGTH = 0, 1, 2  # finish codes
 
@@ -52,13 +53,16 @@ class DecodeState:
     out_ranks: jax.Array  # [B, M]
     out_top_ids: jax.Array  # [B, M, N]
     out_top_logprobs: jax.Array  # [B, M, N]
+    pen: Penalties | None = None  # presence / frequency / repetition penalties (None: no row has any)
 
 
 def _emit(state: DecodeState, logits, st: SamplingTensors, limits: RowLimits,
           statics: GenerateStatics, active) -> DecodeState:
-    """Sample the next token of every active row from logits [B, V] and record it."""
+    """Sample the next token of every active row from logits [B, V] and record it (its
+    logprobs are the model's, before penalties, as vLLM reports them)."""
     logits = block_stop_tokens(logits, limits, state.num_generated)
-    tok = sample(logits, st, state.num_generated)  # [B]
+    shaped = logits if state.pen is None else state.pen.apply(logits)
+    tok = sample(shaped, st, state.num_generated)  # [B]
     b = jnp.arange(tok.shape[0])
     slot = jnp.where(active, state.num_generated, statics.max_new)  # inactive rows: dropped
     out_tokens = state.out_tokens.at[b, slot].set(tok, mode="drop")
@@ -75,14 +79,19 @@ def _emit(state: DecodeState, logits, st: SamplingTensors, limits: RowLimits,
     finish = jnp.where(active & hit_stop, STOPPED, state.finish)
     finish = jnp.where(active & (finish == RUNNING) & (num_generated >= limits.max_tokens),
                        LENGTH, finish)
+    if state.pen is not None:
+        extras["pen"] = state.pen.record(tok, active)
     return state.replace(tokens=jnp.where(active, tok, state.tokens), out_tokens=out_tokens,
                          num_generated=num_generated, finish=finish, **extras)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "statics"))
 def prefill(weights: Weights, cfg: ModelConfig, statics: GenerateStatics, tokens: jax.Array,
-            prompt_lens: jax.Array, st: SamplingTensors, limits: RowLimits):
+            prompt_lens: jax.Array, st: SamplingTensors, limits: RowLimits, pen: PenaltyInputs | None = None):
     """Run prompts tokens [B, T] (right-padded to T) and sample each row's first token.
+
+    pen: the rows' penalties (None when no row has any); the decode state then carries their
+    token counts.
 
     Rows with prompt_lens 0 are padding and finish at once. Returns (DecodeState,
     prompt_logprobs): the latter is None unless statics.num_prompt_logprobs >= 0,
@@ -112,7 +121,8 @@ def prefill(weights: Weights, cfg: ModelConfig, statics: GenerateStatics, tokens
         out_tokens=jnp.zeros((b, m), jnp.int32),
         out_logprobs=jnp.zeros((b, m_lp), jnp.float32), out_ranks=jnp.zeros((b, m_lp), jnp.int32),
         out_top_ids=jnp.zeros((b, m_lp, n), jnp.int32),
-        out_top_logprobs=jnp.zeros((b, m_lp, n), jnp.float32))
+        out_top_logprobs=jnp.zeros((b, m_lp, n), jnp.float32),
+        pen=None if pen is None else pen.build(cfg.vocab_size))
     state = _emit(state, logits[:, 0], st, limits, statics, prompt_lens > 0)
     return state, prompt_lp
 

@@ -45,11 +45,21 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         def bad(field, allowed):
             raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r}: {allowed}")
 
+        for field in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, field)
+            if not (isinstance(v, (int, float)) and -2 <= v <= 2):
+                bad(field, "must be in [-2, 2]")
+        if not (isinstance(self.repetition_penalty, (int, float)) and np.isfinite(self.repetition_penalty)
+                and self.repetition_penalty > 0):
+            bad("repetition_penalty", "must be a finite number > 0 (1: off)")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0
@@ -86,6 +96,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
     def validate_vocab(self, vocab_size: int):
         """Token ids must exist in the model's vocabulary; top logprobs cannot outnumber it."""
         for t in self.stop_token_ids:
@@ -95,6 +109,14 @@ class SamplingParams:
             v = getattr(self, field)
             if v is not None and v > vocab_size:
                 raise ValueError(f"SamplingParams.{field}={v}: at most vocab_size={vocab_size} top logprobs")
+
+
+def raise_penalties_with_speculation(params: SamplingParams):
+    """Penalties change the target distribution after every accepted token; the speculative
+    verifiers score k drafts against one distribution per position, so the two are not combined."""
+    raise ValueError(f"SamplingParams presence_penalty={params.presence_penalty}, frequency_penalty="
+                     f"{params.frequency_penalty}, repetition_penalty={params.repetition_penalty}: "
+                     "penalties are not supported with speculative_config (drop one of them)")
 
 
 @struct.dataclass
@@ -121,6 +143,81 @@ class SamplingTensors:
             min_p=jnp.asarray([p.min_p for p in params], jnp.float32),
             keys=jnp.asarray(np.stack(keys), jnp.uint32),
         )
+
+
+@struct.dataclass
+class PenaltyInputs:
+    """Per-row penalty settings and the token ids they look at (host arrays, padded with
+    vocab_size, which matches no token)."""
+
+    presence: jax.Array  # [B] float32
+    frequency: jax.Array  # [B] float32
+    repetition: jax.Array  # [B] float32
+    prompt_ids: jax.Array  # [B, Lp] int32
+    output_ids: jax.Array  # [B, Lo] int32
+
+    @staticmethod
+    def from_rows(params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]],
+                  vocab_size: int, rows: int | None = None) -> "PenaltyInputs":
+        """One row per params entry, padded to `rows` rows (padding: no penalty); id widths are
+        bucketed (powers of two) so that growing outputs reuse compiled programs."""
+        from jaxinfer.generate import bucket  # generate imports this module
+        rows = rows or len(params)
+
+        def ids(lists):
+            out = np.full((rows, bucket(max(map(len, lists), default=0), minimum=16)), vocab_size, np.int32)
+            for i, x in enumerate(lists):
+                out[i, :len(x)] = x
+            return out
+
+        def per_row(field, off):
+            return np.asarray([getattr(p, field) for p in params] + [off] * (rows - len(params)), np.float32)
+
+        return PenaltyInputs(presence=per_row("presence_penalty", 0.0), frequency=per_row("frequency_penalty", 0.0),
+                             repetition=per_row("repetition_penalty", 1.0), prompt_ids=ids(prompts),
+                             output_ids=ids(outputs))
+
+    def build(self, vocab_size: int) -> "Penalties":
+        """On device: count each row's output tokens and mark its prompt tokens."""
+        b = self.presence.shape[0]
+
+        def scatter(ids, value, dtype):
+            rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids.shape)
+            return jnp.zeros((b, vocab_size), dtype).at[rows, ids].add(value, mode="drop")
+
+        return Penalties(presence=jnp.asarray(self.presence), frequency=jnp.asarray(self.frequency),
+                         repetition=jnp.asarray(self.repetition),
+                         output_counts=scatter(self.output_ids, 1, jnp.int32),
+                         in_prompt=scatter(self.prompt_ids, 1, jnp.int32) > 0)
+
+
+@struct.dataclass
+class Penalties:
+    """vLLM's presence / frequency / repetition penalties of each row, with the token statistics
+    they read: how often each token was generated, and whether it occurs in the prompt."""
+
+    presence: jax.Array  # [B]
+    frequency: jax.Array  # [B]
+    repetition: jax.Array  # [B]
+    output_counts: jax.Array  # [B, V] int32
+    in_prompt: jax.Array  # [B, V] bool
+
+    def apply(self, logits: jax.Array) -> jax.Array:
+        """logits [B, V] as vLLM (and transformers' repetition penalty) shape them: a token seen in
+        the prompt or the output has a positive logit divided by repetition_penalty, a negative
+        one multiplied by it; then each generated token loses frequency_penalty per occurrence
+        and presence_penalty once."""
+        counts = self.output_counts
+        seen = self.in_prompt | (counts > 0)
+        rep = self.repetition[:, None]
+        x = logits.astype(jnp.float32)
+        x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
+        return x - self.frequency[:, None] * counts - self.presence[:, None] * (counts > 0)
+
+    def record(self, tokens: jax.Array, active: jax.Array) -> "Penalties":
+        """Count tokens [B] just generated by the active rows."""
+        rows = jnp.arange(tokens.shape[0])
+        return self.replace(output_counts=self.output_counts.at[rows, tokens].add(active.astype(jnp.int32)))
 
 
 def request_key(seed: int, sample_index: int = 0) -> np.ndarray:

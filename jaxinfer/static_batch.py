@@ -24,7 +24,7 @@ from jaxinfer.kv.cache import grow_contiguous
 from jaxinfer.kv.quant import KVQuantSpec
 from jaxinfer.model import Weights
 from jaxinfer.outputs import position_logprobs
-from jaxinfer.sampling import SamplingTensors, row_limits
+from jaxinfer.sampling import PenaltyInputs, SamplingTensors, row_limits
 
 
 class StaticBatchGenerator:
@@ -66,7 +66,11 @@ class StaticBatchGenerator:
                                          [r.sample_index for r in rows] + [0] * pad)
         limits = row_limits([r.max_tokens for r in rows] + [1] * pad, [p.min_tokens for p in params],
                             [r.stop_ids for r in rows] + [[]] * pad, self.cfg.vocab_size)
-        return statics, jnp.asarray(tokens), jnp.asarray(lens + [0] * pad, jnp.int32), st, limits
+        pen = None
+        if any(r.params.has_penalties for r in rows):
+            pen = PenaltyInputs.from_rows([r.params for r in rows], [r.prompt_ids for r in rows],
+                                          [r.output_ids for r in rows], self.cfg.vocab_size, b)
+        return statics, jnp.asarray(tokens), jnp.asarray(lens + [0] * pad, jnp.int32), st, limits, pen
 
     def segments(self, rows: list[EngineRequest], segment: int | None) -> Iterator:
         """Prefill, then decode `segment` steps at a time (None: as far as the cache allows);
@@ -76,7 +80,7 @@ class StaticBatchGenerator:
         doubles, up to statics.max_len, whenever the rows would outgrow it: attention reads
         every slot each step, so a cache sized for the end of generation would make every
         early step pay for it. Each cache length is its own (cached) decode program."""
-        statics, tokens, prompt_lens, st, limits = self._prepare(rows)
+        statics, tokens, prompt_lens, st, limits, pen = self._prepare(rows)
         now = time.perf_counter()
         for r in rows:
             r.metrics.first_scheduled_time = now
@@ -86,7 +90,7 @@ class StaticBatchGenerator:
             window = gen.bucket(window)
         window = min(full, window)
         statics = dataclasses.replace(statics, max_len=window)
-        state, prompt_lp = gen.prefill(self.weights, self.cfg, statics, tokens, prompt_lens, st, limits)
+        state, prompt_lp = gen.prefill(self.weights, self.cfg, statics, tokens, prompt_lens, st, limits, pen)
         yield state, prompt_lp
         while bool(jnp.any(state.finish == gen.RUNNING)):
             fits = window - int(jnp.max(jnp.where(state.finish == gen.RUNNING, state.kv_lens, 0)))

@@ -33,7 +33,8 @@ from jaxinfer.kv.cache import AttentionMeta, KVCache
 from jaxinfer.layers import paged_loop_applies
 from jaxinfer.model import Weights, forward
 from jaxinfer.outputs import position_logprobs
-from jaxinfer.sampling import RowLimits, SamplingTensors, block_stop_tokens, sample, token_logprobs
+from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens, sample,
+                               token_logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +57,15 @@ class StepInputs:
     limits: RowLimits
     next_tokens: jax.Array  # [B, T] the token after each position (prompt logprobs only)
     slots: jax.Array  # [B] each row's sequence slot (padding rows: out of range)
+    pen: PenaltyInputs | None = None  # presence / frequency / repetition penalties (None: no row has any)
 
     def meta(self) -> AttentionMeta:
         return AttentionMeta(page_table=self.page_table, kv_lens=self.kv_lens, q_lens=self.q_lens,
                              slots=self.slots)
+
+    def penalty_shapes(self) -> tuple | None:
+        """What the penalty inputs add to the compiled program's signature."""
+        return None if self.pen is None else (self.pen.prompt_ids.shape, self.pen.output_ids.shape)
 
 
 def _draft_forward(dweights, dkv, dcfg, tokens, meta, backend):
@@ -69,11 +75,13 @@ def _draft_forward(dweights, dkv, dcfg, tokens, meta, backend):
     return dkv
 
 
-def _next_token(logits: jax.Array, inp: StepInputs, counters: jax.Array, statics: StepStatics):
-    """Each row's next token from logits [B, V] (stop tokens blocked before min_tokens, the
-    draw keyed by the output counter) and its logprob extras (None unless asked for)."""
+def _next_token(logits: jax.Array, inp: StepInputs, counters: jax.Array, statics: StepStatics,
+                pen: Penalties | None = None):
+    """Each row's next token from logits [B, V] (stop tokens blocked before min_tokens, penalties
+    applied, the draw keyed by the output counter) and its logprob extras (None unless asked for;
+    the model's logprobs, before penalties, as vLLM reports them)."""
     logits = block_stop_tokens(logits, inp.limits, counters)
-    tok = sample(logits, inp.st, counters)
+    tok = sample(logits if pen is None else pen.apply(logits), inp.st, counters)
     lp = token_logprobs(logits, tok, statics.num_logprobs) if statics.num_logprobs >= 0 else None
     return tok, lp
 
@@ -99,7 +107,8 @@ def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KV
     if want_plp:
         plp = token_logprobs(logits, inp.next_tokens, statics.num_prompt_logprobs)
         logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)
-    tok, lp = _next_token(logits[:, 0], inp, inp.counters, statics)
+    pen = None if inp.pen is None else inp.pen.build(cfg.vocab_size)
+    tok, lp = _next_token(logits[:, 0], inp, inp.counters, statics, pen)
     return kv, dkv, tok, lp, plp
 
 
@@ -120,19 +129,22 @@ def multi_decode_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, 
     logits_at = jnp.zeros((inp.tokens.shape[0], 1), jnp.int32)
 
     def step(carry, _):
-        kv, tok, kv_lens, counters, live = carry
+        kv, tok, kv_lens, counters, live, pen = carry
         q_lens = live.astype(jnp.int32)
         meta = AttentionMeta(page_table=inp.page_table, kv_lens=kv_lens, q_lens=q_lens, slots=inp.slots)
         logits, _, kv = forward(weights, cfg, tok[:, None], meta.query_positions(1), kv, meta,
                                 backend=statics.backend, logits_at=logits_at)
-        nxt, lp = _next_token(logits[:, 0], inp, counters, statics)
+        nxt, lp = _next_token(logits[:, 0], inp, counters, statics, pen)
         nxt = jnp.where(live, nxt, tok)
+        if pen is not None:  # later fused steps see this token in the counts
+            pen = pen.record(nxt, live)
         stopped = jnp.any(nxt[:, None] == inp.limits.stop_ids, axis=-1)
         ran = counters + 1 - inp.counters  # steps this row has run, this one included
         live_next = live & ~stopped & (ran < steps_left)
-        return (kv, nxt, kv_lens + live_next, counters + 1, live_next), (nxt, live, lp)
+        return (kv, nxt, kv_lens + live_next, counters + 1, live_next, pen), (nxt, live, lp)
 
-    init = (kv, inp.tokens[:, 0], inp.kv_lens, inp.counters, inp.q_lens > 0)
+    pen = None if inp.pen is None else inp.pen.build(cfg.vocab_size)
+    init = (kv, inp.tokens[:, 0], inp.kv_lens, inp.counters, inp.q_lens > 0, pen)
     (kv, *_), (toks, live, lp) = jax.lax.scan(step, init, None, length=num_steps)
     return kv, toks, live, lp
 
@@ -304,7 +316,11 @@ class ModelRunner:
         # cost about the same inside the call, and serving throughput did not change in an A/B.)
         st = SamplingTensors(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, keys=keys)
         limits = RowLimits(max_tokens=np.zeros((b,), np.int32), min_tokens=min_tokens, stop_ids=stop_ids)
-        inp = StepInputs(tokens, page_table, kv_lens, q_lens, counters, st, limits, next_tokens, slots)
+        pen = None
+        if any(c.request.params.has_penalties for c in group):
+            pen = PenaltyInputs.from_rows([c.request.params for c in group], [c.request.prompt_ids for c in group],
+                                          [c.request.output_ids for c in group], vocab, b)
+        inp = StepInputs(tokens, page_table, kv_lens, q_lens, counters, st, limits, next_tokens, slots, pen)
         return inp, num_lp, num_plp, pp
 
     def execute_multi(self, chunks: list[ScheduledChunk], num_steps: int) -> dict:
@@ -316,7 +332,7 @@ class ModelRunner:
         for i, c in enumerate(chunks):
             steps_left[i] = min(num_steps, c.request.max_tokens - len(c.request.output_ids))
         statics = StepStatics(num_lp, -1, self.backend)
-        self.signatures.add(("multi", inp.tokens.shape, pp, statics, num_steps))
+        self.signatures.add(("multi", inp.tokens.shape, pp, statics, num_steps, inp.penalty_shapes()))
         self.kv, toks, live, lp = multi_decode_step(self.weights, self.cfg, statics, self.kv, inp, steps_left,
                                                     num_steps=num_steps)
         toks, live, lp = jax.device_get((toks, live, lp))
@@ -339,7 +355,7 @@ class ModelRunner:
         (device) sampled tokens and logprob extras without waiting for them."""
         inp, num_lp, num_plp, pp = self._inputs(group, t)
         statics = StepStatics(num_lp, num_plp, self.backend)
-        self.signatures.add(("step", inp.tokens.shape, pp, statics))
+        self.signatures.add(("step", inp.tokens.shape, pp, statics, inp.penalty_shapes()))
         self.kv, dkv, tok, lp, plp = engine_step(self.weights, self.cfg, statics, self.kv, inp,
                                                  self.draft_weights, self.draft_kv, self.draft_cfg)
         if dkv is not None:

@@ -305,7 +305,7 @@ class SpecDecoder(StaticBatchGenerator):
 
     def segments(self, rows: list[EngineRequest], segment: int | None) -> Iterator:
         """Prefill, then `segment` rounds at a time (None: to the end); yields (state, prompt_lp)."""
-        gs, tokens, prompt_lens, st, limits = self._prepare(rows)
+        gs, tokens, prompt_lens, st, limits, _ = self._prepare(rows)  # penalties: refused at the LLM
         statics = self.statics_for(rows, gs)
         now = time.perf_counter()
         for r in rows:

@@ -1,0 +1,114 @@
+"""Presence / frequency / repetition penalties: transformers' repetition penalty token for token,
+the vLLM definition checked against the model's own logits, and the same tokens on every path."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hf_models import load_hf_model, write_tiny
+from jaxinfer import LLM, SamplingParams
+from jaxinfer.model import forward
+
+PROMPT_LENS = (5, 17, 30)
+
+
+def _prompts(seed=0, vocab=128):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = write_tiny("llama", tmp_path_factory.mktemp("pen"))
+    return path, load_hf_model(path)
+
+
+def test_repetition_penalty_matches_transformers(tiny):
+    path, hf = tiny
+    llm = LLM(str(path), dtype="float32")
+    prompts = _prompts()
+    params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24, repetition_penalty=1.5)
+    engine = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    static = llm.generate_static([{"prompt_token_ids": p} for p in prompts], params)
+    plain = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=24,
+                                                                                     min_tokens=24))
+    changed = 0
+    for p, e, s, q in zip(prompts, engine, static, plain):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                              repetition_penalty=1.5)[0, len(p):].tolist()
+        assert e.outputs[0].token_ids == ref
+        assert s.outputs[0].token_ids == ref
+        changed += q.outputs[0].token_ids != ref
+    assert changed > 0  # the penalty changed what greedy decoding picks
+
+
+def _penalized(logits, prompt, out, presence, frequency, repetition):
+    """vLLM's definition, in numpy, for one position: out = the tokens generated before it."""
+    x = logits.astype(np.float64).copy()
+    counts = np.bincount(out, minlength=x.size)
+    seen = (counts > 0) | np.isin(np.arange(x.size), prompt)
+    x[seen] = np.where(x[seen] > 0, x[seen] / repetition, x[seen] * repetition)
+    return x - frequency * counts - presence * (counts > 0)
+
+
+@pytest.mark.parametrize("presence,frequency,repetition", [(1.5, 0.0, 1.0), (0.0, 0.7, 1.0), (0.5, 0.3, 1.3),
+                                                           (-1.0, -0.5, 0.8)])
+def test_greedy_picks_the_argmax_of_the_penalized_logits(tiny, presence, frequency, repetition):
+    """Every generated token is the argmax of the model's logits at its position (recomputed
+    without a cache), penalized by the definition above; the logprobs reported are the model's."""
+    path, _ = tiny
+    llm = LLM(str(path), dtype="float32", num_scheduler_steps=4)  # fused steps carry the counts on device
+    prompts = _prompts(1)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0, presence_penalty=presence,
+                            frequency_penalty=frequency, repetition_penalty=repetition)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for p, o in zip(prompts, outs):
+        gen = o.outputs[0].token_ids
+        full = jnp.asarray([p + gen])
+        logits, _, _ = forward(llm.weights, llm.cfg, full, jnp.arange(full.shape[1])[None], None, None)
+        logits = np.asarray(logits[0])
+        lp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        for i, t in enumerate(gen):
+            pos = len(p) - 1 + i
+            shaped = _penalized(logits[pos], p, gen[:i], presence, frequency, repetition)
+            assert t == int(np.argmax(shaped)), f"token {i}"
+            np.testing.assert_allclose(o.outputs[0].logprobs[i][t].logprob, lp[pos, t], atol=1e-4)
+
+
+def test_sampled_rows_with_and_without_penalties_agree_on_every_path(tiny):
+    """Seeded sampling: engine (single and fused steps, under preemption) == static batching, with
+    penalized and plain rows mixed in one batch."""
+    path, _ = tiny
+    prompts = [{"prompt_token_ids": p} for p in _prompts(2) + _prompts(3)]
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=16, ignore_eos=True,
+                             presence_penalty=0.8 * (i % 2), frequency_penalty=0.4 * (i % 3 == 0),
+                             repetition_penalty=1.0 + 0.3 * (i % 2)) for i in range(6)]
+    ref = [o.outputs[0].token_ids for o in LLM(str(path), block_size=8).generate_static(prompts, params)]
+    for opts in (dict(), dict(num_scheduler_steps=4),
+                 dict(num_kv_pages=12, max_num_batched_tokens=24)):
+        llm = LLM(str(path), block_size=8, **opts)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref, opts
+        if "num_kv_pages" in opts:
+            assert llm.get_stats().num_preemptions > 0
+
+
+@pytest.mark.parametrize("field,value", [("presence_penalty", 2.5), ("frequency_penalty", -3.0),
+                                         ("repetition_penalty", 0.0), ("repetition_penalty", float("inf"))])
+def test_invalid_penalties_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_penalties_with_speculative_decoding_are_refused(tiny):
+    path, _ = tiny
+    params = SamplingParams(temperature=0, max_tokens=4, repetition_penalty=1.2)
+    for method in ({"method": "ngram", "num_speculative_tokens": 2}, {"method": "layer_skip",
+                                                                      "num_speculative_tokens": 2}):
+        llm = LLM(str(path), speculative_config=method)
+        with pytest.raises(ValueError, match="penalties are not supported with speculative_config"):
+            llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)
+        out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4))
+        assert len(out[0].outputs[0].token_ids) == 4  # the same LLM serves the next call
