@@ -50,6 +50,10 @@ def _check_pages_returned(llm):
     dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, num_scheduler_steps=4),
     dict(max_num_seqs=4, max_num_batched_tokens=64, block_size=4, enable_prefix_caching=True,
          num_scheduler_steps=8),
+    # preemption by swap: K/V parked on the host and written back into other pages
+    dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, preemption_mode="swap"),
+    dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, preemption_mode="swap",
+         enable_prefix_caching=True, num_scheduler_steps=4),
 ])
 def test_engine_greedy_equals_standalone_generate(model_dir, reference, opts):
     prompts, ref = reference
@@ -64,6 +68,8 @@ def test_engine_greedy_equals_standalone_generate(model_dir, reference, opts):
         assert sum(o.num_cached_tokens for o in outs) > 0
     if "num_kv_pages" in opts:
         assert llm.get_stats().num_preemptions > 0
+        swapped = llm.get_stats().num_swapped_out
+        assert swapped > 0 if opts.get("preemption_mode") == "swap" else swapped == 0
     if "num_scheduler_steps" in opts:
         assert llm.get_stats().num_fused_steps > 0
     _check_pages_returned(llm)
@@ -100,6 +106,10 @@ def test_fused_decode_steps_equal_single_steps(model_dir):
         LLM(model_dir, num_scheduler_steps=0)
     with pytest.raises(ValueError, match="speculative_config"):
         LLM(model_dir, num_scheduler_steps=4, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="preemption_mode='later'"):
+        LLM(model_dir, preemption_mode="later")
+    with pytest.raises(ValueError, match="int4_kivi"):
+        LLM(model_dir, preemption_mode="swap", kv_cache_dtype="int4_kivi", block_size=32)
 
 
 def test_seeded_sampling_survives_preemption_and_batching(model_dir):
@@ -112,6 +122,37 @@ def test_seeded_sampling_survives_preemption_and_batching(model_dir):
     outs = tight.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
     assert tight.get_stats().num_preemptions > 0
+
+
+def test_swap_resumes_without_recomputing(model_dir):
+    """Under the same preemptions, swap computes each token once (prompt + output fed back),
+    recompute computes the preempted ones again; a request aborted while swapped out leaves
+    nothing behind; sampled tokens are the static reference's either way."""
+    prompts = _prompts(6, seed=3)
+    params = [SamplingParams(temperature=0.9, top_p=0.9, max_tokens=16, seed=i, ignore_eos=True) for i in range(6)]
+    ref = [o.outputs[0].token_ids for o in LLM(model_dir, block_size=8).generate_static(prompts, params)]
+    stats = {}
+    for mode in ("recompute", "swap"):
+        llm = LLM(model_dir, num_kv_pages=12, block_size=8, max_num_batched_tokens=24, enable_prefix_caching=False,
+                  preemption_mode=mode)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref
+        stats[mode] = llm.get_stats()
+        _check_pages_returned(llm)
+    once = sum(len(p["prompt_token_ids"]) + 16 - 1 for p in prompts)  # the last sampled token is never fed back
+    assert stats["swap"].num_swapped_out == stats["swap"].num_preemptions > 0
+    assert stats["swap"].num_tokens_computed == once < stats["recompute"].num_tokens_computed
+
+    llm = LLM(model_dir, num_kv_pages=12, block_size=8, max_num_batched_tokens=24, preemption_mode="swap")
+    eng = llm.engine
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(str(i), p, sp)
+    while not any(r.swapped_kv is not None for r in eng.scheduler.waiting):
+        eng.step()
+    victim = next(r for r in eng.scheduler.waiting if r.swapped_kv is not None)
+    eng.abort_request(victim.request_id)
+    while eng.has_unfinished_requests():
+        eng.step()
+    _check_pages_returned(llm)
 
 
 def test_prefix_caching_computes_fewer_prompt_tokens(model_dir):
@@ -252,6 +293,13 @@ def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
     spec = LLM(model_dir, block_size=8, enable_prefix_caching=True, speculative_config=conf)
     outs = spec.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    # Preempted by swap: the draft model's pages go to the host and back with the target's.
+    tight = LLM(model_dir, block_size=8, num_kv_pages=9, max_num_batched_tokens=24, preemption_mode="swap",
+                speculative_config=conf)
+    assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == \
+        [o.outputs[0].token_ids for o in ref]
+    assert tight.get_stats().num_swapped_out > 0
+    _check_pages_returned(tight)
     assert outs[1].outputs[0].finish_reason == "stop"
     s = spec.get_stats()
     assert s.spec_steps > 0 and s.spec_drafted_tokens == 3 * s.spec_steps

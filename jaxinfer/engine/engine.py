@@ -33,6 +33,9 @@ DEFAULT_KV_CACHE_MEMORY_BYTES = 512 << 20
 ENGINE_SPEC_METHODS = ("ngram", "draft_model")
 
 
+PREEMPTION_MODES = ("recompute", "swap")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Engine options; names follow vLLM's engine arguments."""
@@ -48,6 +51,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     speculative_config: object = None  # spec.config.SpeculativeConfig: "ngram" or "draft_model"
     num_scheduler_steps: int = 1  # decode steps fused into one device call when only decodes run
+    preemption_mode: str = "recompute"  # or "swap": a preempted request's K/V waits on the host
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_scheduler_steps"):
@@ -61,6 +65,11 @@ class EngineConfig:
         if self.num_scheduler_steps > 1 and self.speculative_config is not None:
             raise ValueError(f"num_scheduler_steps={self.num_scheduler_steps} fuses plain decode steps; it cannot "
                              "be combined with speculative_config (use num_scheduler_steps=1)")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode={self.preemption_mode!r}; choose one of {PREEMPTION_MODES}")
+        if self.preemption_mode == "swap" and self.kv_cache_dtype == "int4_kivi":
+            raise ValueError("preemption_mode='swap' copies pages; kv_cache_dtype='int4_kivi' also keeps per-sequence "
+                             "residual keys outside them (use preemption_mode='recompute')")
         if self.num_kv_pages is not None and self.kv_cache_memory_bytes is not None:
             raise ValueError("give num_kv_pages or kv_cache_memory_bytes, not both")
 
@@ -125,7 +134,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens,
                                    cache_extra=(model_id, str(dtype), config.kv_cache_dtype), speculative_tokens=k,
-                                   disable_by_batch_size=spec.disable_by_batch_size if spec is not None else None)
+                                   disable_by_batch_size=spec.disable_by_batch_size if spec is not None else None,
+                                   preemption_mode=config.preemption_mode)
         max_pages = -(-(config.max_model_len + k) // config.block_size)
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,
@@ -135,6 +145,8 @@ class LLMEngine:
         self.num_steps = 0
         self.num_fused_steps = 0  # decode steps run by multi-step calls
         self.num_prompt_tokens_computed = 0
+        self.num_tokens_computed = 0  # every token run through the model (prompt, output, recomputed)
+        self.num_swapped_out = 0
         self.num_generated_tokens = 0
         self.spec_drafted = 0
         self.spec_accepted = 0
@@ -185,6 +197,14 @@ class LLMEngine:
     def step(self, delta: bool = False) -> list[RequestOutput]:
         """Schedule, run the model once, and return the requests that progressed."""
         sched = self.scheduler.schedule()
+        # Preemption by swap: copy the victims' pages out before this step's calls can write them
+        # (they are back in the pool), and fill resumed requests' fresh pages before they are read.
+        for r, pages in sched.swap_out:
+            r.swapped_kv = self.runner.read_pages(pages)
+            self.num_swapped_out += 1
+        for r, pages in sched.swap_in:
+            self.runner.write_pages(pages, r.swapped_kv)
+            r.swapped_kv = None
         if not sched.chunks:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress (no request fits in the free pages)")
@@ -195,6 +215,7 @@ class LLMEngine:
                 c.request.metrics.first_scheduled_time = now
             self.num_prompt_tokens_computed += max(0, min(c.start + c.num_tokens, len(c.request.prompt_ids))
                                                    - c.start)
+            self.num_tokens_computed += c.num_tokens
         n_steps = self._fused_steps(sched)
         sampled = self.runner.execute_multi(sched.chunks, n_steps) if n_steps > 1 else \
             self.runner.execute(sched.chunks)
@@ -261,4 +282,5 @@ class LLMEngine:
             num_steps=self.num_steps, num_prompt_tokens_computed=self.num_prompt_tokens_computed,
             num_generated_tokens=self.num_generated_tokens, spec_drafted_tokens=self.spec_drafted,
             spec_accepted_tokens=self.spec_accepted, spec_steps=self.spec_steps,
-            num_fused_steps=self.num_fused_steps)
+            num_fused_steps=self.num_fused_steps, num_tokens_computed=self.num_tokens_computed,
+            num_swapped_out=self.num_swapped_out)

@@ -30,6 +30,8 @@ class EngineStats:
     spec_accepted_tokens: int = 0
     spec_steps: int = 0  # speculative row-steps (one target forward over k + 1 positions each)
     num_fused_steps: int = 0  # decode steps run inside fused multi-step calls (num_scheduler_steps > 1)
+    num_tokens_computed: int = 0  # tokens run through the model: prompts, outputs fed back, recomputation
+    num_swapped_out: int = 0  # preemptions by swap (preemption_mode="swap"); the rest recompute
 
     @property
     def prefix_cache_hit_rate(self) -> float:

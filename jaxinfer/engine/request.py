@@ -23,7 +23,8 @@ class EngineRequest:
     all_tokens = prompt + output. num_computed tokens already have K/V in `pages`;
     the next step computes all_tokens[num_computed:] (a whole prompt, a chunk of
     it, or the one token sampled last step) and samples a token when it reaches
-    the end. Preemption drops the pages and resets num_computed to 0 (recompute).
+    the end. Preemption drops the pages and resets num_computed to 0 (recompute), or
+    keeps num_computed and their K/V on the host until it resumes (swap).
     """
 
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
@@ -51,6 +52,9 @@ class EngineRequest:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # preemption_mode='swap': K/V of the computed tokens held on the host while preempted
+        self.swapped = False
+        self.swapped_kv = None
         self.metrics = RequestMetrics(arrival_time=arrival if arrival is not None else time.perf_counter(),
                                       num_prompt_tokens=len(prompt_ids))
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens) \

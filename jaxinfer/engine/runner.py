@@ -28,7 +28,7 @@ from flax import struct
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.scheduler import ScheduledChunk
-from jaxinfer.generate import fine_bucket
+from jaxinfer.generate import bucket, fine_bucket
 from jaxinfer.kv.cache import AttentionMeta, KVCache
 from jaxinfer.layers import paged_loop_applies
 from jaxinfer.model import Weights, forward
@@ -218,6 +218,22 @@ class ModelRunner:
     @property
     def compilations(self) -> int:
         return len(self.signatures)
+
+    def read_pages(self, pages: list[int]):
+        """Host copy of pages (target and draft caches) for preemption by swap."""
+        idx = np.zeros((bucket(len(pages), minimum=1),), np.int32)
+        idx[:len(pages)] = pages
+        self.signatures.add(("swap_out", idx.shape))
+        return jax.device_get(_take_pages((self.kv, self.draft_kv), idx)), len(pages)
+
+    def write_pages(self, pages: list[int], host):
+        """Put a `read_pages` copy back into pages (a resumed request's fresh pages)."""
+        data, n = host
+        assert n == len(pages)
+        idx = np.full((jax.tree_util.tree_leaves(data)[0].shape[0],), self.kv.num_pages, np.int32)  # pad: dropped
+        idx[:n] = pages
+        self.signatures.add(("swap_in", idx.shape))
+        self.kv, self.draft_kv = _put_pages((self.kv, self.draft_kv), idx, data)
 
 
     def execute(self, chunks: list[ScheduledChunk]) -> dict:
@@ -412,6 +428,16 @@ class ModelRunner:
                 continue
             r.prompt_logprobs.append(position_logprobs(r.prompt_ids[pos], lp[i, j], rank[i, j],
                                                        top_ids[i, j, :n], top_lp[i, j, :n], self.decode_token))
+
+
+@jax.jit
+def _take_pages(caches, idx: jax.Array):
+    return jax.tree_util.tree_map(lambda x: x[idx], caches)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _put_pages(caches, idx: jax.Array, data):
+    return jax.tree_util.tree_map(lambda x, d: x.at[idx].set(d, mode="drop"), caches, data)
 
 
 def prefill_calls(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:

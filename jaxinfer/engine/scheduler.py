@@ -5,8 +5,11 @@ requests first (their one decode token, or the next chunk of a prefill that did
 not fit before), then admits waiting requests in arrival order while pages and
 `max_num_seqs` allow, chunking the prefill that does not fit in what is left of
 the budget. When a running request needs a page and none is free, the newest
-running request is preempted by recompute: its pages are freed and it returns to
-the front of the waiting queue, to be recomputed (prompt + output so far) later.
+running request is preempted: its pages are freed and it returns to the front of
+the waiting queue. By recompute (vLLM's default), its prompt and output so far are
+computed again when it resumes; by swap, the K/V of its computed tokens is copied to
+the host first (the engine does it before the step runs, `swap_out`) and written back
+into fresh pages when it resumes (`swap_in`), so it continues where it stopped.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[EngineRequest]
+    # preemption_mode="swap": (request, pages) to copy to the host before this step runs, and
+    # (request, pages) to fill from the host copy before this step runs
+    swap_out: list[tuple[EngineRequest, list[int]]] = dataclasses.field(default_factory=list)
+    swap_in: list[tuple[EngineRequest, list[int]]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -45,8 +52,9 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, cache_extra=None, speculative_tokens: int = 0,
-                 disable_by_batch_size: int | None = None):
+                 disable_by_batch_size: int | None = None, preemption_mode: str = "recompute"):
         self.allocator = allocator
+        self.preemption_mode = preemption_mode
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -94,11 +102,17 @@ class Scheduler:
             self.free_slots.append(req.slot)
             req.slot = None
 
-    def _preempt(self, victim: EngineRequest):
+    def _preempt(self, victim: EngineRequest, swap_out: list):
         self.running.remove(victim)
+        if self.preemption_mode == "swap" and victim.num_computed > 0:
+            # The pages go back to the pool now; the engine copies them out before anything
+            # scheduled in this step can write them.
+            swap_out.append((victim, victim.pages[:-(-victim.num_computed // self.page_size)]))
+            victim.swapped = True
+        else:
+            victim.num_computed = 0
+            victim.num_cached_tokens = 0
         self._release(victim)
-        victim.num_computed = 0
-        victim.num_cached_tokens = 0
         victim.status = Status.WAITING
         victim.num_preemptions += 1
         self.num_preemptions += 1
@@ -121,6 +135,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[EngineRequest] = []
+        swap_out, swap_in = [], []
 
         # 1. Running requests, oldest first.
         lookahead = self.lookahead
@@ -136,7 +151,7 @@ class Scheduler:
             need = self._pages_needed(req, n + drafts)
             while need > self.allocator.num_free:
                 victim = self.running[-1]
-                self._preempt(victim)
+                self._preempt(victim, swap_out)
                 preempted.append(victim)
                 if victim is req:
                     break
@@ -151,24 +166,28 @@ class Scheduler:
         # 2. Waiting requests, in order, while the budget, pages and max_num_seqs allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
-            queried = self._admit_prefix(req)
+            queried = 0 if req.swapped else self._admit_prefix(req)  # swapped: its K/V comes back
             n = min(req.num_pending, budget)
             need = self._pages_needed(req, n)
             if need > self.allocator.num_free:
                 # Admission by free pages: give the prefix hits back and try again next step.
-                self.allocator.free(req.pages)
-                req.pages, req.num_computed, req.num_cached_tokens = [], 0, 0
+                if not req.swapped:
+                    self.allocator.free(req.pages)
+                    req.pages, req.num_computed, req.num_cached_tokens = [], 0, 0
                 break
             self.allocator.record_lookup(queried, len(req.pages))
             self.waiting.popleft()
             self._grow(req, need)
+            if req.swapped:
+                swap_in.append((req, req.pages[:-(-req.num_computed // self.page_size)]))
+                req.swapped = False
             req.slot = self.free_slots.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
             chunks.append(ScheduledChunk(req, req.num_computed, n, admitted=True))
             self.register_full_pages(req, req.num_computed + n)
             budget -= n
-        return SchedulerOutput(chunks, preempted)
+        return SchedulerOutput(chunks, preempted, swap_out, swap_in)
 
     def reserve_steps(self, chunks: list[ScheduledChunk], num_steps: int) -> int:
         """Grant decode-only chunks pages for num_steps tokens each (fused decode steps).
