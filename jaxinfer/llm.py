@@ -60,7 +60,8 @@ class LLM:
     enable_prefix_caching, max_num_seqs, max_num_batched_tokens, kv_cache_dtype ("auto",
     "fp8_e4m3" (alias "fp8"), "fp8_e5m2", "int8", "int4", "nvfp4"), num_scheduler_steps
     (decode steps fused into one device call while only decodes run; vLLM's multi-step),
-    preemption_mode ("recompute", or "swap": a preempted request's K/V waits on the host).
+    preemption_mode ("recompute", or "swap": a preempted request's K/V waits on the host, at
+    most swap_space GiB of it; victims beyond that are recomputed).
     compilation_cache_dir: keep compiled programs on disk for the next process
     (`jit_cache.enable_compilation_cache`).
     """
@@ -71,7 +72,7 @@ class LLM:
                  num_kv_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
                  speculative_config: dict | None = None, num_scheduler_steps: int = 1,
-                 preemption_mode: str = "recompute",
+                 preemption_mode: str = "recompute", swap_space: float = 4.0,
                  compilation_cache_dir: str | None = None):
         if compilation_cache_dir is not None:  # before anything compiles
             enable_compilation_cache(compilation_cache_dir)
@@ -99,7 +100,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype,
             speculative_config=self.speculative_config if self._spec_in_engine else None,
-            num_scheduler_steps=num_scheduler_steps, preemption_mode=preemption_mode)
+            num_scheduler_steps=num_scheduler_steps, preemption_mode=preemption_mode, swap_space=swap_space)
         self.engine = LLMEngine(cfg, self.weights, self.tokenizer, self.engine_config,
                                 model_id=str(self.model_dir))
         decode_token = self.engine.runner.decode_token

@@ -39,6 +39,7 @@ def _check_pages_returned(llm):
     a.check_invariants()
     assert a.num_free == a.num_pages  # everything free or evictable
     assert all(r == 0 for r in a.ref)
+    assert llm.engine.scheduler.num_swapped_pages == 0  # no K/V left on the host
 
 
 @pytest.mark.parametrize("opts", [
@@ -141,6 +142,15 @@ def test_swap_resumes_without_recomputing(model_dir):
     once = sum(len(p["prompt_token_ids"]) + 16 - 1 for p in prompts)  # the last sampled token is never fed back
     assert stats["swap"].num_swapped_out == stats["swap"].num_preemptions > 0
     assert stats["swap"].num_tokens_computed == once < stats["recompute"].num_tokens_computed
+
+    # swap_space for 2 pages: victims holding more are recomputed instead; the tokens stay the same.
+    page_gib = llm.engine.kv_cache_bytes / llm.engine.num_pages / 2**30
+    small = LLM(model_dir, num_kv_pages=12, block_size=8, max_num_batched_tokens=24, enable_prefix_caching=False,
+                preemption_mode="swap", swap_space=2 * page_gib)
+    assert [o.outputs[0].token_ids for o in small.generate(prompts, params)] == ref
+    st = small.get_stats()
+    assert 0 < st.num_swapped_out < st.num_preemptions
+    _check_pages_returned(small)
 
     llm = LLM(model_dir, num_kv_pages=12, block_size=8, max_num_batched_tokens=24, preemption_mode="swap")
     eng = llm.engine

@@ -52,6 +52,7 @@ class EngineConfig:
     speculative_config: object = None  # spec.config.SpeculativeConfig: "ngram" or "draft_model"
     num_scheduler_steps: int = 1  # decode steps fused into one device call when only decodes run
     preemption_mode: str = "recompute"  # or "swap": a preempted request's K/V waits on the host
+    swap_space: float = 4.0  # GiB of host memory for swapped K/V (vLLM's name); beyond it: recompute
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_scheduler_steps"):
@@ -67,6 +68,8 @@ class EngineConfig:
                              "be combined with speculative_config (use num_scheduler_steps=1)")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode={self.preemption_mode!r}; choose one of {PREEMPTION_MODES}")
+        if not (isinstance(self.swap_space, (int, float)) and self.swap_space >= 0):
+            raise ValueError(f"swap_space={self.swap_space!r} must be a number of GiB >= 0")
         if self.preemption_mode == "swap" and self.kv_cache_dtype == "int4_kivi":
             raise ValueError("preemption_mode='swap' copies pages; kv_cache_dtype='int4_kivi' also keeps per-sequence "
                              "residual keys outside them (use preemption_mode='recompute')")
@@ -135,7 +138,8 @@ class LLMEngine:
                                    config.max_num_batched_tokens,
                                    cache_extra=(model_id, str(dtype), config.kv_cache_dtype), speculative_tokens=k,
                                    disable_by_batch_size=spec.disable_by_batch_size if spec is not None else None,
-                                   preemption_mode=config.preemption_mode)
+                                   preemption_mode=config.preemption_mode,
+                                   swap_pages=int(config.swap_space * 2**30) // page_bytes)
         max_pages = -(-(config.max_model_len + k) // config.block_size)
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,

@@ -52,9 +52,14 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, cache_extra=None, speculative_tokens: int = 0,
-                 disable_by_batch_size: int | None = None, preemption_mode: str = "recompute"):
+                 disable_by_batch_size: int | None = None, preemption_mode: str = "recompute",
+                 swap_pages: int = 0):
         self.allocator = allocator
         self.preemption_mode = preemption_mode
+        # preemption_mode="swap": pages' worth of K/V the host holds at most (vLLM's swap_space);
+        # a victim that does not fit is preempted by recompute instead
+        self.swap_pages = swap_pages
+        self.num_swapped_pages = 0
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -79,6 +84,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+            if req.swapped:  # aborted while its K/V waits on the host
+                self._unswap(req)
         self._release(req)
 
     def has_work(self) -> bool:
@@ -102,13 +109,22 @@ class Scheduler:
             self.free_slots.append(req.slot)
             req.slot = None
 
+    def _held_pages(self, req: EngineRequest) -> int:
+        return -(-req.num_computed // self.page_size)
+
+    def _unswap(self, req: EngineRequest):
+        self.num_swapped_pages -= self._held_pages(req)
+        req.swapped = False
+
     def _preempt(self, victim: EngineRequest, swap_out: list):
         self.running.remove(victim)
-        if self.preemption_mode == "swap" and victim.num_computed > 0:
+        held = self._held_pages(victim)
+        if self.preemption_mode == "swap" and 0 < held <= self.swap_pages - self.num_swapped_pages:
             # The pages go back to the pool now; the engine copies them out before anything
             # scheduled in this step can write them.
-            swap_out.append((victim, victim.pages[:-(-victim.num_computed // self.page_size)]))
+            swap_out.append((victim, victim.pages[:held]))
             victim.swapped = True
+            self.num_swapped_pages += held
         else:
             victim.num_computed = 0
             victim.num_cached_tokens = 0
@@ -179,8 +195,8 @@ class Scheduler:
             self.waiting.popleft()
             self._grow(req, need)
             if req.swapped:
-                swap_in.append((req, req.pages[:-(-req.num_computed // self.page_size)]))
-                req.swapped = False
+                swap_in.append((req, req.pages[:self._held_pages(req)]))
+                self._unswap(req)
             req.slot = self.free_slots.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
