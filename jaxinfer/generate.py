@@ -53,7 +53,7 @@ class DecodeState:
     out_ranks: jax.Array  # [B, M]
     out_top_ids: jax.Array  # [B, M, N]
     out_top_logprobs: jax.Array  # [B, M, N]
-    pen: Penalties | None = None  # presence / frequency / repetition penalties (None: no row has any)
+    pen: Penalties | None = None  # penalties, logit_bias, allowed_token_ids (None: no row has any)
 
 
 def _emit(state: DecodeState, logits, st: SamplingTensors, limits: RowLimits,

@@ -240,7 +240,7 @@ class LLM:
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
         if self.speculative_config is not None:
             for sp in params_list:
-                if isinstance(sp, SamplingParams) and sp.has_penalties:
+                if isinstance(sp, SamplingParams) and sp.shapes_logits:
                     raise_penalties_with_speculation(sp)
         now = time.perf_counter()
         groups = []

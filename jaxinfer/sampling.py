@@ -48,6 +48,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self):
         def bad(field, allowed):
@@ -60,6 +62,16 @@ class SamplingParams:
         if not (isinstance(self.repetition_penalty, (int, float)) and np.isfinite(self.repetition_penalty)
                 and self.repetition_penalty > 0):
             bad("repetition_penalty", "must be a finite number > 0 (1: off)")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    isinstance(t, int) and t >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
+                    for t, v in self.logit_bias.items()):
+                bad("logit_bias", "must map token ids >= 0 to biases in [-100, 100]")
+            self.logit_bias = {int(t): float(v) for t, v in self.logit_bias.items()} or None
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            if not self.allowed_token_ids or any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
+                bad("allowed_token_ids", "must be a non-empty list of token ids >= 0 (or None)")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0
@@ -97,14 +109,17 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
-    def has_penalties(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+    def shapes_logits(self) -> bool:
+        """Penalties, a logit bias or allowed tokens change the logits before sampling."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or self.logit_bias is not None or self.allowed_token_ids is not None)
 
     def validate_vocab(self, vocab_size: int):
         """Token ids must exist in the model's vocabulary; top logprobs cannot outnumber it."""
-        for t in self.stop_token_ids:
-            if t >= vocab_size:
-                raise ValueError(f"SamplingParams.stop_token_ids contains {t}; vocab_size={vocab_size}")
+        for field in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
+            for t in getattr(self, field) or ():
+                if t >= vocab_size:
+                    raise ValueError(f"SamplingParams.{field} contains {t}; vocab_size={vocab_size}")
         for field in ("logprobs", "prompt_logprobs"):
             v = getattr(self, field)
             if v is not None and v > vocab_size:
@@ -112,11 +127,13 @@ class SamplingParams:
 
 
 def raise_penalties_with_speculation(params: SamplingParams):
-    """Penalties change the target distribution after every accepted token; the speculative
-    verifiers score k drafts against one distribution per position, so the two are not combined."""
+    """Penalties change the target distribution after every accepted token, and the speculative
+    verifiers score drafts against the model's own distribution, so neither penalties nor
+    biases are combined with speculation."""
     raise ValueError(f"SamplingParams presence_penalty={params.presence_penalty}, frequency_penalty="
-                     f"{params.frequency_penalty}, repetition_penalty={params.repetition_penalty}: "
-                     "penalties are not supported with speculative_config (drop one of them)")
+                     f"{params.frequency_penalty}, repetition_penalty={params.repetition_penalty}, "
+                     f"logit_bias={params.logit_bias}, allowed_token_ids={params.allowed_token_ids}: "
+                     "penalties and biases are not supported with speculative_config (drop one of them)")
 
 
 @struct.dataclass
@@ -155,6 +172,10 @@ class PenaltyInputs:
     repetition: jax.Array  # [B] float32
     prompt_ids: jax.Array  # [B, Lp] int32
     output_ids: jax.Array  # [B, Lo] int32
+    bias_ids: jax.Array  # [B, Lb] int32: logit_bias keys
+    bias_values: jax.Array  # [B, Lb] float32
+    allowed_ids: jax.Array  # [B, La] int32: allowed_token_ids
+    restricted: jax.Array  # [B] bool: the row samples only its allowed ids
 
     @staticmethod
     def from_rows(params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]],
@@ -173,9 +194,17 @@ class PenaltyInputs:
         def per_row(field, off):
             return np.asarray([getattr(p, field) for p in params] + [off] * (rows - len(params)), np.float32)
 
+        biases = [p.logit_bias or {} for p in params]
+        bias_ids = ids([list(b) for b in biases])
+        bias_values = np.zeros(bias_ids.shape, np.float32)
+        for i, b in enumerate(biases):
+            bias_values[i, :len(b)] = list(b.values())
         return PenaltyInputs(presence=per_row("presence_penalty", 0.0), frequency=per_row("frequency_penalty", 0.0),
                              repetition=per_row("repetition_penalty", 1.0), prompt_ids=ids(prompts),
-                             output_ids=ids(outputs))
+                             output_ids=ids(outputs), bias_ids=bias_ids, bias_values=bias_values,
+                             allowed_ids=ids([p.allowed_token_ids or [] for p in params]),
+                             restricted=np.asarray([p.allowed_token_ids is not None for p in params]
+                                                   + [False] * (rows - len(params))))
 
     def build(self, vocab_size: int) -> "Penalties":
         """On device: count each row's output tokens and mark its prompt tokens."""
@@ -185,34 +214,40 @@ class PenaltyInputs:
             rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids.shape)
             return jnp.zeros((b, vocab_size), dtype).at[rows, ids].add(value, mode="drop")
 
+        allowed = scatter(self.allowed_ids, 1, jnp.int32) > 0
+        bias = scatter(self.bias_ids, jnp.asarray(self.bias_values), jnp.float32)
+        bias = jnp.where(jnp.asarray(self.restricted)[:, None] & ~allowed, _MASK, bias)
         return Penalties(presence=jnp.asarray(self.presence), frequency=jnp.asarray(self.frequency),
                          repetition=jnp.asarray(self.repetition),
                          output_counts=scatter(self.output_ids, 1, jnp.int32),
-                         in_prompt=scatter(self.prompt_ids, 1, jnp.int32) > 0)
+                         in_prompt=scatter(self.prompt_ids, 1, jnp.int32) > 0, bias=bias)
 
 
 @struct.dataclass
 class Penalties:
     """vLLM's presence / frequency / repetition penalties of each row, with the token statistics
-    they read: how often each token was generated, and whether it occurs in the prompt."""
+    they read (how often each token was generated, whether it occurs in the prompt), and its
+    logit bias (-inf outside allowed_token_ids)."""
 
     presence: jax.Array  # [B]
     frequency: jax.Array  # [B]
     repetition: jax.Array  # [B]
     output_counts: jax.Array  # [B, V] int32
     in_prompt: jax.Array  # [B, V] bool
+    bias: jax.Array  # [B, V] float32 added last
 
     def apply(self, logits: jax.Array) -> jax.Array:
         """logits [B, V] as vLLM (and transformers' repetition penalty) shape them: a token seen in
         the prompt or the output has a positive logit divided by repetition_penalty, a negative
         one multiplied by it; then each generated token loses frequency_penalty per occurrence
-        and presence_penalty once."""
+        and presence_penalty once; last, logit_bias is added (and tokens outside
+        allowed_token_ids are masked)."""
         counts = self.output_counts
         seen = self.in_prompt | (counts > 0)
         rep = self.repetition[:, None]
         x = logits.astype(jnp.float32)
         x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
-        return x - self.frequency[:, None] * counts - self.presence[:, None] * (counts > 0)
+        return x - self.frequency[:, None] * counts - self.presence[:, None] * (counts > 0) + self.bias
 
     def record(self, tokens: jax.Array, active: jax.Array) -> "Penalties":
         """Count tokens [B] just generated by the active rows."""

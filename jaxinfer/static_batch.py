@@ -67,7 +67,7 @@ class StaticBatchGenerator:
         limits = row_limits([r.max_tokens for r in rows] + [1] * pad, [p.min_tokens for p in params],
                             [r.stop_ids for r in rows] + [[]] * pad, self.cfg.vocab_size)
         pen = None
-        if any(r.params.has_penalties for r in rows):
+        if any(r.params.shapes_logits for r in rows):
             pen = PenaltyInputs.from_rows([r.params for r in rows], [r.prompt_ids for r in rows],
                                           [r.output_ids for r in rows], self.cfg.vocab_size, b)
         return statics, jnp.asarray(tokens), jnp.asarray(lens + [0] * pad, jnp.int32), st, limits, pen

@@ -1,5 +1,6 @@
-"""Presence / frequency / repetition penalties: transformers' repetition penalty token for token,
-the vLLM definition checked against the model's own logits, and the same tokens on every path."""
+"""Presence / frequency / repetition penalties, logit_bias and allowed_token_ids: transformers'
+repetition penalty token for token, vLLM's definitions checked against the model's own logits,
+and the same tokens on every path."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -44,25 +45,33 @@ def test_repetition_penalty_matches_transformers(tiny):
     assert changed > 0  # the penalty changed what greedy decoding picks
 
 
-def _penalized(logits, prompt, out, presence, frequency, repetition):
+def _penalized(logits, prompt, out, presence, frequency, repetition, bias=None):
     """vLLM's definition, in numpy, for one position: out = the tokens generated before it."""
     x = logits.astype(np.float64).copy()
     counts = np.bincount(out, minlength=x.size)
     seen = (counts > 0) | np.isin(np.arange(x.size), prompt)
     x[seen] = np.where(x[seen] > 0, x[seen] / repetition, x[seen] * repetition)
-    return x - frequency * counts - presence * (counts > 0)
+    x = x - frequency * counts - presence * (counts > 0)
+    for t, b in (bias or {}).items():
+        x[t] += b
+    return x
 
 
-@pytest.mark.parametrize("presence,frequency,repetition", [(1.5, 0.0, 1.0), (0.0, 0.7, 1.0), (0.5, 0.3, 1.3),
-                                                           (-1.0, -0.5, 0.8)])
-def test_greedy_picks_the_argmax_of_the_penalized_logits(tiny, presence, frequency, repetition):
+BIAS = {7: 3.0, 11: -50.0, 40: 1.5}
+
+
+@pytest.mark.parametrize("presence,frequency,repetition,bias", [(1.5, 0.0, 1.0, None), (0.0, 0.7, 1.0, None),
+                                                                (0.5, 0.3, 1.3, None), (-1.0, -0.5, 0.8, None),
+                                                                (0.0, 0.0, 1.0, BIAS), (0.5, 0.3, 1.3, BIAS)])
+def test_greedy_picks_the_argmax_of_the_penalized_logits(tiny, presence, frequency, repetition, bias):
     """Every generated token is the argmax of the model's logits at its position (recomputed
-    without a cache), penalized by the definition above; the logprobs reported are the model's."""
+    without a cache), penalized and biased by the definition above; the logprobs reported are
+    the model's."""
     path, _ = tiny
     llm = LLM(str(path), dtype="float32", num_scheduler_steps=4)  # fused steps carry the counts on device
     prompts = _prompts(1)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0, presence_penalty=presence,
-                            frequency_penalty=frequency, repetition_penalty=repetition)
+                            frequency_penalty=frequency, repetition_penalty=repetition, logit_bias=bias)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     for p, o in zip(prompts, outs):
         gen = o.outputs[0].token_ids
@@ -73,7 +82,7 @@ def test_greedy_picks_the_argmax_of_the_penalized_logits(tiny, presence, frequen
             - logits.max(-1, keepdims=True)
         for i, t in enumerate(gen):
             pos = len(p) - 1 + i
-            shaped = _penalized(logits[pos], p, gen[:i], presence, frequency, repetition)
+            shaped = _penalized(logits[pos], p, gen[:i], presence, frequency, repetition, bias)
             assert t == int(np.argmax(shaped)), f"token {i}"
             np.testing.assert_allclose(o.outputs[0].logprobs[i][t].logprob, lp[pos, t], atol=1e-4)
 
@@ -95,11 +104,39 @@ def test_sampled_rows_with_and_without_penalties_agree_on_every_path(tiny):
             assert llm.get_stats().num_preemptions > 0
 
 
+def test_allowed_token_ids_and_a_large_bias_decide_every_token(tiny):
+    path, _ = tiny
+    llm = LLM(str(path), dtype="float32")
+    reqs = [{"prompt_token_ids": p} for p in _prompts(4)]
+    allowed = [9, 33, 71, 100]
+    for temperature in (0.0, 1.0):
+        outs = llm.generate(reqs, SamplingParams(temperature=temperature, seed=0, max_tokens=24, ignore_eos=True,
+                                                 allowed_token_ids=allowed))
+        toks = [t for o in outs for t in o.outputs[0].token_ids]
+        assert set(toks) <= set(allowed) and len(set(toks)) > 1
+        static = llm.generate_static(reqs, SamplingParams(temperature=temperature, seed=0, max_tokens=24,
+                                                          ignore_eos=True, allowed_token_ids=allowed))
+        assert [o.outputs[0].token_ids for o in static] == [o.outputs[0].token_ids for o in outs]
+        outs = llm.generate(reqs, SamplingParams(temperature=temperature, seed=0, max_tokens=8, ignore_eos=True,
+                                                 logit_bias={55: 100.0}))
+        assert all(o.outputs[0].token_ids == [55] * 8 for o in outs)
+
+
 @pytest.mark.parametrize("field,value", [("presence_penalty", 2.5), ("frequency_penalty", -3.0),
-                                         ("repetition_penalty", 0.0), ("repetition_penalty", float("inf"))])
+                                         ("repetition_penalty", 0.0), ("repetition_penalty", float("inf")),
+                                         ("logit_bias", {5: 200.0}), ("logit_bias", {-1: 1.0}),
+                                         ("allowed_token_ids", []), ("allowed_token_ids", [3, "a"])])
 def test_invalid_penalties_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny):
+    path, _ = tiny
+    llm = LLM(str(path), dtype="float32")
+    for kw in (dict(logit_bias={500: 1.0}), dict(allowed_token_ids=[3, 128])):
+        with pytest.raises(ValueError, match="vocab_size=128"):
+            llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2, **kw))
 
 
 def test_penalties_with_speculative_decoding_are_refused(tiny):
@@ -108,7 +145,7 @@ def test_penalties_with_speculative_decoding_are_refused(tiny):
     for method in ({"method": "ngram", "num_speculative_tokens": 2}, {"method": "layer_skip",
                                                                       "num_speculative_tokens": 2}):
         llm = LLM(str(path), speculative_config=method)
-        with pytest.raises(ValueError, match="penalties are not supported with speculative_config"):
+        with pytest.raises(ValueError, match="penalties and biases are not supported with speculative_config"):
             llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)
         out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4))
         assert len(out[0].outputs[0].token_ids) == 4  # the same LLM serves the next call

@@ -164,7 +164,7 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         p = self.inputs.process(prompt, params)
-        if params.has_penalties and self.config.speculative_config is not None:
+        if params.shapes_logits and self.config.speculative_config is not None:
             raise_penalties_with_speculation(params)
         return [EngineRequest(request_id, p.text, p.token_ids, params, seed, i, p.stop_ids, p.max_tokens,
                               self.tokenizer, arrival_time) for i in range(params.n)]

@@ -57,7 +57,7 @@ class StepInputs:
     limits: RowLimits
     next_tokens: jax.Array  # [B, T] the token after each position (prompt logprobs only)
     slots: jax.Array  # [B] each row's sequence slot (padding rows: out of range)
-    pen: PenaltyInputs | None = None  # presence / frequency / repetition penalties (None: no row has any)
+    pen: PenaltyInputs | None = None  # penalties, logit_bias, allowed_token_ids (None: no row has any)
 
     def meta(self) -> AttentionMeta:
         return AttentionMeta(page_table=self.page_table, kv_lens=self.kv_lens, q_lens=self.q_lens,
@@ -333,7 +333,7 @@ class ModelRunner:
         st = SamplingTensors(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, keys=keys)
         limits = RowLimits(max_tokens=np.zeros((b,), np.int32), min_tokens=min_tokens, stop_ids=stop_ids)
         pen = None
-        if any(c.request.params.has_penalties for c in group):
+        if any(c.request.params.shapes_logits for c in group):
             pen = PenaltyInputs.from_rows([c.request.params for c in group], [c.request.prompt_ids for c in group],
                                           [c.request.output_ids for c in group], vocab, b)
         inp = StepInputs(tokens, page_table, kv_lens, q_lens, counters, st, limits, next_tokens, slots, pen)
