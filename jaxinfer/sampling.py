@@ -164,8 +164,8 @@ class SamplingTensors:
 
 @struct.dataclass
 class PenaltyInputs:
-    """Per-row penalty settings and the token ids they look at (host arrays, padded with
-    vocab_size, which matches no token)."""
+    """Per-row penalty and bias settings and the token ids they look at (host arrays, padded
+    with vocab_size, which matches no token)."""
 
     presence: jax.Array  # [B] float32
     frequency: jax.Array  # [B] float32
@@ -207,7 +207,7 @@ class PenaltyInputs:
                                                    + [False] * (rows - len(params))))
 
     def build(self, vocab_size: int) -> "Penalties":
-        """On device: count each row's output tokens and mark its prompt tokens."""
+        """On device: count each row's output tokens, mark its prompt tokens, lay out its bias."""
         b = self.presence.shape[0]
 
         def scatter(ids, value, dtype):

@@ -31,8 +31,6 @@ from jaxinfer.tokenizer import Tokenizer
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 << 20
 ENGINE_SPEC_METHODS = ("ngram", "draft_model")
-
-
 PREEMPTION_MODES = ("recompute", "swap")
 
 

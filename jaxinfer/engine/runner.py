@@ -65,7 +65,9 @@ class StepInputs:
 
     def penalty_shapes(self) -> tuple | None:
         """What the penalty inputs add to the compiled program's signature."""
-        return None if self.pen is None else (self.pen.prompt_ids.shape, self.pen.output_ids.shape)
+        pen = self.pen
+        return None if pen is None else tuple(x.shape for x in (pen.prompt_ids, pen.output_ids, pen.bias_ids,
+                                                                pen.allowed_ids))
 
 
 def _draft_forward(dweights, dkv, dcfg, tokens, meta, backend):
@@ -78,7 +80,7 @@ def _draft_forward(dweights, dkv, dcfg, tokens, meta, backend):
 def _next_token(logits: jax.Array, inp: StepInputs, counters: jax.Array, statics: StepStatics,
                 pen: Penalties | None = None):
     """Each row's next token from logits [B, V] (stop tokens blocked before min_tokens, penalties
-    applied, the draw keyed by the output counter) and its logprob extras (None unless asked for;
+    and biases applied, the draw keyed by the output counter) and its logprob extras (None unless asked for;
     the model's logprobs, before penalties, as vLLM reports them)."""
     logits = block_stop_tokens(logits, inp.limits, counters)
     tok = sample(logits if pen is None else pen.apply(logits), inp.st, counters)
