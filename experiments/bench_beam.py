@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from report import write_report
 
 from jaxinfer import LLM, BeamSearchParams, corpus
 from jaxinfer.llm import resolve_model
@@ -111,7 +112,8 @@ def main():
               f"{time.perf_counter() - t_start:.0f} s. {len(prompts)} held-out prompts of 32 tokens in one batch, up "
               f"to {args.max_tokens} new tokens, length_penalty 1, early_stopping False, eos honoured. Quality "
               "columns describe the best beam; reference: the tokens that really follow the prompt in its file "
-              "(leading tokens equal to them, and difflib's ratio over the token sequences); seconds are per call (all prompts), medians of "
+              "(leading tokens equal to them, and difflib's ratio over the token sequences); seconds are per "
+              "call (all prompts), medians of "
               f"{args.repeats} alternating pairs; speedup = median of the pairs' transformers / jaxinfer ratios; "
               "identical: prompts whose best beam is token-identical to transformers'.\n\n")
     lines = [("| beam width | logprob / token | mean length | ended on eos | distinct bigrams | reference: "
@@ -122,12 +124,7 @@ def main():
                      f"{len(prompts)} | {r['distinct2']:.3f} | {r['reference_prefix']:.2f} | "
                      f"{r['reference_similarity']:.3f} | {r['jaxinfer_s']:.3f} | {r['transformers_s']:.3f} | "
                      f"{r['speedup']:.2f}x | {r['identical_best']}/{len(prompts)} |")
-    table = header + "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_report(args.out, header + "\n".join(lines) + "\n", rows)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_serving import mixed_workload
+from report import write_report
 
 from jaxinfer import LLM
 
@@ -83,12 +84,7 @@ def main():
                      f"{r['swap_vs_recompute']:.2f}x ({', '.join(map(str, r['pair_ratios']))}) | "
                      f"{rc['preemptions']} / {sw['preemptions']} | {rc['tokens_computed']} / {sw['tokens_computed']} | "
                      f"{r['identical']} |")
-    table = header + "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_report(args.out, header + "\n".join(lines) + "\n", rows)
 
 
 if __name__ == "__main__":

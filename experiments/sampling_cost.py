@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from report import write_report
 
 from jaxinfer import LLM, SamplingParams, corpus
 
@@ -83,12 +84,7 @@ def main():
     lines = ["| setting | path | output tok/s | vs greedy | repeated 4-grams |", "|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['path']} | {r['tok_s']:.1f} | {r['vs_greedy']:.2f}x | "
               f"{r['repeated_4grams']:.3f} |" for r in rows]
-    table = header + "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_report(args.out, header + "\n".join(lines) + "\n", rows)
 
 
 if __name__ == "__main__":
