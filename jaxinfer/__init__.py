@@ -8,6 +8,7 @@ from jaxinfer.llm import LLM
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.sampling import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
-           "ModelConfig", "CheckpointError", "ConfigError", "enable_compilation_cache", "disable_compilation_cache"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "RequestOutput",
+           "CompletionOutput", "Logprob", "RequestMetrics", "ModelConfig", "CheckpointError", "ConfigError",
+           "enable_compilation_cache", "disable_compilation_cache"]
 __version__ = "0.1.0"
