@@ -25,7 +25,8 @@ def _generate(args) -> int:
         return 0
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens,
-                            stop=args.stop or None)
+                            stop=args.stop or None, repetition_penalty=args.repetition_penalty,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     for delta in llm.stream(args.prompt, params):
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--beam-width", type=int, default=None,
                    help="beam search with this many beams; prints the best beam when done (no streaming)")
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = logprob / len ** this")

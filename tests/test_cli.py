@@ -36,8 +36,19 @@ def test_generate_with_beams_prints_the_best_beam(model_dir, capsys):
     assert out == "def add(a, b):" + llm.get_tokenizer().decode(best.output_token_ids) + "\n"
 
 
+def test_generate_with_a_repetition_penalty(model_dir, capsys):
+    from jaxinfer import LLM, SamplingParams
+    rc = main(["generate", "def add(a, b):", "--model", str(model_dir), "--max-tokens", "12",
+               "--repetition-penalty", "1.4"])
+    assert rc == 0
+    ref = LLM(str(model_dir)).generate("def add(a, b):", SamplingParams(temperature=0, max_tokens=12,
+                                                                         repetition_penalty=1.4))[0]
+    assert capsys.readouterr().out == "def add(a, b):" + ref.outputs[0].text + "\n"
+
+
 @pytest.mark.parametrize("args,match", [
     (["--beam-width", "0"], "beam_width=0"),
+    (["--presence-penalty", "5"], "presence_penalty=5.0"),
     (["--model", "/no/such/dir"], "no such directory"),
     (["--temperature", "-1"], "temperature=-1.0"),
     (["--max-tokens", "0"], "max_tokens=0"),
