@@ -42,8 +42,8 @@ import numpy as np
 from flax import struct
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.generate import bucket, fine_bucket, round_up
-from jaxinfer.kv.cache import AttentionMeta, KVCache, grow_contiguous, init_contiguous
+from jaxinfer.generate import bucket, fine_bucket, first_cache_window, prompt_forward, round_up
+from jaxinfer.kv.cache import AttentionMeta, KVCache, grow_contiguous
 from jaxinfer.kv.quant import KVQuantSpec
 from jaxinfer.model import Weights, forward
 from jaxinfer.outputs import Logprob
@@ -254,13 +254,8 @@ def beam_prefill(weights: Weights, cfg: ModelConfig, statics: BeamStatics, token
                  prompt_lens: jax.Array, run: BeamInputs, key: jax.Array) -> BeamState:
     """Prefill prompts tokens [B, T] (right-padded; prompt_lens 0: a padding row) once each, copy
     their cache rows to the W beams, and take the first beam step."""
-    b, t = tokens.shape
-    kv, page_table = init_contiguous(cfg.num_layers, b, statics.max_len, cfg.num_kv_heads,
-                                     cfg.head_dim, weights.dtype, statics.kv_quant)
-    meta = AttentionMeta(page_table=page_table, kv_lens=prompt_lens, q_lens=prompt_lens, contiguous=True)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    last = jnp.maximum(prompt_lens - 1, 0)[:, None]
-    logits, _, kv = forward(weights, cfg, tokens, positions, kv, meta, backend=statics.backend, logits_at=last)
+    logits, kv = prompt_forward(weights, cfg, statics.max_len, statics.backend, statics.kv_quant, tokens,
+                                prompt_lens)
     w = statics.beam_width
     kv = jax.tree_util.tree_map(lambda x: jnp.repeat(x, w, axis=0), kv)
     state = initial_state(kv, prompt_lens, w, statics.max_new, key)
@@ -294,9 +289,9 @@ def run_beam_search(weights: Weights, cfg: ModelConfig, prompts: list[list[int]]
     """Beam search for already-validated prompts, max(1, max_rows // beam_width) prompts per call.
 
     The batch, prompt and cache sizes are bucketed, so repeated calls reuse compiled programs.
-    Every step copies and reads every cache slot, so the cache starts at the longest prompt
-    (rounded up to 64 slots) and doubles between decode segments as the beams grow, as
-    `StaticBatchGenerator.segments` does; each cache length is its own decode program."""
+    Every step copies and reads every cache slot, so the cache starts at `first_cache_window` and
+    doubles between decode segments as the beams grow, as `StaticBatchGenerator.segments` does;
+    each cache length is its own decode program."""
     w = params.beam_width
     eos = [] if params.ignore_eos else list(dict.fromkeys(eos_ids))
     per_call = max(1, max_rows // w)
@@ -310,9 +305,9 @@ def run_beam_search(weights: Weights, cfg: ModelConfig, prompts: list[list[int]]
         b = bucket(len(group), minimum=1)
         t = fine_bucket(max(lens), minimum=16)
         full = round_up(max(lens) + params.max_tokens, 32)
-        window = min(full, round_up(max(lens) + 1, 64))
         if backend == "pallas":  # the Triton kernel takes power-of-two pages (here: one per row)
-            full, window = bucket(full), bucket(window)
+            full = bucket(full)
+        window = first_cache_window(max(lens), full, backend)
         statics = BeamStatics(max_len=window, max_new=bucket(params.max_tokens, minimum=16), beam_width=w,
                               num_candidates=max(2, 1 + len(eos)) * w, early_stopping=params.early_stopping,
                               sampled=params.temperature > 0, backend=backend, kv_quant=kv_quant)

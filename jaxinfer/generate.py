@@ -85,6 +85,35 @@ def _emit(state: DecodeState, logits, st: SamplingTensors, limits: RowLimits,
                          num_generated=num_generated, finish=finish, **extras)
 
 
+def prompt_forward(weights: Weights, cfg: ModelConfig, max_len: int, backend: str, kv_quant: KVQuantSpec | None,
+                   tokens: jax.Array, prompt_lens: jax.Array, all_positions: bool = False):
+    """Prompts tokens [B, T] (right-padded) into a fresh contiguous cache of max_len slots per row.
+
+    Returns (logits, kv): logits [B, 1, V] at each row's last prompt token, or [B, T, V] at every
+    position when all_positions (prompt logprobs)."""
+    b, t = tokens.shape
+    kv, page_table = init_contiguous(cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim, weights.dtype,
+                                     kv_quant)
+    meta = AttentionMeta(page_table=page_table, kv_lens=prompt_lens, q_lens=prompt_lens, contiguous=True)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    last = jnp.maximum(prompt_lens - 1, 0)[:, None]  # [B, 1]
+    logits, _, kv = forward(weights, cfg, tokens, positions, kv, meta, backend=backend,
+                            logits_at=None if all_positions else last)
+    return logits, kv
+
+
+def first_cache_window(longest_prompt: int, full: int, backend: str) -> int:
+    """Slots a growing contiguous cache starts with: the longest prompt plus one, rounded up to 64
+    (a power of two for the Pallas kernel, which takes one power-of-two page per row), at most full.
+
+    Every decode step reads every slot, so a cache sized for the end of generation would make each
+    early step pay for it; callers double the window (up to full) when the rows outgrow it."""
+    window = round_up(longest_prompt + 1, 64)
+    if backend == "pallas":
+        window = bucket(window)
+    return min(full, window)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "statics"))
 def prefill(weights: Weights, cfg: ModelConfig, statics: GenerateStatics, tokens: jax.Array,
             prompt_lens: jax.Array, st: SamplingTensors, limits: RowLimits, pen: PenaltyInputs | None = None):
@@ -98,20 +127,15 @@ def prefill(weights: Weights, cfg: ModelConfig, statics: GenerateStatics, tokens
     else a tuple (logprob [B, T-1], rank, top_ids [B, T-1, N], top_logprobs) of
     token t+1 given tokens <= t.
     """
-    b, t = tokens.shape
-    kv, page_table = init_contiguous(cfg.num_layers, b, statics.max_len, cfg.num_kv_heads,
-                                     cfg.head_dim, weights.dtype, statics.kv_quant)
-    meta = AttentionMeta(page_table=page_table, kv_lens=prompt_lens, q_lens=prompt_lens,
-                         contiguous=True)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    last = jnp.maximum(prompt_lens - 1, 0)[:, None]  # [B, 1]
+    b = tokens.shape[0]
     want_prompt_lp = statics.num_prompt_logprobs >= 0
-    logits, _, kv = forward(weights, cfg, tokens, positions, kv, meta, backend=statics.backend,
-                            logits_at=None if want_prompt_lp else last)
+    logits, kv = prompt_forward(weights, cfg, statics.max_len, statics.backend, statics.kv_quant, tokens,
+                                prompt_lens, all_positions=want_prompt_lp)
     prompt_lp = None
     if want_prompt_lp:
         prompt_lp = token_logprobs(logits[:, :-1], tokens[:, 1:], statics.num_prompt_logprobs)
-        logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)
+        last = jnp.maximum(prompt_lens - 1, 0)[:, None, None]
+        logits = jnp.take_along_axis(logits, last, axis=1)
     m, n = statics.max_new, max(statics.num_logprobs, 0)
     m_lp = m if statics.num_logprobs >= 0 else 0
     state = DecodeState(

@@ -85,10 +85,7 @@ class StaticBatchGenerator:
         for r in rows:
             r.metrics.first_scheduled_time = now
         full = statics.max_len
-        window = gen.round_up(max(len(r.prompt_ids) for r in rows) + 1, 64)
-        if self.backend == "pallas":  # keep the cache (one page per row) a power of two
-            window = gen.bucket(window)
-        window = min(full, window)
+        window = gen.first_cache_window(max(len(r.prompt_ids) for r in rows), full, self.backend)
         statics = dataclasses.replace(statics, max_len=window)
         state, prompt_lp = gen.prefill(self.weights, self.cfg, statics, tokens, prompt_lens, st, limits, pen)
         yield state, prompt_lp
