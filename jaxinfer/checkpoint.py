@@ -213,6 +213,11 @@ def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: Weights, dtype="bf
 
     max_shard_bytes: split the weights into shards with an index file, as HF does.
     """
+    from jaxinfer.wquant import QuantWeight
+    if any(isinstance(x, QuantWeight) for x in jax.tree_util.tree_leaves(
+            weights, is_leaf=lambda x: isinstance(x, QuantWeight))):
+        raise ValueError("export_hf writes dense weights; these hold quantized projections (LLM(quantization=...)): "
+                         "export the model loaded without quantization")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_cfg = cfg.to_hf_dict()

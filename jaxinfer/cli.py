@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+WEIGHT_FORMATS = ("int8", "int4", "fp8_e4m3", "nvfp4")  # jaxinfer.wquant.FORMATS, without importing jax
+
 
 def _generate(args) -> int:
     from jaxinfer import LLM, SamplingParams
@@ -15,7 +17,8 @@ def _generate(args) -> int:
     except ValueError:
         if args.compilation_cache is not None:
             raise
-    llm = LLM(model=args.model, dtype=args.dtype, attention_backend=args.attention_backend)
+    llm = LLM(model=args.model, dtype=args.dtype, attention_backend=args.attention_backend,
+              quantization=args.quantization)
     if args.beam_width is not None:  # beam search: the best beam, printed once the search is over
         from jaxinfer import BeamSearchParams
         params = BeamSearchParams(beam_width=args.beam_width, max_tokens=args.max_tokens,
@@ -58,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = logprob / len ** this")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     g.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"])
+    g.add_argument("--quantization", default=None, choices=list(WEIGHT_FORMATS),
+                   help="weight-only quantization of the decoder projections (round to nearest)")
     g.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="keep compiled programs here for the next run (default: $JAXINFER_COMPILATION_CACHE, "
                    "else ~/.cache/jaxinfer/xla; set the variable to 0 to turn it off)")

@@ -277,6 +277,34 @@ def heldout_prompts(tokenizer, num: int = 64, prompt_tokens: int = 32, context_t
     return prompts
 
 
+def token_windows(tokenizer, num: int, length: int, split: str = "train", seed: int = 0,
+                  root: Path | None = None) -> np.ndarray:
+    """num windows of `length` tokens, each from a different file of one split ("train" or
+    "heldout"), files in a seeded random order and a seeded random start in each: int32
+    [num, length]. Calibration data (GPTQ) comes from the training split, evaluation windows
+    from the held-out one. `tokenizer` as in `heldout_prompts`."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r} is not 'train' or 'heldout'")
+    root = Path(root) if root is not None else stdlib_root()
+    train, test = split_files(corpus_files(root))
+    files = train if split == "train" else test
+    encode = _encoder(tokenizer)
+    rng = np.random.default_rng(seed)
+    out = []
+    for idx in rng.permutation(len(files)):
+        text = read_text(root / files[idx])
+        ids = encode(text) if text else []
+        if len(ids) < length:
+            continue
+        start = int(rng.integers(0, len(ids) - length + 1))
+        out.append(ids[start:start + length])
+        if len(out) == num:
+            break
+    if len(out) < num:
+        raise ValueError(f"only {len(out)} files of the {split} split hold {length} tokens; ask for fewer or shorter")
+    return np.asarray(out, np.int32)
+
+
 def _encoder(tokenizer):
     if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
         return lambda s: tokenizer.encode(s, add_special_tokens=False).ids

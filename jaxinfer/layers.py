@@ -14,16 +14,24 @@ import jax.numpy as jnp
 from jaxinfer.kv.cache import AttentionMeta, BitsPages, gather_pages, page_values, slice_slots
 from jaxinfer.kv.kivi import KiviKeys
 from jaxinfer.kv.quant import QuantPages
+from jaxinfer.wquant import HessianObserver, QuantWeight, quantized_matmul
 
 ATTENTION_BACKENDS = ("xla", "pallas")
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def matmul(x: jax.Array, w) -> jax.Array:
     """x [..., Din] @ w [Din, Dout] accumulated in float32, returned in x's dtype.
 
     The float32 accumulator is also the fast path on CPU: a bf16 x bf16 -> bf16 dot
-    runs ~9x slower there than the same dot with a float32 result.
+    runs ~9x slower there than the same dot with a float32 result. w may also be a
+    quantized matrix (`wquant.QuantWeight`) or, while GPTQ calibrates, an observer that
+    records x before multiplying by its dense weight.
     """
+    if isinstance(w, QuantWeight):
+        return quantized_matmul(x, w)
+    if isinstance(w, HessianObserver):
+        w.observe(x)
+        w = w.w
     def dot(x):
         return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return one_row_padded(dot, x).astype(x.dtype)

@@ -64,6 +64,11 @@ class LLM:
     most swap_space GiB of it; victims beyond that are recomputed).
     compilation_cache_dir: keep compiled programs on disk for the next process
     (`jit_cache.enable_compilation_cache`).
+    quantization: weight-only quantization of the decoder projections at load time ("int8",
+    "int4", "fp8_e4m3", "nvfp4"), with quantization_config {"method": "rtn" | "gptq",
+    "group_size", "skip", "overrides", ...} (`wquant.WeightQuantConfig`); GPTQ calibrates on
+    quantization_config["calibration"] (token windows [S, T]) or, by default, on windows of the
+    standard library's training split encoded by the model's tokenizer.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
@@ -73,7 +78,8 @@ class LLM:
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
                  speculative_config: dict | None = None, num_scheduler_steps: int = 1,
                  preemption_mode: str = "recompute", swap_space: float = 4.0,
-                 compilation_cache_dir: str | None = None):
+                 compilation_cache_dir: str | None = None, quantization: str | None = None,
+                 quantization_config: dict | None = None):
         if compilation_cache_dir is not None:  # before anything compiles
             enable_compilation_cache(compilation_cache_dir)
         if attention_backend not in ATTENTION_BACKENDS:
@@ -90,6 +96,7 @@ class LLM:
         self.tokenizer = Tokenizer.from_dir(tok_dir, cfg.bos_token_id, cfg.eos_token_ids)
         if tokenizer and self.tokenizer is None:
             raise CheckpointError(f"{tok_dir}: no tokenizer.json")
+        self.quantization = self._quantize(quantization, quantization_config)
         self.speculative_config = None
         if speculative_config is not None:
             from jaxinfer.spec.config import SpeculativeConfig
@@ -102,7 +109,7 @@ class LLM:
             speculative_config=self.speculative_config if self._spec_in_engine else None,
             num_scheduler_steps=num_scheduler_steps, preemption_mode=preemption_mode, swap_space=swap_space)
         self.engine = LLMEngine(cfg, self.weights, self.tokenizer, self.engine_config,
-                                model_id=str(self.model_dir))
+                                model_id=str(self.model_dir) + (f"@{self.quantization.tag()}" if self.quantization else ""))
         decode_token = self.engine.runner.decode_token
         if self.speculative_config is not None:
             from jaxinfer.spec.loop import SpecDecoder
@@ -113,6 +120,23 @@ class LLM:
                                                decode_token, self.engine.kv_quant)
         self._rng = random.Random(seed)
         self._counter = 0
+
+    def _quantize(self, quantization: str | None, config: dict | None):
+        """Quantize self.weights in place as asked; returns the WeightQuantConfig (or None)."""
+        from jaxinfer.corpus import token_windows
+        from jaxinfer.wquant import WeightQuantConfig, quantize_weights
+        config = dict(config or {})
+        calibration = config.pop("calibration", None)
+        qc = WeightQuantConfig.from_args(quantization, config)
+        if qc is None:
+            return None
+        if qc.method == "gptq" and calibration is None:
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_dir} has no tokenizer: pass GPTQ calibration token windows as "
+                                 "quantization_config['calibration']")
+            calibration = token_windows(self.tokenizer, qc.calibration_samples, qc.calibration_len, "train")
+        self.weights = quantize_weights(self.weights, self.cfg, qc, calibration)
+        return qc
 
     @property
     def _spec_in_engine(self) -> bool:
