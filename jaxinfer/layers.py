@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxinfer.kv.cache import AttentionMeta, BitsPages, gather_pages, page_values, slice_slots
 from jaxinfer.kv.kivi import KiviKeys
 from jaxinfer.kv.quant import QuantPages
-from jaxinfer.wquant import HessianObserver, QuantWeight, quantized_matmul
+from jaxinfer.wquant import InputObserver, QuantWeight, quantized_matmul
 
 ATTENTION_BACKENDS = ("xla", "pallas")
 
@@ -29,7 +29,7 @@ def matmul(x: jax.Array, w) -> jax.Array:
     """
     if isinstance(w, QuantWeight):
         return quantized_matmul(x, w)
-    if isinstance(w, HessianObserver):
+    if isinstance(w, InputObserver):
         w.observe(x)
         w = w.w
     def dot(x):

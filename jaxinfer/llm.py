@@ -65,8 +65,8 @@ class LLM:
     compilation_cache_dir: keep compiled programs on disk for the next process
     (`jit_cache.enable_compilation_cache`).
     quantization: weight-only quantization of the decoder projections at load time ("int8",
-    "int4", "fp8_e4m3", "nvfp4"), with quantization_config {"method": "rtn" | "gptq",
-    "group_size", "skip", "overrides", ...} (`wquant.WeightQuantConfig`); GPTQ calibrates on
+    "int4", "fp8_e4m3", "nvfp4"), with quantization_config {"method": "rtn" | "gptq" | "awq",
+    "group_size", "skip", "overrides", ...} (`wquant.WeightQuantConfig`); GPTQ and AWQ calibrate on
     quantization_config["calibration"] (token windows [S, T]) or, by default, on windows of the
     standard library's training split encoded by the model's tokenizer.
     """
@@ -130,10 +130,10 @@ class LLM:
         qc = WeightQuantConfig.from_args(quantization, config)
         if qc is None:
             return None
-        if qc.method == "gptq" and calibration is None:
+        if qc.method != "rtn" and calibration is None:
             if self.tokenizer is None:
-                raise ValueError(f"{self.model_dir} has no tokenizer: pass GPTQ calibration token windows as "
-                                 "quantization_config['calibration']")
+                raise ValueError(f"{self.model_dir} has no tokenizer: pass {qc.method} calibration token windows "
+                                 "as quantization_config['calibration']")
             calibration = token_windows(self.tokenizer, qc.calibration_samples, qc.calibration_len, "train")
         self.weights = quantize_weights(self.weights, self.cfg, qc, calibration)
         return qc

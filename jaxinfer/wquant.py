@@ -1,4 +1,4 @@
-"""Weight-only quantization of the linear layers: formats, RTN and GPTQ, the quantized matmul.
+"""Weight-only quantization of the linear layers: formats, RTN / GPTQ / AWQ, the quantized matmul.
 
 Legend: K input features, N output features, g input features per scale group.
 
@@ -25,13 +25,16 @@ Methods:
         inverse Hessian of the layer's reconstruction loss, H = 2 X^T X over calibration
         activations X. Layers are calibrated in order, each on the activations of the layers
         before it already quantized. Integer formats (int8, int4).
+  awq   Lin et al. (2023): scale each input channel by its mean activation magnitude to a
+        searched power before rounding (salient channels get finer steps) and divide the
+        inputs by the same scale at run time; calibrated in the same order as GPTQ. Any format.
 
 The product: weights are dequantized to float32 and multiplied in float32 whatever the
 activation dtype, so a one-token step and a many-token step compute the same function (the
-speculative verification and the engine rely on that). On CPU, a single-row product (batch-1
-decode) reads the codes themselves: XLA fuses the dequantization into its matrix-vector loop,
-which is where weight-only quantization pays on a memory-bound step. Wider products
-dequantize the matrix first.
+speculative verification and the engine rely on that). On CPU, int8 products of a few rows
+(batch-1 decode, speculative verification) read the codes themselves: XLA fuses the
+dequantization into its matrix-vector loop, which is where weight-only quantization pays on a
+memory-bound step (`quantized_matmul`). Wider products dequantize the matrix first.
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ from jaxinfer.kv.cache import AttentionMeta
 from pallas_kernels import kv_formats as kvf
 
 FORMATS = ("int8", "int4", "fp8_e4m3", "nvfp4")
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
 DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "nvfp4": kvf.NVFP4_GROUP}
 GPTQ_FORMATS = ("int8", "int4")
+AWQ_ROWS = 2048  # calibration rows kept per projection for AWQ's scale search
 MODULES = ("wqkv", "wo", "w_gate_up", "w_down")  # LayerWeights fields that are linear maps
 NVFP4_TENSOR_RANGE = kvf.E4M3_MAX * 6.0  # the largest e4m3 block scale x e2m1 value
 
@@ -63,6 +67,7 @@ class QuantWeight:
     data: jax.Array  # [N, K] or [N, K/2] packed
     scale: jax.Array  # [N, K/g]
     tensor_scale: jax.Array | None = None  # nvfp4: f32 scalar
+    input_scale: jax.Array | None = None  # AWQ: [K] f32, multiplies x before the product
     fmt: str = struct.field(pytree_node=False, default="int8")
     group: int = struct.field(pytree_node=False, default=0)  # input features per scale
 
@@ -84,25 +89,45 @@ class QuantWeight:
         return out * self.tensor_scale if self.tensor_scale is not None else out
 
     def dense(self, dtype=jnp.float32) -> jax.Array:
-        """The [K, N] matrix it stands for."""
-        return self.dequantize().T.astype(dtype)
+        """The [K, N] matrix it stands for (AWQ's input scale folded in)."""
+        w = self.dequantize().T
+        if self.input_scale is not None:
+            w = w * self.input_scale[:, None]
+        return w.astype(dtype)
+
+
+# Products of up to this many rows tie the codes to x and multiply row by row (see
+# `quantized_matmul`); measured per format on the embedded target's projections, a decode
+# step in a fori_loop on 2 CPU cores (ms, dense float32 2.1-2.7):
+#   int8      1 row: tied 0.46, untied 3.5;  2 rows: tied row by row 0.76, untied 3.5;  8 rows: 3.05 vs 4.2
+#   int4      1 row: tied 2.4, untied 4.9;   4 rows: untied 4.5, tied 6.9
+#   fp8_e4m3  1 row: untied 1.8, tied 2.6;   nvfp4  1 row: untied 1.8, tied 8.2
+TIED_ROWS = {"int8": 8, "int4": 1, "fp8_e4m3": 0, "nvfp4": 0}
 
 
 def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
     """x [..., K] @ w -> [..., N] in x's dtype, computed in float32 (see the module docstring).
 
-    A single row (batch-1 decode) ties the codes to x with an optimization barrier: inside a
-    decode loop XLA would otherwise hoist the loop-invariant dequantization out of the loop and
-    multiply by a materialized float32 matrix, which reads as many bytes per step as the dense
-    weight. Tied, the dequantization stays in the step and XLA:CPU fuses it into the
-    matrix-vector product, reading the codes (the embedded target's projections at batch 1,
-    in a fori_loop: 0.6 vs 2.5 ms a step for int8, per-channel scales)."""
+    Left alone inside a decode loop, XLA hoists the loop-invariant dequantization out of the
+    loop and multiplies by a materialized float32 matrix (or fuses the decode into a slow
+    general product). Up to TIED_ROWS[fmt] rows, the codes are tied to x with an optimization
+    barrier, which keeps the dequantization in the step, and each row is its own matrix-vector
+    product: XLA:CPU then fuses the int8 dequantization into the product and reads the codes
+    (int8 at batch 1: 0.46 vs 2.4 ms for the dense step's projections). The 4-bit formats
+    interleave their nibbles back into [N, K], which XLA:CPU does not fuse so (two products over
+    the nibbles, planar layouts and shift-only decodes measured no better, 3.8-4.7 ms): int4
+    and nvfp4 save memory, not time, on this backend."""
     k, n = w.shape
     x32 = x.astype(jnp.float32).reshape(-1, k)
-    if x32.shape[0] == 1:
+    if w.input_scale is not None:
+        x32 = x32 * w.input_scale
+    rows = x32.shape[0]
+    if rows <= TIED_ROWS[w.fmt]:
         data, x32 = jax.lax.optimization_barrier((w.data, x32))
-        w = w.replace(data=data)
-    out = jnp.dot(x32, w.dequantize().T)
+        wt = w.replace(data=data).dequantize().T
+        out = jnp.concatenate([jnp.dot(x32[i:i + 1], wt) for i in range(rows)]) if rows > 1 else jnp.dot(x32, wt)
+    else:
+        out = jnp.dot(x32, w.dequantize().T)
     return out.reshape(*x.shape[:-1], n).astype(x.dtype)
 
 
@@ -112,11 +137,11 @@ def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
 class WeightQuantConfig:
     """What to quantize and how: `LLM(quantization="int4", quantization_config={...})`.
 
-    format: one of FORMATS. method: "rtn" or "gptq". group_size: input features per scale
+    format: one of FORMATS. method: "rtn", "gptq" or "awq". group_size: input features per scale
     (None: the format's default, DEFAULT_GROUP; int8 / fp8 default to one scale per output
     channel). skip: modules kept dense. overrides: {module pattern: format} (hybrid policies).
     A pattern names a layer ("layers.0"), a module of every layer ("w_down"), or one module
-    ("layers.5.wo"). GPTQ: calibration_samples windows of calibration_len tokens (from the
+    ("layers.5.wo"). GPTQ and AWQ: calibration_samples windows of calibration_len tokens (from the
     standard-library training split unless `calibration` token ids are given to LLM), damp:
     the fraction of the mean Hessian diagonal added to it, block_size: columns per lazy update.
     """
@@ -189,6 +214,8 @@ class WeightQuantConfig:
         g = in_features if g is None else min(g, in_features)
         if in_features % g:
             raise ValueError(f"group_size={g} does not divide a layer's {in_features} input features")
+        if fmt in kvf.PACKED and g % 2:
+            raise ValueError(f"{fmt} packs two input features per byte: group_size={g} must be even")
         return g
 
 
@@ -250,23 +277,59 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt: str, group: int, damp
     return QuantWeight(data=data, scale=jnp.asarray(scales, jnp.float32), fmt=fmt, group=group)
 
 
-class HessianObserver:
+class InputObserver:
     """Stands in for a dense [K, N] weight in an eager forward: `matmul` multiplies by the weight
-    and adds 2 X^T X of the inputs to `hessian` (over every row, padding excluded by the caller's
-    choice of inputs), averaged over the rows seen."""
+    and records the inputs x: H = 2 X^T X averaged over the rows seen (GPTQ) and up to
+    `keep_rows` of the rows themselves (AWQ's scale search)."""
 
-    def __init__(self, w: jax.Array):
+    def __init__(self, w: jax.Array, hessian: bool = True, keep_rows: int = 0):
         self.w = w
         k = w.shape[0]
-        self.hessian = np.zeros((k, k), np.float64)
+        self.hessian = np.zeros((k, k), np.float64) if hessian else None
         self.rows = 0
+        self.keep_rows = keep_rows
+        self.kept: list[np.ndarray] = []
 
     def observe(self, x: jax.Array) -> None:
         x = np.asarray(x, np.float64).reshape(-1, self.w.shape[0])
         total = self.rows + x.shape[0]
-        self.hessian *= self.rows / total
-        self.hessian += (2.0 / total) * (x.T @ x)
+        if self.hessian is not None:
+            self.hessian *= self.rows / total
+            self.hessian += (2.0 / total) * (x.T @ x)
         self.rows = total
+        room = self.keep_rows - sum(len(r) for r in self.kept)
+        if room > 0:
+            self.kept.append(x[:: max(1, x.shape[0] // room)][:room])
+
+    def sample(self) -> np.ndarray:
+        return np.concatenate(self.kept) if self.kept else np.zeros((0, self.w.shape[0]))
+
+
+# ----------------------------------------------------------------------------- AWQ
+
+def awq_quantize(w: np.ndarray, x: np.ndarray, fmt: str, group: int, grid: int = 20) -> tuple[QuantWeight, float]:
+    """AWQ (Lin et al., 2023) of a dense [K, N] matrix given sample inputs x [R, K].
+
+    Input channels that carry large activations matter more, so they are scaled up before
+    rounding: W' = diag(s) W with s = mean|x|^alpha (normalised to a geometric mean of 1), and
+    the inputs are divided by s at run time (`QuantWeight.input_scale`), which leaves the exact
+    product unchanged. alpha is searched on the grid 0, 1/grid, ..., (grid - 1)/grid for the
+    smallest output error ||x W - (x / s) Q(W')||^2; alpha = 0 is plain RTN. Returns the
+    quantized matrix and the alpha chosen."""
+    w = np.asarray(w, np.float32)
+    x = np.asarray(x, np.float32)
+    ref = x @ w
+    act = np.mean(np.abs(x), axis=0) + 1e-8
+    best = (np.inf, None, 0.0)
+    for i in range(grid):
+        alpha = i / grid
+        s = act ** alpha
+        s = s / np.sqrt(s.max() * s.min())
+        q = quantize_rtn(w * s[:, None], fmt, group)
+        err = float(np.mean((ref - (x / s) @ np.asarray(q.dense())) ** 2))
+        if err < best[0]:
+            best = (err, q.replace(input_scale=jnp.asarray(1.0 / s, jnp.float32)), alpha)
+    return best[1], best[2]
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -274,21 +337,21 @@ class HessianObserver:
 def quantize_weights(weights, cfg, qc: WeightQuantConfig, calibration: np.ndarray | None = None):
     """Weights with every selected projection replaced by a QuantWeight.
 
-    calibration: int32 [S, T] token windows (GPTQ only). GPTQ calibrates in the model's order
-    ("true sequential"): each projection's Hessian is taken from an eager run of its layer on
+    calibration: int32 [S, T] token windows (GPTQ and AWQ). Both calibrate in the model's order
+    ("true sequential"): each projection's inputs are recorded in an eager run of its layer on
     the activations that the quantized layers before it produce, with the projections before it
     in the same layer already quantized (wqkv, then wo, then w_gate_up, then w_down)."""
-    if qc.method == "gptq":
+    if qc.method in ("gptq", "awq"):
         if calibration is None:
-            raise ValueError("method='gptq' needs calibration token windows")
+            raise ValueError(f"method={qc.method!r} needs calibration token windows")
         tokens = np.asarray(calibration)
         if tokens.ndim != 2 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"GPTQ calibration must be integer token ids of shape [windows, tokens], not "
+            raise ValueError(f"{qc.method} calibration must be integer token ids of shape [windows, tokens], not "
                              f"{tokens.dtype} {tokens.shape}")
         if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-            raise ValueError(f"GPTQ calibration token ids must be in [0, {cfg.vocab_size}); got "
+            raise ValueError(f"{qc.method} calibration token ids must be in [0, {cfg.vocab_size}); got "
                              f"[{tokens.min()}, {tokens.max()}]")
-        return _gptq_model(weights, cfg, qc, tokens.astype(np.int32))
+        return _calibrated_model(weights, cfg, qc, tokens.astype(np.int32))
     layers = []
     for i, layer in enumerate(weights.layers):
         fields = {}
@@ -300,7 +363,7 @@ def quantize_weights(weights, cfg, qc: WeightQuantConfig, calibration: np.ndarra
     return weights.replace(layers=layers)
 
 
-def _gptq_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
+def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
     from jaxinfer.layers import rope_cos_sin  # layers and model import this module
     from jaxinfer.model import attention_block, mlp_block
 
@@ -323,11 +386,15 @@ def _gptq_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
             fmt = fmts[name]
             if fmt is None:
                 continue
-            probe = HessianObserver(getattr(layer, name))
+            awq = qc.method == "awq"
+            probe = InputObserver(getattr(layer, name), hessian=not awq, keep_rows=AWQ_ROWS if awq else 0)
             with jax.disable_jit():
                 run(layer.replace(**{name: probe}), x)
-            q = gptq_quantize(np.asarray(probe.w, np.float64), probe.hessian, fmt,
-                              qc.group_of(fmt, probe.w.shape[0]), qc.damp, qc.block_size)
+            group = qc.group_of(fmt, probe.w.shape[0])
+            if qc.method == "gptq":
+                q = gptq_quantize(np.asarray(probe.w, np.float64), probe.hessian, fmt, group, qc.damp, qc.block_size)
+            else:
+                q, _ = awq_quantize(np.asarray(probe.w), probe.sample(), fmt, group)
             layer = layer.replace(**{name: q})
         layers.append(layer)
         x = jax.jit(run)(layer, x)  # the next layer calibrates on this quantized layer's output
@@ -349,4 +416,4 @@ def weight_bytes(weights) -> dict:
 
 
 __all__ = ["FORMATS", "METHODS", "QuantWeight", "WeightQuantConfig", "quantize_rtn", "gptq_quantize",
-           "quantize_weights", "quantized_matmul", "weight_bytes", "HessianObserver"]
+           "quantize_weights", "quantized_matmul", "weight_bytes", "InputObserver", "awq_quantize"]

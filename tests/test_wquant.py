@@ -10,7 +10,8 @@ from jaxinfer import LLM, SamplingParams
 from jaxinfer.checkpoint import export_hf
 from jaxinfer.layers import matmul
 from jaxinfer.model import forward
-from jaxinfer.wquant import FORMATS, QuantWeight, WeightQuantConfig, gptq_quantize, quantize_rtn, weight_bytes
+from jaxinfer.wquant import (FORMATS, QuantWeight, WeightQuantConfig, awq_quantize, gptq_quantize, quantize_rtn,
+                             weight_bytes)
 from pallas_kernels import kv_formats as kvf
 
 
@@ -42,9 +43,14 @@ def test_quantized_matmul_equals_the_dequantized_matrix(fmt):
     rng = np.random.default_rng(1)
     q = quantize_rtn(rng.standard_normal((64, 48)).astype(np.float32), fmt, 16 if fmt != "int8" else 64)
     dense = np.asarray(q.dense())
-    for shape in [(64,), (1, 1, 64), (3, 5, 64)]:  # the single-row path and the wide path
+    for shape in [(64,), (1, 1, 64), (2, 3, 64), (3, 5, 64)]:  # one row, rows one by one (int8), wide
         x = rng.standard_normal(shape).astype(np.float32)
         np.testing.assert_allclose(np.asarray(matmul(jnp.asarray(x), q)), x @ dense, rtol=1e-5, atol=1e-5)
+    q = q.replace(input_scale=jnp.asarray(rng.uniform(0.5, 2.0, 64), jnp.float32))  # AWQ's input scale
+    dense = np.asarray(q.dense())
+    for shape in [(64,), (3, 64)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(jax.jit(matmul)(jnp.asarray(x), q)), x @ dense, rtol=1e-5, atol=1e-5)
     xb = jnp.asarray(rng.standard_normal((2, 64)), jnp.bfloat16)
     out = jax.jit(matmul)(xb, q)
     assert out.dtype == jnp.bfloat16
@@ -69,6 +75,20 @@ def test_gptq_reconstructs_correlated_inputs_better_than_rtn():
         assert err_g < 0.5 * err_r, (fmt, err_g, err_r)
 
 
+def test_awq_protects_salient_channels():
+    """With a few input channels carrying large activations, AWQ's searched scales cut the output
+    error well below RTN's, for every format (alpha = 0 would be RTN itself)."""
+    rng = np.random.default_rng(3)
+    k, n = 128, 64
+    x = (rng.standard_normal((2048, k)) * np.exp(1.5 * rng.standard_normal(k))).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    for fmt, group in (("int4", 32), ("int8", 128), ("fp8_e4m3", 128), ("nvfp4", 16)):
+        q, alpha = awq_quantize(w, x, fmt, group)
+        err_a = np.mean((x @ w - x @ np.asarray(q.dense())) ** 2)
+        err_r = np.mean((x @ w - x @ np.asarray(quantize_rtn(w, fmt, group).dense())) ** 2)
+        assert alpha > 0 and err_a < 0.8 * err_r, (fmt, alpha, err_a, err_r)
+
+
 def test_config_validation_and_policies():
     with pytest.raises(ValueError, match="quantization='int3'"):
         WeightQuantConfig.from_args("int3", None)
@@ -82,6 +102,8 @@ def test_config_validation_and_policies():
         WeightQuantConfig.from_args(None, {"method": "gptq"})
     with pytest.raises(ValueError, match="does not divide"):
         WeightQuantConfig(format="int4", group_size=48).group_of("int4", 64)
+    with pytest.raises(ValueError, match="must be even"):
+        WeightQuantConfig(format="int4", group_size=3).group_of("int4", 96)
     qc = WeightQuantConfig.from_args("int4", {"skip": ["layers.0"], "overrides": {"w_down": "int8", "layers.1.wo": "fp8_e4m3"}})
     assert qc.format_of("layers.0.wqkv") is None and qc.format_of("layers.0.w_down") is None
     assert qc.format_of("layers.1.w_down") == "int8" and qc.format_of("layers.1.wo") == "fp8_e4m3"
@@ -103,6 +125,17 @@ def test_llm_quantized_equals_its_fake_quant_reference(tiny):
     fake = llm.weights.replace(layers=[
         lw.replace(**{n: getattr(lw, n).dense() for n in ("wqkv", "wo", "w_gate_up", "w_down")
                       if isinstance(getattr(lw, n), QuantWeight)}) for lw in layers])
+    _assert_matches_fake_quant(llm, fake)
+    calib = np.random.default_rng(1).integers(3, 300, size=(4, 48))
+    awq = LLM(str(tiny), dtype="float32", max_num_seqs=4, quantization="int4",
+              quantization_config={"method": "awq", "group_size": 32, "calibration": calib})
+    assert all(lw.wqkv.input_scale is not None for lw in awq.weights.layers)
+    _assert_matches_fake_quant(awq, awq.weights.replace(layers=[
+        lw.replace(**{n: getattr(lw, n).dense() for n in ("wqkv", "wo", "w_gate_up", "w_down")})
+        for lw in awq.weights.layers]))
+
+
+def _assert_matches_fake_quant(llm, fake):
     ids = [5, 17, 99, 3, 250, 42, 8, 77, 1, 64, 23]
     out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
     logits, _, _ = forward(fake, llm.cfg, jnp.asarray([ids]), jnp.arange(len(ids))[None], None, None)
