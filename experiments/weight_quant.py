@@ -1,8 +1,8 @@
-"""Weight-only quantization: what each format and method costs in quality and buys in bytes and speed.
+"""Weight quantization: what each format and method costs in quality and buys in bytes and speed.
 
 On the embedded target, for every configuration (dense; RTN int8 / int4 g128 / int4 g32 /
-fp8_e4m3 / nvfp4; GPTQ int8 and int4 g128; AWQ int4 g128 and nvfp4; a hybrid int4 policy),
-all in one run:
+fp8_e4m3 / nvfp4 / w8a8 (int8 weights and per-token int8 activations); GPTQ int8, int4 g128
+and w8a8; AWQ int4 g128 and nvfp4; a hybrid int4 policy), all in one run:
   * perplexity over held-out windows (teacher-forced, no cache) and its change vs dense;
   * KL(dense || quantized) of the next-token distributions, and top-1 agreement with dense;
   * greedy agreement: mean number of leading generated tokens equal to dense's, over held-out
@@ -47,6 +47,8 @@ CONFIGS = {
     "fp8_e4m3 rtn": ("fp8_e4m3", {}),
     "nvfp4 rtn": ("nvfp4", {}),
     "nvfp4 awq": ("nvfp4", {"method": "awq"}),
+    "w8a8 rtn": ("w8a8", {}),
+    "w8a8 gptq": ("w8a8", {"method": "gptq"}),
 }
 
 
@@ -147,7 +149,7 @@ def main():
         rows.append(row)
     cfg = dense.cfg
     dense_proj = rows[0]["dense_projections_bytes"] if rows[0]["config"] == "dense" else None
-    lines = [f"# Weight-only quantization on {args.model} ({args.dtype}, {cfg.num_layers} layers, hidden "
+    lines = [f"# Weight quantization on {args.model} ({args.dtype}, {cfg.num_layers} layers, hidden "
              f"{cfg.hidden_size})", "",
              f"`python experiments/weight_quant.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
              + f" — {args.windows} held-out windows of {args.window_len} tokens (teacher-forced); greedy agreement over "

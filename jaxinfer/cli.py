@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-WEIGHT_FORMATS = ("int8", "int4", "fp8_e4m3", "nvfp4")  # jaxinfer.wquant.FORMATS, without importing jax
+WEIGHT_FORMATS = ("int8", "int4", "fp8_e4m3", "nvfp4", "w8a8")  # jaxinfer.wquant.FORMATS, without importing jax
 
 
 def _generate(args) -> int:

@@ -1,4 +1,4 @@
-"""Weight-only quantization of the linear layers: formats, RTN / GPTQ / AWQ, the quantized matmul.
+"""Quantization of the linear layers (weight-only, and W8A8): formats, RTN / GPTQ / AWQ, the products.
 
 Legend: K input features, N output features, g input features per scale group.
 
@@ -11,6 +11,8 @@ token axis there, input features the channels):
   int4       uint8 [N, K/2], nibbles [-8, 7]   float32               128
   fp8_e4m3   float8_e4m3fn [N, K]              float32               K
   nvfp4      uint8 [N, K/2], e2m1 nibbles      float8_e4m3fn         16, with a float32 tensor scale
+  w8a8       int8 [N, K]                       float32               K; the activations are quantized
+                                                                       too, per row, at run time
 
 Only the attention and MLP projections of the decoder layers are quantized (wqkv, wo,
 w_gate_up, w_down); the embedding, the LM head and the norms stay in the model's dtype,
@@ -24,13 +26,15 @@ Methods:
         each column's rounding error onto the columns not yet quantized, weighted by the
         inverse Hessian of the layer's reconstruction loss, H = 2 X^T X over calibration
         activations X. Layers are calibrated in order, each on the activations of the layers
-        before it already quantized. Integer formats (int8, int4).
+        before it already quantized. Integer formats (int8, int4, w8a8).
   awq   Lin et al. (2023): scale each input channel by its mean activation magnitude to a
         searched power before rounding (salient channels get finer steps) and divide the
-        inputs by the same scale at run time; calibrated in the same order as GPTQ. Any format.
+        inputs by the same scale at run time; calibrated in the same order as GPTQ. Any format
+        (for w8a8 the search scores the weight rounding only, as for the others).
 
-The product: weights are dequantized to float32 and multiplied in float32 whatever the
-activation dtype, so a one-token step and a many-token step compute the same function (the
+W8A8 multiplies int8 codes by int8 codes (`w8a8_matmul`); the other formats are weight-only:
+their weights are dequantized to float32 and multiplied in float32 whatever the activation
+dtype, so a one-token step and a many-token step compute the same function (the
 speculative verification and the engine rely on that). On CPU, int8 products of a few rows
 (batch-1 decode, speculative verification) read the codes themselves: XLA fuses the
 dequantization into its matrix-vector loop, which is where weight-only quantization pays on a
@@ -50,10 +54,11 @@ from jaxinfer.config import rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta
 from pallas_kernels import kv_formats as kvf
 
-FORMATS = ("int8", "int4", "fp8_e4m3", "nvfp4")
+FORMATS = ("int8", "int4", "fp8_e4m3", "nvfp4", "w8a8")
+CODEC = {"w8a8": "int8"}  # formats stored in another format's codec (else their own name)
 METHODS = ("rtn", "gptq", "awq")
-DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "nvfp4": kvf.NVFP4_GROUP}
-GPTQ_FORMATS = ("int8", "int4")
+DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "nvfp4": kvf.NVFP4_GROUP, "w8a8": None}
+GPTQ_FORMATS = ("int8", "int4", "w8a8")
 AWQ_ROWS = 2048  # calibration rows kept per projection for AWQ's scale search
 MODULES = ("wqkv", "wo", "w_gate_up", "w_down")  # LayerWeights fields that are linear maps
 NVFP4_TENSOR_RANGE = kvf.E4M3_MAX * 6.0  # the largest e4m3 block scale x e2m1 value
@@ -82,7 +87,7 @@ class QuantWeight:
 
     def dequantize(self) -> jax.Array:
         """float32 [N, K]."""
-        vals = kvf.decode_values(self.data, self.fmt)  # [N, K]
+        vals = kvf.decode_values(self.data, CODEC.get(self.fmt, self.fmt))  # [N, K]
         n, k = vals.shape
         groups = vals.reshape(n, k // self.group, self.group) * self.scale.astype(jnp.float32)[:, :, None]
         out = groups.reshape(n, k)
@@ -102,7 +107,7 @@ class QuantWeight:
 #   int8      1 row: tied 0.46, untied 3.5;  2 rows: tied row by row 0.76, untied 3.5;  8 rows: 3.05 vs 4.2
 #   int4      1 row: tied 2.4, untied 4.9;   4 rows: untied 4.5, tied 6.9
 #   fp8_e4m3  1 row: untied 1.8, tied 2.6;   nvfp4  1 row: untied 1.8, tied 8.2
-TIED_ROWS = {"int8": 8, "int4": 1, "fp8_e4m3": 0, "nvfp4": 0}
+TIED_ROWS = {"int8": 8, "int4": 1, "fp8_e4m3": 0, "nvfp4": 0, "w8a8": 0}
 
 
 def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
@@ -122,13 +127,37 @@ def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
     if w.input_scale is not None:
         x32 = x32 * w.input_scale
     rows = x32.shape[0]
-    if rows <= TIED_ROWS[w.fmt]:
+    if w.fmt == "w8a8":
+        out = w8a8_matmul(x32, w)
+    elif rows <= TIED_ROWS[w.fmt]:
         data, x32 = jax.lax.optimization_barrier((w.data, x32))
         wt = w.replace(data=data).dequantize().T
         out = jnp.concatenate([jnp.dot(x32[i:i + 1], wt) for i in range(rows)]) if rows > 1 else jnp.dot(x32, wt)
     else:
         out = jnp.dot(x32, w.dequantize().T)
     return out.reshape(*x.shape[:-1], n).astype(x.dtype)
+
+
+def quantize_rows(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Dynamic per-row (per-token) int8 quantization of activations [M, K]: codes and scales [M, 1]."""
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
+
+
+def w8a8_matmul(x32: jax.Array, w: QuantWeight) -> jax.Array:
+    """[M, K] float32 @ a "w8a8" matrix: each row quantized to int8 with its own scale, an
+    int8 x int8 product accumulated in int32 (exact, so every row is the same number whatever
+    M is), then both scales applied. A single row runs as two (XLA:CPU's one-row int8 product is
+    a slow path; the rows are independent, so the padding row changes nothing)."""
+    xq, xs = quantize_rows(x32)
+    one = xq.shape[0] == 1
+    if one:
+        xq = jnp.pad(xq, ((0, 1), (0, 0)))
+    acc = jax.lax.dot_general(xq, w.data, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    if one:
+        acc = acc[:1]
+    return acc.astype(jnp.float32) * xs * w.scale[:, 0]
 
 
 # ----------------------------------------------------------------------------- config
@@ -166,6 +195,9 @@ class WeightQuantConfig:
             raise ValueError(f"quantization method={self.method!r} is not one of {METHODS}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"quantization group_size={self.group_size!r} must be a positive integer or None")
+        if self.format == "w8a8" and self.group_size is not None:
+            raise ValueError(f"w8a8 scales each output channel (an int8 product per row); group_size="
+                             f"{self.group_size} is not allowed")
         if self.format == "nvfp4" and self.group_size not in (None, kvf.NVFP4_GROUP):
             raise ValueError(f"nvfp4 uses {kvf.NVFP4_GROUP}-element blocks, not group_size={self.group_size}")
         for _, fmt in self.overrides:
@@ -209,6 +241,8 @@ class WeightQuantConfig:
         return fmt
 
     def group_of(self, fmt: str, in_features: int) -> int:
+        if fmt == "w8a8":
+            return in_features  # one scale per output channel, whatever group_size the others use
         g = self.group_size if fmt != "nvfp4" else kvf.NVFP4_GROUP
         g = DEFAULT_GROUP[fmt] if g is None else g
         g = in_features if g is None else min(g, in_features)
@@ -231,7 +265,7 @@ def quantize_rtn(w: jax.Array | np.ndarray, fmt: str, group: int) -> QuantWeight
     tensor_scale = None
     if fmt == "nvfp4":
         tensor_scale = kvf.nvfp4_tensor_scale(jnp.max(jnp.abs(wt)))
-    data, scale, _ = kvf.quantize(wt, fmt, 1, group, tensor_scale=tensor_scale)
+    data, scale, _ = kvf.quantize(wt, CODEC.get(fmt, fmt), 1, group, tensor_scale=tensor_scale)
     return QuantWeight(data=data, scale=scale, tensor_scale=tensor_scale, fmt=fmt, group=group)
 
 
@@ -243,7 +277,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt: str, group: int, damp
 
     Columns are the input features; each group's scale is its absmax at the moment the group's
     first column is reached (the weights then carry the error of the columns before it)."""
-    qmax = kvf.QMAX[fmt]
+    qmax = kvf.QMAX[CODEC.get(fmt, fmt)]
     lo = -qmax - 1 if fmt == "int4" else -qmax  # int4 nibbles reach -8
     wt = np.array(w, np.float64).T.copy()  # [N, K]
     n, k = wt.shape
@@ -270,7 +304,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt: str, group: int, damp
             wt[:, i:b1] -= np.outer(e, hinv[i, i:b1])
             err[:, i - b0] = e
         wt[:, b1:] -= err @ hinv[b0:b1, b1:]
-    if fmt == "int8":
+    if fmt in ("int8", "w8a8"):
         data = jnp.asarray(codes.astype(np.int8))
     else:
         data = kvf.pack_nibbles(jnp.asarray(codes & 0xF))
