@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     g.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"])
     g.add_argument("--quantization", default=None, choices=list(WEIGHT_FORMATS),
-                   help="weight-only quantization of the decoder projections (round to nearest)")
+                   help="quantize the decoder projections at load time (round to nearest; w8a8: int8 activations too)")
     g.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="keep compiled programs here for the next run (default: $JAXINFER_COMPILATION_CACHE, "
                    "else ~/.cache/jaxinfer/xla; set the variable to 0 to turn it off)")

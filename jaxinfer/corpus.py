@@ -281,7 +281,7 @@ def token_windows(tokenizer, num: int, length: int, split: str = "train", seed: 
                   root: Path | None = None) -> np.ndarray:
     """num windows of `length` tokens, each from a different file of one split ("train" or
     "heldout"), files in a seeded random order and a seeded random start in each: int32
-    [num, length]. Calibration data (GPTQ) comes from the training split, evaluation windows
+    [num, length]. Calibration data (GPTQ, AWQ) comes from the training split, evaluation windows
     from the held-out one. `tokenizer` as in `heldout_prompts`."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r} is not 'train' or 'heldout'")

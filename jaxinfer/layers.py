@@ -24,7 +24,7 @@ def matmul(x: jax.Array, w) -> jax.Array:
 
     The float32 accumulator is also the fast path on CPU: a bf16 x bf16 -> bf16 dot
     runs ~9x slower there than the same dot with a float32 result. w may also be a
-    quantized matrix (`wquant.QuantWeight`) or, while GPTQ calibrates, an observer that
+    quantized matrix (`wquant.QuantWeight`) or, while GPTQ / AWQ calibrate, an observer that
     records x before multiplying by its dense weight.
     """
     if isinstance(w, QuantWeight):

@@ -19,6 +19,7 @@ from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling import SamplingParams, raise_penalties_with_speculation
 from jaxinfer.static_batch import StaticBatchGenerator
 from jaxinfer.tokenizer import Tokenizer
+from jaxinfer.wquant import WeightQuantConfig, quantize_weights
 
 ASSETS = Path(__file__).parent / "assets" / "models"
 DEFAULT_MODEL = "stdlib-target"
@@ -64,9 +65,10 @@ class LLM:
     most swap_space GiB of it; victims beyond that are recomputed).
     compilation_cache_dir: keep compiled programs on disk for the next process
     (`jit_cache.enable_compilation_cache`).
-    quantization: weight-only quantization of the decoder projections at load time ("int8",
-    "int4", "fp8_e4m3", "nvfp4"), with quantization_config {"method": "rtn" | "gptq" | "awq",
-    "group_size", "skip", "overrides", ...} (`wquant.WeightQuantConfig`); GPTQ and AWQ calibrate on
+    quantization: quantization of the decoder projections at load time: weight-only "int8",
+    "int4", "fp8_e4m3", "nvfp4", or "w8a8" (int8 activations too), with quantization_config
+    {"method": "rtn" | "gptq" | "awq", "group_size", "skip", "overrides", ...}
+    (`wquant.WeightQuantConfig`); GPTQ and AWQ calibrate on
     quantization_config["calibration"] (token windows [S, T]) or, by default, on windows of the
     standard library's training split encoded by the model's tokenizer.
     """
@@ -84,6 +86,9 @@ class LLM:
             enable_compilation_cache(compilation_cache_dir)
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+        qconfig = dict(quantization_config or {})
+        calibration = qconfig.pop("calibration", None)
+        quant = WeightQuantConfig.from_args(quantization, qconfig)  # checked before the weights are read
         self.model_dir = resolve_model(model)
         self.dtype = default_dtype(dtype)
         self.cfg, self.weights = load_hf(self.model_dir, self.dtype)
@@ -96,7 +101,9 @@ class LLM:
         self.tokenizer = Tokenizer.from_dir(tok_dir, cfg.bos_token_id, cfg.eos_token_ids)
         if tokenizer and self.tokenizer is None:
             raise CheckpointError(f"{tok_dir}: no tokenizer.json")
-        self.quantization = self._quantize(quantization, quantization_config)
+        self.quantization = quant
+        if quant is not None:
+            self._quantize(quant, calibration)
         self.speculative_config = None
         if speculative_config is not None:
             from jaxinfer.spec.config import SpeculativeConfig
@@ -109,7 +116,7 @@ class LLM:
             speculative_config=self.speculative_config if self._spec_in_engine else None,
             num_scheduler_steps=num_scheduler_steps, preemption_mode=preemption_mode, swap_space=swap_space)
         self.engine = LLMEngine(cfg, self.weights, self.tokenizer, self.engine_config,
-                                model_id=str(self.model_dir) + (f"@{self.quantization.tag()}" if self.quantization else ""))
+                                model_id=str(self.model_dir) + (f"@{quant.tag()}" if quant else ""))
         decode_token = self.engine.runner.decode_token
         if self.speculative_config is not None:
             from jaxinfer.spec.loop import SpecDecoder
@@ -121,22 +128,16 @@ class LLM:
         self._rng = random.Random(seed)
         self._counter = 0
 
-    def _quantize(self, quantization: str | None, config: dict | None):
-        """Quantize self.weights in place as asked; returns the WeightQuantConfig (or None)."""
+    def _quantize(self, qc, calibration):
+        """Replace self.weights' projections as WeightQuantConfig qc says (calibrating GPTQ / AWQ on the
+        given token windows, or on the standard library's training split)."""
         from jaxinfer.corpus import token_windows
-        from jaxinfer.wquant import WeightQuantConfig, quantize_weights
-        config = dict(config or {})
-        calibration = config.pop("calibration", None)
-        qc = WeightQuantConfig.from_args(quantization, config)
-        if qc is None:
-            return None
         if qc.method != "rtn" and calibration is None:
             if self.tokenizer is None:
                 raise ValueError(f"{self.model_dir} has no tokenizer: pass {qc.method} calibration token windows "
                                  "as quantization_config['calibration']")
             calibration = token_windows(self.tokenizer, qc.calibration_samples, qc.calibration_len, "train")
         self.weights = quantize_weights(self.weights, self.cfg, qc, calibration)
-        return qc
 
     @property
     def _spec_in_engine(self) -> bool:
