@@ -191,3 +191,16 @@ def test_export_refuses_quantized_weights(tiny, tmp_path):
     llm = LLM(str(tiny), dtype="float32", max_num_seqs=2, quantization="int8")
     with pytest.raises(ValueError, match="quantized projections"):
         export_hf(tmp_path / "out", llm.cfg, llm.weights)
+
+
+def test_speculative_decoding_stays_lossless_on_a_quantized_target(tiny):
+    """N-gram speculation over an int8 target verifies k + 1 rows per step (the row-by-row tied
+    product) where plain decoding runs one row: the greedy tokens are the same."""
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [7, 8, 9, 7, 8, 9, 7, 8]}, {"prompt_token_ids": [40, 41, 42, 40, 41]}]
+    plain = LLM(str(tiny), dtype="float32", max_num_seqs=2, quantization="int8")
+    spec = LLM(str(tiny), dtype="float32", max_num_seqs=2, quantization="int8",
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2,
+                                   "prompt_lookup_min": 1})
+    ref = [o.outputs[0].token_ids for o in plain.generate_static(prompts, sp, batch_size=2)]
+    assert [o.outputs[0].token_ids for o in spec.generate_static(prompts, sp, batch_size=2)] == ref
