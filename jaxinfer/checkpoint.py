@@ -271,19 +271,34 @@ def load_hf(model_dir: str | Path, dtype="float32") -> tuple[ModelConfig, Weight
 
 # ----------------------------------------------------------------------------- orbax
 
-def save_orbax(path: str | Path, cfg: ModelConfig, weights: Weights):
-    """Save weights with orbax-checkpoint, config.json beside them."""
+QUANT_FILE = "quantization.json"  # beside an orbax checkpoint whose projections are quantized
+
+
+def save_orbax(path: str | Path, cfg: ModelConfig, weights: Weights, quantization: dict | None = None):
+    """Save weights with orbax-checkpoint, config.json beside them. Quantized projections
+    (`wquant.QuantWeight`) are saved as they are, described in quantization.json (format, group,
+    the shapes and dtypes of their arrays, and `quantization`: the settings that made them)."""
     import orbax.checkpoint as ocp
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    modules = _quantized_modules(weights)
+    if modules:
+        desc = {name: {"fmt": q.fmt, "group": q.group,
+                       "arrays": {f: [list(getattr(q, f).shape), str(getattr(q, f).dtype)]
+                                  for f in QUANT_ARRAYS if getattr(q, f) is not None}}
+                for name, q in modules.items()}
+        (path / QUANT_FILE).write_text(json.dumps({"quantization": quantization or {}, "modules": desc}, indent=1))
+    elif (path / QUANT_FILE).exists():
+        (path / QUANT_FILE).unlink()
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path / "weights", weights, force=True)
 
 
 def restore_orbax(path: str | Path, dtype=None) -> tuple[ModelConfig, Weights]:
-    """Restore what save_orbax wrote."""
+    """Restore what save_orbax wrote (dtype: cast the float weights, never quantized codes)."""
     import orbax.checkpoint as ocp
+    from jaxinfer.wquant import QuantWeight
     path = Path(path).absolute()
     if not (path / "weights").exists():
         raise CheckpointError(f"{path}: no orbax checkpoint (expected {path / 'weights'})")
@@ -291,21 +306,55 @@ def restore_orbax(path: str | Path, dtype=None) -> tuple[ModelConfig, Weights]:
     with ocp.StandardCheckpointer() as ckpt:
         meta = ckpt.metadata(path / "weights")
         tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-        abstract = _abstract_weights(cfg, tree)
+        abstract = _abstract_weights(cfg, tree, orbax_quantization(path))
         weights = ckpt.restore(path / "weights", abstract)
     if dtype is not None:
-        weights = jax.tree_util.tree_map(lambda x: x.astype(dtype), weights)
+        weights = jax.tree_util.tree_map(lambda x: x if isinstance(x, QuantWeight) else x.astype(dtype), weights,
+                                         is_leaf=lambda x: isinstance(x, QuantWeight))
     return cfg, weights
 
 
-def _abstract_weights(cfg: ModelConfig, tree) -> Weights:
-    """ShapeDtypeStructs matching what was saved (dtype read from the metadata)."""
-    leaves = jax.tree_util.tree_leaves(tree)
+def orbax_quantization(path: str | Path) -> dict | None:
+    """quantization.json of an orbax checkpoint, or None (dense)."""
+    f = Path(path) / QUANT_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{f}: not valid JSON") from None
+
+
+def is_orbax_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "weights").is_dir() and not any(path.glob("*.safetensors*"))
+
+
+QUANT_ARRAYS = ("data", "scale", "tensor_scale", "input_scale")
+
+
+def _quantized_modules(weights: Weights) -> dict:
+    from jaxinfer.wquant import MODULES, QuantWeight
+    return {f"layers.{i}.{n}": getattr(layer, n) for i, layer in enumerate(weights.layers) for n in MODULES
+            if isinstance(getattr(layer, n), QuantWeight)}
+
+
+def _abstract_weights(cfg: ModelConfig, tree, quant: dict | None = None) -> Weights:
+    """ShapeDtypeStructs matching what was saved (dtype read from the metadata; quantized
+    projections as quantization.json describes them)."""
+    embed = tree.get("embed") if isinstance(tree, dict) else None  # quantized codes may come first
+    leaves = [embed] if embed is not None else jax.tree_util.tree_leaves(tree)
     dtype = leaves[0].dtype if leaves and hasattr(leaves[0], "dtype") else jnp.float32
     shapes = layer_shapes(cfg)
     sds = lambda s: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
     layers = [LayerWeights(**{n: (None if s is None else sds(s)) for n, s in shapes.items()})
               for _ in range(cfg.num_layers)]
+    if quant:
+        from jaxinfer.wquant import QuantWeight
+        for name, d in quant["modules"].items():
+            _, i, field = name.split(".")
+            arrays = {f: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dt)) for f, (shape, dt) in d["arrays"].items()}
+            layers[int(i)] = layers[int(i)].replace(**{field: QuantWeight(**arrays, fmt=d["fmt"], group=d["group"])})
     return Weights(embed=sds((cfg.vocab_size, cfg.hidden_size)), layers=layers,
                    final_norm=sds((cfg.hidden_size,)),
                    lm_head=None if cfg.tie_word_embeddings else sds((cfg.hidden_size, cfg.vocab_size)))

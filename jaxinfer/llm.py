@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -10,7 +11,7 @@ from typing import Iterator, Sequence
 import jax
 
 from jaxinfer.beam import BeamSearchOutput, BeamSearchParams, run_beam_search
-from jaxinfer.checkpoint import CheckpointError, load_hf
+from jaxinfer.checkpoint import CheckpointError, is_orbax_dir, load_hf, orbax_quantization, restore_orbax, save_orbax
 from jaxinfer.engine.engine import EngineConfig, LLMEngine
 from jaxinfer.engine.request import EngineRequest, Status
 from jaxinfer.jit_cache import enable_compilation_cache
@@ -91,7 +92,17 @@ class LLM:
         quant = WeightQuantConfig.from_args(quantization, qconfig)  # checked before the weights are read
         self.model_dir = resolve_model(model)
         self.dtype = default_dtype(dtype)
-        self.cfg, self.weights = load_hf(self.model_dir, self.dtype)
+        quantize_now = quant is not None
+        if is_orbax_dir(self.model_dir):  # saved by LLM.save, possibly quantized already
+            saved = orbax_quantization(self.model_dir)
+            if saved is not None and quant is not None:
+                raise ValueError(f"{self.model_dir} is already quantized ({saved['quantization']}); "
+                                 f"load it without quantization={quantization!r}")
+            self.cfg, self.weights = restore_orbax(self.model_dir, self.dtype)
+            if saved is not None:
+                quant = WeightQuantConfig.from_saved(saved["quantization"])  # the saved codes, as they are
+        else:
+            self.cfg, self.weights = load_hf(self.model_dir, self.dtype)
         cfg = self.cfg
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         if not (isinstance(self.max_model_len, int) and 1 < self.max_model_len <= cfg.max_position_embeddings):
@@ -102,7 +113,7 @@ class LLM:
         if tokenizer and self.tokenizer is None:
             raise CheckpointError(f"{tok_dir}: no tokenizer.json")
         self.quantization = quant
-        if quant is not None:
+        if quantize_now:
             self._quantize(quant, calibration)
         self.speculative_config = None
         if speculative_config is not None:
@@ -127,6 +138,16 @@ class LLM:
                                                decode_token, self.engine.kv_quant)
         self._rng = random.Random(seed)
         self._counter = 0
+
+    def save(self, path: str | Path):
+        """Save the model as loaded (quantized projections included, so GPTQ / AWQ need not run
+        again) with orbax, its config and tokenizer files beside: `LLM(model=path)` loads it."""
+        path = Path(path)
+        save_orbax(path, self.cfg, self.weights,
+                   quantization=self.quantization.to_saved() if self.quantization else None)
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (self.model_dir / name).is_file():
+                shutil.copyfile(self.model_dir / name, path / name)
 
     def _quantize(self, qc, calibration):
         """Replace self.weights' projections as WeightQuantConfig qc says (calibrating GPTQ / AWQ on the

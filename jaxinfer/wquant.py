@@ -226,6 +226,16 @@ class WeightQuantConfig:
         config["overrides"] = tuple(sorted(dict(config.get("overrides", {})).items()))
         return cls(format=quantization, **config)
 
+    def to_saved(self) -> dict:
+        """JSON-able fields (LLM.save writes them to quantization.json)."""
+        d = dataclasses.asdict(self)
+        d["skip"], d["overrides"] = list(self.skip), [list(o) for o in self.overrides]
+        return d
+
+    @classmethod
+    def from_saved(cls, d: dict) -> "WeightQuantConfig":
+        return cls(**{**d, "skip": tuple(d.get("skip", ())), "overrides": tuple(map(tuple, d.get("overrides", ())))})
+
     def tag(self) -> str:
         """A short description (prefix-cache key, reports)."""
         return f"{self.format}/{self.method}/g{self.group_size}/skip{self.skip}/ovr{self.overrides}"

@@ -204,3 +204,26 @@ def test_speculative_decoding_stays_lossless_on_a_quantized_target(tiny):
                                    "prompt_lookup_min": 1})
     ref = [o.outputs[0].token_ids for o in plain.generate_static(prompts, sp, batch_size=2)]
     assert [o.outputs[0].token_ids for o in spec.generate_static(prompts, sp, batch_size=2)] == ref
+
+
+def test_saved_quantized_model_reloads_without_calibrating_again(tiny, tmp_path):
+    calib = np.random.default_rng(2).integers(3, 300, size=(4, 48))
+    llm = LLM(str(tiny), dtype="float32", max_num_seqs=2, quantization="int4",
+              quantization_config={"method": "awq", "group_size": 32, "calibration": calib,
+                                   "overrides": {"w_down": "w8a8"}})
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = {"prompt_token_ids": [7, 8, 9, 10, 11]}
+    ref = llm.generate(prompt, sp)[0].outputs[0].token_ids
+    llm.save(tmp_path / "q")
+    again = LLM(str(tmp_path / "q"), max_num_seqs=2)
+    assert again.quantization == llm.quantization
+    for a, b in zip(jax.tree_util.tree_leaves(llm.weights), jax.tree_util.tree_leaves(again.weights)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    assert again.weights.layers[1].w_down.fmt == "w8a8" and again.weights.layers[1].wqkv.input_scale is not None
+    assert again.generate(prompt, sp)[0].outputs[0].token_ids == ref
+    assert again.get_tokenizer() is not None
+    with pytest.raises(ValueError, match="already quantized"):
+        LLM(str(tmp_path / "q"), quantization="int8")
+    dense = LLM(str(tiny), dtype="float32", max_num_seqs=2)
+    dense.save(tmp_path / "d")  # a dense save quantizes on load like an HF directory
+    assert isinstance(LLM(str(tmp_path / "d"), quantization="int8").weights.layers[0].wo, QuantWeight)
