@@ -39,6 +39,22 @@ def _generate(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from jaxinfer import LLM
+    config = {"method": args.method}
+    if args.group_size is not None:
+        config["group_size"] = args.group_size
+    if args.skip:
+        config["skip"] = args.skip
+    if args.calibration_samples is not None:
+        config["calibration_samples"] = args.calibration_samples
+    llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization, quantization_config=config)
+    llm.save(args.out)
+    print(f"saved {args.quantization} ({args.method}) {llm.model_dir} to {args.out}; "
+          f"load it with --model {args.out} or LLM(model={str(args.out)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxinfer", description="JAX/Pallas LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -67,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep compiled programs here for the next run (default: $JAXINFER_COMPILATION_CACHE, "
                    "else ~/.cache/jaxinfer/xla; set the variable to 0 to turn it off)")
     g.set_defaults(func=_generate)
+    q = sub.add_parser("quantize", help="quantize a model's decoder projections once (RTN, GPTQ, AWQ) and save it")
+    q.add_argument("--model", default=None, help="HF model directory or embedded model name")
+    q.add_argument("--quantization", required=True, choices=list(WEIGHT_FORMATS))
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
+    q.add_argument("--group-size", type=int, default=None)
+    q.add_argument("--skip", action="append", help="module kept dense: layers.0, w_down, layers.3.wo (repeatable)")
+    q.add_argument("--calibration-samples", type=int, default=None,
+                   help="GPTQ / AWQ: token windows from the standard library's training split")
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    q.add_argument("--out", required=True, help="directory to write (orbax weights, config, tokenizer)")
+    q.set_defaults(func=_quantize)
     from jaxinfer.kv.memory import register_cli as register_memory
     register_memory(sub)
     return p

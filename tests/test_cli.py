@@ -1,4 +1,5 @@
-"""`jaxinfer generate`: streams text; bad input is one clear line and a non-zero exit."""
+"""`jaxinfer generate` streams text, `jaxinfer quantize` saves a quantized model; bad input is one
+clear line and a non-zero exit."""
 
 import subprocess
 import sys
@@ -44,6 +45,18 @@ def test_generate_with_a_repetition_penalty(model_dir, capsys):
     ref = LLM(str(model_dir)).generate("def add(a, b):", SamplingParams(temperature=0, max_tokens=12,
                                                                          repetition_penalty=1.4))[0]
     assert capsys.readouterr().out == "def add(a, b):" + ref.outputs[0].text + "\n"
+
+
+def test_quantize_saves_a_model_that_generate_loads(model_dir, tmp_path, capsys):
+    from jaxinfer import LLM, SamplingParams
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(model_dir), "--quantization", "int4", "--group-size", "32",
+                 "--skip", "layers.0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "def add(a, b):", "--model", str(out), "--max-tokens", "8"]) == 0
+    ref = LLM(str(model_dir), quantization="int4", quantization_config={"group_size": 32, "skip": ["layers.0"]})
+    text = ref.generate("def add(a, b):", SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+    assert capsys.readouterr().out == "def add(a, b):" + text + "\n"
 
 
 @pytest.mark.parametrize("args,match", [
