@@ -61,7 +61,6 @@ DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "nvfp4": kvf.NVFP4
 GPTQ_FORMATS = ("int8", "int4", "w8a8")
 AWQ_ROWS = 2048  # calibration rows kept per projection for AWQ's scale search
 MODULES = ("wqkv", "wo", "w_gate_up", "w_down")  # LayerWeights fields that are linear maps
-NVFP4_TENSOR_RANGE = kvf.E4M3_MAX * 6.0  # the largest e4m3 block scale x e2m1 value
 
 
 @struct.dataclass
@@ -94,7 +93,8 @@ class QuantWeight:
         return out * self.tensor_scale if self.tensor_scale is not None else out
 
     def dense(self, dtype=jnp.float32) -> jax.Array:
-        """The [K, N] matrix it stands for (AWQ's input scale folded in)."""
+        """The [K, N] matrix it stands for (AWQ's input scale folded in; for w8a8 the weights only,
+        without the rounding of the activations)."""
         w = self.dequantize().T
         if self.input_scale is not None:
             w = w * self.input_scale[:, None]
