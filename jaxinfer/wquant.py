@@ -29,8 +29,9 @@ Methods:
         before it already quantized. Integer formats (int8, int4, w8a8).
   awq   Lin et al. (2023): scale each input channel by its mean activation magnitude to a
         searched power before rounding (salient channels get finer steps) and divide the
-        inputs by the same scale at run time; calibrated in the same order as GPTQ. Any format
-        (for w8a8 the search scores the weight rounding only, as for the others).
+        inputs by the same scale at run time, then (integer formats) search each group's
+        clipping range; calibrated in the same order as GPTQ. Any format (for w8a8 the
+        searches score the weight rounding only).
 
 W8A8 multiplies int8 codes by int8 codes (`w8a8_matmul`); the other formats are weight-only:
 their weights are dequantized to float32 and multiplied in float32 whatever the activation
@@ -287,8 +288,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt: str, group: int, damp
 
     Columns are the input features; each group's scale is its absmax at the moment the group's
     first column is reached (the weights then carry the error of the columns before it)."""
-    qmax = kvf.QMAX[CODEC.get(fmt, fmt)]
-    lo = -qmax - 1 if fmt == "int4" else -qmax  # int4 nibbles reach -8
+    lo, qmax = int_range(fmt)
     wt = np.array(w, np.float64).T.copy()  # [N, K]
     n, k = wt.shape
     h = np.array(hessian, np.float64).copy()
@@ -314,6 +314,21 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt: str, group: int, damp
             wt[:, i:b1] -= np.outer(e, hinv[i, i:b1])
             err[:, i - b0] = e
         wt[:, b1:] -= err @ hinv[b0:b1, b1:]
+    return from_codes(codes, scales, fmt, group)
+
+
+INT_FORMATS = ("int8", "int4", "w8a8")
+
+
+def int_range(fmt: str) -> tuple[int, int]:
+    """The codes an integer format stores: int4 nibbles reach -8, int8 stays symmetric."""
+    qmax = int(kvf.QMAX[CODEC.get(fmt, fmt)])
+    return (-qmax - 1 if fmt == "int4" else -qmax), qmax
+
+
+def from_codes(codes: np.ndarray, scales: np.ndarray, fmt: str, group: int) -> QuantWeight:
+    """A QuantWeight of an integer format from integer codes [N, K] and scales [N, K/g]."""
+    codes = np.asarray(codes, np.int32)
     if fmt in ("int8", "w8a8"):
         data = jnp.asarray(codes.astype(np.int8))
     else:
@@ -358,8 +373,9 @@ def awq_quantize(w: np.ndarray, x: np.ndarray, fmt: str, group: int, grid: int =
     rounding: W' = diag(s) W with s = mean|x|^alpha (normalised to a geometric mean of 1), and
     the inputs are divided by s at run time (`QuantWeight.input_scale`), which leaves the exact
     product unchanged. alpha is searched on the grid 0, 1/grid, ..., (grid - 1)/grid for the
-    smallest output error ||x W - (x / s) Q(W')||^2; alpha = 0 is plain RTN. Returns the
-    quantized matrix and the alpha chosen."""
+    smallest output error ||x W - (x / s) Q(W')||^2; alpha = 0 is plain RTN. Integer formats
+    then search each group's clipping range (`clip_search`). Returns the quantized matrix and
+    the alpha chosen."""
     w = np.asarray(w, np.float32)
     x = np.asarray(x, np.float32)
     ref = x @ w
@@ -372,8 +388,35 @@ def awq_quantize(w: np.ndarray, x: np.ndarray, fmt: str, group: int, grid: int =
         q = quantize_rtn(w * s[:, None], fmt, group)
         err = float(np.mean((ref - (x / s) @ np.asarray(q.dense())) ** 2))
         if err < best[0]:
-            best = (err, q.replace(input_scale=jnp.asarray(1.0 / s, jnp.float32)), alpha)
-    return best[1], best[2]
+            best = (err, q, alpha, s)
+    _, q, alpha, s = best
+    if fmt in INT_FORMATS:
+        q = clip_search(w * s[:, None], x / s, fmt, group)
+    return q.replace(input_scale=jnp.asarray(1.0 / s, jnp.float32)), alpha
+
+
+def clip_search(w: np.ndarray, x: np.ndarray, fmt: str, group: int, rows: int = 512,
+                ratios: np.ndarray = np.linspace(1.0, 0.5, 11)) -> QuantWeight:
+    """AWQ's second step for integer formats: each (output channel, group) scale covers
+    ratio x its absmax instead of all of it, the ratio chosen on the grid 1.0 ... 0.5 for the
+    smallest error of that group's share of the output, sum over sample rows of
+    (x_g . (w_g - Q(w_g)))^2. Clipping a few large weights buys finer steps for the rest; ratio
+    1.0 is round to nearest, so no group gets worse. w [K, N], x [R, K]."""
+    lo, qmax = int_range(fmt)
+    wg = np.asarray(w, np.float32).T.reshape(w.shape[1], -1, group)  # [N, G, g]
+    xg = np.ascontiguousarray(np.asarray(x, np.float32)[:rows].reshape(-1, wg.shape[1], group).transpose(1, 0, 2))
+    amax = np.abs(wg).max(-1)  # [N, G]
+    best_err = np.full(amax.shape, np.inf)
+    best_scale = np.where(amax > 0, amax / qmax, 1.0)
+    for r in ratios:
+        scale = np.where(amax > 0, r * amax / qmax, 1.0)
+        diff = wg - np.clip(np.round(wg / scale[..., None]), lo, qmax) * scale[..., None]  # [N, G, g]
+        err = np.sum(np.matmul(xg, diff.transpose(1, 2, 0)) ** 2, axis=1).T  # [G, R, N] -> [N, G]
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+    codes = np.clip(np.round(wg / best_scale[..., None]), lo, qmax).reshape(wg.shape[0], -1)
+    return from_codes(codes, best_scale, fmt, group)
 
 
 # ----------------------------------------------------------------------------- whole model
