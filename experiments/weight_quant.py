@@ -2,7 +2,8 @@
 
 On the embedded target, for every configuration (dense; RTN int8 / int4 g128 / int4 g32 /
 fp8_e4m3 / nvfp4 / w8a8 (int8 weights and per-token int8 activations); GPTQ int8, int4 g128
-and w8a8; AWQ int4 g128 and nvfp4; a hybrid int4 policy), all in one run:
+and w8a8; AWQ int4 g128 with and without its clipping search, and nvfp4; a hybrid int4 policy),
+all in one run:
   * perplexity over held-out windows (teacher-forced, no cache) and its change vs dense;
   * KL(dense || quantized) of the next-token distributions, and top-1 agreement with dense;
   * greedy agreement: mean number of leading generated tokens equal to dense's, over held-out
@@ -42,6 +43,7 @@ CONFIGS = {
     "int4 g128 rtn": ("int4", {}),
     "int4 g128 gptq": ("int4", {"method": "gptq"}),
     "int4 g128 awq": ("int4", {"method": "awq"}),
+    "int4 g128 awq, no clip": ("int4", {"method": "awq", "clip": False}),
     "int4 g32 rtn": ("int4", {"group_size": 32}),
     "int4 g128 rtn, int8 w_down + layer 0": ("int4", {"overrides": {"w_down": "int8", "layers.0": "int8"}}),
     "fp8_e4m3 rtn": ("fp8_e4m3", {}),

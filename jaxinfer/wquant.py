@@ -174,6 +174,7 @@ class WeightQuantConfig:
     ("layers.5.wo"). GPTQ and AWQ: calibration_samples windows of calibration_len tokens (from the
     standard-library training split unless `calibration` token ids are given to LLM), damp:
     the fraction of the mean Hessian diagonal added to it, block_size: columns per lazy update.
+    AWQ: clip searches each integer group's clipping range after the scales (as AWQ does).
     """
 
     format: str = "int8"
@@ -185,9 +186,10 @@ class WeightQuantConfig:
     calibration_len: int = 256
     damp: float = 0.01
     block_size: int = 128
+    clip: bool = True
 
     KEYS = ("method", "group_size", "skip", "overrides", "calibration_samples", "calibration_len", "damp",
-            "block_size")
+            "block_size", "clip")
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -210,6 +212,8 @@ class WeightQuantConfig:
         for name in ("calibration_samples", "calibration_len", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"quantization {name}={getattr(self, name)!r} must be a positive integer")
+        if not isinstance(self.clip, bool):
+            raise ValueError(f"quantization clip={self.clip!r} must be True or False")
         if not 0 <= self.damp < 1:
             raise ValueError(f"quantization damp={self.damp!r} must be in [0, 1)")
 
@@ -239,7 +243,8 @@ class WeightQuantConfig:
 
     def tag(self) -> str:
         """A short description (prefix-cache key, reports)."""
-        return f"{self.format}/{self.method}/g{self.group_size}/skip{self.skip}/ovr{self.overrides}"
+        return (f"{self.format}/{self.method}/g{self.group_size}/skip{self.skip}/ovr{self.overrides}"
+                + ("/clip" if self.method == "awq" and self.clip else ""))
 
     def format_of(self, module: str) -> str | None:
         """The format of module "layers.{i}.{name}", or None to keep it dense."""
@@ -366,15 +371,16 @@ class InputObserver:
 
 # ----------------------------------------------------------------------------- AWQ
 
-def awq_quantize(w: np.ndarray, x: np.ndarray, fmt: str, group: int, grid: int = 20) -> tuple[QuantWeight, float]:
+def awq_quantize(w: np.ndarray, x: np.ndarray, fmt: str, group: int, grid: int = 20,
+                 clip: bool = True) -> tuple[QuantWeight, float]:
     """AWQ (Lin et al., 2023) of a dense [K, N] matrix given sample inputs x [R, K].
 
     Input channels that carry large activations matter more, so they are scaled up before
     rounding: W' = diag(s) W with s = mean|x|^alpha (normalised to a geometric mean of 1), and
     the inputs are divided by s at run time (`QuantWeight.input_scale`), which leaves the exact
     product unchanged. alpha is searched on the grid 0, 1/grid, ..., (grid - 1)/grid for the
-    smallest output error ||x W - (x / s) Q(W')||^2; alpha = 0 is plain RTN. Integer formats
-    then search each group's clipping range (`clip_search`). Returns the quantized matrix and
+    smallest output error ||x W - (x / s) Q(W')||^2; alpha = 0 is plain RTN. With clip, integer
+    formats then search each group's clipping range (`clip_search`). Returns the quantized matrix and
     the alpha chosen."""
     w = np.asarray(w, np.float32)
     x = np.asarray(x, np.float32)
@@ -390,7 +396,7 @@ def awq_quantize(w: np.ndarray, x: np.ndarray, fmt: str, group: int, grid: int =
         if err < best[0]:
             best = (err, q, alpha, s)
     _, q, alpha, s = best
-    if fmt in INT_FORMATS:
+    if clip and fmt in INT_FORMATS:
         q = clip_search(w * s[:, None], x / s, fmt, group)
     return q.replace(input_scale=jnp.asarray(1.0 / s, jnp.float32)), alpha
 
@@ -481,7 +487,7 @@ def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
             if qc.method == "gptq":
                 q = gptq_quantize(np.asarray(probe.w, np.float64), probe.hessian, fmt, group, qc.damp, qc.block_size)
             else:
-                q, _ = awq_quantize(np.asarray(probe.w), probe.sample(), fmt, group)
+                q, _ = awq_quantize(np.asarray(probe.w), probe.sample(), fmt, group, clip=qc.clip)
             layer = layer.replace(**{name: q})
         layers.append(layer)
         x = jax.jit(run)(layer, x)  # the next layer calibrates on this quantized layer's output
