@@ -169,7 +169,8 @@ class WeightQuantConfig:
 
     format: one of FORMATS. method: "rtn", "gptq" or "awq". group_size: input features per scale
     (None: the format's default, DEFAULT_GROUP; int8 / fp8 default to one scale per output
-    channel). skip: modules kept dense. overrides: {module pattern: format} (hybrid policies).
+    channel). skip: modules kept dense. overrides: {module pattern: format} (hybrid policies;
+    where several patterns match a module, the last one wins).
     A pattern names a layer ("layers.0"), a module of every layer ("w_down"), or one module
     ("layers.5.wo"). GPTQ and AWQ: calibration_samples windows of calibration_len tokens (from the
     standard-library training split unless `calibration` token ids are given to LLM), damp:
@@ -227,8 +228,14 @@ class WeightQuantConfig:
         unknown = sorted(set(config) - set(cls.KEYS))
         if unknown:
             raise ValueError(f"unknown quantization_config keys {unknown}; allowed: {list(cls.KEYS)}")
-        config["skip"] = tuple(config.get("skip", ()))
-        config["overrides"] = tuple(sorted(dict(config.get("overrides", {})).items()))
+        skip = config.get("skip", ())
+        skip = (skip,) if isinstance(skip, str) else skip
+        if not isinstance(skip, (list, tuple)) or not all(isinstance(p, str) for p in skip):
+            raise ValueError(f"quantization skip={skip!r} must be a module pattern or a list of them")
+        overrides = config.get("overrides", {})
+        if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+            raise ValueError(f"quantization overrides={overrides!r} must be a dict {{module pattern: format}}")
+        config["skip"], config["overrides"] = tuple(skip), tuple(overrides.items())
         return cls(format=quantization, **config)
 
     def to_saved(self) -> dict:

@@ -135,6 +135,13 @@ def test_config_validation_and_policies():
         WeightQuantConfig.from_args("nvfp4", {"method": "gptq"})
     with pytest.raises(ValueError, match="group_size"):
         WeightQuantConfig.from_args("int4", {"group_size": 0})
+    with pytest.raises(ValueError, match="overrides="):
+        WeightQuantConfig.from_args("int4", {"overrides": [("w_down", "int8")]})
+    with pytest.raises(ValueError, match="skip="):
+        WeightQuantConfig.from_args("int4", {"skip": 3})
+    assert WeightQuantConfig.from_args("int4", {"skip": "layers.0"}).skip == ("layers.0",)
+    last = WeightQuantConfig.from_args("int4", {"overrides": {"w_down": "int8", "layers.0": "fp8_e4m3"}})
+    assert last.format_of("layers.0.w_down") == "fp8_e4m3" and last.format_of("layers.1.w_down") == "int8"
     with pytest.raises(ValueError, match="needs quantization"):
         WeightQuantConfig.from_args(None, {"method": "gptq"})
     with pytest.raises(ValueError, match="does not divide"):
