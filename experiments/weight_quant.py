@@ -92,10 +92,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def decode_tok_s(llm: LLM, prompts, batch: int, new_tokens: int) -> float:
+    """Tokens/s of the static loop generating new_tokens for every prompt, in batches of `batch`."""
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     t = time.perf_counter()
-    llm.generate_static(prompts[:batch], sp, batch_size=batch)
-    return batch * new_tokens / (time.perf_counter() - t)
+    llm.generate_static(prompts, sp, batch_size=batch)
+    return len(prompts) * new_tokens / (time.perf_counter() - t)
 
 
 def main():
@@ -121,7 +122,7 @@ def main():
     d_ppl, _, _, d_lp = quality(dense, None, windows)
     d_greedy = greedy(dense, prompts, args.greedy_tokens)
     for b in args.batches:  # compile dense's programs once, outside the timed pairs
-        decode_tok_s(dense, speed_prompts, b, args.new_tokens)
+        decode_tok_s(dense, speed_prompts[:b], b, args.new_tokens)
     rows = []
     for name in args.configs:
         quant, qconf = CONFIGS[name]
@@ -137,11 +138,11 @@ def main():
                    **{f"{k}_bytes": v for k, v in weight_bytes(llm.weights).items()},
                    load_quantize_s=round(quant_s, 1))
         for b in args.batches:
-            decode_tok_s(llm, speed_prompts, b, args.new_tokens)  # compile
+            decode_tok_s(llm, speed_prompts[:b], b, args.new_tokens)  # compile
             ratios, tps = [], []
             for i in range(args.pairs):
                 order = (dense, llm) if i % 2 == 0 else (llm, dense)
-                r = {id(m): decode_tok_s(m, speed_prompts, b, args.new_tokens) for m in order}
+                r = {id(m): decode_tok_s(m, speed_prompts[:b], b, args.new_tokens) for m in order}
                 ratios.append(r[id(llm)] / r[id(dense)])
                 tps.append(r[id(llm)])
             row[f"tok_s_b{b}"] = round(float(np.median(tps)), 1)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -26,9 +25,9 @@ import numpy as np
 from bench_serving import mixed_workload, run_engine  # experiments/ is on sys.path when run as a script
 from bench_spec import code_edit_prompts
 from report import write_report
-from weight_quant import CONFIGS
+from weight_quant import CONFIGS, decode_tok_s
 
-from jaxinfer import LLM, SamplingParams
+from jaxinfer import LLM
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -37,13 +36,6 @@ def engine_tok_s(llm: LLM, prompts, params) -> float:
     out = run_engine(llm, prompts, params)
     llm.engine.allocator.reset_prefix_cache()
     return out[1]["output_throughput"]
-
-
-def static_tok_s(llm: LLM, prompts, new_tokens: int) -> float:
-    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    t = time.perf_counter()
-    llm.generate_static(prompts, sp, batch_size=1)
-    return len(prompts) * new_tokens / (time.perf_counter() - t)
 
 
 def main():
@@ -67,7 +59,7 @@ def main():
     prompts, params = mixed_workload(np.random.default_rng(0), args.num_requests, dense.cfg.vocab_size)
     edits = [{"prompt_token_ids": p} for p in code_edit_prompts(tok, args.spec_prompts)]
     engine_tok_s(dense, prompts, params)  # compile
-    static_tok_s(dense, edits, args.new_tokens), static_tok_s(dense_spec, edits, args.new_tokens)
+    decode_tok_s(dense, edits, 1, args.new_tokens), decode_tok_s(dense_spec, edits, 1, args.new_tokens)
     rows = []
     for name in args.configs:
         quant, qconf = CONFIGS[name]
@@ -75,14 +67,14 @@ def main():
         spec = LLM(args.model, dtype="float32", quantization=quant, quantization_config=qconf,
                    speculative_config=ngram)
         engine_tok_s(llm, prompts, params)
-        static_tok_s(llm, edits, args.new_tokens), static_tok_s(spec, edits, args.new_tokens)
+        decode_tok_s(llm, edits, 1, args.new_tokens), decode_tok_s(spec, edits, 1, args.new_tokens)
         eng, sp = [], {k: [] for k in ("dense_ngram", "quant_plain", "quant_ngram")}
         for i in range(args.pairs):
             order = (dense, llm) if i % 2 == 0 else (llm, dense)
             t = {id(m): engine_tok_s(m, prompts, params) for m in order}
             eng.append((t[id(dense)], t[id(llm)]))
             runs = [("dense_plain", dense), ("dense_ngram", dense_spec), ("quant_plain", llm), ("quant_ngram", spec)]
-            t = {key: static_tok_s(m, edits, args.new_tokens) for key, m in (runs if i % 2 == 0 else runs[::-1])}
+            t = {key: decode_tok_s(m, edits, 1, args.new_tokens) for key, m in (runs if i % 2 == 0 else runs[::-1])}
             for key in sp:
                 sp[key].append(t[key] / t["dense_plain"])
         row = dict(config=name,

@@ -272,6 +272,7 @@ def load_hf(model_dir: str | Path, dtype="float32") -> tuple[ModelConfig, Weight
 # ----------------------------------------------------------------------------- orbax
 
 QUANT_FILE = "quantization.json"  # beside an orbax checkpoint whose projections are quantized
+QUANT_ARRAYS = ("data", "scale", "tensor_scale", "input_scale")  # QuantWeight's array fields
 
 
 def save_orbax(path: str | Path, cfg: ModelConfig, weights: Weights, quantization: dict | None = None):
@@ -284,7 +285,7 @@ def save_orbax(path: str | Path, cfg: ModelConfig, weights: Weights, quantizatio
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     modules = _quantized_modules(weights)
     if modules:
-        desc = {name: {"fmt": q.fmt, "group": q.group,
+        desc = {name: {"fmt": q.fmt,
                        "arrays": {f: [list(getattr(q, f).shape), str(getattr(q, f).dtype)]
                                   for f in QUANT_ARRAYS if getattr(q, f) is not None}}
                 for name, q in modules.items()}
@@ -330,9 +331,6 @@ def is_orbax_dir(path: str | Path) -> bool:
     return (path / "weights").is_dir() and not any(path.glob("*.safetensors*"))
 
 
-QUANT_ARRAYS = ("data", "scale", "tensor_scale", "input_scale")
-
-
 def _quantized_modules(weights: Weights) -> dict:
     from jaxinfer.wquant import MODULES, QuantWeight
     return {f"layers.{i}.{n}": getattr(layer, n) for i, layer in enumerate(weights.layers) for n in MODULES
@@ -354,7 +352,7 @@ def _abstract_weights(cfg: ModelConfig, tree, quant: dict | None = None) -> Weig
         for name, d in quant["modules"].items():
             _, i, field = name.split(".")
             arrays = {f: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dt)) for f, (shape, dt) in d["arrays"].items()}
-            layers[int(i)] = layers[int(i)].replace(**{field: QuantWeight(**arrays, fmt=d["fmt"], group=d["group"])})
+            layers[int(i)] = layers[int(i)].replace(**{field: QuantWeight(**arrays, fmt=d["fmt"])})
     return Weights(embed=sds((cfg.vocab_size, cfg.hidden_size)), layers=layers,
                    final_norm=sds((cfg.hidden_size,)),
                    lm_head=None if cfg.tie_word_embeddings else sds((cfg.hidden_size, cfg.vocab_size)))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-WEIGHT_FORMATS = ("int8", "int4", "fp8_e4m3", "nvfp4", "w8a8")  # jaxinfer.wquant.FORMATS, without importing jax
-
 
 def _generate(args) -> int:
     from jaxinfer import LLM, SamplingParams
@@ -77,15 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = logprob / len ** this")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     g.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"])
-    g.add_argument("--quantization", default=None, choices=list(WEIGHT_FORMATS),
-                   help="quantize the decoder projections at load time (round to nearest; w8a8: int8 activations too)")
+    g.add_argument("--quantization", default=None, metavar="FORMAT",
+                   help="quantize the decoder projections at load time, round to nearest: int8, int4, fp8_e4m3, "
+                   "nvfp4, or w8a8 (int8 activations too); LLM checks the value")
     g.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="keep compiled programs here for the next run (default: $JAXINFER_COMPILATION_CACHE, "
                    "else ~/.cache/jaxinfer/xla; set the variable to 0 to turn it off)")
     g.set_defaults(func=_generate)
     q = sub.add_parser("quantize", help="quantize a model's decoder projections once (RTN, GPTQ, AWQ) and save it")
     q.add_argument("--model", default=None, help="HF model directory or embedded model name")
-    q.add_argument("--quantization", required=True, choices=list(WEIGHT_FORMATS))
+    q.add_argument("--quantization", required=True, metavar="FORMAT", help="as for generate")
     q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
     q.add_argument("--group-size", type=int, default=None)
     q.add_argument("--skip", action="append", help="module kept dense: layers.0, w_down, layers.3.wo (repeatable)")

@@ -74,12 +74,16 @@ class QuantWeight:
     tensor_scale: jax.Array | None = None  # nvfp4: f32 scalar
     input_scale: jax.Array | None = None  # AWQ: [K] f32, multiplies x before the product
     fmt: str = struct.field(pytree_node=False, default="int8")
-    group: int = struct.field(pytree_node=False, default=0)  # input features per scale
 
     @property
     def shape(self) -> tuple[int, int]:
-        """The dense matrix's shape, [K, N]."""
-        return self.scale.shape[1] * self.group, self.data.shape[0]
+        """The dense matrix's shape, [K, N] (4-bit formats hold two input features per byte)."""
+        return self.data.shape[1] * (2 if self.fmt in kvf.PACKED else 1), self.data.shape[0]
+
+    @property
+    def group(self) -> int:
+        """Input features per scale."""
+        return self.shape[0] // self.scale.shape[1]
 
     @property
     def nbytes(self) -> int:
@@ -139,19 +143,12 @@ def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
     return out.reshape(*x.shape[:-1], n).astype(x.dtype)
 
 
-def quantize_rows(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Dynamic per-row (per-token) int8 quantization of activations [M, K]: codes and scales [M, 1]."""
-    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
-
-
 def w8a8_matmul(x32: jax.Array, w: QuantWeight) -> jax.Array:
     """[M, K] float32 @ a "w8a8" matrix: each row quantized to int8 with its own scale, an
     int8 x int8 product accumulated in int32 (exact, so every row is the same number whatever
     M is), then both scales applied. A single row runs as two (XLA:CPU's one-row int8 product is
     a slow path; the rows are independent, so the padding row changes nothing)."""
-    xq, xs = quantize_rows(x32)
+    xq, xs, _ = kvf.quantize(x32, "int8")  # one scale per row: the codec's per-token int8
     one = xq.shape[0] == 1
     if one:
         xq = jnp.pad(xq, ((0, 1), (0, 0)))
@@ -289,7 +286,7 @@ def quantize_rtn(w: jax.Array | np.ndarray, fmt: str, group: int) -> QuantWeight
     if fmt == "nvfp4":
         tensor_scale = kvf.nvfp4_tensor_scale(jnp.max(jnp.abs(wt)))
     data, scale, _ = kvf.quantize(wt, CODEC.get(fmt, fmt), 1, group, tensor_scale=tensor_scale)
-    return QuantWeight(data=data, scale=scale, tensor_scale=tensor_scale, fmt=fmt, group=group)
+    return QuantWeight(data=data, scale=scale, tensor_scale=tensor_scale, fmt=fmt)
 
 
 # ----------------------------------------------------------------------------- GPTQ
@@ -326,7 +323,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt: str, group: int, damp
             wt[:, i:b1] -= np.outer(e, hinv[i, i:b1])
             err[:, i - b0] = e
         wt[:, b1:] -= err @ hinv[b0:b1, b1:]
-    return from_codes(codes, scales, fmt, group)
+    return from_codes(codes, scales, fmt)
 
 
 INT_FORMATS = ("int8", "int4", "w8a8")
@@ -338,14 +335,14 @@ def int_range(fmt: str) -> tuple[int, int]:
     return (-qmax - 1 if fmt == "int4" else -qmax), qmax
 
 
-def from_codes(codes: np.ndarray, scales: np.ndarray, fmt: str, group: int) -> QuantWeight:
+def from_codes(codes: np.ndarray, scales: np.ndarray, fmt: str) -> QuantWeight:
     """A QuantWeight of an integer format from integer codes [N, K] and scales [N, K/g]."""
     codes = np.asarray(codes, np.int32)
     if fmt in ("int8", "w8a8"):
         data = jnp.asarray(codes.astype(np.int8))
     else:
         data = kvf.pack_nibbles(jnp.asarray(codes & 0xF))
-    return QuantWeight(data=data, scale=jnp.asarray(scales, jnp.float32), fmt=fmt, group=group)
+    return QuantWeight(data=data, scale=jnp.asarray(scales, jnp.float32), fmt=fmt)
 
 
 class InputObserver:
@@ -429,7 +426,7 @@ def clip_search(w: np.ndarray, x: np.ndarray, fmt: str, group: int, rows: int = 
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
     codes = np.clip(np.round(wg / best_scale[..., None]), lo, qmax).reshape(wg.shape[0], -1)
-    return from_codes(codes, best_scale, fmt, group)
+    return from_codes(codes, best_scale, fmt)
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -479,6 +476,7 @@ def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
         x = x + delta
         return x + mlp_block(layer, cfg, x)
 
+    run_compiled = jax.jit(run)  # compiles once per layer structure (policy), not once per layer
     layers = []
     for i, layer in enumerate(weights.layers):
         fmts = {name: qc.format_of(f"layers.{i}.{name}") for name in MODULES}
@@ -497,7 +495,7 @@ def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
                 q, _ = awq_quantize(np.asarray(probe.w), probe.sample(), fmt, group, clip=qc.clip)
             layer = layer.replace(**{name: q})
         layers.append(layer)
-        x = jax.jit(run)(layer, x)  # the next layer calibrates on this quantized layer's output
+        x = run_compiled(layer, x)  # the next layer calibrates on this quantized layer's output
     return weights.replace(layers=layers)
 
 
