@@ -20,6 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxinfer import hf_quant
 from jaxinfer.config import ConfigError, ModelConfig
 from jaxinfer.model import LayerWeights, Weights, layer_shapes
 
@@ -65,6 +66,23 @@ def _open_safetensors(path: Path):
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
 
+RAW_DTYPES = {"F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2}
+
+
+def _read_raw(path: Path, name: str) -> np.ndarray:
+    """One tensor of a safetensors file read from its header (8-byte length, JSON, then the data),
+    for the dtypes that safetensors' numpy reader cannot name (RAW_DTYPES)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        info = json.loads(fh.read(n))[name]
+        if info["dtype"] not in RAW_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        fh.seek(8 + n + start)
+        buf = fh.read(end - start)
+    return np.frombuffer(buf, jnp.dtype(RAW_DTYPES[info["dtype"]])).reshape(info["shape"])
+
+
 class TensorSource:
     """All tensors of a model directory, across shards, by name."""
 
@@ -91,7 +109,8 @@ class TensorSource:
         self.where = {name: f for f, h in self.files.items() for name in h.keys()}
         self.model_dir = model_dir
 
-    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Tensor `name`, checked against `shape` when given."""
         f = self.where.get(name)
         if f is None:
             raise CheckpointError(f"{self.model_dir}: tensor {name!r} is missing")
@@ -99,7 +118,9 @@ class TensorSource:
             arr = self.files[f].get_tensor(name)
         except SafetensorError as e:
             raise CheckpointError(f"{self.paths[f]}: tensor {name!r} cannot be read ({e})") from None
-        if tuple(arr.shape) != tuple(shape):
+        except AttributeError:  # a dtype numpy lacks (float8): safetensors looks it up on numpy
+            arr = _read_raw(self.paths[f], name)
+        if shape is not None and tuple(arr.shape) != tuple(shape):
             raise CheckpointError(f"{self.paths[f]}: tensor {name!r} has shape {tuple(arr.shape)}, "
                                   f"config expects {tuple(shape)}")
         return arr
@@ -121,20 +142,35 @@ def _hf_layer_names(i: int) -> dict[str, str]:
     }
 
 
-def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int) -> Iterator[tuple[str, np.ndarray]]:
-    """(field, array in our layout) for layer i; HF Linear weights are [out, in]."""
+def _linear(src: TensorSource, parts: list[tuple[str, int, int]], quant):
+    """A projection from its HF Linear parts [(module, out, in)] (several for q/k/v and gate/up):
+    a dense [K, N] array in our layout, or a QuantWeight when the checkpoint stores it quantized
+    (`hf_quant`; parts that cannot share one QuantWeight are dequantized into the dense matrix)."""
+    schemes = [quant.scheme_of(m) if quant is not None else None for m, _, _ in parts]
+    if all(s is None for s in schemes):
+        if len(parts) == 1:
+            return src.get(parts[0][0] + ".weight", parts[0][1:]).T
+        return np.concatenate([src.get(m + ".weight", (n, k)) for m, n, k in parts], axis=0).T
+    qs = [None if s is None else hf_quant.read_linear(src.get, m, n, k, s) for (m, n, k), s in zip(parts, schemes)]
+    fused = hf_quant.fuse(qs)
+    if fused is not None:
+        return fused
+    rows = [np.asarray(src.get(m + ".weight", (n, k)), np.float32) if q is None else np.asarray(q.dequantize())
+            for (m, n, k), q in zip(parts, qs)]
+    return np.concatenate(rows, axis=0).T
+
+
+def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None) -> Iterator[tuple[str, object]]:
+    """(field, array in our layout, or QuantWeight) for layer i; HF Linear weights are [out, in]."""
     d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                      cfg.head_dim)
     nm = _hf_layer_names(i)
     yield "attn_norm", src.get(nm["attn_norm"], (d,))
     yield "mlp_norm", src.get(nm["mlp_norm"], (d,))
-    yield "wqkv", np.concatenate([src.get(nm["q"] + ".weight", (n * h, d)),
-                                  src.get(nm["k"] + ".weight", (k * h, d)),
-                                  src.get(nm["v"] + ".weight", (k * h, d))], axis=0).T
-    yield "wo", src.get(nm["o"] + ".weight", (d, n * h)).T
-    yield "w_gate_up", np.concatenate([src.get(nm["gate"] + ".weight", (f, d)),
-                                       src.get(nm["up"] + ".weight", (f, d))], axis=0).T
-    yield "w_down", src.get(nm["down"] + ".weight", (d, f)).T
+    yield "wqkv", _linear(src, [(nm["q"], n * h, d), (nm["k"], k * h, d), (nm["v"], k * h, d)], quant)
+    yield "wo", _linear(src, [(nm["o"], d, n * h)], quant)
+    yield "w_gate_up", _linear(src, [(nm["gate"], f, d), (nm["up"], f, d)], quant)
+    yield "w_down", _linear(src, [(nm["down"], d, f)], quant)
     if cfg.qkv_bias:
         yield "bqkv", np.concatenate([src.get(nm["q"] + ".bias", (n * h,)),
                                       src.get(nm["k"] + ".bias", (k * h,)),
@@ -150,24 +186,32 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int) -> Iterato
         yield "b_down", src.get(nm["down"] + ".bias", (d,))
 
 
-def _to_device(arr: np.ndarray, dtype) -> jax.Array:
-    # One tensor at a time: the mmap view is converted straight to the target dtype.
+def _to_device(arr, dtype):
+    # One tensor at a time: the mmap view is converted straight to the target dtype. Quantized
+    # projections stay as the checkpoint stores them.
+    if isinstance(arr, hf_quant.QuantWeight):
+        return arr
     return jnp.asarray(np.asarray(arr, dtype=jnp.dtype(dtype)))
 
 
-def load_weights(model_dir: Path, cfg: ModelConfig, dtype=jnp.float32) -> Weights:
-    """Read an HF safetensors checkpoint into Weights of the given dtype."""
+def load_weights(model_dir: Path, cfg: ModelConfig, dtype=jnp.float32,
+                 quant: "hf_quant.CompressedTensors | None" = None) -> Weights:
+    """Read an HF safetensors checkpoint into Weights of the given dtype (the projections that
+    `quant`, its compressed-tensors config, says are quantized as QuantWeights)."""
     src = TensorSource(model_dir)
     try:
         layers = []
         for i in range(cfg.num_layers):
-            fields = {name: _to_device(arr, dtype) for name, arr in _hf_tensors_of_layer(cfg, src, i)}
+            fields = {name: _to_device(arr, dtype) for name, arr in _hf_tensors_of_layer(cfg, src, i, quant)}
             layers.append(LayerWeights(**fields))
         embed = _to_device(src.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)), dtype)
         final_norm = _to_device(src.get("model.norm.weight", (cfg.hidden_size,)), dtype)
         lm_head = None
         if not cfg.tie_word_embeddings:
-            lm_head = _to_device(src.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)).T, dtype)
+            head = _linear(src, [("lm_head", cfg.vocab_size, cfg.hidden_size)], quant)
+            lm_head = _to_device(head.dense() if isinstance(head, hf_quant.QuantWeight) else head, dtype)
+    except hf_quant.QuantConfigError as e:
+        raise CheckpointError(f"{model_dir}: {e}") from None
     finally:
         src.close()
     return Weights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
@@ -266,13 +310,23 @@ def load_hf(model_dir: str | Path, dtype="float32") -> tuple[ModelConfig, Weight
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     cfg = load_config(model_dir)
-    return cfg, load_weights(Path(model_dir), cfg, DTYPES[dtype])
+    return cfg, load_weights(Path(model_dir), cfg, DTYPES[dtype], hf_quantization(model_dir))
+
+
+def hf_quantization(model_dir: str | Path) -> "hf_quant.CompressedTensors | None":
+    """The quantization an HF directory's config.json declares (compressed-tensors), None for a
+    dense checkpoint; any other quantization_config raises CheckpointError."""
+    path = Path(model_dir) / "config.json"
+    try:
+        return hf_quant.parse(json.loads(path.read_text()).get("quantization_config"), str(path))
+    except hf_quant.QuantConfigError as e:
+        raise CheckpointError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- orbax
 
 QUANT_FILE = "quantization.json"  # beside an orbax checkpoint whose projections are quantized
-QUANT_ARRAYS = ("data", "scale", "tensor_scale", "input_scale")  # QuantWeight's array fields
+QUANT_ARRAYS = ("data", "scale", "tensor_scale", "input_scale", "zero")  # QuantWeight's array fields
 
 
 def save_orbax(path: str | Path, cfg: ModelConfig, weights: Weights, quantization: dict | None = None):

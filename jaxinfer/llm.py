@@ -11,7 +11,8 @@ from typing import Iterator, Sequence
 import jax
 
 from jaxinfer.beam import BeamSearchOutput, BeamSearchParams, run_beam_search
-from jaxinfer.checkpoint import CheckpointError, is_orbax_dir, load_hf, orbax_quantization, restore_orbax, save_orbax
+from jaxinfer.checkpoint import (CheckpointError, hf_quantization, is_orbax_dir, load_hf, orbax_quantization,
+                                 restore_orbax, save_orbax)
 from jaxinfer.engine.engine import EngineConfig, LLMEngine
 from jaxinfer.engine.request import EngineRequest, Status
 from jaxinfer.jit_cache import enable_compilation_cache
@@ -67,7 +68,8 @@ class LLM:
     compilation_cache_dir: keep compiled programs on disk for the next process
     (`jit_cache.enable_compilation_cache`).
     quantization: quantization of the decoder projections at load time: weight-only "int8",
-    "int4", "fp8_e4m3", "nvfp4", or "w8a8" (int8 activations too), with quantization_config
+    "int4", "fp8_e4m3", "nvfp4", "w8a8" (int8 activations too) or "w8a8_fp8" (FP8 activations
+    too), with quantization_config
     {"method": "rtn" | "gptq" | "awq", "group_size", "skip", "overrides", ...}
     (`wquant.WeightQuantConfig`); GPTQ and AWQ calibrate on
     quantization_config["calibration"] (token windows [S, T]) or, by default, on windows of the
@@ -102,7 +104,13 @@ class LLM:
             if saved is not None:
                 quant = WeightQuantConfig.from_saved(saved["quantization"])  # the saved codes, as they are
         else:
+            pre = hf_quantization(self.model_dir)  # a pre-quantized checkpoint (compressed-tensors)
+            if pre is not None and quant is not None:
+                raise ValueError(f"{self.model_dir} is already quantized (compressed-tensors); "
+                                 f"load it without quantization={quantization!r}")
             self.cfg, self.weights = load_hf(self.model_dir, self.dtype)
+            if pre is not None:
+                quant = WeightQuantConfig.of_weights(self.weights, "compressed-tensors")
         cfg = self.cfg
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         if not (isinstance(self.max_model_len, int) and 1 < self.max_model_len <= cfg.max_position_embeddings):

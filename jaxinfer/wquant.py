@@ -12,7 +12,15 @@ token axis there, input features the channels):
   fp8_e4m3   float8_e4m3fn [N, K]              float32               K
   nvfp4      uint8 [N, K/2], e2m1 nibbles      float8_e4m3fn         16, with a float32 tensor scale
   w8a8       int8 [N, K]                       float32               K; the activations are quantized
-                                                                       too, per row, at run time
+                                                                       too, per row, to int8 at run time
+  w8a8_fp8   float8_e4m3fn [N, K]              float32               K; the activations too, per row,
+                                                                       to float8_e4m3fn
+
+An integer matrix may carry a zero point (asymmetric quantization, as pre-quantized checkpoints
+store it, `jaxinfer.hf_quant`): `zero` [N, K/g] float32 is added after scaling, value = q * s + z,
+and int4 nibbles are then unsigned ([0, 15]), as in the KV codec's asymmetric int4. The nvfp4
+tensor scale is a scalar, or one per output feature [N, 1] when a fused projection's parts were
+quantized with different ones.
 
 Only the attention and MLP projections of the decoder layers are quantized (wqkv, wo,
 w_gate_up, w_down); the embedding, the LM head and the norms stay in the model's dtype,
@@ -33,7 +41,10 @@ Methods:
         clipping range; calibrated in the same order as GPTQ. Any format (for w8a8 the
         searches score the weight rounding only).
 
-W8A8 multiplies int8 codes by int8 codes (`w8a8_matmul`); the other formats are weight-only:
+W8A8 multiplies int8 codes by int8 codes (`w8a8_matmul`). W8A8-FP8 rounds each activation row to
+float8_e4m3fn with its own scale and multiplies the float8 values, exactly representable, in float32
+(what an FP8 GEMM with float32 accumulation computes; XLA:CPU has no FP8 product). The other formats
+are weight-only:
 their weights are dequantized to float32 and multiplied in float32 whatever the activation
 dtype, so a one-token step and a many-token step compute the same function (the
 speculative verification and the engine rely on that). On CPU, int8 products of a few rows
@@ -55,10 +66,13 @@ from jaxinfer.config import rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta
 from pallas_kernels import kv_formats as kvf
 
-FORMATS = ("int8", "int4", "fp8_e4m3", "nvfp4", "w8a8")
-CODEC = {"w8a8": "int8"}  # formats stored in another format's codec (else their own name)
+FORMATS = ("int8", "int4", "fp8_e4m3", "nvfp4", "w8a8", "w8a8_fp8")
+ACT_FORMATS = {"w8a8": "int8", "w8a8_fp8": "fp8_e4m3"}  # formats that quantize activations too, and to what
+CODEC = {"w8a8": "int8", "w8a8_fp8": "fp8_e4m3"}  # formats stored in another format's codec (else their own name)
 METHODS = ("rtn", "gptq", "awq")
-DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "nvfp4": kvf.NVFP4_GROUP, "w8a8": None}
+LOADED_METHODS = ("compressed-tensors",)  # weights quantized elsewhere, read from a checkpoint (hf_quant)
+DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "nvfp4": kvf.NVFP4_GROUP, "w8a8": None,
+                 "w8a8_fp8": None}
 GPTQ_FORMATS = ("int8", "int4", "w8a8")
 AWQ_ROWS = 2048  # calibration rows kept per projection for AWQ's scale search
 MODULES = ("wqkv", "wo", "w_gate_up", "w_down")  # LayerWeights fields that are linear maps
@@ -71,8 +85,9 @@ class QuantWeight:
 
     data: jax.Array  # [N, K] or [N, K/2] packed
     scale: jax.Array  # [N, K/g]
-    tensor_scale: jax.Array | None = None  # nvfp4: f32 scalar
+    tensor_scale: jax.Array | None = None  # nvfp4: f32 scalar, or [N, 1]
     input_scale: jax.Array | None = None  # AWQ: [K] f32, multiplies x before the product
+    zero: jax.Array | None = None  # asymmetric integer formats: [N, K/g] f32, added after scaling
     fmt: str = struct.field(pytree_node=False, default="int8")
 
     @property
@@ -91,9 +106,11 @@ class QuantWeight:
 
     def dequantize(self) -> jax.Array:
         """float32 [N, K]."""
-        vals = kvf.decode_values(self.data, CODEC.get(self.fmt, self.fmt))  # [N, K]
+        vals = kvf.decode_values(self.data, CODEC.get(self.fmt, self.fmt), asymmetric=self.zero is not None)
         n, k = vals.shape
         groups = vals.reshape(n, k // self.group, self.group) * self.scale.astype(jnp.float32)[:, :, None]
+        if self.zero is not None:
+            groups = groups + self.zero[:, :, None]
         out = groups.reshape(n, k)
         return out * self.tensor_scale if self.tensor_scale is not None else out
 
@@ -112,7 +129,7 @@ class QuantWeight:
 #   int8      1 row: tied 0.46, untied 3.5;  2 rows: tied row by row 0.76, untied 3.5;  8 rows: 3.05 vs 4.2
 #   int4      1 row: tied 2.4, untied 4.9;   4 rows: untied 4.5, tied 6.9
 #   fp8_e4m3  1 row: untied 1.8, tied 2.6;   nvfp4  1 row: untied 1.8, tied 8.2
-TIED_ROWS = {"int8": 8, "int4": 1, "fp8_e4m3": 0, "nvfp4": 0, "w8a8": 0}
+TIED_ROWS = {"int8": 8, "int4": 1, "fp8_e4m3": 0, "nvfp4": 0, "w8a8": 0, "w8a8_fp8": 0}
 
 
 def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
@@ -134,6 +151,9 @@ def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
     rows = x32.shape[0]
     if w.fmt == "w8a8":
         out = w8a8_matmul(x32, w)
+    elif w.fmt == "w8a8_fp8":
+        xq, xs, _ = kvf.quantize(x32, "fp8_e4m3")  # one scale per row
+        out = jnp.dot(xq.astype(jnp.float32) * xs, w.dequantize().T)
     elif rows <= TIED_ROWS[w.fmt]:
         data, x32 = jax.lax.optimization_barrier((w.data, x32))
         wt = w.replace(data=data).dequantize().T
@@ -192,12 +212,12 @@ class WeightQuantConfig:
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"quantization={self.format!r} is not supported; choose one of {', '.join(FORMATS)}")
-        if self.method not in METHODS:
+        if self.method not in METHODS + LOADED_METHODS:
             raise ValueError(f"quantization method={self.method!r} is not one of {METHODS}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"quantization group_size={self.group_size!r} must be a positive integer or None")
-        if self.format == "w8a8" and self.group_size is not None:
-            raise ValueError(f"w8a8 scales each output channel (an int8 product per row); group_size="
+        if self.format in ACT_FORMATS and self.group_size is not None:
+            raise ValueError(f"{self.format} scales each output channel (a quantized product per row); group_size="
                              f"{self.group_size} is not allowed")
         if self.format == "nvfp4" and self.group_size not in (None, kvf.NVFP4_GROUP):
             raise ValueError(f"nvfp4 uses {kvf.NVFP4_GROUP}-element blocks, not group_size={self.group_size}")
@@ -233,7 +253,27 @@ class WeightQuantConfig:
         if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
             raise ValueError(f"quantization overrides={overrides!r} must be a dict {{module pattern: format}}")
         config["skip"], config["overrides"] = tuple(skip), tuple(overrides.items())
+        if config.get("method") in LOADED_METHODS:
+            raise ValueError(f"quantization method={config['method']!r} describes a pre-quantized checkpoint, "
+                             f"which LLM(model=dir) loads as it is; quantize with one of {METHODS}")
         return cls(format=quantization, **config)
+
+    @classmethod
+    def of_weights(cls, weights, method: str) -> "WeightQuantConfig | None":
+        """A description of weights quantized elsewhere (`method`: where from): the most common
+        format (and its group), other formats as overrides, dense projections as skips; None if
+        nothing is quantized."""
+        fmts = {f"layers.{i}.{n}": getattr(layer, n) for i, layer in enumerate(weights.layers) for n in MODULES}
+        quantized = [w.fmt for w in fmts.values() if isinstance(w, QuantWeight)]
+        if not quantized:
+            return None
+        main = max(set(quantized), key=quantized.count)
+        group = next(w.group for w in fmts.values() if isinstance(w, QuantWeight) and w.fmt == main)
+        in_features = next(w.shape[0] for w in fmts.values() if isinstance(w, QuantWeight) and w.fmt == main)
+        return cls(format=main, method=method,
+                   group_size=group if main in ("int8", "int4", "fp8_e4m3") and group < in_features else None,
+                   skip=tuple(m for m, w in fmts.items() if not isinstance(w, QuantWeight)),
+                   overrides=tuple((m, w.fmt) for m, w in fmts.items() if isinstance(w, QuantWeight) and w.fmt != main))
 
     def to_saved(self) -> dict:
         """JSON-able fields (LLM.save writes them to quantization.json)."""
@@ -261,7 +301,7 @@ class WeightQuantConfig:
         return fmt
 
     def group_of(self, fmt: str, in_features: int) -> int:
-        if fmt == "w8a8":
+        if fmt in ACT_FORMATS:
             return in_features  # one scale per output channel, whatever group_size the others use
         g = self.group_size if fmt != "nvfp4" else kvf.NVFP4_GROUP
         g = DEFAULT_GROUP[fmt] if g is None else g

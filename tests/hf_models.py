@@ -70,3 +70,54 @@ def write_tokenizer(out_dir: Path, vocab_size: int = 300) -> Path:
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(str(Path(out_dir) / "tokenizer.json"))
     return Path(out_dir)
+
+
+def write_compressed(src: Path, out_dir: Path, scheme: str | dict, ignore=("lm_head",), groups: dict | None = None) -> Path:
+    """Quantize the checkpoint at src with compressed-tensors (the library llm-compressor and vLLM use)
+    and save it in its compressed format: `scheme` is a preset name ("W4A16", "W8A8", "FP8_DYNAMIC",
+    "NVFP4A16", ...) or scheme arguments ({"weights": {...}, "input_activations": {...}}), applied
+    to every Linear but `ignore`; or `groups` {name: scheme arguments with "targets"}. Scales and
+    zero points come from each group's min / max (what an RTN observer computes)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    model = load_hf_model(src)
+    if groups is None:
+        one = (preset_name_to_scheme(scheme, ["Linear"]) if isinstance(scheme, str)
+               else QuantizationScheme(targets=["Linear"], **scheme))
+        config_groups = {"group_0": one}
+    else:
+        config_groups = {name: QuantizationScheme(**g) for name, g in groups.items()}
+    apply_quantization_config(model, QuantizationConfig(config_groups=config_groups, ignore=list(ignore)))
+    with torch.no_grad():
+        for _, m in model.named_modules():
+            s = getattr(m, "quantization_scheme", None)
+            if s is None or s.weights is None:
+                continue
+            args, w = s.weights, m.weight.data
+            strategy, global_scale = str(getattr(args.strategy, "value", args.strategy)), None
+            if strategy == "channel":
+                lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+            elif strategy in ("group", "tensor_group"):
+                grouped = w.reshape(w.shape[0], -1, args.group_size)
+                lo, hi = grouped.amin(-1), grouped.amax(-1)
+                if strategy == "tensor_group":
+                    global_scale = generate_gparam(w.amin(), w.amax())
+                    m.weight_global_scale.data.copy_(global_scale)
+            elif strategy == "block":
+                bn, bk = args.block_structure
+                blocks = w.reshape(w.shape[0] // bn, bn, w.shape[1] // bk, bk)
+                lo, hi = blocks.amin((1, 3)), blocks.amax((1, 3))
+            else:
+                lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+            scale, zero = calculate_qparams(lo, hi, args, global_scale=global_scale)
+            m.weight_scale.data = scale.to(m.weight_scale.dtype).reshape(m.weight_scale.shape)
+            if hasattr(m, "weight_zero_point"):
+                m.weight_zero_point.data = zero.to(m.weight_zero_point.dtype).reshape(m.weight_zero_point.shape)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(out_dir)
+    compressor.update_config(out_dir)
+    return Path(out_dir)

@@ -10,7 +10,7 @@ from jaxinfer import LLM, SamplingParams
 from jaxinfer.checkpoint import export_hf
 from jaxinfer.layers import matmul
 from jaxinfer.model import forward
-from jaxinfer.wquant import (FORMATS, QuantWeight, WeightQuantConfig, awq_quantize, clip_search, gptq_quantize,
+from jaxinfer.wquant import (ACT_FORMATS, FORMATS, QuantWeight, WeightQuantConfig, awq_quantize, clip_search, gptq_quantize,
                              quantize_rtn, weight_bytes)
 from pallas_kernels import kv_formats as kvf
 
@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "w8a8"])  # w8a8 stores int8's codes
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f not in ACT_FORMATS])  # w8a8(_fp8) store int8 / fp8 codes
 def test_rtn_round_trip_is_within_half_a_step(fmt):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((96, 40)).astype(np.float32) * np.linspace(0.1, 3, 40)  # [K, N], columns scaled
@@ -73,6 +73,25 @@ def test_w8a8_is_an_exact_int8_product_of_per_row_codes():
     for rows in (slice(0, 1), slice(3, 6)):  # one row (padded to two) and a few
         np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x[rows]), q)), full[rows])
     assert np.abs(full - x @ w).max() < 0.02 * np.abs(x @ w).max()
+
+
+def test_w8a8_fp8_multiplies_per_row_float8_activations():
+    """w8a8_fp8: each row of x is rounded to float8_e4m3fn with its own absmax / 448 scale (what
+    vLLM's dynamic per-token FP8 does) and multiplied by the per-channel fp8 weights."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 40)).astype(np.float32)
+    q = quantize_rtn(w, "w8a8_fp8", 64)
+    assert q.data.dtype == jnp.float8_e4m3fn and q.scale.shape == (40, 1)
+    x = rng.standard_normal((7, 64)).astype(np.float32) * np.exp(rng.standard_normal((7, 1)))
+    a = np.abs(x).max(1, keepdims=True) / 448
+    xq = np.asarray(jnp.asarray(x / a).astype(jnp.float8_e4m3fn), np.float64) * a
+    ref = xq @ np.asarray(q.dense(), np.float64)
+    f = jax.jit(matmul)
+    np.testing.assert_allclose(np.asarray(f(jnp.asarray(x), q)), ref, rtol=1e-5, atol=1e-5)
+    weight_only = x @ np.asarray(q.dense())
+    assert np.abs(weight_only - ref).max() > 1e-3  # the activations were rounded
+    np.testing.assert_allclose(np.asarray(f(jnp.asarray(x[2:3]), q)), np.asarray(f(jnp.asarray(x), q))[2:3],
+                               rtol=1e-6, atol=1e-6)  # a row's scale is its own
 
 
 def test_gptq_reconstructs_correlated_inputs_better_than_rtn():

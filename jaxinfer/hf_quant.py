@@ -1,0 +1,286 @@
+"""Pre-quantized Hugging Face checkpoints: compressed-tensors, read into `wquant.QuantWeight`.
+
+Checkpoints quantized by llm-compressor (and served by vLLM) describe themselves in config.json's
+"quantization_config" with quant_method "compressed-tensors": config groups, each a scheme
+(weight and input-activation arguments: num_bits, type int / float, strategy, group_size,
+symmetric, dynamic) with the modules it targets and its storage format, plus an ignore list.
+Each targeted decoder projection is read into a QuantWeight, its codes and scales as stored
+(nothing is rounded again, so the model computes what the checkpoint's own dequantization
+gives):
+
+  scheme (weights; activations)               format here   stored per module (HF [N, K] order)
+  int 4 / 8 bits, channel, group or tensor    int4 / int8   weight_packed int32 [N, K*b/32] (b-bit
+    symmetric or not; none                                  values + 2^(b-1), value i at bits b*i),
+                                                            or (int8) weight int8 [N, K];
+                                                            weight_scale; weight_zero_point
+                                                            (asymmetric; packed along N)
+  int 8, channel; int 8 dynamic per token     w8a8          weight int8 [N, K], weight_scale [N, 1]
+  float 8 (e4m3), tensor, channel, group      fp8_e4m3      weight float8_e4m3fn [N, K], weight_scale
+    or block; none                                          ([bn, bk] blocks: [N/bn, K/bk])
+  float 8, tensor or channel; float 8         w8a8_fp8      as fp8_e4m3
+    dynamic per token
+  float 4 (e2m1), tensor_group 16; none       nvfp4         weight_packed uint8 [N, K/2] (element 2j
+                                                            in the low nibble), weight_scale
+                                                            float8_e4m3fn [N, K/16],
+                                                            weight_global_scale [1]: value =
+                                                            e2m1 * scale / global_scale
+
+Scales of every strategy become [N, K/g] (a tensor scale repeats over the rows, a block scale
+over its block's rows). Asymmetric integers keep their offset nibbles and carry
+zero = -(2^(b-1) + zero_point) * scale for int4, -zero_point * scale for int8 (value = q * s + z).
+The fused projections (q/k/v, gate/up) stack their parts' rows; parts of one format and group
+with different NVFP4 global scales keep one tensor scale per row. Parts that cannot share one
+QuantWeight (different formats or groups, or some left dense) are dequantized into the dense
+matrix, in the model's dtype, as is a quantized LM head.
+
+Refused with a CheckpointError naming the value: other quant_methods (gptq, awq, bitsandbytes,
+...), static activation scales, activation-order group indices (actorder="group"), 4-bit or
+grouped activations, other bit widths and float formats (MXFP4, ...), sparsity and transforms.
+A kv_cache_scheme is ignored with a warning (the KV cache's format is `LLM(kv_cache_dtype=...)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.wquant import QuantWeight
+
+QUANT_METHOD = "compressed-tensors"
+STORAGE = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized")
+
+
+class QuantConfigError(ValueError):
+    """A quantization_config this loader cannot honour (checkpoint.load_hf turns it into a CheckpointError)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleScheme:
+    """How one projection is stored: the QuantWeight format it becomes, and what its tensors hold."""
+
+    fmt: str  # wquant format
+    storage: str  # compressed-tensors format
+    num_bits: int
+    strategy: str  # tensor | channel | group | block | tensor_group
+    group_size: int | None = None
+    block: tuple[int, int] | None = None
+    symmetric: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressedTensors:
+    """A parsed compressed-tensors quantization_config: (targets, scheme) per config group, ignore list."""
+
+    groups: tuple[tuple[tuple[str, ...], ModuleScheme], ...]
+    ignore: tuple[str, ...]
+
+    def scheme_of(self, name: str) -> ModuleScheme | None:
+        """The scheme of the Linear module `name` (HF name, e.g. "model.layers.0.self_attn.q_proj"), or None
+        (stored dense)."""
+        if any(_targets(t, name) for t in self.ignore):
+            return None
+        for targets, scheme in self.groups:
+            if any(_targets(t, name) for t in targets):
+                return scheme
+        return None
+
+
+def _targets(target: str, name: str) -> bool:
+    """compressed-tensors' module matching for Linear modules: "re:<regex>" on the module name, the
+    module name itself, or the class name "Linear"."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target in (name, "Linear")
+
+
+def parse(qc: dict | None, source: str = "config.json") -> CompressedTensors | None:
+    """config.json's quantization_config -> CompressedTensors, None for a dense checkpoint, or
+    QuantConfigError naming what is not supported."""
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise QuantConfigError(f"{source}: quantization_config must be an object, not {type(qc).__name__}")
+    method = qc.get("quant_method")
+    if method != QUANT_METHOD:
+        raise QuantConfigError(
+            f"{source}: quantization_config quant_method={method!r} is not supported; jaxinfer loads "
+            f"{QUANT_METHOD!r} checkpoints (llm-compressor; int4 / int8 / fp8 / nvfp4 weights, int8 or fp8 "
+            "dynamic activations), or quantizes dense ones itself: LLM(quantization=...)")
+    if qc.get("sparsity_config"):
+        raise QuantConfigError(f"{source}: compressed-tensors sparsity_config is not supported")
+    if qc.get("transform_config"):
+        raise QuantConfigError(f"{source}: compressed-tensors transform_config (rotations) is not supported")
+    if qc.get("kv_cache_scheme"):
+        warnings.warn(f"{source}: the checkpoint's kv_cache_scheme is ignored; choose the KV cache's format "
+                      "with LLM(kv_cache_dtype=...)", stacklevel=3)
+    default_storage = qc.get("format")
+    groups = []
+    for gname, g in (qc.get("config_groups") or {}).items():
+        if not isinstance(g, dict) or not g.get("targets"):
+            raise QuantConfigError(f"{source}: config group {gname!r} has no targets")
+        scheme = _scheme(g, g.get("format") or default_storage, f"{source}: config group {gname!r}")
+        if scheme is not None:
+            groups.append((tuple(g["targets"]), scheme))
+    return CompressedTensors(groups=tuple(groups), ignore=tuple(qc.get("ignore") or ()))
+
+
+def _scheme(g: dict, storage: str | None, where: str) -> ModuleScheme | None:
+    w, act = g.get("weights"), g.get("input_activations")
+    if g.get("output_activations"):
+        raise QuantConfigError(f"{where}: output activation quantization is not supported")
+    if storage == "dense" or w is None:
+        if act:
+            raise QuantConfigError(f"{where}: activation quantization without quantized weights is not supported")
+        return None
+    if storage not in STORAGE:
+        raise QuantConfigError(f"{where}: storage format {storage!r} is not supported; supported: {', '.join(STORAGE)}")
+    kind, bits, strategy = w.get("type", "int"), int(w.get("num_bits", 8)), w.get("strategy", "tensor")
+    group = w.get("group_size")
+    block = tuple(w["block_structure"]) if w.get("block_structure") else None
+    symmetric = bool(w.get("symmetric", True))
+    if w.get("dynamic"):
+        raise QuantConfigError(f"{where}: dynamic weight quantization is not supported")
+    if w.get("actorder") == "group":
+        raise QuantConfigError(f"{where}: actorder='group' (per-column group indices) is not supported; "
+                               "checkpoints with actorder='weight' or none load")
+    if kind == "int" and bits in (4, 8) and strategy in ("tensor", "channel", "group"):
+        fmt = f"int{bits}"
+    elif kind == "float" and bits == 8 and strategy in ("tensor", "channel", "group", "block"):
+        fmt = "fp8_e4m3"
+    elif kind == "float" and bits == 4 and strategy == "tensor_group" and group == 16:
+        fmt = "nvfp4"
+    else:
+        raise QuantConfigError(f"{where}: weights of type={kind!r} num_bits={bits} strategy={strategy!r} "
+                               f"group_size={group} are not supported; supported: int 4 / 8 bits (tensor, channel, "
+                               "group), float 8 (tensor, channel, group, block), float 4 tensor_group 16 (NVFP4)")
+    if not symmetric and kind != "int":
+        raise QuantConfigError(f"{where}: asymmetric {kind} weights are not supported")
+    if strategy == "group" and not group:
+        raise QuantConfigError(f"{where}: strategy 'group' needs a group_size")
+    if act:
+        a_kind, a_bits = act.get("type", "int"), int(act.get("num_bits", 8))
+        if not act.get("dynamic") or act.get("dynamic") == "local":
+            raise QuantConfigError(f"{where}: static activation scales (dynamic={act.get('dynamic')!r}) are not "
+                                   "supported; dynamic per-token int8 or fp8 activations are")
+        if act.get("strategy") != "token" or a_bits != 8 or not act.get("symmetric", True):
+            raise QuantConfigError(f"{where}: input activations {a_kind} {a_bits}-bit strategy={act.get('strategy')!r} "
+                                   "are not supported; dynamic symmetric per-token 8-bit are")
+        if a_kind == "int" and fmt == "int8" and symmetric and strategy in ("tensor", "channel"):
+            fmt = "w8a8"
+        elif a_kind == "float" and fmt == "fp8_e4m3" and strategy in ("tensor", "channel"):
+            fmt = "w8a8_fp8"
+        else:
+            raise QuantConfigError(f"{where}: {a_kind} 8-bit activations with {fmt} {strategy} weights are not "
+                                   "supported; int8 activations go with symmetric per-channel int8 weights, fp8 "
+                                   "activations with per-channel or per-tensor fp8 weights")
+    expect = {"int4": ("pack-quantized",), "int8": ("pack-quantized", "int-quantized", "naive-quantized"),
+              "w8a8": ("pack-quantized", "int-quantized", "naive-quantized"),
+              "fp8_e4m3": ("float-quantized", "naive-quantized"), "w8a8_fp8": ("float-quantized", "naive-quantized"),
+              "nvfp4": ("nvfp4-pack-quantized",)}[fmt]
+    if storage not in expect:
+        raise QuantConfigError(f"{where}: {fmt} weights stored as {storage!r}; expected {' or '.join(expect)}")
+    return ModuleScheme(fmt=fmt, storage=storage, num_bits=bits, strategy=strategy,
+                        group_size=group, block=block, symmetric=symmetric)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _unpack_int32(packed: np.ndarray, bits: int, count: int, axis: int) -> np.ndarray:
+    """int32 words holding b-bit unsigned fields (value i at bits b*i of its word, little-endian)
+    -> uint8 values, `count` of them along `axis`."""
+    words = np.moveaxis(np.asarray(packed).astype("<i4"), axis, -1)
+    per = 32 // bits
+    shifts = np.arange(per, dtype=np.uint32) * bits
+    vals = (words.view(np.uint32)[..., None] >> shifts) & ((1 << bits) - 1)
+    vals = vals.reshape(*words.shape[:-1], -1)[..., :count].astype(np.uint8)
+    return np.moveaxis(vals, -1, axis)
+
+
+def _scale_rows(scale: np.ndarray, s: ModuleScheme, n: int, k: int, where: str) -> np.ndarray:
+    """A stored scale (tensor [1], channel [N, 1], group [N, K/g], block [N/bn, K/bk], nvfp4 [N, K/16])
+    -> [N, K/g] (float32, or the stored float8 for nvfp4)."""
+    scale = np.asarray(scale)
+    if s.fmt != "nvfp4":
+        scale = scale.astype(np.float32)
+    if s.strategy == "tensor":
+        return np.broadcast_to(scale.reshape(1, 1), (n, 1)).copy()
+    if s.strategy == "block":
+        bn, bk = s.block or (None, None)
+        if not bn or k % bk or scale.shape != (-(-n // bn), k // bk):
+            raise QuantConfigError(f"{where}: block scale of shape {scale.shape} does not fit blocks {s.block} "
+                                   f"of a [{n}, {k}] weight")
+        return np.repeat(scale, bn, axis=0)[:n]
+    groups = 1 if s.strategy == "channel" else k // (s.group_size or k)
+    if s.strategy in ("group", "tensor_group") and k % s.group_size:
+        raise QuantConfigError(f"{where}: group_size={s.group_size} does not divide {k} input features")
+    if scale.shape != (n, groups):
+        raise QuantConfigError(f"{where}: weight_scale has shape {scale.shape}, expected {(n, groups)}")
+    return scale
+
+
+def read_linear(get, name: str, n: int, k: int, s: ModuleScheme) -> QuantWeight:
+    """The projection `name` ([N, K] in HF order) stored as scheme s; get(tensor name) reads a tensor."""
+    where = name
+    if s.fmt == "nvfp4":
+        data = np.asarray(get(name + ".weight_packed"))
+        if data.shape != (n, k // 2) or data.dtype != np.uint8:
+            raise QuantConfigError(f"{where}: weight_packed is {data.dtype} {data.shape}, expected uint8 {(n, k // 2)}")
+        scale = _scale_rows(get(name + ".weight_scale"), s, n, k, where).astype(jnp.float8_e4m3fn)
+        glob = np.asarray(get(name + ".weight_global_scale"), np.float32).reshape(())
+        return QuantWeight(data=jnp.asarray(data), scale=jnp.asarray(scale),
+                           tensor_scale=jnp.asarray(1.0 / glob, jnp.float32), fmt="nvfp4")
+    scale = _scale_rows(get(name + ".weight_scale"), s, n, k, where)
+    bits = s.num_bits
+    if s.storage == "pack-quantized":
+        packed = np.asarray(get(name + ".weight_packed"))
+        if packed.shape != (n, -(-k * bits // 32)):
+            raise QuantConfigError(f"{where}: weight_packed has shape {packed.shape}, expected {(n, -(-k * bits // 32))}")
+        offset = _unpack_int32(packed, bits, k, axis=1)  # q + 2^(b-1), uint8 [N, K]
+    else:
+        q = np.asarray(get(name + ".weight"))
+        if q.shape != (n, k):
+            raise QuantConfigError(f"{where}: weight has shape {q.shape}, expected {(n, k)}")
+        if s.fmt in ("fp8_e4m3", "w8a8_fp8"):
+            return QuantWeight(data=jnp.asarray(q.astype(jnp.float8_e4m3fn)), scale=jnp.asarray(scale), fmt=s.fmt)
+        offset = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    zero = None
+    if not s.symmetric:
+        zp = np.asarray(get(name + ".weight_zero_point"))
+        if zp.dtype == np.int32 and zp.shape[0] != n:  # packed along N
+            zp = _unpack_int32(zp, bits, n, axis=0).astype(np.int32) - (1 << (bits - 1))
+        zp = _scale_rows(zp, dataclasses.replace(s, fmt="int8"), n, k, where + ".weight_zero_point")
+        zero = -(((1 << (bits - 1)) if bits == 4 else 0) + zp) * scale  # int4 keeps its offset nibbles
+    if bits == 8:
+        data = (offset ^ 0x80).view(np.int8)  # two's complement
+    else:
+        nib = offset if zero is not None else offset ^ 0x8  # unsigned with a zero point, else two's complement
+        data = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    return QuantWeight(data=jnp.asarray(data), scale=jnp.asarray(scale),
+                       zero=None if zero is None else jnp.asarray(zero, jnp.float32), fmt=s.fmt)
+
+
+def fuse(parts: list[QuantWeight | None]) -> QuantWeight | None:
+    """Stack the rows of a fused projection's parts into one QuantWeight, or None when they cannot
+    share one (different formats, groups or scale layouts, or a part stored dense)."""
+    if any(p is None for p in parts):
+        return None
+    first = parts[0]
+    same = all(p.fmt == first.fmt and p.group == first.group and p.scale.dtype == first.scale.dtype
+               and (p.zero is None) == (first.zero is None) for p in parts)
+    if not same:
+        return None
+    tensor_scale = None
+    if first.tensor_scale is not None:
+        ts = [np.asarray(p.tensor_scale, np.float32) for p in parts]
+        if all(t.size == 1 and t.reshape(()) == ts[0].reshape(()) for t in ts):
+            tensor_scale = jnp.asarray(ts[0].reshape(()))
+        else:
+            rows = [np.broadcast_to(t.reshape(-1, 1), (p.data.shape[0], 1)) for t, p in zip(ts, parts)]
+            tensor_scale = jnp.asarray(np.concatenate(rows))
+    cat = lambda f: None if getattr(first, f) is None else jnp.concatenate([getattr(p, f) for p in parts])  # noqa: E731
+    return QuantWeight(data=cat("data"), scale=cat("scale"), zero=cat("zero"), tensor_scale=tensor_scale,
+                       fmt=first.fmt)

@@ -1,0 +1,183 @@
+"""Pre-quantized checkpoints: compressed-tensors directories (written by the compressed-tensors
+library itself) load into QuantWeights that compute what transformers computes on them."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+from hf_models import write_compressed, write_tiny
+from transformers.utils.quantization_config import CompressedTensorsConfig
+
+from jaxinfer import LLM, SamplingParams
+from jaxinfer.checkpoint import CheckpointError, load_hf
+from jaxinfer.model import forward
+from jaxinfer.wquant import QuantWeight
+
+INT4_G32 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": True}
+INT8_CHANNEL = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}
+SCHEMES = {  # name: (scheme, the format the projections load as)
+    "int4_g32": ({"weights": INT4_G32}, "int4"),
+    "int4_g32_asym": ({"weights": {**INT4_G32, "symmetric": False}}, "int4"),
+    "int8_g32": ({"weights": {**INT4_G32, "num_bits": 8}}, "int8"),
+    "fp8_block": ({"weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [32, 32]}},
+                  "fp8_e4m3"),
+    "FP8_DYNAMIC": ("FP8_DYNAMIC", "w8a8_fp8"),  # fp8 weights per channel, fp8 activations per token
+    "W8A8": ("W8A8", "w8a8"),
+    "NVFP4A16": ("NVFP4A16", "nvfp4"),
+}
+IDS = np.random.default_rng(0).integers(3, 128, size=40).tolist()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_tiny("llama", tmp_path_factory.mktemp("ct_base"))
+
+
+def _transformers(path, dequantize=False):
+    """The compressed checkpoint as transformers runs it: compressed-tensors decompresses the weights
+    (and fake-quantizes dynamic activations) on the first forward. dequantize=True decompresses at
+    load time instead (asymmetric zero points only load that way in transformers 5.24; NVFP4's
+    default path fails there, and its dequantization rounds to bfloat16)."""
+    kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+    with torch.no_grad():
+        logprobs = model(torch.tensor([IDS])).logits[0].log_softmax(-1).numpy()
+    return model, logprobs[np.arange(len(IDS) - 1), IDS[1:]]
+
+
+def _ours(weights, cfg):
+    logits, _, _ = jax.jit(forward, static_argnums=1)(weights, cfg, jnp.asarray([IDS]),
+                                                      jnp.arange(len(IDS))[None], None, None)
+    return np.asarray(jax.nn.log_softmax(logits[0], -1))[np.arange(len(IDS) - 1), IDS[1:]]
+
+
+def _hf_projections(model, i):
+    """Layer i's (dequantized) projections from a transformers model, in our [K, N] layout."""
+    a, m = model.model.layers[i].self_attn, model.model.layers[i].mlp
+    cat = lambda *ps: torch.cat([p.weight for p in ps]).T.detach().numpy()  # noqa: E731
+    return {"wqkv": cat(a.q_proj, a.k_proj, a.v_proj), "wo": cat(a.o_proj),
+            "w_gate_up": cat(m.gate_proj, m.up_proj), "w_down": cat(m.down_proj)}
+
+
+def _dense(w):
+    return np.asarray(w.dense()) if isinstance(w, QuantWeight) else np.asarray(w)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_compressed_tensors_checkpoint_matches_transformers(base, tmp_path, name):
+    scheme, fmt = SCHEMES[name]
+    path = write_compressed(base, tmp_path / name, scheme)
+    cfg, weights = load_hf(path)
+    for layer in weights.layers:
+        for field in ("wqkv", "wo", "w_gate_up", "w_down"):
+            assert isinstance(getattr(layer, field), QuantWeight) and getattr(layer, field).fmt == fmt
+    ours = _ours(weights, cfg)
+    _, dense_ref = _transformers(base)
+    assert np.abs(ours - dense_ref).max() > 1e-2  # the quantization shows: the comparison below can fail
+    model, ref = _transformers(path, dequantize=name in ("int4_g32_asym", "NVFP4A16"))
+    if name == "NVFP4A16":  # compressed-tensors dequantizes NVFP4 to bfloat16: our float32 values, rounded
+        for i, layer in enumerate(weights.layers):
+            for field, want in _hf_projections(model, i).items():
+                got = _dense(getattr(layer, field)).astype(ml_dtypes.bfloat16).astype(np.float32)
+                np.testing.assert_array_equal(got, want, err_msg=f"layer {i} {field}")
+    elif name == "W8A8":
+        # Weights are exact; activations differ in one convention: compressed-tensors scales a row
+        # by absmax / 127.5 (its [-128, 127] range), vLLM's kernels and ours by absmax / 127, so the
+        # rows round on different grids (test_wquant checks our int8 product exactly).
+        for i, layer in enumerate(weights.layers):
+            for field, want in _hf_projections(model, i).items():
+                np.testing.assert_allclose(_dense(getattr(layer, field)), want, rtol=1e-6, atol=1e-7)
+        assert np.abs(ours - ref).max() < 0.15
+    else:
+        np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_mixed_schemes_ignore_list_and_quantized_lm_head(base, tmp_path):
+    """Config groups by regex (int4 for q and the MLP, int8 per channel for k / v / o and the LM
+    head) and an ignored module: q / k / v cannot share one QuantWeight and load dense (dequantized),
+    the ignored down projection stays dense, the LM head is dequantized."""
+    groups = {"g4": {"targets": ["re:.*q_proj$", "re:.*mlp.*"], "weights": INT4_G32},
+              "g8": {"targets": ["re:.*(k|v|o)_proj$", "lm_head"], "weights": INT8_CHANNEL}}
+    path = write_compressed(base, tmp_path / "mixed", None, ignore=["model.layers.0.mlp.down_proj"], groups=groups)
+    cfg, weights = load_hf(path)
+    kinds = [{f: getattr(getattr(layer, f), "fmt", "dense") for f in ("wqkv", "wo", "w_gate_up", "w_down")}
+             for layer in weights.layers]
+    assert kinds == [{"wqkv": "dense", "wo": "int8", "w_gate_up": "int4", "w_down": "dense"},
+                     {"wqkv": "dense", "wo": "int8", "w_gate_up": "int4", "w_down": "int4"}]
+    model, ref = _transformers(path)
+    for i, layer in enumerate(weights.layers):
+        for field, want in _hf_projections(model, i).items():
+            np.testing.assert_allclose(_dense(getattr(layer, field)), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(weights.lm_head), model.lm_head.weight.T.detach().numpy(), atol=1e-7)
+    np.testing.assert_allclose(_ours(weights, cfg), ref, atol=1e-4)
+
+
+def test_nvfp4_fused_parts_keep_their_own_global_scales(base, tmp_path):
+    """q, k and v were quantized with different NVFP4 global scales: the fused matrix keeps one per row."""
+    path = write_compressed(base, tmp_path / "nvfp4", "NVFP4A16")
+    _, weights = load_hf(path)
+    ts = np.asarray(weights.layers[0].wqkv.tensor_scale)
+    assert ts.shape == (128, 1) and len(np.unique(ts)) == 3
+
+
+def test_llm_serves_saves_and_reloads_a_compressed_checkpoint(base, tmp_path):
+    path = write_compressed(base, tmp_path / "asym", {"weights": {**INT4_G32, "symmetric": False}})
+    llm = LLM(str(path), dtype="float32", max_num_seqs=2)
+    assert llm.quantization.format == "int4" and llm.quantization.method == "compressed-tensors"
+    assert llm.quantization.group_size == 32 and llm.quantization.skip == ()
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": IDS[:9]}, {"prompt_token_ids": IDS[:23]}]
+    engine = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    static = [llm.generate_static([p], params)[0].outputs[0].token_ids for p in prompts]
+    assert engine == static
+    llm.save(tmp_path / "saved")
+    again = LLM(str(tmp_path / "saved"), dtype="float32", max_num_seqs=2)
+    assert again.quantization == llm.quantization
+    assert np.asarray(again.weights.layers[1].wqkv.zero).shape == (128, 2)
+    assert [o.outputs[0].token_ids for o in again.generate(prompts, params)] == engine
+    with pytest.raises(ValueError, match="already quantized"):
+        LLM(str(path), quantization="int8")
+
+
+def _with_quantization_config(base, tmp_path, qc):
+    out = tmp_path / "declared"
+    out.mkdir()
+    for f in base.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+    return out
+
+
+@pytest.mark.parametrize("qc, match", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "quant_method='gptq' is not supported"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method='bitsandbytes'"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {**INT4_G32, "actorder": "group"}}}}, "actorder='group'"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "tensor"},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}}}},
+     "static activation scales"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {**INT4_G32, "num_bits": 3}}}}, "num_bits=3"),
+    ({"quant_method": "compressed-tensors", "format": "marlin-24", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": INT4_G32}}}, "storage format 'marlin-24'"),
+])
+def test_unsupported_quantization_configs_are_refused_by_name(base, tmp_path, qc, match):
+    path = _with_quantization_config(base, tmp_path, qc)
+    with pytest.raises(CheckpointError, match=match):
+        LLM(str(path))
+
+
+def test_a_declared_scheme_whose_tensors_are_missing_names_the_tensor(base, tmp_path):
+    """config.json says int4 but the files hold dense weights: one line naming the missing tensor."""
+    path = _with_quantization_config(base, tmp_path, {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                                      "config_groups": {"g": {"targets": ["Linear"],
+                                                                              "weights": INT4_G32}}})
+    with pytest.raises(CheckpointError, match="q_proj.weight_scale' is missing"):
+        load_hf(path)
