@@ -217,22 +217,33 @@ def load_weights(model_dir: Path, cfg: ModelConfig, dtype=jnp.float32,
     return Weights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 
-def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> dict[str, np.ndarray]:
-    """Weights -> HF tensor names and layouts (numpy), for export."""
-    d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                     cfg.head_dim)
+def _put_linear(out: dict, schemes: dict, parts: list[tuple[str, int]], w, cast):
+    """A (fused) projection into HF tensors: its parts [(module, out_features)] dense ("module.weight"),
+    or, for a QuantWeight, in compressed-tensors' tensors with each part's config group in `schemes`."""
+    if isinstance(w, hf_quant.QuantWeight):
+        for (m, _), q in zip(parts, hf_quant.split_rows(w, [n for _, n in parts])):
+            tensors, schemes[m] = hf_quant.encode(q, m)
+            out.update({f"{m}.{name}": arr for name, arr in tensors.items()})
+        return
+    rows = np.split(cast(w).T, np.cumsum([n for _, n in parts])[:-1].tolist(), axis=0)
+    out.update({m + ".weight": r for (m, _), r in zip(parts, rows)})
+
+
+def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[str, np.ndarray], dict]:
+    """Weights -> HF tensor names and layouts (numpy), for export, and the compressed-tensors
+    config group of each quantized projection ({module: group}, empty for a dense model)."""
+    f, n, k, h = cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     cast = (lambda x: np.asarray(x, dtype=jnp.dtype(dtype))) if dtype else np.asarray
     out = {"model.embed_tokens.weight": cast(weights.embed)}
+    schemes: dict[str, dict] = {}
     for i, layer in enumerate(weights.layers):
         nm = _hf_layer_names(i)
-        qkv = cast(layer.wqkv).T
         out[nm["attn_norm"]] = cast(layer.attn_norm)
-        out[nm["q"] + ".weight"], out[nm["k"] + ".weight"], out[nm["v"] + ".weight"] = np.split(
-            qkv, [n * h, (n + k) * h], axis=0)
-        out[nm["o"] + ".weight"] = cast(layer.wo).T
+        _put_linear(out, schemes, [(nm["q"], n * h), (nm["k"], k * h), (nm["v"], k * h)], layer.wqkv, cast)
+        _put_linear(out, schemes, [(nm["o"], cfg.hidden_size)], layer.wo, cast)
         out[nm["mlp_norm"]] = cast(layer.mlp_norm)
-        out[nm["gate"] + ".weight"], out[nm["up"] + ".weight"] = np.split(cast(layer.w_gate_up).T, 2)
-        out[nm["down"] + ".weight"] = cast(layer.w_down).T
+        _put_linear(out, schemes, [(nm["gate"], f), (nm["up"], f)], layer.w_gate_up, cast)
+        _put_linear(out, schemes, [(nm["down"], cfg.hidden_size)], layer.w_down, cast)
         if layer.bqkv is not None:
             out[nm["q"] + ".bias"], out[nm["k"] + ".bias"], out[nm["v"] + ".bias"] = np.split(
                 cast(layer.bqkv), [n * h, (n + k) * h])
@@ -246,8 +257,7 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> dict[str, n
     out["model.norm.weight"] = cast(weights.final_norm)
     if weights.lm_head is not None:
         out["lm_head.weight"] = cast(weights.lm_head).T
-    del d, f
-    return {name: np.ascontiguousarray(a) for name, a in out.items()}
+    return {name: np.ascontiguousarray(a) for name, a in out.items()}, schemes
 
 
 def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: Weights, dtype="bfloat16",
@@ -255,19 +265,24 @@ def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: Weights, dtype="bf
               max_shard_bytes: int | None = None):
     """Write an HF directory (config.json + safetensors [+ tokenizer]) that transformers loads.
 
+    Quantized projections (QuantWeight) are written in compressed-tensors' format, described by
+    config.json's quantization_config (`hf_quant.encode`), which transformers (with the
+    compressed-tensors package), vLLM and `load_hf` read; the rest is dense in `dtype`.
     max_shard_bytes: split the weights into shards with an index file, as HF does.
     """
-    from jaxinfer.wquant import QuantWeight
-    if any(isinstance(x, QuantWeight) for x in jax.tree_util.tree_leaves(
-            weights, is_leaf=lambda x: isinstance(x, QuantWeight))):
-        raise ValueError("export_hf writes dense weights; these hold quantized projections (LLM(quantization=...)): "
-                         "export the model loaded without quantization")
+    try:
+        state, schemes = hf_state_dict(cfg, weights, DTYPES[dtype])
+    except hf_quant.QuantConfigError as e:
+        raise ValueError(f"export_hf: {e}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
+    if schemes:
+        dense = [name[:-len(".weight")] for name in state if name.endswith("_proj.weight") or name == "lm_head.weight"]
+        dense = [m for m in dense if m not in schemes]  # float8 codes are stored as "weight" too
+        hf_cfg["quantization_config"] = hf_quant.quantization_config(schemes, dense)
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    state = hf_state_dict(cfg, weights, DTYPES[dtype])
     if max_shard_bytes is None:
         save_safetensors(out_dir / "model.safetensors", state)
     else:

@@ -47,8 +47,8 @@ def _quantize(args) -> int:
     if args.calibration_samples is not None:
         config["calibration_samples"] = args.calibration_samples
     llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization, quantization_config=config)
-    llm.save(args.out)
-    print(f"saved {args.quantization} ({args.method}) {llm.model_dir} to {args.out}; "
+    llm.save(args.out, args.save_format)
+    print(f"saved {args.quantization} ({args.method}) {llm.model_dir} to {args.out} ({args.save_format}); "
           f"load it with --model {args.out} or LLM(model={str(args.out)!r})")
     return 0
 
@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-samples", type=int, default=None,
                    help="GPTQ / AWQ: token windows from the standard library's training split")
     q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    q.add_argument("--out", required=True, help="directory to write (orbax weights, config, tokenizer)")
+    q.add_argument("--out", required=True, help="directory to write (weights, config, tokenizer)")
+    q.add_argument("--save-format", default="orbax", choices=["orbax", "hf"],
+                   help="orbax: our checkpoint; hf: a Hugging Face directory, the quantized projections in "
+                   "compressed-tensors' format (transformers and vLLM load it)")
     q.set_defaults(func=_quantize)
     from jaxinfer.kv.memory import register_cli as register_memory
     register_memory(sub)

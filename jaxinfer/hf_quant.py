@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.wquant import QuantWeight
+from pallas_kernels import kv_formats as kvf
 
 QUANT_METHOD = "compressed-tensors"
 STORAGE = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized")
@@ -284,3 +285,87 @@ def fuse(parts: list[QuantWeight | None]) -> QuantWeight | None:
     cat = lambda f: None if getattr(first, f) is None else jnp.concatenate([getattr(p, f) for p in parts])  # noqa: E731
     return QuantWeight(data=cat("data"), scale=cat("scale"), zero=cat("zero"), tensor_scale=tensor_scale,
                        fmt=first.fmt)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _pack_int32(vals: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """uint8 b-bit values -> int32 words along `axis` (inverse of `_unpack_int32`)."""
+    vals = np.moveaxis(vals.astype(np.uint32), axis, -1)
+    per = 32 // bits
+    pad = -vals.shape[-1] % per
+    vals = np.pad(vals, [(0, 0)] * (vals.ndim - 1) + [(0, pad)]).reshape(*vals.shape[:-1], -1, per)
+    words = np.bitwise_or.reduce(vals << (np.arange(per, dtype=np.uint32) * bits), axis=-1)
+    return np.moveaxis(words.view(np.int32), -1, axis)
+
+
+def split_rows(q: QuantWeight, sizes: list[int]) -> list[QuantWeight]:
+    """A fused projection's parts (consecutive output features, `sizes` of them)."""
+    cuts = np.cumsum(sizes)[:-1].tolist()
+    rows = lambda a: jnp.split(a, cuts) if a is not None and a.ndim == 2 else [a] * len(sizes)  # noqa: E731
+    return [QuantWeight(data=d, scale=s, zero=z, tensor_scale=t, input_scale=q.input_scale, fmt=q.fmt)
+            for d, s, z, t in zip(rows(q.data), rows(q.scale), rows(q.zero), rows(q.tensor_scale))]
+
+
+def encode(q: QuantWeight, name: str) -> tuple[dict[str, np.ndarray], dict]:
+    """One projection in compressed-tensors' tensors (`name`.weight_packed / weight / weight_scale ...)
+    and its config group (format, weights, input_activations), or QuantConfigError when the format
+    has no compressed-tensors equivalent."""
+    if q.input_scale is not None:
+        raise QuantConfigError(f"{name}: AWQ's run-time input scales have no compressed-tensors field; export a "
+                               "GPTQ or RTN model, or the dense one")
+    n, k = q.shape[1], q.shape[0]
+    scale = np.asarray(q.scale)
+    strategy = {"strategy": "channel", "group_size": None} if q.group == k else {"strategy": "group", "group_size": q.group}
+    act = None
+    if q.fmt == "nvfp4":
+        ts = np.asarray(q.tensor_scale, np.float32).reshape(-1)
+        if np.any(ts != ts[0]):
+            raise QuantConfigError(f"{name}: NVFP4 tensor scales differ within one projection")
+        tensors = {"weight_packed": np.asarray(q.data), "weight_scale": scale,
+                   "weight_global_scale": np.asarray([1.0 / ts[0]], np.float32)}
+        weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
+                   "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn"}
+        return tensors, {"format": "nvfp4-pack-quantized", "weights": weights, "input_activations": None}
+    if q.fmt in ("fp8_e4m3", "w8a8_fp8"):
+        tensors = {"weight": np.asarray(q.data), "weight_scale": scale}
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, **strategy}
+        if q.fmt == "w8a8_fp8":
+            act = {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True, "symmetric": True}
+        return tensors, {"format": "float-quantized", "weights": weights, "input_activations": act}
+    bits = 8 if q.fmt in ("int8", "w8a8") else 4
+    weights = {"num_bits": bits, "type": "int", "symmetric": q.zero is None, **strategy}
+    if bits == 8:
+        signed = np.asarray(q.data).view(np.int8).astype(np.int16)
+    else:
+        nib = np.asarray(kvf.unpack_nibbles(q.data))
+        signed = nib - 8 if q.zero is not None else np.where(nib >= 8, nib - 16, nib)
+    tensors = {"weight_scale": scale}
+    if q.zero is not None:
+        offset = (1 << (bits - 1)) if bits == 4 else 0
+        zp = -np.asarray(q.zero, np.float64) / scale - offset
+        if np.abs(zp - np.round(zp)).max() > 1e-3:
+            raise QuantConfigError(f"{name}: zero points are not integers; compressed-tensors stores integer ones")
+        tensors["weight_zero_point"] = _pack_int32((np.round(zp).astype(np.int16) + (1 << (bits - 1))).astype(np.uint8),
+                                                   bits, axis=0)
+    if q.fmt == "w8a8":
+        tensors["weight"] = signed.astype(np.int8)
+        act = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
+        return tensors, {"format": "int-quantized", "weights": weights, "input_activations": act}
+    tensors["weight_packed"] = _pack_int32((signed + (1 << (bits - 1))).astype(np.uint8), bits, axis=1)
+    tensors["weight_shape"] = np.asarray([n, k], np.int64)
+    return tensors, {"format": "pack-quantized", "weights": weights, "input_activations": None}
+
+
+def quantization_config(schemes: dict[str, dict], dense: list[str]) -> dict:
+    """config.json's quantization_config for modules {name: config group} (from `encode`), the
+    `dense` Linear modules ignored."""
+    groups: dict[str, dict] = {}
+    for name, g in schemes.items():
+        key = repr(sorted((k, repr(v)) for k, v in g.items()))
+        groups.setdefault(key, {**g, "targets": []})["targets"].append(name)
+    config_groups = {f"group_{i}": g for i, g in enumerate(groups.values())}
+    formats = {g["format"] for g in config_groups.values()}
+    return {"quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "config_groups": config_groups, "ignore": sorted(dense),
+            "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {}}

@@ -11,8 +11,8 @@ from typing import Iterator, Sequence
 import jax
 
 from jaxinfer.beam import BeamSearchOutput, BeamSearchParams, run_beam_search
-from jaxinfer.checkpoint import (CheckpointError, hf_quantization, is_orbax_dir, load_hf, orbax_quantization,
-                                 restore_orbax, save_orbax)
+from jaxinfer.checkpoint import (CheckpointError, export_hf, hf_quantization, is_orbax_dir, load_hf,
+                                 orbax_quantization, restore_orbax, save_orbax)
 from jaxinfer.engine.engine import EngineConfig, LLMEngine
 from jaxinfer.engine.request import EngineRequest, Status
 from jaxinfer.jit_cache import enable_compilation_cache
@@ -147,12 +147,19 @@ class LLM:
         self._rng = random.Random(seed)
         self._counter = 0
 
-    def save(self, path: str | Path):
+    def save(self, path: str | Path, save_format: str = "orbax"):
         """Save the model as loaded (quantized projections included, so GPTQ / AWQ need not run
-        again) with orbax, its config and tokenizer files beside: `LLM(model=path)` loads it."""
+        again), its tokenizer files beside: `LLM(model=path)` loads it. save_format "orbax": our
+        own checkpoint; "hf": a Hugging Face directory in the model's dtype, quantized projections
+        in compressed-tensors' format (transformers with compressed-tensors, and vLLM, load it)."""
         path = Path(path)
-        save_orbax(path, self.cfg, self.weights,
-                   quantization=self.quantization.to_saved() if self.quantization else None)
+        if save_format == "orbax":
+            save_orbax(path, self.cfg, self.weights,
+                       quantization=self.quantization.to_saved() if self.quantization else None)
+        elif save_format == "hf":
+            export_hf(path, self.cfg, self.weights, dtype=self.dtype)
+        else:
+            raise ValueError(f"save_format={save_format!r}; choose 'orbax' or 'hf'")
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             if (self.model_dir / name).is_file():
                 shutil.copyfile(self.model_dir / name, path / name)

@@ -47,11 +47,15 @@ def test_generate_with_a_repetition_penalty(model_dir, capsys):
     assert capsys.readouterr().out == "def add(a, b):" + ref.outputs[0].text + "\n"
 
 
-def test_quantize_saves_a_model_that_generate_loads(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("save_format", ["orbax", "hf"])
+def test_quantize_saves_a_model_that_generate_loads(model_dir, tmp_path, capsys, save_format):
+    """Saved as our checkpoint or as a compressed-tensors HF directory, the quantized model generates
+    what the model quantized at load time does."""
     from jaxinfer import LLM, SamplingParams
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(model_dir), "--quantization", "int4", "--group-size", "32",
-                 "--skip", "layers.0", "--out", str(out)]) == 0
+                 "--skip", "layers.0", "--out", str(out), "--save-format", save_format]) == 0
+    assert (out / "model.safetensors").is_file() == (save_format == "hf")
     capsys.readouterr()
     assert main(["generate", "def add(a, b):", "--model", str(out), "--max-tokens", "8"]) == 0
     ref = LLM(str(model_dir), quantization="int4", quantization_config={"group_size": 32, "skip": ["layers.0"]})

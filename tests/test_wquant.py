@@ -7,7 +7,6 @@ import pytest
 from hf_models import write_tiny, write_tokenizer
 
 from jaxinfer import LLM, SamplingParams
-from jaxinfer.checkpoint import export_hf
 from jaxinfer.layers import matmul
 from jaxinfer.model import forward
 from jaxinfer.wquant import (ACT_FORMATS, FORMATS, QuantWeight, WeightQuantConfig, awq_quantize, clip_search, gptq_quantize,
@@ -230,12 +229,6 @@ def test_quantized_engine_matches_static_and_gptq_runs(tiny, quant):
         LLM(str(tiny), quantization="int8", quantization_config={"method": "gptq", "calibration": [1, 2, 3]})
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 300\)"):
         LLM(str(tiny), quantization="int8", quantization_config={"method": "gptq", "calibration": [[1, 300]]})
-
-
-def test_export_refuses_quantized_weights(tiny, tmp_path):
-    llm = LLM(str(tiny), dtype="float32", max_num_seqs=2, quantization="int8")
-    with pytest.raises(ValueError, match="quantized projections"):
-        export_hf(tmp_path / "out", llm.cfg, llm.weights)
 
 
 def test_speculative_decoding_stays_lossless_on_a_quantized_target(tiny):
