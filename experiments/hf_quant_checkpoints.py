@@ -11,6 +11,8 @@ the dense model (ours), and the bytes of the decoder projections.
 
 transformers 5.24 runs NVFP4 checkpoints only dequantized at load (to bfloat16) and asymmetric
 int4 likewise; W8A8's activations round differently there (absmax / 127.5 vs vLLM's and our 127).
+With activation quantization, float32 rounding differences flip some activations to the next
+step, so the log-prob comparison is put beside transformers against itself under 1e-6 noise.
 Needs the test extra (torch, transformers, compressed-tensors).
 
     python experiments/hf_quant_checkpoints.py [--windows 16] [--window-len 256]
@@ -54,31 +56,42 @@ EXPORTS = {  # name: LLM quantization arguments
 }
 
 
-def transformers_logprobs(path: Path, windows: np.ndarray, dequantize: bool) -> tuple[float, list]:
+def transformers_logprobs(path: Path, windows: np.ndarray, dequantize: bool) -> tuple[float, list, float]:
+    """(perplexity, log-probs per window, sensitivity): the largest change in any log-prob when
+    transformers runs the same windows with its input embeddings perturbed by 1e-6 relative noise
+    (per-token activation quantization rounds discontinuously, so float32 rounding differences
+    between two implementations move some activations by a whole step)."""
     import transformers
     from transformers.utils.quantization_config import CompressedTensorsConfig
     kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
-    nll, count, lps = 0.0, 0, []
+    nll, count, lps, sensitivity = 0.0, 0, [], 0.0
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for w in windows:
-            lp = model(torch.tensor(w[None])).logits[0].log_softmax(-1).numpy()
+            emb = model.model.embed_tokens(torch.tensor(w[None]))
+            lp = model(inputs_embeds=emb).logits[0].log_softmax(-1).numpy()
+            noisy = emb * (1 + 1e-6 * torch.randn(emb.shape, generator=gen))
+            lp_noisy = model(inputs_embeds=noisy).logits[0].log_softmax(-1).numpy()
+            sensitivity = max(sensitivity, float(np.abs(lp - lp_noisy).max()))
             lps.append(lp)
             nll -= float(lp[np.arange(len(w) - 1), w[1:]].sum())
             count += len(w) - 1
-    return float(np.exp(nll / count)), lps
+    return float(np.exp(nll / count)), lps, sensitivity
 
 
 def measure(name: str, llm: LLM, path: Path, dequantize: bool, windows, dense_lp, dense_bytes) -> dict:
     ppl, kl, agree, lps = quality(llm, dense_lp, windows, batch=1)
-    hf_ppl, hf_lps = transformers_logprobs(path, windows, dequantize)
+    hf_ppl, hf_lps, sensitivity = transformers_logprobs(path, windows, dequantize)
     diff = max(float(np.abs(np.asarray(a[0]) - b).max()) for a, b in zip(lps, hf_lps))
     row = {"checkpoint": name, "formats": llm.quantization.tag() if llm.quantization else "dense",
-           "ppl": ppl, "ppl_transformers": hf_ppl, "max_logprob_diff": diff, "kl": kl, "top1": agree,
+           "ppl": ppl, "ppl_transformers": hf_ppl, "max_logprob_diff": diff,
+           "transformers_sensitivity": sensitivity, "kl": kl, "top1": agree,
            "projection_bytes": weight_bytes(llm.weights)["quantized"] or weight_bytes(llm.weights)["dense_projections"],
            "dequantized_in_transformers": dequantize}
     row["bytes_ratio"] = row["projection_bytes"] / dense_bytes
-    print(f"{name}: ppl {ppl:.4f} (transformers {hf_ppl:.4f}), max |d logprob| {diff:.2e}, KL {kl:.5f}", flush=True)
+    print(f"{name}: ppl {ppl:.4f} (transformers {hf_ppl:.4f}), max |d logprob| {diff:.2e} (transformers vs itself "
+          f"perturbed {sensitivity:.2e}), KL {kl:.5f}", flush=True)
     return row
 
 
@@ -114,13 +127,16 @@ def main():
     lines = [f"Embedded {args.model}, float32; {args.windows} held-out windows of {args.window_len} tokens. "
              "ppl / KL / top-1 are jaxinfer's (KL and top-1 against the dense model); 'transformers' runs the same "
              "directory with compressed-tensors; max |d logprob| is the largest difference between the two over "
-             "every position and vocabulary entry. bytes: the decoder projections' bytes over dense float32.", "",
-             "| checkpoint | ppl | ppl (transformers) | max abs d logprob | KL | top-1 | bytes |",
-             "|---|---|---|---|---|---|---|"]
+             "every position and vocabulary entry; 'itself, perturbed' is the same for transformers against itself with its "
+             "input embeddings perturbed by 1e-6 relative noise (how far rounding noise alone moves that model). "
+             "bytes: the decoder projections' bytes over dense float32.", "",
+             "| checkpoint | ppl | ppl (transformers) | max abs d logprob | transformers vs itself, perturbed | KL | top-1 "
+             "| bytes |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = " (dequantized at load)" if r["dequantized_in_transformers"] else ""
         lines.append(f"| {r['checkpoint']} | {r['ppl']:.4f} | {r['ppl_transformers']:.4f}{note} | "
-                     f"{r['max_logprob_diff']:.1e} | {r['kl']:.5f} | {r['top1']:.3f} | {r['bytes_ratio']:.2f}x |")
+                     f"{r['max_logprob_diff']:.1e} | {r['transformers_sensitivity']:.1e} | {r['kl']:.5f} | "
+                     f"{r['top1']:.3f} | {r['bytes_ratio']:.2f}x |")
     write_report(args.out, "\n".join(lines) + "\n", rows)
 
 
