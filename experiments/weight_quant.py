@@ -2,13 +2,14 @@
 
 On the embedded target, for every configuration (dense; RTN int8 / int4 g128 / int4 g32 /
 fp8_e4m3 / nvfp4 / w8a8 (int8 weights and per-token int8 activations); GPTQ int8, int4 g128
-and w8a8; AWQ int4 g128 with and without its clipping search, and nvfp4; a hybrid int4 policy),
-all in one run:
+and w8a8; AWQ int4 g128 with and without its clipping search, and nvfp4; a hybrid int4 policy;
+int8 / w8a8 / GPTQ int4 with the LM head quantized too), all in one run:
   * perplexity over held-out windows (teacher-forced, no cache) and its change vs dense;
   * KL(dense || quantized) of the next-token distributions, and top-1 agreement with dense;
   * greedy agreement: mean number of leading generated tokens equal to dense's, over held-out
     prompts;
-  * bytes of the decoder projections (codes + scales) and of the whole model;
+  * bytes of the decoder projections (codes + scales), of the LM head (the embedding when tied and
+    dense; a quantized head is its own copy) and of the whole model;
   * decode throughput of the static loop (`LLM.generate_static`) at each batch size, measured
     in --pairs back-to-back pairs with dense (alternating which goes first); the ratio is the
     median of the pairs' ratios.
@@ -51,6 +52,9 @@ CONFIGS = {
     "nvfp4 awq": ("nvfp4", {"method": "awq"}),
     "w8a8 rtn": ("w8a8", {}),
     "w8a8 gptq": ("w8a8", {"method": "gptq"}),
+    "int8 rtn, int8 head": ("int8", {"lm_head": "int8"}),
+    "w8a8 rtn, w8a8 head": ("w8a8", {"lm_head": "w8a8"}),
+    "int4 g128 gptq, int8 head": ("int4", {"method": "gptq", "lm_head": "int8"}),
 }
 
 
@@ -160,14 +164,14 @@ def main():
              f"{args.new_tokens} new tokens, median of {args.pairs} back-to-back pairs with dense; jax "
              f"{jax.__version__}, {jax.default_backend()}.", "",
              "| config | ppl | Δppl | KL vs dense | top-1 agree | greedy prefix | projection MB (× dense) | "
-             + " | ".join(f"tok/s b{b} (× dense)" for b in args.batches) + " | quantize s |",
-             "|---" * (8 + len(args.batches)) + "|"]
+             "LM head MB | " + " | ".join(f"tok/s b{b} (× dense)" for b in args.batches) + " | quantize s |",
+             "|---" * (9 + len(args.batches)) + "|"]
     for r in rows:
         proj = r["quantized_bytes"] + r["dense_projections_bytes"]
         ratio = f" ({proj / dense_proj:.3f}x)" if dense_proj else ""
         lines.append(f"| {r['config']} | {r['ppl']:.3f} | {r['ppl_change_pct']:+.2f}% | {r['kl']:.4f} | "
                      f"{r['top1_agreement']:.3f} | {r['greedy_prefix']} / {args.greedy_tokens} | "
-                     f"{proj / 2**20:.2f}{ratio} | "
+                     f"{proj / 2**20:.2f}{ratio} | {r['lm_head_bytes'] / 2**20:.2f} | "
                      + " | ".join(f"{r[f'tok_s_b{b}']} ({r[f'speedup_b{b}']:.2f}x)" for b in args.batches)
                      + f" | {r['load_quantize_s']} |")
     write_report(args.out, "\n".join(lines) + "\n", rows)

@@ -208,8 +208,7 @@ def load_weights(model_dir: Path, cfg: ModelConfig, dtype=jnp.float32,
         final_norm = _to_device(src.get("model.norm.weight", (cfg.hidden_size,)), dtype)
         lm_head = None
         if not cfg.tie_word_embeddings:
-            head = _linear(src, [("lm_head", cfg.vocab_size, cfg.hidden_size)], quant)
-            lm_head = _to_device(head.dense() if isinstance(head, hf_quant.QuantWeight) else head, dtype)
+            lm_head = _to_device(_linear(src, [("lm_head", cfg.vocab_size, cfg.hidden_size)], quant), dtype)
     except hf_quant.QuantConfigError as e:
         raise CheckpointError(f"{model_dir}: {e}") from None
     finally:
@@ -255,8 +254,8 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
             out[nm["gate"] + ".bias"], out[nm["up"] + ".bias"] = np.split(cast(layer.b_gate_up), 2)
             out[nm["down"] + ".bias"] = cast(layer.b_down)
     out["model.norm.weight"] = cast(weights.final_norm)
-    if weights.lm_head is not None:
-        out["lm_head.weight"] = cast(weights.lm_head).T
+    if weights.lm_head is not None:  # a quantized head of tied embeddings is written as an untied one
+        _put_linear(out, schemes, [("lm_head", cfg.vocab_size)], weights.lm_head, cast)
     return {name: np.ascontiguousarray(a) for name, a in out.items()}, schemes
 
 
@@ -279,6 +278,7 @@ def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: Weights, dtype="bf
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
     if schemes:
+        hf_cfg["tie_word_embeddings"] = weights.lm_head is None
         dense = [name[:-len(".weight")] for name in state if name.endswith("_proj.weight") or name == "lm_head.weight"]
         dense = [m for m in dense if m not in schemes]  # float8 codes are stored as "weight" too
         hf_cfg["quantization_config"] = hf_quant.quantization_config(schemes, dense)
@@ -402,8 +402,11 @@ def is_orbax_dir(path: str | Path) -> bool:
 
 def _quantized_modules(weights: Weights) -> dict:
     from jaxinfer.wquant import MODULES, QuantWeight
-    return {f"layers.{i}.{n}": getattr(layer, n) for i, layer in enumerate(weights.layers) for n in MODULES
-            if isinstance(getattr(layer, n), QuantWeight)}
+    modules = {f"layers.{i}.{n}": getattr(layer, n) for i, layer in enumerate(weights.layers) for n in MODULES
+               if isinstance(getattr(layer, n), QuantWeight)}
+    if isinstance(weights.lm_head, QuantWeight):
+        modules["lm_head"] = weights.lm_head
+    return modules
 
 
 def _abstract_weights(cfg: ModelConfig, tree, quant: dict | None = None) -> Weights:
@@ -416,12 +419,15 @@ def _abstract_weights(cfg: ModelConfig, tree, quant: dict | None = None) -> Weig
     sds = lambda s: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
     layers = [LayerWeights(**{n: (None if s is None else sds(s)) for n, s in shapes.items()})
               for _ in range(cfg.num_layers)]
+    lm_head = None if cfg.tie_word_embeddings else sds((cfg.hidden_size, cfg.vocab_size))
     if quant:
         from jaxinfer.wquant import QuantWeight
         for name, d in quant["modules"].items():
-            _, i, field = name.split(".")
             arrays = {f: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dt)) for f, (shape, dt) in d["arrays"].items()}
+            if name == "lm_head":
+                lm_head = QuantWeight(**arrays, fmt=d["fmt"])
+                continue
+            _, i, field = name.split(".")
             layers[int(i)] = layers[int(i)].replace(**{field: QuantWeight(**arrays, fmt=d["fmt"])})
     return Weights(embed=sds((cfg.vocab_size, cfg.hidden_size)), layers=layers,
-                   final_norm=sds((cfg.hidden_size,)),
-                   lm_head=None if cfg.tie_word_embeddings else sds((cfg.hidden_size, cfg.vocab_size)))
+                   final_norm=sds((cfg.hidden_size,)), lm_head=lm_head)

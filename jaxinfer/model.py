@@ -19,6 +19,7 @@ from flax import struct
 from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta, KVCache, write_pages, write_slots
 from jaxinfer.layers import apply_rope, attention, matmul, one_row_padded, rms_norm, rope_cos_sin, swiglu
+from jaxinfer.wquant import QuantWeight, quantized_matmul
 
 
 @struct.dataclass
@@ -42,7 +43,7 @@ class Weights:
     embed: jax.Array  # [V, D]
     layers: list  # [L] LayerWeights
     final_norm: jax.Array  # [D]
-    lm_head: jax.Array | None = None  # [D, V]; None when tied to embed
+    lm_head: jax.Array | None = None  # [D, V] (or a wquant.QuantWeight); None when tied to embed
 
     @property
     def dtype(self):
@@ -96,6 +97,8 @@ def cast_weights(weights: Weights, dtype) -> Weights:
 def lm_logits(weights: Weights, hidden: jax.Array, eps: float) -> jax.Array:
     """Final norm + LM head on pre-norm hidden states [..., D] -> float32 logits [..., V]."""
     x = rms_norm(hidden, weights.final_norm, eps)
+    if isinstance(weights.lm_head, QuantWeight):  # float32 logits, whatever the activation dtype
+        return quantized_matmul(x.astype(jnp.float32), weights.lm_head)
     if weights.lm_head is None:
         return one_row_padded(lambda x: jnp.einsum("...d,vd->...v", x, weights.embed,
                                                    preferred_element_type=jnp.float32), x)

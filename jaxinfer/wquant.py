@@ -22,9 +22,10 @@ and int4 nibbles are then unsigned ([0, 15]), as in the KV codec's asymmetric in
 tensor scale is a scalar, or one per output feature [N, 1] when a fused projection's parts were
 quantized with different ones.
 
-Only the attention and MLP projections of the decoder layers are quantized (wqkv, wo,
-w_gate_up, w_down); the embedding, the LM head and the norms stay in the model's dtype,
-as in AWQ and GPTQ checkpoints. `WeightQuantConfig.skip` keeps more modules dense and
+The attention and MLP projections of the decoder layers are quantized (wqkv, wo, w_gate_up,
+w_down); the LM head only when `WeightQuantConfig.lm_head` names a format (round to nearest; with
+tied embeddings the head becomes a quantized copy and the embedding stays dense for the lookup);
+the embedding and the norms stay in the model's dtype, as in AWQ and GPTQ checkpoints. `WeightQuantConfig.skip` keeps more modules dense and
 `overrides` gives modules another format (hybrid policies: e.g. int4 everywhere but int8
 for w_down, or the first layer dense).
 
@@ -193,6 +194,8 @@ class WeightQuantConfig:
     standard-library training split unless `calibration` token ids are given to LLM), damp:
     the fraction of the mean Hessian diagonal added to it, block_size: columns per lazy update.
     AWQ: clip searches each integer group's clipping range after the scales (as AWQ does).
+    lm_head: a format for the LM head too (round to nearest, one scale per vocabulary row; with tied
+    embeddings the head gets its own quantized copy and the embedding stays dense for the lookup).
     """
 
     format: str = "int8"
@@ -205,9 +208,10 @@ class WeightQuantConfig:
     damp: float = 0.01
     block_size: int = 128
     clip: bool = True
+    lm_head: str | None = None
 
     KEYS = ("method", "group_size", "skip", "overrides", "calibration_samples", "calibration_len", "damp",
-            "block_size", "clip")
+            "block_size", "clip", "lm_head")
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -224,6 +228,8 @@ class WeightQuantConfig:
         for _, fmt in self.overrides:
             if fmt not in FORMATS:
                 raise ValueError(f"quantization override format {fmt!r} is not one of {FORMATS}")
+        if self.lm_head is not None and self.lm_head not in FORMATS:
+            raise ValueError(f"quantization lm_head={self.lm_head!r} is not one of {FORMATS} (or None: dense)")
         for fmt in {self.format, *(f for _, f in self.overrides)}:
             if self.method == "gptq" and fmt not in GPTQ_FORMATS:
                 raise ValueError(f"method='gptq' quantizes to {GPTQ_FORMATS}, not {fmt!r} (use method='rtn')")
@@ -270,7 +276,8 @@ class WeightQuantConfig:
         main = max(set(quantized), key=quantized.count)
         group = next(w.group for w in fmts.values() if isinstance(w, QuantWeight) and w.fmt == main)
         in_features = next(w.shape[0] for w in fmts.values() if isinstance(w, QuantWeight) and w.fmt == main)
-        return cls(format=main, method=method,
+        head = weights.lm_head.fmt if isinstance(weights.lm_head, QuantWeight) else None
+        return cls(format=main, method=method, lm_head=head,
                    group_size=group if main in ("int8", "int4", "fp8_e4m3") and group < in_features else None,
                    skip=tuple(m for m, w in fmts.items() if not isinstance(w, QuantWeight)),
                    overrides=tuple((m, w.fmt) for m, w in fmts.items() if isinstance(w, QuantWeight) and w.fmt != main))
@@ -288,7 +295,7 @@ class WeightQuantConfig:
     def tag(self) -> str:
         """A short description (prefix-cache key, reports)."""
         return (f"{self.format}/{self.method}/g{self.group_size}/skip{self.skip}/ovr{self.overrides}"
-                + ("/clip" if self.method == "awq" and self.clip else ""))
+                + ("/clip" if self.method == "awq" and self.clip else "") + (f"/head:{self.lm_head}" if self.lm_head else ""))
 
     def format_of(self, module: str) -> str | None:
         """The format of module "layers.{i}.{name}", or None to keep it dense."""
@@ -488,7 +495,7 @@ def quantize_weights(weights, cfg, qc: WeightQuantConfig, calibration: np.ndarra
         if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
             raise ValueError(f"{qc.method} calibration token ids must be in [0, {cfg.vocab_size}); got "
                              f"[{tokens.min()}, {tokens.max()}]")
-        return _calibrated_model(weights, cfg, qc, tokens.astype(np.int32))
+        return quantize_lm_head(_calibrated_model(weights, cfg, qc, tokens.astype(np.int32)), qc)
     layers = []
     for i, layer in enumerate(weights.layers):
         fields = {}
@@ -497,7 +504,15 @@ def quantize_weights(weights, cfg, qc: WeightQuantConfig, calibration: np.ndarra
             w = getattr(layer, name)
             fields[name] = w if fmt is None else quantize_rtn(w, fmt, qc.group_of(fmt, w.shape[0]))
         layers.append(layer.replace(**fields))
-    return weights.replace(layers=layers)
+    return quantize_lm_head(weights.replace(layers=layers), qc)
+
+
+def quantize_lm_head(weights, qc: WeightQuantConfig):
+    """The LM head rounded to qc.lm_head (tied embeddings: a quantized copy of the embedding as the head)."""
+    if qc.lm_head is None:
+        return weights
+    head = weights.lm_head if weights.lm_head is not None else weights.embed.T  # [D, V]
+    return weights.replace(lm_head=quantize_rtn(head, qc.lm_head, qc.group_of(qc.lm_head, head.shape[0])))
 
 
 def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
@@ -540,7 +555,8 @@ def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
 
 
 def weight_bytes(weights) -> dict:
-    """Bytes of the quantized projections, of the dense projections, and of everything."""
+    """Bytes of the quantized projections, of the dense projections, of what the LM head reads (the
+    embedding when tied and not quantized), and of everything."""
     quant = dense = 0
     for layer in weights.layers:
         for name in MODULES:
@@ -549,8 +565,9 @@ def weight_bytes(weights) -> dict:
                 quant += w.nbytes
             else:
                 dense += w.nbytes
+    head = weights.lm_head if weights.lm_head is not None else weights.embed
     total = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights))
-    return {"quantized": quant, "dense_projections": dense, "total": total}
+    return {"quantized": quant, "dense_projections": dense, "lm_head": head.nbytes, "total": total}
 
 
 __all__ = ["FORMATS", "METHODS", "QuantWeight", "WeightQuantConfig", "quantize_rtn", "gptq_quantize",

@@ -54,11 +54,12 @@ def test_quantize_saves_a_model_that_generate_loads(model_dir, tmp_path, capsys,
     from jaxinfer import LLM, SamplingParams
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(model_dir), "--quantization", "int4", "--group-size", "32",
-                 "--skip", "layers.0", "--out", str(out), "--save-format", save_format]) == 0
+                 "--skip", "layers.0", "--lm-head", "int8", "--out", str(out), "--save-format", save_format]) == 0
     assert (out / "model.safetensors").is_file() == (save_format == "hf")
     capsys.readouterr()
     assert main(["generate", "def add(a, b):", "--model", str(out), "--max-tokens", "8"]) == 0
-    ref = LLM(str(model_dir), quantization="int4", quantization_config={"group_size": 32, "skip": ["layers.0"]})
+    ref = LLM(str(model_dir), quantization="int4",
+              quantization_config={"group_size": 32, "skip": ["layers.0"], "lm_head": "int8"})
     text = ref.generate("def add(a, b):", SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
     assert capsys.readouterr().out == "def add(a, b):" + text + "\n"
 

@@ -100,7 +100,7 @@ def test_compressed_tensors_checkpoint_matches_transformers(base, tmp_path, name
 def test_mixed_schemes_ignore_list_and_quantized_lm_head(base, tmp_path):
     """Config groups by regex (int4 for q and the MLP, int8 per channel for k / v / o and the LM
     head) and an ignored module: q / k / v cannot share one QuantWeight and load dense (dequantized),
-    the ignored down projection stays dense, the LM head is dequantized."""
+    the ignored down projection stays dense."""
     groups = {"g4": {"targets": ["re:.*q_proj$", "re:.*mlp.*"], "weights": INT4_G32},
               "g8": {"targets": ["re:.*(k|v|o)_proj$", "lm_head"], "weights": INT8_CHANNEL}}
     path = write_compressed(base, tmp_path / "mixed", None, ignore=["model.layers.0.mlp.down_proj"], groups=groups)
@@ -113,7 +113,8 @@ def test_mixed_schemes_ignore_list_and_quantized_lm_head(base, tmp_path):
     for i, layer in enumerate(weights.layers):
         for field, want in _hf_projections(model, i).items():
             np.testing.assert_allclose(_dense(getattr(layer, field)), want, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(weights.lm_head), model.lm_head.weight.T.detach().numpy(), atol=1e-7)
+    assert weights.lm_head.fmt == "int8"  # the LM head stays quantized
+    np.testing.assert_allclose(_dense(weights.lm_head), model.lm_head.weight.T.detach().numpy(), atol=1e-7)
     np.testing.assert_allclose(_ours(weights, cfg), ref, atol=1e-4)
 
 
@@ -190,6 +191,7 @@ EXPORTS = {  # name: LLM(quantization=..., quantization_config=...)
     "w8a8_fp8": ("w8a8_fp8", {}),
     "hybrid": ("int4", {"group_size": 32, "overrides": {"w_down": "int8", "layers.0.wo": "fp8_e4m3"},
                         "skip": "layers.1.wqkv"}),
+    "int8_head": ("int8", {"lm_head": "int8"}),
     "w8a8": ("w8a8", {}),  # round trip only: the activation conventions differ (see above)
     "nvfp4": ("nvfp4", {}),  # round trip only: transformers 5.24 cannot run NVFP4 on CPU (see above)
 }
@@ -222,6 +224,17 @@ def test_quantized_models_export_to_compressed_tensors(base, tmp_path, name):
     _, back = load_hf(out)
     _assert_same_weights(llm.weights, back)
     assert LLM(str(out)).quantization.method == "compressed-tensors"
+
+
+def test_a_quantized_head_of_tied_embeddings_exports_untied(tmp_path):
+    tied = write_tiny("qwen2", tmp_path / "tied")
+    llm = LLM(str(tied), dtype="float32", max_num_seqs=2, quantization="int4",
+              quantization_config={"group_size": 32, "lm_head": "int8"})
+    assert llm.cfg.tie_word_embeddings and llm.weights.lm_head.fmt == "int8"
+    export_hf(tmp_path / "out", llm.cfg, llm.weights, dtype="float32")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    _, ref = _transformers(tmp_path / "out")
+    np.testing.assert_allclose(_ours(llm.weights, llm.cfg), ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["int4_g32_asym", "NVFP4A16"])

@@ -179,15 +179,16 @@ def test_config_validation_and_policies():
 def test_llm_quantized_equals_its_fake_quant_reference(tiny):
     """Prompt logprobs of LLM(quantization=...) through the engine equal a plain forward of the
     dense model whose projections are the dequantized matrices, and the hybrid policy keeps what
-    it says dense."""
-    qconf = {"group_size": 32, "skip": ["layers.0.wo"], "overrides": {"w_down": "int8"}}
+    it says dense; the LM head is quantized too (lm_head)."""
+    qconf = {"group_size": 32, "skip": ["layers.0.wo"], "overrides": {"w_down": "int8"}, "lm_head": "int8"}
     llm = LLM(str(tiny), dtype="float32", max_num_seqs=4, quantization="int4", quantization_config=qconf)
     layers = llm.weights.layers
     assert not isinstance(layers[0].wo, QuantWeight) and isinstance(layers[1].wo, QuantWeight)
     assert layers[0].w_down.fmt == "int8" and layers[0].wqkv.fmt == "int4" and layers[0].wqkv.group == 32
     sizes = weight_bytes(llm.weights)
     assert 0 < sizes["quantized"] < sizes["dense_projections"] * 4
-    fake = llm.weights.replace(layers=[
+    assert llm.weights.lm_head.fmt == "int8" and sizes["lm_head"] < llm.weights.embed.nbytes / 3
+    fake = llm.weights.replace(lm_head=llm.weights.lm_head.dense(), layers=[
         lw.replace(**{n: getattr(lw, n).dense() for n in ("wqkv", "wo", "w_gate_up", "w_down")
                       if isinstance(getattr(lw, n), QuantWeight)}) for lw in layers])
     _assert_matches_fake_quant(llm, fake)
@@ -248,7 +249,7 @@ def test_saved_quantized_model_reloads_without_calibrating_again(tiny, tmp_path)
     calib = np.random.default_rng(2).integers(3, 300, size=(4, 48))
     llm = LLM(str(tiny), dtype="float32", max_num_seqs=2, quantization="int4",
               quantization_config={"method": "awq", "group_size": 32, "calibration": calib,
-                                   "overrides": {"w_down": "w8a8"}})
+                                   "overrides": {"w_down": "w8a8"}, "lm_head": "int4"})
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompt = {"prompt_token_ids": [7, 8, 9, 10, 11]}
     ref = llm.generate(prompt, sp)[0].outputs[0].token_ids
@@ -258,6 +259,7 @@ def test_saved_quantized_model_reloads_without_calibrating_again(tiny, tmp_path)
     for a, b in zip(jax.tree_util.tree_leaves(llm.weights), jax.tree_util.tree_leaves(again.weights)):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
     assert again.weights.layers[1].w_down.fmt == "w8a8" and again.weights.layers[1].wqkv.input_scale is not None
+    assert again.weights.lm_head.fmt == "int4"
     assert again.generate(prompt, sp)[0].outputs[0].token_ids == ref
     assert again.get_tokenizer() is not None
     with pytest.raises(ValueError, match="already quantized"):
