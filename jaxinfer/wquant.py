@@ -554,6 +554,14 @@ def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
     return weights.replace(layers=layers)
 
 
+def quantized_nbytes(in_features: int, out_features: int, fmt: str, group: int) -> int:
+    """Bytes a QuantWeight of a [K, N] matrix holds (codes, scales, the nvfp4 tensor scale), without
+    building it (the memory calculator's count)."""
+    codes = out_features * in_features // (2 if CODEC.get(fmt, fmt) in kvf.PACKED else 1)
+    scale_itemsize = jnp.dtype(kvf.SCALE_DTYPE[CODEC.get(fmt, fmt)]).itemsize
+    return codes + out_features * (in_features // group) * scale_itemsize + (4 if fmt == "nvfp4" else 0)
+
+
 def weight_bytes(weights) -> dict:
     """Bytes of the quantized projections, of the dense projections, of what the LM head reads (the
     embedding when tied and not quantized), and of everything."""

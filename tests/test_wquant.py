@@ -267,3 +267,16 @@ def test_saved_quantized_model_reloads_without_calibrating_again(tiny, tmp_path)
     dense = LLM(str(tiny), dtype="float32", max_num_seqs=2)
     dense.save(tmp_path / "d")  # a dense save quantizes on load like an HF directory
     assert isinstance(LLM(str(tmp_path / "d"), quantization="int8").weights.layers[0].wo, QuantWeight)
+
+
+@pytest.mark.parametrize("arch, fmt, qconf", [
+    ("llama", "int4", {"group_size": 32, "skip": ["layers.0.wo"], "overrides": {"w_down": "nvfp4"}, "lm_head": "int8"}),
+    ("qwen2", "w8a8", {"lm_head": "int4"}),  # tied embeddings: the quantized head is a copy; q/k/v biases
+])
+def test_memory_calculator_counts_quantized_weights_as_llm_holds_them(tmp_path, arch, fmt, qconf):
+    from jaxinfer.kv.memory import memory_report
+    path = write_tiny(arch, tmp_path / arch)
+    llm = LLM(str(path), dtype="float32", max_num_seqs=2, quantization=fmt, quantization_config=qconf)
+    report = memory_report(llm.cfg, 1, 16, weights_dtype="float32", quantization=fmt, quantization_config=qconf)
+    assert report.weights_bytes == weight_bytes(llm.weights)["total"]
+    assert report.weights_bytes < memory_report(llm.cfg, 1, 16, weights_dtype="float32").weights_bytes

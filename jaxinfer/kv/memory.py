@@ -72,9 +72,36 @@ def kv_bytes_per_token(cfg: ModelConfig, kv_cache_dtype: str, model_itemsize: fl
     return 2 * cfg.num_layers * cfg.num_kv_heads * page_bytes_per_token(spec, cfg.head_dim, model_itemsize)
 
 
+def quantized_weights_bytes(cfg: ModelConfig, weights_dtype: str, quantization: str,
+                            quantization_config: dict | None = None) -> int:
+    """Bytes of the model as `LLM(quantization=..., quantization_config=...)` holds it: the decoder
+    projections in their formats (codes and scales, `wquant.quantized_nbytes`; skip / overrides
+    honoured), the LM head likewise when lm_head names a format (a copy beside a tied embedding),
+    everything else in weights_dtype."""
+    from jaxinfer.wquant import MODULES, WeightQuantConfig, quantized_nbytes
+    qc = WeightQuantConfig.from_args(quantization, {k: v for k, v in (quantization_config or {}).items()
+                                                    if k != "calibration"})
+    d, f, h, k, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = dict(zip(MODULES, [(d, (h + 2 * k) * e), (h * e, d), (d, 2 * f), (f, d)]))
+    item = WEIGHT_BYTES[weights_dtype]
+    total = cfg.num_params() * item
+    for i in range(cfg.num_layers):
+        for name, (kin, nout) in shapes.items():
+            fmt = qc.format_of(f"layers.{i}.{name}")
+            if fmt is not None:
+                total += quantized_nbytes(kin, nout, fmt, qc.group_of(fmt, kin)) - kin * nout * item
+    if qc.lm_head is not None:
+        head = quantized_nbytes(d, cfg.vocab_size, qc.lm_head, qc.group_of(qc.lm_head, d))
+        total += head - (0 if cfg.tie_word_embeddings else d * cfg.vocab_size * item)
+    return int(total)
+
+
 def memory_report(cfg: ModelConfig, batch: int, seq: int, kv_cache_dtype: str = "auto",
                   weights_dtype: str = "bfloat16", device_memory_bytes: int | None = None,
-                  model: str = "") -> MemoryReport:
+                  model: str = "", quantization: str | None = None,
+                  quantization_config: dict | None = None) -> MemoryReport:
+    """quantization / quantization_config: as LLM takes them (the weights are counted as
+    `quantized_weights_bytes`); weights_dtype is then the dtype of the rest."""
     if weights_dtype not in WEIGHT_BYTES:
         raise ValueError(f"weights_dtype={weights_dtype!r}; choose one of {', '.join(WEIGHT_BYTES)}")
     if batch < 1 or seq < 1:
@@ -84,6 +111,11 @@ def memory_report(cfg: ModelConfig, batch: int, seq: int, kv_cache_dtype: str = 
     per_token = kv_bytes_per_token(cfg, kv_cache_dtype, itemsize)
     n = cfg.num_params()
     weights = int(n * WEIGHT_BYTES[weights_dtype])
+    if quantization is not None:
+        weights = quantized_weights_bytes(cfg, weights_dtype, quantization, quantization_config)
+        weights_dtype = f"{weights_dtype}, projections {quantization}" + (
+            f" g{quantization_config['group_size']}" if (quantization_config or {}).get("group_size") else "") + (
+            f", LM head {quantization_config['lm_head']}" if (quantization_config or {}).get("lm_head") else "")
     report = MemoryReport(model=model, num_params=n, weights_dtype=weights_dtype, kv_cache_dtype=kv_cache_dtype,
                           batch=batch, seq=seq, weights_bytes=weights, kv_bytes_per_token=per_token,
                           kv_bytes=int(round(per_token * batch * seq)))
@@ -102,11 +134,17 @@ def register_cli(sub):
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--weights-dtype", default="bfloat16", choices=sorted(WEIGHT_BYTES))
     p.add_argument("--device-memory-gib", type=float, default=80.0)
+    p.add_argument("--quantization", default=None, metavar="FORMAT",
+                   help="decoder projections in FORMAT (as LLM(quantization=...)); --weights-dtype is the rest's")
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--lm-head", default=None, metavar="FORMAT", help="the LM head in FORMAT too")
 
     def run(args):
         name, cfg = load_model_config(args.model)
+        qc = {k: v for k, v in (("group_size", args.group_size), ("lm_head", args.lm_head)) if v is not None}
         r = memory_report(cfg, args.batch, args.seq, args.kv_cache_dtype, args.weights_dtype,
-                          int(args.device_memory_gib * 2 ** 30), model=name)
+                          int(args.device_memory_gib * 2 ** 30), model=name, quantization=args.quantization,
+                          quantization_config=qc)
         print(r.format())
         return 0
 
