@@ -3,7 +3,7 @@
 On the embedded target, for every configuration (dense; RTN int8 / int4 g128 / int4 g32 /
 fp8_e4m3 / nvfp4 / w8a8 (int8 weights and per-token int8 activations); GPTQ int8, int4 g128
 and w8a8; AWQ int4 g128 with and without its clipping search, and nvfp4; a hybrid int4 policy;
-int8 / w8a8 / GPTQ int4 with the LM head quantized too), all in one run:
+int8 / w8a8 / GPTQ int4 with the LM head quantized too; GPTQ in activation order), all in one run:
   * perplexity over held-out windows (teacher-forced, no cache) and its change vs dense;
   * KL(dense || quantized) of the next-token distributions, and top-1 agreement with dense;
   * greedy agreement: mean number of leading generated tokens equal to dense's, over held-out
@@ -55,6 +55,8 @@ CONFIGS = {
     "int8 rtn, int8 head": ("int8", {"lm_head": "int8"}),
     "w8a8 rtn, w8a8 head": ("w8a8", {"lm_head": "w8a8"}),
     "int4 g128 gptq, int8 head": ("int4", {"method": "gptq", "lm_head": "int8"}),
+    "int4 g128 gptq act_order": ("int4", {"method": "gptq", "act_order": True}),
+    "int8 gptq act_order": ("int8", {"method": "gptq", "act_order": True}),
 }
 
 

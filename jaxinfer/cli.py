@@ -48,6 +48,8 @@ def _quantize(args) -> int:
         config["calibration_samples"] = args.calibration_samples
     if args.lm_head is not None:
         config["lm_head"] = args.lm_head
+    if args.act_order:
+        config["act_order"] = True
     llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization, quantization_config=config)
     llm.save(args.out, args.save_format)
     print(f"saved {args.quantization} ({args.method}) {llm.model_dir} to {args.out} ({args.save_format}); "
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", action="append", help="module kept dense: layers.0, w_down, layers.3.wo (repeatable)")
     q.add_argument("--calibration-samples", type=int, default=None,
                    help="GPTQ / AWQ: token windows from the standard library's training split")
+    q.add_argument("--act-order", action="store_true",
+                   help="GPTQ: quantize input features by decreasing activation energy (static groups)")
     q.add_argument("--lm-head", default=None, metavar="FORMAT", help="quantize the LM head too, to FORMAT (round to nearest)")
     q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     q.add_argument("--out", required=True, help="directory to write (weights, config, tokenizer)")

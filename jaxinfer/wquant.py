@@ -192,7 +192,8 @@ class WeightQuantConfig:
     A pattern names a layer ("layers.0"), a module of every layer ("w_down"), or one module
     ("layers.5.wo"). GPTQ and AWQ: calibration_samples windows of calibration_len tokens (from the
     standard-library training split unless `calibration` token ids are given to LLM), damp:
-    the fraction of the mean Hessian diagonal added to it, block_size: columns per lazy update.
+    the fraction of the mean Hessian diagonal added to it, block_size: columns per lazy update,
+    act_order: quantize columns by decreasing Hessian diagonal, with static groups (`gptq_quantize`).
     AWQ: clip searches each integer group's clipping range after the scales (as AWQ does).
     lm_head: a format for the LM head too (round to nearest, one scale per vocabulary row; with tied
     embeddings the head gets its own quantized copy and the embedding stays dense for the lookup).
@@ -209,9 +210,10 @@ class WeightQuantConfig:
     block_size: int = 128
     clip: bool = True
     lm_head: str | None = None
+    act_order: bool = False
 
     KEYS = ("method", "group_size", "skip", "overrides", "calibration_samples", "calibration_len", "damp",
-            "block_size", "clip", "lm_head")
+            "block_size", "clip", "lm_head", "act_order")
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -238,6 +240,9 @@ class WeightQuantConfig:
                 raise ValueError(f"quantization {name}={getattr(self, name)!r} must be a positive integer")
         if not isinstance(self.clip, bool):
             raise ValueError(f"quantization clip={self.clip!r} must be True or False")
+        if not isinstance(self.act_order, bool) or (self.act_order and self.method not in ("gptq",) + LOADED_METHODS):
+            raise ValueError(f"quantization act_order={self.act_order!r} must be True or False, and True only with "
+                             "method='gptq'")
         if not 0 <= self.damp < 1:
             raise ValueError(f"quantization damp={self.damp!r} must be in [0, 1)")
 
@@ -295,7 +300,8 @@ class WeightQuantConfig:
     def tag(self) -> str:
         """A short description (prefix-cache key, reports)."""
         return (f"{self.format}/{self.method}/g{self.group_size}/skip{self.skip}/ovr{self.overrides}"
-                + ("/clip" if self.method == "awq" and self.clip else "") + (f"/head:{self.lm_head}" if self.lm_head else ""))
+                + ("/clip" if self.method == "awq" and self.clip else "") + (f"/head:{self.lm_head}" if self.lm_head else "")
+                + ("/act_order" if self.act_order else ""))
 
     def format_of(self, module: str) -> str | None:
         """The format of module "layers.{i}.{name}", or None to keep it dense."""
@@ -339,11 +345,15 @@ def quantize_rtn(w: jax.Array | np.ndarray, fmt: str, group: int) -> QuantWeight
 # ----------------------------------------------------------------------------- GPTQ
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt: str, group: int, damp: float = 0.01,
-                  block_size: int = 128) -> QuantWeight:
+                  block_size: int = 128, act_order: bool = False) -> QuantWeight:
     """GPTQ of a dense [K, N] matrix given H = 2 X^T X [K, K] of its inputs (float64 math).
 
     Columns are the input features; each group's scale is its absmax at the moment the group's
-    first column is reached (the weights then carry the error of the columns before it)."""
+    first column is reached (the weights then carry the error of the columns before it).
+    act_order: quantize the columns in order of decreasing H diagonal (the inputs with the most
+    energy first, while the most columns are left to absorb their error), each with its group's
+    scale fixed up front from the weights as given ("static groups", compressed-tensors'
+    actorder="weight"): the groups stay contiguous in the stored order, so the format is the same."""
     lo, qmax = int_range(fmt)
     wt = np.array(w, np.float64).T.copy()  # [N, K]
     n, k = wt.shape
@@ -352,20 +362,27 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt: str, group: int, damp
     h[dead, dead] = 1.0
     wt[:, dead] = 0.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    scales = np.zeros((n, k // group), np.float64)
+    order = np.arange(k)
+    if act_order:
+        amax = np.abs(wt).reshape(n, k // group, group).max(-1)
+        scales[:] = np.where(amax > 0, amax / qmax, 1.0)
+        order = np.argsort(-np.diag(h), kind="stable")
+        wt, h = wt[:, order], h[np.ix_(order, order)]
     # Upper Cholesky factor of H^-1: row i holds the weights that spread column i's error.
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T
     codes = np.zeros((n, k), np.int32)
-    scales = np.zeros((n, k // group), np.float64)
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
         err = np.zeros((n, b1 - b0))
         for i in range(b0, b1):
-            if i % group == 0:
+            g = order[i] // group  # the column's group in the stored order
+            if not act_order and i % group == 0:
                 amax = np.max(np.abs(wt[:, i:i + group]), axis=1)
-                scales[:, i // group] = np.where(amax > 0, amax / qmax, 1.0)
-            s = scales[:, i // group]
+                scales[:, g] = np.where(amax > 0, amax / qmax, 1.0)
+            s = scales[:, g]
             q = np.clip(np.round(wt[:, i] / s), lo, qmax)
-            codes[:, i] = q
+            codes[:, order[i]] = q
             e = (wt[:, i] - q * s) / hinv[i, i]
             wt[:, i:b1] -= np.outer(e, hinv[i, i:b1])
             err[:, i - b0] = e
@@ -545,7 +562,8 @@ def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
                 run(layer.replace(**{name: probe}), x)
             group = qc.group_of(fmt, probe.w.shape[0])
             if qc.method == "gptq":
-                q = gptq_quantize(np.asarray(probe.w, np.float64), probe.hessian, fmt, group, qc.damp, qc.block_size)
+                q = gptq_quantize(np.asarray(probe.w, np.float64), probe.hessian, fmt, group, qc.damp, qc.block_size,
+                                  qc.act_order)
             else:
                 q, _ = awq_quantize(np.asarray(probe.w), probe.sample(), fmt, group, clip=qc.clip)
             layer = layer.replace(**{name: q})
