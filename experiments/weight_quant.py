@@ -1,7 +1,7 @@
 """Weight quantization: what each format and method costs in quality and buys in bytes and speed.
 
 On the embedded target, for every configuration (dense; RTN int8 / int4 g128 / int4 g32 /
-fp8_e4m3 / nvfp4 / w8a8 (int8 weights and per-token int8 activations); GPTQ int8, int4 g128
+fp8_e4m3 / nvfp4 / mxfp4 / w8a8 (int8 weights and per-token int8 activations); GPTQ int8, int4 g128
 and w8a8; AWQ int4 g128 with and without its clipping search, and nvfp4; a hybrid int4 policy;
 int8 / w8a8 / GPTQ int4 with the LM head quantized too; GPTQ in activation order), all in one run:
   * perplexity over held-out windows (teacher-forced, no cache) and its change vs dense;
@@ -49,6 +49,7 @@ CONFIGS = {
     "int4 g128 rtn, int8 w_down + layer 0": ("int4", {"overrides": {"w_down": "int8", "layers.0": "int8"}}),
     "fp8_e4m3 rtn": ("fp8_e4m3", {}),
     "nvfp4 rtn": ("nvfp4", {}),
+    "mxfp4 rtn": ("mxfp4", {}),
     "nvfp4 awq": ("nvfp4", {"method": "awq"}),
     "w8a8 rtn": ("w8a8", {}),
     "w8a8 gptq": ("w8a8", {"method": "gptq"}),

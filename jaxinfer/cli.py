@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"])
     g.add_argument("--quantization", default=None, metavar="FORMAT",
                    help="quantize the decoder projections at load time, round to nearest: int8, int4, fp8_e4m3, "
-                   "nvfp4, w8a8 (int8 activations too) or w8a8_fp8 (FP8 activations too); LLM checks the value")
+                   "nvfp4, mxfp4, w8a8 (int8 activations too) or w8a8_fp8 (FP8 activations too); LLM checks the value")
     g.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="keep compiled programs here for the next run (default: $JAXINFER_COMPILATION_CACHE, "
                    "else ~/.cache/jaxinfer/xla; set the variable to 0 to turn it off)")

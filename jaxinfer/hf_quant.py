@@ -19,6 +19,8 @@ gives):
     or block; none                                          ([bn, bk] blocks: [N/bn, K/bk])
   float 8, tensor or channel; float 8         w8a8_fp8      as fp8_e4m3
     dynamic per token
+  float 4 (e2m1), group 32, uint8 scales      mxfp4         weight_packed as nvfp4, weight_scale uint8
+                                                            exponents [N, K/32]: value = e2m1 * 2^(s - 127)
   float 4 (e2m1), tensor_group 16; none       nvfp4         weight_packed uint8 [N, K/2] (element 2j
                                                             in the low nibble), weight_scale
                                                             float8_e4m3fn [N, K/16],
@@ -35,7 +37,7 @@ matrix, in the model's dtype, as is a quantized LM head.
 
 Refused with a CheckpointError naming the value: other quant_methods (gptq, awq, bitsandbytes,
 ...), static activation scales, activation-order group indices (actorder="group"), 4-bit or
-grouped activations, other bit widths and float formats (MXFP4, ...), sparsity and transforms.
+grouped activations, other bit widths and float formats (MXFP6, MXFP8, ...), sparsity and transforms.
 A kv_cache_scheme is ignored with a warning (the KV cache's format is `LLM(kv_cache_dtype=...)`).
 """
 
@@ -52,7 +54,8 @@ from jaxinfer.wquant import QuantWeight
 from pallas_kernels import kv_formats as kvf
 
 QUANT_METHOD = "compressed-tensors"
-STORAGE = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized")
+STORAGE = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized",
+           "mxfp4-pack-quantized")
 
 
 class QuantConfigError(ValueError):
@@ -154,10 +157,13 @@ def _scheme(g: dict, storage: str | None, where: str) -> ModuleScheme | None:
         fmt = "fp8_e4m3"
     elif kind == "float" and bits == 4 and strategy == "tensor_group" and group == 16:
         fmt = "nvfp4"
+    elif kind == "float" and bits == 4 and strategy == "group" and group == 32 and "uint8" in str(w.get("scale_dtype")):
+        fmt = "mxfp4"
     else:
         raise QuantConfigError(f"{where}: weights of type={kind!r} num_bits={bits} strategy={strategy!r} "
                                f"group_size={group} are not supported; supported: int 4 / 8 bits (tensor, channel, "
-                               "group), float 8 (tensor, channel, group, block), float 4 tensor_group 16 (NVFP4)")
+                               "group), float 8 (tensor, channel, group, block), float 4 tensor_group 16 (NVFP4), "
+                               "float 4 group 32 with uint8 exponent scales (MXFP4)")
     if not symmetric and kind != "int":
         raise QuantConfigError(f"{where}: asymmetric {kind} weights are not supported")
     if strategy == "group" and not group:
@@ -181,7 +187,7 @@ def _scheme(g: dict, storage: str | None, where: str) -> ModuleScheme | None:
     expect = {"int4": ("pack-quantized",), "int8": ("pack-quantized", "int-quantized", "naive-quantized"),
               "w8a8": ("pack-quantized", "int-quantized", "naive-quantized"),
               "fp8_e4m3": ("float-quantized", "naive-quantized"), "w8a8_fp8": ("float-quantized", "naive-quantized"),
-              "nvfp4": ("nvfp4-pack-quantized",)}[fmt]
+              "nvfp4": ("nvfp4-pack-quantized",), "mxfp4": ("mxfp4-pack-quantized",)}[fmt]
     if storage not in expect:
         raise QuantConfigError(f"{where}: {fmt} weights stored as {storage!r}; expected {' or '.join(expect)}")
     return ModuleScheme(fmt=fmt, storage=storage, num_bits=bits, strategy=strategy,
@@ -226,6 +232,12 @@ def _scale_rows(scale: np.ndarray, s: ModuleScheme, n: int, k: int, where: str) 
 def read_linear(get, name: str, n: int, k: int, s: ModuleScheme) -> QuantWeight:
     """The projection `name` ([N, K] in HF order) stored as scheme s; get(tensor name) reads a tensor."""
     where = name
+    if s.fmt == "mxfp4":
+        data, scale = np.asarray(get(name + ".weight_packed")), np.asarray(get(name + ".weight_scale"))
+        if data.shape != (n, k // 2) or data.dtype != np.uint8 or scale.shape != (n, k // 32) or scale.dtype != np.uint8:
+            raise QuantConfigError(f"{where}: MXFP4 expects uint8 weight_packed {(n, k // 2)} and weight_scale "
+                                   f"{(n, k // 32)}, got {data.dtype} {data.shape} and {scale.dtype} {scale.shape}")
+        return QuantWeight(data=jnp.asarray(data), scale=jnp.asarray(scale), fmt="mxfp4")
     if s.fmt == "nvfp4":
         data = np.asarray(get(name + ".weight_packed"))
         if data.shape != (n, k // 2) or data.dtype != np.uint8:
@@ -318,6 +330,11 @@ def encode(q: QuantWeight, name: str) -> tuple[dict[str, np.ndarray], dict]:
     scale = np.asarray(q.scale)
     strategy = {"strategy": "channel", "group_size": None} if q.group == k else {"strategy": "group", "group_size": q.group}
     act = None
+    if q.fmt == "mxfp4":
+        weights = {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32, "symmetric": True,
+                   "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+        return ({"weight_packed": np.asarray(q.data), "weight_scale": scale},
+                {"format": "mxfp4-pack-quantized", "weights": weights, "input_activations": None})
     if q.fmt == "nvfp4":
         ts = np.asarray(q.tensor_scale, np.float32).reshape(-1)
         if np.any(ts != ts[0]):

@@ -68,7 +68,7 @@ class LLM:
     compilation_cache_dir: keep compiled programs on disk for the next process
     (`jit_cache.enable_compilation_cache`).
     quantization: quantization of the decoder projections at load time: weight-only "int8",
-    "int4", "fp8_e4m3", "nvfp4", "w8a8" (int8 activations too) or "w8a8_fp8" (FP8 activations
+    "int4", "fp8_e4m3", "nvfp4", "mxfp4", "w8a8" (int8 activations too) or "w8a8_fp8" (FP8 activations
     too), with quantization_config
     {"method": "rtn" | "gptq" | "awq", "group_size", "skip", "overrides", ...}
     (`wquant.WeightQuantConfig`); GPTQ and AWQ calibrate on

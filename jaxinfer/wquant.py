@@ -11,6 +11,7 @@ token axis there, input features the channels):
   int4       uint8 [N, K/2], nibbles [-8, 7]   float32               128
   fp8_e4m3   float8_e4m3fn [N, K]              float32               K
   nvfp4      uint8 [N, K/2], e2m1 nibbles      float8_e4m3fn         16, with a float32 tensor scale
+  mxfp4      uint8 [N, K/2], e2m1 nibbles      uint8 exponents e8m0  32 (OCP microscaling: 2^(e - 127))
   w8a8       int8 [N, K]                       float32               K; the activations are quantized
                                                                        too, per row, to int8 at run time
   w8a8_fp8   float8_e4m3fn [N, K]              float32               K; the activations too, per row,
@@ -67,12 +68,14 @@ from jaxinfer.config import rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta
 from pallas_kernels import kv_formats as kvf
 
-FORMATS = ("int8", "int4", "fp8_e4m3", "nvfp4", "w8a8", "w8a8_fp8")
+FORMATS = ("int8", "int4", "fp8_e4m3", "nvfp4", "mxfp4", "w8a8", "w8a8_fp8")
 ACT_FORMATS = {"w8a8": "int8", "w8a8_fp8": "fp8_e4m3"}  # formats that quantize activations too, and to what
-CODEC = {"w8a8": "int8", "w8a8_fp8": "fp8_e4m3"}  # formats stored in another format's codec (else their own name)
+CODEC = {"w8a8": "int8", "w8a8_fp8": "fp8_e4m3", "mxfp4": "nvfp4"}  # mxfp4: nvfp4's e2m1 nibbles
+MXFP4_GROUP = 32  # formats stored in another format's codec (else their own name)
 METHODS = ("rtn", "gptq", "awq")
 LOADED_METHODS = ("compressed-tensors",)  # weights quantized elsewhere, read from a checkpoint (hf_quant)
-DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "nvfp4": kvf.NVFP4_GROUP, "w8a8": None,
+DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "nvfp4": kvf.NVFP4_GROUP, "mxfp4": MXFP4_GROUP,
+                 "w8a8": None,
                  "w8a8_fp8": None}
 GPTQ_FORMATS = ("int8", "int4", "w8a8")
 AWQ_ROWS = 2048  # calibration rows kept per projection for AWQ's scale search
@@ -94,7 +97,7 @@ class QuantWeight:
     @property
     def shape(self) -> tuple[int, int]:
         """The dense matrix's shape, [K, N] (4-bit formats hold two input features per byte)."""
-        return self.data.shape[1] * (2 if self.fmt in kvf.PACKED else 1), self.data.shape[0]
+        return self.data.shape[1] * (2 if CODEC.get(self.fmt, self.fmt) in kvf.PACKED else 1), self.data.shape[0]
 
     @property
     def group(self) -> int:
@@ -105,11 +108,19 @@ class QuantWeight:
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
 
+    def scale_values(self) -> jax.Array:
+        """float32 [N, K/g] scales (mxfp4 stores e8m0 exponents: 2^(e - 127), built as the float32
+        whose exponent field is e, a shift instead of an exp2 that XLA would fuse into every element;
+        e = 0 gives 0 rather than 2^-127, which only an all-zero block has)."""
+        if self.fmt == "mxfp4":
+            return jax.lax.bitcast_convert_type(self.scale.astype(jnp.int32) << 23, jnp.float32)
+        return self.scale.astype(jnp.float32)
+
     def dequantize(self) -> jax.Array:
         """float32 [N, K]."""
         vals = kvf.decode_values(self.data, CODEC.get(self.fmt, self.fmt), asymmetric=self.zero is not None)
         n, k = vals.shape
-        groups = vals.reshape(n, k // self.group, self.group) * self.scale.astype(jnp.float32)[:, :, None]
+        groups = vals.reshape(n, k // self.group, self.group) * self.scale_values()[:, :, None]
         if self.zero is not None:
             groups = groups + self.zero[:, :, None]
         out = groups.reshape(n, k)
@@ -130,15 +141,21 @@ class QuantWeight:
 #   int8      1 row: tied 0.46, untied 3.5;  2 rows: tied row by row 0.76, untied 3.5;  8 rows: 3.05 vs 4.2
 #   int4      1 row: tied 2.4, untied 4.9;   4 rows: untied 4.5, tied 6.9
 #   fp8_e4m3  1 row: untied 1.8, tied 2.6;   nvfp4  1 row: untied 1.8, tied 8.2
-TIED_ROWS = {"int8": 8, "int4": 1, "fp8_e4m3": 0, "nvfp4": 0, "w8a8": 0, "w8a8_fp8": 0}
+# Untied products inside a loop run on float32 matrices that XLA dequantizes once, before the
+# loop (the compiled while carries them): dense speed, dense-size copies while the loop runs.
+# int4 stays tied at one row so that batch-1 decode reads its codes (0.92x dense in the static
+# loop; untied it measured 1.22x, by multiplying such copies).
+TIED_ROWS = {"int8": 8, "int4": 1, "fp8_e4m3": 0, "nvfp4": 0, "mxfp4": 0, "w8a8": 0, "w8a8_fp8": 0}
 
 
 def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
     """x [..., K] @ w -> [..., N] in x's dtype, computed in float32 (see the module docstring).
 
-    Left alone inside a decode loop, XLA hoists the loop-invariant dequantization out of the
-    loop and multiplies by a materialized float32 matrix (or fuses the decode into a slow
-    general product). Up to TIED_ROWS[fmt] rows, the codes are tied to x with an optimization
+    Left alone inside a decode loop, XLA either hoists the loop-invariant dequantization out of
+    the loop and multiplies by a materialized float32 matrix, or fuses the decode into a slow
+    general product (mxfp4, and nvfp4 without its tensor scale: 0.33 vs 0.03 ms for a [384, 2048]
+    product); an optimization barrier on the dequantized matrix rules out the second. Up to
+    TIED_ROWS[fmt] rows, the codes are tied to x with an optimization
     barrier, which keeps the dequantization in the step, and each row is its own matrix-vector
     product: XLA:CPU then fuses the int8 dequantization into the product and reads the codes
     (int8 at batch 1: 0.46 vs 2.4 ms for the dense step's projections). The 4-bit formats
@@ -159,8 +176,8 @@ def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
         data, x32 = jax.lax.optimization_barrier((w.data, x32))
         wt = w.replace(data=data).dequantize().T
         out = jnp.concatenate([jnp.dot(x32[i:i + 1], wt) for i in range(rows)]) if rows > 1 else jnp.dot(x32, wt)
-    else:
-        out = jnp.dot(x32, w.dequantize().T)
+    else:  # the barrier keeps XLA from fusing the decode into the product (see the docstring)
+        out = jnp.dot(x32, jax.lax.optimization_barrier(w.dequantize()).T)
     return out.reshape(*x.shape[:-1], n).astype(x.dtype)
 
 
@@ -225,8 +242,9 @@ class WeightQuantConfig:
         if self.format in ACT_FORMATS and self.group_size is not None:
             raise ValueError(f"{self.format} scales each output channel (a quantized product per row); group_size="
                              f"{self.group_size} is not allowed")
-        if self.format == "nvfp4" and self.group_size not in (None, kvf.NVFP4_GROUP):
-            raise ValueError(f"nvfp4 uses {kvf.NVFP4_GROUP}-element blocks, not group_size={self.group_size}")
+        fixed = {"nvfp4": kvf.NVFP4_GROUP, "mxfp4": MXFP4_GROUP}
+        if self.format in fixed and self.group_size not in (None, fixed[self.format]):
+            raise ValueError(f"{self.format} uses {fixed[self.format]}-element blocks, not group_size={self.group_size}")
         for _, fmt in self.overrides:
             if fmt not in FORMATS:
                 raise ValueError(f"quantization override format {fmt!r} is not one of {FORMATS}")
@@ -316,12 +334,12 @@ class WeightQuantConfig:
     def group_of(self, fmt: str, in_features: int) -> int:
         if fmt in ACT_FORMATS:
             return in_features  # one scale per output channel, whatever group_size the others use
-        g = self.group_size if fmt != "nvfp4" else kvf.NVFP4_GROUP
+        g = {"nvfp4": kvf.NVFP4_GROUP, "mxfp4": MXFP4_GROUP}.get(fmt, self.group_size)
         g = DEFAULT_GROUP[fmt] if g is None else g
         g = in_features if g is None else min(g, in_features)
         if in_features % g:
             raise ValueError(f"group_size={g} does not divide a layer's {in_features} input features")
-        if fmt in kvf.PACKED and g % 2:
+        if CODEC.get(fmt, fmt) in kvf.PACKED and g % 2:
             raise ValueError(f"{fmt} packs two input features per byte: group_size={g} must be even")
         return g
 
@@ -335,11 +353,30 @@ def _matches(pattern: str, module: str) -> bool:
 def quantize_rtn(w: jax.Array | np.ndarray, fmt: str, group: int) -> QuantWeight:
     """Round-to-nearest quantization of a dense [K, N] matrix, each group scaled by its absmax."""
     wt = jnp.asarray(w, jnp.float32).T  # [N, K]
+    if fmt == "mxfp4":
+        return _mxfp4_rtn(wt)
     tensor_scale = None
     if fmt == "nvfp4":
         tensor_scale = kvf.nvfp4_tensor_scale(jnp.max(jnp.abs(wt)))
     data, scale, _ = kvf.quantize(wt, CODEC.get(fmt, fmt), 1, group, tensor_scale=tensor_scale)
     return QuantWeight(data=data, scale=scale, tensor_scale=tensor_scale, fmt=fmt)
+
+
+@jax.jit
+def _mxfp4_rtn(wt: jax.Array) -> QuantWeight:
+    """OCP MX FP4 of [N, K]: each 32-element block shares a power of two 2^e, stored as the biased
+    exponent byte, and its values round to e2m1, saturating at 6. OCP's e = floor(log2 absmax) - 2
+    (e2m1's largest exponent is 2) can leave the absmax at up to 8x the scale, clipped to 6; one
+    step more when absmax / 2^e >= 7 (beyond 6 by more than half the next step) keeps the clip
+    under 1/7 of the absmax, the rule compressed-tensors' MX scales follow."""
+    n, k = wt.shape
+    blocks = wt.reshape(n, k // MXFP4_GROUP, MXFP4_GROUP)
+    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    exp = jnp.where(amax > 0, jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - 2, -127.0)
+    exp = jnp.clip(exp + (amax >= 7.0 * jnp.exp2(exp)), -127, 127)
+    q = blocks / jnp.exp2(exp)[:, :, None]
+    data = kvf.pack_nibbles(kvf.e2m1_encode(q.reshape(n, k)).astype(jnp.int32))
+    return QuantWeight(data=data, scale=(exp + 127).astype(jnp.uint8), fmt="mxfp4")
 
 
 # ----------------------------------------------------------------------------- GPTQ
@@ -576,7 +613,7 @@ def quantized_nbytes(in_features: int, out_features: int, fmt: str, group: int) 
     """Bytes a QuantWeight of a [K, N] matrix holds (codes, scales, the nvfp4 tensor scale), without
     building it (the memory calculator's count)."""
     codes = out_features * in_features // (2 if CODEC.get(fmt, fmt) in kvf.PACKED else 1)
-    scale_itemsize = jnp.dtype(kvf.SCALE_DTYPE[CODEC.get(fmt, fmt)]).itemsize
+    scale_itemsize = 1 if fmt == "mxfp4" else jnp.dtype(kvf.SCALE_DTYPE[CODEC.get(fmt, fmt)]).itemsize
     return codes + out_features * (in_features // group) * scale_itemsize + (4 if fmt == "nvfp4" else 0)
 
 

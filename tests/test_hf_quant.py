@@ -29,6 +29,7 @@ SCHEMES = {  # name: (scheme, the format the projections load as)
     "FP8_DYNAMIC": ("FP8_DYNAMIC", "w8a8_fp8"),  # fp8 weights per channel, fp8 activations per token
     "W8A8": ("W8A8", "w8a8"),
     "NVFP4A16": ("NVFP4A16", "nvfp4"),
+    "MXFP4A16": ("MXFP4A16", "mxfp4"),  # power-of-two scales: the dequantized values are exact in bfloat16 too
 }
 IDS = np.random.default_rng(0).integers(3, 128, size=40).tolist()
 
@@ -79,7 +80,7 @@ def test_compressed_tensors_checkpoint_matches_transformers(base, tmp_path, name
     ours = _ours(weights, cfg)
     _, dense_ref = _transformers(base)
     assert np.abs(ours - dense_ref).max() > 1e-2  # the quantization shows: the comparison below can fail
-    model, ref = _transformers(path, dequantize=name in ("int4_g32_asym", "NVFP4A16"))
+    model, ref = _transformers(path, dequantize=name in ("int4_g32_asym", "NVFP4A16", "MXFP4A16"))
     if name == "NVFP4A16":  # compressed-tensors dequantizes NVFP4 to bfloat16: our float32 values, rounded
         for i, layer in enumerate(weights.layers):
             for field, want in _hf_projections(model, i).items():
@@ -194,6 +195,7 @@ EXPORTS = {  # name: LLM(quantization=..., quantization_config=...)
     "int8_head": ("int8", {"lm_head": "int8"}),
     "w8a8": ("w8a8", {}),  # round trip only: the activation conventions differ (see above)
     "nvfp4": ("nvfp4", {}),  # round trip only: transformers 5.24 cannot run NVFP4 on CPU (see above)
+    "mxfp4": ("mxfp4", {}),
 }
 
 
@@ -219,7 +221,7 @@ def test_quantized_models_export_to_compressed_tensors(base, tmp_path, name):
     out = tmp_path / "export"
     export_hf(out, llm.cfg, llm.weights, dtype="float32")
     if name not in ("w8a8", "nvfp4"):
-        _, ref = _transformers(out)
+        _, ref = _transformers(out, dequantize=name == "mxfp4")
         np.testing.assert_allclose(_ours(llm.weights, llm.cfg), ref, atol=1e-4)
     _, back = load_hf(out)
     _assert_same_weights(llm.weights, back)

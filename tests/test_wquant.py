@@ -32,7 +32,7 @@ def test_rtn_round_trip_is_within_half_a_step(fmt):
     back = np.asarray(q.dense())
     amax = np.abs(w.T.reshape(40, 96 // group, group)).max(-1)  # [N, groups]
     bound = np.repeat(amax, group, axis=1).T  # [K, N]: each weight's group absmax
-    rel = {"int8": 0.5 / 127, "int4": 0.5 / 7, "fp8_e4m3": 2.0 ** -4, "nvfp4": 0.25}[fmt]
+    rel = {"int8": 0.5 / 127, "int4": 0.5 / 7, "fp8_e4m3": 2.0 ** -4, "nvfp4": 0.25, "mxfp4": 0.25}[fmt]
     assert np.all(np.abs(back - w) <= rel * bound + 1e-6)
     assert np.abs(back - w).max() > 0  # it did quantize
 
