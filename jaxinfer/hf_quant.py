@@ -84,21 +84,21 @@ class CompressedTensors:
 
     def scheme_of(self, name: str) -> ModuleScheme | None:
         """The scheme of the Linear module `name` (HF name, e.g. "model.layers.0.self_attn.q_proj"), or None
-        (stored dense)."""
-        if any(_targets(t, name) for t in self.ignore):
+        (stored dense). Where several groups target it, the most specific target wins, as in
+        compressed-tensors: the module's name, then a regex, then the class name."""
+        if any(_match_rank(t, name) is not None for t in self.ignore):
             return None
-        for targets, scheme in self.groups:
-            if any(_targets(t, name) for t in targets):
-                return scheme
-        return None
+        ranked = [(rank, i) for i, (targets, _) in enumerate(self.groups) for t in targets
+                  if (rank := _match_rank(t, name)) is not None]
+        return self.groups[min(ranked)[1]][1] if ranked else None
 
 
-def _targets(target: str, name: str) -> bool:
-    """compressed-tensors' module matching for Linear modules: "re:<regex>" on the module name, the
-    module name itself, or the class name "Linear"."""
+def _match_rank(target: str, name: str) -> int | None:
+    """How a compressed-tensors target matches the Linear module `name`: 0 by its name, 1 by a
+    "re:<regex>", 2 by the class name "Linear"; None if it does not."""
     if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target in (name, "Linear")
+        return 1 if re.match(target[3:], name) else None
+    return 0 if target == name else 2 if target == "Linear" else None
 
 
 def parse(qc: dict | None, source: str = "config.json") -> CompressedTensors | None:

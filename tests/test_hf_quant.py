@@ -99,11 +99,12 @@ def test_compressed_tensors_checkpoint_matches_transformers(base, tmp_path, name
 
 
 def test_mixed_schemes_ignore_list_and_quantized_lm_head(base, tmp_path):
-    """Config groups by regex (int4 for q and the MLP, int8 per channel for k / v / o and the LM
-    head) and an ignored module: q / k / v cannot share one QuantWeight and load dense (dequantized),
-    the ignored down projection stays dense."""
-    groups = {"g4": {"targets": ["re:.*q_proj$", "re:.*mlp.*"], "weights": INT4_G32},
-              "g8": {"targets": ["re:.*(k|v|o)_proj$", "lm_head"], "weights": INT8_CHANNEL}}
+    """Config groups: int8 per channel for every Linear, int4 by regex for q and the MLP (the more
+    specific target wins, listed second), and an ignored module: q / k / v cannot share one
+    QuantWeight and load dense (dequantized), the ignored down projection stays dense, the LM head
+    is int8."""
+    groups = {"g8": {"targets": ["Linear"], "weights": INT8_CHANNEL},
+              "g4": {"targets": ["re:.*q_proj$", "re:.*mlp.*"], "weights": INT4_G32}}
     path = write_compressed(base, tmp_path / "mixed", None, ignore=["model.layers.0.mlp.down_proj"], groups=groups)
     cfg, weights = load_hf(path)
     kinds = [{f: getattr(getattr(layer, f), "fmt", "dense") for f in ("wqkv", "wo", "w_gate_up", "w_down")}
