@@ -9,8 +9,8 @@ transformers runs that. For each: perplexity over held-out windows in both, the 
 difference in any token's log-prob between them, KL(dense || quantized) and top-1 agreement with
 the dense model (ours), and the bytes of the decoder projections.
 
-transformers 5.24 runs NVFP4 checkpoints only dequantized at load (to bfloat16) and asymmetric
-int4 likewise; W8A8's activations round differently there (absmax / 127.5 vs vLLM's and our 127).
+transformers 5.24 runs NVFP4 checkpoints only dequantized at load (to bfloat16), and MXFP4 and
+asymmetric int4 likewise; W8A8's activations round differently there (absmax / 127.5 vs vLLM's and our 127).
 With activation quantization, float32 rounding differences flip some activations to the next
 step, so the log-prob comparison is put beside transformers against itself under 1e-6 noise.
 Needs the test extra (torch, transformers, compressed-tensors).
@@ -49,6 +49,7 @@ SCHEMES = {  # name: (compressed-tensors scheme, run in transformers dequantized
     "W8A8 (int8 channel, int8 tokens)": ("W8A8", False),
     "FP8_DYNAMIC (fp8 channel, fp8 tokens)": ("FP8_DYNAMIC", False),
     "NVFP4A16": ("NVFP4A16", True),
+    "MXFP4A16": ("MXFP4A16", True),
 }
 EXPORTS = {  # name: LLM quantization arguments
     "ours GPTQ int4 g128 -> hf": ("int4", {"method": "gptq", "group_size": 128}),
