@@ -257,3 +257,13 @@ def test_export_refuses_what_compressed_tensors_cannot_hold(base, tmp_path):
                                   *weights.layers[1:]])
     with pytest.raises(ValueError, match="AWQ's run-time input scales"):
         export_hf(tmp_path / "awq", cfg, awq)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # q/k/v biases; per-head q/k norms and an explicit head_dim
+def test_compressed_checkpoints_of_other_architectures_match_transformers(tmp_path, arch):
+    base = write_tiny(arch, tmp_path / arch)
+    path = write_compressed(base, tmp_path / f"{arch}_q", {"weights": {**INT4_G32, "group_size": 16}})
+    cfg, weights = load_hf(path)
+    assert weights.layers[0].wqkv.fmt == "int4"
+    _, ref = _transformers(path)
+    np.testing.assert_allclose(_ours(weights, cfg), ref, atol=1e-4)
