@@ -72,12 +72,14 @@ def write_tokenizer(out_dir: Path, vocab_size: int = 300) -> Path:
     return Path(out_dir)
 
 
-def write_compressed(src: Path, out_dir: Path, scheme: str | dict, ignore=("lm_head",), groups: dict | None = None) -> Path:
+def write_compressed(src: Path, out_dir: Path, scheme: str | dict, ignore=("lm_head",), groups: dict | None = None,
+                     max_shard_size: str | None = None) -> Path:
     """Quantize the checkpoint at src with compressed-tensors (the library llm-compressor and vLLM use)
     and save it in its compressed format: `scheme` is a preset name ("W4A16", "W8A8", "FP8_DYNAMIC",
     "NVFP4A16", ...) or scheme arguments ({"weights": {...}, "input_activations": {...}}), applied
     to every Linear but `ignore`; or `groups` {name: scheme arguments with "targets"}. Scales and
-    zero points come from each group's min / max (what an RTN observer computes)."""
+    zero points come from each group's min / max (what an RTN observer computes). max_shard_size
+    ("100KB"): sharded files with an index, as large checkpoints come."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
     from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
@@ -118,6 +120,6 @@ def write_compressed(src: Path, out_dir: Path, scheme: str | dict, ignore=("lm_h
                 m.weight_zero_point.data = zero.to(m.weight_zero_point.dtype).reshape(m.weight_zero_point.shape)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     compressor.update_config(out_dir)
     return Path(out_dir)
