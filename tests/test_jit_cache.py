@@ -1,6 +1,7 @@
 """Persistent compilation cache: a second process loads what the first compiled."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -57,17 +58,22 @@ def test_cache_directory_errors_and_environment(tmp_path, monkeypatch):
     assert default_dir() == tmp_path / "xdg" / "jaxinfer" / "xla"
 
 
-def test_cli_runs_without_a_writable_default_cache(tmp_path, monkeypatch, capsys):
+def test_cli_runs_without_a_writable_default_cache(tmp_path):
     """The quickstart must work where the home cache cannot be written; an explicit bad
-    --compilation-cache is an error."""
-    from jaxinfer.cli import main
+    --compilation-cache is an error. Each run is its own process, as the quickstart's is (the CLI
+    turns the persistent cache on for the whole process)."""
     model = write_tiny("llama", tmp_path / "m", vocab_size=300, max_position_embeddings=128)
     write_tokenizer(model, 300)
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # default dir under a file: not creatable
-    assert main(["generate", "def f(", "--model", str(model), "--max-tokens", "2"]) == 0
-    assert "error" not in capsys.readouterr().err
-    assert main(["generate", "x", "--model", str(model), "--compilation-cache", str(blocker / "c")]) == 2
-    assert "compilation_cache_dir=" in capsys.readouterr().err
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    env["XDG_CACHE_HOME"] = str(blocker)  # default dir under a file: not creatable
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "jaxinfer.cli", "generate", *args, "--model", str(model)],
+                              capture_output=True, text=True, env=env, timeout=600)
+
+    ok = cli("def f(", "--max-tokens", "2")
+    assert ok.returncode == 0 and "error" not in ok.stderr, ok.stderr[-2000:]
+    bad = cli("x", "--compilation-cache", str(blocker / "c"))
+    assert bad.returncode == 2 and "compilation_cache_dir=" in bad.stderr
