@@ -102,9 +102,8 @@ def test_compressed_tensors_checkpoint_matches_transformers(base, tmp_path, name
 
 def test_mixed_schemes_ignore_list_and_quantized_lm_head(base, tmp_path):
     """Config groups: int8 per channel for every Linear, int4 by regex for q and the MLP (the more
-    specific target wins, listed second), and an ignored module: q / k / v cannot share one
-    QuantWeight and load dense (dequantized), the ignored down projection stays dense, the LM head
-    is int8."""
+    specific target wins), and an ignored module: q / k / v cannot share one QuantWeight and load
+    dense (dequantized), the ignored down projection stays dense, the LM head is int8."""
     groups = {"g8": {"targets": ["Linear"], "weights": INT8_CHANNEL},
               "g4": {"targets": ["re:.*q_proj$", "re:.*mlp.*"], "weights": INT4_G32}}
     path = write_compressed(base, tmp_path / "mixed", None, ignore=["model.layers.0.mlp.down_proj"], groups=groups)
@@ -269,3 +268,19 @@ def test_compressed_checkpoints_of_other_architectures_match_transformers(tmp_pa
     assert weights.layers[0].wqkv.fmt == "int4"
     _, ref = _transformers(path)
     np.testing.assert_allclose(_ours(weights, cfg), ref, atol=1e-4)
+
+
+def test_the_most_specific_target_wins_whatever_the_group_order():
+    """compressed-tensors resolves a module matched by several groups by its name first, then a
+    regex, then the class name; the groups' order in config.json does not matter."""
+    from jaxinfer.hf_quant import parse
+    int8 = {"weights": INT8_CHANNEL}
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+          "config_groups": {"a": {"targets": ["Linear"], **int8},
+                            "b": {"targets": ["re:.*mlp.*"], "weights": INT4_G32},
+                            "c": {"targets": ["model.layers.0.mlp.down_proj"], "weights": {**INT4_G32, "group_size": 16}}}}
+    ct = parse(qc)
+    assert ct.scheme_of("model.layers.0.self_attn.q_proj").fmt == "int8"
+    assert ct.scheme_of("model.layers.1.mlp.up_proj").group_size == 32
+    assert ct.scheme_of("model.layers.0.mlp.down_proj").group_size == 16
+    assert ct.scheme_of("lm_head") is None
