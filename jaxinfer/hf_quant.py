@@ -208,10 +208,11 @@ def _unpack_int32(packed: np.ndarray, bits: int, count: int, axis: int) -> np.nd
 
 
 def _scale_rows(scale: np.ndarray, s: ModuleScheme, n: int, k: int, where: str) -> np.ndarray:
-    """A stored scale (tensor [1], channel [N, 1], group [N, K/g], block [N/bn, K/bk], nvfp4 [N, K/16])
-    -> [N, K/g] (float32, or the stored float8 for nvfp4)."""
+    """A stored scale (tensor [1], channel [N, 1], group [N, K/g], block [N/bn, K/bk], nvfp4 [N, K/16],
+    mxfp4 [N, K/32]) -> [N, K/g] (float32; the 4-bit float formats keep their stored float8 scales or
+    exponent bytes)."""
     scale = np.asarray(scale)
-    if s.fmt != "nvfp4":
+    if s.fmt not in ("nvfp4", "mxfp4"):
         scale = scale.astype(np.float32)
     if s.strategy == "tensor":
         return np.broadcast_to(scale.reshape(1, 1), (n, 1)).copy()
@@ -232,17 +233,16 @@ def _scale_rows(scale: np.ndarray, s: ModuleScheme, n: int, k: int, where: str) 
 def read_linear(get, name: str, n: int, k: int, s: ModuleScheme) -> QuantWeight:
     """The projection `name` ([N, K] in HF order) stored as scheme s; get(tensor name) reads a tensor."""
     where = name
-    if s.fmt == "mxfp4":
-        data, scale = np.asarray(get(name + ".weight_packed")), np.asarray(get(name + ".weight_scale"))
-        if data.shape != (n, k // 2) or data.dtype != np.uint8 or scale.shape != (n, k // 32) or scale.dtype != np.uint8:
-            raise QuantConfigError(f"{where}: MXFP4 expects uint8 weight_packed {(n, k // 2)} and weight_scale "
-                                   f"{(n, k // 32)}, got {data.dtype} {data.shape} and {scale.dtype} {scale.shape}")
-        return QuantWeight(data=jnp.asarray(data), scale=jnp.asarray(scale), fmt="mxfp4")
-    if s.fmt == "nvfp4":
+    if s.fmt in ("nvfp4", "mxfp4"):
         data = np.asarray(get(name + ".weight_packed"))
         if data.shape != (n, k // 2) or data.dtype != np.uint8:
             raise QuantConfigError(f"{where}: weight_packed is {data.dtype} {data.shape}, expected uint8 {(n, k // 2)}")
-        scale = _scale_rows(get(name + ".weight_scale"), s, n, k, where).astype(jnp.float8_e4m3fn)
+        scale = _scale_rows(get(name + ".weight_scale"), s, n, k, where)
+        if s.fmt == "mxfp4":
+            if scale.dtype != np.uint8:
+                raise QuantConfigError(f"{where}: MXFP4 weight_scale is {scale.dtype}, expected uint8 exponents")
+            return QuantWeight(data=jnp.asarray(data), scale=jnp.asarray(scale), fmt="mxfp4")
+        scale = scale.astype(jnp.float8_e4m3fn)
         glob = np.asarray(get(name + ".weight_global_scale"), np.float32).reshape(())
         return QuantWeight(data=jnp.asarray(data), scale=jnp.asarray(scale),
                            tensor_scale=jnp.asarray(1.0 / glob, jnp.float32), fmt="nvfp4")
@@ -265,13 +265,13 @@ def read_linear(get, name: str, n: int, k: int, s: ModuleScheme) -> QuantWeight:
         zp = np.asarray(get(name + ".weight_zero_point"))
         if zp.dtype == np.int32 and zp.shape[0] != n:  # packed along N
             zp = _unpack_int32(zp, bits, n, axis=0).astype(np.int32) - (1 << (bits - 1))
-        zp = _scale_rows(zp, dataclasses.replace(s, fmt="int8"), n, k, where + ".weight_zero_point")
+        zp = _scale_rows(zp, s, n, k, where + ".weight_zero_point")
         zero = -(((1 << (bits - 1)) if bits == 4 else 0) + zp) * scale  # int4 keeps its offset nibbles
     if bits == 8:
         data = (offset ^ 0x80).view(np.int8)  # two's complement
     else:
         nib = offset if zero is not None else offset ^ 0x8  # unsigned with a zero point, else two's complement
-        data = nib[:, 0::2] | (nib[:, 1::2] << 4)
+        data = kvf.pack_nibbles(jnp.asarray(nib))
     return QuantWeight(data=jnp.asarray(data), scale=jnp.asarray(scale),
                        zero=None if zero is None else jnp.asarray(zero, jnp.float32), fmt=s.fmt)
 

@@ -19,7 +19,7 @@ from flax import struct
 from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta, KVCache, write_pages, write_slots
 from jaxinfer.layers import apply_rope, attention, matmul, one_row_padded, rms_norm, rope_cos_sin, swiglu
-from jaxinfer.wquant import QuantWeight, quantized_matmul
+from jaxinfer.wquant import QuantWeight
 
 
 @struct.dataclass
@@ -98,7 +98,7 @@ def lm_logits(weights: Weights, hidden: jax.Array, eps: float) -> jax.Array:
     """Final norm + LM head on pre-norm hidden states [..., D] -> float32 logits [..., V]."""
     x = rms_norm(hidden, weights.final_norm, eps)
     if isinstance(weights.lm_head, QuantWeight):  # float32 logits, whatever the activation dtype
-        return quantized_matmul(x.astype(jnp.float32), weights.lm_head)
+        return matmul(x.astype(jnp.float32), weights.lm_head)
     if weights.lm_head is None:
         return one_row_padded(lambda x: jnp.einsum("...d,vd->...v", x, weights.embed,
                                                    preferred_element_type=jnp.float32), x)

@@ -73,10 +73,10 @@ ACT_FORMATS = ("w8a8", "w8a8_fp8")  # formats that quantize the activations too
 # formats stored in another format's codec (else their own name); mxfp4 keeps nvfp4's e2m1 nibbles
 CODEC = {"w8a8": "int8", "w8a8_fp8": "fp8_e4m3", "mxfp4": "nvfp4"}
 MXFP4_GROUP = 32
+FIXED_GROUP = {"nvfp4": kvf.NVFP4_GROUP, "mxfp4": MXFP4_GROUP}  # block sizes the formats define
 METHODS = ("rtn", "gptq", "awq")
 LOADED_METHODS = ("compressed-tensors",)  # weights quantized elsewhere, read from a checkpoint (hf_quant)
-DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "nvfp4": kvf.NVFP4_GROUP, "mxfp4": MXFP4_GROUP,
-                 "w8a8": None, "w8a8_fp8": None}
+DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "w8a8": None, "w8a8_fp8": None, **FIXED_GROUP}
 GPTQ_FORMATS = ("int8", "int4", "w8a8")
 AWQ_ROWS = 2048  # calibration rows kept per projection for AWQ's scale search
 MODULES = ("wqkv", "wo", "w_gate_up", "w_down")  # LayerWeights fields that are linear maps
@@ -242,9 +242,9 @@ class WeightQuantConfig:
         if self.format in ACT_FORMATS and self.group_size is not None:
             raise ValueError(f"{self.format} scales each output channel (a quantized product per row); group_size="
                              f"{self.group_size} is not allowed")
-        fixed = {"nvfp4": kvf.NVFP4_GROUP, "mxfp4": MXFP4_GROUP}
-        if self.format in fixed and self.group_size not in (None, fixed[self.format]):
-            raise ValueError(f"{self.format} uses {fixed[self.format]}-element blocks, not group_size={self.group_size}")
+        if self.format in FIXED_GROUP and self.group_size not in (None, FIXED_GROUP[self.format]):
+            raise ValueError(f"{self.format} uses {FIXED_GROUP[self.format]}-element blocks, not "
+                             f"group_size={self.group_size}")
         for _, fmt in self.overrides:
             if fmt not in FORMATS:
                 raise ValueError(f"quantization override format {fmt!r} is not one of {FORMATS}")
@@ -297,11 +297,11 @@ class WeightQuantConfig:
         if not quantized:
             return None
         main = max(set(quantized), key=quantized.count)
-        group = next(w.group for w in fmts.values() if isinstance(w, QuantWeight) and w.fmt == main)
-        in_features = next(w.shape[0] for w in fmts.values() if isinstance(w, QuantWeight) and w.fmt == main)
+        first = next(w for w in fmts.values() if isinstance(w, QuantWeight) and w.fmt == main)
         head = weights.lm_head.fmt if isinstance(weights.lm_head, QuantWeight) else None
         return cls(format=main, method=method, lm_head=head,
-                   group_size=group if main in ("int8", "int4", "fp8_e4m3") and group < in_features else None,
+                   group_size=first.group if main in ("int8", "int4", "fp8_e4m3") and first.group < first.shape[0]
+                   else None,
                    skip=tuple(m for m, w in fmts.items() if not isinstance(w, QuantWeight)),
                    overrides=tuple((m, w.fmt) for m, w in fmts.items() if isinstance(w, QuantWeight) and w.fmt != main))
 
@@ -334,7 +334,7 @@ class WeightQuantConfig:
     def group_of(self, fmt: str, in_features: int) -> int:
         if fmt in ACT_FORMATS:
             return in_features  # one scale per output channel, whatever group_size the others use
-        g = {"nvfp4": kvf.NVFP4_GROUP, "mxfp4": MXFP4_GROUP}.get(fmt, self.group_size)
+        g = FIXED_GROUP.get(fmt, self.group_size)
         g = DEFAULT_GROUP[fmt] if g is None else g
         g = in_features if g is None else min(g, in_features)
         if in_features % g:

@@ -79,8 +79,7 @@ def quantized_weights_bytes(cfg: ModelConfig, weights_dtype: str, quantization: 
     honoured), the LM head likewise when lm_head names a format (a copy beside a tied embedding),
     everything else in weights_dtype."""
     from jaxinfer.wquant import MODULES, WeightQuantConfig, quantized_nbytes
-    qc = WeightQuantConfig.from_args(quantization, {k: v for k, v in (quantization_config or {}).items()
-                                                    if k != "calibration"})
+    qc = WeightQuantConfig.from_args(quantization, quantization_config)
     d, f, h, k, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     shapes = dict(zip(MODULES, [(d, (h + 2 * k) * e), (h * e, d), (d, 2 * f), (f, d)]))
     item = WEIGHT_BYTES[weights_dtype]
