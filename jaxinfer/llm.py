@@ -18,7 +18,7 @@ from jaxinfer.engine.request import EngineRequest, Status
 from jaxinfer.jit_cache import enable_compilation_cache
 from jaxinfer.layers import ATTENTION_BACKENDS
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.sampling import SamplingParams, raise_penalties_with_speculation
+from jaxinfer.sampling import SamplingParams
 from jaxinfer.static_batch import StaticBatchGenerator
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.wquant import WeightQuantConfig, quantize_weights
@@ -299,10 +299,6 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        if self.speculative_config is not None:
-            for sp in params_list:
-                if isinstance(sp, SamplingParams) and sp.shapes_logits:
-                    raise_penalties_with_speculation(sp)
         now = time.perf_counter()
         groups = []
         for p, sp in zip(prompts, params_list):

@@ -139,13 +139,23 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny):
             llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2, **kw))
 
 
-def test_penalties_with_speculative_decoding_are_refused(tiny):
+def test_speculative_decoding_with_penalties_gives_plain_decoding_tokens(tiny):
+    """Through LLM, on the engine's speculative steps (n-gram drafts from the host, a draft model
+    on device), with penalties, biases and allowed tokens mixed in one batch. (The static
+    speculative loop is checked for every drafter in test_spec_decode.)"""
     path, _ = tiny
-    params = SamplingParams(temperature=0, max_tokens=4, repetition_penalty=1.2)
-    for method in ({"method": "ngram", "num_speculative_tokens": 2}, {"method": "layer_skip",
-                                                                      "num_speculative_tokens": 2}):
-        llm = LLM(str(path), speculative_config=method)
-        with pytest.raises(ValueError, match="penalties and biases are not supported with speculative_config"):
-            llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)
-        out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4))
-        assert len(out[0].outputs[0].token_ids) == 4  # the same LLM serves the next call
+    prompts = [{"prompt_token_ids": p} for p in _prompts(5)]
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.5),
+              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, presence_penalty=1.0,
+                             frequency_penalty=0.5, logit_bias=BIAS),
+              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, allowed_token_ids=[7, 9, 40, 41, 77])]
+    ref = [o.outputs[0].token_ids for o in LLM(str(path), block_size=8).generate(prompts, params)]
+    for spec in ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
+                 {"method": "draft_model", "model": str(path), "num_speculative_tokens": 3}):
+        llm = LLM(str(path), block_size=8, speculative_config=spec)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref, spec["method"]
+        stats = llm.get_stats()
+        if spec["method"] == "ngram":
+            assert 0 < stats.spec_accepted_tokens < stats.spec_drafted_tokens
+        else:  # the model drafting for itself penalizes each draft as the verifier will: all accepted
+            assert stats.spec_accepted_tokens == stats.spec_drafted_tokens > 0

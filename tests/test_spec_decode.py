@@ -108,6 +108,52 @@ def test_greedy_identical_to_plain_decoding(models, reference, name):
         assert s.accepted < s.drafted
 
 
+PENALTIES = [dict(repetition_penalty=1.4, frequency_penalty=1.5), dict(presence_penalty=2.0),
+             dict(logit_bias={6: 4.0, 41: -30.0}, frequency_penalty=0.7), dict(allowed_token_ids=[5, 6, 7, 8, 40, 41, 60, 61])]
+
+
+def _penalized_requests():
+    """One penalty or bias per row, greedy; each decides some of the row's tokens."""
+    reqs = []
+    for i, (p, m, pen) in enumerate(zip(PROMPTS, MAX_TOKENS, PENALTIES)):
+        sp = SamplingParams(temperature=0, max_tokens=m, **pen)
+        reqs.append(EngineRequest(str(i), None, p, sp, seed=100 + i, sample_index=0, stop_ids=[], max_tokens=m,
+                                  tokenizer=None))
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def penalized_reference(models):
+    _, w = models
+    reqs = _penalized_requests()
+    StaticBatchGenerator(w, CFG, max_model_len=256).run(reqs, batch_size=4)
+    plain = _requests(SamplingParams(temperature=0), [])
+    StaticBatchGenerator(w, CFG, max_model_len=256).run(plain, batch_size=4)
+    changed = [r.output_ids != q.output_ids for r, q in zip(reqs, plain)]
+    assert all(changed), changed  # every row's penalty changes its greedy output
+    return [r.output_ids for r in reqs]
+
+
+@pytest.mark.parametrize("name", ["ngram", "draft_model", "layer_skip", "eagle", "medusa"])
+def test_greedy_with_penalties_identical_to_plain_decoding(models, penalized_reference, name):
+    """Penalties and biases shape every verified position as plain decoding would have shaped it,
+    counting the drafts before it as generated: the tokens are the same."""
+    drafters, w = models
+    drafter, params = drafters[name]
+    dec = SpecDecoder(w, CFG, None, max_model_len=256, drafter=drafter, draft_params=params)
+    reqs = _penalized_requests()
+    dec.run(reqs, batch_size=4)
+    assert [r.output_ids for r in reqs] == penalized_reference
+    if name in ("ngram", "draft_model"):
+        assert dec.stats.accepted > 0
+    if name == "draft_model":  # the target drafting for itself penalizes each draft as the verifier will
+        dec = SpecDecoder(w, CFG, None, max_model_len=256, drafter=drafter, draft_params=w)
+        reqs = _penalized_requests()
+        dec.run(reqs, batch_size=4)
+        assert [r.output_ids for r in reqs] == penalized_reference
+        assert dec.stats.accepted == dec.stats.drafted > 0
+
+
 def test_lookup_draft_model_catches_its_cache_up_before_drafting(models):
     """Lookup rounds leave the draft model alone; a model round first feeds it the last
     catch_up tokens. After a gap of g <= catch_up tokens its cache equals a full prefill of

@@ -170,3 +170,71 @@ def test_stop_token_blocked_before_min_tokens(min_tokens, expect_stop_allowed):
         assert int(n_acc[0]) == 2 and int(nxt[0]) == stop
     else:
         assert int(n_acc[0]) == 0 and int(nxt[0]) != stop
+
+
+def test_penalized_chain_through_verify_follows_the_penalized_target():
+    """Sampling with presence / frequency / repetition penalties and a logit bias: the drafts'
+    q is penalized with the counts at the start of each round only, the target's p_i counts
+    the drafts before position i. Emitted tokens at output positions 0 and 1 follow the
+    joint law of plain penalized sampling (which is not a Markov chain: it depends on
+    every earlier token)."""
+    from jaxinfer.sampling import PenaltyInputs
+
+    v, k, n, rounds = 4, 3, 20_000, 2
+    rng = np.random.default_rng(1)
+    lp = jnp.asarray(rng.normal(size=(v, v)) * 1.5, jnp.float32)
+    lq = jnp.asarray(rng.normal(size=(v, v)) * 1.5, jnp.float32)
+    params = SamplingParams(temperature=1.0, presence_penalty=0.7, frequency_penalty=0.4, repetition_penalty=1.6,
+                            logit_bias={3: 0.8})
+    st = SamplingTensors.from_params([params] * n, list(range(n)), v)
+    limits = row_limits([100] * n, [0] * n, [[]] * n, v)
+    prompt = [1]  # x_0; outputs start after it
+    pen0 = PenaltyInputs.from_rows([params] * n, [prompt] * n, [[]] * n, v).build(v)
+
+    @jax.jit
+    def one_round(last, g, pen):
+        toks, qs, prev = [], [], last
+        for i in range(k):
+            tok, q = draft_sample(lq[prev], st, limits, g + i, pen=pen)
+            toks.append(tok)
+            qs.append(q)
+            prev = tok
+        draft = jnp.stack(toks, 1)
+        target_logits = lp[jnp.concatenate([last[:, None], draft], 1)]
+        n_acc, nxt, _ = verify(target_logits, draft, jnp.stack(qs, 1), st, limits, g, pen=pen)
+        i = jnp.arange(k + 1)[None, :]
+        emitted = jnp.where(i < n_acc[:, None], jnp.concatenate([draft, draft[:, :1]], 1), nxt[:, None])
+        return emitted, n_acc + 1, pen.record(emitted, i < (n_acc + 1)[:, None])
+
+    last, g, pen = jnp.full((n,), prompt[0], jnp.int32), jnp.zeros((n,), jnp.int32), pen0
+    out = np.full((n, rounds * (k + 1)), -1)
+    filled = np.zeros(n, int)
+    for _ in range(rounds):
+        emitted, n_emit, pen = one_round(last, g, pen)
+        emitted, n_emit = np.asarray(emitted), np.asarray(n_emit)
+        rows, cols = np.nonzero(np.arange(k + 1)[None, :] < n_emit[:, None])
+        out[rows, filled[rows] + cols] = emitted[rows, cols]
+        filled += n_emit
+        last, g = jnp.asarray(emitted[np.arange(n), n_emit - 1]), g + jnp.asarray(n_emit)
+    assert filled.min() >= 2
+
+    def law(prev, generated):
+        """Plain sampling's distribution of the next token after `generated` (vLLM's order:
+        repetition penalty on seen tokens, then frequency and presence, then the bias)."""
+        x = np.asarray(lp[prev], np.float64).copy()
+        counts = np.bincount(generated, minlength=v)
+        seen = (counts > 0) | np.isin(np.arange(v), prompt)
+        x[seen] = np.where(x[seen] > 0, x[seen] / 1.6, x[seen] * 1.6)
+        x = x - 0.4 * counts - 0.7 * (counts > 0)
+        x[3] += 0.8
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    x1 = law(prompt[0], [])
+    joint = np.array([[x1[a] * law(a, [a])[b] for b in range(v)] for a in range(v)]).reshape(-1)
+    pairs = out[:, 0] * v + out[:, 1]
+    assert chi_square(np.bincount(pairs, minlength=v * v).astype(float), joint) < CHI2_CRIT[15]
+    # The penalties matter here: the unpenalized chain's law is far from the samples.
+    plain = np.asarray(jax.nn.softmax(lp, axis=-1), np.float64)
+    unpenalized = (plain[prompt[0]][:, None] * plain).reshape(-1)
+    assert chi_square(np.bincount(pairs, minlength=v * v).astype(float), unpenalized) > 10 * CHI2_CRIT[15]

@@ -26,7 +26,7 @@ from jaxinfer.kv.kivi import KIVI_KEY_GROUP
 from jaxinfer.kv.quant import KVQuantSpec, page_bytes_per_token
 from jaxinfer.model import Weights
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.sampling import SamplingParams, raise_penalties_with_speculation
+from jaxinfer.sampling import SamplingParams
 from jaxinfer.tokenizer import Tokenizer
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 << 20
@@ -162,8 +162,6 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         p = self.inputs.process(prompt, params)
-        if params.shapes_logits and self.config.speculative_config is not None:
-            raise_penalties_with_speculation(params)
         return [EngineRequest(request_id, p.text, p.token_ids, params, seed, i, p.stop_ids, p.max_tokens,
                               self.tokenizer, arrival_time) for i in range(params.n)]
 

@@ -167,35 +167,36 @@ def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCa
     """
     from jaxinfer.spec.verify import draft_sample, verify
 
-    b = inp.tokens.shape[0]
     start = inp.kv_lens - (k + 1)  # position of the last sampled token
     active = inp.q_lens > 0
+    pen = None if inp.pen is None else inp.pen.build(cfg.vocab_size)
     draft_logits = None
     drafts = inp.tokens[:, 1:]
     if dkv is not None:
         toks = jnp.stack([prev, inp.tokens[:, 0]], axis=1)  # [B, 2]
         q_lens = jnp.where(active, 2, 0)
-        outs, shaped = [], []
+        outs, shaped, dpen = [], [], pen
         for i in range(k):
             meta = AttentionMeta(inp.page_table, start + 1 + i, q_lens, slots=inp.slots)
             logits, _, dkv = forward(dweights, dcfg, toks, meta.query_positions(toks.shape[1]), dkv, meta,
                                      backend=statics.backend, logits_at=(q_lens - 1)[:, None])
-            d, sh = draft_sample(logits[:, 0], inp.st, inp.limits, inp.counters + i)
+            d, sh = draft_sample(logits[:, 0], inp.st, inp.limits, inp.counters + i, pen=dpen)
             outs.append(d)
             shaped.append(sh)
+            if dpen is not None:  # the next draft counts this one as generated, as the verifier will
+                dpen = dpen.record(d, active)
             toks, q_lens = d[:, None], active.astype(jnp.int32)
         drafts = jnp.stack(outs, axis=1)  # [B, k]
         draft_logits = jnp.stack(shaped, axis=1)  # [B, k, V]
     tokens = jnp.concatenate([inp.tokens[:, :1], drafts], axis=1)  # [B, k+1]
     meta = inp.meta()
     logits, _, kv = forward(weights, cfg, tokens, meta.query_positions(k + 1), kv, meta, backend=statics.backend)
-    n_acc, nxt, blocked = verify(logits, drafts, draft_logits, inp.st, inp.limits, inp.counters)
+    n_acc, nxt, blocked = verify(logits, drafts, draft_logits, inp.st, inp.limits, inp.counters, pen=pen)
     lp = None
     if statics.num_logprobs >= 0:
         i = jnp.arange(k + 1)[None, :]
         emitted = jnp.where(i < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])  # [B, k+1]
         lp = token_logprobs(blocked, emitted, statics.num_logprobs)
-    del b
     return kv, dkv, drafts, n_acc, nxt, lp
 
 
@@ -405,7 +406,7 @@ class ModelRunner:
             for i, c in enumerate(group):
                 prev[i] = c.request.all_tokens[c.start - 1]
         statics = StepStatics(num_lp, -1, self.backend)
-        self.signatures.add(("spec", inp.tokens.shape, pp, statics))
+        self.signatures.add(("spec", inp.tokens.shape, pp, statics, inp.penalty_shapes()))
         self.kv, dkv, drafts, n_acc, nxt, lp = spec_step(
             self.weights, self.cfg, statics, self.kv, inp, prev, self.draft_weights, self.draft_kv,
             self.draft_cfg, k=k)

@@ -36,7 +36,7 @@ from flax import struct
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, KVCache, init_contiguous
 from jaxinfer.model import Weights, forward, lm_logits
-from jaxinfer.sampling import RowLimits, SamplingTensors
+from jaxinfer.sampling import Penalties, RowLimits, SamplingTensors
 from jaxinfer.spec.heads import eagle_forward, medusa_logits
 from jaxinfer.spec.verify import draft_sample
 
@@ -52,11 +52,12 @@ class DraftContext:
     num_generated: jax.Array  # [B] output tokens so far (x_P is output number num_generated - 1)
     st: SamplingTensors
     limits: RowLimits
+    pen: Penalties | None = None  # penalties and biases, counts of the output so far (None: no row has any)
     greedy: bool = struct.field(pytree_node=False, default=False)  # every row greedy (static)
 
     def sample(self, logits: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
         """The draft token for output index num_generated + offset from logits [B, V]."""
-        return draft_sample(logits, self.st, self.limits, self.num_generated + offset, self.greedy)
+        return draft_sample(logits, self.st, self.limits, self.num_generated + offset, self.greedy, self.pen)
 
 
 def _meta(b: int, kv_lens, q_lens) -> AttentionMeta:
@@ -64,19 +65,22 @@ def _meta(b: int, kv_lens, q_lens) -> AttentionMeta:
                          q_lens=q_lens, contiguous=True)
 
 
-def _autoregress(step, k: int, first_token, first_q, carry):
-    """Draft d_1 (given) then d_2..d_k with `step(carry, i, d_i) -> (d_{i+1}, q_{i+1}, carry)`.
+def _autoregress(step, k: int, first_token, first_q, carry, ctx: DraftContext):
+    """Draft d_1 (given) then d_2..d_k with `step(carry, i, d_i, ctx_i) -> (d_{i+1}, q_{i+1}, carry)`,
+    where ctx_i's penalties count d_1..d_i as generated (ctx_i.sample draws as plain decoding
+    would after them).
 
     Returns (draft [B, k], q [B, k, V], carry); a lax.scan keeps one copy of the step."""
     if k == 1:
         return first_token[:, None], first_q[:, None], carry
 
     def body(c, i):
-        carry, tok = c
-        nxt, q, carry = step(carry, i, tok)
-        return (carry, nxt), (nxt, q)
+        carry, tok, pen = c
+        pen = None if pen is None else pen.record(tok, ctx.active)
+        nxt, q, carry = step(carry, i, tok, ctx.replace(pen=pen))
+        return (carry, nxt, pen), (nxt, q)
 
-    (carry, _), (toks, qs) = jax.lax.scan(body, (carry, first_token), jnp.arange(1, k, dtype=jnp.int32))
+    (carry, _, _), (toks, qs) = jax.lax.scan(body, (carry, first_token, ctx.pen), jnp.arange(1, k, dtype=jnp.int32))
     draft = jnp.concatenate([first_token[:, None], toks.T], axis=1)  # [B, k]
     q = jnp.concatenate([first_q[:, None], qs.transpose(1, 0, 2)], axis=1)  # [B, k, V]
     return draft, q, carry
@@ -125,13 +129,13 @@ class DraftModelDrafter:
                                  backend=self.backend, logits_at=(n - 1)[:, None])
         d1, q1 = ctx.sample(logits[:, 0], 0)
 
-        def step(dkv, i, tok):  # feed d_i at position P + i -> d_{i+1}
+        def step(dkv, i, tok, ctx_i):  # feed d_i at position P + i -> d_{i+1}
             lg, _, dkv = forward(params, self.cfg, tok[:, None], (p + i)[:, None], dkv,
                                  _meta(b, p + i + 1, act), backend=self.backend)
-            nxt, q = ctx.sample(lg[:, 0], i)
+            nxt, q = ctx_i.sample(lg[:, 0], i)
             return nxt, q, dkv
 
-        draft, q, dkv = _autoregress(step, self.k, d1, q1, dkv)
+        draft, q, dkv = _autoregress(step, self.k, d1, q1, dkv, ctx)
         return draft, q, {"kv": dkv}, kv
 
     def commit(self, params, target, state, ctx, hidden, emitted, n_emit):
@@ -165,14 +169,14 @@ class LayerSkipDrafter:
         p = ctx.kv_lens
         act = ctx.active.astype(jnp.int32)
 
-        def step(kv, i, tok):  # feed the token at position P + i (x_P, then d_i) -> d_{i+1}
+        def step(kv, i, tok, ctx_i):  # feed the token at position P + i (x_P, then d_i) -> d_{i+1}
             lg, _, kv = forward(target, self.cfg, tok[:, None], (p + i)[:, None], kv, _meta(b, p + i + 1, act),
                                 backend=self.backend, num_layers=self.num_layers)
-            nxt, q = ctx.sample(lg[:, 0], i)
+            nxt, q = ctx_i.sample(lg[:, 0], i)
             return nxt, q, kv
 
-        d1, q1, kv = step(kv, 0, ctx.tokens)
-        draft, q, kv = _autoregress(step, self.k, d1, q1, kv)
+        d1, q1, kv = step(kv, 0, ctx.tokens, ctx)
+        draft, q, kv = _autoregress(step, self.k, d1, q1, kv, ctx)
         return draft, q, state, kv
 
     def commit(self, params, target, state, ctx, hidden, emitted, n_emit):
@@ -327,15 +331,15 @@ class EagleDrafter:
         eps = self.cfg.rms_norm_eps
         d1, q1 = ctx.sample(lm_logits(target, state["feature"], eps), 0)
 
-        def step(carry, i, tok):  # head position P+i-1 reads (f_hat_{P+i-1}, d_i) -> f_hat_{P+i} -> d_{i+1}
+        def step(carry, i, tok, ctx_i):  # head position P+i-1 reads (f_hat_{P+i-1}, d_i) -> f_hat_{P+i} -> d_{i+1}
             hkv, feat = carry
             pos = (p + i - 1)[:, None]
             pred, hkv = eagle_forward(params, self.cfg, target, feat[:, None], tok[:, None], pos, hkv,
                                       _meta(b, p + i, act), self.backend)
-            nxt, q = ctx.sample(lm_logits(target, pred[:, 0], eps), i)
+            nxt, q = ctx_i.sample(lm_logits(target, pred[:, 0], eps), i)
             return nxt, q, (hkv, pred[:, 0])
 
-        draft, q, (hkv, _) = _autoregress(step, self.k, d1, q1, (state["kv"], state["feature"]))
+        draft, q, (hkv, _) = _autoregress(step, self.k, d1, q1, (state["kv"], state["feature"]), ctx)
         return draft, q, {"kv": hkv, "feature": state["feature"]}, kv
 
     def commit(self, params, target, state, ctx: DraftContext, hidden, emitted, n_emit):
@@ -372,6 +376,8 @@ class MedusaDrafter:
             tok, q = ctx.sample(logits[:, i], i)
             toks.append(tok)
             qs.append(q)
+            if ctx.pen is not None:  # the next head's draw counts this draft as generated
+                ctx = ctx.replace(pen=ctx.pen.record(tok, ctx.active))
         return jnp.stack(toks, axis=1), jnp.stack(qs, axis=1), state, kv
 
     def commit(self, params, target, state, ctx: DraftContext, hidden, emitted, n_emit):

@@ -37,7 +37,8 @@ from jaxinfer.engine.request import EngineRequest
 from jaxinfer.generate import LENGTH, RUNNING, STOPPED, GenerateStatics, bucket, round_up
 from jaxinfer.kv.cache import AttentionMeta, KVCache, init_contiguous
 from jaxinfer.model import Weights, forward
-from jaxinfer.sampling import RowLimits, SamplingTensors, block_stop_tokens, sample, token_logprobs
+from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens, sample,
+                               token_logprobs)
 from jaxinfer.spec.drafters import DraftContext
 from jaxinfer.spec.verify import verify
 from jaxinfer.static_batch import StaticBatchGenerator
@@ -72,6 +73,7 @@ class SpecState:
     drafted: jax.Array  # [B] drafted tokens
     accepted: jax.Array  # [B] accepted drafted tokens (before stop / max_tokens cuts)
     draft: Any  # the drafter's state
+    pen: Penalties | None = None  # penalties, logit_bias, allowed_token_ids (None: no row has any)
 
 
 def _write(arr: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
@@ -82,11 +84,13 @@ def _write(arr: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "drafter", "statics"))
 def spec_prefill(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: SpecStatics,
-                 tokens: jax.Array, prompt_lens: jax.Array, st: SamplingTensors, limits: RowLimits):
+                 tokens: jax.Array, prompt_lens: jax.Array, st: SamplingTensors, limits: RowLimits,
+                 pen: PenaltyInputs | None = None):
     """Run prompts tokens [B, T] (right-padded), sample each row's first token, prefill the drafter.
 
     The first token is drawn exactly as `generate.prefill` draws it. Rows with prompt_lens 0
-    are padding and finish at once. Returns (SpecState, prompt_logprobs or None) like
+    are padding and finish at once. pen: the rows' penalties (None when no row has any); the
+    state then carries their token counts. Returns (SpecState, prompt_logprobs or None) like
     `generate.prefill`.
     """
     b, t = tokens.shape
@@ -104,9 +108,13 @@ def spec_prefill(weights: Weights, cfg: ModelConfig, drafter, draft_params, stat
         logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)
     zeros = jnp.zeros((b,), jnp.int32)
     first_logits = block_stop_tokens(logits[:, 0], limits, zeros)  # [B, V]
+    penalties = None if pen is None else pen.build(cfg.vocab_size)
+    shaped = first_logits if penalties is None else penalties.apply(first_logits)
     # [B]; exactly generate.prefill's draw (greedy batches skip compiling the sampler)
-    first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32) if statics.greedy else sample(first_logits, st, zeros)
+    first = jnp.argmax(shaped, axis=-1).astype(jnp.int32) if statics.greedy else sample(shaped, st, zeros)
     running = prompt_lens > 0
+    if penalties is not None:
+        penalties = penalties.record(first, running)
 
     n = max(statics.num_logprobs, 0)
     m_lp = m if statics.num_logprobs >= 0 else 0
@@ -133,7 +141,7 @@ def spec_prefill(weights: Weights, cfg: ModelConfig, drafter, draft_params, stat
         num_generated=running.astype(jnp.int32), finish=finish.astype(jnp.int32),
         out_tokens=_write(jnp.zeros((b, m), jnp.int32), jnp.where(running, 0, m)[:, None], first[:, None]),
         out_logprobs=out_lp, out_ranks=out_rank, out_top_ids=out_top_ids, out_top_logprobs=out_top_lp,
-        forwards=zeros, drafted=zeros, accepted=zeros, draft=dstate)
+        forwards=zeros, drafted=zeros, accepted=zeros, draft=dstate, pen=penalties)
     return state, prompt_lp
 
 
@@ -144,7 +152,7 @@ def _round(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: S
     p = s.kv_lens  # [B] position of x_P
     g = s.num_generated  # [B]
     ctx = DraftContext(tokens=s.tokens, kv_lens=p, active=active, history=s.history, num_generated=g,
-                       st=st, limits=limits, greedy=statics.greedy)
+                       st=st, limits=limits, pen=s.pen, greedy=statics.greedy)
 
     if getattr(drafter, "hybrid", False):  # prompt lookup if every running row has a match, else the model
         looked = drafter.lookup(ctx)  # [B, k]
@@ -186,7 +194,7 @@ def _verify_emit(weights: Weights, cfg: ModelConfig, drafter, draft_params, stat
     logits, hidden, kv = forward(weights, cfg, inputs, positions, kv, meta, backend=statics.backend)
 
     # 3. Accept n_acc drafts; `nxt` is the correction (first rejection) or the bonus token.
-    n_acc, nxt, blocked = verify(logits, draft, q_logits, st, limits, g, statics.greedy)  # [B], [B], [B, k+1, V]
+    n_acc, nxt, blocked = verify(logits, draft, q_logits, st, limits, g, statics.greedy, s.pen)  # [B], [B], [B, k+1, V]
 
     # 4. Emit d_1..d_{n_acc}, nxt; cut after the first stop token and at max_tokens.
     i = jnp.arange(k + 1, dtype=jnp.int32)[None, :]  # [1, k+1]
@@ -207,6 +215,8 @@ def _verify_emit(weights: Weights, cfg: ModelConfig, drafter, draft_params, stat
                       out_ranks=_write(s.out_ranks, out_slots, rank),
                       out_top_ids=_write(s.out_top_ids, out_slots, top_ids),
                       out_top_logprobs=_write(s.out_top_logprobs, out_slots, top_lp))
+    if s.pen is not None:  # the next round's penalties count what this one emitted
+        extras["pen"] = s.pen.record(emitted, keep)
     num_generated = g + n_emit
     last_tok = jnp.take_along_axis(emitted, jnp.maximum(n_emit - 1, 0)[:, None], axis=1)[:, 0]
     stopped = active & has_stop & (n_to_stop <= n_emit)
@@ -305,13 +315,13 @@ class SpecDecoder(StaticBatchGenerator):
 
     def segments(self, rows: list[EngineRequest], segment: int | None) -> Iterator:
         """Prefill, then `segment` rounds at a time (None: to the end); yields (state, prompt_lp)."""
-        gs, tokens, prompt_lens, st, limits, _ = self._prepare(rows)  # penalties: refused at the LLM
+        gs, tokens, prompt_lens, st, limits, pen = self._prepare(rows)
         statics = self.statics_for(rows, gs)
         now = time.perf_counter()
         for r in rows:
             r.metrics.first_scheduled_time = now
         args = (self.weights, self.cfg, self.drafter, self.draft_params, statics)
-        state, prompt_lp = spec_prefill(*args, tokens, prompt_lens, st, limits)
+        state, prompt_lp = spec_prefill(*args, tokens, prompt_lens, st, limits, pen)
         yield state, prompt_lp
         rounds = jnp.int32(statics.max_new if segment is None else segment)
         while bool(jnp.any(state.finish == RUNNING)):

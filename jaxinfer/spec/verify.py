@@ -18,9 +18,13 @@ drawn it. Greedy rows accept while d_i == argmax p_i and emit argmax p_{n+1}. Dr
 without probabilities (n-gram lookup) have a one-hot q: accept d_i with probability
 p_i(d_i); on rejection draw from p_i with d_i removed.
 
-p and q are shaped the same way (stop tokens blocked before min_tokens, then
-temperature / min-p / top-k / top-p via `sampling.filter_logits`): the shaped p is
-exactly the distribution plain decoding samples from, which is what makes it lossless.
+p and q are shaped the same way (stop tokens blocked before min_tokens, then penalties and
+logit biases, then temperature / min-p / top-k / top-p via `sampling.filter_logits`): the
+shaped p is exactly the distribution plain decoding samples from, which is what makes it
+lossless. Penalties depend on the tokens generated so far, so p_i counts d_1..d_{i-1} as
+generated: p_i only matters when they were all accepted, and then that is the output
+plain decoding would have had. Drafters that sample penalize q_i the same way (counting
+their own d_1..d_{i-1}), so q stays close to p.
 
 Randomness: every draw is keyed by (request key, index of the output token it decides,
 stream), so a seeded request is reproducible and independent of its batch-mates. Streams
@@ -33,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.sampling import RowLimits, SamplingTensors, block_stop_tokens, filter_logits
+from jaxinfer.sampling import Penalties, RowLimits, SamplingTensors, block_stop_tokens, filter_logits
 
 # Stream ids folded into a row's key after the output-token index.
 STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_DRAFT = 1, 2, 3
@@ -50,38 +54,47 @@ def stream_keys(st: SamplingTensors, counter: jax.Array, stream: int) -> jax.Arr
     return out.reshape(counter.shape + (2,))
 
 
-def shape_logits(logits: jax.Array, st: SamplingTensors, limits: RowLimits,
-                 counter: jax.Array, greedy_only: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Raw logits [B, n, V] of output-token indices counter [B, n] -> (blocked, shaped), both [B, n, V].
+def shape_logits(logits: jax.Array, st: SamplingTensors, limits: RowLimits, counter: jax.Array,
+                 greedy_only: bool = False, pen: Penalties | None = None,
+                 drafted: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Raw logits [B, n, V] of output-token indices counter [B, n] -> (blocked, penalized, shaped),
+    each [B, n, V].
 
-    blocked: stop tokens masked before min_tokens (the logits plain decoding takes its
-    argmax and logprobs from); shaped: blocked, then filtered (softmax = the distribution
-    a sampled row draws from). All-greedy batches skip the filter (greedy_only: not even
-    compiled).
+    blocked: stop tokens masked before min_tokens (the logits logprobs are reported from);
+    penalized: blocked, then pen's penalties and biases, position i counting drafted[:, :i]
+    [B, n-1] as generated (the logits greedy decoding takes its argmax from); shaped:
+    penalized, then filtered (softmax = the distribution a sampled row draws from).
+    All-greedy batches skip the filter (greedy_only: not even compiled).
     """
     blocked = jax.vmap(lambda l, c: block_stop_tokens(l, limits, c), in_axes=(1, 1), out_axes=1)(
         logits.astype(jnp.float32), counter)
+    penalized = blocked
+    if pen is not None:
+        if drafted is None:
+            drafted = jnp.full(counter.shape[:1] + (counter.shape[1] - 1,), -1, jnp.int32)
+        penalized = pen.apply(blocked, drafted)
     if greedy_only:
-        return blocked, blocked
+        return blocked, penalized, penalized
 
     def filtered(x):
         return jax.vmap(lambda l: filter_logits(l, st), in_axes=1, out_axes=1)(x)
 
-    shaped = jax.lax.cond(jnp.all(st.temperature == 0), lambda x: x, filtered, blocked)
-    return blocked, shaped
+    shaped = jax.lax.cond(jnp.all(st.temperature == 0), lambda x: x, filtered, penalized)
+    return blocked, penalized, shaped
 
 
-def draft_sample(logits: jax.Array, st: SamplingTensors, limits: RowLimits,
-                 counter: jax.Array, greedy_only: bool = False) -> tuple[jax.Array, jax.Array]:
+def draft_sample(logits: jax.Array, st: SamplingTensors, limits: RowLimits, counter: jax.Array,
+                 greedy_only: bool = False, pen: Penalties | None = None) -> tuple[jax.Array, jax.Array]:
     """A drafter's token for output index counter [B] from its logits [B, V].
 
-    Greedy rows take the argmax; sampled rows draw from q = softmax(shaped). Returns
-    (token [B] int32, shaped logits [B, V]: log q up to a constant). greedy_only: every
-    row is greedy (a static promise; the sampling code is not compiled).
+    Greedy rows take the argmax of the penalized logits; sampled rows draw from
+    q = softmax(shaped). pen: the rows' penalties, counting the output and the earlier drafts.
+    Returns (token [B] int32, shaped logits [B, V]: log q up to a constant). greedy_only:
+    every row is greedy (a static promise; the sampling code is not compiled).
     """
-    _, shaped = shape_logits(logits[:, None], st, limits, counter[:, None], greedy_only)
+    _, penalized, shaped = shape_logits(logits[:, None], st, limits, counter[:, None], greedy_only, pen)
     shaped = shaped[:, 0]  # [B, V]
-    greedy = jnp.argmax(shaped, axis=-1).astype(jnp.int32)
+    greedy = jnp.argmax(penalized[:, 0], axis=-1).astype(jnp.int32)
     if greedy_only:
         return greedy, shaped
 
@@ -145,19 +158,21 @@ def accept_sampled(p: jax.Array, q: jax.Array | None, draft: jax.Array, u: jax.A
 
 
 def verify(target_logits: jax.Array, draft: jax.Array, draft_logits: jax.Array | None,
-           st: SamplingTensors, limits: RowLimits, num_generated: jax.Array, greedy_only: bool = False):
+           st: SamplingTensors, limits: RowLimits, num_generated: jax.Array, greedy_only: bool = False,
+           pen: Penalties | None = None):
     """Verify drafts of every row against one target forward.
 
     target_logits [B, k+1, V] raw; draft [B, k]; draft_logits [B, k, V] shaped (as
     returned by `draft_sample`) or None (one-hot q); num_generated [B]: output tokens
     so far, so position i decides output token num_generated + i. greedy_only: every row
-    is greedy (static; the sampling path is not compiled).
+    is greedy (static; the sampling path is not compiled). pen: penalties and biases, with
+    the counts of the output before this round (None: no row has any).
     Returns (n_acc [B], next [B], blocked target logits [B, k+1, V] for logprobs).
     """
     b, k = draft.shape
     counter = num_generated[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]  # [B, k+1]
-    blocked, shaped = shape_logits(target_logits, st, limits, counter, greedy_only)
-    n_greedy, next_greedy = accept_greedy(blocked, draft)
+    blocked, penalized, shaped = shape_logits(target_logits, st, limits, counter, greedy_only, pen, draft)
+    n_greedy, next_greedy = accept_greedy(penalized, draft)
     if greedy_only:
         return n_greedy, next_greedy, blocked
 
