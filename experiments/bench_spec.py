@@ -29,6 +29,7 @@ equal work. Writes experiments/results/bench_spec.{md,json,png}.
 
     python experiments/bench_spec.py                                   # the full grid
     python experiments/bench_spec.py --methods ngram eagle --ks 2 4 --batches 1 --temps 0
+    python experiments/bench_spec.py --repetition-penalty 1.2 ...        # penalties on both sides
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from jaxinfer import corpus  # noqa: E402
 from jaxinfer import generate as gen  # noqa: E402
 from jaxinfer.checkpoint import load_hf  # noqa: E402
 from jaxinfer.llm import resolve_model  # noqa: E402
-from jaxinfer.sampling import SamplingParams, SamplingTensors, row_limits  # noqa: E402
+from jaxinfer.sampling import PenaltyInputs, SamplingParams, SamplingTensors, row_limits  # noqa: E402
 from jaxinfer.spec.config import SpeculativeConfig, build_drafter  # noqa: E402
 from jaxinfer.spec.drafters import DraftContext  # noqa: E402
 from jaxinfer.spec.loop import SpecStatics, spec_decode, spec_prefill  # noqa: E402
@@ -108,16 +109,20 @@ def code_edit_prompts(tok: Tokenizer, num: int, min_tokens: int = 80, max_tokens
 
 # ----------------------------------------------------------------------------- runs
 
-def _inputs(prompts: list[list[int]], t: int, temp: float, max_tokens: int, vocab: int, seed0: int = 0):
+def _inputs(prompts: list[list[int]], t: int, temp: float, max_tokens: int, vocab: int, seed0: int = 0,
+            penalties: dict | None = None):
+    """Padded prompts and per-row sampling inputs; the last item is the rows' PenaltyInputs (None
+    without penalties)."""
     b = len(prompts)
     tokens = np.zeros((b, t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    sp = SamplingParams(temperature=temp, max_tokens=max_tokens, ignore_eos=True)
+    sp = SamplingParams(temperature=temp, max_tokens=max_tokens, ignore_eos=True, **(penalties or {}))
     st = SamplingTensors.from_params([sp] * b, [seed0 + i for i in range(b)], vocab)
     limits = row_limits([max_tokens] * b, [0] * b, [[]] * b, vocab)
-    return jnp.asarray(tokens), lens, st, limits
+    pen = PenaltyInputs.from_rows([sp] * b, prompts, [[]] * b, vocab) if sp.shapes_logits else None
+    return jnp.asarray(tokens), lens, st, limits, pen
 
 
 def _pass(run_one, batches):
@@ -162,38 +167,39 @@ def _programs(prefill, decode, weights, args, bake: bool):
             jax.jit(lambda state, *a: decode(weights, *args, state, *a), donate_argnums=0))
 
 
-def plain_runner(weights, cfg, t, s, m, temp, bake=False):
+def plain_runner(weights, cfg, t, s, m, temp, bake=False, penalties=None):
     statics = gen.GenerateStatics(max_len=s, max_new=m)
     pre, dec = _programs(gen.prefill, gen.decode, weights, (cfg, statics), bake)
 
     def run(prompts, seed0):
-        tokens, lens, st, limits = _inputs(prompts, t, temp, m, cfg.vocab_size, seed0)
-        state, _ = pre(tokens, lens, st, limits)
+        tokens, lens, st, limits, pen = _inputs(prompts, t, temp, m, cfg.vocab_size, seed0, penalties)
+        state, _ = pre(tokens, lens, st, limits, pen)
         return dec(state, st, limits, jnp.int32(m))
     return run
 
 
-def spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, bake=False):
+def spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, bake=False, penalties=None):
     statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0)
     pre, dec = _programs(spec_prefill, spec_decode, weights, (cfg, drafter, dparams, statics), bake)
 
     def run(prompts, seed0):
-        tokens, lens, st, limits = _inputs(prompts, t, temp, m, cfg.vocab_size, seed0)
-        state, _ = pre(tokens, lens, st, limits)
+        tokens, lens, st, limits, pen = _inputs(prompts, t, temp, m, cfg.vocab_size, seed0, penalties)
+        state, _ = pre(tokens, lens, st, limits, pen)
         return dec(state, st, limits, jnp.int32(m))
     return run
 
 
-def draft_cost(weights, cfg, drafter, dparams, prompts, t, s, m, temp, reps: int = 16, bake=False) -> float:
+def draft_cost(weights, cfg, drafter, dparams, prompts, t, s, m, temp, reps: int = 16, bake=False,
+               penalties=None) -> float:
     """Seconds per proposed token: `propose` alone, `reps` times in a fori_loop on device."""
     statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0)
-    tokens, lens, st, limits = _inputs(prompts, t, temp, m, cfg.vocab_size)
-    state, _ = spec_prefill(weights, cfg, drafter, dparams, statics, tokens, lens, st, limits)
+    tokens, lens, st, limits, pen = _inputs(prompts, t, temp, m, cfg.vocab_size, penalties=penalties)
+    state, _ = spec_prefill(weights, cfg, drafter, dparams, statics, tokens, lens, st, limits, pen)
 
     def propose_loop(weights, dparams, state):
         ctx = DraftContext(tokens=state.tokens, kv_lens=state.kv_lens, active=state.finish == 0,
                            history=state.history, num_generated=state.num_generated, st=st, limits=limits,
-                           greedy=statics.greedy)
+                           pen=state.pen, greedy=statics.greedy)
 
         def body(i, carry):
             kv, dstate, ctx, acc = carry
@@ -219,7 +225,7 @@ def plain_step_seconds(weights, cfg, prompts, t, s, m, bake=False) -> float:
     """One plain decode step of the target at this batch (greedy), from a timed decode."""
     statics = gen.GenerateStatics(max_len=s, max_new=m)
     pre, dec = _programs(gen.prefill, gen.decode, weights, (cfg, statics), bake)
-    tokens, lens, st, limits = _inputs(prompts, t, 0.0, m, cfg.vocab_size)
+    tokens, lens, st, limits, _ = _inputs(prompts, t, 0.0, m, cfg.vocab_size)
     dec(pre(tokens, lens, st, limits)[0], st, limits, jnp.int32(m)).out_tokens.block_until_ready()
     state, _ = pre(tokens, lens, st, limits)
     state.tokens.block_until_ready()
@@ -260,6 +266,9 @@ def main(argv=None) -> int:
     p.add_argument("--bake-weights", action="store_true",
                    help="close over the weights (compile-time constants) in plain and speculative programs alike; "
                         "run with XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot to let XLA:CPU pre-pack them")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--out", default=str(RESULTS / "bench_spec"))
     args = p.parse_args(argv)
 
@@ -282,6 +291,13 @@ def main(argv=None) -> int:
                  "layer_skip": {"num_layers": args.layer_skip_layers} if args.layer_skip_layers else {},
                  "eagle": {"model": args.eagle} if args.eagle else {},
                  "medusa": {"model": args.medusa} if args.medusa else {}}
+    penalties = {}  # the ones set, for plain and speculative decoding alike
+    if args.repetition_penalty != 1.0:
+        penalties["repetition_penalty"] = args.repetition_penalty
+    if args.presence_penalty != 0.0:
+        penalties["presence_penalty"] = args.presence_penalty
+    if args.frequency_penalty != 0.0:
+        penalties["frequency_penalty"] = args.frequency_penalty
     rows, t_start = [], time.time()
     step_s = {}
     compiled = {"spec_prefill": 0, "spec_decode": 0}
@@ -293,7 +309,7 @@ def main(argv=None) -> int:
             if batch not in step_s:
                 step_s[batch] = plain_step_seconds(weights, cfg, batches[0][0], t, s, m, args.bake_weights)
             for temp in args.temps:
-                plain_run = plain_runner(weights, cfg, t, s, m, temp, args.bake_weights)
+                plain_run = plain_runner(weights, cfg, t, s, m, temp, args.bake_weights, penalties)
                 plain_run(*batches[0]).out_tokens.block_until_ready()  # compile outside the clock
                 plain_s, plain_out, _ = _pass(plain_run, batches)
                 n_tokens = plain_out.shape[0] * m
@@ -308,7 +324,8 @@ def main(argv=None) -> int:
                             print(f"  {method} k={k}: skipped ({e})", flush=True)
                             continue
                         plain_ts, spec_ts, out, states = _paired_runs(
-                            plain_run, spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, args.bake_weights),
+                            plain_run, spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, args.bake_weights,
+                                                   penalties),
                             batches, args.repeats)
                         fwd = sum(int(x.forwards.sum()) for x in states)
                         drafted = sum(int(x.drafted.sum()) for x in states)
@@ -316,7 +333,7 @@ def main(argv=None) -> int:
                         cost = None
                         if not args.no_draft_cost:
                             cost = draft_cost(weights, cfg, drafter, dparams, batches[0][0], t, s, m, temp,
-                                              bake=args.bake_weights)
+                                              bake=args.bake_weights, penalties=penalties)
                         row = {"set": set_name, "batch": batch, "temperature": temp, "method": method, "k": k,
                                "acceptance_rate": acc / drafted, "tau": (acc + fwd) / fwd,
                                "draft_ms_per_token": None if cost is None else 1e3 * cost,
@@ -343,6 +360,7 @@ def main(argv=None) -> int:
                               f"speedup {row['speedup']:.2f}x (pairs {min(row['pass_speedups']):.2f}-{max(row['pass_speedups']):.2f})"
                               + ("" if temp else f"  identical={row['greedy_identical']}"), flush=True)
     meta = {"target": target_dir.name, "params": cfg.num_params(), "dtype": args.dtype, "max_tokens": m, "cache_len": s,
+            "penalties": penalties,
             "plain_step_ms": {b: 1e3 * v for b, v in step_s.items()},
             "compilations": compiled,
             "bake_weights": args.bake_weights, "repeats": args.repeats, "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -362,7 +380,8 @@ def write_results(out: Path, rows: list[dict], meta: dict):
              f"XLA_FLAGS={meta['xla_flags'] or '(none)'}; weights "
              + ("baked into the programs (compile-time constants)" if meta["bake_weights"] else "passed as jit arguments")
              + ".",
-             f"{meta['max_tokens']} new tokens per row (EOS ignored); speedup = median over "
+             (f"Penalties on both sides: {meta['penalties']}. " if meta.get("penalties") else "")
+             + f"{meta['max_tokens']} new tokens per row (EOS ignored); speedup = median over "
              f"{meta['repeats']} back-to-back pairs of (plain wall time / speculative wall time) on the same prompts, "
              "prefill included (tok/s: medians of the passes); τ = tokens per target forward "
              "(bonus / correction included); α = accepted / drafted; draft cost = one propose call per proposed "

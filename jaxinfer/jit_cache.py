@@ -69,3 +69,40 @@ def disable_compilation_cache():
     """Stop reading and writing the persistent cache in this process."""
     jax.config.update("jax_compilation_cache_dir", None)
     cc.reset_cache()
+
+
+# ----------------------------------------------------------------------------- memory mappings
+
+MAPPING_WARN_FRACTION = 0.6
+
+
+def memory_mappings() -> tuple[int, int] | None:
+    """(memory mappings this process holds, the kernel's per-process limit vm.max_map_count), or
+    None where /proc does not tell (not Linux).
+
+    Every compiled XLA:CPU program keeps a few mappings per fused kernel (its code, constants and
+    data are mapped separately) for as long as jax's caches hold it: about 250 for a decode
+    program of the embedded target. A process that compiles past the limit (65,530 by default,
+    i.e. a few hundred programs) dies with a segmentation fault inside the compiler."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            held = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return held, limit
+
+
+def warn_if_near_mapping_limit(fraction: float = MAPPING_WARN_FRACTION) -> bool:
+    """Warn (and return True) when this process holds more than `fraction` of its memory-mapping
+    limit, naming the way out; an ablation sweep that builds LLM after LLM in one process is the
+    usual way to get there."""
+    m = memory_mappings()
+    if m is None or m[0] <= fraction * m[1]:
+        return False
+    warnings.warn(f"this process holds {m[0]:,} of its {m[1]:,} memory mappings (vm.max_map_count); each "
+                  "compiled XLA:CPU program holds some until jax's caches let it go, and compiling past the "
+                  "limit crashes the process: call jax.clear_caches() between the configurations of a sweep "
+                  "(or raise vm.max_map_count)", ResourceWarning, stacklevel=3)
+    return True

@@ -15,7 +15,7 @@ from jaxinfer.checkpoint import (CheckpointError, export_hf, hf_quantization, is
                                  orbax_quantization, restore_orbax, save_orbax)
 from jaxinfer.engine.engine import EngineConfig, LLMEngine
 from jaxinfer.engine.request import EngineRequest, Status
-from jaxinfer.jit_cache import enable_compilation_cache
+from jaxinfer.jit_cache import enable_compilation_cache, warn_if_near_mapping_limit
 from jaxinfer.layers import ATTENTION_BACKENDS
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling import SamplingParams
@@ -87,6 +87,7 @@ class LLM:
                  quantization_config: dict | None = None):
         if compilation_cache_dir is not None:  # before anything compiles
             enable_compilation_cache(compilation_cache_dir)
+        warn_if_near_mapping_limit()  # a sweep of LLMs in one process, before it crashes the compiler
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
         qconfig = dict(quantization_config or {})

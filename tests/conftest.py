@@ -14,3 +14,35 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+from jaxinfer.jit_cache import memory_mappings  # noqa: E402
+
+
+def _release_compiled():
+    gc.collect()  # fixtures that are gone: drop what they referenced
+    jax.clear_caches()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_after_module():
+    """Free every compiled program after each module (modules share none).
+
+    Each XLA:CPU executable keeps memory mappings (a few per fused kernel) for as long as jax's
+    caches hold it. A worker that ran module after module reached the kernel's limit of 65,530
+    (vm.max_map_count) in about five minutes, and the next compilation died with a segmentation
+    fault (`jit_cache.memory_mappings`)."""
+    yield
+    _release_compiled()
+
+
+@pytest.fixture(autouse=True)
+def _release_near_the_mapping_limit():
+    """Within a long module too: test_engine alone reaches ~38,000 mappings."""
+    yield
+    m = memory_mappings()
+    if m is not None and m[0] > m[1] // 2:
+        _release_compiled()
