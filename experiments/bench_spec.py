@@ -256,7 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--layer-skip-layers", type=int, default=None)
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest suffix matched")
-    p.add_argument("--prompt-lookup-min", type=int, default=2, help="n-gram: shortest suffix matched")
+    p.add_argument("--prompt-lookup-min", type=int, nargs="+", default=[2],
+                   help="n-gram: shortest suffix matched (several: one n-gram run per value)")
     p.add_argument("--eagle", default=None, help="EAGLE head dir (default: the shipped one)")
     p.add_argument("--medusa", default=None, help="Medusa head dir (default: the shipped one)")
     p.add_argument("--repeats", type=int, default=5,
@@ -286,11 +287,16 @@ def main(argv=None) -> int:
           + ", ".join(f"{k} {len(v)} (mean {np.mean([len(x) for x in v]):.0f} tokens)" for k, v in sets.items())
           + f"; {m} new tokens; cache {s}", flush=True)
 
-    lookup = {"prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min}
-    overrides = {"ngram": lookup, "ngram_draft_model": lookup,
-                 "layer_skip": {"num_layers": args.layer_skip_layers} if args.layer_skip_layers else {},
+    overrides = {"layer_skip": {"num_layers": args.layer_skip_layers} if args.layer_skip_layers else {},
                  "eagle": {"model": args.eagle} if args.eagle else {},
                  "medusa": {"model": args.medusa} if args.medusa else {}}
+    variants = []  # (method, config overrides): one per lookup minimum for the n-gram methods
+    for method in args.methods:
+        if method in ("ngram", "ngram_draft_model"):
+            variants += [(method, {"prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": lo})
+                         for lo in args.prompt_lookup_min]
+        else:
+            variants.append((method, overrides.get(method, {})))
     penalties = {}  # the ones set, for plain and speculative decoding alike
     if args.repetition_penalty != 1.0:
         penalties["repetition_penalty"] = args.repetition_penalty
@@ -314,19 +320,18 @@ def main(argv=None) -> int:
                 plain_s, plain_out, _ = _pass(plain_run, batches)
                 n_tokens = plain_out.shape[0] * m
                 print(f"\n[{set_name} batch {batch} T={temp}] plain: {n_tokens / plain_s:.1f} tok/s", flush=True)
-                for method in args.methods:
+                for method, override in variants:
                     for k in args.ks:
-                        d = {**METHOD_CONFIGS[method], **overrides.get(method, {}), "num_speculative_tokens": k}
+                        d = {**METHOD_CONFIGS[method], **override, "num_speculative_tokens": k}
                         try:
                             spec = SpeculativeConfig.from_dict(d, cfg)
                             drafter, dparams = build_drafter(spec, cfg, weights.dtype)
                         except ValueError as e:
                             print(f"  {method} k={k}: skipped ({e})", flush=True)
                             continue
-                        plain_ts, spec_ts, out, states = _paired_runs(
-                            plain_run, spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, args.bake_weights,
-                                                   penalties),
-                            batches, args.repeats)
+                        spec_run = spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, args.bake_weights,
+                                               penalties)
+                        plain_ts, spec_ts, out, states = _paired_runs(plain_run, spec_run, batches, args.repeats)
                         fwd = sum(int(x.forwards.sum()) for x in states)
                         drafted = sum(int(x.drafted.sum()) for x in states)
                         acc = sum(int(x.accepted.sum()) for x in states)
@@ -389,7 +394,7 @@ def write_results(out: Path, rows: list[dict], meta: dict):
              + ", ".join(f"batch {b}: {v:.2f} ms" for b, v in meta["plain_step_ms"].items()) + ").", ""]
     best = {}
     for r in rows:
-        key = (r["set"], r["batch"], r["temperature"], r["method"])
+        key = (r["set"], r["batch"], r["temperature"], r["method"], tuple(r.get("ngram", ())))
         if key not in best or r["speedup"] > best[key]["speedup"]:
             best[key] = r
     lines += ["## Best k per method", "", "| set | batch | T | method | k | α | τ | draft ms/tok (× step) | tok/s "
@@ -412,10 +417,14 @@ def write_results(out: Path, rows: list[dict], meta: dict):
     plot(out.with_suffix(".png"), rows)
 
 
+def _label(r: dict) -> str:
+    return r["method"] + (f" (L'={r['num_layers']})" if "num_layers" in r else "") + (
+        f" (n={r['ngram'][0]}..{r['ngram'][1]})" if "ngram" in r else "")
+
+
 def _row(r: dict) -> str:
     cost = "-" if r["draft_ms_per_token"] is None else f"{r['draft_ms_per_token']:.2f} ({r['draft_cost_ratio']:.2f})"
-    name = r["method"] + (f" (L'={r['num_layers']})" if "num_layers" in r else "") + (
-        f" (n={r['ngram'][0]}..{r['ngram'][1]})" if "ngram" in r else "")
+    name = _label(r)
     return (f"| {r['set']} | {r['batch']} | {r['temperature']:g} | {name} | {r['k']} | {r['acceptance_rate']:.3f} "
             f"| {r['tau']:.2f} | {cost} | {r['tok_s']:.1f} | {r['plain_tok_s']:.1f} | {r['speedup']:.2f}x |")
 
@@ -433,11 +442,11 @@ def plot(path: Path, rows: list[dict]):
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, sharey=True)
     for ax, (set_name, batch, temp) in zip(axes.flat, panels):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["k"], r["speedup"]) for r in rows if (r["set"], r["batch"], r["temperature"],
-                                                                    r["method"]) == (set_name, batch, temp, method))
+        for label in dict.fromkeys(_label(r) for r in rows):
+            pts = sorted((r["k"], r["speedup"]) for r in rows
+                         if (r["set"], r["batch"], r["temperature"], _label(r)) == (set_name, batch, temp, label))
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
+                ax.plot(*zip(*pts), marker="o", label=label)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_title(f"{set_name}, batch {batch}, T={temp:g}", fontsize=9)
         ax.set_xlabel("k (speculative tokens)")
