@@ -22,27 +22,16 @@ import pytest  # noqa: E402
 from jaxinfer.jit_cache import memory_mappings  # noqa: E402
 
 
-def _release_compiled():
-    gc.collect()  # fixtures that are gone: drop what they referenced
-    jax.clear_caches()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _release_after_module():
-    """Free every compiled program after each module (modules share none).
+@pytest.fixture(autouse=True)
+def _release_near_the_mapping_limit():
+    """Free every compiled program once the process holds half its memory-mapping limit.
 
     Each XLA:CPU executable keeps memory mappings (a few per fused kernel) for as long as jax's
     caches hold it. A worker that ran module after module reached the kernel's limit of 65,530
     (vm.max_map_count) in about five minutes, and the next compilation died with a segmentation
-    fault (`jit_cache.memory_mappings`)."""
-    yield
-    _release_compiled()
-
-
-@pytest.fixture(autouse=True)
-def _release_near_the_mapping_limit():
-    """Within a long module too: test_engine alone reaches ~38,000 mappings."""
+    fault (`jit_cache.memory_mappings`); test_engine alone reaches ~38,000."""
     yield
     m = memory_mappings()
     if m is not None and m[0] > m[1] // 2:
-        _release_compiled()
+        gc.collect()  # fixtures that are gone: drop what they referenced
+        jax.clear_caches()
