@@ -5,12 +5,13 @@ written with transformers; both frameworks run greedy generation of 128 new
 tokens from 16-token prompts at batch 1, 8 and 32, in float32 and bfloat16.
 jaxinfer runs its jit-compiled generate (`LLM.generate_static`: prefill, then the
 decode `lax.while_loop` on device); transformers runs `generate` (PyTorch eager).
-Prints tokens/s for both, their ratio, and jaxinfer's fraction of the
+Prints tokens/s for both, their ratio (the median of back-to-back pairs), and jaxinfer's fraction of the
 memory-bandwidth roofline: (weight bytes + KV bytes read per decode step) /
 step time / the read bandwidth measured here, in this same run. Also the time of one step's
 weight matmuls alone (XLA:CPU's dot efficiency at this batch bounds the step from below).
 
     python experiments/bench_decode.py [--batches 1 8 32] [--dtypes float32 bfloat16]
+    python experiments/bench_decode.py --dtypes bfloat16 --weight-layouts in_out out_in   # the layout trade-off
 """
 
 from __future__ import annotations
@@ -57,28 +58,38 @@ def write_checkpoint(path: Path):
     return sum(p.numel() for p in model.parameters())
 
 
-def bench_jaxinfer(path: Path, dtype: str, batch: int, prompts: np.ndarray, repeats: int):
+def prepare_jaxinfer(path: Path, dtype: str, batch: int, prompts: np.ndarray, layout: str = "auto"):
+    """jaxinfer's jit-compiled generate on these prompts, compiled and warm: (run, stats), where run()
+    returns its wall time and stats() the per-step figures (from the best run so far)."""
     from jaxinfer import LLM, SamplingParams
-    llm = LLM(str(path), dtype=dtype, max_num_seqs=batch)
+    llm = LLM(str(path), dtype=dtype, max_num_seqs=batch, weight_layout=layout)
     reqs = [{"prompt_token_ids": p.tolist()} for p in prompts]
     full = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     # The jit-compiled static-batch generate: one prefill call, then the whole decode loop on device.
     gen = lambda params: llm.generate_static(reqs, params, batch_size=batch)  # noqa: E731
     gen(full), gen(first)  # compile
-    total = min(_timed(lambda: gen(full)) for _ in range(repeats))
-    prefill = min(_timed(lambda: gen(first)) for _ in range(repeats))
     out = gen(full)
     assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in out)
-    step = (total - prefill) / (NEW_TOKENS - 1)
-    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(llm.weights))
-    cfg = llm.cfg
-    itemsize = jnp.dtype(llm.weights.dtype).itemsize
-    # KV actually needed per step: 2 (K, V) x layers x batch x mean context x kv heads x head dim
-    mean_ctx = PROMPT_LEN + NEW_TOKENS / 2
-    kv_bytes = 2 * cfg.num_layers * batch * mean_ctx * cfg.num_kv_heads * cfg.head_dim * itemsize
-    return dict(tok_s=batch * NEW_TOKENS / total, step_ms=step * 1e3, matmul_ms=matmul_floor_ms(llm, batch),
-                bytes_per_step=weight_bytes + kv_bytes, first_tokens=out[0].outputs[0].token_ids[:8])
+    times = []
+
+    def run() -> float:
+        times.append(_timed(lambda: gen(full)))
+        return times[-1]
+
+    def stats() -> dict:
+        prefill = min(_timed(lambda: gen(first)) for _ in range(2))
+        total = min(times)
+        step = (total - prefill) / (NEW_TOKENS - 1)
+        weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(llm.weights))
+        cfg = llm.cfg
+        itemsize = jnp.dtype(llm.weights.dtype).itemsize
+        # KV actually needed per step: 2 (K, V) x layers x batch x mean context x kv heads x head dim
+        mean_ctx = PROMPT_LEN + NEW_TOKENS / 2
+        kv_bytes = 2 * cfg.num_layers * batch * mean_ctx * cfg.num_kv_heads * cfg.head_dim * itemsize
+        return dict(tok_s=batch * NEW_TOKENS / total, step_ms=step * 1e3, matmul_ms=matmul_floor_ms(llm, batch),
+                    bytes_per_step=weight_bytes + kv_bytes, first_tokens=out[0].outputs[0].token_ids[:8])
+    return run, stats
 
 
 def matmul_floor_ms(llm, batch: int, steps: int = 64) -> float:
@@ -105,7 +116,8 @@ def matmul_floor_ms(llm, batch: int, steps: int = 64) -> float:
     return 1e3 * min(_timed(lambda: loop(weights, x).block_until_ready()) for _ in range(3)) / steps
 
 
-def bench_transformers(path: Path, dtype: str, batch: int, prompts: np.ndarray, repeats: int):
+def prepare_transformers(path: Path, dtype: str, batch: int, prompts: np.ndarray):
+    """transformers' greedy `generate` (PyTorch eager) on the same prompts, warm: (run, stats)."""
     import torch
     import transformers
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -115,16 +127,39 @@ def bench_transformers(path: Path, dtype: str, batch: int, prompts: np.ndarray, 
               attention_mask=torch.ones_like(ids), pad_token_id=0)
     with torch.no_grad():
         model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
-        best = min(_timed(lambda: model.generate(ids, **kw)) for _ in range(repeats))
         out = model.generate(ids, **kw)
-    return dict(tok_s=batch * NEW_TOKENS / best, first_tokens=out[0, PROMPT_LEN:PROMPT_LEN + 8].tolist())
+    times = []
+
+    def run() -> float:
+        with torch.no_grad():
+            times.append(_timed(lambda: model.generate(ids, **kw)))
+        return times[-1]
+
+    def stats() -> dict:
+        return dict(tok_s=batch * NEW_TOKENS / min(times), first_tokens=out[0, PROMPT_LEN:PROMPT_LEN + 8].tolist())
+    return run, stats
+
+
+def paired(run_a, run_b, repeats: int) -> float:
+    """Median over `repeats` back-to-back pairs of time(b) / time(a), alternating which runs first:
+    a slow moment of the shared machine then slows both sides of a pair, not one side of the ratio."""
+    ratios = []
+    for i in range(repeats):
+        if i % 2:
+            tb, ta = run_b(), run_a()
+        else:
+            ta, tb = run_a(), run_b()
+        ratios.append(tb / ta)
+    return float(np.median(ratios))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=4, help="timed jaxinfer / transformers pairs per row")
+    ap.add_argument("--weight-layouts", nargs="+", default=["auto"], choices=["auto", "in_out", "out_in"],
+                    help="jaxinfer's LLM(weight_layout=...): one row per layout")
     args = ap.parse_args()
 
     bw = read_bandwidth_gbs()
@@ -138,31 +173,36 @@ def main():
         for dtype in args.dtypes:
             for b in args.batches:
                 prompts = rng.integers(3, CONFIG["vocab_size"], size=(b, PROMPT_LEN))
-                j = bench_jaxinfer(Path(tmp), dtype, b, prompts, args.repeats)
-                t = bench_transformers(Path(tmp), dtype, b, prompts, args.repeats)
-                roofline = j["bytes_per_step"] / (j["step_ms"] / 1e3) / (bw * 1e9)
-                row = dict(dtype=dtype, batch=b, jaxinfer_tok_s=round(j["tok_s"], 1),
-                           transformers_tok_s=round(t["tok_s"], 1), ratio=round(j["tok_s"] / t["tok_s"], 2),
-                           step_ms=round(j["step_ms"], 2), matmul_ms=round(j["matmul_ms"], 2),
-                           roofline=round(roofline, 3),
-                           same_first_tokens=j["first_tokens"] == t["first_tokens"])
-                rows.append(row)
-                print(f"{dtype:9s} batch {b:3d}: jaxinfer {row['jaxinfer_tok_s']:8.1f} tok/s   transformers "
-                      f"{row['transformers_tok_s']:7.1f} tok/s   ratio {row['ratio']:5.2f}x   "
-                      f"step {row['step_ms']:6.2f} ms (matmuls alone {row['matmul_ms']:6.2f})   "
-                      f"roofline {roofline:5.1%}   "
-                      f"same greedy start: {row['same_first_tokens']}", flush=True)
+                t_run, t_stats = prepare_transformers(Path(tmp), dtype, b, prompts)
+                for layout in args.weight_layouts:
+                    j_run, j_stats = prepare_jaxinfer(Path(tmp), dtype, b, prompts, layout)
+                    ratio = paired(j_run, t_run, args.repeats)
+                    j, t = j_stats(), t_stats()
+                    roofline = j["bytes_per_step"] / (j["step_ms"] / 1e3) / (bw * 1e9)
+                    row = dict(dtype=dtype, batch=b, weight_layout=layout, jaxinfer_tok_s=round(j["tok_s"], 1),
+                               transformers_tok_s=round(t["tok_s"], 1), ratio=round(ratio, 2),
+                               step_ms=round(j["step_ms"], 2), matmul_ms=round(j["matmul_ms"], 2),
+                               roofline=round(roofline, 3),
+                               same_first_tokens=j["first_tokens"] == t["first_tokens"])
+                    rows.append(row)
+                    print(f"{dtype:9s} batch {b:3d} {layout:6s}: jaxinfer {row['jaxinfer_tok_s']:8.1f} tok/s   "
+                          f"transformers {row['transformers_tok_s']:7.1f} tok/s   ratio {row['ratio']:5.2f}x   "
+                          f"step {row['step_ms']:6.2f} ms (matmuls alone {row['matmul_ms']:6.2f})   "
+                          f"roofline {roofline:5.1%}   "
+                          f"same greedy start: {row['same_first_tokens']}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     result = dict(bandwidth_gbs=round(bw, 2), params=n_params, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
                   backend=jax.default_backend(), rows=rows)
     (RESULTS / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| dtype | batch | jaxinfer tok/s | transformers tok/s | ratio | step ms | matmuls alone ms | roofline |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['batch']} | {r['jaxinfer_tok_s']} | {r['transformers_tok_s']} | "
+    lines = [("| dtype | batch | weight layout | jaxinfer tok/s | transformers tok/s | ratio | step ms | "
+              "matmuls alone ms | roofline |"), "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['batch']} | {r['weight_layout']} | {r['jaxinfer_tok_s']} | {r['transformers_tok_s']} | "
               f"{r['ratio']}x | {r['step_ms']} | {r['matmul_ms']} | {r['roofline']:.1%} |" for r in rows]
     (RESULTS / "bench_decode.md").write_text(
         f"Measured read bandwidth {bw:.1f} GB/s; {n_params / 1e6:.1f}M params; "
-        f"{NEW_TOKENS} new tokens from {PROMPT_LEN}-token prompts, greedy. \"matmuls alone\": one step's "
+        f"{NEW_TOKENS} new tokens from {PROMPT_LEN}-token prompts, greedy. tok/s: the best of "
+        f"{args.repeats} runs; ratio: the median of {args.repeats} back-to-back jaxinfer / transformers pairs "
+        "(the shared machine's speed drifts between rows). \"matmuls alone\": one step's "
         "weight matmuls (all layers and the LM head) timed by themselves in a loop on device, the step time "
         "if attention, norms, the cache write and sampling were free.\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {RESULTS / 'bench_decode.json'}")

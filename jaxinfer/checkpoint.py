@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from jaxinfer import hf_quant
 from jaxinfer.config import ConfigError, ModelConfig
-from jaxinfer.model import LayerWeights, Weights, layer_shapes
+from jaxinfer.model import LayerWeights, Weights, dense_layout, layer_shapes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -231,6 +231,7 @@ def _put_linear(out: dict, schemes: dict, parts: list[tuple[str, int]], w, cast)
 def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[str, np.ndarray], dict]:
     """Weights -> HF tensor names and layouts (numpy), for export, and the compressed-tensors
     config group of each quantized projection ({module: group}, empty for a dense model)."""
+    weights = dense_layout(weights)
     f, n, k, h = cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     cast = (lambda x: np.asarray(x, dtype=jnp.dtype(dtype))) if dtype else np.asarray
     out = {"model.embed_tokens.weight": cast(weights.embed)}
@@ -352,6 +353,7 @@ def save_orbax(path: str | Path, cfg: ModelConfig, weights: Weights, quantizatio
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    weights = dense_layout(weights)  # saved as restore_orbax's callers expect, whatever the runtime layout
     modules = _quantized_modules(weights)
     if modules:
         desc = {name: {"fmt": q.fmt,

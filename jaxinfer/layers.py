@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxinfer.kv.cache import AttentionMeta, BitsPages, gather_pages, page_values, slice_slots
 from jaxinfer.kv.kivi import KiviKeys
@@ -19,21 +20,53 @@ from jaxinfer.wquant import InputObserver, QuantWeight, quantized_matmul
 ATTENTION_BACKENDS = ("xla", "pallas")
 
 
+@struct.dataclass
+class TransposedWeight:
+    """A dense projection w [Din, Dout] held as its transpose wt [Dout, Din] (row n holds output
+    n's weights: Hugging Face's Linear layout). `matmul` contracts Din against wt's second axis.
+
+    On CPU, XLA's bf16 dot streams the weights faster in this layout when x has one or two rows.
+    Greedy decode of the 24.6M-parameter bench model, this layout over [Din, Dout], median of
+    paired runs: bf16 batch 1 1.20x (1.14-1.29), batch 8 0.94x, 16 0.97x, 32 1.02x; float32
+    batch 1 0.94x, batch 8 0.87x. So `model.runtime_layout` ("auto") uses it for bf16 on CPU
+    only. `dense()` gives w back."""
+    wt: jax.Array  # [Dout, Din]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.wt.shape[::-1]
+
+    @property
+    def dtype(self):
+        return self.wt.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.wt.nbytes
+
+    def dense(self) -> jax.Array:
+        return self.wt.T
+
+
 def matmul(x: jax.Array, w) -> jax.Array:
     """x [..., Din] @ w [Din, Dout] accumulated in float32, returned in x's dtype.
 
     The float32 accumulator is also the fast path on CPU: a bf16 x bf16 -> bf16 dot
     runs ~9x slower there than the same dot with a float32 result. w may also be a
-    quantized matrix (`wquant.QuantWeight`) or, while GPTQ / AWQ calibrate, an observer that
-    records x before multiplying by its dense weight.
+    quantized matrix (`wquant.QuantWeight`), a `TransposedWeight`, or, while GPTQ / AWQ
+    calibrate, an observer that records x before multiplying by its dense weight.
     """
     if isinstance(w, QuantWeight):
         return quantized_matmul(x, w)
     if isinstance(w, InputObserver):
         w.observe(x)
         w = w.w
+    w_axis = 0
+    if isinstance(w, TransposedWeight):
+        w, w_axis = w.wt, 1
+
     def dot(x):
-        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_axis,)), ((), ())), preferred_element_type=jnp.float32)
     return one_row_padded(dot, x).astype(x.dtype)
 
 

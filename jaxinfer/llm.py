@@ -17,6 +17,7 @@ from jaxinfer.engine.engine import EngineConfig, LLMEngine
 from jaxinfer.engine.request import EngineRequest, Status
 from jaxinfer.jit_cache import enable_compilation_cache, warn_if_near_mapping_limit
 from jaxinfer.layers import ATTENTION_BACKENDS
+from jaxinfer.model import WEIGHT_LAYOUTS, runtime_layout
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.static_batch import StaticBatchGenerator
@@ -74,6 +75,9 @@ class LLM:
     (`wquant.WeightQuantConfig`); GPTQ and AWQ calibrate on
     quantization_config["calibration"] (token windows [S, T]) or, by default, on windows of the
     standard library's training split encoded by the model's tokenizer.
+    weight_layout: how the dense projections are held for compute (`model.runtime_layout`):
+    "in_out" ([Din, Dout], the checkpoint layout), "out_in" ([Dout, Din]), or "auto": "out_in" for
+    bfloat16 on CPU, where it makes batch-1 decode ~1.2x faster and 8-16-row steps ~5% slower.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
@@ -84,7 +88,7 @@ class LLM:
                  speculative_config: dict | None = None, num_scheduler_steps: int = 1,
                  preemption_mode: str = "recompute", swap_space: float = 4.0,
                  compilation_cache_dir: str | None = None, quantization: str | None = None,
-                 quantization_config: dict | None = None):
+                 quantization_config: dict | None = None, weight_layout: str = "auto"):
         if compilation_cache_dir is not None:  # before anything compiles
             enable_compilation_cache(compilation_cache_dir)
         warn_if_near_mapping_limit()  # a sweep of LLMs in one process, before it crashes the compiler
@@ -93,6 +97,8 @@ class LLM:
         qconfig = dict(quantization_config or {})
         calibration = qconfig.pop("calibration", None)
         quant = WeightQuantConfig.from_args(quantization, qconfig)  # checked before the weights are read
+        if weight_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"weight_layout={weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
         self.model_dir = resolve_model(model)
         self.dtype = default_dtype(dtype)
         quantize_now = quant is not None
@@ -124,6 +130,7 @@ class LLM:
         self.quantization = quant
         if quantize_now:
             self._quantize(quant, calibration)
+        self.weights = runtime_layout(self.weights, weight_layout)  # after quantizing, which reads [Din, Dout]
         self.speculative_config = None
         if speculative_config is not None:
             from jaxinfer.spec.config import SpeculativeConfig

@@ -18,8 +18,9 @@ from flax import struct
 
 from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta, KVCache, write_pages, write_slots
-from jaxinfer.layers import apply_rope, attention, matmul, one_row_padded, rms_norm, rope_cos_sin, swiglu
-from jaxinfer.wquant import QuantWeight
+from jaxinfer.layers import (TransposedWeight, apply_rope, attention, matmul, one_row_padded, rms_norm, rope_cos_sin,
+                             swiglu)
+from jaxinfer.wquant import MODULES, QuantWeight
 
 
 @struct.dataclass
@@ -43,7 +44,7 @@ class Weights:
     embed: jax.Array  # [V, D]
     layers: list  # [L] LayerWeights
     final_norm: jax.Array  # [D]
-    lm_head: jax.Array | None = None  # [D, V] (or a wquant.QuantWeight); None when tied to embed
+    lm_head: jax.Array | None = None  # [D, V] (or a QuantWeight / TransposedWeight); None when tied to embed
 
     @property
     def dtype(self):
@@ -94,16 +95,46 @@ def cast_weights(weights: Weights, dtype) -> Weights:
     return jax.tree_util.tree_map(lambda x: x.astype(dtype), weights)
 
 
+WEIGHT_LAYOUTS = ("auto", "in_out", "out_in")
+
+
+def runtime_layout(weights: Weights, layout: str = "auto") -> Weights:
+    """The dense projections (and an untied LM head) held as `layout` says: "in_out" leaves the
+    [Din, Dout] arrays; "out_in" makes them `TransposedWeight`s ([Dout, Din]); "auto" is "out_in"
+    for bfloat16 on CPU and "in_out" otherwise (measurements at `TransposedWeight`). Quantized
+    projections are unchanged. `LLM` applies it after loading (and quantizing); `dense_layout`
+    undoes it."""
+    if layout == "auto":
+        layout = "out_in" if jax.default_backend() == "cpu" and weights.dtype == jnp.bfloat16 else "in_out"
+    if layout == "in_out":
+        return weights
+
+    def transpose(w):
+        return TransposedWeight(w.T) if isinstance(w, jax.Array) else w
+    return _map_projections(weights, transpose)
+
+
+def dense_layout(weights: Weights) -> Weights:
+    """Every `TransposedWeight` back to its [Din, Dout] array (saving, exporting, quantizing)."""
+    return _map_projections(weights, lambda w: w.dense() if isinstance(w, TransposedWeight) else w)
+
+
+def _map_projections(weights: Weights, fn) -> Weights:
+    layers = [layer.replace(**{name: fn(getattr(layer, name)) for name in MODULES}) for layer in weights.layers]
+    head = None if weights.lm_head is None else fn(weights.lm_head)
+    return weights.replace(layers=layers, lm_head=head)
+
+
 def lm_logits(weights: Weights, hidden: jax.Array, eps: float) -> jax.Array:
     """Final norm + LM head on pre-norm hidden states [..., D] -> float32 logits [..., V]."""
     x = rms_norm(hidden, weights.final_norm, eps)
-    if isinstance(weights.lm_head, QuantWeight):  # float32 logits, whatever the activation dtype
-        return matmul(x.astype(jnp.float32), weights.lm_head)
-    if weights.lm_head is None:
-        return one_row_padded(lambda x: jnp.einsum("...d,vd->...v", x, weights.embed,
-                                                   preferred_element_type=jnp.float32), x)
-    return one_row_padded(lambda x: jnp.einsum("...d,dv->...v", x, weights.lm_head,
-                                               preferred_element_type=jnp.float32), x)
+    head = weights.lm_head
+    if isinstance(head, QuantWeight):  # float32 logits, whatever the activation dtype
+        return matmul(x.astype(jnp.float32), head)
+    if head is None or isinstance(head, TransposedWeight):  # a [V, D] table: the embedding or the head's transpose
+        table = weights.embed if head is None else head.wt
+        return one_row_padded(lambda x: jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32), x)
+    return one_row_padded(lambda x: jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32), x)
 
 
 def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, sin,

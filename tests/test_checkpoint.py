@@ -56,6 +56,28 @@ def test_orbax_round_trip(tiny_dir, tmp_path):
     _leaves_equal(w, w2)
 
 
+def test_bf16_llm_saves_and_exports_its_weights_in_checkpoint_layout(tiny_dir, tmp_path):
+    """A bf16 LLM on CPU holds TransposedWeights (model.runtime_layout); save and export write
+    the [Din, Dout] arrays load_hf reads, and each format loads back to the same weights."""
+    from jaxinfer import LLM
+    from jaxinfer.layers import TransposedWeight
+    from jaxinfer.model import runtime_layout
+    llm = LLM(str(tiny_dir), dtype="bfloat16", max_model_len=64)
+    assert isinstance(llm.weights.layers[0].wqkv, TransposedWeight)
+    llm.save(tmp_path / "o")
+    llm.save(tmp_path / "h", save_format="hf")
+    _, loaded = load_hf(tiny_dir, "bfloat16")
+    _, restored = restore_orbax(tmp_path / "o", "bfloat16")
+    _, exported = load_hf(tmp_path / "h", "bfloat16")
+    _leaves_equal(loaded, restored)
+    _leaves_equal(loaded, exported)
+    _leaves_equal(llm.weights, runtime_layout(restored))
+    kept = LLM(str(tiny_dir), dtype="bfloat16", max_model_len=64, weight_layout="in_out")
+    _leaves_equal(kept.weights, loaded)
+    with pytest.raises(ValueError, match="weight_layout='rows'.*'out_in'"):
+        LLM(str(tiny_dir), weight_layout="rows")
+
+
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
 def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
     src = write_tiny(arch, tmp_path / "src")

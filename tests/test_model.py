@@ -7,7 +7,8 @@ import pytest
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, init_contiguous, init_paged
-from jaxinfer.model import forward, init_weights
+from jaxinfer.layers import TransposedWeight
+from jaxinfer.model import dense_layout, forward, init_weights, runtime_layout
 
 CFG = ModelConfig("LlamaForCausalLM", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128)
@@ -37,6 +38,35 @@ def test_cached_decode_equals_full_recompute(dtype, tol):
         meta = AttentionMeta(pt, jnp.array([i + 1, i + 1]), jnp.array([1, 1]), True)
         logits, _, kv = _forward(w, CFG, tokens[:, i:i + 1], jnp.full((2, 1), i), kv, meta)
         np.testing.assert_allclose(logits[:, 0], full[:, i], atol=tol, rtol=tol)
+
+
+def test_runtime_layout_transposes_bf16_projections_on_cpu_and_computes_the_same_logits():
+    """bf16 weights on CPU run as TransposedWeights (an untied LM head too); the logits are the
+    same dot products (float32 accumulation, another order); dense_layout gives back the exact
+    arrays. float32 weights keep their layout."""
+    cfg = CFG  # untied: an lm_head of its own
+    w = init_weights(cfg, jax.random.PRNGKey(0), jnp.bfloat16, std=0.1)
+    assert w.lm_head is not None
+    laid = runtime_layout(w)
+    for layer, orig in zip(laid.layers, w.layers, strict=True):
+        for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+            t, d = getattr(layer, name), getattr(orig, name)
+            assert isinstance(t, TransposedWeight) and t.wt.shape == d.shape[::-1] and t.shape == d.shape
+    assert isinstance(laid.lm_head, TransposedWeight)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    run = jax.jit(forward, static_argnames=("cfg",))
+    for t in (9, 1):  # a prompt, and one-row steps (the padded two-row dot)
+        a = run(w, cfg, tokens[:1, :t], pos[:1, :t], None, None)[0]
+        b = run(laid, cfg, tokens[:1, :t], pos[:1, :t], None, None)[0]
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=3e-2, rtol=3e-2)
+        assert np.mean(np.argmax(a, -1) == np.argmax(b, -1)) > 0.8
+    back = dense_layout(laid)
+    for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(w), strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    w32 = init_weights(cfg, jax.random.PRNGKey(0), jnp.float32)
+    assert runtime_layout(w32) is w32
 
 
 def test_paged_cache_with_scattered_pages_equals_contiguous():

@@ -90,8 +90,8 @@ def _load_draft(spec, dtype):
                          f"(LLM.generate_static); the engine runs {ENGINE_SPEC_METHODS}")
     if spec.method != "draft_model":
         return None
-    from jaxinfer.checkpoint import load_hf
-    return load_hf(spec.draft_dir(), jnp.dtype(dtype).name)
+    from jaxinfer.spec.config import load_draft_model
+    return load_draft_model(spec, dtype)
 
 
 class LLMEngine:

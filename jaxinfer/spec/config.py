@@ -121,6 +121,14 @@ def default_skip_layers(target_cfg: ModelConfig) -> int:
     return max(1, target_cfg.num_layers // 2)
 
 
+def load_draft_model(spec: SpeculativeConfig, dtype):
+    """The draft model's (cfg, weights) in `dtype`, laid out for this backend like the target's."""
+    from jaxinfer.checkpoint import load_hf
+    from jaxinfer.model import runtime_layout
+    dcfg, dweights = load_hf(spec.draft_dir(), jnp.dtype(dtype).name)
+    return dcfg, runtime_layout(dweights)
+
+
 def build_drafter(spec: SpeculativeConfig, target_cfg: ModelConfig, dtype=jnp.float32,
                   backend: str = "xla"):
     """(drafter, draft_params) for the loop: loads the draft model or head from disk.
@@ -137,8 +145,7 @@ def build_drafter(spec: SpeculativeConfig, target_cfg: ModelConfig, dtype=jnp.fl
         n = spec.num_layers or default_skip_layers(target_cfg)
         return drafters.LayerSkipDrafter(k, target_cfg, n, backend), None
     if spec.method in ("draft_model", "ngram_draft_model"):
-        from jaxinfer.checkpoint import load_hf
-        dcfg, dweights = load_hf(spec.draft_dir(), jnp.dtype(dtype).name)
+        dcfg, dweights = load_draft_model(spec, dtype)
         if dcfg.vocab_size != target_cfg.vocab_size:
             raise ValueError(f"speculative_config model={spec.model!r} has vocab_size={dcfg.vocab_size}; "
                              f"the target has vocab_size={target_cfg.vocab_size} (they must share a tokenizer)")
