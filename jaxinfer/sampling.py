@@ -28,6 +28,9 @@ class SamplingParams:
     disable theirs. stop: strings that end the output (excluded from the text
     unless include_stop_str_in_output). logprobs / prompt_logprobs: how many top
     alternatives to return per token (the chosen token is always included).
+    bad_words: strings the output must not contain, as vLLM bans them: each word's token
+    sequence (as encoded alone and after a space) is never completed, i.e. its last token is
+    masked wherever the output so far ends with the tokens before it.
     """
 
     n: int = 1
@@ -50,6 +53,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
 
     def __post_init__(self):
         def bad(field, allowed):
@@ -72,6 +76,10 @@ class SamplingParams:
             self.allowed_token_ids = list(self.allowed_token_ids)
             if not self.allowed_token_ids or any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
                 bad("allowed_token_ids", "must be a non-empty list of token ids >= 0 (or None)")
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+                bad("bad_words", "must be a list of non-blank strings (or None)")
+            self.bad_words = list(self.bad_words) or None
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0
@@ -110,9 +118,9 @@ class SamplingParams:
 
     @property
     def shapes_logits(self) -> bool:
-        """Penalties, a logit bias or allowed tokens change the logits before sampling."""
+        """Penalties, a logit bias, allowed tokens or bad words change the logits before sampling."""
         return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-                or self.logit_bias is not None or self.allowed_token_ids is not None)
+                or self.logit_bias is not None or self.allowed_token_ids is not None or self.bad_words is not None)
 
     def validate_vocab(self, vocab_size: int):
         """Token ids must exist in the model's vocabulary; top logprobs cannot outnumber it."""
@@ -166,12 +174,17 @@ class PenaltyInputs:
     bias_values: jax.Array  # [B, Lb] float32
     allowed_ids: jax.Array  # [B, La] int32: allowed_token_ids
     restricted: jax.Array  # [B] bool: the row samples only its allowed ids
+    bad_prefix: jax.Array  # [B, W, P] int32: each bad word's tokens but the last, right-aligned; -1: any
+    bad_last: jax.Array  # [B, W] int32: each bad word's last token (vocab_size: no word)
+    tail: jax.Array  # [B, P] int32: the output's last P tokens, right-aligned; -2: before the output
 
     @staticmethod
     def from_rows(params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]],
-                  vocab_size: int, rows: int | None = None) -> "PenaltyInputs":
+                  vocab_size: int, rows: int | None = None,
+                  bad_words: list[list[list[int]]] | None = None) -> "PenaltyInputs":
         """One row per params entry, padded to `rows` rows (padding: no penalty); id widths are
-        bucketed (powers of two) so that growing outputs reuse compiled programs."""
+        bucketed (powers of two) so that growing outputs reuse compiled programs. bad_words: each
+        row's banned token sequences (`InputProcessor.bad_words_ids`)."""
         from jaxinfer.generate import bucket  # generate imports this module
         rows = rows or len(params)
 
@@ -184,6 +197,7 @@ class PenaltyInputs:
         def per_row(field, off):
             return np.asarray([getattr(p, field) for p in params] + [off] * (rows - len(params)), np.float32)
 
+        bad_prefix, bad_last, tail = bad_word_tables(bad_words or [], outputs, vocab_size, rows)
         biases = [p.logit_bias or {} for p in params]
         bias_ids = ids([list(b) for b in biases])
         bias_values = np.zeros(bias_ids.shape, np.float32)
@@ -194,7 +208,8 @@ class PenaltyInputs:
                              output_ids=ids(outputs), bias_ids=bias_ids, bias_values=bias_values,
                              allowed_ids=ids([p.allowed_token_ids or [] for p in params]),
                              restricted=np.asarray([p.allowed_token_ids is not None for p in params]
-                                                   + [False] * (rows - len(params))))
+                                                   + [False] * (rows - len(params))),
+                             bad_prefix=bad_prefix, bad_last=bad_last, tail=tail)
 
     def build(self, vocab_size: int) -> "Penalties":
         """On device: count each row's output tokens, mark its prompt tokens, lay out its bias."""
@@ -210,14 +225,40 @@ class PenaltyInputs:
         return Penalties(presence=jnp.asarray(self.presence), frequency=jnp.asarray(self.frequency),
                          repetition=jnp.asarray(self.repetition),
                          output_counts=scatter(self.output_ids, 1, jnp.int32),
-                         in_prompt=scatter(self.prompt_ids, 1, jnp.int32) > 0, bias=bias)
+                         in_prompt=scatter(self.prompt_ids, 1, jnp.int32) > 0, bias=bias,
+                         bad_prefix=jnp.asarray(self.bad_prefix), bad_last=jnp.asarray(self.bad_last),
+                         tail=jnp.asarray(self.tail))
+
+
+def bad_word_tables(words: list[list[list[int]]], outputs: list[list[int]], vocab_size: int,
+                    rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host arrays of `PenaltyInputs`' bad-word fields for rows whose banned token sequences are
+    `words` (rows beyond it: none). W (words per row) and P (the longest word's tokens but the last)
+    are bucketed; both are 0 when no row bans anything, and the step then does no bad-word work."""
+    from jaxinfer.generate import bucket  # generate imports this module
+    most = max((len(ws) for ws in words), default=0)
+    longest = max((len(w) - 1 for ws in words for w in ws), default=0)
+    w_width = bucket(most, minimum=4) if most else 0
+    p_width = bucket(longest, minimum=4) if longest else 0
+    prefix = np.full((rows, w_width, p_width), -1, np.int32)
+    last = np.full((rows, w_width), vocab_size, np.int32)
+    tail = np.full((rows, p_width), -2, np.int32)
+    for i, ws in enumerate(words):
+        for j, w in enumerate(ws):
+            last[i, j] = w[-1]
+            if len(w) > 1:
+                prefix[i, j, p_width - len(w) + 1:] = w[:-1]
+        if p_width and ws:
+            recent = outputs[i][-p_width:]
+            tail[i, p_width - len(recent):] = recent
+    return prefix, last, tail
 
 
 @struct.dataclass
 class Penalties:
     """vLLM's presence / frequency / repetition penalties of each row, with the token statistics
-    they read (how often each token was generated, whether it occurs in the prompt), and its
-    logit bias (-inf outside allowed_token_ids)."""
+    they read (how often each token was generated, whether it occurs in the prompt), its logit
+    bias (-inf outside allowed_token_ids), and its bad words with the output's last tokens."""
 
     presence: jax.Array  # [B]
     frequency: jax.Array  # [B]
@@ -225,18 +266,22 @@ class Penalties:
     output_counts: jax.Array  # [B, V] int32
     in_prompt: jax.Array  # [B, V] bool
     bias: jax.Array  # [B, V] float32 added last
+    bad_prefix: jax.Array  # [B, W, P] int32 (PenaltyInputs)
+    bad_last: jax.Array  # [B, W] int32
+    tail: jax.Array  # [B, P] int32: the last P tokens generated, right-aligned (-2: none)
 
     def apply(self, logits: jax.Array, drafted: jax.Array | None = None) -> jax.Array:
         """logits [B, V] as vLLM (and transformers' repetition penalty) shape them: a token seen in
         the prompt or the output has a positive logit divided by repetition_penalty, a negative
         one multiplied by it; then each generated token loses frequency_penalty per occurrence
-        and presence_penalty once; last, logit_bias is added (and tokens outside
-        allowed_token_ids are masked).
+        and presence_penalty once; then logit_bias is added (and tokens outside
+        allowed_token_ids are masked); last, a bad word's final token is masked where the
+        output ends with the word's other tokens.
 
         drafted [B, n-1] (speculative verification): logits are [B, n, V], one row per verified
         position, and position i counts drafted[:, :i] as generated on top of the recorded
-        output, since it is only ever used when those drafts are accepted. A draft of -1 (no
-        proposal) counts as nothing."""
+        output, since it is only ever used when those drafts are accepted (for bad words too:
+        its recent tokens end with those drafts). A draft of -1 (no proposal) counts as nothing."""
         counts, in_prompt, bias = self.output_counts, self.in_prompt, self.bias
         if drafted is not None:
             hot = jax.nn.one_hot(drafted, logits.shape[-1], dtype=jnp.int32)  # [B, n-1, V]; -1: zeros
@@ -247,12 +292,41 @@ class Penalties:
         rep = self.repetition[per_row]
         x = logits.astype(jnp.float32)
         x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
-        return x - self.frequency[per_row] * counts - self.presence[per_row] * (counts > 0) + bias
+        x = x - self.frequency[per_row] * counts - self.presence[per_row] * (counts > 0) + bias
+        if self.bad_last.shape[1]:  # some row bans words
+            x = jnp.where(self.banned(drafted, logits.shape[-1]), _MASK, x)
+        return x
+
+    def banned(self, drafted: jax.Array | None, vocab: int) -> jax.Array:
+        """[B, V] (or [B, n, V] with drafted [B, n-1]) bool: the bad words' last tokens whose other
+        tokens end the output (at position i: the output, then drafted[:, :i])."""
+        p = self.tail.shape[1]
+        if drafted is None:
+            recent = self.tail[:, None]  # [B, 1, P]
+        else:
+            ext = jnp.concatenate([self.tail, drafted.astype(jnp.int32)], axis=1)  # [B, P + n - 1]
+            recent = jnp.stack([ext[:, i:i + p] for i in range(drafted.shape[1] + 1)], axis=1)  # [B, n, P]
+        prefix = self.bad_prefix[:, None]  # [B, 1, W, P]
+        ends = jnp.all((prefix == recent[:, :, None, :]) | (prefix < 0), axis=-1)  # [B, n, W]
+        hit = jnp.where(ends, self.bad_last[:, None, :], vocab)  # [B, n, W]; vocab: dropped
+        b, n = hit.shape[:2]
+        rows = jnp.arange(b)[:, None, None]
+        pos = jnp.arange(n)[None, :, None]
+        out = jnp.zeros((b, n, vocab), bool).at[rows, pos, hit].set(True, mode="drop")
+        return out if drafted is not None else out[:, 0]
 
     def record(self, tokens: jax.Array, active: jax.Array) -> "Penalties":
-        """Count tokens [B] (or [B, n], with active [B, n]) just generated by the active rows."""
+        """Count tokens [B] (or [B, n], with active [B, n]) just generated by the active rows, and
+        shift them into the recent tokens that bad words look at."""
         rows = jnp.arange(tokens.shape[0]).reshape((-1,) + (1,) * (tokens.ndim - 1))  # broadcast to tokens
-        return self.replace(output_counts=self.output_counts.at[rows, tokens].add(active.astype(jnp.int32)))
+        tail = self.tail
+        if tail.shape[1]:
+            toks, act = tokens.reshape(tokens.shape[0], -1), active.reshape(tokens.shape[0], -1)
+            for j in range(toks.shape[1]):
+                shifted = jnp.concatenate([tail[:, 1:], toks[:, j:j + 1].astype(jnp.int32)], axis=1)
+                tail = jnp.where(act[:, j:j + 1], shifted, tail)
+        return self.replace(output_counts=self.output_counts.at[rows, tokens].add(active.astype(jnp.int32)),
+                            tail=tail)
 
 
 def request_key(seed: int, sample_index: int = 0) -> np.ndarray:

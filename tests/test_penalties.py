@@ -159,3 +159,72 @@ def test_speculative_decoding_with_penalties_gives_plain_decoding_tokens(tiny):
             assert 0 < stats.spec_accepted_tokens < stats.spec_drafted_tokens
         else:  # the model drafting for itself penalizes each draft as the verifier will: all accepted
             assert stats.spec_accepted_tokens == stats.spec_drafted_tokens > 0
+
+
+def _contains(seq, sub):
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def test_bad_words_mask_follows_the_output_and_the_drafts():
+    """Penalties.banned against a direct reading of the rule: at each verified position, a word's
+    last token is banned iff the output, then the drafts before that position, end with the
+    word's other tokens; and recording tokens moves the window as generation does."""
+    from jaxinfer.sampling import PenaltyInputs
+    rng = np.random.default_rng(0)
+    vocab, rows, n = 12, 4, 5
+    words = [[rng.integers(0, 4, size=int(rng.integers(1, 4))).tolist() for _ in range(int(rng.integers(0, 4)))]
+             for _ in range(rows)]
+    words[0] = [[2, 3], [1, 1, 3], [5]]  # a multi-token word, a repeated token, a single token
+    outputs = [rng.integers(0, 4, size=int(rng.integers(0, 6))).tolist() for _ in range(rows)]
+    drafted = rng.integers(0, 4, size=(rows, n - 1))
+    drafted[1, 2] = -1  # no proposal
+    params = [SamplingParams(bad_words=["x"])] * rows
+    pen = PenaltyInputs.from_rows(params, [[0]] * rows, outputs, vocab, rows, words).build(vocab)
+    got = np.asarray(pen.banned(jnp.asarray(drafted), vocab))  # [B, n, V]
+    for b in range(rows):
+        for i in range(n):
+            ctx = outputs[b] + drafted[b, :i].tolist()
+            want = {w[-1] for w in words[b] if len(ctx) >= len(w) - 1 and ctx[len(ctx) - len(w) + 1:] == w[:-1]}
+            assert set(np.flatnonzero(got[b, i])) == want, (b, i, ctx, words[b])
+            stepped = pen.record(jnp.asarray(drafted[:, :i]), jnp.asarray(drafted[:, :i] >= 0)) if i else pen
+            np.testing.assert_array_equal(np.asarray(stepped.banned(None, vocab))[b], got[b, i])
+    assert got[0].any(axis=-1).all()  # the single-token word is banned everywhere
+    logits = np.asarray(pen.apply(jnp.zeros((rows, n, vocab)), jnp.asarray(drafted)))
+    np.testing.assert_array_equal(np.isneginf(logits), got)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return LLM(max_model_len=256, block_size=8)
+
+
+def test_bad_words_are_never_generated_on_any_path(embedded):
+    """A single-token word ("path", two encodings) and a two-token one ("list of") that greedy
+    decoding writes are absent once banned, with the same tokens from the engine, the static loop
+    and speculative decoding (n-gram drafts on the engine and in the static loop)."""
+    prompt = "import os\n\ndef read_config(path):\n"
+    base = embedded.generate([prompt], SamplingParams(temperature=0, max_tokens=48))[0].outputs[0].token_ids
+    params = SamplingParams(temperature=0, max_tokens=48, bad_words=["path", "list of"])
+    seqs = embedded.engine.inputs.bad_words_ids(params)
+    assert [652] in seqs and [485] in seqs and [643, 378] in seqs  # " path", "path", " list of"
+    assert _contains(base, [652]) and _contains(base, [643, 378])
+    out = embedded.generate([prompt], params)[0].outputs[0].token_ids
+    assert not any(_contains(out, s) for s in seqs) and len(out) == 48
+    assert embedded.generate_static([prompt], params)[0].outputs[0].token_ids == out
+    spec = LLM(max_model_len=256, block_size=8, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                                                    "prompt_lookup_min": 1})
+    assert spec.generate([prompt], params)[0].outputs[0].token_ids == out
+    assert spec.generate_static([prompt], params)[0].outputs[0].token_ids == out
+    assert spec.get_stats().spec_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("value", ["path", [""], ["  "], [3]])
+def test_invalid_bad_words_raise_naming_the_field(value):
+    with pytest.raises(ValueError, match="SamplingParams.bad_words"):
+        SamplingParams(bad_words=value)
+
+
+def test_bad_words_need_a_tokenizer(tiny):
+    path, _ = tiny
+    with pytest.raises(ValueError, match="bad_words needs a tokenizer"):
+        LLM(str(path)).generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2, bad_words=["a"]))

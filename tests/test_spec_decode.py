@@ -112,18 +112,22 @@ PENALTIES = [dict(repetition_penalty=1.4, frequency_penalty=1.5), dict(presence_
              dict(logit_bias={6: 4.0, 41: -30.0}, frequency_penalty=0.7), dict(allowed_token_ids=[5, 6, 7, 8, 40, 41, 60, 61])]
 
 
-def _penalized_requests():
-    """One penalty or bias per row, greedy; each decides some of the row's tokens."""
+def _penalized_requests(bad_words=()):
+    """One penalty or bias per row, greedy; each decides some of the row's tokens. bad_words:
+    token sequences the last row also bans."""
     reqs = []
     for i, (p, m, pen) in enumerate(zip(PROMPTS, MAX_TOKENS, PENALTIES)):
-        sp = SamplingParams(temperature=0, max_tokens=m, **pen)
+        last = i == len(PROMPTS) - 1 and bad_words
+        sp = SamplingParams(temperature=0, max_tokens=m, **pen, bad_words=["(ids below)"] if last else None)
         reqs.append(EngineRequest(str(i), None, p, sp, seed=100 + i, sample_index=0, stop_ids=[], max_tokens=m,
-                                  tokenizer=None))
+                                  tokenizer=None, bad_words_ids=list(bad_words) if last else None))
     return reqs
 
 
 @pytest.fixture(scope="module")
 def penalized_reference(models):
+    """(bad words of the last row, plain decoding's tokens). The bad words are a two- and a
+    three-token sequence that the row writes without them."""
     _, w = models
     reqs = _penalized_requests()
     StaticBatchGenerator(w, CFG, max_model_len=256).run(reqs, batch_size=4)
@@ -131,26 +135,33 @@ def penalized_reference(models):
     StaticBatchGenerator(w, CFG, max_model_len=256).run(plain, batch_size=4)
     changed = [r.output_ids != q.output_ids for r, q in zip(reqs, plain)]
     assert all(changed), changed  # every row's penalty changes its greedy output
-    return [r.output_ids for r in reqs]
+    row = reqs[-1].output_ids
+    bad = [row[1:3], row[5:8]]
+    banned = _penalized_requests(bad)
+    StaticBatchGenerator(w, CFG, max_model_len=256).run(banned, batch_size=4)
+    out = banned[-1].output_ids
+    assert out != row and not any(out[i:i + len(s)] == s for s in bad for i in range(len(out)))
+    return bad, [r.output_ids for r in banned]
 
 
 @pytest.mark.parametrize("name", ["ngram", "draft_model", "layer_skip", "eagle", "medusa"])
 def test_greedy_with_penalties_identical_to_plain_decoding(models, penalized_reference, name):
-    """Penalties and biases shape every verified position as plain decoding would have shaped it,
-    counting the drafts before it as generated: the tokens are the same."""
+    """Penalties, biases and bad words shape every verified position as plain decoding would have
+    shaped it, counting the drafts before it as generated: the tokens are the same."""
     drafters, w = models
     drafter, params = drafters[name]
+    bad, reference = penalized_reference
     dec = SpecDecoder(w, CFG, None, max_model_len=256, drafter=drafter, draft_params=params)
-    reqs = _penalized_requests()
+    reqs = _penalized_requests(bad)
     dec.run(reqs, batch_size=4)
-    assert [r.output_ids for r in reqs] == penalized_reference
+    assert [r.output_ids for r in reqs] == reference
     if name in ("ngram", "draft_model"):
         assert dec.stats.accepted > 0
     if name == "draft_model":  # the target drafting for itself penalizes each draft as the verifier will
         dec = SpecDecoder(w, CFG, None, max_model_len=256, drafter=drafter, draft_params=w)
-        reqs = _penalized_requests()
+        reqs = _penalized_requests(bad)
         dec.run(reqs, batch_size=4)
-        assert [r.output_ids for r in reqs] == penalized_reference
+        assert [r.output_ids for r in reqs] == reference
         assert dec.stats.accepted == dec.stats.drafted > 0
 
 

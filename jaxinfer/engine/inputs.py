@@ -20,6 +20,7 @@ class ProcessedPrompt:
     params: SamplingParams
     max_tokens: int  # effective: capped by the context when params.max_tokens is None
     stop_ids: list[int]  # stop_token_ids + eos (unless ignore_eos)
+    bad_words_ids: list[list[int]]  # the token sequences params.bad_words bans
 
 
 class InputProcessor:
@@ -56,6 +57,22 @@ class InputProcessor:
             ids += [e for e in self.cfg.eos_token_ids if e not in ids]
         return ids
 
+    def bad_words_ids(self, p: SamplingParams) -> list[list[int]]:
+        """The token sequences of p.bad_words, as vLLM bans them: each word encoded alone and after
+        a space (where that is another sequence), so that it is banned at the start of the output
+        and after a space."""
+        if not p.bad_words:
+            return []
+        if self.tokenizer is None:
+            raise ValueError("SamplingParams.bad_words needs a tokenizer; this model directory has none")
+        seqs: list[list[int]] = []
+        for word in p.bad_words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return seqs
+
     def process(self, prompt, params: SamplingParams) -> ProcessedPrompt:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
@@ -84,4 +101,4 @@ class InputProcessor:
                     f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs {n + max_tokens} tokens of KV but "
                     f"the cache holds only {self.kv_capacity_tokens} (num_kv_pages x block_size): this request "
                     "could never fit; lower max_tokens or grow the cache")
-        return ProcessedPrompt(text, ids, params, max_tokens, self.stop_ids(params))
+        return ProcessedPrompt(text, ids, params, max_tokens, self.stop_ids(params), self.bad_words_ids(params))

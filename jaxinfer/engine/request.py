@@ -29,7 +29,8 @@ class EngineRequest:
 
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                  seed: int, sample_index: int, stop_ids: list[int], max_tokens: int,
-                 tokenizer: Tokenizer | None, arrival: float | None = None):
+                 tokenizer: Tokenizer | None, arrival: float | None = None,
+                 bad_words_ids: list[list[int]] | None = None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
@@ -38,6 +39,7 @@ class EngineRequest:
         self.sample_index = sample_index
         self.key_data = request_key(seed, sample_index)  # PRNG stream of this sample
         self.stop_ids = stop_ids
+        self.bad_words_ids = bad_words_ids or []  # token sequences the output must not contain
         self.max_tokens = max_tokens
         self.output_ids: list[int] = []
         self.logprobs: list[PositionLogprobs] = []
