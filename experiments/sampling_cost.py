@@ -23,6 +23,8 @@ SETTINGS = {
     "greedy": dict(temperature=0),
     "greedy + repetition_penalty 1.3": dict(temperature=0, repetition_penalty=1.3),
     "greedy + presence 0.5, frequency 0.5": dict(temperature=0, presence_penalty=0.5, frequency_penalty=0.5),
+    "greedy + 8 bad_words": dict(temperature=0, bad_words=["self", "None", "return", "print", "TODO", "lambda",
+                                                          "assert", "raise ValueError"]),
     "T=0.8, top-p 0.9": dict(temperature=0.8, top_p=0.9),
     "T=0.8, top-p 0.9 + all three penalties": dict(temperature=0.8, top_p=0.9, repetition_penalty=1.3,
                                                    presence_penalty=0.5, frequency_penalty=0.5),
