@@ -30,7 +30,8 @@ class SamplingParams:
     alternatives to return per token (the chosen token is always included).
     bad_words: strings the output must not contain, as vLLM bans them: each word's token
     sequence (as encoded alone and after a space) is never completed, i.e. its last token is
-    masked wherever the output so far ends with the tokens before it.
+    masked wherever the output so far ends with the tokens before it. truncate_prompt_tokens:
+    keep only the prompt's last k tokens (-1: as many as the context leaves room for).
     """
 
     n: int = 1
@@ -54,6 +55,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self):
         def bad(field, allowed):
@@ -80,6 +82,9 @@ class SamplingParams:
             if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
                 bad("bad_words", "must be a list of non-blank strings (or None)")
             self.bad_words = list(self.bad_words) or None
+        k = self.truncate_prompt_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not (k == -1 or k >= 1)):
+            bad("truncate_prompt_tokens", "must be None, -1 (the context's room) or an integer >= 1")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0

@@ -99,6 +99,25 @@ def test_max_tokens_none_runs_to_the_context_limit(llm):
     assert len(out.outputs[0].token_ids) == 96 - 80 and out.outputs[0].finish_reason == "length"
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
+    """The output is the same as for the last k tokens given as the prompt; -1 fits a prompt longer
+    than the context into it (without truncation it is refused)."""
+    ids = list(range(3, 63))
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
+    tail = llm.generate({"prompt_token_ids": ids[-20:]}, p)[0]
+    cut = llm.generate({"prompt_token_ids": ids}, SamplingParams(**{**vars(p), "truncate_prompt_tokens": 20}))[0]
+    assert cut.prompt_token_ids == ids[-20:] and cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    assert len(cut.prompt_logprobs) == 20
+    long = list(range(3, 203))
+    fit = llm.generate({"prompt_token_ids": long}, SamplingParams(max_tokens=1, truncate_prompt_tokens=-1))[0]
+    assert fit.prompt_token_ids == long[-95:] and len(fit.outputs[0].token_ids) == 1
+    with pytest.raises(ValueError, match="max_model_len=96"):
+        llm.generate({"prompt_token_ids": long}, SamplingParams(max_tokens=1))
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="SamplingParams.truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)
+
+
 @pytest.mark.parametrize("prompt,match", [
     ({"prompt_token_ids": list(range(3, 99))}, "max_model_len=96"),
     ({"prompt_token_ids": []}, "empty"),

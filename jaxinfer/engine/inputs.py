@@ -77,6 +77,9 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, ids = self.prompt_ids(prompt)
+        keep = params.truncate_prompt_tokens
+        if keep is not None:  # the prompt's last tokens (its text stays as given)
+            ids = ids[-(self.max_model_len - 1 if keep == -1 else keep):]
         n = len(ids)
         if n == 0:
             raise ValueError("prompt is empty (0 tokens)")
