@@ -53,6 +53,7 @@ from jaxinfer import corpus  # noqa: E402
 from jaxinfer import generate as gen  # noqa: E402
 from jaxinfer.checkpoint import load_hf  # noqa: E402
 from jaxinfer.llm import resolve_model  # noqa: E402
+from jaxinfer.model import runtime_layout  # noqa: E402
 from jaxinfer.sampling import PenaltyInputs, SamplingParams, SamplingTensors, row_limits  # noqa: E402
 from jaxinfer.spec.config import SpeculativeConfig, build_drafter  # noqa: E402
 from jaxinfer.spec.drafters import DraftContext  # noqa: E402
@@ -270,11 +271,14 @@ def main(argv=None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--weight-layout", default="auto", choices=["auto", "in_out", "out_in"],
+                   help="the target's projections as LLM(weight_layout=...) holds them (auto: [Dout, Din] for bf16 on CPU)")
     p.add_argument("--out", default=str(RESULTS / "bench_spec"))
     args = p.parse_args(argv)
 
     target_dir = resolve_model(args.target)
     cfg, weights = load_hf(target_dir, args.dtype)
+    weights = runtime_layout(weights, args.weight_layout)
     tok = Tokenizer.from_dir(target_dir, cfg.bos_token_id, cfg.eos_token_ids)
     m = args.max_tokens
     nb = max(args.batches)
@@ -364,7 +368,8 @@ def main(argv=None) -> int:
                               f"({row['draft_cost_ratio'] or 0:.2f} step)  {row['tok_s']:.1f} tok/s  "
                               f"speedup {row['speedup']:.2f}x (pairs {min(row['pass_speedups']):.2f}-{max(row['pass_speedups']):.2f})"
                               + ("" if temp else f"  identical={row['greedy_identical']}"), flush=True)
-    meta = {"target": target_dir.name, "params": cfg.num_params(), "dtype": args.dtype, "max_tokens": m, "cache_len": s,
+    meta = {"target": target_dir.name, "params": cfg.num_params(), "dtype": args.dtype,
+            "weight_layout": args.weight_layout, "max_tokens": m, "cache_len": s,
             "penalties": penalties,
             "plain_step_ms": {b: 1e3 * v for b, v in step_s.items()},
             "compilations": compiled,
@@ -384,7 +389,7 @@ def write_results(out: Path, rows: list[dict], meta: dict):
              f"`{meta['command']}` — {meta['machine']}, jax {meta['jax']}, {meta['minutes']:.0f} min; "
              f"XLA_FLAGS={meta['xla_flags'] or '(none)'}; weights "
              + ("baked into the programs (compile-time constants)" if meta["bake_weights"] else "passed as jit arguments")
-             + ".",
+             + f", weight_layout {meta.get('weight_layout', 'in_out')}.",
              (f"Penalties on both sides: {meta['penalties']}. " if meta.get("penalties") else "")
              + f"{meta['max_tokens']} new tokens per row (EOS ignored); speedup = median over "
              f"{meta['repeats']} back-to-back pairs of (plain wall time / speculative wall time) on the same prompts, "
