@@ -179,32 +179,37 @@ def main():
                     ratio = paired(j_run, t_run, args.repeats)
                     j, t = j_stats(), t_stats()
                     roofline = j["bytes_per_step"] / (j["step_ms"] / 1e3) / (bw * 1e9)
+                    # transformers' time per generated position over jaxinfer's matmuls alone: the ratio
+                    # jaxinfer would reach if everything but the weight matmuls (and its prefill) were free
+                    bound = (b / t["tok_s"] * 1e3) / j["matmul_ms"]
                     row = dict(dtype=dtype, batch=b, weight_layout=layout, jaxinfer_tok_s=round(j["tok_s"], 1),
                                transformers_tok_s=round(t["tok_s"], 1), ratio=round(ratio, 2),
                                step_ms=round(j["step_ms"], 2), matmul_ms=round(j["matmul_ms"], 2),
-                               roofline=round(roofline, 3),
+                               roofline=round(roofline, 3), matmul_bound=round(bound, 2),
                                same_first_tokens=j["first_tokens"] == t["first_tokens"])
                     rows.append(row)
                     print(f"{dtype:9s} batch {b:3d} {layout:6s}: jaxinfer {row['jaxinfer_tok_s']:8.1f} tok/s   "
                           f"transformers {row['transformers_tok_s']:7.1f} tok/s   ratio {row['ratio']:5.2f}x   "
                           f"step {row['step_ms']:6.2f} ms (matmuls alone {row['matmul_ms']:6.2f})   "
-                          f"roofline {roofline:5.1%}   "
+                          f"roofline {roofline:5.1%}   matmul bound {bound:4.2f}x   "
                           f"same greedy start: {row['same_first_tokens']}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     result = dict(bandwidth_gbs=round(bw, 2), params=n_params, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
                   backend=jax.default_backend(), rows=rows)
     (RESULTS / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [("| dtype | batch | weight layout | jaxinfer tok/s | transformers tok/s | ratio | step ms | "
-              "matmuls alone ms | roofline |"), "|---|---|---|---|---|---|---|---|---|"]
+              "matmuls alone ms | matmul bound | roofline |"), "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['dtype']} | {r['batch']} | {r['weight_layout']} | {r['jaxinfer_tok_s']} | {r['transformers_tok_s']} | "
-              f"{r['ratio']}x | {r['step_ms']} | {r['matmul_ms']} | {r['roofline']:.1%} |" for r in rows]
+              f"{r['ratio']}x | {r['step_ms']} | {r['matmul_ms']} | {r['matmul_bound']}x | {r['roofline']:.1%} |"
+              for r in rows]
     (RESULTS / "bench_decode.md").write_text(
         f"Measured read bandwidth {bw:.1f} GB/s; {n_params / 1e6:.1f}M params; "
         f"{NEW_TOKENS} new tokens from {PROMPT_LEN}-token prompts, greedy. tok/s: the best of "
         f"{args.repeats} runs; ratio: the median of {args.repeats} back-to-back jaxinfer / transformers pairs "
         "(the shared machine's speed drifts between rows). \"matmuls alone\": one step's "
         "weight matmuls (all layers and the LM head) timed by themselves in a loop on device, the step time "
-        "if attention, norms, the cache write and sampling were free.\n\n" + "\n".join(lines) + "\n")
+        "if attention, norms, the cache write and sampling were free. \"matmul bound\": transformers' time per "
+        "generated position / matmuls alone, the ratio jaxinfer would reach with everything else free.\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {RESULTS / 'bench_decode.json'}")
 
 
