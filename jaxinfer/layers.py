@@ -61,13 +61,18 @@ def matmul(x: jax.Array, w) -> jax.Array:
     if isinstance(w, InputObserver):
         w.observe(x)
         w = w.w
+    return dense_dot(x, w).astype(x.dtype)
+
+
+def dense_dot(x: jax.Array, w) -> jax.Array:
+    """x [..., Din] times a dense w (a [Din, Dout] array or a `TransposedWeight`), float32 result."""
     w_axis = 0
     if isinstance(w, TransposedWeight):
         w, w_axis = w.wt, 1
 
     def dot(x):
         return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_axis,)), ((), ())), preferred_element_type=jnp.float32)
-    return one_row_padded(dot, x).astype(x.dtype)
+    return one_row_padded(dot, x)
 
 
 def one_row_padded(dot, x: jax.Array) -> jax.Array:

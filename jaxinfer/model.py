@@ -18,7 +18,7 @@ from flax import struct
 
 from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta, KVCache, write_pages, write_slots
-from jaxinfer.layers import (TransposedWeight, apply_rope, attention, matmul, one_row_padded, rms_norm, rope_cos_sin,
+from jaxinfer.layers import (TransposedWeight, apply_rope, attention, dense_dot, matmul, rms_norm, rope_cos_sin,
                              swiglu)
 from jaxinfer.wquant import MODULES, QuantWeight
 
@@ -131,10 +131,7 @@ def lm_logits(weights: Weights, hidden: jax.Array, eps: float) -> jax.Array:
     head = weights.lm_head
     if isinstance(head, QuantWeight):  # float32 logits, whatever the activation dtype
         return matmul(x.astype(jnp.float32), head)
-    if head is None or isinstance(head, TransposedWeight):  # a [V, D] table: the embedding or the head's transpose
-        table = weights.embed if head is None else head.wt
-        return one_row_padded(lambda x: jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32), x)
-    return one_row_padded(lambda x: jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32), x)
+    return dense_dot(x, TransposedWeight(weights.embed) if head is None else head)  # tied: the [V, D] embedding
 
 
 def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, sin,
