@@ -1,5 +1,7 @@
 """The cache is exact: cached decode == full recomputation; paged == contiguous."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, init_contiguous, init_paged
-from jaxinfer.layers import TransposedWeight
+from jaxinfer.layers import TiedHead, TransposedWeight
 from jaxinfer.model import dense_layout, forward, init_weights, runtime_layout
 
 CFG = ModelConfig("LlamaForCausalLM", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
@@ -67,6 +69,29 @@ def test_runtime_layout_transposes_bf16_projections_on_cpu_and_computes_the_same
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     w32 = init_weights(cfg, jax.random.PRNGKey(0), jnp.float32)
     assert runtime_layout(w32) is w32
+
+
+def test_runtime_layout_gives_a_tied_float32_head_its_own_copy_on_cpu():
+    """float32 tied embeddings on CPU get a [D, V] copy as the LM head (TiedHead); the logits are
+    the same float32 dot products; dense_layout drops the copy (the checkpoint stays tied)."""
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
+    w = init_weights(cfg, jax.random.PRNGKey(0), jnp.float32, std=0.1)
+    assert w.lm_head is None
+    laid = runtime_layout(w)
+    assert isinstance(laid.lm_head, TiedHead) and laid.lm_head.shape == (cfg.hidden_size, cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(laid.lm_head.w), np.asarray(w.embed).T)
+    assert laid.layers is w.layers  # the projections as they were
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 9), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(9), (3, 9))
+    a = _forward(w, cfg, tokens, pos, None, None)[0]
+    b = _forward(laid, cfg, tokens, pos, None, None)[0]
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+    back = dense_layout(laid)
+    assert back.lm_head is None
+    for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(w), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    w16 = init_weights(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
+    assert runtime_layout(w16, "in_out") is w16  # bf16: no copy (it gains nothing there)
 
 
 def test_paged_cache_with_scattered_pages_equals_contiguous():
