@@ -232,6 +232,32 @@ class LLM:
                 bar.close()
         return [done[seqs[0].request_id] for seqs in groups]
 
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = False, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation ([{"role", "content"}, ...]) or a list of them, as
+        vLLM's `LLM.chat`: each is rendered by the model's chat template (`jaxinfer.chat`: the text
+        transformers' `apply_chat_template` renders), tokenized without added special tokens, and
+        generated like `generate` (one SamplingParams, or one per conversation). chat_template:
+        Jinja source, or the name of one of the checkpoint's named templates. Every conversation
+        is rendered and validated before any work starts."""
+        tok = self.get_tokenizer()
+        if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict):
+            conversations = [messages]
+        elif isinstance(messages, (list, tuple)) and messages:
+            conversations = list(messages)
+        else:
+            raise ValueError(f"messages={messages!r}: expected a conversation (a list of {{'role', 'content'}} "
+                             "dicts) or a non-empty list of conversations")
+        prompts = []
+        for conversation in conversations:
+            text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, tools=tools,
+                                           chat_template=chat_template, **(chat_template_kwargs or {}))
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def generate_static(self, prompts, sampling_params=None, batch_size: int | None = None) -> list[RequestOutput]:
         """Static batching baseline: padded batches, one whole on-device generation after another
         (speculative, with any method, when speculative_config is set)."""

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from jaxinfer.chat import load_chat_template, render_chat, select_template
+
 
 class Tokenizer:
     """encode(text) -> ids and decode(ids) -> text over a tokenizer.json."""
@@ -17,6 +19,9 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_ids = eos_token_ids
         self.all_special_ids = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        self.chat_template: str | dict[str, str] | None = None  # Jinja source (or named ones); None: none
+        self.special_tokens: dict[str, str] = {}  # {"bos_token": "<s>", ...} for templates
+        self.name = "the tokenizer"
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, bos_token_id=None, eos_token_ids=()) -> "Tokenizer | None":
@@ -34,9 +39,24 @@ class Tokenizer:
             add_bos = bool(json.loads(tc.read_text()).get("add_bos_token", False))
         tok = cls(hf, bos_token_id, eos_token_ids)
         tok._add_bos = add_bos and bos_token_id is not None
+        tok.chat_template, tok.special_tokens = load_chat_template(model_dir)
+        tok.name = str(model_dir)
         return tok
 
     _add_bos = False
+
+    def apply_chat_template(self, messages, tokenize: bool = True, add_generation_prompt: bool = False,
+                            continue_final_message: bool = False, tools: list[dict] | None = None,
+                            chat_template: str | None = None, **kwargs) -> str | list[int]:
+        """One conversation rendered by the chat template (transformers' `apply_chat_template`: same
+        defaults, same text): the text, or its ids when tokenize (no special tokens added: the
+        template writes them). chat_template: Jinja source, or the name of one of the checkpoint's
+        named templates; default: the checkpoint's."""
+        source = select_template(self.chat_template, chat_template, tools, self.name)
+        text = render_chat(source, messages, special_tokens=self.special_tokens,
+                           add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message, tools=tools, **kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     @property
     def vocab_size(self) -> int:
