@@ -7,8 +7,9 @@ from jaxinfer.jit_cache import disable_compilation_cache, enable_compilation_cac
 from jaxinfer.llm import LLM
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.sampling import SamplingParams
+from jaxinfer.structured import StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "RequestOutput",
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "RequestOutput",
            "CompletionOutput", "Logprob", "RequestMetrics", "ModelConfig", "CheckpointError", "ConfigError",
            "enable_compilation_cache", "disable_compilation_cache"]
 __version__ = "0.1.0"

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxinfer.structured import StructuredOutputsParams
+
 _MASK = -jnp.inf
 
 
@@ -32,6 +34,8 @@ class SamplingParams:
     sequence (as encoded alone and after a space) is never completed, i.e. its last token is
     masked wherever the output so far ends with the tokens before it. truncate_prompt_tokens:
     keep only the prompt's last k tokens (-1: as many as the context leaves room for).
+    structured_outputs: the output matches a regex, one of a list of choices, or a JSON schema
+    (`jaxinfer.structured`: a token-level state machine masks every step's logits).
     """
 
     n: int = 1
@@ -56,6 +60,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         def bad(field, allowed):
@@ -82,6 +87,10 @@ class SamplingParams:
             if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
                 bad("bad_words", "must be a list of non-blank strings (or None)")
             self.bad_words = list(self.bad_words) or None
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs", "must be StructuredOutputsParams(json=... | regex=... | choice=...) or None")
         k = self.truncate_prompt_tokens
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not (k == -1 or k >= 1)):
             bad("truncate_prompt_tokens", "must be None, -1 (the context's room) or an integer >= 1")
@@ -123,9 +132,11 @@ class SamplingParams:
 
     @property
     def shapes_logits(self) -> bool:
-        """Penalties, a logit bias, allowed tokens or bad words change the logits before sampling."""
+        """Penalties, a logit bias, allowed tokens, bad words or a structured output constraint change
+        the logits before sampling."""
         return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-                or self.logit_bias is not None or self.allowed_token_ids is not None or self.bad_words is not None)
+                or self.logit_bias is not None or self.allowed_token_ids is not None or self.bad_words is not None
+                or self.structured_outputs is not None)
 
     def validate_vocab(self, vocab_size: int):
         """Token ids must exist in the model's vocabulary; top logprobs cannot outnumber it."""
@@ -182,14 +193,17 @@ class PenaltyInputs:
     bad_prefix: jax.Array  # [B, W, P] int32: each bad word's tokens but the last, right-aligned; -1: any
     bad_last: jax.Array  # [B, W] int32: each bad word's last token (vocab_size: no word)
     tail: jax.Array  # [B, P] int32: the output's last P tokens, right-aligned; -2: before the output
+    fsm_table: jax.Array  # [S, V] int32: the rows' structured-output machines (`fsm_tables`); S = 0: none
+    fsm_state: jax.Array  # [B] int32: each row's state in fsm_table (0: unconstrained)
 
     @staticmethod
     def from_rows(params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]],
                   vocab_size: int, rows: int | None = None,
-                  bad_words: list[list[list[int]]] | None = None) -> "PenaltyInputs":
+                  bad_words: list[list[list[int]]] | None = None, fsms: list | None = None) -> "PenaltyInputs":
         """One row per params entry, padded to `rows` rows (padding: no penalty); id widths are
         bucketed (powers of two) so that growing outputs reuse compiled programs. bad_words: each
-        row's banned token sequences (`InputProcessor.bad_words_ids`)."""
+        row's banned token sequences (`InputProcessor.bad_words_ids`); fsms: each row's
+        `structured.TokenFSM` or None (`InputProcessor.token_fsm`)."""
         from jaxinfer.generate import bucket  # generate imports this module
         rows = rows or len(params)
 
@@ -203,6 +217,11 @@ class PenaltyInputs:
             return np.asarray([getattr(p, field) for p in params] + [off] * (rows - len(params)), np.float32)
 
         bad_prefix, bad_last, tail = bad_word_tables(bad_words or [], outputs, vocab_size, rows)
+        fsm = fsm_tables(fsms or [], outputs, vocab_size, rows)
+        if not any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params):
+            # Nothing reads the token counts: leave the ids out, so that a growing output does not
+            # change the program's shapes (bias, allowed tokens, bad words, structured outputs).
+            prompts, outputs = [[]] * len(params), [[]] * len(params)
         biases = [p.logit_bias or {} for p in params]
         bias_ids = ids([list(b) for b in biases])
         bias_values = np.zeros(bias_ids.shape, np.float32)
@@ -214,7 +233,7 @@ class PenaltyInputs:
                              allowed_ids=ids([p.allowed_token_ids or [] for p in params]),
                              restricted=np.asarray([p.allowed_token_ids is not None for p in params]
                                                    + [False] * (rows - len(params))),
-                             bad_prefix=bad_prefix, bad_last=bad_last, tail=tail)
+                             bad_prefix=bad_prefix, bad_last=bad_last, tail=tail, **fsm)
 
     def build(self, vocab_size: int) -> "Penalties":
         """On device: count each row's output tokens, mark its prompt tokens, lay out its bias."""
@@ -232,7 +251,8 @@ class PenaltyInputs:
                          output_counts=scatter(self.output_ids, 1, jnp.int32),
                          in_prompt=scatter(self.prompt_ids, 1, jnp.int32) > 0, bias=bias,
                          bad_prefix=jnp.asarray(self.bad_prefix), bad_last=jnp.asarray(self.bad_last),
-                         tail=jnp.asarray(self.tail))
+                         tail=jnp.asarray(self.tail), fsm_table=jnp.asarray(self.fsm_table),
+                         fsm_state=jnp.asarray(self.fsm_state))
 
 
 def bad_word_tables(words: list[list[list[int]]], outputs: list[list[int]], vocab_size: int,
@@ -259,6 +279,41 @@ def bad_word_tables(words: list[list[list[int]]], outputs: list[list[int]], voca
     return prefix, last, tail
 
 
+_FSM_TABLES: dict = {}  # the last few batches' stacked tables, by the machines they hold
+
+
+def fsm_tables(fsms: list, outputs: list[list[int]], vocab_size: int, rows: int) -> dict:
+    """Host arrays of `PenaltyInputs`' structured-output fields: the distinct machines of the rows
+    stacked into one table behind state 0, which allows every token and stays put (rows without a
+    constraint sit there), and each row's state after its output so far. The table's height is
+    bucketed; it is empty when no row is constrained (the step then does no work for it). The
+    stacked table is kept on device for the next steps of the same rows."""
+    from jaxinfer.generate import bucket  # generate imports this module
+    state = np.zeros((rows,), np.int32)
+    distinct = list({id(f): f for f in fsms if f is not None}.values())
+    if not distinct:
+        return {"fsm_table": np.zeros((0, vocab_size), np.int32), "fsm_state": state}
+    key = tuple(id(f) for f in distinct)
+    if key not in _FSM_TABLES:
+        height = bucket(1 + sum(f.num_states for f in distinct), minimum=16)
+        table = np.full((height, vocab_size), -1, np.int32)
+        table[0] = 0
+        offsets, at = {}, 1
+        for f in distinct:
+            offsets[id(f)] = at
+            table[at:at + f.num_states] = np.where(f.table >= 0, f.table + at, -1)
+            at += f.num_states
+        if len(_FSM_TABLES) >= 8:
+            _FSM_TABLES.pop(next(iter(_FSM_TABLES)))
+        # On device once: the engine passes the same table every step. distinct keeps the ids alive.
+        _FSM_TABLES[key] = (jax.device_put(table), offsets, distinct)
+    table, offsets, _ = _FSM_TABLES[key]
+    for i, f in enumerate(fsms):
+        if f is not None:
+            state[i] = offsets[id(f)] + f.walk(outputs[i])
+    return {"fsm_table": table, "fsm_state": state}
+
+
 @struct.dataclass
 class Penalties:
     """vLLM's presence / frequency / repetition penalties of each row, with the token statistics
@@ -274,6 +329,8 @@ class Penalties:
     bad_prefix: jax.Array  # [B, W, P] int32 (PenaltyInputs)
     bad_last: jax.Array  # [B, W] int32
     tail: jax.Array  # [B, P] int32: the last P tokens generated, right-aligned (-2: none)
+    fsm_table: jax.Array  # [S, V] int32: structured-output machines, next state or -1 (S = 0: none)
+    fsm_state: jax.Array  # [B] int32
 
     def apply(self, logits: jax.Array, drafted: jax.Array | None = None) -> jax.Array:
         """logits [B, V] as vLLM (and transformers' repetition penalty) shape them: a token seen in
@@ -300,7 +357,25 @@ class Penalties:
         x = x - self.frequency[per_row] * counts - self.presence[per_row] * (counts > 0) + bias
         if self.bad_last.shape[1]:  # some row bans words
             x = jnp.where(self.banned(drafted, logits.shape[-1]), _MASK, x)
+        if self.fsm_table.shape[0]:  # some row is constrained: its state's allowed tokens only
+            x = jnp.where(self.fsm_table[self.fsm_states(drafted)] >= 0, x, _MASK)
         return x
+
+    def fsm_states(self, drafted: jax.Array | None) -> jax.Array:
+        """[B] states (or [B, n] with drafted [B, n-1]: position i after drafted[:, :i])."""
+        if drafted is None:
+            return self.fsm_state
+        states = [self.fsm_state]
+        for i in range(drafted.shape[1]):
+            states.append(self._advance(states[-1], drafted[:, i], drafted[:, i] >= 0))
+        return jnp.stack(states, axis=1)
+
+    def _advance(self, state: jax.Array, tokens: jax.Array, active: jax.Array) -> jax.Array:
+        """The states after tokens [B] (where active). A token the machine forbids (only drawn
+        when something else left no allowed token, or as a draft that verification rejects)
+        leads to state 0, which constrains nothing, so that no row is left without a token."""
+        nxt = self.fsm_table[state, jnp.maximum(tokens, 0)]
+        return jnp.where(active, jnp.maximum(nxt, 0), state)
 
     def banned(self, drafted: jax.Array | None, vocab: int) -> jax.Array:
         """[B, V] (or [B, n, V] with drafted [B, n-1]) bool: the bad words' last tokens whose other
@@ -330,8 +405,13 @@ class Penalties:
             for j in range(toks.shape[1]):
                 shifted = jnp.concatenate([tail[:, 1:], toks[:, j:j + 1].astype(jnp.int32)], axis=1)
                 tail = jnp.where(act[:, j:j + 1], shifted, tail)
+        state = self.fsm_state
+        if self.fsm_table.shape[0]:
+            toks, act = tokens.reshape(tokens.shape[0], -1), active.reshape(tokens.shape[0], -1)
+            for j in range(toks.shape[1]):
+                state = self._advance(state, toks[:, j], act[:, j])
         return self.replace(output_counts=self.output_counts.at[rows, tokens].add(active.astype(jnp.int32)),
-                            tail=tail)
+                            tail=tail, fsm_state=state)
 
 
 def request_key(seed: int, sample_index: int = 0) -> np.ndarray:

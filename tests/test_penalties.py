@@ -96,12 +96,12 @@ def test_sampled_rows_with_and_without_penalties_agree_on_every_path(tiny):
                              presence_penalty=0.8 * (i % 2), frequency_penalty=0.4 * (i % 3 == 0),
                              repetition_penalty=1.0 + 0.3 * (i % 2)) for i in range(6)]
     ref = [o.outputs[0].token_ids for o in LLM(str(path), block_size=8).generate_static(prompts, params)]
-    for opts in (dict(), dict(num_scheduler_steps=4),
-                 dict(num_kv_pages=12, max_num_batched_tokens=24)):
+    for opts in (dict(), dict(num_scheduler_steps=4, num_kv_pages=12, max_num_batched_tokens=24)):
         llm = LLM(str(path), block_size=8, **opts)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref, opts
         if "num_kv_pages" in opts:
-            assert llm.get_stats().num_preemptions > 0
+            stats = llm.get_stats()
+            assert stats.num_preemptions > 0 and stats.num_fused_steps > 0
 
 
 def test_allowed_token_ids_and_a_large_bias_decide_every_token(tiny):

@@ -163,7 +163,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         p = self.inputs.process(prompt, params)
         return [EngineRequest(request_id, p.text, p.token_ids, params, seed, i, p.stop_ids, p.max_tokens,
-                              self.tokenizer, arrival_time, p.bad_words_ids) for i in range(params.n)]
+                              self.tokenizer, arrival_time, p.bad_words_ids, p.fsm) for i in range(params.n)]
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     seed: int | None = None, arrival_time: float | None = None):

@@ -10,6 +10,7 @@ import dataclasses
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.sampling import SamplingParams
+from jaxinfer.structured import TokenFSM, compile_token_fsm, token_texts
 from jaxinfer.tokenizer import Tokenizer
 
 
@@ -21,6 +22,7 @@ class ProcessedPrompt:
     max_tokens: int  # effective: capped by the context when params.max_tokens is None
     stop_ids: list[int]  # stop_token_ids + eos (unless ignore_eos)
     bad_words_ids: list[list[int]]  # the token sequences params.bad_words bans
+    fsm: TokenFSM | None = None  # params.structured_outputs as a token machine
 
 
 class InputProcessor:
@@ -73,6 +75,19 @@ class InputProcessor:
                     seqs.append(ids)
         return seqs
 
+    _texts: tuple | None = None
+
+    def token_fsm(self, p: SamplingParams) -> TokenFSM | None:
+        """p.structured_outputs as a token table over this tokenizer (built once per constraint);
+        EOS ends the output in accepting states."""
+        if p.structured_outputs is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("SamplingParams.structured_outputs needs a tokenizer; this model directory has none")
+        if self._texts is None:
+            self._texts = tuple(token_texts(self.tokenizer, self.cfg.vocab_size))
+        return compile_token_fsm(p.structured_outputs, self._texts, tuple(self.cfg.eos_token_ids))
+
     def process(self, prompt, params: SamplingParams) -> ProcessedPrompt:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
@@ -104,4 +119,5 @@ class InputProcessor:
                     f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs {n + max_tokens} tokens of KV but "
                     f"the cache holds only {self.kv_capacity_tokens} (num_kv_pages x block_size): this request "
                     "could never fit; lower max_tokens or grow the cache")
-        return ProcessedPrompt(text, ids, params, max_tokens, self.stop_ids(params), self.bad_words_ids(params))
+        return ProcessedPrompt(text, ids, params, max_tokens, self.stop_ids(params), self.bad_words_ids(params),
+                               self.token_fsm(params))

@@ -30,7 +30,7 @@ class EngineRequest:
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                  seed: int, sample_index: int, stop_ids: list[int], max_tokens: int,
                  tokenizer: Tokenizer | None, arrival: float | None = None,
-                 bad_words_ids: list[list[int]] | None = None):
+                 bad_words_ids: list[list[int]] | None = None, fsm=None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
@@ -40,6 +40,7 @@ class EngineRequest:
         self.key_data = request_key(seed, sample_index)  # PRNG stream of this sample
         self.stop_ids = stop_ids
         self.bad_words_ids = bad_words_ids or []  # token sequences the output must not contain
+        self.fsm = fsm  # structured.TokenFSM of params.structured_outputs (None: unconstrained)
         self.max_tokens = max_tokens
         self.output_ids: list[int] = []
         self.logprobs: list[PositionLogprobs] = []

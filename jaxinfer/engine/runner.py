@@ -67,7 +67,7 @@ class StepInputs:
         """What the penalty inputs add to the compiled program's signature."""
         pen = self.pen
         return None if pen is None else tuple(x.shape for x in (pen.prompt_ids, pen.output_ids, pen.bias_ids,
-                                                                pen.allowed_ids))
+                                                                pen.allowed_ids, pen.bad_prefix, pen.fsm_table))
 
 
 def _draft_forward(dweights, dkv, dcfg, tokens, meta, backend):
@@ -339,7 +339,7 @@ class ModelRunner:
         if any(c.request.params.shapes_logits for c in group):
             pen = PenaltyInputs.from_rows([c.request.params for c in group], [c.request.prompt_ids for c in group],
                                           [c.request.output_ids for c in group], vocab, b,
-                                          [c.request.bad_words_ids for c in group])
+                                          [c.request.bad_words_ids for c in group], [c.request.fsm for c in group])
         inp = StepInputs(tokens, page_table, kv_lens, q_lens, counters, st, limits, next_tokens, slots, pen)
         return inp, num_lp, num_plp, pp
 

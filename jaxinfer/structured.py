@@ -1,0 +1,248 @@
+"""Structured outputs (vLLM's `StructuredOutputsParams`): output constrained to a regex, a list of
+choices, or a JSON schema, by a token-level finite-state machine.
+
+Legend: S machine states, V vocab.
+
+The constraint becomes a regular expression (a choice list: their alternation; a JSON schema:
+`json_schema_regex`), the regex a character DFA (`interegular`), and the DFA a token table
+`TokenFSM.table [S, V]`: the state reached from state s by token t's text, or -1 when no match
+continues through that text. A token is allowed at a step iff its entry is >= 0; the model's EOS
+tokens are allowed exactly in accepting states (and keep the state). States from which no
+accepting state can be reached are dropped, so a generation never walks into a dead end. The
+table is built once per (constraint, tokenizer) and cached; `sampling.Penalties` carries the
+tables of a batch's rows on device, masks logits with them and advances each row's state as
+tokens are recorded (speculative verification: along the drafts), so every decoding path
+(static loop, engine, fused steps, speculation) follows the same machine.
+
+Tokens whose text is not valid UTF-8 by itself (byte pieces of a multi-byte character) and
+special tokens are never allowed inside a constraint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import lru_cache
+
+import numpy as np
+
+JSON_SCHEMA_KEYS = {"type", "properties", "required", "items", "minItems", "maxItems", "enum", "const",
+                    "minLength", "maxLength", "pattern", "anyOf", "oneOf", "title", "description",
+                    "additionalProperties", "default", "$schema"}
+_WS = "[ ]?"  # between JSON tokens: nothing or one space
+_STRING_CHAR = r'([^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+_INTEGER = r"-?(0|[1-9][0-9]*)"
+_NUMBER = _INTEGER + r"(\.[0-9]+)?([eE][+-]?[0-9]+)?"
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Exactly one of: json (a JSON schema, as a dict or a JSON string), regex (the whole output
+    matches it), choice (the output is one of these strings). vLLM's names."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        given = [k for k in ("json", "regex", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"StructuredOutputsParams: set exactly one of json, regex, choice (got {given or 'none'})")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError(f"StructuredOutputsParams.choice={self.choice!r}: expected a non-empty list of "
+                                 "non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError(f"StructuredOutputsParams.regex={self.regex!r}: expected a non-empty string")
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"StructuredOutputsParams.json: not valid JSON ({e})") from None
+            if not isinstance(schema, dict):
+                raise ValueError(f"StructuredOutputsParams.json={self.json!r}: expected a JSON schema object")
+            object.__setattr__(self, "json", json.dumps(schema))  # hashable; properties keep their order
+        _char_fsm(self.to_regex())  # a constraint that cannot compile is refused here, at the boundary
+
+    def to_regex(self) -> str:
+        if self.regex is not None:
+            return self.regex
+        if self.choice is not None:
+            return "|".join(_escape(c) for c in self.choice)
+        return json_schema_regex(json.loads(self.json))
+
+
+def _escape(text: str) -> str:
+    """text as a regex literal (interegular's syntax: every non-alphanumeric character escaped)."""
+    return "".join(c if c.isalnum() or c == " " else ("\\" + c if c.isprintable() else f"\\x{ord(c):02x}"
+                                                     if ord(c) < 256 else c) for c in text)
+
+
+def json_schema_regex(schema: dict, where: str = "StructuredOutputsParams.json") -> str:
+    """A regex matching compact JSON (at most one space between tokens) valid under schema.
+
+    Supported: type object (every listed property, in schema order), array (items, minItems,
+    maxItems), string (minLength, maxLength, pattern, enum), integer, number, boolean, null;
+    enum and const of any JSON values; anyOf / oneOf (either alternative matches). A type list
+    is an anyOf. Anything else raises ValueError naming the keyword."""
+    if not isinstance(schema, dict):
+        raise ValueError(f"{where}: expected a schema object, got {schema!r}")
+    unknown = sorted(set(schema) - JSON_SCHEMA_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unsupported JSON schema keyword(s) {unknown}; supported: "
+                         f"{sorted(JSON_SCHEMA_KEYS)}")
+    if "const" in schema:
+        return _escape(json.dumps(schema["const"]))
+    if "enum" in schema:
+        return "(" + "|".join(_escape(json.dumps(v)) for v in schema["enum"]) + ")"
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            return "(" + "|".join(json_schema_regex(s, f"{where}.{key}[{i}]")
+                                  for i, s in enumerate(schema[key])) + ")"
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return "(" + "|".join(json_schema_regex({**schema, "type": k}, where) for k in kind) + ")"
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties", {})
+        if not props:
+            raise ValueError(f"{where}: an object needs 'properties' (free-form objects are not supported)")
+        fields = [_escape(json.dumps(name)) + ":" + _WS + json_schema_regex(sub, f"{where}.{name}")
+                  for name, sub in props.items()]
+        return r"\{" + _WS + ("," + _WS).join(fields) + _WS + r"\}"
+    if kind == "array":
+        item = json_schema_regex(schema.get("items", {"type": "string"}), f"{where}.items")
+        lo, hi = int(schema.get("minItems", 0)), schema.get("maxItems")
+        more = f"{{{max(lo - 1, 0)},{'' if hi is None else int(hi) - 1}}}"
+        body = f"{item}(,{_WS}{item}){more}"
+        return r"\[" + _WS + (f"({body})?" if lo == 0 else body) + _WS + r"\]" if hi != 0 else r"\[\]"
+    if kind == "string":
+        if "pattern" in schema:
+            return '"' + schema["pattern"].lstrip("^").rstrip("$") + '"'
+        lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
+        return f'"{_STRING_CHAR}{{{lo},{"" if hi is None else int(hi)}}}"'
+    if kind == "integer":
+        return _INTEGER
+    if kind == "number":
+        return _NUMBER
+    if kind == "boolean":
+        return "(true|false)"
+    if kind == "null":
+        return "null"
+    raise ValueError(f"{where}: unsupported type {kind!r}; supported: object, array, string, integer, number, "
+                     "boolean, null")
+
+
+@lru_cache(maxsize=64)
+def _char_fsm(regex: str):
+    import interegular
+    try:
+        return interegular.parse_pattern(regex).to_fsm()
+    except Exception as e:  # noqa: BLE001 -- interegular raises assorted errors on bad patterns
+        raise ValueError(f"structured output regex {regex!r} cannot be compiled: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenFSM:
+    """table [S, V] int32: next state (-1: the token is not allowed); state 0 is the start."""
+
+    table: np.ndarray
+    final: np.ndarray  # [S] bool: accepting states
+
+    @property
+    def num_states(self) -> int:
+        return self.table.shape[0]
+
+    def walk(self, tokens, state: int = 0) -> int:
+        """The state after tokens (ValueError if one of them is not allowed)."""
+        for t in tokens:
+            nxt = int(self.table[state, t])
+            if nxt < 0:
+                raise ValueError(f"token {t} is not allowed by the structured output constraint")
+            state = nxt
+        return state
+
+
+def token_texts(tokenizer, vocab_size: int) -> list[str | None]:
+    """Each token's text (None: special, empty, or not valid UTF-8 by itself). Decoded after an
+    anchor token, so decoders that drop a leading space of a lone token keep it."""
+    anchor = tokenizer.encode("a", add_special_tokens=False)[:1]
+    base = tokenizer.decode(anchor, skip_special_tokens=False)
+    special = tokenizer.all_special_ids
+    out = []
+    for t in range(vocab_size):
+        text = None
+        if t not in special and tokenizer.id_to_token(t) is not None:
+            full = tokenizer.decode(anchor + [t], skip_special_tokens=False)
+            text = full[len(base):] if full.startswith(base) else None
+            if not text or "\ufffd" in text:
+                text = None
+        out.append(text)
+    return out
+
+
+def compile_token_fsm(params: StructuredOutputsParams, texts: tuple, eos_ids: tuple[int, ...]) -> TokenFSM:
+    """The token table of params over token texts (`token_texts`); eos_ids end the output in
+    accepting states."""
+    return _compile(params.to_regex(), texts, eos_ids)
+
+
+@lru_cache(maxsize=32)
+def _compile(regex: str, texts: tuple, eos_ids: tuple[int, ...]) -> TokenFSM:
+    fsm = _char_fsm(regex)
+    alphabet = fsm.alphabet
+    # Live states: an accepting state is reachable (reverse search over the character DFA).
+    preds: dict = {}
+    for s, arcs in fsm.map.items():
+        for nxt in arcs.values():
+            preds.setdefault(nxt, set()).add(s)
+    live, todo = set(fsm.finals), list(fsm.finals)
+    while todo:
+        for p in preds.get(todo.pop(), ()):
+            if p not in live:
+                live.add(p)
+                todo.append(p)
+    if fsm.initial not in live:
+        raise ValueError(f"structured output regex {regex!r} matches nothing")
+    # A character trie of the token texts: one walk per (state, trie node) instead of per token.
+    trie: dict = {}
+    for t, text in enumerate(texts):
+        if text is None:
+            continue
+        node = trie
+        for ch in text:
+            node = node.setdefault(ch, {})
+        node.setdefault(None, []).append(t)
+    index = {fsm.initial: 0}
+    order = [fsm.initial]
+    rows = []
+    i = 0
+    while i < len(order):  # breadth-first over the states tokens reach
+        state = order[i]
+        row = np.full(len(texts), -1, np.int64)
+        stack = [(trie, state)]
+        while stack:
+            node, s = stack.pop()
+            for ch, child in node.items():
+                if ch is None:
+                    continue
+                nxt = fsm.map.get(s, {}).get(alphabet[ch])
+                if nxt is None or nxt not in live:
+                    continue
+                for t in child.get(None, ()):
+                    if nxt not in index:
+                        index[nxt] = len(order)
+                        order.append(nxt)
+                    row[t] = index[nxt]
+                stack.append((child, nxt))
+        rows.append(row)
+        i += 1
+    table = np.stack(rows).astype(np.int32)
+    final = np.array([s in fsm.finals for s in order])
+    for e in eos_ids:
+        if 0 <= e < table.shape[1]:
+            table[:, e] = np.where(final, np.arange(len(order)), -1)
+    return TokenFSM(table=table, final=final)
