@@ -4,6 +4,7 @@ JSON, next to each other under experiments/results/."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 
@@ -14,3 +15,23 @@ def write_report(out: str | Path, table: str, rows: list[dict]):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+def timed(fn):
+    """(seconds, result) of one call of fn."""
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def paired(base, other, repeats: int):
+    """Time base() and other() back to back, repeats times, after one warm-up call of each:
+    (ratios base seconds / other seconds, other's seconds, other's last result)."""
+    other(), base()  # compile
+    ratios, secs, out = [], [], None
+    for _ in range(repeats):
+        s_base, _ = timed(base)
+        s, out = timed(other)
+        ratios.append(s_base / s)
+        secs.append(s)
+    return ratios, secs, out

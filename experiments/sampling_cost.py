@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from report import write_report
+from report import paired, write_report
 
 from jaxinfer import LLM, SamplingParams, corpus
 
@@ -56,22 +56,12 @@ def main():
     def params(kw):
         return [SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, seed=i, **kw) for i in range(len(prompts))]
 
-    def timed(fn):
-        t = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - t, out
-
     rows = []
     base = params(SETTINGS["greedy"])
     for name, kw in SETTINGS.items():
         for path, run in (("engine", llm.generate), ("static", llm.generate_static)):
-            run(prompts, params(kw)), run(prompts, base)  # compile
-            ratios, secs = [], []
-            for _ in range(args.repeats):
-                s_base, _ = timed(lambda: run(prompts, base))  # noqa: B023
-                s, outs = timed(lambda: run(prompts, params(kw)))  # noqa: B023
-                ratios.append(s_base / s)
-                secs.append(s)
+            ratios, secs, outs = paired(lambda: run(prompts, base), lambda: run(prompts, params(kw)),  # noqa: B023
+                                        args.repeats)
             n_out = sum(len(o.outputs[0].token_ids) for o in outs)
             rows.append(dict(setting=name, path=path, tok_s=n_out / float(np.median(secs)),
                              vs_greedy=float(np.median(ratios)),

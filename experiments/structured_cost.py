@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from report import write_report
+from report import paired, timed, write_report
 
 from jaxinfer import LLM, SamplingParams, StructuredOutputsParams, corpus, structured
 
@@ -65,11 +65,6 @@ def main():
         return [SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=ignore_eos, seed=i,
                                structured_outputs=so) for i in range(len(prompts))]
 
-    def timed(fn):
-        t = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - t, out
-
     base = params(None)
     free = [o.outputs[0].text for o in llm.generate(prompts, params(None, ignore_eos=False))]
     rows = []
@@ -84,13 +79,8 @@ def main():
                "mean_tokens": float(np.mean([len(o.outputs[0].token_ids) for o in natural])),
                "example": natural[0].outputs[0].text}
         for path, run in (("engine", llm.generate), ("static", llm.generate_static)):
-            run(prompts, params(so)), run(prompts, base)  # compile
-            ratios, secs = [], []
-            for _ in range(args.repeats):
-                s_base, _ = timed(lambda: run(prompts, base))  # noqa: B023
-                s, _ = timed(lambda: run(prompts, params(so)))  # noqa: B023
-                ratios.append(s_base / s)
-                secs.append(s)
+            ratios, secs, _ = paired(lambda: run(prompts, base), lambda: run(prompts, params(so)),  # noqa: B023
+                                     args.repeats)
             row[f"{path}_tok_s"] = len(prompts) * args.max_tokens / float(np.median(secs))
             row[f"{path}_vs_greedy"] = float(np.median(ratios))
         rows.append(row)

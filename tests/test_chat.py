@@ -78,7 +78,7 @@ def llm():
 @pytest.mark.parametrize("template,jinja_file", [(CHATML, False), (LLAMA, True),
                                                  ([{"name": "default", "template": CHATML},
                                                    {"name": "tool_use", "template": CHATML.replace("# Tools", "## T")}],
-                                                  False)])
+                                                  False)], ids=["chatml_tools", "llama2_jinja_file", "named"])
 def test_prompts_and_ids_match_transformers(tmp_path, template, jinja_file):
     from transformers import AutoTokenizer
 
