@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from report import paired
 
 RESULTS = Path(__file__).parent / "results"
 CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
@@ -143,19 +144,6 @@ def prepare_transformers(path: Path, dtype: str, batch: int, prompts: np.ndarray
     return run, stats
 
 
-def paired(run_a, run_b, repeats: int) -> float:
-    """Median over `repeats` back-to-back pairs of time(b) / time(a), alternating which runs first:
-    a slow moment of the shared machine then slows both sides of a pair, not one side of the ratio."""
-    ratios = []
-    for i in range(repeats):
-        if i % 2:
-            tb, ta = run_b(), run_a()
-        else:
-            ta, tb = run_a(), run_b()
-        ratios.append(tb / ta)
-    return float(np.median(ratios))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -179,7 +167,7 @@ def main():
                 t_run, t_stats = prepare_transformers(Path(tmp), dtype, b, prompts)
                 for layout in args.weight_layouts:
                     j_run, j_stats = prepare_jaxinfer(Path(tmp), dtype, b, prompts, layout)
-                    ratio = paired(j_run, t_run, args.repeats)
+                    ratio = float(np.median(paired(t_run, j_run, args.repeats, warmup=False)[0]))
                     j, t = j_stats(), t_stats()
                     roofline = j["bytes_per_step"] / (j["step_ms"] / 1e3) / (bw * 1e9)
                     # transformers' time per generated position over jaxinfer's matmuls alone: the ratio

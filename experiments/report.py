@@ -24,14 +24,21 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
-def paired(base, other, repeats: int):
-    """Time base() and other() back to back, repeats times, after one warm-up call of each:
-    (ratios base seconds / other seconds, other's seconds, other's last result)."""
-    other(), base()  # compile
+def paired(base, other, repeats: int, warmup: bool = True):
+    """Time base() and other() back to back, repeats times, alternating which runs first (a slow
+    moment of the shared machine then slows both sides of a pair, not one side of the ratio), after
+    one warm-up call of each: (ratios base seconds / other seconds, other's seconds, other's last
+    result)."""
+    if warmup:
+        other(), base()  # compile
     ratios, secs, out = [], [], None
-    for _ in range(repeats):
-        s_base, _ = timed(base)
-        s, out = timed(other)
+    for i in range(repeats):
+        if i % 2:
+            s, out = timed(other)
+            s_base, _ = timed(base)
+        else:
+            s_base, _ = timed(base)
+            s, out = timed(other)
         ratios.append(s_base / s)
         secs.append(s)
     return ratios, secs, out

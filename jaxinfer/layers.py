@@ -66,11 +66,7 @@ class TiedHead:
         return self.w.shape
 
     @property
-    def dtype(self):
-        return self.w.dtype
-
-    @property
-    def nbytes(self) -> int:
+    def nbytes(self) -> int:  # wquant.weight_bytes
         return self.w.nbytes
 
 

@@ -70,7 +70,8 @@ class StaticBatchGenerator:
         if any(r.params.shapes_logits for r in rows):
             pen = PenaltyInputs.from_rows([r.params for r in rows], [r.prompt_ids for r in rows],
                                           [r.output_ids for r in rows], self.cfg.vocab_size, b,
-                                          [r.bad_words_ids for r in rows], [r.fsm for r in rows])
+                                          [r.bad_words_ids for r in rows], [r.fsm for r in rows],
+                                          [r.fsm_state for r in rows])
         return statics, jnp.asarray(tokens), jnp.asarray(lens + [0] * pad, jnp.int32), st, limits, pen
 
     def segments(self, rows: list[EngineRequest], segment: int | None) -> Iterator:

@@ -156,13 +156,17 @@ class TokenFSM:
     def num_states(self) -> int:
         return self.table.shape[0]
 
+    def step(self, state: int, token: int) -> int:
+        """The state after token (ValueError if it is not allowed)."""
+        nxt = int(self.table[state, token])
+        if nxt < 0:
+            raise ValueError(f"token {token} is not allowed by the structured output constraint")
+        return nxt
+
     def walk(self, tokens, state: int = 0) -> int:
         """The state after tokens (ValueError if one of them is not allowed)."""
         for t in tokens:
-            nxt = int(self.table[state, t])
-            if nxt < 0:
-                raise ValueError(f"token {t} is not allowed by the structured output constraint")
-            state = nxt
+            state = self.step(state, t)
         return state
 
 

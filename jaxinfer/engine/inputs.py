@@ -32,6 +32,7 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.kv_capacity_tokens = kv_capacity_tokens
+        self._texts: tuple | None = None  # each token's text, for structured outputs (built on first use)
 
     def prompt_ids(self, p) -> tuple[str | None, list[int]]:
         if isinstance(p, str):
@@ -74,8 +75,6 @@ class InputProcessor:
                 if ids and ids not in seqs:
                     seqs.append(ids)
         return seqs
-
-    _texts: tuple | None = None
 
     def token_fsm(self, p: SamplingParams) -> TokenFSM | None:
         """p.structured_outputs as a token table over this tokenizer (built once per constraint);

@@ -41,6 +41,7 @@ class EngineRequest:
         self.stop_ids = stop_ids
         self.bad_words_ids = bad_words_ids or []  # token sequences the output must not contain
         self.fsm = fsm  # structured.TokenFSM of params.structured_outputs (None: unconstrained)
+        self.fsm_state = 0  # fsm's state after output_ids, advanced as tokens are appended
         self.max_tokens = max_tokens
         self.output_ids: list[int] = []
         self.logprobs: list[PositionLogprobs] = []
@@ -107,6 +108,8 @@ class EngineRequest:
     def append_token(self, token: int, logprob: PositionLogprobs | None, now: float) -> bool:
         """Record a sampled token; returns True when the request is finished."""
         self.output_ids.append(token)
+        if self.fsm is not None:
+            self.fsm_state = self.fsm.step(self.fsm_state, token)
         if logprob is not None:
             self.logprobs.append(logprob)
             self.cumulative_logprob += logprob[token].logprob

@@ -339,7 +339,8 @@ class ModelRunner:
         if any(c.request.params.shapes_logits for c in group):
             pen = PenaltyInputs.from_rows([c.request.params for c in group], [c.request.prompt_ids for c in group],
                                           [c.request.output_ids for c in group], vocab, b,
-                                          [c.request.bad_words_ids for c in group], [c.request.fsm for c in group])
+                                          [c.request.bad_words_ids for c in group], [c.request.fsm for c in group],
+                                          [c.request.fsm_state for c in group])
         inp = StepInputs(tokens, page_table, kv_lens, q_lens, counters, st, limits, next_tokens, slots, pen)
         return inp, num_lp, num_plp, pp
 
