@@ -314,7 +314,8 @@ def fsm_tables(fsms: list, outputs: list[list[int]], vocab_size: int, rows: int,
     table, offsets, _ = _FSM_TABLES[key]
     for i, f in enumerate(fsms):
         if f is not None:
-            state[i] = offsets[id(f)] + (f.walk(outputs[i]) if states is None else states[i])
+            at = f.walk(outputs[i]) if states is None else states[i]
+            state[i] = 0 if at < 0 else offsets[id(f)] + at  # released (-1): the free state
     return {"fsm_table": table, "fsm_state": state}
 
 

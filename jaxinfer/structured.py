@@ -145,6 +145,9 @@ def _char_fsm(regex: str):
         raise ValueError(f"structured output regex {regex!r} cannot be compiled: {e}") from None
 
 
+RELEASED = -1  # a request's state once a forbidden token was drawn: unconstrained from then on
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenFSM:
     """table [S, V] int32: next state (-1: the token is not allowed); state 0 is the start."""
@@ -157,17 +160,36 @@ class TokenFSM:
         return self.table.shape[0]
 
     def step(self, state: int, token: int) -> int:
-        """The state after token (ValueError if it is not allowed)."""
-        nxt = int(self.table[state, token])
-        if nxt < 0:
-            raise ValueError(f"token {token} is not allowed by the structured output constraint")
-        return nxt
+        """The state after token. A token the machine forbids (drawn only when other masks, such as
+        bad words or allowed_token_ids, left no allowed token) releases the constraint: state
+        RELEASED, which allows everything from then on -- what the device does (`Penalties`)."""
+        return RELEASED if state == RELEASED else max(int(self.table[state, token]), RELEASED)
 
     def walk(self, tokens, state: int = 0) -> int:
-        """The state after tokens (ValueError if one of them is not allowed)."""
+        """The state after tokens."""
         for t in tokens:
             state = self.step(state, t)
         return state
+
+    def tokens_until_forced_stop(self, stop_ids) -> int | None:
+        """The fewest tokens after which the machine may allow nothing but stop tokens (a complete
+        match that nothing can extend), or None if that never happens. Stop tokens are not drawn on
+        the way (min_tokens blocks them), so min_tokens above this number could leave no token."""
+        stop = np.zeros(self.table.shape[1], bool)
+        stop[[t for t in stop_ids if 0 <= t < len(stop)]] = True
+        dist, frontier = {0: 0}, [0]
+        while frontier:
+            nxt = []
+            for s in frontier:
+                targets = self.table[s][(self.table[s] >= 0) & ~stop]
+                if targets.size == 0:
+                    return dist[s]
+                for t in np.unique(targets).tolist():
+                    if t not in dist:
+                        dist[t] = dist[s] + 1
+                        nxt.append(t)
+            frontier = nxt
+        return None
 
 
 def token_texts(tokenizer, vocab_size: int) -> list[str | None]:

@@ -159,3 +159,29 @@ def test_structured_outputs_need_a_tokenizer_and_the_right_type(tmp_path):
     with pytest.raises(ValueError, match="structured_outputs needs a tokenizer"):
         LLM(str(path)).generate([{"prompt_token_ids": [5, 6]}],
                                 SamplingParams(max_tokens=2, structured_outputs={"choice": ["a"]}))
+
+
+def test_min_tokens_that_a_constraint_cannot_honour_is_refused_and_a_dead_end_releases(embedded):
+    """min_tokens past the point where a match is complete and only a stop token may follow is
+    refused at the boundary (the engine keeps serving); a constraint that can keep going honours
+    it. Other masks that leave no allowed token (here bad words) release the constraint on host and
+    device alike instead of failing the call."""
+    yes_no = StructuredOutputsParams(choice=["yes", "no"])
+    fsm = embedded.engine.inputs.token_fsm(SamplingParams(structured_outputs=yes_no))
+    n_end = fsm.tokens_until_forced_stop(embedded.cfg.eos_token_ids)
+    assert n_end == min(len(embedded.get_tokenizer().encode(w, add_special_tokens=False)) for w in ("yes", "no"))
+    assert fsm.tokens_until_forced_stop([]) is None  # nothing is a stop token: EOS keeps the match going
+    with pytest.raises(ValueError, match=f"min_tokens={n_end + 1} conflicts with structured_outputs"):
+        embedded.generate(PROMPTS, SamplingParams(max_tokens=8, min_tokens=n_end + 1, structured_outputs=yes_no))
+    assert not embedded.engine.has_unfinished_requests()
+    digits = StructuredOutputsParams(regex=r"[0-9]+")
+    out = embedded.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=8, min_tokens=6,
+                                                       structured_outputs=digits))[0].outputs[0]
+    assert len(out.token_ids) >= 6 and re.fullmatch(r"[0-9]+", out.text)
+    x = embedded.get_tokenizer().encode("x", add_special_tokens=False)
+    assert len(x) == 1  # the constraint's only first token, which the bad word bans
+    stuck = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, bad_words=["x"],
+                           structured_outputs=StructuredOutputsParams(choice=["x"]))
+    out = embedded.generate(PROMPTS[1], stuck)[0].outputs[0]
+    assert len(out.token_ids) == 4 and out.token_ids[0] != x[0]
+    assert embedded.engine.inputs.token_fsm(stuck).walk(out.token_ids) == -1

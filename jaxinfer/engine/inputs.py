@@ -118,5 +118,12 @@ class InputProcessor:
                     f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs {n + max_tokens} tokens of KV but "
                     f"the cache holds only {self.kv_capacity_tokens} (num_kv_pages x block_size): this request "
                     "could never fit; lower max_tokens or grow the cache")
-        return ProcessedPrompt(text, ids, params, max_tokens, self.stop_ids(params), self.bad_words_ids(params),
-                               self.token_fsm(params))
+        stop_ids, fsm = self.stop_ids(params), self.token_fsm(params)
+        if fsm is not None and params.min_tokens:
+            n_end = fsm.tokens_until_forced_stop(stop_ids)
+            if n_end is not None and n_end < min(params.min_tokens, max_tokens):
+                raise ValueError(
+                    f"SamplingParams.min_tokens={params.min_tokens} conflicts with structured_outputs: an output "
+                    f"can be complete after {n_end} tokens, where only a stop token may follow; set min_tokens "
+                    f"<= {n_end} (or ignore_eos=True)")
+        return ProcessedPrompt(text, ids, params, max_tokens, stop_ids, self.bad_words_ids(params), fsm)
