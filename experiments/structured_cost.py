@@ -27,7 +27,8 @@ SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 16},
     "line": {"type": "integer"},
     "kind": {"enum": ["function", "class", "method"]},
-    "args": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4}}}
+    "args": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4}},
+    "required": ["name", "line", "kind", "args"]}
 CONSTRAINTS = {
     "choice (3 words)": StructuredOutputsParams(choice=["True", "False", "None"]),
     "regex (a call)": StructuredOutputsParams(regex=r"[a-z_][a-z_0-9]{0,15}\(([a-z_0-9]{1,10}(, [a-z_0-9]{1,10}){0,3})?\)"),

@@ -26,13 +26,9 @@ from functools import lru_cache
 
 import numpy as np
 
-JSON_SCHEMA_KEYS = {"type", "properties", "required", "items", "minItems", "maxItems", "enum", "const",
-                    "minLength", "maxLength", "pattern", "anyOf", "oneOf", "title", "description",
-                    "additionalProperties", "default", "$schema"}
-_WS = "[ ]?"  # between JSON tokens: nothing or one space
-_STRING_CHAR = r'([^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
-_INTEGER = r"-?(0|[1-9][0-9]*)"
-_NUMBER = _INTEGER + r"(\.[0-9]+)?([eE][+-]?[0-9]+)?"
+from jaxinfer.json_schema import escape, json_schema_regex
+
+__all__ = ["StructuredOutputsParams", "TokenFSM", "compile_token_fsm", "json_schema_regex", "token_texts"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,68 +68,8 @@ class StructuredOutputsParams:
         if self.regex is not None:
             return self.regex
         if self.choice is not None:
-            return "|".join(_escape(c) for c in self.choice)
+            return "|".join(escape(c) for c in self.choice)
         return json_schema_regex(json.loads(self.json))
-
-
-def _escape(text: str) -> str:
-    """text as a regex literal (interegular's syntax: every non-alphanumeric character escaped)."""
-    return "".join(c if c.isalnum() or c == " " else ("\\" + c if c.isprintable() else f"\\x{ord(c):02x}"
-                                                     if ord(c) < 256 else c) for c in text)
-
-
-def json_schema_regex(schema: dict, where: str = "StructuredOutputsParams.json") -> str:
-    """A regex matching compact JSON (at most one space between tokens) valid under schema.
-
-    Supported: type object (every listed property, in schema order), array (items, minItems,
-    maxItems), string (minLength, maxLength, pattern, enum), integer, number, boolean, null;
-    enum and const of any JSON values; anyOf / oneOf (either alternative matches). A type list
-    is an anyOf. Anything else raises ValueError naming the keyword."""
-    if not isinstance(schema, dict):
-        raise ValueError(f"{where}: expected a schema object, got {schema!r}")
-    unknown = sorted(set(schema) - JSON_SCHEMA_KEYS)
-    if unknown:
-        raise ValueError(f"{where}: unsupported JSON schema keyword(s) {unknown}; supported: "
-                         f"{sorted(JSON_SCHEMA_KEYS)}")
-    if "const" in schema:
-        return _escape(json.dumps(schema["const"]))
-    if "enum" in schema:
-        return "(" + "|".join(_escape(json.dumps(v)) for v in schema["enum"]) + ")"
-    for key in ("anyOf", "oneOf"):
-        if key in schema:
-            return "(" + "|".join(json_schema_regex(s, f"{where}.{key}[{i}]")
-                                  for i, s in enumerate(schema[key])) + ")"
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        return "(" + "|".join(json_schema_regex({**schema, "type": k}, where) for k in kind) + ")"
-    if kind == "object" or (kind is None and "properties" in schema):
-        props = schema.get("properties", {})
-        if not props:
-            raise ValueError(f"{where}: an object needs 'properties' (free-form objects are not supported)")
-        fields = [_escape(json.dumps(name)) + ":" + _WS + json_schema_regex(sub, f"{where}.{name}")
-                  for name, sub in props.items()]
-        return r"\{" + _WS + ("," + _WS).join(fields) + _WS + r"\}"
-    if kind == "array":
-        item = json_schema_regex(schema.get("items", {"type": "string"}), f"{where}.items")
-        lo, hi = int(schema.get("minItems", 0)), schema.get("maxItems")
-        more = f"{{{max(lo - 1, 0)},{'' if hi is None else int(hi) - 1}}}"
-        body = f"{item}(,{_WS}{item}){more}"
-        return r"\[" + _WS + (f"({body})?" if lo == 0 else body) + _WS + r"\]" if hi != 0 else r"\[\]"
-    if kind == "string":
-        if "pattern" in schema:
-            return '"' + schema["pattern"].lstrip("^").rstrip("$") + '"'
-        lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
-        return f'"{_STRING_CHAR}{{{lo},{"" if hi is None else int(hi)}}}"'
-    if kind == "integer":
-        return _INTEGER
-    if kind == "number":
-        return _NUMBER
-    if kind == "boolean":
-        return "(true|false)"
-    if kind == "null":
-        return "null"
-    raise ValueError(f"{where}: unsupported type {kind!r}; supported: object, array, string, integer, number, "
-                     "boolean, null")
 
 
 @lru_cache(maxsize=64)

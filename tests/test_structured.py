@@ -5,6 +5,7 @@ that match, with the same tokens."""
 import json
 import re
 
+import jsonschema
 import numpy as np
 import pytest
 import regex
@@ -12,12 +13,13 @@ import regex
 from jaxinfer import LLM, SamplingParams, StructuredOutputsParams
 from jaxinfer.structured import compile_token_fsm, json_schema_regex, token_texts
 
-SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 12},
-    "age": {"type": "integer"},
-    "ok": {"type": "boolean"},
-    "tags": {"type": "array", "items": {"enum": ["a", "b", 3]}, "maxItems": 3},
-    "score": {"anyOf": [{"type": "number"}, {"type": "null"}]}}}
+SCHEMA = {"type": "object", "$defs": {"Tag": {"enum": ["a", "b", 3], "title": "Tag"}},
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                         "ok": {"type": "boolean"},
+                         "tags": {"type": "array", "items": {"$ref": "#/$defs/Tag"}, "maxItems": 3},
+                         "score": {"anyOf": [{"type": "number"}, {"type": "null"}]}},
+          "required": ["name", "age", "tags"]}
 CONSTRAINTS = [StructuredOutputsParams(choice=["yes", "no", "not sure", "no way"]),
                StructuredOutputsParams(regex=r"(def|class) [a-z_]{1,10}\((x|y)?\):"),
                StructuredOutputsParams(json=SCHEMA)]
@@ -36,12 +38,7 @@ def _check(so, text, finish_reason):
         return
     assert finish_reason == "stop" and re.fullmatch(so.to_regex(), text), (text, finish_reason)
     if so.json is not None:
-        value = json.loads(text)
-        assert list(value) == list(SCHEMA["properties"])
-        assert isinstance(value["name"], str) and len(value["name"]) <= 12
-        assert isinstance(value["age"], int) and isinstance(value["ok"], bool)
-        assert set(value["tags"]) <= {"a", "b", 3} and len(value["tags"]) <= 3
-        assert value["score"] is None or isinstance(value["score"], (int, float))
+        jsonschema.validate(json.loads(text), SCHEMA)
     if so.choice is not None:
         assert text in so.choice
 
@@ -130,14 +127,103 @@ def test_verification_masks_follow_the_machine_along_the_drafts(embedded):
 
 def test_json_schema_regex_accepts_what_the_schema_accepts():
     rx = json_schema_regex(SCHEMA)
-    good = ['{"name": "ab", "age": -3, "ok": true, "tags": ["a", 3], "score": 1.5e3}',
-            '{"name":"","age":0,"ok":false,"tags":[],"score":null}']
+    good = ['{"name": "ab", "age": 150, "ok": true, "tags": ["a", 3], "score": 1.5e3}',
+            '{"name":"","age":0,"ok":false,"tags":[],"score":null}',
+            '{"name": "x", "age": 7, "tags": ["b"]}', '{"name": "x", "age": 7, "tags": [], "score": -2}']
     bad = ['{"age": 1, "name": "ab", "ok": true, "tags": [], "score": null}',  # order
            '{"name": "ab", "age": 1.5, "ok": true, "tags": [], "score": null}',  # not an integer
+           '{"name": "ab", "age": 151, "tags": []}', '{"name": "ab", "age": -1, "tags": []}',  # maximum, minimum
            '{"name": "ab", "age": 1, "ok": true, "tags": ["a", "a", "a", "a"], "score": null}',  # maxItems
+           '{"name": "ab", "age": 1, "tags": ["c"]}',  # the $ref'd enum
+           '{"name": "ab", "ok": true, "tags": []}', '{"name": "ab", "age": 1, "tags": [],}',  # required, comma
            '{"name": "abcdefghijklm", "age": 1, "ok": true, "tags": [], "score": null}']  # maxLength
     assert all(re.fullmatch(rx, g) for g in good)
     assert not any(re.fullmatch(rx, b) for b in bad)
+
+
+def _random_matches(rx: str, rng, num: int, max_len: int = 300) -> list[str]:
+    """Random strings of the regex's language: walks over its character DFA, taking live arcs at
+    random (and the shortest way out once past max_len)."""
+    import interegular
+    fsm = interegular.parse_pattern(rx).to_fsm()
+    chars = fsm.alphabet.by_transition
+    other = next(c for c in "\u00e9\u4e2dZ~" if c not in fsm.alphabet)  # a char of `anything_else`
+    dist = {s: 0 for s in fsm.finals}  # arcs to an accepting state
+    changed = True
+    while changed:
+        changed = False
+        for s, arcs in fsm.map.items():
+            d = min((dist[n] + 1 for n in arcs.values() if n in dist), default=None)
+            if d is not None and d < dist.get(s, 1 << 30):
+                dist[s], changed = d, True
+    out = []
+    for _ in range(num):
+        state, text = fsm.initial, []
+        while True:
+            arcs = [(t, n) for t, n in fsm.map.get(state, {}).items() if n in dist]
+            if state in fsm.finals and (not arcs or rng.random() < 0.1):
+                break
+            if len(text) > max_len:
+                arcs = [min(arcs, key=lambda a: dist[a[1]])]
+            t, state = arcs[rng.integers(len(arcs))]
+            c = chars[t][rng.integers(len(chars[t]))]
+            text.append(other if c is interegular.fsm.anything_else else c)
+        out.append("".join(text))
+    return out
+
+
+def test_json_schema_regex_matches_exactly_the_documents_a_pydantic_model_accepts():
+    """A pydantic model's schema ($defs / $ref, optional fields, integer bounds, formats, tuples,
+    maps, Literal, Optional): random strings of the regex all parse and validate under both
+    jsonschema and pydantic, and the model's own documents (defaults left out or not, values at
+    the bounds) match; ones that break a bound or a format do not."""
+    import datetime
+    import enum
+    import uuid
+    from typing import Literal
+
+    import pydantic
+
+    class Color(enum.Enum):
+        RED = "red"
+        GREEN = "green"
+
+    class Point(pydantic.BaseModel):
+        x: int = pydantic.Field(ge=-5, le=20)
+        y: int = pydantic.Field(gt=0)
+
+    class Item(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=10)
+        color: Color
+        at: Point
+        when: datetime.date
+        id: uuid.UUID
+        tags: list[str] = pydantic.Field(default_factory=list, max_length=3)
+        score: float | None = None
+        pair: tuple[int, bool]
+        counts: dict[str, int]
+        kind: Literal["a", "b"] = "a"
+        seen: datetime.datetime | None = None
+
+    schema = Item.model_json_schema()
+    rx = json_schema_regex(schema)
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    samples = _random_matches(rx, np.random.default_rng(0), 300)
+    for text in samples:
+        validator.validate(json.loads(text))
+        Item.model_validate_json(text)
+    assert len({len(json.loads(t)) for t in samples}) >= 3  # optional fields are left out and given
+    item = Item(name="x", color=Color.GREEN, at=Point(x=-5, y=1), when=datetime.date(2024, 2, 29),
+                id=uuid.UUID(int=7), tags=["a", "b"], score=-0.5, pair=(12, False), counts={"k": -3, "": 0},
+                seen=datetime.datetime(2024, 2, 29, 23, 59, 1, 5000, tzinfo=datetime.UTC))
+    for doc in (item, item.model_copy(update={"at": Point(x=20, y=10 ** 12), "tags": [], "counts": {}})):
+        assert re.fullmatch(rx, doc.model_dump_json())
+        assert re.fullmatch(rx, doc.model_dump_json(exclude_defaults=True))
+    text = item.model_dump_json()
+    for old, new in [('"x":-5', '"x":-6'), ('"x":-5', '"x":21'), ('"y":1', '"y":0'), ("2024-02-29", "2024-13-01"),
+                     ('"name":"x",', ""), ('"kind":"a"', '"kind":"c"'), ("[12,false]", "[12]"),
+                     ("00000000-0000", "0000000-00000"), ("23:59:01", "24:59:01")]:
+        assert old in text and not re.fullmatch(rx, text.replace(old, new)), new
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -145,7 +231,15 @@ def test_json_schema_regex_accepts_what_the_schema_accepts():
     ({"choice": ["a", ""]}, "choice"), ({"regex": "(a"}, "cannot be compiled"),
     ({"json": "{not json"}, "not valid JSON"),
     ({"json": {"type": "object", "properties": {"a": {"$ref": "#/x"}}}}, r"\$ref"),
-    ({"json": {"type": "object"}}, "needs 'properties'"), ({"json": {"type": "date"}}, "unsupported type")])
+    ({"json": {"type": "object"}}, "needs 'properties'"), ({"json": {"type": "date"}}, "unsupported type"),
+    ({"json": {"$defs": {"N": {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}}},
+               "$ref": "#/$defs/N"}}, "recursive"),
+    ({"json": {"$ref": "#/$defs/Missing"}}, "points at nothing"),
+    ({"json": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}, "uniqueItems"),
+    ({"json": {"type": "number", "minimum": 1}}, "bounds on a number"),
+    ({"json": {"type": "integer", "minimum": 5, "maximum": 4}}, "no integer"),
+    ({"json": {"allOf": [{"type": "integer"}, {"type": "string"}]}}, "allOf"),
+    ({"json": {"type": "object", "properties": {"a": {"type": "null"}}, "required": ["b"]}}, r"required \['b'\]")])
 def test_invalid_constraints_raise_naming_the_problem(kwargs, match):
     with pytest.raises(ValueError, match=match):
         StructuredOutputsParams(**kwargs)
