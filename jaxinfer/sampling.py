@@ -517,9 +517,21 @@ def row_keys(st: SamplingTensors, counter: jax.Array) -> jax.Array:
         jax.random.fold_in(jax.random.wrap_key_data(k), c)))(st.keys, counter)
 
 
+def greedy_argmax(logits: jax.Array) -> jax.Array:
+    """jnp.argmax(logits, axis=-1) as int32 (the first of equal maxima), as a max and then a min of
+    the indices where the max sits: two plain reductions XLA:CPU vectorizes, 3-7x faster than its
+    argmax (a reduction over (value, index) pairs) on [1-32, 4096-8192] logits
+    (runs/s23/argmax.py). A row of NaNs gives 0."""
+    v = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    idx = jnp.min(jnp.where(logits == top, jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1), v),
+                  axis=-1)
+    return jnp.where(idx == v, 0, idx)
+
+
 def sample(logits: jax.Array, st: SamplingTensors, counter: jax.Array) -> jax.Array:
     """Draw one token per row from logits [B, V]; counter [B] indexes the draw. -> [B] int32."""
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tokens = greedy_argmax(logits)
 
     def draw(_):
         filtered = filter_logits(logits, st)

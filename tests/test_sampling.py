@@ -152,3 +152,15 @@ def test_token_logprobs_rank_and_top():
     assert int(rank[0]) == 2
     assert top_ids[0].tolist() == [1, 2]
     np.testing.assert_allclose(top_lp[0], ref[jnp.array([1, 2])], rtol=1e-6)
+
+
+def test_greedy_argmax_is_argmax_with_first_index_ties():
+    """The max-then-min form picks what jnp.argmax picks: the first of equal maxima, rows of -inf
+    included (logits with many ties: small integers)."""
+    from jaxinfer.sampling import greedy_argmax
+    x = np.random.default_rng(0).integers(0, 4, size=(3, 7, 50)).astype(np.float32)
+    x[0, 0] = -np.inf
+    x[1, 2, 10:] = 9.0
+    got = np.asarray(greedy_argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32 and got[1, 2] == 10

@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.sampling import Penalties, RowLimits, SamplingTensors, block_stop_tokens, filter_logits
+from jaxinfer.sampling import (Penalties, RowLimits, SamplingTensors, block_stop_tokens, filter_logits,
+                               greedy_argmax)
 
 # Stream ids folded into a row's key after the output-token index.
 STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_DRAFT = 1, 2, 3
@@ -94,7 +95,7 @@ def draft_sample(logits: jax.Array, st: SamplingTensors, limits: RowLimits, coun
     """
     _, penalized, shaped = shape_logits(logits[:, None], st, limits, counter[:, None], greedy_only, pen)
     shaped = shaped[:, 0]  # [B, V]
-    greedy = jnp.argmax(penalized[:, 0], axis=-1).astype(jnp.int32)
+    greedy = greedy_argmax(penalized[:, 0])
     if greedy_only:
         return greedy, shaped
 
@@ -114,7 +115,7 @@ def accept_greedy(p_logits: jax.Array, draft: jax.Array) -> tuple[jax.Array, jax
     Accept while d_i == argmax p_i; the next token is argmax p_{n_acc + 1} (the target's
     correction, or the bonus token when all k matched).
     """
-    target = jnp.argmax(p_logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+    target = greedy_argmax(p_logits)  # [B, k+1]
     match = draft == target[:, :-1]  # [B, k]
     n_acc = jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=-1), axis=-1)  # leading run of matches
     nxt = jnp.take_along_axis(target, n_acc[:, None], axis=1)[:, 0]
