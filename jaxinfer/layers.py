@@ -15,6 +15,7 @@ from flax import struct
 from jaxinfer.kv.cache import AttentionMeta, BitsPages, gather_pages, page_values, slice_slots
 from jaxinfer.kv.kivi import KiviKeys
 from jaxinfer.kv.quant import QuantPages
+from jaxinfer.lora import LoraWeight
 from jaxinfer.wquant import InputObserver, QuantWeight, quantized_matmul
 
 ATTENTION_BACKENDS = ("xla", "pallas")
@@ -75,11 +76,13 @@ def matmul(x: jax.Array, w) -> jax.Array:
 
     The float32 accumulator is also the fast path on CPU: a bf16 x bf16 -> bf16 dot
     runs ~9x slower there than the same dot with a float32 result. w may also be a
-    quantized matrix (`wquant.QuantWeight`), a `TransposedWeight`, or, while GPTQ / AWQ
+    quantized matrix (`wquant.QuantWeight`), a `TransposedWeight`, a `lora.LoraWeight`, or, while GPTQ / AWQ
     calibrate, an observer that records x before multiplying by its dense weight.
     """
     if isinstance(w, QuantWeight):
         return quantized_matmul(x, w)
+    if isinstance(w, LoraWeight):  # the base projection plus the rows' adapters
+        return (matmul(x, w.base).astype(jnp.float32) + w.delta(x)).astype(x.dtype)
     if isinstance(w, InputObserver):
         w.observe(x)
         w = w.w

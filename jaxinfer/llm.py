@@ -17,6 +17,7 @@ from jaxinfer.engine.engine import EngineConfig, LLMEngine
 from jaxinfer.engine.request import EngineRequest, Status
 from jaxinfer.jit_cache import enable_compilation_cache, warn_if_near_mapping_limit
 from jaxinfer.layers import ATTENTION_BACKENDS
+from jaxinfer.lora import LoRAConfig, LoRARequest
 from jaxinfer.model import WEIGHT_LAYOUTS, runtime_layout
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling import SamplingParams
@@ -64,6 +65,8 @@ class LLM:
     enable_prefix_caching, max_num_seqs, max_num_batched_tokens, kv_cache_dtype ("auto",
     "fp8_e4m3" (alias "fp8"), "fp8_e5m2", "int8", "int4", "nvfp4"), num_scheduler_steps
     (decode steps fused into one device call while only decodes run; vLLM's multi-step),
+    enable_lora / max_loras / max_lora_rank / max_cpu_loras (per-request PEFT LoRA adapters,
+    `generate(..., lora_request=LoRARequest(...))`; up to max_loras of them in one batch, `jaxinfer.lora`),
     preemption_mode ("recompute", or "swap": a preempted request's K/V waits on the host, at
     most swap_space GiB of it; victims beyond that are recomputed).
     compilation_cache_dir: keep compiled programs on disk for the next process
@@ -90,7 +93,9 @@ class LLM:
                  speculative_config: dict | None = None, num_scheduler_steps: int = 1,
                  preemption_mode: str = "recompute", swap_space: float = 4.0,
                  compilation_cache_dir: str | None = None, quantization: str | None = None,
-                 quantization_config: dict | None = None, weight_layout: str = "auto"):
+                 quantization_config: dict | None = None, weight_layout: str = "auto",
+                 enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
+                 max_cpu_loras: int | None = None):
         if compilation_cache_dir is not None:  # before anything compiles
             enable_compilation_cache(compilation_cache_dir)
         warn_if_near_mapping_limit()  # a sweep of LLMs in one process, before it crashes the compiler
@@ -143,7 +148,8 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype,
             speculative_config=self.speculative_config if self._spec_in_engine else None,
-            num_scheduler_steps=num_scheduler_steps, preemption_mode=preemption_mode, swap_space=swap_space)
+            num_scheduler_steps=num_scheduler_steps, preemption_mode=preemption_mode, swap_space=swap_space,
+            lora_config=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None)
         self.engine = LLMEngine(cfg, self.weights, self.tokenizer, self.engine_config,
                                 model_id=str(self.model_dir) + (f"@{quant.tag()}" if quant else ""))
         decode_token = self.engine.runner.decode_token
@@ -198,15 +204,20 @@ class LLM:
         return self.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora_request=None) -> list[RequestOutput]:
         """Generate for every prompt: a string, {"prompt": str}, {"prompt_token_ids": [...]}, or a list.
 
         Every prompt is validated before any work starts (ValueError names the problem).
         Runs on the continuous-batching engine; speculative methods the engine does not run
-        (layer_skip, eagle, medusa) run in the jit-compiled static loop instead."""
+        (layer_skip, eagle, medusa) run in the jit-compiled static loop instead.
+        lora_request: a `LoRARequest` for every prompt, or one per prompt (None: the base model);
+        needs enable_lora=True."""
         if self.speculative_config is not None and not self._spec_in_engine:
+            if lora_request is not None:
+                raise ValueError(f"lora_request runs on the engine; speculative method "
+                                 f"{self.speculative_config.method!r} runs in the static loop, without adapters")
             return self.generate_static(prompts, sampling_params)
-        groups = self._make_requests(prompts, sampling_params)
+        groups = self._make_requests(prompts, sampling_params, lora_request)
         done: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -235,7 +246,7 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = False, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict] | None = None,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, lora_request=None) -> list[RequestOutput]:
         """Generate replies to one conversation ([{"role", "content"}, ...]) or a list of them, as
         vLLM's `LLM.chat`: each is rendered by the model's chat template (`jaxinfer.chat`: the text
         transformers' `apply_chat_template` renders), tokenized without added special tokens, and
@@ -256,7 +267,7 @@ class LLM:
                                            continue_final_message=continue_final_message, tools=tools,
                                            chat_template=chat_template, **(chat_template_kwargs or {}))
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def generate_static(self, prompts, sampling_params=None, batch_size: int | None = None) -> list[RequestOutput]:
         """Static batching baseline: padded batches, one whole on-device generation after another
@@ -321,7 +332,7 @@ class LLM:
 
     # ------------------------------------------------------------------ helpers
 
-    def _make_requests(self, prompts, sampling_params) -> list[list[EngineRequest]]:
+    def _make_requests(self, prompts, sampling_params, lora_request=None) -> list[list[EngineRequest]]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -335,12 +346,18 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} lora_request entries for {len(prompts)} prompts")
         now = time.perf_counter()
         groups = []
-        for p, sp in zip(prompts, params_list):
+        for p, sp, lr in zip(prompts, params_list, loras):
             seed = sp.seed if isinstance(sp, SamplingParams) and sp.seed is not None \
                 else self._rng.getrandbits(31)
-            groups.append(self.engine.make_requests(str(self._counter + len(groups)), p, sp, seed, now))
+            groups.append(self.engine.make_requests(str(self._counter + len(groups)), p, sp, seed, now, lr))
         self._counter += len(groups)
         return groups
 

@@ -24,6 +24,7 @@ from jaxinfer.kv.allocator import PageAllocator
 from jaxinfer.kv.cache import init_paged
 from jaxinfer.kv.kivi import KIVI_KEY_GROUP
 from jaxinfer.kv.quant import KVQuantSpec, page_bytes_per_token
+from jaxinfer.lora import LoRAManager, LoRARequest
 from jaxinfer.model import Weights
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling import SamplingParams
@@ -51,6 +52,7 @@ class EngineConfig:
     num_scheduler_steps: int = 1  # decode steps fused into one device call when only decodes run
     preemption_mode: str = "recompute"  # or "swap": a preempted request's K/V waits on the host
     swap_space: float = 4.0  # GiB of host memory for swapped K/V (vLLM's name); beyond it: recompute
+    lora_config: object = None  # lora.LoRAConfig (enable_lora) or None
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_scheduler_steps"):
@@ -137,11 +139,13 @@ class LLMEngine:
                                    cache_extra=(model_id, str(dtype), config.kv_cache_dtype), speculative_tokens=k,
                                    disable_by_batch_size=spec.disable_by_batch_size if spec is not None else None,
                                    preemption_mode=config.preemption_mode,
-                                   swap_pages=int(config.swap_space * 2**30) // page_bytes)
+                                   swap_pages=int(config.swap_space * 2**30) // page_bytes,
+                                   max_loras=config.lora_config.max_loras if config.lora_config else None)
+        self.lora = LoRAManager(cfg, config.lora_config, dtype) if config.lora_config is not None else None
         max_pages = -(-(config.max_model_len + k) // config.block_size)
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,
-                                  decode_token, spec=spec, draft=draft)
+                                  decode_token, spec=spec, draft=draft, lora=self.lora)
         self.inputs = InputProcessor(cfg, tokenizer, config.max_model_len, num_pages * config.block_size - k)
         self.groups: dict[str, list[EngineRequest]] = {}
         self.num_steps = 0
@@ -157,20 +161,28 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
 
     def make_requests(self, request_id: str, prompt, params: SamplingParams, seed: int,
-                      arrival_time: float | None = None) -> list[EngineRequest]:
+                      arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> list[EngineRequest]:
         """Validate and build the sequences of one request (n of them); raises ValueError."""
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         p = self.inputs.process(prompt, params)
+        if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+            if self.lora is None:
+                raise ValueError("lora_request needs an engine with LoRA enabled (LLM(..., enable_lora=True))")
+            self.lora.register(lora_request)  # reads and checks the adapter now, at the boundary
         return [EngineRequest(request_id, p.text, p.token_ids, params, seed, i, p.stop_ids, p.max_tokens,
-                              self.tokenizer, arrival_time, p.bad_words_ids, p.fsm) for i in range(params.n)]
+                              self.tokenizer, arrival_time, p.bad_words_ids, p.fsm, lora_request)
+                for i in range(params.n)]
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
-                    seed: int | None = None, arrival_time: float | None = None):
+                    seed: int | None = None, arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None):
         """Queue a request. Invalid input raises ValueError here; nothing else is affected."""
         params = params or SamplingParams()
         seed = params.seed if params.seed is not None else (seed if seed is not None else 0)
-        self.add_sequences(self.make_requests(request_id, prompt, params, seed, arrival_time))
+        self.add_sequences(self.make_requests(request_id, prompt, params, seed, arrival_time, lora_request))
 
     def add_sequences(self, seqs: list[EngineRequest]):
         self.groups[seqs[0].request_id] = seqs
@@ -283,4 +295,4 @@ class LLMEngine:
             num_generated_tokens=self.num_generated_tokens, spec_drafted_tokens=self.spec_drafted,
             spec_accepted_tokens=self.spec_accepted, spec_steps=self.spec_steps,
             num_fused_steps=self.num_fused_steps, num_tokens_computed=self.num_tokens_computed,
-            num_swapped_out=self.num_swapped_out)
+            num_swapped_out=self.num_swapped_out, num_lora_loads=self.lora.num_loads if self.lora else 0)

@@ -32,6 +32,7 @@ class EngineStats:
     num_fused_steps: int = 0  # decode steps run inside fused multi-step calls (num_scheduler_steps > 1)
     num_tokens_computed: int = 0  # tokens run through the model: prompts, outputs fed back, recomputation
     num_swapped_out: int = 0  # preemptions by swap (preemption_mode="swap"); the rest recompute
+    num_lora_loads: int = 0  # LoRA adapters written into a device slot (enable_lora)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -30,7 +30,7 @@ class EngineRequest:
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                  seed: int, sample_index: int, stop_ids: list[int], max_tokens: int,
                  tokenizer: Tokenizer | None, arrival: float | None = None,
-                 bad_words_ids: list[list[int]] | None = None, fsm=None):
+                 bad_words_ids: list[list[int]] | None = None, fsm=None, lora_request=None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
@@ -42,6 +42,7 @@ class EngineRequest:
         self.bad_words_ids = bad_words_ids or []  # token sequences the output must not contain
         self.fsm = fsm  # structured.TokenFSM of params.structured_outputs (None: unconstrained)
         self.fsm_state = 0  # fsm's state after output_ids, advanced as tokens are appended
+        self.lora_request = lora_request  # lora.LoRARequest or None
         self.max_tokens = max_tokens
         self.output_ids: list[int] = []
         self.logprobs: list[PositionLogprobs] = []
@@ -87,6 +88,11 @@ class EngineRequest:
         return self.num_computed < len(self.prompt_ids) + max(0, len(self.output_ids) - 1)
 
     @property
+    def lora_id(self) -> int:
+        """The adapter's lora_int_id (0: none)."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
+
+    @property
     def max_total_tokens(self) -> int:
         return len(self.prompt_ids) + self.max_tokens
 
@@ -95,7 +101,10 @@ class EngineRequest:
         return self.params.prompt_logprobs is not None
 
     def full_page_keys(self, page_size: int, extra) -> list[PageKey]:
-        """Keys of every full page of all_tokens (extends the cached list incrementally)."""
+        """Keys of every full page of all_tokens (extends the cached list incrementally). An
+        adapter's id is part of the key: K/V computed under it serve only requests with it."""
+        if self.lora_request is not None:
+            extra = (extra, "lora", self.lora_request.lora_int_id)
         n_full = self.num_tokens // page_size
         if len(self.page_keys) < n_full:
             parent = self.page_keys[-1] if self.page_keys else None

@@ -31,6 +31,7 @@ from jaxinfer.engine.scheduler import ScheduledChunk
 from jaxinfer.generate import bucket, fine_bucket
 from jaxinfer.kv.cache import AttentionMeta, KVCache
 from jaxinfer.layers import paged_loop_applies
+from jaxinfer.lora import LoRAArrays, with_lora
 from jaxinfer.model import Weights, forward
 from jaxinfer.outputs import position_logprobs
 from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens, sample,
@@ -58,6 +59,7 @@ class StepInputs:
     next_tokens: jax.Array  # [B, T] the token after each position (prompt logprobs only)
     slots: jax.Array  # [B] each row's sequence slot (padding rows: out of range)
     pen: PenaltyInputs | None = None  # penalties, logit_bias, allowed_token_ids (None: no row has any)
+    lora_slots: jax.Array | None = None  # [B] each row's adapter slot (0: none); None: LoRA off
 
     def meta(self) -> AttentionMeta:
         return AttentionMeta(page_table=self.page_table, kv_lens=self.kv_lens, q_lens=self.q_lens,
@@ -88,15 +90,22 @@ def _next_token(logits: jax.Array, inp: StepInputs, counters: jax.Array, statics
     return tok, lp
 
 
+def _adapted(weights: Weights, lora: LoRAArrays | None, inp: StepInputs) -> Weights:
+    """The target's weights with the rows' LoRA adapters (enable_lora), else as they are."""
+    return weights if lora is None else with_lora(weights, lora, inp.lora_slots)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg"), donate_argnames=("kv", "dkv"))
 def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
-                dweights=None, dkv=None, dcfg: ModelConfig | None = None):
+                dweights=None, dkv=None, dcfg: ModelConfig | None = None, lora: LoRAArrays | None = None):
     """One forward over tokens [B, T] into the paged cache, then sample each row's next token.
 
     dweights, dkv: optional draft model and its paged cache, fed the same tokens
-    (speculative drafting with a draft model). Returns (kv, draft cache or None, sampled [B], logprob extras or
-    None, prompt-logprob extras or None).
+    (speculative drafting with a draft model). lora: the device adapters (rows pick theirs by
+    inp.lora_slots). Returns (kv, draft cache or None, sampled [B], logprob extras or None,
+    prompt-logprob extras or None).
     """
+    weights = _adapted(weights, lora, inp)
     meta = inp.meta()
     t = inp.tokens.shape[1]
     last = jnp.maximum(inp.q_lens - 1, 0)[:, None]  # [B, 1]
@@ -116,7 +125,7 @@ def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KV
 
 @functools.partial(jax.jit, static_argnames=("cfg", "statics", "num_steps"), donate_argnames=("kv",))
 def multi_decode_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
-                      steps_left: jax.Array, num_steps: int):
+                      steps_left: jax.Array, num_steps: int, lora: LoRAArrays | None = None):
     """num_steps decode steps of rows [B, 1] in one call (vLLM's multi-step scheduling).
 
     Each step runs every live row's last token through the model, samples the next one on
@@ -129,6 +138,7 @@ def multi_decode_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, 
     is valid), logprob extras [n, B, ...] or None).
     """
     logits_at = jnp.zeros((inp.tokens.shape[0], 1), jnp.int32)
+    weights = _adapted(weights, lora, inp)
 
     def step(carry, _):
         kv, tok, kv_lens, counters, live, pen = carry
@@ -153,7 +163,8 @@ def multi_decode_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg", "k"), donate_argnames=("kv", "dkv"))
 def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
-              prev: jax.Array, dweights=None, dkv=None, dcfg: ModelConfig | None = None, k: int = 1):
+              prev: jax.Array, dweights=None, dkv=None, dcfg: ModelConfig | None = None, k: int = 1,
+              lora: LoRAArrays | None = None):
     """Speculative decode of rows whose only pending token is the last sampled one.
 
     inp.tokens [B, k+1] = [last, d_1..d_k] (n-gram drafts from the host), or [last, ...]
@@ -167,6 +178,7 @@ def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCa
     """
     from jaxinfer.spec.verify import draft_sample, verify
 
+    weights = _adapted(weights, lora, inp)  # the target's; the draft model has no adapters
     start = inp.kv_lens - (k + 1)  # position of the last sampled token
     active = inp.q_lens > 0
     pen = None if inp.pen is None else inp.pen.build(cfg.vocab_size)
@@ -205,8 +217,10 @@ class ModelRunner:
 
     def __init__(self, weights: Weights, cfg: ModelConfig, kv: KVCache, page_size: int,
                  max_pages_per_seq: int, backend: str = "xla", decode_token=None, spec=None,
-                 draft: tuple | None = None):
+                 draft: tuple | None = None, lora=None):
         self.weights, self.cfg, self.kv = weights, cfg, kv
+        self.lora = lora  # lora.LoRAManager (enable_lora) or None
+        self.lora_slot_of: dict[int, int] = {}  # this step's adapters: lora_int_id -> device slot
         self.page_size = page_size
         self.max_pages_per_seq = max_pages_per_seq
         self.backend = backend
@@ -244,6 +258,7 @@ class ModelRunner:
         chunks that sample (speculative rows may emit several tokens); prompt logprobs are
         written straight into the requests."""
         results = {}
+        self._activate_adapters(chunks)
         # Decodes first: they read only pages computed in earlier steps. Prefill chunks and
         # requests admitted this step run after, so any page another row fills this step
         # (a prefix-cache hit registered at scheduling) is written before they read it.
@@ -273,6 +288,15 @@ class ModelRunner:
         for group, out in launched:
             results.update(self._collect(group, out))
         return results
+
+    def _activate_adapters(self, chunks: list[ScheduledChunk]):
+        """Put the step's LoRA adapters into device slots (enable_lora)."""
+        if self.lora is not None:
+            self.lora_slot_of = self.lora.activate([c.request for c in chunks])
+
+    def lora_arrays(self, inp: StepInputs) -> LoRAArrays | None:
+        """The device adapters for a call whose rows use some (else None)."""
+        return None if inp.lora_slots is None else self.lora.arrays
 
     def _inputs(self, group: list[ScheduledChunk], t: int, width=None,
                 lookahead: int = 0) -> tuple[StepInputs, int, int, int]:
@@ -341,21 +365,27 @@ class ModelRunner:
                                           [c.request.output_ids for c in group], vocab, b,
                                           [c.request.bad_words_ids for c in group], [c.request.fsm for c in group],
                                           [c.request.fsm_state for c in group])
-        inp = StepInputs(tokens, page_table, kv_lens, q_lens, counters, st, limits, next_tokens, slots, pen)
+        lora_slots = None  # a call without adapter rows runs the base model's program
+        if self.lora is not None and any(c.request.lora_id for c in group):
+            lora_slots = np.array([self.lora_slot_of[c.request.lora_id] if c.request.lora_id else 0 for c in group]
+                                  + [0] * (b - len(group)), np.int32)
+        inp = StepInputs(tokens, page_table, kv_lens, q_lens, counters, st, limits, next_tokens, slots, pen,
+                         lora_slots)
         return inp, num_lp, num_plp, pp
 
     def execute_multi(self, chunks: list[ScheduledChunk], num_steps: int) -> dict:
         """num_steps fused decode steps for decode-only chunks (pages for them already granted).
 
         Returns {request: (tokens, logprob dicts, 0)} with up to num_steps tokens per row."""
+        self._activate_adapters(chunks)
         inp, num_lp, _, pp = self._inputs(chunks, 1, lookahead=num_steps - 1)
         steps_left = np.zeros((inp.tokens.shape[0],), np.int32)
         for i, c in enumerate(chunks):
             steps_left[i] = min(num_steps, c.request.max_tokens - len(c.request.output_ids))
         statics = StepStatics(num_lp, -1, self.backend)
-        self.signatures.add(("multi", inp.tokens.shape, pp, statics, num_steps, inp.penalty_shapes()))
+        self.signatures.add(("multi", inp.tokens.shape, pp, statics, num_steps, inp.penalty_shapes(), inp.lora_slots is not None))
         self.kv, toks, live, lp = multi_decode_step(self.weights, self.cfg, statics, self.kv, inp, steps_left,
-                                                    num_steps=num_steps)
+                                                    num_steps=num_steps, lora=self.lora_arrays(inp))
         toks, live, lp = jax.device_get((toks, live, lp))
         results = {}
         for i, c in enumerate(chunks):
@@ -376,9 +406,9 @@ class ModelRunner:
         (device) sampled tokens and logprob extras without waiting for them."""
         inp, num_lp, num_plp, pp = self._inputs(group, t)
         statics = StepStatics(num_lp, num_plp, self.backend)
-        self.signatures.add(("step", inp.tokens.shape, pp, statics, inp.penalty_shapes()))
+        self.signatures.add(("step", inp.tokens.shape, pp, statics, inp.penalty_shapes(), inp.lora_slots is not None))
         self.kv, dkv, tok, lp, plp = engine_step(self.weights, self.cfg, statics, self.kv, inp,
-                                                 self.draft_weights, self.draft_kv, self.draft_cfg)
+                                                 self.draft_weights, self.draft_kv, self.draft_cfg, self.lora_arrays(inp))
         if dkv is not None:
             self.draft_kv = dkv
         return tok, lp, plp
@@ -408,10 +438,10 @@ class ModelRunner:
             for i, c in enumerate(group):
                 prev[i] = c.request.all_tokens[c.start - 1]
         statics = StepStatics(num_lp, -1, self.backend)
-        self.signatures.add(("spec", inp.tokens.shape, pp, statics, inp.penalty_shapes()))
+        self.signatures.add(("spec", inp.tokens.shape, pp, statics, inp.penalty_shapes(), inp.lora_slots is not None))
         self.kv, dkv, drafts, n_acc, nxt, lp = spec_step(
             self.weights, self.cfg, statics, self.kv, inp, prev, self.draft_weights, self.draft_kv,
-            self.draft_cfg, k=k)
+            self.draft_cfg, k=k, lora=self.lora_arrays(inp))
         if dkv is not None:
             self.draft_kv = dkv
         drafts, n_acc, nxt, lp = jax.device_get((drafts, n_acc, nxt, lp))

@@ -53,8 +53,10 @@ class Scheduler:
     def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, cache_extra=None, speculative_tokens: int = 0,
                  disable_by_batch_size: int | None = None, preemption_mode: str = "recompute",
-                 swap_pages: int = 0):
+                 swap_pages: int = 0, max_loras: int | None = None):
         self.allocator = allocator
+        # enable_lora: the running requests use at most max_loras distinct adapters (device slots)
+        self.max_loras = max_loras
         self.preemption_mode = preemption_mode
         # preemption_mode="swap": pages' worth of K/V the host holds at most (vLLM's swap_space);
         # a victim that does not fit is preempted by recompute instead
@@ -179,9 +181,15 @@ class Scheduler:
             budget -= n + drafts
             i += 1
 
-        # 2. Waiting requests, in order, while the budget, pages and max_num_seqs allow.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            req = self.waiting[0]
+        # 2. Waiting requests, in order, while the budget, pages and max_num_seqs allow. A request
+        # whose adapter would exceed max_loras waits for one to finish; later ones may go first.
+        adapters = {r.lora_id for r in self.running} - {0}
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[i]
+            if req.lora_id and req.lora_id not in adapters and len(adapters) >= (self.max_loras or 0):
+                i += 1
+                continue
             queried = 0 if req.swapped else self._admit_prefix(req)  # swapped: its K/V comes back
             n = min(req.num_pending, budget)
             need = self._pages_needed(req, n)
@@ -192,7 +200,9 @@ class Scheduler:
                     req.pages, req.num_computed, req.num_cached_tokens = [], 0, 0
                 break
             self.allocator.record_lookup(queried, len(req.pages))
-            self.waiting.popleft()
+            del self.waiting[i]
+            if req.lora_id:
+                adapters.add(req.lora_id)
             self._grow(req, need)
             if req.swapped:
                 swap_in.append((req, req.pages[:self._held_pages(req)]))
