@@ -37,7 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.sampling import Penalties, RowLimits, SamplingTensors, block_stop_tokens, filter_logits, greedy_argmax
+from jaxinfer.sampling import (
+    Penalties,
+    RowLimits,
+    SamplingTensors,
+    block_stop_tokens,
+    filter_logits,
+    greedy_argmax,
+)
 
 # Stream ids folded into a row's key after the output-token index.
 STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_DRAFT = 1, 2, 3
