@@ -15,8 +15,16 @@ def _generate(args) -> int:
     except ValueError:
         if args.compilation_cache is not None:
             raise
+    lora = None
+    if args.lora_path is not None:  # a PEFT adapter over the model; its rank sizes the slot
+        from jaxinfer.lora import LoRARequest, read_adapter_config
+        rank = read_adapter_config(args.lora_path).get("r")
+        lora = LoRARequest("cli", 1, args.lora_path)
+        if args.beam_width is not None:
+            raise ValueError("--lora-path runs on the engine; beam search (--beam-width) runs without adapters")
     llm = LLM(model=args.model, dtype=args.dtype, attention_backend=args.attention_backend,
-              quantization=args.quantization)
+              quantization=args.quantization, enable_lora=lora is not None,
+              max_lora_rank=rank if lora is not None and isinstance(rank, int) and rank > 0 else 16)
     if args.beam_width is not None:  # beam search: the best beam, printed once the search is over
         from jaxinfer import BeamSearchParams
         params = BeamSearchParams(beam_width=args.beam_width, max_tokens=args.max_tokens,
@@ -30,7 +38,7 @@ def _generate(args) -> int:
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    for delta in llm.stream(args.prompt, params):
+    for delta in llm.stream(args.prompt, params, lora_request=lora):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -77,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beam-width", type=int, default=None,
                    help="beam search with this many beams; prints the best beam when done (no streaming)")
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = logprob / len ** this")
+    g.add_argument("--lora-path", default=None, metavar="DIR", help="a PEFT LoRA adapter directory to generate with")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     g.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"])
     g.add_argument("--quantization", default=None, metavar="FORMAT",

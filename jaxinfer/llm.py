@@ -303,9 +303,9 @@ class LLM:
                                self.engine_config.max_num_seqs, decode, self.engine_config.attention_backend,
                                self.engine.kv_quant)
 
-    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt, sampling_params: SamplingParams | None = None, lora_request=None) -> Iterator[str]:
         """Yield the text of one request as the engine produces it."""
-        (seqs,) = self._make_requests([prompt], [sampling_params or SamplingParams()])
+        (seqs,) = self._make_requests([prompt], [sampling_params or SamplingParams()], lora_request)
         if len(seqs) != 1:
             raise ValueError("stream() takes SamplingParams.n == 1")
         self.engine.add_sequences(seqs)

@@ -98,19 +98,28 @@ class HostAdapter:
     layers: list[dict[str, tuple[np.ndarray, np.ndarray] | None]]
 
 
-def load_peft_adapter(req: LoRARequest, cfg: ModelConfig, max_rank: int) -> HostAdapter:
-    """Read a PEFT LoRA adapter directory for this model; anything it cannot serve exactly
-    (DoRA, biases, extra trained modules, per-module rank patterns, embedding or LM-head
-    adapters, a rank above max_rank, shapes that do not fit the model) raises ValueError."""
-    path = Path(req.lora_path)
-    where = f"LoRARequest({req.lora_name!r}) {path}"
-    conf_file = path / "adapter_config.json"
+def read_adapter_config(path: str | Path, where: str | None = None) -> dict:
+    """A PEFT adapter directory's adapter_config.json (ValueError naming the problem)."""
+    where = where or str(path)
+    conf_file = Path(path) / "adapter_config.json"
     if not conf_file.is_file():
         raise ValueError(f"{where}: no adapter_config.json (expected a PEFT LoRA adapter directory)")
     try:
         conf = json.loads(conf_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{where}: adapter_config.json is not valid JSON ({e})") from None
+    if not isinstance(conf, dict):
+        raise ValueError(f"{where}: adapter_config.json holds {type(conf).__name__}, not an object")
+    return conf
+
+
+def load_peft_adapter(req: LoRARequest, cfg: ModelConfig, max_rank: int) -> HostAdapter:
+    """Read a PEFT LoRA adapter directory for this model; anything it cannot serve exactly
+    (DoRA, biases, extra trained modules, per-module rank patterns, embedding or LM-head
+    adapters, a rank above max_rank, shapes that do not fit the model) raises ValueError."""
+    path = Path(req.lora_path)
+    where = f"LoRARequest({req.lora_name!r}) {path}"
+    conf = read_adapter_config(path, where)
     if conf.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{where}: peft_type={conf.get('peft_type')!r}; only LORA adapters are supported")
     for key, ok in (("use_dora", (False, None)), ("bias", ("none", None)), ("modules_to_save", (None, [])),

@@ -70,6 +70,7 @@ def test_quantize_saves_a_model_that_generate_loads(model_dir, tmp_path, capsys,
     (["--model", "/no/such/dir"], "no such directory"),
     (["--temperature", "-1"], "temperature=-1.0"),
     (["--max-tokens", "0"], "max_tokens=0"),
+    (["--lora-path", "/no/such/adapter"], "no adapter_config.json"),
 ])
 def test_bad_input_exits_nonzero_with_one_line(model_dir, args, match):
     argv = ["generate", "hello"] + (args if args[0] == "--model" else ["--model", str(model_dir)] + args)
