@@ -67,6 +67,8 @@ class LLM:
     (decode steps fused into one device call while only decodes run; vLLM's multi-step),
     enable_lora / max_loras / max_lora_rank / max_cpu_loras (per-request PEFT LoRA adapters,
     `generate(..., lora_request=LoRARequest(...))`; up to max_loras of them in one batch, `jaxinfer.lora`),
+    scheduling_policy ("fcfs", or "priority": `generate(..., priority=[...])`, lower values are
+    admitted and served first and preempted last),
     preemption_mode ("recompute", or "swap": a preempted request's K/V waits on the host, at
     most swap_space GiB of it; victims beyond that are recomputed).
     compilation_cache_dir: keep compiled programs on disk for the next process
@@ -95,7 +97,7 @@ class LLM:
                  compilation_cache_dir: str | None = None, quantization: str | None = None,
                  quantization_config: dict | None = None, weight_layout: str = "auto",
                  enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None):
+                 max_cpu_loras: int | None = None, scheduling_policy: str = "fcfs"):
         if compilation_cache_dir is not None:  # before anything compiles
             enable_compilation_cache(compilation_cache_dir)
         warn_if_near_mapping_limit()  # a sweep of LLMs in one process, before it crashes the compiler
@@ -149,7 +151,8 @@ class LLM:
             attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype,
             speculative_config=self.speculative_config if self._spec_in_engine else None,
             num_scheduler_steps=num_scheduler_steps, preemption_mode=preemption_mode, swap_space=swap_space,
-            lora_config=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None)
+            lora_config=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
+            scheduling_policy=scheduling_policy)
         self.engine = LLMEngine(cfg, self.weights, self.tokenizer, self.engine_config,
                                 model_id=str(self.model_dir) + (f"@{quant.tag()}" if quant else ""))
         decode_token = self.engine.runner.decode_token
@@ -204,20 +207,21 @@ class LLM:
         return self.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False, lora_request=None) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora_request=None, priority: Sequence[int] | None = None
+                 ) -> list[RequestOutput]:
         """Generate for every prompt: a string, {"prompt": str}, {"prompt_token_ids": [...]}, or a list.
 
         Every prompt is validated before any work starts (ValueError names the problem).
         Runs on the continuous-batching engine; speculative methods the engine does not run
         (layer_skip, eagle, medusa) run in the jit-compiled static loop instead.
         lora_request: a `LoRARequest` for every prompt, or one per prompt (None: the base model);
-        needs enable_lora=True."""
+        needs enable_lora=True. priority: one integer per prompt (scheduling_policy="priority")."""
         if self.speculative_config is not None and not self._spec_in_engine:
             if lora_request is not None:
                 raise ValueError(f"lora_request runs on the engine; speculative method "
                                  f"{self.speculative_config.method!r} runs in the static loop, without adapters")
             return self.generate_static(prompts, sampling_params)
-        groups = self._make_requests(prompts, sampling_params, lora_request)
+        groups = self._make_requests(prompts, sampling_params, lora_request, priority)
         done: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -332,7 +336,8 @@ class LLM:
 
     # ------------------------------------------------------------------ helpers
 
-    def _make_requests(self, prompts, sampling_params, lora_request=None) -> list[list[EngineRequest]]:
+    def _make_requests(self, prompts, sampling_params, lora_request=None,
+                       priority: Sequence[int] | None = None) -> list[list[EngineRequest]]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -352,12 +357,15 @@ class LLM:
             loras = list(lora_request)
             if len(loras) != len(prompts):
                 raise ValueError(f"got {len(loras)} lora_request entries for {len(prompts)} prompts")
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priority values for {len(prompts)} prompts")
         now = time.perf_counter()
         groups = []
-        for p, sp, lr in zip(prompts, params_list, loras):
+        for p, sp, lr, pr in zip(prompts, params_list, loras, priorities):
             seed = sp.seed if isinstance(sp, SamplingParams) and sp.seed is not None \
                 else self._rng.getrandbits(31)
-            groups.append(self.engine.make_requests(str(self._counter + len(groups)), p, sp, seed, now, lr))
+            groups.append(self.engine.make_requests(str(self._counter + len(groups)), p, sp, seed, now, lr, pr))
         self._counter += len(groups)
         return groups
 

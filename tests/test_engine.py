@@ -55,11 +55,14 @@ def _check_pages_returned(llm):
     dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, preemption_mode="swap"),
     dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, preemption_mode="swap",
          enable_prefix_caching=True, num_scheduler_steps=4),
+    # priority scheduling: queues in priority order, the least urgent preempted first
+    dict(max_num_seqs=4, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, scheduling_policy="priority"),
 ])
 def test_engine_greedy_equals_standalone_generate(model_dir, reference, opts):
     prompts, ref = reference
     llm = LLM(model_dir, **{"enable_prefix_caching": False, **opts})
-    outs = llm.generate(prompts, GREEDY)
+    priority = [(5 * i) % 3 for i in range(len(prompts))] if "scheduling_policy" in opts else None
+    outs = llm.generate(prompts, GREEDY, priority=priority)
     assert [o.outputs[0].token_ids for o in outs] == ref
     if opts.get("enable_prefix_caching"):
         outs = llm.generate(prompts, GREEDY)  # second pass: every prompt's full pages are cached
@@ -343,3 +346,43 @@ def test_prefill_calls_group_similar_lengths_and_keep_readers_after_writers():
     where = {id(x): i for i, call in enumerate(calls) for x in call}
     assert where[id(e)] > max(where[id(a)], where[id(b)])
     assert where[id(f)] >= where[id(e)]
+
+
+def test_priority_scheduling_admits_serves_and_preempts_by_urgency():
+    """The scheduler alone, tokens appended by hand, 6 pages of 2 tokens and two slots: r0
+    (priority 2) runs first; then r1 (priority 1) and r2 (priority 0) arrive. The priority policy
+    admits r2 and, when pages run out, preempts r0, the least urgent, though it was admitted
+    first; FCFS admits r1, the older, and preempts it, the newest running."""
+    from jaxinfer.engine.request import EngineRequest
+    from jaxinfer.engine.scheduler import Scheduler
+    from jaxinfer.kv.allocator import PageAllocator
+
+    def run(policy):
+        sched = Scheduler(PageAllocator(6, False), page_size=2, max_num_seqs=2, max_num_batched_tokens=64,
+                          policy=policy)
+        reqs = [EngineRequest(f"r{i}", None, [5, 6, 7], SamplingParams(max_tokens=6), 0, 0, [], 6, None,
+                              priority=p, order=i) for i, p in enumerate([2, 1, 0])]
+        admitted, preempted = [], []
+        for step in range(12):
+            for r in {0: reqs[:1], 1: reqs[1:]}.get(step, []):
+                sched.add(r)
+            out = sched.schedule()
+            admitted += [c.request.request_id for c in out.chunks if c.admitted]
+            preempted += [r.request_id for r in out.preempted]
+            for c in out.chunks:  # what the engine does after the step: K/V computed, a token sampled
+                c.request.num_computed = c.start + c.num_tokens
+                if c.completes:
+                    c.request.output_ids.append(9)
+        return admitted, preempted
+
+    admitted, preempted = run("priority")
+    assert admitted[:2] == ["r0", "r2"] and preempted and preempted[0] == "r0" and "r2" not in preempted
+    admitted, preempted = run("fcfs")
+    assert admitted[:2] == ["r0", "r1"] and preempted and preempted[0] == "r1"
+
+
+def test_priority_needs_the_priority_policy(model_dir):
+    with pytest.raises(ValueError, match="needs scheduling_policy='priority'"):
+        LLM(model_dir, block_size=8).generate(_prompts(2), GREEDY, priority=[0, 1])
+    with pytest.raises(ValueError, match="scheduling_policy='lifo'"):
+        LLM(model_dir, scheduling_policy="lifo")

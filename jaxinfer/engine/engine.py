@@ -33,6 +33,7 @@ from jaxinfer.tokenizer import Tokenizer
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 << 20
 ENGINE_SPEC_METHODS = ("ngram", "draft_model")
 PREEMPTION_MODES = ("recompute", "swap")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,7 @@ class EngineConfig:
     preemption_mode: str = "recompute"  # or "swap": a preempted request's K/V waits on the host
     swap_space: float = 4.0  # GiB of host memory for swapped K/V (vLLM's name); beyond it: recompute
     lora_config: object = None  # lora.LoRAConfig (enable_lora) or None
+    scheduling_policy: str = "fcfs"  # or "priority": requests' priority values (lower first) order the queues
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_scheduler_steps"):
@@ -66,6 +68,8 @@ class EngineConfig:
         if self.num_scheduler_steps > 1 and self.speculative_config is not None:
             raise ValueError(f"num_scheduler_steps={self.num_scheduler_steps} fuses plain decode steps; it cannot "
                              "be combined with speculative_config (use num_scheduler_steps=1)")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy={self.scheduling_policy!r}; choose one of {SCHEDULING_POLICIES}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode={self.preemption_mode!r}; choose one of {PREEMPTION_MODES}")
         if not (isinstance(self.swap_space, (int, float)) and self.swap_space >= 0):
@@ -140,7 +144,8 @@ class LLMEngine:
                                    disable_by_batch_size=spec.disable_by_batch_size if spec is not None else None,
                                    preemption_mode=config.preemption_mode,
                                    swap_pages=int(config.swap_space * 2**30) // page_bytes,
-                                   max_loras=config.lora_config.max_loras if config.lora_config else None)
+                                   max_loras=config.lora_config.max_loras if config.lora_config else None,
+                                   policy=config.scheduling_policy)
         self.lora = LoRAManager(cfg, config.lora_config, dtype) if config.lora_config is not None else None
         max_pages = -(-(config.max_model_len + k) // config.block_size)
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
@@ -148,6 +153,7 @@ class LLMEngine:
                                   decode_token, spec=spec, draft=draft, lora=self.lora)
         self.inputs = InputProcessor(cfg, tokenizer, config.max_model_len, num_pages * config.block_size - k)
         self.groups: dict[str, list[EngineRequest]] = {}
+        self.num_requests = 0  # requests made so far (the priority scheduler's tie-break)
         self.num_steps = 0
         self.num_fused_steps = 0  # decode steps run by multi-step calls
         self.num_prompt_tokens_computed = 0
@@ -161,10 +167,16 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
 
     def make_requests(self, request_id: str, prompt, params: SamplingParams, seed: int,
-                      arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> list[EngineRequest]:
+                      arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                      priority: int = 0) -> list[EngineRequest]:
         """Validate and build the sequences of one request (n of them); raises ValueError."""
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority={priority!r} must be an integer")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority={priority} needs scheduling_policy='priority' (this engine is "
+                             f"{self.config.scheduling_policy!r})")
         p = self.inputs.process(prompt, params)
         if lora_request is not None:
             if not isinstance(lora_request, LoRARequest):
@@ -172,17 +184,20 @@ class LLMEngine:
             if self.lora is None:
                 raise ValueError("lora_request needs an engine with LoRA enabled (LLM(..., enable_lora=True))")
             self.lora.register(lora_request)  # reads and checks the adapter now, at the boundary
+        self.num_requests += 1
         return [EngineRequest(request_id, p.text, p.token_ids, params, seed, i, p.stop_ids, p.max_tokens,
-                              self.tokenizer, arrival_time, p.bad_words_ids, p.fsm, lora_request)
-                for i in range(params.n)]
+                              self.tokenizer, arrival_time, p.bad_words_ids, p.fsm, lora_request, priority,
+                              self.num_requests) for i in range(params.n)]
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     seed: int | None = None, arrival_time: float | None = None,
-                    lora_request: LoRARequest | None = None):
-        """Queue a request. Invalid input raises ValueError here; nothing else is affected."""
+                    lora_request: LoRARequest | None = None, priority: int = 0):
+        """Queue a request. Invalid input raises ValueError here; nothing else is affected.
+        priority: with scheduling_policy="priority", lower values are scheduled first."""
         params = params or SamplingParams()
         seed = params.seed if params.seed is not None else (seed if seed is not None else 0)
-        self.add_sequences(self.make_requests(request_id, prompt, params, seed, arrival_time, lora_request))
+        self.add_sequences(self.make_requests(request_id, prompt, params, seed, arrival_time, lora_request,
+                                              priority))
 
     def add_sequences(self, seqs: list[EngineRequest]):
         self.groups[seqs[0].request_id] = seqs

@@ -30,7 +30,8 @@ class EngineRequest:
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                  seed: int, sample_index: int, stop_ids: list[int], max_tokens: int,
                  tokenizer: Tokenizer | None, arrival: float | None = None,
-                 bad_words_ids: list[list[int]] | None = None, fsm=None, lora_request=None):
+                 bad_words_ids: list[list[int]] | None = None, fsm=None, lora_request=None,
+                 priority: int = 0, order: int = 0):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
@@ -43,6 +44,8 @@ class EngineRequest:
         self.fsm = fsm  # structured.TokenFSM of params.structured_outputs (None: unconstrained)
         self.fsm_state = 0  # fsm's state after output_ids, advanced as tokens are appended
         self.lora_request = lora_request  # lora.LoRARequest or None
+        self.priority = priority  # scheduling_policy="priority": lower values are served first
+        self.order = order  # the engine's count of requests before this one (ties of arrival time)
         self.max_tokens = max_tokens
         self.output_ids: list[int] = []
         self.logprobs: list[PositionLogprobs] = []
@@ -86,6 +89,11 @@ class EngineRequest:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < len(self.prompt_ids) + max(0, len(self.output_ids) - 1)
+
+    @property
+    def urgency(self) -> tuple:
+        """The priority scheduler's order: priority, then arrival, then submission."""
+        return self.priority, self.metrics.arrival_time, self.order, self.sample_index
 
     @property
     def lora_id(self) -> int:

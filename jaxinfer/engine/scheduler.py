@@ -6,7 +6,10 @@ not fit before), then admits waiting requests in arrival order while pages and
 `max_num_seqs` allow, chunking the prefill that does not fit in what is left of
 the budget. When a running request needs a page and none is free, the newest
 running request is preempted: its pages are freed and it returns to the front of
-the waiting queue. By recompute (vLLM's default), its prompt and output so far are
+the waiting queue. With scheduling_policy="priority" (vLLM's), both queues are kept in
+(priority, arrival) order -- a lower value first -- so the most urgent running requests are
+served first, waiting ones are admitted in that order, and the victim of a preemption is the
+least urgent running request. By recompute (vLLM's default), its prompt and output so far are
 computed again when it resumes; by swap, the K/V of its computed tokens is copied to
 the host first (the engine does it before the step runs, `swap_out`) and written back
 into fresh pages when it resumes (`swap_in`), so it continues where it stopped.
@@ -53,8 +56,9 @@ class Scheduler:
     def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, cache_extra=None, speculative_tokens: int = 0,
                  disable_by_batch_size: int | None = None, preemption_mode: str = "recompute",
-                 swap_pages: int = 0, max_loras: int | None = None):
+                 swap_pages: int = 0, max_loras: int | None = None, policy: str = "fcfs"):
         self.allocator = allocator
+        self.policy = policy  # "fcfs" or "priority"
         # enable_lora: the running requests use at most max_loras distinct adapters (device slots)
         self.max_loras = max_loras
         self.preemption_mode = preemption_mode
@@ -78,7 +82,19 @@ class Scheduler:
     # ------------------------------------------------------------------ queue ops
 
     def add(self, req: EngineRequest):
-        self.waiting.append(req)
+        if self.policy == "priority":
+            self._insert(self.waiting, req)
+        else:
+            self.waiting.append(req)
+
+    @staticmethod
+    def _insert(queue, req: EngineRequest):
+        """Put req into a queue kept in `EngineRequest.urgency` order (after its equals)."""
+        key = req.urgency
+        i = len(queue)
+        while i > 0 and queue[i - 1].urgency > key:
+            i -= 1
+        queue.insert(i, req)
 
     def remove(self, req: EngineRequest):
         """Drop a request from the queues and free its pages at once (finish or abort)."""
@@ -134,7 +150,10 @@ class Scheduler:
         victim.status = Status.WAITING
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(victim)
+        if self.policy == "priority":
+            self._insert(self.waiting, victim)
+        else:
+            self.waiting.appendleft(victim)
 
     def _admit_prefix(self, req: EngineRequest) -> int:
         """Reuse every cached full page of the request's tokens (not for prompt logprobs).
@@ -209,7 +228,10 @@ class Scheduler:
                 self._unswap(req)
             req.slot = self.free_slots.popleft()
             req.status = Status.RUNNING
-            self.running.append(req)
+            if self.policy == "priority":  # the least urgent last: served last, preempted first
+                self._insert(self.running, req)
+            else:
+                self.running.append(req)
             chunks.append(ScheduledChunk(req, req.num_computed, n, admitted=True))
             self.register_full_pages(req, req.num_computed + n)
             budget -= n
