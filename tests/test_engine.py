@@ -45,7 +45,9 @@ def _check_pages_returned(llm):
 @pytest.mark.parametrize("opts", [
     dict(max_num_seqs=3, max_num_batched_tokens=512, block_size=16),  # batch composition
     dict(max_num_seqs=8, max_num_batched_tokens=12, block_size=4),  # chunked prefill, small pages
-    dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14),  # preemption
+    # preemption, priority scheduling (queues in priority order, the least urgent preempted first);
+    # FCFS preemption by recompute runs in the fused-steps case below
+    dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, scheduling_policy="priority"),
     dict(max_num_seqs=8, max_num_batched_tokens=64, block_size=8, enable_prefix_caching=True),
     # fused decode steps, with preemption (pages for the steps often do not fit: halved)
     dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, num_scheduler_steps=4),
@@ -55,8 +57,6 @@ def _check_pages_returned(llm):
     dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, preemption_mode="swap"),
     dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, preemption_mode="swap",
          enable_prefix_caching=True, num_scheduler_steps=4),
-    # priority scheduling: queues in priority order, the least urgent preempted first
-    dict(max_num_seqs=4, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, scheduling_policy="priority"),
 ])
 def test_engine_greedy_equals_standalone_generate(model_dir, reference, opts):
     prompts, ref = reference

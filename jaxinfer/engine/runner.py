@@ -367,8 +367,9 @@ class ModelRunner:
                                           [c.request.fsm_state for c in group])
         lora_slots = None  # a call without adapter rows runs the base model's program
         if self.lora is not None and any(c.request.lora_id for c in group):
-            lora_slots = np.array([self.lora_slot_of[c.request.lora_id] if c.request.lora_id else 0 for c in group]
-                                  + [0] * (b - len(group)), np.int32)
+            lora_slots = np.zeros((b,), np.int32)
+            for i, c in enumerate(group):
+                lora_slots[i] = self.lora_slot_of[c.request.lora_id] if c.request.lora_id else 0
         inp = StepInputs(tokens, page_table, kv_lens, q_lens, counters, st, limits, next_tokens, slots, pen,
                          lora_slots)
         return inp, num_lp, num_plp, pp
@@ -383,7 +384,8 @@ class ModelRunner:
         for i, c in enumerate(chunks):
             steps_left[i] = min(num_steps, c.request.max_tokens - len(c.request.output_ids))
         statics = StepStatics(num_lp, -1, self.backend)
-        self.signatures.add(("multi", inp.tokens.shape, pp, statics, num_steps, inp.penalty_shapes(), inp.lora_slots is not None))
+        self.signatures.add(("multi", inp.tokens.shape, pp, statics, num_steps, inp.penalty_shapes(),
+                             inp.lora_slots is not None))
         self.kv, toks, live, lp = multi_decode_step(self.weights, self.cfg, statics, self.kv, inp, steps_left,
                                                     num_steps=num_steps, lora=self.lora_arrays(inp))
         toks, live, lp = jax.device_get((toks, live, lp))
@@ -406,9 +408,10 @@ class ModelRunner:
         (device) sampled tokens and logprob extras without waiting for them."""
         inp, num_lp, num_plp, pp = self._inputs(group, t)
         statics = StepStatics(num_lp, num_plp, self.backend)
-        self.signatures.add(("step", inp.tokens.shape, pp, statics, inp.penalty_shapes(), inp.lora_slots is not None))
-        self.kv, dkv, tok, lp, plp = engine_step(self.weights, self.cfg, statics, self.kv, inp,
-                                                 self.draft_weights, self.draft_kv, self.draft_cfg, self.lora_arrays(inp))
+        self.signatures.add(("step", inp.tokens.shape, pp, statics, inp.penalty_shapes(),
+                             inp.lora_slots is not None))
+        self.kv, dkv, tok, lp, plp = engine_step(self.weights, self.cfg, statics, self.kv, inp, self.draft_weights,
+                                                 self.draft_kv, self.draft_cfg, self.lora_arrays(inp))
         if dkv is not None:
             self.draft_kv = dkv
         return tok, lp, plp
@@ -438,7 +441,8 @@ class ModelRunner:
             for i, c in enumerate(group):
                 prev[i] = c.request.all_tokens[c.start - 1]
         statics = StepStatics(num_lp, -1, self.backend)
-        self.signatures.add(("spec", inp.tokens.shape, pp, statics, inp.penalty_shapes(), inp.lora_slots is not None))
+        self.signatures.add(("spec", inp.tokens.shape, pp, statics, inp.penalty_shapes(),
+                             inp.lora_slots is not None))
         self.kv, dkv, drafts, n_acc, nxt, lp = spec_step(
             self.weights, self.cfg, statics, self.kv, inp, prev, self.draft_weights, self.draft_kv,
             self.draft_cfg, k=k, lora=self.lora_arrays(inp))

@@ -6,13 +6,16 @@ not fit before), then admits waiting requests in arrival order while pages and
 `max_num_seqs` allow, chunking the prefill that does not fit in what is left of
 the budget. When a running request needs a page and none is free, the newest
 running request is preempted: its pages are freed and it returns to the front of
-the waiting queue. With scheduling_policy="priority" (vLLM's), both queues are kept in
-(priority, arrival) order -- a lower value first -- so the most urgent running requests are
-served first, waiting ones are admitted in that order, and the victim of a preemption is the
-least urgent running request. By recompute (vLLM's default), its prompt and output so far are
+the waiting queue. By recompute (vLLM's default), its prompt and output so far are
 computed again when it resumes; by swap, the K/V of its computed tokens is copied to
 the host first (the engine does it before the step runs, `swap_out`) and written back
 into fresh pages when it resumes (`swap_in`), so it continues where it stopped.
+
+With scheduling_policy="priority" (vLLM's), both queues are kept in (priority, arrival)
+order -- a lower value first -- so the most urgent running requests are served first, waiting
+ones are admitted in that order, and the victim of a preemption is the least urgent running
+request. With enable_lora, a waiting request is admitted only while the running requests need
+at most max_loras distinct adapters; the ones behind it may go first.
 """
 
 from __future__ import annotations
