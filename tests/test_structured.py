@@ -179,6 +179,7 @@ def test_json_schema_regex_matches_exactly_the_documents_a_pydantic_model_accept
     the bounds) match; ones that break a bound or a format do not."""
     import datetime
     import enum
+    import ipaddress
     import uuid
     from typing import Literal
 
@@ -204,6 +205,7 @@ def test_json_schema_regex_matches_exactly_the_documents_a_pydantic_model_accept
         counts: dict[str, int]
         kind: Literal["a", "b"] = "a"
         seen: datetime.datetime | None = None
+        host: ipaddress.IPv4Address = ipaddress.IPv4Address("10.0.0.1")
 
     schema = Item.model_json_schema()
     rx = json_schema_regex(schema)
@@ -222,7 +224,8 @@ def test_json_schema_regex_matches_exactly_the_documents_a_pydantic_model_accept
     text = item.model_dump_json()
     for old, new in [('"x":-5', '"x":-6'), ('"x":-5', '"x":21'), ('"y":1', '"y":0'), ("2024-02-29", "2024-13-01"),
                      ('"name":"x",', ""), ('"kind":"a"', '"kind":"c"'), ("[12,false]", "[12]"),
-                     ("00000000-0000", "0000000-00000"), ("23:59:01", "24:59:01")]:
+                     ("00000000-0000", "0000000-00000"), ("23:59:01", "24:59:01"),
+                     ("10.0.0.1", "10.0.0.256"), ("10.0.0.1", "10.0.01.1")]:
         assert old in text and not re.fullmatch(rx, text.replace(old, new)), new
 
 
