@@ -74,8 +74,9 @@ def shared_prefix_workload(rng, n, vocab, system_len=512):
     return prompts, params
 
 
-def run_engine(llm: LLM, prompts, params, arrivals=None):
-    """Serve requests (arriving at the given offsets, or all at once); returns (outputs, summary, kv)."""
+def run_engine(llm: LLM, prompts, params, arrivals=None, priority=None):
+    """Serve requests (arriving at the given offsets, or all at once; with the given priorities,
+    for scheduling_policy="priority"); returns (outputs, summary, kv)."""
     eng = llm.engine
     t0 = time.perf_counter()
     arrivals = arrivals if arrivals is not None else [0.0] * len(prompts)
@@ -88,7 +89,8 @@ def run_engine(llm: LLM, prompts, params, arrivals=None):
         now = time.perf_counter() - t0
         while pending and arrivals[pending[0]] <= now:
             i = pending.pop(0)
-            eng.add_request(f"r{base + i}", prompts[i], params[i], seed=0, arrival_time=t0 + arrivals[i])
+            eng.add_request(f"r{base + i}", prompts[i], params[i], seed=0, arrival_time=t0 + arrivals[i],
+                            priority=0 if priority is None else priority[i])
         if not eng.has_unfinished_requests():
             time.sleep(max(0.0, arrivals[pending[0]] - (time.perf_counter() - t0)))
             continue

@@ -12,40 +12,17 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
-from bench_serving import mixed_workload
+from bench_serving import mixed_workload, run_engine
 from report import write_report
 
 from jaxinfer import LLM
 from jaxinfer.engine.metrics import summarize
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def serve(llm: LLM, prompts, params, arrivals, priority):
-    """Requests added at their arrival offsets; returns (outputs in request order, seconds)."""
-    eng = llm.engine
-    base = llm._counter
-    llm._counter += len(prompts)
-    t0 = time.perf_counter()
-    pending, done = list(range(len(prompts))), {}
-    while pending or eng.has_unfinished_requests():
-        now = time.perf_counter() - t0
-        while pending and arrivals[pending[0]] <= now:
-            i = pending.pop(0)
-            eng.add_request(f"p{base + i}", prompts[i], params[i], seed=0, arrival_time=t0 + arrivals[i],
-                            priority=priority[i] if llm.engine_config.scheduling_policy == "priority" else 0)
-        if not eng.has_unfinished_requests():
-            time.sleep(max(0.0, arrivals[pending[0]] - (time.perf_counter() - t0)))
-            continue
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[f"p{base + i}"] for i in range(len(prompts))], time.perf_counter() - t0
 
 
 def main():
@@ -69,14 +46,19 @@ def main():
     arrivals = np.cumsum(rng.exponential(1.0 / args.rate, size=args.num_requests)).tolist()
     urgent = rng.random(args.num_requests) < args.urgent_share
     priority = [0 if u else 1 for u in urgent]
-    for llm in llms.values():  # compile what the workload needs
-        serve(llm, prompts, params, [0.0] * len(prompts), priority)
+
+    def serve(policy, at):
+        outs, summary, _ = run_engine(llms[policy], prompts, params, at, priority if policy == "priority" else None)
+        return outs, summary["duration_s"]
+
+    for policy in llms:  # compile what the workload needs
+        serve(policy, [0.0] * len(prompts))
 
     runs: dict[str, list] = {p: [] for p in llms}
     tokens = {}
     for r in range(args.repeats):
         for policy in (("fcfs", "priority") if r % 2 == 0 else ("priority", "fcfs")):
-            outs, secs = serve(llms[policy], prompts, params, arrivals, priority)
+            outs, secs = serve(policy, arrivals)
             tokens[policy] = [o.outputs[0].token_ids for o in outs]
             row = {"output_throughput": summarize(outs, secs)["output_throughput"]}
             for cls, mask in (("urgent", urgent), ("normal", ~urgent)):
