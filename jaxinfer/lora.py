@@ -138,10 +138,10 @@ def load_peft_adapter(req: LoRARequest, cfg: ModelConfig, max_rank: int) -> Host
         raise ValueError(f"{where}: no adapter_model.safetensors (adapter_model.bin is not read; save the adapter "
                          "with safe_serialization=True)")
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.flax import load_file  # bf16 / f16 adapters too (numpy has no bfloat16)
     try:
         tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise ValueError(f"{where}: adapter_model.safetensors cannot be read ({e})") from None
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, t in tensors.items():
@@ -152,7 +152,7 @@ def load_peft_adapter(req: LoRARequest, cfg: ModelConfig, max_rank: int) -> Host
         layer, module = int(m.group(1)), m.group(2)
         if layer >= cfg.num_layers:
             raise ValueError(f"{where}: tensor {name!r} is for layer {layer}; the model has {cfg.num_layers}")
-        found.setdefault((layer, module), {})[m.group(3)] = np.asarray(t, np.float32)
+        found.setdefault((layer, module), {})[m.group(3)] = np.asarray(t.astype(jnp.float32))
     if not found:
         raise ValueError(f"{where}: adapter_model.safetensors holds no LoRA matrices")
     layers: list[dict] = [dict.fromkeys(FIELDS) for _ in range(cfg.num_layers)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hf_models import load_hf_model, write_tiny
 from safetensors.numpy import load_file, save_file
+from safetensors.torch import save_file as save_torch
 
 from jaxinfer import LLM, LoRARequest, SamplingParams
 
@@ -77,9 +78,11 @@ def test_each_adapter_matches_peft_in_mixed_batches(models):
 def test_bad_adapters_are_refused_naming_the_problem(models, tmp_path):
     root, base, _, requests = models
 
-    def variant(name, edit_config=None, extra_tensor=None):
+    def variant(name, edit_config=None, extra_tensor=None, raw_weights=None):
         d = tmp_path / name
         shutil.copytree(root / "a1", d)
+        if raw_weights is not None:
+            (d / "adapter_model.safetensors").write_bytes(raw_weights)
         if edit_config:
             conf = json.loads((d / "adapter_config.json").read_text())
             conf.update(edit_config)
@@ -97,6 +100,7 @@ def test_bad_adapters_are_refused_naming_the_problem(models, tmp_path):
         (requests[2], "r=8 exceeds max_lora_rank=4"),
         (variant("dora", {"use_dora": True}), "use_dora=True is not supported"),
         (variant("head", extra_tensor="base_model.model.lm_head.lora_A.weight"), "lm_head.lora_A"),
+        (variant("torn", raw_weights=b"garbage"), "adapter_model.safetensors cannot be read"),
         (variant("wide", {"r": 3}), r"down_proj: lora_A \(4, 96\) / lora_B \(64, 4\), expected \(3, 96\)"),
         (LoRARequest("a1-elsewhere", 1, str(tmp_path)), "lora_int_id=1 is already"),
     ]
@@ -112,3 +116,12 @@ def test_bad_adapters_are_refused_naming_the_problem(models, tmp_path):
     with pytest.raises(ValueError, match="enable_lora=True"):
         LLM(str(base), block_size=4, max_model_len=64).generate(prompt, lora_request=requests[1])
     assert len(llm.generate(prompt, SamplingParams(max_tokens=2), lora_request=requests[1])[0].outputs[0].token_ids) == 2
+    # An adapter saved in bfloat16 (as PEFT saves one trained in bf16) reads like the float32 one, rounded.
+    f32 = load_file(str(root / "a1" / "adapter_model.safetensors"))
+    half = tmp_path / "bf16"
+    shutil.copytree(root / "a1", half)
+    save_torch({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in f32.items()},
+               str(half / "adapter_model.safetensors"))
+    got = llm.engine.lora.register(LoRARequest("bf16", 30, str(half))).layers[0]["wqkv"][0]
+    want = llm.engine.lora.register(requests[1]).layers[0]["wqkv"][0]
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3)
