@@ -88,20 +88,19 @@ def test_greedy_picks_the_argmax_of_the_penalized_logits(tiny, presence, frequen
 
 
 def test_sampled_rows_with_and_without_penalties_agree_on_every_path(tiny):
-    """Seeded sampling: engine (single and fused steps, under preemption) == static batching, with
-    penalized and plain rows mixed in one batch."""
+    """Seeded sampling: engine (single steps; fused steps under preemption) == static batching,
+    with penalized and plain rows mixed in one batch."""
     path, _ = tiny
     prompts = [{"prompt_token_ids": p} for p in _prompts(2) + _prompts(3)]
     params = [SamplingParams(temperature=0.9, seed=i, max_tokens=16, ignore_eos=True,
                              presence_penalty=0.8 * (i % 2), frequency_penalty=0.4 * (i % 3 == 0),
                              repetition_penalty=1.0 + 0.3 * (i % 2)) for i in range(6)]
     ref = [o.outputs[0].token_ids for o in LLM(str(path), block_size=8).generate_static(prompts, params)]
-    for opts in (dict(), dict(num_scheduler_steps=4),
-                 dict(num_kv_pages=12, max_num_batched_tokens=24)):
+    for opts in (dict(), dict(num_scheduler_steps=4, num_kv_pages=12, max_num_batched_tokens=24)):
         llm = LLM(str(path), block_size=8, **opts)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref, opts
-        if "num_kv_pages" in opts:
-            assert llm.get_stats().num_preemptions > 0
+        if "num_kv_pages" in opts:  # fused steps and preemption in one engine
+            assert llm.get_stats().num_preemptions > 0 and llm.get_stats().num_fused_steps > 0
 
 
 def test_allowed_token_ids_and_a_large_bias_decide_every_token(tiny):
