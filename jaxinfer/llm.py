@@ -343,23 +343,11 @@ class LLM:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty")
-        if sampling_params is None:
-            params_list = [SamplingParams()] * len(prompts)
-        elif isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        if lora_request is None or isinstance(lora_request, LoRARequest):
-            loras = [lora_request] * len(prompts)
-        else:
-            loras = list(lora_request)
-            if len(loras) != len(prompts):
-                raise ValueError(f"got {len(loras)} lora_request entries for {len(prompts)} prompts")
-        priorities = [0] * len(prompts) if priority is None else list(priority)
-        if len(priorities) != len(prompts):
-            raise ValueError(f"got {len(priorities)} priority values for {len(prompts)} prompts")
+        n = len(prompts)
+        params_list = _per_prompt(SamplingParams() if sampling_params is None else sampling_params, SamplingParams, n,
+                                  "SamplingParams")
+        loras = _per_prompt(lora_request, LoRARequest, n, "lora_request entries")
+        priorities = _per_prompt(0 if priority is None else priority, int, n, "priority values")
         now = time.perf_counter()
         groups = []
         for p, sp, lr, pr in zip(prompts, params_list, loras, priorities):
@@ -368,6 +356,17 @@ class LLM:
             groups.append(self.engine.make_requests(str(self._counter + len(groups)), p, sp, seed, now, lr, pr))
         self._counter += len(groups)
         return groups
+
+
+def _per_prompt(value, single: type, n: int, what: str) -> list:
+    """value for each of n prompts: one value (None, or an instance of single) for all, or a
+    sequence of n."""
+    if value is None or isinstance(value, single):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"got {len(values)} {what} for {n} prompts")
+    return values
 
 
 __all__ = ["LLM", "resolve_model", "embedded_models"]

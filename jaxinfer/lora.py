@@ -94,7 +94,6 @@ class HostAdapter:
     the field)."""
 
     request: LoRARequest
-    rank: int
     layers: list[dict[str, tuple[np.ndarray, np.ndarray] | None]]
 
 
@@ -170,7 +169,7 @@ def load_peft_adapter(req: LoRARequest, cfg: ModelConfig, max_rank: int) -> Host
         fa, fb = layers[layer][field]
         fa[:, sub * max_rank:sub * max_rank + r] = a.T
         fb[sub][:r] = b.T * scale
-    return HostAdapter(req, r, layers)
+    return HostAdapter(req, layers)
 
 
 def _zeros(cfg: ModelConfig, field: str, rank: int):
@@ -212,15 +211,11 @@ class LoRAArrays:
 def with_lora(weights, lora: LoRAArrays, row_slots: jax.Array):
     """weights with every projection wrapped in a `LoraWeight` over the device adapters; row_slots
     [B]: each row's slot, 1..S (0: no adapter)."""
-    layers = []
-    for layer, arrays in zip(weights.layers, lora.layers):
-        fields = {}
-        for field, (a, b) in arrays.items():
-            rank = b[0].shape[0] // lora.num_slots
-            col_slot = jnp.arange(b[0].shape[0]) // rank + 1  # [S*R]
-            mask = (col_slot[None, :] == row_slots[:, None]).astype(jnp.float32)
-            fields[field] = LoraWeight(getattr(layer, field), a, b, mask)
-        layers.append(layer.replace(**fields))
+    sr = lora.layers[0]["wo"][1][0].shape[0]  # S*R: every projection's b_m has as many rows
+    col_slot = jnp.arange(sr) // (sr // lora.num_slots) + 1
+    mask = (col_slot[None, :] == row_slots[:, None]).astype(jnp.float32)  # [B, S*R]
+    layers = [layer.replace(**{field: LoraWeight(getattr(layer, field), a, b, mask) for field, (a, b) in arrays.items()})
+              for layer, arrays in zip(weights.layers, lora.layers)]
     return weights.replace(layers=layers)
 
 
@@ -281,10 +276,14 @@ class LoRAManager:
                 del self.host[lid]  # reloaded from its directory if asked for again
         return adapter
 
-    def activate(self, requests) -> dict[int, int]:
-        """Slots (1-based) of the adapters of a step's requests (`EngineRequest.lora_request`),
-        loading the missing ones over slots no request of the step uses. The scheduler keeps
-        the running requests to at most max_loras distinct adapters."""
+    def slot_of(self, lora_id: int) -> int:
+        """The device slot (1-based) holding adapter lora_id (after `activate`); 0 for no adapter."""
+        return self.slots.index(lora_id) + 1 if lora_id else 0
+
+    def activate(self, requests):
+        """Put the adapters of a step's requests (`EngineRequest.lora_request`) into device slots,
+        loading the missing ones over slots no request of the step uses. The scheduler keeps the
+        running requests to at most max_loras distinct adapters."""
         wanted = []
         for r in requests:
             if r.lora_request is not None and r.lora_request.lora_int_id not in wanted:
@@ -301,4 +300,3 @@ class LoRAManager:
             self.arrays = _set_slot(self.arrays, jnp.int32(slot), dense)
             self.slots[slot] = req.lora_int_id
             self.num_loads += 1
-        return {lid: i + 1 for i, lid in enumerate(self.slots) if lid is not None}

@@ -21,8 +21,8 @@ special tokens are never allowed inside a constraint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from functools import lru_cache
 
 import numpy as np
 
@@ -65,6 +65,11 @@ class StructuredOutputsParams:
         _char_fsm(self.to_regex())  # a constraint that cannot compile is refused here, at the boundary
 
     def to_regex(self) -> str:
+        return self._regex
+
+    @functools.cached_property
+    def _regex(self) -> str:
+        """The constraint as a regex, derived once (every request with these params compiles it)."""
         if self.regex is not None:
             return self.regex
         if self.choice is not None:
@@ -72,7 +77,7 @@ class StructuredOutputsParams:
         return json_schema_regex(json.loads(self.json))
 
 
-@lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def _char_fsm(regex: str):
     import interegular
     try:
@@ -152,7 +157,7 @@ def compile_token_fsm(params: StructuredOutputsParams, texts: tuple, eos_ids: tu
     return _compile(params.to_regex(), texts, eos_ids)
 
 
-@lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=32)
 def _compile(regex: str, texts: tuple, eos_ids: tuple[int, ...]) -> TokenFSM:
     fsm = _char_fsm(regex)
     alphabet = fsm.alphabet

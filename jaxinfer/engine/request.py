@@ -111,8 +111,8 @@ class EngineRequest:
     def full_page_keys(self, page_size: int, extra) -> list[PageKey]:
         """Keys of every full page of all_tokens (extends the cached list incrementally). An
         adapter's id is part of the key: K/V computed under it serve only requests with it."""
-        if self.lora_request is not None:
-            extra = (extra, "lora", self.lora_request.lora_int_id)
+        if self.lora_id:
+            extra = (extra, "lora", self.lora_id)
         n_full = self.num_tokens // page_size
         if len(self.page_keys) < n_full:
             parent = self.page_keys[-1] if self.page_keys else None

@@ -220,7 +220,6 @@ class ModelRunner:
                  draft: tuple | None = None, lora=None):
         self.weights, self.cfg, self.kv = weights, cfg, kv
         self.lora = lora  # lora.LoRAManager (enable_lora) or None
-        self.lora_slot_of: dict[int, int] = {}  # this step's adapters: lora_int_id -> device slot
         self.page_size = page_size
         self.max_pages_per_seq = max_pages_per_seq
         self.backend = backend
@@ -292,7 +291,7 @@ class ModelRunner:
     def _activate_adapters(self, chunks: list[ScheduledChunk]):
         """Put the step's LoRA adapters into device slots (enable_lora)."""
         if self.lora is not None:
-            self.lora_slot_of = self.lora.activate([c.request for c in chunks])
+            self.lora.activate([c.request for c in chunks])
 
     def lora_arrays(self, inp: StepInputs) -> LoRAArrays | None:
         """The device adapters for a call whose rows use some (else None)."""
@@ -369,7 +368,7 @@ class ModelRunner:
         if self.lora is not None and any(c.request.lora_id for c in group):
             lora_slots = np.zeros((b,), np.int32)
             for i, c in enumerate(group):
-                lora_slots[i] = self.lora_slot_of[c.request.lora_id] if c.request.lora_id else 0
+                lora_slots[i] = self.lora.slot_of(c.request.lora_id)
         inp = StepInputs(tokens, page_table, kv_lens, q_lens, counters, st, limits, next_tokens, slots, pen,
                          lora_slots)
         return inp, num_lp, num_plp, pp

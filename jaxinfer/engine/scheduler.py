@@ -85,14 +85,17 @@ class Scheduler:
     # ------------------------------------------------------------------ queue ops
 
     def add(self, req: EngineRequest):
-        if self.policy == "priority":
-            self._insert(self.waiting, req)
-        else:
-            self.waiting.append(req)
+        self._enqueue(self.waiting, req)
 
-    @staticmethod
-    def _insert(queue, req: EngineRequest):
-        """Put req into a queue kept in `EngineRequest.urgency` order (after its equals)."""
+    def _enqueue(self, queue, req: EngineRequest, front: bool = False):
+        """FCFS: req at the back of queue (at the front: a preempted request resumes first).
+        Priority: in `EngineRequest.urgency` order, after its equals."""
+        if self.policy != "priority":
+            if front:
+                queue.appendleft(req)
+            else:
+                queue.append(req)
+            return
         key = req.urgency
         i = len(queue)
         while i > 0 and queue[i - 1].urgency > key:
@@ -153,10 +156,7 @@ class Scheduler:
         victim.status = Status.WAITING
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        if self.policy == "priority":
-            self._insert(self.waiting, victim)
-        else:
-            self.waiting.appendleft(victim)
+        self._enqueue(self.waiting, victim, front=True)
 
     def _admit_prefix(self, req: EngineRequest) -> int:
         """Reuse every cached full page of the request's tokens (not for prompt logprobs).
@@ -231,10 +231,7 @@ class Scheduler:
                 self._unswap(req)
             req.slot = self.free_slots.popleft()
             req.status = Status.RUNNING
-            if self.policy == "priority":  # the least urgent last: served last, preempted first
-                self._insert(self.running, req)
-            else:
-                self.running.append(req)
+            self._enqueue(self.running, req)  # priority: the least urgent last, served last, preempted first
             chunks.append(ScheduledChunk(req, req.num_computed, n, admitted=True))
             self.register_full_pages(req, req.num_computed + n)
             budget -= n
