@@ -1,14 +1,19 @@
-"""What the paged KV cache costs a decode step on the XLA path: paged vs contiguous, same work.
+"""What the paged KV cache costs a decode step on the XLA path, per attention implementation.
 
-The engine's decode attention (`layers.attention_paged_loop`) gathers every row's pages
-through its page table, 64 slots at a time, before the attention products of each chunk;
-`generate_static` reads a float32 contiguous cache in place. Times one decode forward of the
-embedded target over each layout (same rows, same cache slots per row, same context), inside
-one jitted fori_loop, in one run.
+One decode forward of the embedded target over each cache, inside one jitted fori_loop
+(`verify_cost.loop_ms`), all in one run:
+- contiguous: `generate_static`'s float32 cache [B, K, S, H], read in place; every row holds S
+  slots, the longest row's length rounded up to 64;
+- paged, loop: `layers.attention_paged_loop`, which steps every row through the longest row's
+  64-slot chunks (gather, products, online softmax);
+- paged, ragged: `layers.attention_paged_ragged` (the engine's decode path), whose work items
+  follow each row's own length.
+Two length mixes with the same mean context: "uniform" (every row at --context tokens) and
+"mixed" (lengths drawn uniformly from [16, 2 * context - 16], as rows of a serving batch are).
 The pages of the paged cache are a random permutation, as they end up after a while of serving.
 Writes experiments/results/paged_decode_cost.{json,md}.
 
-    python experiments/paged_decode_cost.py [--model stdlib-target] [--batches 8 24 48] [--slots 512]
+    python experiments/paged_decode_cost.py [--model stdlib-target] [--batches 8 24 48] [--context 300]
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from verify_cost import loop_ms  # experiments/ is on sys.path when this runs as a script
 
+from jaxinfer import layers
 from jaxinfer.checkpoint import load_hf
 from jaxinfer.kv.cache import AttentionMeta, init_contiguous, init_paged
 from jaxinfer.llm import resolve_model
@@ -30,44 +36,74 @@ PAGE = 16
 STEPS = 20
 
 
-def decode_ms(weights, cfg, batch: int, slots: int, context: int, paged: bool) -> float:
-    pages_per_row = slots // PAGE
-    if paged:
-        num_pages = batch * pages_per_row + 1
-        kv = init_paged(cfg.num_layers, num_pages, PAGE, cfg.num_kv_heads, cfg.head_dim, weights.dtype)
-        perm = np.random.default_rng(0).permutation(num_pages - 1)[:batch * pages_per_row]
-        table = jnp.asarray(perm.reshape(batch, pages_per_row), jnp.int32)
-    else:
+def row_lengths(batch: int, context: int, mix: str, seed: int = 0) -> np.ndarray:
+    if mix == "uniform":
+        return np.full((batch,), context, np.int32)
+    return np.random.default_rng(seed).integers(16, 2 * context - 15, size=batch).astype(np.int32)
+
+
+def decode_ms(weights, cfg, lens: np.ndarray, layout: str) -> float:
+    batch = len(lens)
+    if layout == "contiguous":
+        slots = -(-int(lens.max()) // 64) * 64
         kv, table = init_contiguous(cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim, weights.dtype)
-    meta = AttentionMeta(page_table=table, kv_lens=jnp.full((batch,), context, jnp.int32),
-                         q_lens=jnp.ones((batch,), jnp.int32), contiguous=not paged)
-    return loop_ms(weights, cfg, kv, meta, 1, STEPS)
+    else:
+        pages = [-(-int(n) // PAGE) for n in lens]
+        num_pages = sum(pages) + 1
+        kv = init_paged(cfg.num_layers, num_pages, PAGE, cfg.num_kv_heads, cfg.head_dim, weights.dtype)
+        perm = np.random.default_rng(0).permutation(num_pages - 1)
+        table = np.zeros((batch, max(pages)), np.int32)
+        start = 0
+        for b, n in enumerate(pages):
+            table[b, :n] = perm[start:start + n]
+            start += n
+        table = jnp.asarray(table)
+    meta = AttentionMeta(page_table=table, kv_lens=jnp.asarray(lens), q_lens=jnp.ones((batch,), jnp.int32),
+                         contiguous=layout == "contiguous")
+    ragged_max = layers.RAGGED_MAX_TOKENS
+    layers.RAGGED_MAX_TOKENS = ragged_max if layout == "paged_ragged" else 0  # read when the step is traced
+    try:
+        return loop_ms(weights, cfg, kv, meta, 1, STEPS)
+    finally:
+        layers.RAGGED_MAX_TOKENS = ragged_max
+
+
+LAYOUTS = ("contiguous", "paged_loop", "paged_ragged")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="stdlib-target")
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 24, 48])
-    ap.add_argument("--slots", type=int, default=512, help="cache slots per row (both layouts)")
-    ap.add_argument("--context", type=int, default=400, help="tokens in each row's cache")
+    ap.add_argument("--context", type=int, default=300, help="mean tokens in a row's cache")
     args = ap.parse_args()
     cfg, weights = load_hf(resolve_model(args.model), "float32")
     rows = []
-    for b in args.batches:
-        contiguous = decode_ms(weights, cfg, b, args.slots, args.context, paged=False)
-        paged = decode_ms(weights, cfg, b, args.slots, args.context, paged=True)
-        rows.append(dict(batch=b, contiguous_ms=round(contiguous, 2), paged_ms=round(paged, 2),
-                         paged_over_contiguous=round(paged / contiguous, 2)))
-        print(f"batch {b:2d}: contiguous {contiguous:6.2f} ms  paged {paged:6.2f} ms  "
-              f"({paged / contiguous:.2f}x)", flush=True)
+    for mix in ("uniform", "mixed"):
+        for b in args.batches:
+            lens = row_lengths(b, args.context, mix)
+            ms = {layout: round(decode_ms(weights, cfg, lens, layout), 2) for layout in LAYOUTS}
+            row = dict(mix=mix, batch=b, cached_tokens=int(lens.sum()), longest=int(lens.max()),
+                       **{f"{k}_ms": v for k, v in ms.items()},
+                       loop_over_ragged=round(ms["paged_loop"] / ms["paged_ragged"], 2),
+                       ragged_over_contiguous=round(ms["paged_ragged"] / ms["contiguous"], 2))
+            rows.append(row)
+            print(f"{mix:7s} batch {b:2d} ({row['cached_tokens']} tokens, longest {row['longest']}): "
+                  + "  ".join(f"{k} {v:6.2f} ms" for k, v in ms.items())
+                  + f"  loop/ragged {row['loop_over_ragged']:.2f}x  ragged/contiguous {row['ragged_over_contiguous']:.2f}x",
+                  flush=True)
     RESULTS.mkdir(exist_ok=True)
-    out = dict(model=args.model, slots=args.slots, context=args.context, page_size=PAGE, rows=rows)
+    out = dict(model=args.model, context=args.context, page_size=PAGE, rows=rows)
     (RESULTS / "paged_decode_cost.json").write_text(json.dumps(out, indent=2) + "\n")
-    md = [f"One decode forward ({args.model}, float32, XLA attention, {args.slots} cache slots per row, "
-          f"context {args.context}, pages of {PAGE}): paged cache vs contiguous. "
-          "`python experiments/paged_decode_cost.py`", "",
-          "| batch | contiguous ms | paged ms | paged / contiguous |", "|---|---|---|---|"]
-    md += [f"| {r['batch']} | {r['contiguous_ms']} | {r['paged_ms']} | {r['paged_over_contiguous']}x |" for r in rows]
+    md = [(f"One decode forward ({args.model}, float32, XLA attention, pages of {PAGE}, mean context "
+           f"{args.context}): a contiguous cache vs a paged one read by `attention_paged_loop` (every row up to "
+           "the longest) and by `attention_paged_ragged` (each row up to its own length; the engine's decode "
+           "path). `python experiments/paged_decode_cost.py`"), "",
+          ("| lengths | batch | cached tokens | longest | contiguous ms | paged loop ms | paged ragged ms "
+           "| loop / ragged | ragged / contiguous |"), "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['mix']} | {r['batch']} | {r['cached_tokens']} | {r['longest']} | {r['contiguous_ms']} "
+           f"| {r['paged_loop_ms']} | {r['paged_ragged_ms']} | {r['loop_over_ragged']}x | {r['ragged_over_contiguous']}x |"
+           for r in rows]
     (RESULTS / "paged_decode_cost.md").write_text("\n".join(md) + "\n")
     print(f"wrote {RESULTS / 'paged_decode_cost.md'}")
 

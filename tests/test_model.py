@@ -184,17 +184,21 @@ def test_bf16_pages_on_cpu_are_stored_as_bits_and_read_back_exactly():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("impl", ["loop", "ragged"])
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("t,window", [(1, None), (1, 50), (6, None), (6, 50)])
-def test_paged_loop_attention_equals_the_reference(kind, t, window):
-    """The engine's XLA attention (`attention_paged_loop`: a few pages per iteration, up to the
-    longest row, online softmax) against `attention_reference` over the same pages. Rows span
-    several iterations (pages of 4 slots: 16 or 64 pages per iteration), the table is wider than
-    any row needs and its unused entries point at pages full of other rows' keys, one row is
-    padding (no tokens), and one row's queries are partly padding."""
+def test_paged_attention_equals_the_reference(impl, kind, t, window):
+    """The engine's XLA attention against `attention_reference` over the same pages:
+    `attention_paged_loop` (a few pages per iteration, up to the longest row, online softmax) and
+    `attention_paged_ragged` (work items of 16 pages, per row up to its own length, folded into
+    the rows with segment operations). Rows span several iterations or items (pages of 4 slots),
+    the table is wider than any row needs and its unused entries point at pages full of other
+    rows' keys, one row is padding (no tokens), and one row's queries are partly padding."""
     from jaxinfer.kv.cache import write_pages, write_slots
     from jaxinfer.kv.quant import KVQuantSpec
-    from jaxinfer.layers import attention_paged_loop, attention_reference
+    from jaxinfer.layers import attention_paged_loop, attention_paged_ragged, attention_reference
+
+    paged = {"loop": attention_paged_loop, "ragged": attention_paged_ragged}[impl]
 
     ps, kh, g, h, num_pages = 4, 2, 3, 16, 200
     spec = KVQuantSpec.parse(kind, h) if kind == "int8" else None
@@ -211,7 +215,7 @@ def test_paged_loop_attention_equals_the_reference(kind, t, window):
     meta = AttentionMeta(table, kv_lens, q_lens)
     q = jnp.asarray(rng.normal(size=(4, t, kh * g, h)), jnp.float32).astype(dtype)
     want = attention_reference(q, k_pages, v_pages, meta, scale=h ** -0.5, sliding_window=window)
-    loop = jax.jit(lambda q, k, v, m: attention_paged_loop(q, k, v, m, scale=h ** -0.5, sliding_window=window))
+    loop = jax.jit(lambda q, k, v, m: paged(q, k, v, m, scale=h ** -0.5, sliding_window=window))
     got = loop(q, k_pages, v_pages, meta)
     valid = (jnp.arange(t)[None, :] < q_lens[:, None])[:, :, None, None]
     err = jnp.max(jnp.where(valid, jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)), 0))
