@@ -90,7 +90,8 @@ class SamplingParams:
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
-            bad("structured_outputs", "must be StructuredOutputsParams(json=... | regex=... | choice=...) or None")
+            bad("structured_outputs",
+                "must be StructuredOutputsParams(json=... | regex=... | choice=... | json_object=True) or None")
         k = self.truncate_prompt_tokens
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not (k == -1 or k >= 1)):
             bad("truncate_prompt_tokens", "must be None, -1 (the context's room) or an integer >= 1")

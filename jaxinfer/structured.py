@@ -26,7 +26,7 @@ import json
 
 import numpy as np
 
-from jaxinfer.json_schema import escape, json_schema_regex
+from jaxinfer.json_schema import escape, free_object_regex, json_schema_regex
 
 __all__ = ["StructuredOutputsParams", "TokenFSM", "compile_token_fsm", "json_schema_regex", "token_texts"]
 
@@ -34,16 +34,22 @@ __all__ = ["StructuredOutputsParams", "TokenFSM", "compile_token_fsm", "json_sch
 @dataclasses.dataclass(frozen=True)
 class StructuredOutputsParams:
     """Exactly one of: json (a JSON schema, as a dict or a JSON string), regex (the whole output
-    matches it), choice (the output is one of these strings). vLLM's names."""
+    matches it), choice (the output is one of these strings), json_object=True (the output is a
+    JSON object, any keys and values, containers nested up to `json_schema.FREE_FORM_DEPTH`
+    levels). vLLM's names."""
 
     json: dict | str | None = None
     regex: str | None = None
     choice: list[str] | tuple[str, ...] | None = None
+    json_object: bool | None = None
 
     def __post_init__(self):
-        given = [k for k in ("json", "regex", "choice") if getattr(self, k) is not None]
+        if self.json_object not in (None, True, False):
+            raise ValueError(f"StructuredOutputsParams.json_object={self.json_object!r}: expected True, False or None")
+        given = [k for k in ("json", "regex", "choice", "json_object") if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise ValueError(f"StructuredOutputsParams: set exactly one of json, regex, choice (got {given or 'none'})")
+            raise ValueError("StructuredOutputsParams: set exactly one of json, regex, choice, json_object "
+                             f"(got {given or 'none'})")
         if self.choice is not None:
             if (not isinstance(self.choice, (list, tuple)) or not self.choice
                     or not all(isinstance(c, str) and c for c in self.choice)):
@@ -74,6 +80,8 @@ class StructuredOutputsParams:
             return self.regex
         if self.choice is not None:
             return "|".join(escape(c) for c in self.choice)
+        if self.json_object:
+            return free_object_regex()
         return json_schema_regex(json.loads(self.json))
 
 

@@ -229,12 +229,62 @@ def test_json_schema_regex_matches_exactly_the_documents_a_pydantic_model_accept
         assert old in text and not re.fullmatch(rx, text.replace(old, new)), new
 
 
+def _depth(v) -> int:
+    if isinstance(v, dict):
+        return 1 + max(map(_depth, v.values()), default=0)
+    if isinstance(v, list):
+        return 1 + max(map(_depth, v), default=0)
+    return 0
+
+
+def test_free_form_json_is_any_json_nested_up_to_the_bound(embedded):
+    """Free-form JSON (vLLM's json_object, an object without properties, an array without items,
+    `{}` for any value) within a schema: random strings of the regex are JSON of that kind nested
+    at most FREE_FORM_DEPTH levels, every such document matches and a deeper one does not; the
+    engine's json_object outputs are JSON objects."""
+    from jaxinfer.json_schema import FREE_FORM_DEPTH
+
+    schema = {"type": "object", "properties": {"meta": {"type": "object"}, "rows": {"type": "array"},
+                                               "any": {}}, "required": ["meta", "rows", "any"]}
+    rng = np.random.default_rng(0)
+    obj_rx = StructuredOutputsParams(json_object=True).to_regex()
+    for rx, kind, num in ((obj_rx, dict, 100), (json_schema_regex({"type": "array"}), list, 40),
+                          (json_schema_regex({}), object, 40)):
+        for text in _random_matches(rx, rng, num):
+            doc = json.loads(text)
+            assert isinstance(doc, kind) and _depth(doc) <= FREE_FORM_DEPTH, text
+    rx = json_schema_regex(schema)
+    deep = {"a": 1}
+    for _ in range(FREE_FORM_DEPTH - 1):
+        deep = {"k\"\\": deep, "l": ["x", -1.5e3, None], "t": True}
+    assert _depth(deep) == FREE_FORM_DEPTH
+    assert re.fullmatch(obj_rx, json.dumps(deep)) and re.fullmatch(obj_rx, json.dumps(deep, separators=(",", ":")))
+    assert not re.fullmatch(obj_rx, json.dumps({"z": deep}))
+    full = {"meta": deep, "rows": [True, deep], "any": deep}  # the array rows is one level too deep
+    assert _depth(full["rows"]) == FREE_FORM_DEPTH + 1 and not re.fullmatch(rx, json.dumps(full))
+    full["rows"] = [True, deep["l"]]
+    assert re.fullmatch(rx, json.dumps(full))
+    so = StructuredOutputsParams(json_object=True)
+    outs = embedded.generate(PROMPTS + ["config = "], [SamplingParams(max_tokens=48, temperature=t, seed=3,
+                                                                      structured_outputs=so) for t in (0.8, 0.8, 0)])
+    docs = []
+    for o in outs:
+        c = o.outputs[0]
+        if c.finish_reason == "stop":
+            docs.append(json.loads(c.text))
+            assert isinstance(docs[-1], dict), c.text
+        else:
+            assert regex.fullmatch(obj_rx, c.text, partial=True), c.text
+    assert any(docs), [o.outputs[0].text for o in outs]  # the greedy one has keys: '{"abcd{": {"}": " + "} }'
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({}, "exactly one"), ({"regex": "a", "choice": ["a"]}, "exactly one"), ({"choice": []}, "choice"),
     ({"choice": ["a", ""]}, "choice"), ({"regex": "(a"}, "cannot be compiled"),
     ({"json": "{not json"}, "not valid JSON"),
     ({"json": {"type": "object", "properties": {"a": {"$ref": "#/x"}}}}, r"\$ref"),
-    ({"json": {"type": "object"}}, "needs 'properties'"), ({"json": {"type": "date"}}, "unsupported type"),
+    ({"json_object": True, "regex": "a"}, "exactly one"), ({"json_object": False}, "exactly one"),
+    ({"json_object": "yes"}, "json_object"), ({"json": {"type": "date"}}, "unsupported type"),
     ({"json": {"$defs": {"N": {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}}},
                "$ref": "#/$defs/N"}}, "recursive"),
     ({"json": {"$ref": "#/$defs/Missing"}}, "points at nothing"),
