@@ -361,9 +361,9 @@ def attention_paged_ragged(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, 
         m, l, acc = carry  # per row: running max [B, K, TG], running sum [B, K, TG], accumulator [B, K, TG, H]
         j = i * r + jnp.arange(r, dtype=jnp.int32)  # this iteration's items
         valid = j < ends[-1]
-        row = jnp.minimum(jnp.searchsorted(ends, j, side="right"), b - 1).astype(jnp.int32)  # [R], sorted
+        row = jnp.minimum(jnp.sum(ends[None, :] <= j[:, None], axis=1, dtype=jnp.int32), b - 1)  # [R], sorted
         c = jnp.where(valid, first[row] + j - starts[row], 0)  # chunk index within the row
-        pages = jax.vmap(lambda tr, ci: jax.lax.dynamic_slice_in_dim(tr, ci * chunk, chunk))(table[row], c)
+        pages = table[row[:, None], c[:, None] * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]]  # [R, chunk]
         sub = AttentionMeta(page_table=pages, kv_lens=meta.kv_lens[row], q_lens=meta.q_lens[row])
         k = gather_pages(k_pages, sub).reshape(r * kv_heads, width, h)
         v = gather_pages(v_pages, sub).reshape(r * kv_heads, width, h)
