@@ -76,7 +76,12 @@ def free_value_regex(depth: int = FREE_FORM_DEPTH) -> str:
 
 def free_object_regex(depth: int = FREE_FORM_DEPTH) -> str:
     """Any JSON object (string keys, values of `free_value_regex(depth - 1)`)."""
-    entry = f'"{STRING_CHAR}*":{WS}' + free_value_regex(depth - 1)
+    return map_regex(free_value_regex(depth - 1))
+
+
+def map_regex(value: str) -> str:
+    """A JSON object with any string keys, every value matching `value`."""
+    entry = f'"{STRING_CHAR}*":{WS}' + value
     return rf"\{{{WS}({entry}(,{WS}{entry})*)?{WS}\}}"
 
 
@@ -181,8 +186,7 @@ class _Compiler:
         extra = schema.get("additionalProperties")
         if not props:
             if isinstance(extra, dict) and extra:  # a map: string keys, values under one schema
-                entry = f'"{STRING_CHAR}*":{WS}' + self.regex(extra, f"{where}.additionalProperties", refs)
-                return rf"\{{{WS}({entry}(,{WS}{entry})*)?{WS}\}}"
+                return map_regex(self.regex(extra, f"{where}.additionalProperties", refs))
             if extra is False:
                 return rf"\{{{WS}\}}"
             return free_object_regex()  # free-form: any keys and values, nested up to FREE_FORM_DEPTH
@@ -227,7 +231,6 @@ class _Compiler:
         more = f"{{{max(lo - 1, 0)},{'' if hi is None else hi - 1}}}"
         body = f"{item}({sep}{item}){more}"
         return rf"\[{WS}" + (f"({body})?" if lo == 0 else body) + rf"{WS}\]"
-
 
     def items(self, items, where: str, refs: tuple) -> str:
         if items is True or items == {}:  # any values: the array is the free-form part's first level

@@ -198,12 +198,14 @@ def unfold_heads(out: jax.Array, b: int, t: int, kv_heads: int) -> jax.Array:
 def visible_keys(meta: AttentionMeta, q_pos: jax.Array, k_pos: jax.Array, causal: bool = True,
                  sliding_window: int | None = None) -> jax.Array:
     """Which cache slots each query may attend to: keys below the row's length, not after the
-    query (causal), within the sliding window. q_pos [B, T], k_pos [S] -> [B, T or 1, S] bool."""
-    mask = k_pos[None, None, :] < meta.kv_lens[:, None, None]  # [B, 1, S]
+    query (causal), within the sliding window. q_pos [B, T], k_pos [S] (the same slots for every
+    row) or [B, S] -> [B, T or 1, S] bool."""
+    k_pos = k_pos[None, None, :] if k_pos.ndim == 1 else k_pos[:, None, :]  # [1 or B, 1, S]
+    mask = k_pos < meta.kv_lens[:, None, None]  # [B, 1, S]
     if causal:
-        mask = mask & (k_pos[None, None, :] <= q_pos[:, :, None])  # [B, T, S]
+        mask = mask & (k_pos <= q_pos[:, :, None])  # [B, T, S]
     if sliding_window is not None:
-        mask = mask & (k_pos[None, None, :] > q_pos[:, :, None] - sliding_window)
+        mask = mask & (k_pos > q_pos[:, :, None] - sliding_window)
     return mask
 
 
@@ -369,11 +371,7 @@ def attention_paged_ragged(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, 
         v = gather_pages(v_pages, sub).reshape(r * kv_heads, width, h)
         s = batched_qk_pv("xqh,xsh->xqs", qf[row].reshape(r * kv_heads, tg, h), k, small_q) * scale
         k_pos = c[:, None] * width + jnp.arange(width, dtype=jnp.int32)[None, :]  # [R, W]
-        sub_pos = q_pos[row]  # [R, T]
-        mask = (k_pos[:, None, :] < sub.kv_lens[:, None, None]) & (k_pos[:, None, :] <= sub_pos[:, :, None])
-        if sliding_window is not None:
-            mask = mask & (k_pos[:, None, :] > sub_pos[:, :, None] - sliding_window)
-        mask = mask & valid[:, None, None]  # [R, T, W]
+        mask = visible_keys(sub, q_pos[row], k_pos, True, sliding_window) & valid[:, None, None]  # [R, T, W]
         mask = jnp.broadcast_to(mask[:, None, :, None, :], (r, kv_heads, t, g, width))
         s = jnp.where(mask.reshape(r * kv_heads, tg, width), s, -jnp.inf)
         m_i = jnp.max(s, axis=-1)  # the item's own statistics
