@@ -162,10 +162,20 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables for positions [B, T]: each [B, T, 1, H/2]."""
+    """cos and sin tables for positions [B, T]: each [B, T, 1, H/2].
+
+    On CPU the tables are computed once per forward: XLA:CPU fuses the cosine and sine into
+    every consumer, each layer's q and k rotation, and evaluates them there per head (12
+    times per head in the 6-layer models: 0.8 of a 32-row decode step's 18.6 ms). It drops
+    `optimization_barrier` before fusing, but never fuses a dot's operand, so the tables
+    pass through a product with the identity (exact: every other term is a zero)."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    return (jnp.cos(angles)[:, :, None, :].astype(dtype),
-            jnp.sin(angles)[:, :, None, :].astype(dtype))
+    both = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)  # [B, T, H]
+
+    def materialized():
+        return jnp.dot(both, jnp.eye(both.shape[-1], dtype=jnp.float32), precision="highest")
+    both = jax.lax.platform_dependent(cpu=materialized, default=lambda: both)[:, :, None, :].astype(dtype)
+    return jnp.split(both, 2, axis=-1)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
