@@ -151,11 +151,12 @@ def _linear(src: TensorSource, parts: list[tuple[str, int, int]], quant):
         if len(parts) == 1:
             return src.get(parts[0][0] + ".weight", parts[0][1:]).T
         return np.concatenate([src.get(m + ".weight", (n, k)) for m, n, k in parts], axis=0).T
-    qs = [None if s is None else hf_quant.read_linear(src.get, m, n, k, s) for (m, n, k), s in zip(parts, schemes)]
+    qs = [None if s is None else hf_quant.read_linear(src.get, m, n, k, s, has=src.where.__contains__)
+          for (m, n, k), s in zip(parts, schemes)]
     fused = hf_quant.fuse(qs)
     if fused is not None:
         return fused
-    rows = [np.asarray(src.get(m + ".weight", (n, k)), np.float32) if q is None else np.asarray(q.dequantize())
+    rows = [np.asarray(src.get(m + ".weight", (n, k)), np.float32) if q is None else np.asarray(q.dense()).T
             for (m, n, k), q in zip(parts, qs)]
     return np.concatenate(rows, axis=0).T
 
@@ -195,9 +196,9 @@ def _to_device(arr, dtype):
 
 
 def load_weights(model_dir: Path, cfg: ModelConfig, dtype=jnp.float32,
-                 quant: "hf_quant.CompressedTensors | None" = None) -> Weights:
+                 quant: "hf_quant.CompressedTensors | hf_quant.PackedInts | None" = None) -> Weights:
     """Read an HF safetensors checkpoint into Weights of the given dtype (the projections that
-    `quant`, its compressed-tensors config, says are quantized as QuantWeights)."""
+    `quant`, its quantization config, says are quantized as QuantWeights)."""
     src = TensorSource(model_dir)
     try:
         layers = []
@@ -329,9 +330,9 @@ def load_hf(model_dir: str | Path, dtype="float32") -> tuple[ModelConfig, Weight
     return cfg, load_weights(Path(model_dir), cfg, DTYPES[dtype], hf_quantization(model_dir))
 
 
-def hf_quantization(model_dir: str | Path) -> "hf_quant.CompressedTensors | None":
-    """The quantization an HF directory's config.json declares (compressed-tensors), None for a
-    dense checkpoint; any other quantization_config raises CheckpointError."""
+def hf_quantization(model_dir: str | Path) -> "hf_quant.CompressedTensors | hf_quant.PackedInts | None":
+    """The quantization an HF directory's config.json declares (compressed-tensors, GPTQ or AWQ),
+    None for a dense checkpoint; any other quantization_config raises CheckpointError."""
     path = Path(model_dir) / "config.json"
     try:
         return hf_quant.parse(json.loads(path.read_text()).get("quantization_config"), str(path))
@@ -342,7 +343,7 @@ def hf_quantization(model_dir: str | Path) -> "hf_quant.CompressedTensors | None
 # ----------------------------------------------------------------------------- orbax
 
 QUANT_FILE = "quantization.json"  # beside an orbax checkpoint whose projections are quantized
-QUANT_ARRAYS = ("data", "scale", "tensor_scale", "input_scale", "zero")  # QuantWeight's array fields
+QUANT_ARRAYS = ("data", "scale", "tensor_scale", "input_scale", "zero", "input_perm")  # QuantWeight's array fields
 
 
 def save_orbax(path: str | Path, cfg: ModelConfig, weights: Weights, quantization: dict | None = None):

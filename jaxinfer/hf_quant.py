@@ -1,4 +1,4 @@
-"""Pre-quantized Hugging Face checkpoints: compressed-tensors, read into `wquant.QuantWeight`.
+"""Pre-quantized Hugging Face checkpoints: compressed-tensors, GPTQ and AWQ, read into `wquant.QuantWeight`.
 
 Checkpoints quantized by llm-compressor (and served by vLLM) describe themselves in config.json's
 "quantization_config" with quant_method "compressed-tensors": config groups, each a scheme
@@ -35,9 +35,21 @@ with different NVFP4 global scales keep one tensor scale per row. Parts that can
 QuantWeight (different formats or groups, or some left dense) are dequantized into the dense
 matrix, in the model's dtype, as is a quantized LM head.
 
-Refused with a CheckpointError naming the value: other quant_methods (gptq, awq, bitsandbytes,
-...), static activation scales, activation-order group indices (actorder="group"), 4-bit or
-grouped activations, other bit widths and float formats (MXFP6, MXFP8, ...), sparsity and transforms.
+GPTQ (quant_method "gptq": AutoGPTQ / GPTQModel, 4 or 8 bits, any group_size or -1, sym or not,
+checkpoint_format "gptq" (v1: zero points stored minus one) or "gptq_v2", desc_act) and AWQ
+(quant_method "awq": AutoAWQ's GEMM layout, 4 bits, zero points) checkpoints store every decoder
+projection (and GPTQ's LM head with lm_head=True) as packed int32 codes with float16 scales and
+packed zero points (`_read_packed_ints` has the layouts); they become int4 / int8 QuantWeights with
+a zero point, or without one when every zero point is the midpoint (symmetric GPTQ). A GPTQ
+projection in activation order (g_idx not k // g) is stored with its input features sorted by
+group and an input permutation. modules_to_not_convert and GPTQ's modules_in_block_to_quantize
+leave modules dense.
+
+Refused with a CheckpointError naming the value: other quant_methods (bitsandbytes, ...); GPTQ of
+2 or 3 bits, in marlin's layout or with per-module "dynamic" settings; AWQ other than 4-bit GEMM;
+in compressed-tensors: static activation scales, activation-order group indices (actorder="group"),
+4-bit or grouped activations, other bit widths and float formats (MXFP6, MXFP8, ...), sparsity and
+transforms.
 A kv_cache_scheme is ignored with a warning (the KV cache's format is `LLM(kv_cache_dtype=...)`).
 """
 
@@ -81,6 +93,7 @@ class CompressedTensors:
 
     groups: tuple[tuple[tuple[str, ...], ModuleScheme], ...]
     ignore: tuple[str, ...]
+    method = QUANT_METHOD
 
     def scheme_of(self, name: str) -> ModuleScheme | None:
         """The scheme of the Linear module `name` (HF name, e.g. "model.layers.0.self_attn.q_proj"), or None
@@ -101,7 +114,70 @@ def _match_rank(target: str, name: str) -> int | None:
     return 0 if target == name else 2 if target == "Linear" else None
 
 
-def parse(qc: dict | None, source: str = "config.json") -> CompressedTensors | None:
+@dataclasses.dataclass(frozen=True)
+class PackedInts:
+    """A GPTQ or AWQ quantization_config: one scheme for the decoder's projections (and the LM head
+    when the config says so), but the modules it leaves dense."""
+
+    method: str  # "gptq" | "awq"
+    scheme: ModuleScheme
+    dense: tuple[str, ...] = ()  # modules_to_not_convert: names containing any of these stay dense
+    only: tuple[str, ...] | None = None  # GPTQ modules_in_block_to_quantize ("self_attn.q_proj", ...)
+    lm_head: bool = False
+
+    def scheme_of(self, name: str) -> ModuleScheme | None:
+        if name == "lm_head":
+            return self.scheme if self.lm_head else None
+        if any(d in name for d in self.dense):
+            return None
+        if self.only is not None and not any(name.endswith("." + m) for m in self.only):
+            return None
+        return self.scheme
+
+
+GPTQ_FORMATS = ("gptq", "gptq_v2")  # checkpoint_format: v1 stores each zero point minus one
+
+
+def _parse_gptq(qc: dict, source: str) -> PackedInts:
+    where = f"{source}: GPTQ quantization_config"
+    bits, group = qc.get("bits"), qc.get("group_size", 128)
+    if bits not in (4, 8):
+        raise QuantConfigError(f"{where}: bits={bits!r} is not supported; 4 and 8 are")
+    if not isinstance(group, int) or not (group == -1 or group > 0):
+        raise QuantConfigError(f"{where}: group_size={group!r} must be a positive integer or -1 (one group per row)")
+    fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+    if fmt not in GPTQ_FORMATS or qc.get("is_marlin_format"):
+        raise QuantConfigError(f"{where}: checkpoint_format={fmt!r}{' (marlin)' if qc.get('is_marlin_format') else ''}"
+                               f" is not supported; supported: {', '.join(GPTQ_FORMATS)}")
+    if qc.get("dynamic"):
+        raise QuantConfigError(f"{where}: per-module 'dynamic' overrides are not supported")
+    only = qc.get("modules_in_block_to_quantize")
+    if only is not None:
+        only = tuple(m for block in only for m in (block if isinstance(block, list) else [block]))
+    scheme = ModuleScheme(fmt=f"int{bits}", storage=fmt, num_bits=bits, strategy="group" if group > 0 else "channel",
+                          group_size=group if group > 0 else None, symmetric=bool(qc.get("sym", True)))
+    return PackedInts(method="gptq", scheme=scheme, dense=tuple(qc.get("modules_to_not_convert") or ()), only=only,
+                      lm_head=bool(qc.get("lm_head", False)))
+
+
+def _parse_awq(qc: dict, source: str) -> PackedInts:
+    where = f"{source}: AWQ quantization_config"
+    bits, group = qc.get("bits", qc.get("w_bit")), qc.get("group_size", qc.get("q_group_size", 128))
+    version = str(qc.get("version", "gemm")).lower()
+    if bits != 4:
+        raise QuantConfigError(f"{where}: bits={bits!r} is not supported; AWQ checkpoints of 4 bits are")
+    if version != "gemm":
+        raise QuantConfigError(f"{where}: version={version!r} is not supported; 'gemm' (AutoAWQ's default layout) is")
+    if not qc.get("zero_point", True):
+        raise QuantConfigError(f"{where}: zero_point=False is not supported; AWQ GEMM checkpoints store zero points")
+    if not isinstance(group, int) or not (group == -1 or group > 0):
+        raise QuantConfigError(f"{where}: group_size={group!r} must be a positive integer or -1 (one group per row)")
+    scheme = ModuleScheme(fmt="int4", storage="awq", num_bits=4, strategy="group" if group > 0 else "channel",
+                          group_size=group if group > 0 else None, symmetric=False)
+    return PackedInts(method="awq", scheme=scheme, dense=tuple(qc.get("modules_to_not_convert") or ()))
+
+
+def parse(qc: dict | None, source: str = "config.json") -> CompressedTensors | PackedInts | None:
     """config.json's quantization_config -> CompressedTensors, None for a dense checkpoint, or
     QuantConfigError naming what is not supported."""
     if qc is None:
@@ -109,11 +185,16 @@ def parse(qc: dict | None, source: str = "config.json") -> CompressedTensors | N
     if not isinstance(qc, dict):
         raise QuantConfigError(f"{source}: quantization_config must be an object, not {type(qc).__name__}")
     method = qc.get("quant_method")
+    if method == "gptq":
+        return _parse_gptq(qc, source)
+    if method == "awq":
+        return _parse_awq(qc, source)
     if method != QUANT_METHOD:
         raise QuantConfigError(
             f"{source}: quantization_config quant_method={method!r} is not supported; jaxinfer loads "
             f"{QUANT_METHOD!r} checkpoints (llm-compressor; int4 / int8 / fp8 / nvfp4 weights, int8 or fp8 "
-            "dynamic activations), or quantizes dense ones itself: LLM(quantization=...)")
+            "dynamic activations), 'gptq' (AutoGPTQ / GPTQModel; 4 or 8 bits) and 'awq' (AutoAWQ GEMM; "
+            "4 bits), or quantizes dense ones itself: LLM(quantization=...)")
     if qc.get("sparsity_config"):
         raise QuantConfigError(f"{source}: compressed-tensors sparsity_config is not supported")
     if qc.get("transform_config"):
@@ -230,9 +311,12 @@ def _scale_rows(scale: np.ndarray, s: ModuleScheme, n: int, k: int, where: str) 
     return scale
 
 
-def read_linear(get, name: str, n: int, k: int, s: ModuleScheme) -> QuantWeight:
-    """The projection `name` ([N, K] in HF order) stored as scheme s; get(tensor name) reads a tensor."""
+def read_linear(get, name: str, n: int, k: int, s: ModuleScheme, has=None) -> QuantWeight:
+    """The projection `name` ([N, K] in HF order) stored as scheme s; get(tensor name) reads a tensor,
+    has(tensor name) says whether the checkpoint holds it (None: every optional tensor is absent)."""
     where = name
+    if s.storage in GPTQ_FORMATS or s.storage == "awq":
+        return _read_packed_ints(get, has or (lambda _: False), name, n, k, s)
     if s.fmt in ("nvfp4", "mxfp4"):
         data = np.asarray(get(name + ".weight_packed"))
         if data.shape != (n, k // 2) or data.dtype != np.uint8:
@@ -260,20 +344,83 @@ def read_linear(get, name: str, n: int, k: int, s: ModuleScheme) -> QuantWeight:
         if s.fmt in ("fp8_e4m3", "w8a8_fp8"):
             return QuantWeight(data=jnp.asarray(q.astype(jnp.float8_e4m3fn)), scale=jnp.asarray(scale), fmt=s.fmt)
         offset = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
-    zero = None
+    zp = None
     if not s.symmetric:
         zp = np.asarray(get(name + ".weight_zero_point"))
         if zp.dtype == np.int32 and zp.shape[0] != n:  # packed along N
             zp = _unpack_int32(zp, bits, n, axis=0).astype(np.int32) - (1 << (bits - 1))
         zp = _scale_rows(zp, s, n, k, where + ".weight_zero_point")
-        zero = -(((1 << (bits - 1)) if bits == 4 else 0) + zp) * scale  # int4 keeps its offset nibbles
+    return _integer_weight(offset, zp, scale, s.fmt)
+
+
+def _integer_weight(offset: np.ndarray, zp: np.ndarray | None, scale: np.ndarray, fmt: str,
+                    perm: np.ndarray | None = None) -> QuantWeight:
+    """An int4 / int8 QuantWeight from codes `offset` (uint8 [N, K], the signed value + 2^(b-1)),
+    signed zero points zp [N, K/g] (None: symmetric), value = (offset - 2^(b-1) - zp) * scale."""
+    bits = 8 if fmt in ("int8", "w8a8") else 4
+    zero = None if zp is None else -(((1 << (bits - 1)) if bits == 4 else 0) + zp) * scale  # int4 keeps offsets
     if bits == 8:
         data = (offset ^ 0x80).view(np.int8)  # two's complement
     else:
         nib = offset if zero is not None else offset ^ 0x8  # unsigned with a zero point, else two's complement
         data = kvf.pack_nibbles(jnp.asarray(nib))
-    return QuantWeight(data=jnp.asarray(data), scale=jnp.asarray(scale),
-                       zero=None if zero is None else jnp.asarray(zero, jnp.float32), fmt=s.fmt)
+    return QuantWeight(data=jnp.asarray(data), scale=jnp.asarray(scale, jnp.float32),
+                       zero=None if zero is None else jnp.asarray(zero, jnp.float32),
+                       input_perm=None if perm is None else jnp.asarray(perm, jnp.int32), fmt=fmt)
+
+
+AWQ_COLUMNS = np.array([0, 4, 1, 5, 2, 6, 3, 7])  # column c of a word's eight sits in field AWQ_COLUMNS[c]
+
+
+def _read_packed_ints(get, has, name: str, n: int, k: int, s: ModuleScheme) -> QuantWeight:
+    """A GPTQ or AWQ projection (`name`.qweight, .qzeros, .scales, GPTQ's .g_idx), value =
+    (q - z) * s per group of input features:
+
+      GPTQ  qweight int32 [K*b/32, N]: b-bit codes packed along K (value i at bits b*i);
+            qzeros int32 [K/g, N*b/32] packed along N, each zero point minus one in the "gptq"
+            (v1) format, as it is in "gptq_v2"; scales [K/g, N]; g_idx int32 [K]: each input
+            feature's group (activation order: not k // g; the features are then sorted by group
+            and x is permuted to match, `QuantWeight.input_perm`).
+      AWQ   qweight int32 [K, N/8], qzeros int32 [K/g, N/8]: 4-bit codes packed along N, the eight
+            of a word in the order 0, 2, 4, 6, 1, 3, 5, 7; scales [K/g, N].
+
+    A GPTQ projection whose zero points are all 2^(b-1) (sym=True) becomes a symmetric QuantWeight."""
+    bits, g = s.num_bits, s.group_size or k
+    if k % g:
+        raise QuantConfigError(f"{name}: group_size={g} does not divide {k} input features")
+    groups = k // g
+
+    def read(t: str, shape: tuple[int, ...]) -> np.ndarray:
+        arr = np.asarray(get(f"{name}.{t}"))
+        if arr.shape != shape:
+            raise QuantConfigError(f"{name}.{t} has shape {arr.shape}, expected {shape}")
+        return arr
+
+    scale = read("scales", (groups, n)).astype(np.float32).T  # [N, K/g]
+    perm = None
+    if s.storage == "awq":
+        if n % 8:
+            raise QuantConfigError(f"{name}: AWQ packs 8 output features per word; {n} is not a multiple of 8")
+        def columns(words):  # [R, N/8] -> [R, N]
+            fields = _unpack_int32(words, 4, n, axis=1).reshape(words.shape[0], n // 8, 8)
+            return fields[:, :, AWQ_COLUMNS].reshape(words.shape[0], n)
+        codes = columns(read("qweight", (k, n // 8))).T  # [N, K]
+        z = columns(read("qzeros", (groups, n // 8))).T.astype(np.int32)  # [N, K/g]
+    else:
+        codes = _unpack_int32(read("qweight", (-(-k * bits // 32), n)), bits, k, axis=0).T  # [N, K]
+        z = _unpack_int32(read("qzeros", (groups, -(-n * bits // 32))), bits, n, axis=1).T.astype(np.int32)
+        if s.storage == "gptq":
+            z = z + 1
+        natural = np.arange(k) // g
+        g_idx = read("g_idx", (k,)).astype(np.int64) if has(f"{name}.g_idx") else natural
+        if not np.array_equal(g_idx, natural):
+            perm = np.argsort(g_idx, kind="stable")
+            if not np.array_equal(g_idx[perm], natural):
+                raise QuantConfigError(f"{name}.g_idx does not give each of the {groups} groups {g} input features")
+            codes = codes[:, perm]
+    mid = 1 << (bits - 1)
+    zp = None if np.all(z == mid) else z - mid
+    return _integer_weight(codes.astype(np.uint8), zp, scale, s.fmt, perm)
 
 
 def fuse(parts: list[QuantWeight | None]) -> QuantWeight | None:
@@ -284,7 +431,10 @@ def fuse(parts: list[QuantWeight | None]) -> QuantWeight | None:
     first = parts[0]
     same = all(p.fmt == first.fmt and p.group == first.group and p.scale.dtype == first.scale.dtype
                and (p.zero is None) == (first.zero is None) for p in parts)
-    if not same:
+    perms = [None if p.input_perm is None else np.asarray(p.input_perm) for p in parts]
+    same = same and (all(q is None for q in perms) or all(q is not None and np.array_equal(q, perms[0])
+                                                          for q in perms))
+    if not same:  # different formats, groups, or activation orders: no shared x
         return None
     tensor_scale = None
     if first.tensor_scale is not None:
@@ -296,7 +446,7 @@ def fuse(parts: list[QuantWeight | None]) -> QuantWeight | None:
             tensor_scale = jnp.asarray(np.concatenate(rows))
     cat = lambda f: None if getattr(first, f) is None else jnp.concatenate([getattr(p, f) for p in parts])  # noqa: E731
     return QuantWeight(data=cat("data"), scale=cat("scale"), zero=cat("zero"), tensor_scale=tensor_scale,
-                       fmt=first.fmt)
+                       input_perm=first.input_perm, fmt=first.fmt)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -315,7 +465,8 @@ def split_rows(q: QuantWeight, sizes: list[int]) -> list[QuantWeight]:
     """A fused projection's parts (consecutive output features, `sizes` of them)."""
     cuts = np.cumsum(sizes)[:-1].tolist()
     rows = lambda a: jnp.split(a, cuts) if a is not None and a.ndim == 2 else [a] * len(sizes)  # noqa: E731
-    return [QuantWeight(data=d, scale=s, zero=z, tensor_scale=t, input_scale=q.input_scale, fmt=q.fmt)
+    return [QuantWeight(data=d, scale=s, zero=z, tensor_scale=t, input_scale=q.input_scale, input_perm=q.input_perm,
+                        fmt=q.fmt)
             for d, s, z, t in zip(rows(q.data), rows(q.scale), rows(q.zero), rows(q.tensor_scale))]
 
 
@@ -326,6 +477,9 @@ def encode(q: QuantWeight, name: str) -> tuple[dict[str, np.ndarray], dict]:
     if q.input_scale is not None:
         raise QuantConfigError(f"{name}: AWQ's run-time input scales have no compressed-tensors field; export a "
                                "GPTQ or RTN model, or the dense one")
+    if q.input_perm is not None:
+        raise QuantConfigError(f"{name}: groups in activation order (a GPTQ checkpoint's g_idx) are not exported; "
+                               "export the dense model")
     n, k = q.shape[1], q.shape[0]
     scale = np.asarray(q.scale)
     strategy = {"strategy": "channel", "group_size": None} if q.group == k else {"strategy": "group", "group_size": q.group}

@@ -120,13 +120,13 @@ class LLM:
             if saved is not None:
                 quant = WeightQuantConfig.from_saved(saved["quantization"])  # the saved codes, as they are
         else:
-            pre = hf_quantization(self.model_dir)  # a pre-quantized checkpoint (compressed-tensors)
+            pre = hf_quantization(self.model_dir)  # a pre-quantized checkpoint (compressed-tensors, GPTQ, AWQ)
             if pre is not None and quant is not None:
-                raise ValueError(f"{self.model_dir} is already quantized (compressed-tensors); "
+                raise ValueError(f"{self.model_dir} is already quantized ({pre.method}); "
                                  f"load it without quantization={quantization!r}")
             self.cfg, self.weights = load_hf(self.model_dir, self.dtype)
             if pre is not None:
-                quant = WeightQuantConfig.of_weights(self.weights, "compressed-tensors")
+                quant = WeightQuantConfig.of_weights(self.weights, pre.method)
         cfg = self.cfg
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         if not (isinstance(self.max_model_len, int) and 1 < self.max_model_len <= cfg.max_position_embeddings):

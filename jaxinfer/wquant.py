@@ -21,7 +21,9 @@ An integer matrix may carry a zero point (asymmetric quantization, as pre-quanti
 store it, `jaxinfer.hf_quant`): `zero` [N, K/g] float32 is added after scaling, value = q * s + z,
 and int4 nibbles are then unsigned ([0, 15]), as in the KV codec's asymmetric int4. The nvfp4
 tensor scale is a scalar, or one per output feature [N, 1] when a fused projection's parts were
-quantized with different ones.
+quantized with different ones. A GPTQ checkpoint quantized in activation order (desc_act) groups
+input features that are not adjacent; its columns are stored sorted by group, with `input_perm`
+saying which feature of x each stored column takes (x is permuted before the product).
 
 The attention and MLP projections of the decoder layers are quantized (wqkv, wo, w_gate_up,
 w_down); the LM head only when `WeightQuantConfig.lm_head` names a format (round to nearest; with
@@ -75,7 +77,8 @@ CODEC = {"w8a8": "int8", "w8a8_fp8": "fp8_e4m3", "mxfp4": "nvfp4"}
 MXFP4_GROUP = 32
 FIXED_GROUP = {"nvfp4": kvf.NVFP4_GROUP, "mxfp4": MXFP4_GROUP}  # block sizes the formats define
 METHODS = ("rtn", "gptq", "awq")
-LOADED_METHODS = ("compressed-tensors",)  # weights quantized elsewhere, read from a checkpoint (hf_quant)
+LOADED_METHODS = ("compressed-tensors",)  # weights quantized elsewhere, read from a checkpoint (hf_quant; GPTQ
+# and AWQ checkpoints are labelled with those METHODS)
 DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "w8a8": None, "w8a8_fp8": None, **FIXED_GROUP}
 GPTQ_FORMATS = ("int8", "int4", "w8a8")
 AWQ_ROWS = 2048  # calibration rows kept per projection for AWQ's scale search
@@ -92,6 +95,7 @@ class QuantWeight:
     tensor_scale: jax.Array | None = None  # nvfp4: f32 scalar, or [N, 1]
     input_scale: jax.Array | None = None  # AWQ: [K] f32, multiplies x before the product
     zero: jax.Array | None = None  # asymmetric integer formats: [N, K/g] f32, added after scaling
+    input_perm: jax.Array | None = None  # [K] int32: stored input feature j is x's feature input_perm[j]
     fmt: str = struct.field(pytree_node=False, default="int8")
 
     @property
@@ -127,11 +131,13 @@ class QuantWeight:
         return out * self.tensor_scale if self.tensor_scale is not None else out
 
     def dense(self, dtype=jnp.float32) -> jax.Array:
-        """The [K, N] matrix it stands for (AWQ's input scale folded in; for w8a8 the weights only,
-        without the rounding of the activations)."""
+        """The [K, N] matrix it stands for (AWQ's input scale folded in, input features in x's order;
+        for w8a8 the weights only, without the rounding of the activations)."""
         w = self.dequantize().T
         if self.input_scale is not None:
             w = w * self.input_scale[:, None]
+        if self.input_perm is not None:
+            w = w[jnp.argsort(self.input_perm)]
         return w.astype(dtype)
 
 
@@ -164,6 +170,8 @@ def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
     and nvfp4 save memory, not time, on this backend."""
     k, n = w.shape
     x32 = x.astype(jnp.float32).reshape(-1, k)
+    if w.input_perm is not None:  # act-order checkpoints: x's features in the stored order
+        x32 = jnp.take(x32, w.input_perm, axis=1)
     if w.input_scale is not None:
         x32 = x32 * w.input_scale
     rows = x32.shape[0]
@@ -299,7 +307,7 @@ class WeightQuantConfig:
         main = max(set(quantized), key=quantized.count)
         first = next(w for w in fmts.values() if isinstance(w, QuantWeight) and w.fmt == main)
         head = weights.lm_head.fmt if isinstance(weights.lm_head, QuantWeight) else None
-        return cls(format=main, method=method, lm_head=head,
+        return cls(format=main, method=method, lm_head=head, clip=False,  # no search ran here
                    group_size=first.group if main in ("int8", "int4", "fp8_e4m3") and first.group < first.shape[0]
                    else None,
                    skip=tuple(m for m, w in fmts.items() if not isinstance(w, QuantWeight)),

@@ -123,3 +123,121 @@ def write_compressed(src: Path, out_dir: Path, scheme: str | dict, ignore=("lm_h
     model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     compressor.update_config(out_dir)
     return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------- GPTQ / AWQ checkpoints
+# Written here from the formats' descriptions (AutoGPTQ / GPTQModel and AutoAWQ write them; neither
+# installs on a CPU-only machine with this torch), round to nearest per group.
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # field i of a word holds column AWQ_ORDER[i] of its eight
+
+
+def _words(codes, bits: int, axis: int):
+    """Unsigned b-bit codes [..] -> int32 words along `axis`, code j of a word at bits b*j."""
+    import numpy as np
+    c = np.moveaxis(np.asarray(codes, np.uint64), axis, 0)
+    per = 32 // bits
+    words = np.zeros((c.shape[0] // per,) + c.shape[1:], np.uint64)
+    for j in range(per):
+        words |= c[j::per] << np.uint64(bits * j)
+    return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32).view(np.int32), 0, axis))  # save_file: C order
+
+
+def _round_groups(w, bits: int, group: int, sym: bool, g_idx, zero_from: int = 0):
+    """RTN codes of w [N, K] in the groups g_idx [K] gives: (codes [N, K], scales [G, N] float16,
+    zeros [G, N], dequantized [N, K] float32). Zero points lie in [zero_from, 2^b - 1]."""
+    import numpy as np
+    maxq = (1 << bits) - 1
+    groups = int(g_idx.max()) + 1
+    scales = np.zeros((groups, w.shape[0]), np.float16)
+    zeros = np.zeros((groups, w.shape[0]), np.int64)
+    for j in range(groups):
+        blk = w[:, g_idx == j]
+        if sym:
+            s = 2 * np.abs(blk).max(1) / maxq
+            z = np.full(w.shape[0], (maxq + 1) // 2)
+        else:
+            lo, hi = np.minimum(blk.min(1), 0), np.maximum(blk.max(1), 0)
+            s = (hi - lo) / maxq
+            z = np.clip(np.round(-lo / s), zero_from, maxq)
+        scales[j], zeros[j] = s, z
+    s_k, z_k = scales.astype(np.float32)[g_idx].T, zeros[g_idx].T  # [N, K]
+    codes = np.clip(np.round(w / s_k) + z_k, 0, maxq).astype(np.int64)
+    return codes, scales, zeros, (codes - z_k) * s_k
+
+
+def _quantize_checkpoint(src: Path, out_dir: Path, qc: dict, module_tensors) -> dict:
+    """Copy src to out_dir with every decoder projection replaced by module_tensors(name, w [N, K])
+    -> (tensors {suffix: array}, dequantized [N, K]); returns {module: dequantized}."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(Path(src) / "model.safetensors"))
+    dequantized = {}
+    for name in sorted(tensors):
+        module = name[:-len(".weight")]
+        if not (name.endswith(".weight") and module.split(".", 3)[-1] in PROJECTIONS):
+            continue
+        w = tensors.pop(name).astype(np.float32)
+        parts, dequantized[module] = module_tensors(module, w)
+        tensors.update({f"{module}.{k}": v for k, v in parts.items()})
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    config = json.loads((Path(src) / "config.json").read_text())
+    (out_dir / "config.json").write_text(json.dumps({**config, "quantization_config": qc}, indent=1))
+    return dequantized
+
+
+def write_gptq(src: Path, out_dir: Path, bits: int = 4, group: int = 32, sym: bool = True, desc_act: bool = False,
+               fmt: str = "gptq", seed: int = 0) -> dict:
+    """A GPTQ checkpoint (AutoGPTQ / GPTQModel layout) of src's projections: qweight int32 [K*b/32, N]
+    packed along K, qzeros int32 [K/g, N*b/32] packed along N (minus one in the v1 "gptq" format),
+    scales float16 [K/g, N], g_idx int32 [K]. desc_act: the groups follow a random feature order
+    (one order per input: q/k/v share theirs, as do gate/up, as GPTQ's shared Hessian gives them).
+    Returns {module: the dequantized [N, K] weight}."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    orders = {}
+
+    def module_tensors(module, w):
+        k = w.shape[1]
+        g = group if group > 0 else k
+        perm = np.arange(k)
+        if desc_act:
+            shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+            prefix, own = module.rsplit(".", 1)
+            perm = orders.setdefault((prefix.rsplit(".", 1)[0], shared.get(own, own)), rng.permutation(k))
+        g_idx = np.empty(k, np.int64)
+        g_idx[perm] = np.arange(k) // g
+        codes, scales, zeros, deq = _round_groups(w, bits, g, sym, g_idx, zero_from=1 if fmt == "gptq" else 0)
+        stored_zeros = zeros - 1 if fmt == "gptq" else zeros
+        return {"qweight": _words(codes.T, bits, axis=0), "qzeros": _words(stored_zeros, bits, axis=1),
+                "scales": scales, "g_idx": g_idx.astype(np.int32)}, deq
+
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": desc_act, "sym": sym,
+          "format": fmt, "damp_percent": 0.01, "true_sequential": True}
+    return _quantize_checkpoint(src, out_dir, qc, module_tensors)
+
+
+def write_awq(src: Path, out_dir: Path, group: int = 32) -> dict:
+    """An AWQ checkpoint (AutoAWQ's GEMM layout) of src's projections: qweight int32 [K, N/8] and
+    qzeros int32 [K/g, N/8], 4-bit codes packed along N in the AWQ_ORDER interleave, scales float16
+    [K/g, N]; asymmetric. Returns {module: the dequantized [N, K] weight}."""
+    import numpy as np
+
+    def interleaved(codes):  # [R, N] -> [R, N/8] words
+        r, n = codes.shape
+        return _words(codes.reshape(r, n // 8, 8)[:, :, AWQ_ORDER].reshape(r, n), 4, axis=1)
+
+    def module_tensors(module, w):
+        g_idx = np.arange(w.shape[1]) // group
+        codes, scales, zeros, deq = _round_groups(w, 4, group, False, g_idx)
+        return {"qweight": interleaved(codes.T), "qzeros": interleaved(zeros), "scales": scales}, deq
+
+    qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
+          "modules_to_not_convert": None}
+    return _quantize_checkpoint(src, out_dir, qc, module_tensors)

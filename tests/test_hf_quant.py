@@ -1,5 +1,6 @@
 """Pre-quantized checkpoints: compressed-tensors directories (written by the compressed-tensors
-library itself) load into QuantWeights that compute what transformers computes on them."""
+library itself) load into QuantWeights that compute what transformers computes on them; GPTQ and AWQ
+directories into QuantWeights that compute their dequantized weights."""
 
 import json
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import write_compressed, write_tiny
+from hf_models import write_awq, write_compressed, write_gptq, write_tiny
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from jaxinfer import LLM, SamplingParams
@@ -129,10 +130,14 @@ def test_nvfp4_fused_parts_keep_their_own_global_scales(base, tmp_path):
     assert ts.shape == (128, 1) and len(np.unique(ts)) == 3
 
 
-def test_llm_serves_saves_and_reloads_a_compressed_checkpoint(base, tmp_path):
-    path = write_compressed(base, tmp_path / "asym", {"weights": {**INT4_G32, "symmetric": False}})
+def test_llm_serves_saves_and_reloads_a_prequantized_checkpoint(base, tmp_path):
+    """A GPTQ checkpoint with zero points and activation order (the most a pre-quantized projection
+    carries: codes, scales, zeros, a feature permutation) through the engine and the static loop,
+    saved with orbax and reloaded; not exportable to compressed-tensors."""
+    path = tmp_path / "gptq"
+    write_gptq(base, path, bits=4, group=32, sym=False, desc_act=True)
     llm = LLM(str(path), dtype="float32", max_num_seqs=2)
-    assert llm.quantization.format == "int4" and llm.quantization.method == "compressed-tensors"
+    assert llm.quantization.format == "int4" and llm.quantization.method == "gptq"
     assert llm.quantization.group_size == 32 and llm.quantization.skip == ()
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [{"prompt_token_ids": IDS[:9]}, {"prompt_token_ids": IDS[:23]}]
@@ -143,9 +148,52 @@ def test_llm_serves_saves_and_reloads_a_compressed_checkpoint(base, tmp_path):
     again = LLM(str(tmp_path / "saved"), dtype="float32", max_num_seqs=2)
     assert again.quantization == llm.quantization
     assert np.asarray(again.weights.layers[1].wqkv.zero).shape == (128, 2)
+    assert np.asarray(again.weights.layers[1].wqkv.input_perm).shape == (64,)
     assert [o.outputs[0].token_ids for o in again.generate(prompts, params)] == engine
     with pytest.raises(ValueError, match="already quantized"):
         LLM(str(path), quantization="int8")
+    with pytest.raises(ValueError, match="activation order"):
+        llm.save(tmp_path / "hf", "hf")
+
+
+PACKED = {  # name: (writer, its arguments, the format the projections load as)
+    "gptq_int4_g32": (write_gptq, {"bits": 4, "group": 32, "sym": True}, "int4"),
+    "gptq_int8_channel_asym_v2": (write_gptq, {"bits": 8, "group": -1, "sym": False, "fmt": "gptq_v2"}, "int8"),
+    "gptq_int4_g32_asym_desc_act": (write_gptq, {"bits": 4, "group": 32, "sym": False, "desc_act": True}, "int4"),
+    "awq_int4_g32": (write_awq, {"group": 32}, "int4"),
+}
+
+
+def _dense_copy(base, out, weights: dict):
+    """base's checkpoint with the given [N, K] projection weights in place of its own."""
+    from safetensors.numpy import load_file, save_file
+    out.mkdir()
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors.update({f"{m}.weight": w.astype(np.float32) for m, w in weights.items()})
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_bytes((base / "config.json").read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_gptq_and_awq_checkpoints_compute_their_dequantized_weights(base, tmp_path, name):
+    """Each projection loads as a QuantWeight holding the stored codes (symmetric GPTQ as signed
+    codes, zero points otherwise; activation order as a feature permutation that q/k/v and gate/up
+    share), and the model is the dense one with the dequantized weights, which quantization moved
+    away from the original's."""
+    writer, kw, fmt = PACKED[name]
+    dequantized = writer(base, tmp_path / "q", **kw)
+    cfg, weights = load_hf(tmp_path / "q")
+    for layer in weights.layers:
+        for field in ("wqkv", "wo", "w_gate_up", "w_down"):
+            w = getattr(layer, field)
+            assert isinstance(w, QuantWeight) and w.fmt == fmt, field
+            assert (w.zero is None) == kw.get("sym", False)
+            assert (w.input_perm is not None) == kw.get("desc_act", False)
+    _, reference = load_hf(_dense_copy(base, tmp_path / "dense", dequantized))
+    ours, expected = _ours(weights, cfg), _ours(reference, cfg)
+    np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=0)
+    assert np.abs(expected - _ours(load_hf(base)[1], cfg)).max() > 1e-3
 
 
 def _with_quantization_config(base, tmp_path, qc):
@@ -159,7 +207,9 @@ def _with_quantization_config(base, tmp_path, qc):
 
 
 @pytest.mark.parametrize("qc, match", [
-    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "quant_method='gptq' is not supported"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 32}, "GPTQ quantization_config: bits=3"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "marlin"}, "checkpoint_format='marlin'"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}, "version='gemv'"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method='bitsandbytes'"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
         "targets": ["Linear"], "weights": {**INT4_G32, "actorder": "group"}}}}, "actorder='group'"),
