@@ -14,7 +14,7 @@ import transformers
 from hf_models import write_awq, write_compressed, write_gptq, write_tiny
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
-from jaxinfer import LLM, SamplingParams
+from jaxinfer import LLM, SamplingParams, hf_quant
 from jaxinfer.checkpoint import CheckpointError, export_hf, load_hf
 from jaxinfer.model import forward
 from jaxinfer.wquant import QuantWeight, quantize_rtn
@@ -194,6 +194,17 @@ def test_gptq_and_awq_checkpoints_compute_their_dequantized_weights(base, tmp_pa
     ours, expected = _ours(weights, cfg), _ours(reference, cfg)
     np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=0)
     assert np.abs(expected - _ours(load_hf(base)[1], cfg)).max() > 1e-3
+
+
+def test_gptq_and_awq_configs_say_which_modules_stay_dense():
+    gptq = hf_quant.parse({"quant_method": "gptq", "bits": 4, "group_size": 128, "lm_head": True,
+                           "modules_in_block_to_quantize": [["self_attn.q_proj"], ["mlp.down_proj"]]})
+    awq = hf_quant.parse({"quant_method": "awq", "bits": 4, "group_size": 64, "modules_to_not_convert": ["mlp."]})
+    layer = "model.layers.3."
+    assert [gptq.scheme_of(layer + m) is not None for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                            "mlp.down_proj", "mlp.up_proj")] == [True, False, True, False]
+    assert gptq.scheme_of("lm_head").fmt == "int4" and awq.scheme_of("lm_head") is None
+    assert awq.scheme_of(layer + "mlp.up_proj") is None and awq.scheme_of(layer + "self_attn.o_proj").group_size == 64
 
 
 def _with_quantization_config(base, tmp_path, qc):
