@@ -46,7 +46,7 @@ group and an input permutation. modules_to_not_convert and GPTQ's modules_in_blo
 leave modules dense.
 
 Refused with a CheckpointError naming the value: other quant_methods (bitsandbytes, ...); GPTQ of
-2 or 3 bits, in marlin's layout or with per-module "dynamic" settings; AWQ other than 4-bit GEMM;
+2 or 3 bits, in marlin's layout, packed other than in int32 or with per-module "dynamic" settings; AWQ other than 4-bit GEMM;
 in compressed-tensors: static activation scales, activation-order group indices (actorder="group"),
 4-bit or grouped activations, other bit widths and float formats (MXFP6, MXFP8, ...), sparsity and
 transforms.
@@ -151,6 +151,8 @@ def _parse_gptq(qc: dict, source: str) -> PackedInts:
                                f" is not supported; supported: {', '.join(GPTQ_FORMATS)}")
     if qc.get("dynamic"):
         raise QuantConfigError(f"{where}: per-module 'dynamic' overrides are not supported")
+    if qc.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
+        raise QuantConfigError(f"{where}: pack_dtype={qc['pack_dtype']!r} is not supported; codes packed in int32 are")
     only = qc.get("modules_in_block_to_quantize")
     if only is not None:
         only = tuple(m for block in only for m in (block if isinstance(block, list) else [block]))

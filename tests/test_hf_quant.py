@@ -161,6 +161,7 @@ PACKED = {  # name: (writer, its arguments, the format the projections load as)
     "gptq_int8_channel_asym_v2": (write_gptq, {"bits": 8, "group": -1, "sym": False, "fmt": "gptq_v2"}, "int8"),
     "gptq_int4_g32_asym_desc_act": (write_gptq, {"bits": 4, "group": 32, "sym": False, "desc_act": True}, "int4"),
     "awq_int4_g32": (write_awq, {"group": 32}, "int4"),
+    "qwen2_gptq_int4_g32": (write_gptq, {"bits": 4, "group": 32, "sym": True}, "int4"),  # q/k/v biases beside
 }
 
 
@@ -182,6 +183,8 @@ def test_gptq_and_awq_checkpoints_compute_their_dequantized_weights(base, tmp_pa
     share), and the model is the dense one with the dequantized weights, which quantization moved
     away from the original's."""
     writer, kw, fmt = PACKED[name]
+    if name.startswith("qwen2"):
+        base = write_tiny("qwen2", tmp_path / "qwen2")
     dequantized = writer(base, tmp_path / "q", **kw)
     cfg, weights = load_hf(tmp_path / "q")
     for layer in weights.layers:
@@ -221,6 +224,7 @@ def _with_quantization_config(base, tmp_path, qc):
     ({"quant_method": "gptq", "bits": 3, "group_size": 32}, "GPTQ quantization_config: bits=3"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "marlin"}, "checkpoint_format='marlin'"),
     ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}, "version='gemv'"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 32, "pack_dtype": "int16"}, "pack_dtype='int16'"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method='bitsandbytes'"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
         "targets": ["Linear"], "weights": {**INT4_G32, "actorder": "group"}}}}, "actorder='group'"),
