@@ -168,9 +168,10 @@ def _round_groups(w, bits: int, group: int, sym: bool, g_idx, zero_from: int = 0
     return codes, scales, zeros, (codes - z_k) * s_k
 
 
-def _quantize_checkpoint(src: Path, out_dir: Path, qc: dict, module_tensors) -> dict:
-    """Copy src to out_dir with every decoder projection replaced by module_tensors(name, w [N, K])
-    -> (tensors {suffix: array}, dequantized [N, K]); returns {module: dequantized}."""
+def _quantize_checkpoint(src: Path, out_dir: Path, qc: dict, module_tensors, lm_head: bool = False) -> dict:
+    """Copy src to out_dir with every decoder projection (and the untied LM head when lm_head)
+    replaced by module_tensors(name, w [N, K]) -> (tensors {suffix: array}, dequantized [N, K]);
+    returns {module: dequantized}."""
     import json
 
     import numpy as np
@@ -181,7 +182,8 @@ def _quantize_checkpoint(src: Path, out_dir: Path, qc: dict, module_tensors) -> 
     dequantized = {}
     for name in sorted(tensors):
         module = name[:-len(".weight")]
-        if not (name.endswith(".weight") and module.split(".", 3)[-1] in PROJECTIONS):
+        if not (name.endswith(".weight") and (module.split(".", 3)[-1] in PROJECTIONS
+                                              or (lm_head and module == "lm_head"))):
             continue
         w = tensors.pop(name).astype(np.float32)
         parts, dequantized[module] = module_tensors(module, w)
@@ -193,10 +195,11 @@ def _quantize_checkpoint(src: Path, out_dir: Path, qc: dict, module_tensors) -> 
 
 
 def write_gptq(src: Path, out_dir: Path, bits: int = 4, group: int = 32, sym: bool = True, desc_act: bool = False,
-               fmt: str = "gptq", seed: int = 0) -> dict:
+               fmt: str = "gptq", seed: int = 0, lm_head: bool = False) -> dict:
     """A GPTQ checkpoint (AutoGPTQ / GPTQModel layout) of src's projections: qweight int32 [K*b/32, N]
     packed along K, qzeros int32 [K/g, N*b/32] packed along N (minus one in the v1 "gptq" format),
-    scales float16 [K/g, N], g_idx int32 [K]. desc_act: the groups follow a random feature order
+    scales float16 [K/g, N], g_idx int32 [K]; the untied LM head too with lm_head (GPTQModel's
+    lm_head=True). desc_act: the groups follow a random feature order
     (one order per input: q/k/v share theirs, as do gate/up, as GPTQ's shared Hessian gives them).
     Returns {module: the dequantized [N, K] weight}."""
     import numpy as np
@@ -219,8 +222,8 @@ def write_gptq(src: Path, out_dir: Path, bits: int = 4, group: int = 32, sym: bo
                 "scales": scales, "g_idx": g_idx.astype(np.int32)}, deq
 
     qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": desc_act, "sym": sym,
-          "format": fmt, "damp_percent": 0.01, "true_sequential": True}
-    return _quantize_checkpoint(src, out_dir, qc, module_tensors)
+          "format": fmt, "damp_percent": 0.01, "true_sequential": True, "lm_head": lm_head}
+    return _quantize_checkpoint(src, out_dir, qc, module_tensors, lm_head)
 
 
 def write_awq(src: Path, out_dir: Path, group: int = 32) -> dict:

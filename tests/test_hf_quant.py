@@ -157,7 +157,7 @@ def test_llm_serves_saves_and_reloads_a_prequantized_checkpoint(base, tmp_path):
 
 
 PACKED = {  # name: (writer, its arguments, the format the projections load as)
-    "gptq_int4_g32": (write_gptq, {"bits": 4, "group": 32, "sym": True}, "int4"),
+    "gptq_int4_g32_and_head": (write_gptq, {"bits": 4, "group": 32, "sym": True, "lm_head": True}, "int4"),
     "gptq_int8_channel_asym_v2": (write_gptq, {"bits": 8, "group": -1, "sym": False, "fmt": "gptq_v2"}, "int8"),
     "gptq_int4_g32_asym_desc_act": (write_gptq, {"bits": 4, "group": 32, "sym": False, "desc_act": True}, "int4"),
     "awq_int4_g32": (write_awq, {"group": 32}, "int4"),
@@ -193,6 +193,7 @@ def test_gptq_and_awq_checkpoints_compute_their_dequantized_weights(base, tmp_pa
             assert isinstance(w, QuantWeight) and w.fmt == fmt, field
             assert (w.zero is None) == kw.get("sym", False)
             assert (w.input_perm is not None) == kw.get("desc_act", False)
+    assert isinstance(weights.lm_head, QuantWeight) == kw.get("lm_head", False)
     _, reference = load_hf(_dense_copy(base, tmp_path / "dense", dequantized))
     ours, expected = _ours(weights, cfg), _ours(reference, cfg)
     np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=0)
