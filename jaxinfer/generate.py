@@ -22,7 +22,7 @@ from flax import struct
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, KVCache, init_contiguous
 from jaxinfer.kv.quant import KVQuantSpec
-from jaxinfer.model import Weights, forward
+from jaxinfer.model import Weights, forward, loop_layout
 from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens, sample,
                                token_logprobs)
 
@@ -155,6 +155,7 @@ def prefill(weights: Weights, cfg: ModelConfig, statics: GenerateStatics, tokens
 def decode(weights: Weights, cfg: ModelConfig, statics: GenerateStatics, state: DecodeState,
            st: SamplingTensors, limits: RowLimits, max_steps: jax.Array) -> DecodeState:
     """Up to max_steps decode steps on device; stops early once every row finished."""
+    weights = loop_layout(weights)
     b = state.tokens.shape[0]
     page_table = jnp.arange(b, dtype=jnp.int32)[:, None]
 

@@ -127,6 +127,19 @@ def dense_layout(weights: Weights) -> Weights:
     return _map_projections(weights, lambda w: w.dense() if isinstance(w, TransposedWeight) else w)
 
 
+def loop_layout(weights: Weights) -> Weights:
+    """Weights as a decode loop on CPU multiplies them: every `TransposedWeight`, and a tied LM
+    head (the [V, D] embedding), as the left operand of products of three or more rows
+    (`TransposedWeight.lhs`). The arrays are the same; only how the products are written changes.
+    bf16 generate_static of the bench_decode model: batch 8 1.15x, batch 32 1.06x."""
+    if jax.default_backend() != "cpu":
+        return weights
+    weights = _map_projections(weights, lambda w: w.replace(lhs=True) if isinstance(w, TransposedWeight) else w)
+    if weights.lm_head is None:
+        weights = weights.replace(lm_head=TransposedWeight(weights.embed, lhs=True))
+    return weights
+
+
 def _map_projections(weights: Weights, fn) -> Weights:
     layers = [layer.replace(**{name: fn(getattr(layer, name)) for name in MODULES}) for layer in weights.layers]
     head = None if weights.lm_head is None else fn(weights.lm_head)

@@ -9,8 +9,8 @@ import pytest
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, init_contiguous, init_paged
-from jaxinfer.layers import TiedHead, TransposedWeight
-from jaxinfer.model import dense_layout, forward, init_weights, runtime_layout
+from jaxinfer.layers import TiedHead, TransposedWeight, dense_dot
+from jaxinfer.model import dense_layout, forward, init_weights, loop_layout, runtime_layout
 
 CFG = ModelConfig("LlamaForCausalLM", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128)
@@ -69,6 +69,24 @@ def test_runtime_layout_transposes_bf16_projections_on_cpu_and_computes_the_same
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     w32 = init_weights(cfg, jax.random.PRNGKey(0), jnp.float32)
     assert runtime_layout(w32) is w32
+
+
+def test_loop_layout_multiplies_transposed_weights_as_the_left_operand():
+    """model.loop_layout (the static decode loop on CPU) writes products of three or more rows
+    with a TransposedWeight, the tied head included, as wt @ x^T: the same products."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (24, 40))
+    for rows in (1, 2, 3, 8):
+        x = jax.random.normal(jax.random.PRNGKey(rows), (rows, 24))
+        for t in (TransposedWeight(w.T), TransposedWeight(w.T, lhs=True)):
+            np.testing.assert_allclose(np.asarray(dense_dot(x, t)), np.asarray(x @ w), rtol=1e-5, atol=1e-5)
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
+    laid = runtime_layout(init_weights(cfg, jax.random.PRNGKey(0), jnp.bfloat16, std=0.1))
+    loop = loop_layout(laid)
+    assert loop.lm_head.lhs and all(getattr(layer, n).lhs for layer in loop.layers for n in ("wqkv", "w_down"))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 9), 0, cfg.vocab_size)
+    pos = jnp.arange(9)[None]
+    a, b = (_forward(v, cfg, tokens, pos, None, None)[0] for v in (laid, loop))
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=3e-2, rtol=3e-2)
 
 
 def test_runtime_layout_gives_a_tied_float32_head_its_own_copy_on_cpu():
