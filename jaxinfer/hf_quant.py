@@ -135,7 +135,16 @@ class PackedInts:
         return self.scheme
 
 
-GPTQ_FORMATS = ("gptq", "gptq_v2")  # checkpoint_format: v1 stores each zero point minus one
+GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # v1 stores each zero point minus one
+PACKED_STORAGE = (*GPTQ_CHECKPOINT_FORMATS, "awq")  # ModuleScheme.storage of GPTQ / AWQ projections
+
+
+def _packed_scheme(where: str, bits: int, group, storage: str, symmetric: bool) -> ModuleScheme:
+    """The int4 / int8 scheme of a GPTQ / AWQ config (group_size -1: one group per row)."""
+    if not isinstance(group, int) or not (group == -1 or group > 0):
+        raise QuantConfigError(f"{where}: group_size={group!r} must be a positive integer or -1 (one group per row)")
+    return ModuleScheme(fmt=f"int{bits}", storage=storage, num_bits=bits, strategy="group" if group > 0 else "channel",
+                        group_size=group if group > 0 else None, symmetric=symmetric)
 
 
 def _parse_gptq(qc: dict, source: str) -> PackedInts:
@@ -143,12 +152,10 @@ def _parse_gptq(qc: dict, source: str) -> PackedInts:
     bits, group = qc.get("bits"), qc.get("group_size", 128)
     if bits not in (4, 8):
         raise QuantConfigError(f"{where}: bits={bits!r} is not supported; 4 and 8 are")
-    if not isinstance(group, int) or not (group == -1 or group > 0):
-        raise QuantConfigError(f"{where}: group_size={group!r} must be a positive integer or -1 (one group per row)")
     fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
-    if fmt not in GPTQ_FORMATS or qc.get("is_marlin_format"):
+    if fmt not in GPTQ_CHECKPOINT_FORMATS or qc.get("is_marlin_format"):
         raise QuantConfigError(f"{where}: checkpoint_format={fmt!r}{' (marlin)' if qc.get('is_marlin_format') else ''}"
-                               f" is not supported; supported: {', '.join(GPTQ_FORMATS)}")
+                               f" is not supported; supported: {', '.join(GPTQ_CHECKPOINT_FORMATS)}")
     if qc.get("dynamic"):
         raise QuantConfigError(f"{where}: per-module 'dynamic' overrides are not supported")
     if qc.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
@@ -156,8 +163,7 @@ def _parse_gptq(qc: dict, source: str) -> PackedInts:
     only = qc.get("modules_in_block_to_quantize")
     if only is not None:
         only = tuple(m for block in only for m in (block if isinstance(block, list) else [block]))
-    scheme = ModuleScheme(fmt=f"int{bits}", storage=fmt, num_bits=bits, strategy="group" if group > 0 else "channel",
-                          group_size=group if group > 0 else None, symmetric=bool(qc.get("sym", True)))
+    scheme = _packed_scheme(where, bits, group, fmt, symmetric=bool(qc.get("sym", True)))
     return PackedInts(method="gptq", scheme=scheme, dense=tuple(qc.get("modules_to_not_convert") or ()), only=only,
                       lm_head=bool(qc.get("lm_head", False)))
 
@@ -172,10 +178,7 @@ def _parse_awq(qc: dict, source: str) -> PackedInts:
         raise QuantConfigError(f"{where}: version={version!r} is not supported; 'gemm' (AutoAWQ's default layout) is")
     if not qc.get("zero_point", True):
         raise QuantConfigError(f"{where}: zero_point=False is not supported; AWQ GEMM checkpoints store zero points")
-    if not isinstance(group, int) or not (group == -1 or group > 0):
-        raise QuantConfigError(f"{where}: group_size={group!r} must be a positive integer or -1 (one group per row)")
-    scheme = ModuleScheme(fmt="int4", storage="awq", num_bits=4, strategy="group" if group > 0 else "channel",
-                          group_size=group if group > 0 else None, symmetric=False)
+    scheme = _packed_scheme(where, 4, group, "awq", symmetric=False)
     return PackedInts(method="awq", scheme=scheme, dense=tuple(qc.get("modules_to_not_convert") or ()))
 
 
@@ -313,12 +316,12 @@ def _scale_rows(scale: np.ndarray, s: ModuleScheme, n: int, k: int, where: str) 
     return scale
 
 
-def read_linear(get, name: str, n: int, k: int, s: ModuleScheme, has=None) -> QuantWeight:
+def read_linear(get, name: str, n: int, k: int, s: ModuleScheme, has=lambda _: False) -> QuantWeight:
     """The projection `name` ([N, K] in HF order) stored as scheme s; get(tensor name) reads a tensor,
-    has(tensor name) says whether the checkpoint holds it (None: every optional tensor is absent)."""
+    has(tensor name) says whether the checkpoint holds an optional tensor (GPTQ's g_idx)."""
     where = name
-    if s.storage in GPTQ_FORMATS or s.storage == "awq":
-        return _read_packed_ints(get, has or (lambda _: False), name, n, k, s)
+    if s.storage in PACKED_STORAGE:
+        return _read_packed_ints(get, has, name, n, k, s)
     if s.fmt in ("nvfp4", "mxfp4"):
         data = np.asarray(get(name + ".weight_packed"))
         if data.shape != (n, k // 2) or data.dtype != np.uint8:
@@ -433,9 +436,8 @@ def fuse(parts: list[QuantWeight | None]) -> QuantWeight | None:
     first = parts[0]
     same = all(p.fmt == first.fmt and p.group == first.group and p.scale.dtype == first.scale.dtype
                and (p.zero is None) == (first.zero is None) for p in parts)
-    perms = [None if p.input_perm is None else np.asarray(p.input_perm) for p in parts]
-    same = same and (all(q is None for q in perms) or all(q is not None and np.array_equal(q, perms[0])
-                                                          for q in perms))
+    same = same and all((p.input_perm is None) == (first.input_perm is None) and
+                        (p.input_perm is None or np.array_equal(p.input_perm, first.input_perm)) for p in parts)
     if not same:  # different formats, groups, or activation orders: no shared x
         return None
     tensor_scale = None

@@ -77,8 +77,7 @@ CODEC = {"w8a8": "int8", "w8a8_fp8": "fp8_e4m3", "mxfp4": "nvfp4"}
 MXFP4_GROUP = 32
 FIXED_GROUP = {"nvfp4": kvf.NVFP4_GROUP, "mxfp4": MXFP4_GROUP}  # block sizes the formats define
 METHODS = ("rtn", "gptq", "awq")
-LOADED_METHODS = ("compressed-tensors",)  # weights quantized elsewhere, read from a checkpoint (hf_quant; GPTQ
-# and AWQ checkpoints are labelled with those METHODS)
+LOADED_METHODS = ("compressed-tensors",)  # read from a checkpoint (hf_quant); GPTQ / AWQ ones carry METHODS' names
 DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "w8a8": None, "w8a8_fp8": None, **FIXED_GROUP}
 GPTQ_FORMATS = ("int8", "int4", "w8a8")
 AWQ_ROWS = 2048  # calibration rows kept per projection for AWQ's scale search
