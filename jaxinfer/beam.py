@@ -45,7 +45,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.generate import bucket, fine_bucket, first_cache_window, prompt_forward, round_up
 from jaxinfer.kv.cache import AttentionMeta, KVCache, grow_contiguous
 from jaxinfer.kv.quant import KVQuantSpec
-from jaxinfer.model import Weights, forward
+from jaxinfer.model import Weights, forward, loop_layout
 from jaxinfer.outputs import Logprob
 
 _NEG = -1.0e9  # transformers' "impossible" score offset
@@ -266,6 +266,7 @@ def beam_prefill(weights: Weights, cfg: ModelConfig, statics: BeamStatics, token
 def beam_decode(weights: Weights, cfg: ModelConfig, statics: BeamStatics, state: BeamState, run: BeamInputs,
                 max_steps: jax.Array) -> BeamState:
     """Up to max_steps beam steps on device (a lax.while_loop); stops early once the search is over."""
+    weights = loop_layout(weights)  # as generate.decode: no per-call copy of transposed weights on CPU
     b, w = state.run_scores.shape
     rows = jnp.arange(b * w, dtype=jnp.int32)[:, None]
 

@@ -39,7 +39,7 @@ class TransposedWeight:
     (loop-invariant, so hoisted): the whole model's bytes per call, 0.87 ms a step of the
     bench_decode model's bf16 128-token generation at batch 8. As the left operand it is read in
     place. Outside loops (an engine step) there is no copy and the usual form measured faster,
-    so `model.loop_layout` sets lhs for the static decode loop only."""
+    so `model.loop_layout` sets lhs for the static and beam decode loops only."""
     wt: jax.Array  # [Dout, Din]
     lhs: bool = struct.field(pytree_node=False, default=False)
 

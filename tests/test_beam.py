@@ -136,3 +136,36 @@ def test_prompt_that_leaves_no_room_is_refused(tiny_eos):
         llm.beam_search([{"prompt_token_ids": [5]}], SamplingParams())
     with pytest.raises(ValueError, match="token ids must be in"):
         llm.beam_search([{"prompt_token_ids": [5, 999]}], BeamSearchParams(beam_width=2, max_tokens=2))
+
+
+@pytest.mark.parametrize("loop", ["beam_search", "generate_static"])
+def test_decode_loops_hold_no_second_copy_of_the_weights(tmp_path, monkeypatch, loop):
+    """bf16 on CPU: the projections are TransposedWeights (model.runtime_layout). Inside a while
+    loop XLA:CPU copied every one that is the right operand of a multi-row product into [Din, Dout]
+    order, hoisted before the loop: a second copy of the model in the program's temporaries. The
+    beam and static decode loops multiply them as the left operand (model.loop_layout), read in
+    place, so their temporaries stay well under the weights' bytes."""
+    import jaxinfer.beam as beam
+    import jaxinfer.generate as gen
+
+    path = write_tiny("llama", tmp_path, hidden_size=256, intermediate_size=2048, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+    llm = LLM(str(path), dtype="bfloat16")
+    module, name = (beam, "beam_decode") if loop == "beam_search" else (gen, "decode")
+    real, calls = getattr(module, name), []
+
+    def spy(*args):
+        calls.append(jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.Array) else x, args))
+        return real(*args)
+
+    monkeypatch.setattr(module, name, spy)
+    reqs = [{"prompt_token_ids": p} for p in _prompts()]
+    if loop == "beam_search":
+        llm.beam_search(reqs, BeamSearchParams(beam_width=4, max_tokens=8))
+    else:
+        llm.generate_static(reqs, SamplingParams(temperature=0, max_tokens=8), batch_size=4)
+    weights = calls[0][0]
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(weights))
+    temp = real.lower(*calls[0]).compile().memory_analysis().temp_size_in_bytes
+    assert temp < weight_bytes / 2, (temp, weight_bytes)
