@@ -145,8 +145,8 @@ def test_decode_loops_hold_no_second_copy_of_the_weights(tmp_path, monkeypatch, 
     order, hoisted before the loop: a second copy of the model in the program's temporaries. The
     beam and static decode loops multiply them as the left operand (model.loop_layout), read in
     place, so their temporaries stay well under the weights' bytes."""
-    import jaxinfer.beam as beam
-    import jaxinfer.generate as gen
+    from jaxinfer import beam
+    from jaxinfer import generate as gen
 
     path = write_tiny("llama", tmp_path, hidden_size=256, intermediate_size=2048, num_attention_heads=4,
                       num_key_value_heads=2, tie_word_embeddings=False)
