@@ -45,6 +45,34 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import json
+
+    from jaxinfer import LLM
+    from jaxinfer.jit_cache import enable_compilation_cache
+    from jaxinfer.server import serve
+
+    try:
+        enable_compilation_cache(args.compilation_cache)
+    except ValueError:
+        if args.compilation_cache is not None:
+            raise
+    spec = None
+    if args.speculative_config is not None:
+        try:
+            spec = json.loads(args.speculative_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--speculative-config {args.speculative_config!r} is not JSON: {e}") from None
+    llm = LLM(model=args.model, dtype=args.dtype, attention_backend=args.attention_backend,
+              quantization=args.quantization, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+              num_kv_pages=args.num_kv_pages, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+              enable_prefix_caching=not args.no_enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
+              speculative_config=spec, num_scheduler_steps=args.num_scheduler_steps)
+    serve(llm, args.host, args.port, args.served_model_name)
+    return 0
+
+
 def _quantize(args) -> int:
     from jaxinfer import LLM
     config = {"method": args.method}
@@ -95,6 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep compiled programs here for the next run (default: $JAXINFER_COMPILATION_CACHE, "
                    "else ~/.cache/jaxinfer/xla; set the variable to 0 to turn it off)")
     g.set_defaults(func=_generate)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    s.add_argument("--model", default=None, help="HF model directory or embedded model name")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: the "
+                   "model directory's name)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    s.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"])
+    s.add_argument("--quantization", default=None, metavar="FORMAT", help="as for generate")
+    s.add_argument("--kv-cache-dtype", default="auto")
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--num-kv-pages", type=int, default=None)
+    s.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    s.add_argument("--no-enable-prefix-caching", action="store_true")
+    s.add_argument("--num-scheduler-steps", type=int, default=1)
+    s.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    s.add_argument("--compilation-cache", default=None, metavar="DIR", help="as for generate")
+    s.set_defaults(func=_serve)
     q = sub.add_parser("quantize", help="quantize a model's decoder projections once (RTN, GPTQ, AWQ) and save it")
     q.add_argument("--model", default=None, help="HF model directory or embedded model name")
     q.add_argument("--quantization", required=True, metavar="FORMAT", help="as for generate")

@@ -1,6 +1,7 @@
 """`jaxinfer generate` streams text, `jaxinfer quantize` saves a quantized model; bad input is one
 clear line and a non-zero exit."""
 
+import socket
 import subprocess
 import sys
 
@@ -80,3 +81,16 @@ def test_bad_input_exits_nonzero_with_one_line(model_dir, args, match):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jaxinfer: error:") and match in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_refuses_bad_options_with_one_line(model_dir, capsys):
+    assert main(["serve", "--model", str(model_dir), "--speculative-config", "{nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--speculative-config '{nope' is not JSON" in err[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(model_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]

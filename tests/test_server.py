@@ -1,0 +1,225 @@
+"""The OpenAI-compatible server: the same tokens as LLM.generate, streamed or not, for concurrent
+clients; bad requests answered 400 naming the value while the server keeps serving; a client
+that disconnects mid-stream has its request aborted and its pages freed."""
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from hf_models import write_tiny, write_tokenizer
+
+from jaxinfer import LLM, SamplingParams
+from jaxinfer.server import OpenAIServer
+
+PROMPTS = ["def add(a, b):", "class Point:", "import os", "for i in range(10):"]
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A server on a free port, and what LLM.generate gave for PROMPTS before it started (the
+    server's engine thread owns the engine from then on)."""
+    d = tmp_path_factory.mktemp("server_model")
+    write_tiny("llama", d, vocab_size=300)
+    write_tokenizer(d, 300)
+    llm = LLM(str(d), max_num_seqs=8, max_model_len=128, num_kv_pages=40, block_size=8)
+    greedy = SamplingParams(temperature=0, max_tokens=12, logprobs=2)
+    expected = {p: o.outputs[0] for p, o in zip(PROMPTS, llm.generate(PROMPTS, greedy))}
+    chat = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=10), chat_template=TEMPLATE)[0].outputs[0]
+    server = OpenAIServer(llm, port=0, served_model_name="tiny")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, expected, chat
+    server.shutdown()
+    server.server_close()
+
+
+def _post(server, path, body, raw: bytes | None = None):
+    url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+    req = urllib.request.Request(url, raw if raw is not None else json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _events(text: str) -> list:
+    chunks = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert chunks[-1] == "[DONE]"
+    return [json.loads(c) for c in chunks[:-1]]
+
+
+def _idle(server, timeout=60.0):
+    """Wait until the engine has nothing left to do; then every page is free or an evictable cached one."""
+    engine = server.llm.engine
+    end = time.time() + timeout
+    while (engine.has_unfinished_requests() or server.worker.outputs) and time.time() < end:
+        time.sleep(0.05)
+    a = engine.allocator
+    return not engine.has_unfinished_requests() and a.num_free == a.num_pages  # free or evictable
+
+
+def test_completions_match_llm_generate(served):
+    server, expected, _ = served
+    status, text = _post(server, "/v1/completions", {"model": "tiny", "prompt": PROMPTS, "max_tokens": 12,
+                                                     "temperature": 0, "logprobs": 2})
+    assert status == 200, text
+    body = json.loads(text)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    for p, c in zip(PROMPTS, body["choices"]):
+        want = expected[p]
+        assert c["text"] == want.text and c["finish_reason"] == "length"
+        assert c["logprobs"]["token_logprobs"] == pytest.approx(
+            [pos[t].logprob for t, pos in zip(want.token_ids, want.logprobs)], abs=1e-5)
+        # top alternatives keyed by their text (tokens of this byte-level vocabulary may share one)
+        assert len(c["logprobs"]["top_logprobs"]) == 12 and all(top for top in c["logprobs"]["top_logprobs"])
+    assert body["usage"]["completion_tokens"] == 4 * 12
+
+
+def test_stream_carries_the_same_text_and_ends_with_done(served):
+    server, expected, _ = served
+    status, text = _post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0,
+                                                     "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200
+    events = _events(text)
+    pieces = [c["text"] for e in events for c in e["choices"]]
+    assert len(pieces) > 1 and "".join(pieces) == expected[PROMPTS[0]].text
+    assert [c["finish_reason"] for e in events for c in e["choices"]][-1] == "length"
+    assert events[-1]["usage"] == {"prompt_tokens": events[-1]["usage"]["prompt_tokens"], "completion_tokens": 12,
+                                   "total_tokens": events[-1]["usage"]["prompt_tokens"] + 12}
+
+
+def test_concurrent_clients_each_get_their_own_completion(served):
+    server, expected, _ = served
+    results = {}
+
+    def client(p, stream):
+        text = _post(server, "/v1/completions", {"prompt": p, "max_tokens": 12, "temperature": 0,
+                                                  "stream": stream})[1]
+        results[p] = "".join(c["text"] for e in _events(text) for c in e["choices"]) if stream \
+            else json.loads(text)["choices"][0]["text"]
+
+    threads = [threading.Thread(target=client, args=(p, i % 2 == 0)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == {p: expected[p].text for p in PROMPTS}
+    assert _idle(server)
+
+
+def test_a_burst_of_connections_is_served(served):
+    """64 clients connect at once (socketserver's default listen backlog of 5 reset some)."""
+    server = served[0]
+    barrier, codes = threading.Barrier(64), []
+
+    def client():
+        barrier.wait()
+        code, text = _post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0})
+        codes.append((code, json.loads(text)["choices"][0]["text"]))
+
+    threads = [threading.Thread(target=client) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    first_two = json.loads(_post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2,
+                                                             "temperature": 0})[1])["choices"][0]["text"]
+    assert codes == [(200, first_two)] * 64
+    assert _idle(server)
+
+
+def test_chat_completion_renders_the_template(served):
+    server, _, chat = served
+    status, text = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 10, "temperature": 0,
+                                                          "chat_template": TEMPLATE})
+    assert status == 200, text
+    (choice,) = json.loads(text)["choices"]
+    assert choice["message"] == {"role": "assistant", "content": chat.text}
+    status, text = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 10, "temperature": 0,
+                                                          "chat_template": TEMPLATE, "stream": True})
+    events = _events(text)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["delta"].get("content", "") for e in events for c in e["choices"]) == chat.text
+
+
+@pytest.mark.parametrize("body,status,match", [
+    ({"prompt": "x", "temperature": -1}, 400, "temperature=-1"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens=0"),
+    ({"prompt": "x", "best_of": 2}, 400, "best_of"),
+    ({"prompt": "x " * 200, "max_tokens": 4}, 400, "max_model_len=128"),
+    ({"prompt": []}, 400, "prompt=[]"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
+    ({"prompt": "x", "response_format": {"type": "xml"}}, 400, "response_format"),
+    (None, 400, "not JSON"),
+])
+def test_bad_requests_are_refused_naming_the_value_and_serving_goes_on(served, body, status, match):
+    server, expected, _ = served
+    code, text = _post(server, "/v1/completions", body, raw=b"{nope" if body is None else None)
+    assert code == status
+    assert match in json.loads(text)["error"]["message"]
+    code, text = _post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0})
+    assert code == 200 and json.loads(text)["choices"][0]["text"] == expected[PROMPTS[1]].text
+    assert _idle(server)
+
+
+def test_a_client_that_disconnects_mid_stream_has_its_request_aborted(served):
+    server, _, _ = served
+    aborted = server.worker.finished["abort"]
+    body = json.dumps({"prompt": PROMPTS[2], "max_tokens": 100, "temperature": 0, "ignore_eos": True,
+                       "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    received = b""
+    while b"data: " not in received:  # the first token has been generated
+        received += sock.recv(4096)
+    assert received.startswith(b"HTTP/1.1 200")
+    sock.close()  # the client goes away
+    assert _idle(server)  # aborted long before 100 tokens, its pages back in the pool
+    assert server.worker.finished["abort"] == aborted + 1
+
+
+def test_models_health_and_metrics(served):
+    server, _, _ = served
+    port = server.server_address[1]
+    assert _idle(server)
+    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())
+    assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["max_model_len"] == 128
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200
+    before = server.worker.generation_tokens
+    _post(server, "/v1/completions", {"prompt": PROMPTS[3], "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line and not line.startswith("#")}
+    assert values['jaxinfer:generation_tokens_total{model_name="tiny"}'] == before + 5
+    assert values['jaxinfer:num_requests_running{model_name="tiny"}'] == 0
+    assert values['jaxinfer:request_success_total{model_name="tiny",finished_reason="length"}'] >= 1
+    count = values['jaxinfer:time_to_first_token_seconds_count{model_name="tiny"}']
+    assert count >= 1 and values['jaxinfer:time_to_first_token_seconds_bucket{model_name="tiny",le="+Inf"}'] == count
+
+
+def test_a_failed_engine_step_answers_500_and_the_next_request_is_served(served, monkeypatch):
+    server, expected, _ = served
+    assert _idle(server)
+    engine, calls = server.llm.engine, []
+    real_step = engine.step
+
+    def failing_step(delta=False):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return real_step(delta)
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    code, text = _post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0})
+    assert code == 500 and "device lost" in json.loads(text)["error"]["message"]
+    assert _idle(server)  # the failed request was aborted, its pages freed
+    code, text = _post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0})
+    assert code == 200 and json.loads(text)["choices"][0]["text"] == expected[PROMPTS[0]].text
