@@ -14,7 +14,8 @@ plus vLLM's extra sampling fields (top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, ...). Bad input gets HTTP 400 with OpenAI's error body, naming the value: an
 unknown field, an invalid sampling value, a prompt longer than the context or one that could
 never fit in the KV memory. A client that disconnects mid-stream has its request aborted (its
-pages return to the pool at once); the other requests carry on.
+pages return to the pool at once), and so has one that leaves while waiting for a whole
+(non-streamed) answer; the other requests carry on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import dataclasses
 import itertools
 import json
 import queue
+import select
+import socket
 import threading
 import time
 from http import HTTPStatus
@@ -93,14 +96,22 @@ class EngineWorker:
             raise result
         return result
 
-    def wait(self, q: queue.Queue):
-        """The next item of q, filled by the engine thread; RuntimeError if that thread is gone."""
+    def wait(self, q: queue.Queue, gone=None):
+        """The next item of q, filled by the engine thread; RuntimeError if that thread is gone;
+        None once gone() (asked at most every 0.1 s) says the client has left."""
+        now = time.perf_counter()
+        if gone is not None and now - getattr(q, "asked", 0.0) >= 0.1:
+            q.asked = now
+            if gone():
+                return None
         while True:
             try:
-                return q.get(timeout=1.0)
+                return q.get(timeout=0.1)
             except queue.Empty:
                 if not self.thread.is_alive():
                     raise RuntimeError("the engine thread has stopped") from None
+                if gone is not None and gone():
+                    return None
 
     def call(self, fn):
         """fn() on the engine thread, between steps (nothing else touches the engine meanwhile);
@@ -437,7 +448,9 @@ class _Handler(BaseHTTPRequestHandler):
                                     "model": model, "choices": first}):
                     return
         while pending:
-            out = self.server.worker.wait(out_q)
+            out = self.server.worker.wait(out_q, self._client_gone)
+            if out is None:  # the client closed the connection: its requests stop now
+                return
             if isinstance(out, Exception):
                 if stream:
                     self._event({"error": {"message": str(out), "type": "InternalServerError", "code": 500}})
@@ -525,11 +538,14 @@ class _Handler(BaseHTTPRequestHandler):
     # -------------------------------------------------------------- responses
 
     def _send(self, status: int, payload: bytes, content_type: str):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.close_connection = True  # the client has gone; nothing to tell it
 
     def _send_json(self, obj: dict, status: int = HTTPStatus.OK):
         self._send(status, json.dumps(obj).encode(), "application/json")
@@ -538,6 +554,15 @@ class _Handler(BaseHTTPRequestHandler):
         kind = {400: "BadRequestError", 404: "NotFoundError"}.get(int(e.status), "InternalServerError")
         self._send_json({"error": {"message": str(e), "type": kind, "param": e.param, "code": int(e.status)}},
                         e.status)
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its side (readable with nothing to read). A pipelined
+        next request leaves the connection readable with data, which is not a departure."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _start_stream(self):
         self._streaming = True

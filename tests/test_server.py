@@ -169,20 +169,34 @@ def test_bad_requests_are_refused_naming_the_value_and_serving_goes_on(served, b
     assert _idle(server)
 
 
-def test_a_client_that_disconnects_mid_stream_has_its_request_aborted(served):
-    server, _, _ = served
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_has_its_request_aborted(served, stream, monkeypatch):
+    server = served[0]
+    assert _idle(server)
+    engine, real_step = server.llm.engine, server.llm.engine.step
+
+    def slow_step(delta=False):  # the tiny model would finish 120 tokens before the client is seen to leave
+        time.sleep(0.01)
+        return real_step(delta)
+
+    monkeypatch.setattr(engine, "step", slow_step)
     aborted = server.worker.finished["abort"]
-    body = json.dumps({"prompt": PROMPTS[2], "max_tokens": 100, "temperature": 0, "ignore_eos": True,
-                       "stream": True}).encode()
+    body = json.dumps({"prompt": PROMPTS[2], "max_tokens": 120, "temperature": 0, "ignore_eos": True,
+                       "stream": stream}).encode()
     sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    received = b""
-    while b"data: " not in received:  # the first token has been generated
-        received += sock.recv(4096)
-    assert received.startswith(b"HTTP/1.1 200")
+    if stream:
+        received = b""
+        while b"data: " not in received:  # the first token has been generated
+            received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200")
+    else:
+        end = time.time() + 60
+        while not server.worker.outputs and time.time() < end:  # the request is in the engine
+            time.sleep(0.005)
     sock.close()  # the client goes away
-    assert _idle(server)  # aborted long before 100 tokens, its pages back in the pool
+    assert _idle(server)  # aborted before its 120 tokens, its pages back in the pool
     assert server.worker.finished["abort"] == aborted + 1
 
 
