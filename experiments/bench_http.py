@@ -36,15 +36,10 @@ from bench_serving import mixed_workload, run_engine
 from report import write_report
 
 from jaxinfer import LLM
+from jaxinfer.engine.metrics import distribution
 from jaxinfer.server import OpenAIServer
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def _dist(values) -> dict:
-    a = np.asarray(values, float) * 1e3
-    return {"mean": float(a.mean()), "median": float(np.median(a)),
-            **{f"p{q}": float(np.percentile(a, q)) for q in (90, 95, 99)}}
 
 
 def run_http(port: int, prompts, params, arrivals) -> tuple[dict, list[str]]:
@@ -72,7 +67,8 @@ def run_http(port: int, prompts, params, arrivals) -> tuple[dict, list[str]]:
     n_out = sum(u["completion_tokens"] for _, _, _, u, _ in records)
     summary = {"duration_s": duration, "output_throughput": n_out / duration,
                "request_throughput": len(prompts) / duration, "total_output_tokens": n_out,
-               "ttft_ms": _dist(ttft), "tpot_ms": _dist(tpot), "itl_ms": _dist(itl), "e2el_ms": _dist(e2el)}
+               "ttft_ms": distribution(ttft), "tpot_ms": distribution(tpot), "itl_ms": distribution(itl),
+               "e2el_ms": distribution(e2el)}
     return summary, [r[4] for r in records]
 
 

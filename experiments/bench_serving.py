@@ -56,28 +56,21 @@ def decode_heavy_workload(rng, n, vocab):
     return prompts, params
 
 
-def paired_ratio(base: LLM, other: LLM, prompts, params, pairs: int) -> list[float]:
-    """Output tok/s of `other` over `base`, runs back to back, alternating which goes first."""
+def paired_ratio(base, other, pairs: int) -> list[float]:
+    """Output tok/s of other() over base() (each runs the workload once and returns its summary),
+    runs back to back, alternating which goes first (both warmed up already)."""
     ratios = []
     for i in range(pairs):
         tput = {}
-        for which in ((base, other) if i % 2 == 0 else (other, base)):
-            tput[id(which)] = run_engine(which, prompts, params)[1]["output_throughput"]
-        ratios.append(tput[id(other)] / tput[id(base)])
+        for name, run in ((("base", base), ("other", other)) if i % 2 == 0 else (("other", other), ("base", base))):
+            tput[name] = run()["output_throughput"]
+        ratios.append(tput["other"] / tput["base"])
     return ratios
 
 
-def paired_static_ratio(llm: LLM, prompts, params, rows: int, pairs: int) -> list[float]:
-    """Output tok/s of the engine over static batches of `rows`, runs back to back, alternating
-    which goes first (both warmed up already)."""
-    ratios = []
-    for i in range(pairs):
-        tput = {}
-        for which in (("engine", "static") if i % 2 == 0 else ("static", "engine")):
-            run = run_engine(llm, prompts, params) if which == "engine" else run_static(llm, prompts, params, rows)
-            tput[which] = run[1]["output_throughput"]
-        ratios.append(tput["engine"] / tput["static"])
-    return ratios
+def engine_run(llm: LLM, prompts, params):
+    """A paired_ratio side: the engine over the workload, all at once."""
+    return lambda: run_engine(llm, prompts, params)[1]
 
 
 def shared_prefix_workload(rng, n, vocab, system_len=512):
@@ -222,7 +215,8 @@ def main():
     results["a_static_unlimited"] = {**static_free, "batch_size": args.max_num_seqs,
                                      "kv_bytes_needed": int(args.max_num_seqs * longest * per_token)}
     results["a_continuous_over_static_single"] = cont["output_throughput"] / static["output_throughput"]
-    pairs_static = paired_static_ratio(llm, prompts_a, params_a, static_rows, args.pairs)
+    pairs_static = paired_ratio(lambda: run_static(llm, prompts_a, params_a, static_rows)[1],
+                                engine_run(llm, prompts_a, params_a), args.pairs)
     results["a_continuous_over_static_pairs"] = pairs_static
     results["a_continuous_over_static"] = float(np.median(pairs_static))
     results["a_continuous_over_static_unlimited"] = cont["output_throughput"] / static_free["output_throughput"]
@@ -284,12 +278,14 @@ def main():
     n_fused = args.num_scheduler_steps
     fused_llm = LLM(args.model, enable_prefix_caching=False, num_scheduler_steps=n_fused, **common)
     (fused_outs, fused, kv_f), comp_f = measured(run_engine, fused_llm, prompts_a, params_a)
-    ratios = paired_ratio(llm, fused_llm, prompts_a, params_a, args.pairs)
+    ratios = paired_ratio(engine_run(llm, prompts_a, params_a), engine_run(fused_llm, prompts_a, params_a),
+                          args.pairs)
     (_, fused_pois, kv_fp), comp_fp = measured(run_engine, fused_llm, prompts_a, params_a, arrivals)
     prompts_c, params_c = decode_heavy_workload(rng, args.num_requests // 2, vocab)
     measured(run_engine, llm, prompts_c, params_c)  # warm both up (compile), then pairs
     measured(run_engine, fused_llm, prompts_c, params_c)
-    ratios_c = paired_ratio(llm, fused_llm, prompts_c, params_c, args.pairs)
+    ratios_c = paired_ratio(engine_run(llm, prompts_c, params_c), engine_run(fused_llm, prompts_c, params_c),
+                            args.pairs)
     results["c_fused_over_single_pairs"] = ratios_c
     results["c_fused_over_single"] = float(np.median(ratios_c))
     results["a_fused"] = {**fused, **kv_f, **comp_f, "num_scheduler_steps": n_fused,

@@ -435,9 +435,8 @@ def fuse(parts: list[QuantWeight | None]) -> QuantWeight | None:
         return None
     first = parts[0]
     same = all(p.fmt == first.fmt and p.group == first.group and p.scale.dtype == first.scale.dtype
-               and (p.zero is None) == (first.zero is None) for p in parts)
-    same = same and all((p.input_perm is None) == (first.input_perm is None) and
-                        (p.input_perm is None or np.array_equal(p.input_perm, first.input_perm)) for p in parts)
+               and (p.zero is None) == (first.zero is None) and (p.input_perm is None) == (first.input_perm is None)
+               and (p.input_perm is None or np.array_equal(p.input_perm, first.input_perm)) for p in parts)
     if not same:  # different formats, groups, or activation orders: no shared x
         return None
     tensor_scale = None

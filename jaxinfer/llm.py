@@ -337,7 +337,8 @@ class LLM:
     # ------------------------------------------------------------------ helpers
 
     def _make_requests(self, prompts, sampling_params, lora_request=None,
-                       priority: Sequence[int] | None = None) -> list[list[EngineRequest]]:
+                       priority: Sequence[int] | None = None,
+                       arrival_time: float | None = None) -> list[list[EngineRequest]]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -348,7 +349,7 @@ class LLM:
                                   "SamplingParams")
         loras = _per_prompt(lora_request, LoRARequest, n, "lora_request entries")
         priorities = _per_prompt(0 if priority is None else priority, int, n, "priority values")
-        now = time.perf_counter()
+        now = time.perf_counter() if arrival_time is None else arrival_time
         groups = []
         for p, sp, lr, pr in zip(prompts, params_list, loras, priorities):
             seed = sp.seed if isinstance(sp, SamplingParams) and sp.seed is not None \

@@ -78,7 +78,6 @@ class EngineWorker:
         self.llm, self.engine = llm, llm.engine
         self.commands: queue.Queue = queue.Queue()
         self.outputs: dict[str, queue.Queue] = {}  # request id -> its handler's queue
-        self.ids = itertools.count()
         self.finished = {"stop": 0, "length": 0, "abort": 0}
         self.ttft = Histogram(LATENCY_BUCKETS)
         self.e2e = Histogram(LATENCY_BUCKETS)
@@ -98,20 +97,15 @@ class EngineWorker:
 
     def wait(self, q: queue.Queue, gone=None):
         """The next item of q, filled by the engine thread; RuntimeError if that thread is gone;
-        None once gone() (asked at most every 0.1 s) says the client has left."""
-        now = time.perf_counter()
-        if gone is not None and now - getattr(q, "asked", 0.0) >= 0.1:
-            q.asked = now
-            if gone():
-                return None
+        None once gone() says the client has left (asked before each wait and every 0.1 s)."""
         while True:
+            if gone is not None and gone():
+                return None
             try:
                 return q.get(timeout=0.1)
             except queue.Empty:
                 if not self.thread.is_alive():
                     raise RuntimeError("the engine thread has stopped") from None
-                if gone is not None and gone():
-                    return None
 
     def call(self, fn):
         """fn() on the engine thread, between steps (nothing else touches the engine meanwhile);
@@ -153,22 +147,16 @@ class EngineWorker:
 
     def _handle(self, command):
         if isinstance(command, _Submission):
-            try:
-                seqs = []
-                now = command.arrival
-                for p in command.prompts:  # every prompt is checked before any is queued
-                    rid = f"cmpl-{next(self.ids)}"
-                    seed = command.params.seed if command.params.seed is not None \
-                        else self.llm._rng.getrandbits(31)
-                    seqs.append(self.engine.make_requests(rid, p, command.params, seed, now))
+            try:  # every prompt is checked before any is queued
+                groups = self.llm._make_requests(command.prompts, command.params, arrival_time=command.arrival)
             except Exception as e:  # noqa: BLE001 - handed to the submitting thread
                 command.reply.put(e)
                 return
             out: queue.Queue = queue.Queue()
-            for group in seqs:
+            for group in groups:
                 self.engine.add_sequences(group)
                 self.outputs[group[0].request_id] = out
-            command.reply.put(([g[0].request_id for g in seqs], out))
+            command.reply.put(([g[0].request_id for g in groups], out))
         elif command[0] == "call":
             try:
                 command[2].put((True, command[1]()))
@@ -304,6 +292,36 @@ def _int_field(body: dict, name: str, default=None, low: int = 0):
     return value
 
 
+def _choice(i: int, text: str, token_ids, logprobs, reason, chat: bool, delta: bool, top: int) -> dict:
+    """One entry of a response's (or a stream chunk's) choices."""
+    lp = _logprobs(token_ids, logprobs, chat, top) if logprobs else None
+    if chat:
+        content = {"content": text} if delta else {"role": "assistant", "content": text}
+        return {"index": i, ("delta" if delta else "message"): content, "logprobs": lp, "finish_reason": reason}
+    return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+
+
+def _logprobs(token_ids, logprobs, chat: bool, top: int) -> dict:
+    """OpenAI's logprobs of a choice's sampled tokens, with the texts the engine decoded for them:
+    chat's `content` list (each with its `top` most likely alternatives), or the completions API's
+    tokens / token_logprobs / top_logprobs / text_offset lists (top_logprobs: the top alternatives
+    and the sampled token, as vLLM gives them)."""
+    def text(t: int, lp) -> str:
+        return lp.decoded_token if lp.decoded_token is not None else str(t)  # str: no tokenizer
+
+    def entry(t: int, lp) -> dict:
+        piece = text(t, lp)
+        return {"token": piece, "logprob": lp.logprob, "bytes": list(piece.encode())}
+    if chat:
+        return {"content": [{**entry(t, pos[t]), "top_logprobs": [
+            entry(a, lp) for a, lp in sorted(pos.items(), key=lambda kv: kv[1].rank) if lp.rank <= top]}
+            for t, pos in zip(token_ids, logprobs)]}
+    pieces = [text(t, pos[t]) for t, pos in zip(token_ids, logprobs)]
+    return {"tokens": pieces, "token_logprobs": [pos[t].logprob for t, pos in zip(token_ids, logprobs)],
+            "top_logprobs": [{text(a, lp): lp.logprob for a, lp in pos.items()} for pos in logprobs],
+            "text_offset": list(itertools.accumulate((len(p) for p in pieces[:-1]), initial=0))}
+
+
 # ----------------------------------------------------------------------------- HTTP
 
 class OpenAIServer(ThreadingHTTPServer):
@@ -347,7 +365,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_error(RequestError(f"no route GET {path}", HTTPStatus.NOT_FOUND))
 
     def do_POST(self):
-        self._arrival = time.perf_counter()
+        self._arrival = self._gone_checked = time.perf_counter()
         path = self.path.split("?")[0]
         self._streaming = False
         try:
@@ -407,10 +425,9 @@ class _Handler(BaseHTTPRequestHandler):
                 chat_template=body.get("chat_template"), **(body.get("chat_template_kwargs") or {}))
         except (TypeError, ValueError) as e:
             raise RequestError(f"messages: {e}", param="messages") from None
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        body = {**body, "max_completion_tokens": max_tokens}
+        limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         top = _int_field(body, "top_logprobs", 0) if body.get("logprobs") else None
-        params = sampling_params(body, _int_field(body, "max_completion_tokens", None, 1), top)
+        params = sampling_params(body, _int_field(body, limit, None, 1), top)
         prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
         self._serve_request(body, [prompt], params, chat=True)
 
@@ -427,10 +444,10 @@ class _Handler(BaseHTTPRequestHandler):
                 chat: bool):
         """Collect the request's outputs (removing ids from `pending` as they finish) and answer:
         one JSON body, or server-sent events as the text arrives."""
-        self._top = params.logprobs or 0
+        top = params.logprobs or 0
         index = {rid: i for i, rid in enumerate(ids)}
         created, model = int(time.time()), self.server.model_name
-        rid0 = ("chatcmpl-" if chat else "cmpl-") + ids[0].split("-", 1)[1]
+        rid0 = ("chatcmpl-" if chat else "cmpl-") + ids[0]
         obj = "chat.completion" if chat else "text_completion"
         n = params.n
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -466,7 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if c.finish_reason is not None:
                     reasons[i] = c.finish_reason
                 if stream and (c.text or c.finish_reason is not None):
-                    choices.append(self._choice(i, c.text, c.token_ids, c.logprobs, c.finish_reason, chat, True))
+                    choices.append(_choice(i, c.text, c.token_ids, c.logprobs, c.finish_reason, chat, True, top))
             if out.finished:
                 pending.discard(out.request_id)
                 usage["prompt_tokens"] += len(out.prompt_token_ids)
@@ -483,36 +500,10 @@ class _Handler(BaseHTTPRequestHandler):
                              "model": model, "choices": [], "usage": usage})
             self._event_raw(b"data: [DONE]\n\n")
             return self._end_stream()
-        choices = [self._choice(i, "".join(texts[i]), tokens[i], lps[i] or None, reasons[i], chat, False)
+        choices = [_choice(i, "".join(texts[i]), tokens[i], lps[i] or None, reasons[i], chat, False, top)
                    for i in range(len(texts))]
         self._send_json({"id": rid0, "object": obj, "created": created, "model": model, "choices": choices,
                          "usage": usage})
-
-    def _choice(self, i: int, text: str, token_ids, logprobs, reason, chat: bool, delta: bool) -> dict:
-        lp = self._logprobs(token_ids, logprobs, chat, self._top) if logprobs else None
-        if chat:
-            content = {"content": text} if delta else {"role": "assistant", "content": text}
-            return {"index": i, ("delta" if delta else "message"): content, "logprobs": lp, "finish_reason": reason}
-        return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
-
-    def _logprobs(self, token_ids, logprobs, chat: bool, top: int) -> dict:
-        """OpenAI's logprobs of a choice's sampled tokens: chat's `content` list (each with its
-        `top` most likely alternatives), or the completions API's token / token_logprobs /
-        top_logprobs / text_offset lists (top_logprobs: the top alternatives and the sampled
-        token, as vLLM gives them)."""
-        tok = self.server.llm.get_tokenizer()
-        piece = (lambda t: tok.decode([t])) if tok is not None else str
-
-        def entry(t, lp):
-            return {"token": piece(t), "logprob": lp.logprob, "bytes": list(piece(t).encode())}
-        if chat:
-            return {"content": [{**entry(t, pos[t]), "top_logprobs": [
-                entry(a, lp) for a, lp in sorted(pos.items(), key=lambda kv: kv[1].rank) if lp.rank <= top]}
-                for t, pos in zip(token_ids, logprobs)]}
-        return {"tokens": [piece(t) for t in token_ids],
-                "token_logprobs": [pos[t].logprob for t, pos in zip(token_ids, logprobs)],
-                "top_logprobs": [{piece(a): lp.logprob for a, lp in pos.items()} for pos in logprobs],
-                "text_offset": list(itertools.accumulate((len(piece(t)) for t in token_ids[:-1]), initial=0))}
 
     # -------------------------------------------------------------- metrics
 
@@ -556,8 +547,13 @@ class _Handler(BaseHTTPRequestHandler):
                         e.status)
 
     def _client_gone(self) -> bool:
-        """Whether the client has closed its side (readable with nothing to read). A pipelined
-        next request leaves the connection readable with data, which is not a departure."""
+        """Whether the client has closed its side (readable with nothing to read), looked at most
+        every 0.1 s. A pipelined next request leaves the connection readable with data, which is
+        not a departure."""
+        now = time.perf_counter()
+        if now - self._gone_checked < 0.1:
+            return False
+        self._gone_checked = now
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""

@@ -48,7 +48,7 @@ class EngineStats:
         return (self.spec_accepted_tokens + self.spec_steps) / self.spec_steps if self.spec_steps else 0.0
 
 
-def _dist(values: list[float], scale: float = 1e3) -> dict[str, float]:
+def distribution(values: list[float], scale: float = 1e3) -> dict[str, float]:
     """mean / median / p90 / p95 / p99 in milliseconds (scale 1e3)."""
     if not values:
         return {k: float("nan") for k in ("mean", "median", *(f"p{p}" for p in PERCENTILES[1:]))}
@@ -85,7 +85,8 @@ def summarize(outputs: list[RequestOutput], duration: float) -> dict:
         "request_throughput": len(outputs) / duration,
         "output_throughput": n_out / duration, "total_token_throughput": (n_in + n_out) / duration,
         "total_input_tokens": n_in, "total_output_tokens": n_out,
-        "ttft_ms": _dist(ttft), "tpot_ms": _dist(tpot), "itl_ms": _dist(itl), "e2el_ms": _dist(e2el),
+        "ttft_ms": distribution(ttft), "tpot_ms": distribution(tpot), "itl_ms": distribution(itl),
+        "e2el_ms": distribution(e2el),
     }
 
 
