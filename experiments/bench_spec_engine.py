@@ -1,6 +1,7 @@
 """Speculative decoding inside the continuous-batching engine: what it buys at each concurrency.
 
-For the methods the engine runs (n-gram prompt lookup and a draft model), several numbers of
+For the methods the engine runs (n-gram prompt lookup, a draft model, layer skip, EAGLE and
+Medusa with the heads shipped for the target), several numbers of
 speculative tokens k and several concurrencies c (max_num_seqs = c, every request queued at
 once, so c requests decode together while the queue lasts), on bench_spec's held-out
 continuation and code-edit prompts, greedy, --max-tokens new tokens per request (EOS
@@ -15,6 +16,8 @@ Writes experiments/results/bench_spec_engine.{md,json}.
 
     python experiments/bench_spec_engine.py
     python experiments/bench_spec_engine.py --concurrency 1 8 --methods ngram --ks 4
+    python experiments/bench_spec_engine.py --methods eagle medusa layer_skip --ks 4 --concurrency 1 4 \
+        --out experiments/results/bench_spec_engine_heads
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_spec  # noqa: E402
 from jaxinfer import LLM, SamplingParams  # noqa: E402
+from jaxinfer.engine.engine import ENGINE_SPEC_METHODS  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-ENGINE_METHODS = {"ngram": bench_spec.METHOD_CONFIGS["ngram"],
-                  "draft_model": bench_spec.METHOD_CONFIGS["draft_model"]}
+ENGINE_METHODS = {m: bench_spec.METHOD_CONFIGS[m] for m in ENGINE_SPEC_METHODS}
 
 
 def timed_generate(llm: LLM, prompts, params) -> tuple[float, list[list[int]], dict]:
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="stdlib-target")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--methods", nargs="+", default=list(ENGINE_METHODS), choices=list(ENGINE_METHODS))
+    p.add_argument("--methods", nargs="+", default=["ngram", "draft_model"], choices=list(ENGINE_METHODS))
     p.add_argument("--ks", nargs="+", type=int, default=[2, 4, 8])
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--sets", nargs="+", default=["continuation", "code_edit"], choices=["continuation", "code_edit"])
@@ -88,8 +91,14 @@ def main(argv=None) -> int:
     for c in args.concurrency:
         plain = LLM(args.target, max_num_seqs=c, **common)
         extra = {} if args.disable_by_batch_size is None else {"disable_by_batch_size": args.disable_by_batch_size}
-        specs = {(m, k): LLM(args.target, max_num_seqs=c, speculative_config={
-            **ENGINE_METHODS[m], "num_speculative_tokens": k, **extra}, **common) for m in args.methods for k in args.ks}
+        specs = {}
+        for m in args.methods:
+            for k in args.ks:
+                try:
+                    specs[m, k] = LLM(args.target, max_num_seqs=c, speculative_config={
+                        **ENGINE_METHODS[m], "num_speculative_tokens": k, **extra}, **common)
+                except ValueError as e:  # e.g. k above the Medusa head's count
+                    print(f"c={c} {m} k={k}: skipped ({e})", flush=True)
         for set_name in args.sets:
             prompts = [{"prompt_token_ids": ids} for ids in sets[set_name]]
             warm(plain, prompts, params)

@@ -212,8 +212,8 @@ class LLM:
         """Generate for every prompt: a string, {"prompt": str}, {"prompt_token_ids": [...]}, or a list.
 
         Every prompt is validated before any work starts (ValueError names the problem).
-        Runs on the continuous-batching engine; speculative methods the engine does not run
-        (layer_skip, eagle, medusa) run in the jit-compiled static loop instead.
+        Runs on the continuous-batching engine; the one speculative method the engine does not
+        run (ngram_draft_model) runs in the jit-compiled static loop instead.
         lora_request: a `LoRARequest` for every prompt, or one per prompt (None: the base model);
         needs enable_lora=True. priority: one integer per prompt (scheduling_policy="priority")."""
         if self.speculative_config is not None and not self._spec_in_engine:

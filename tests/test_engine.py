@@ -330,6 +330,50 @@ def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
     _check_pages_returned(spec)
 
 
+@pytest.fixture(scope="module")
+def head_dirs(model_dir, tmp_path_factory):
+    """Random EAGLE and Medusa heads for the engine's tiny model."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.checkpoint import load_config
+    from jaxinfer.spec.heads import eagle_config, init_eagle, init_medusa, save_head
+    cfg = load_config(model_dir)
+    d = tmp_path_factory.mktemp("engine_heads")
+    save_head(d / "eagle", "eagle", init_eagle(eagle_config(cfg, 64), jax.random.PRNGKey(0)), cfg,
+              {"intermediate_size": 64}, dtype=jnp.float32)
+    save_head(d / "medusa", "medusa", init_medusa(cfg.hidden_size, 3, 32, jax.random.PRNGKey(1)), cfg,
+              {"num_heads": 3, "inner": 32}, dtype=jnp.float32)
+    return {"eagle": str(d / "eagle"), "medusa": str(d / "medusa")}
+
+
+@pytest.mark.parametrize("method", ["layer_skip", "eagle", "medusa"])
+def test_engine_head_drafters_are_lossless_and_draft_as_the_static_loop(model_dir, head_dirs, method):
+    """Layer skip, EAGLE and Medusa in the engine. Greedy output equals the plain engine's
+    with prefix caching, chunked prefill and preemption by recompute, and by swap (the heads'
+    feature and K/V pages go to the host and back). One request at a time, the engine drafts
+    what the static loop drafts: the same verification count and accepted tokens, so the
+    head's paged state holds what the loop's contiguous state does."""
+    prompts = _prompts(4, seed=3) + _prompts(3, seed=4, shared_prefix=20)
+    conf = {"method": method, "num_speculative_tokens": 3}
+    conf.update({"num_layers": 1} if method == "layer_skip" else {"model": head_dirs[method]})
+    ref = [o.outputs[0].token_ids for o in LLM(model_dir, block_size=8).generate(prompts, GREEDY)]
+    for mode in ("recompute", "swap"):
+        llm = LLM(model_dir, block_size=8, num_kv_pages=12, max_num_batched_tokens=16, preemption_mode=mode,
+                  enable_prefix_caching=mode == "recompute", speculative_config=conf)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
+        s = llm.get_stats()
+        assert s.num_preemptions > 0 and (mode == "recompute" or s.num_swapped_out > 0)
+        assert s.spec_steps > 0 and s.spec_drafted_tokens == 3 * s.spec_steps
+        _check_pages_returned(llm)
+    one = LLM(model_dir, block_size=8, max_num_seqs=1, speculative_config=conf)
+    assert [o.outputs[0].token_ids for o in one.generate(prompts[:4], GREEDY)] == ref[:4]
+    static = LLM(model_dir, speculative_config=conf)
+    static.generate_static(prompts[:4], GREEDY, batch_size=1)
+    s, st = one.get_stats(), static.spec_stats()
+    assert (s.spec_steps, s.spec_accepted_tokens) == (st.forwards, st.accepted) and st.accepted > 0
+
+
 def test_prefill_calls_group_similar_lengths_and_keep_readers_after_writers():
     from jaxinfer.engine.runner import prefill_calls
     from jaxinfer.engine.scheduler import ScheduledChunk

@@ -170,10 +170,13 @@ def test_bad_constructor_arguments(tmp_path):
 
 
 @pytest.mark.parametrize("conf", [
-    {"method": "layer_skip", "num_speculative_tokens": 2, "num_layers": 1},  # static jit loop
+    {"method": "layer_skip", "num_speculative_tokens": 2, "num_layers": 1},  # engine
     {"method": "ngram", "num_speculative_tokens": 3},  # engine
+    {"method": "ngram_draft_model", "model": "SELF", "num_speculative_tokens": 3},  # static jit loop
 ])
 def test_speculative_config_is_lossless_through_llm(llm, conf):
+    if conf.get("model") == "SELF":  # the target drafts for itself (same vocabulary)
+        conf = {**conf, "model": str(llm.model_dir)}
     spec = LLM(str(llm.model_dir), dtype="float32", speculative_config=conf)
     p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = ["def add(a, b):", "for i in range(10):\n"]
@@ -186,8 +189,8 @@ def test_speculative_config_is_lossless_through_llm(llm, conf):
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens=0"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookup": 3}, r"keys \['lookup'\]"),
     ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size=0"),
-    ({"method": "medusa", "num_speculative_tokens": 2, "disable_by_batch_size": 4},
-     r"keys \['disable_by_batch_size'\] are not known for method 'medusa'"),
+    ({"method": "ngram_draft_model", "model": "stdlib-draft", "num_speculative_tokens": 2,
+      "disable_by_batch_size": 4}, r"keys \['disable_by_batch_size'\] are not known for method 'ngram_draft_model'"),
 ])
 def test_bad_speculative_config(llm, conf, match):
     with pytest.raises(ValueError, match=match):

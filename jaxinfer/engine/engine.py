@@ -15,6 +15,7 @@ import time
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.engine.heads import HEAD_METHODS, HeadSpec, init_head_cache
 from jaxinfer.engine.inputs import InputProcessor
 from jaxinfer.engine.metrics import EngineStats
 from jaxinfer.engine.request import EngineRequest, Status
@@ -31,7 +32,7 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.tokenizer import Tokenizer
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 << 20
-ENGINE_SPEC_METHODS = ("ngram", "draft_model")
+ENGINE_SPEC_METHODS = ("ngram", "draft_model") + HEAD_METHODS
 PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
@@ -49,7 +50,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     attention_backend: str = "xla"
     kv_cache_dtype: str = "auto"
-    speculative_config: object = None  # spec.config.SpeculativeConfig: "ngram" or "draft_model"
+    speculative_config: object = None  # spec.config.SpeculativeConfig, a method of ENGINE_SPEC_METHODS
     num_scheduler_steps: int = 1  # decode steps fused into one device call when only decodes run
     preemption_mode: str = "recompute"  # or "swap": a preempted request's K/V waits on the host
     swap_space: float = 4.0  # GiB of host memory for swapped K/V (vLLM's name); beyond it: recompute
@@ -87,17 +88,23 @@ def kv_bytes_per_page(cfg: ModelConfig, block_size: int, itemsize: int, quant: K
     return int(2 * cfg.num_layers * cfg.num_kv_heads * per_token * block_size)
 
 
-def _load_draft(spec, dtype):
-    """The draft model of speculative_config method "draft_model": (cfg, weights), else None."""
+def _load_draft(spec, cfg: ModelConfig, dtype) -> tuple[tuple | None, HeadSpec | None]:
+    """What the engine drafts with, as (draft, head): a draft model's ((cfg, weights), None);
+    layer skip / EAGLE / Medusa as ((None, head params or None), HeadSpec); n-gram or no
+    speculation (None, None)."""
     if spec is None:
-        return None
+        return None, None
     if spec.method not in ENGINE_SPEC_METHODS:
         raise ValueError(f"speculative_config method={spec.method!r} runs in the static loop "
                          f"(LLM.generate_static); the engine runs {ENGINE_SPEC_METHODS}")
-    if spec.method != "draft_model":
-        return None
-    from jaxinfer.spec.config import load_draft_model
-    return load_draft_model(spec, dtype)
+    if spec.method == "ngram":
+        return None, None
+    from jaxinfer.spec.config import build_drafter, load_draft_model
+    if spec.method == "draft_model":
+        return load_draft_model(spec, dtype), None
+    drafter, params = build_drafter(spec, cfg, dtype)  # loads and checks the head
+    head = HeadSpec(spec.method, drafter.cfg, getattr(drafter, "num_layers", 0))
+    return (None, params), head
 
 
 class LLMEngine:
@@ -109,11 +116,14 @@ class LLMEngine:
         bs = config.block_size
         self.kv_quant = KVQuantSpec.parse(config.kv_cache_dtype, cfg.head_dim)
         spec = config.speculative_config
-        draft = _load_draft(spec, dtype)  # (cfg, weights) of a draft model, or None
+        draft, head = _load_draft(spec, cfg, dtype)  # (cfg, weights) of a draft model / head params
         # One page holds block_size tokens of K and V for every layer (the draft model's too:
-        # its pages mirror the target's, same ids, same page tables).
+        # its pages mirror the target's, same ids, same page tables; an EAGLE / Medusa head's
+        # features and K/V likewise).
         page_bytes = kv_bytes_per_page(cfg, bs, itemsize, self.kv_quant)
-        if draft is not None:
+        if head is not None:
+            page_bytes += head.bytes_per_page(cfg, bs, itemsize)
+        elif draft is not None:
             page_bytes += kv_bytes_per_page(draft[0], bs, itemsize)
         # KIVI keeps one full-precision residual key group per running sequence, beside the pages.
         resid_bytes = 0
@@ -132,10 +142,13 @@ class LLMEngine:
         self.kv_cache_bytes = num_pages * page_bytes + resid_bytes
         kv = init_paged(cfg.num_layers, num_pages, bs, cfg.num_kv_heads, cfg.head_dim, dtype, self.kv_quant,
                         num_slots=config.max_num_seqs)
-        if draft is not None:
+        if head is not None:
+            draft = (*draft, init_head_cache(head, cfg, num_pages, bs, dtype))
+        elif draft is not None:
             draft = (*draft, init_paged(draft[0].num_layers, num_pages, bs, draft[0].num_kv_heads,
                                         draft[0].head_dim, dtype))
-        assert kv.nbytes() + (draft[2].nbytes() if draft else 0) == self.kv_cache_bytes, "KV byte count"
+        assert kv.nbytes() + (draft[2].nbytes() if draft and draft[2] is not None else 0) == self.kv_cache_bytes, \
+            "KV byte count"
         k = spec.k if spec is not None else 0
         self.allocator = PageAllocator(num_pages, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
@@ -150,7 +163,7 @@ class LLMEngine:
         max_pages = -(-(config.max_model_len + k) // config.block_size)
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,
-                                  decode_token, spec=spec, draft=draft, lora=self.lora)
+                                  decode_token, spec=spec, draft=draft, lora=self.lora, head=head)
         self.inputs = InputProcessor(cfg, tokenizer, config.max_model_len, num_pages * config.block_size - k)
         self.groups: dict[str, list[EngineRequest]] = {}
         self.num_requests = 0  # requests made so far (the priority scheduler's tie-break)

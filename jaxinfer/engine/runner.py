@@ -10,10 +10,10 @@ instead of padding every row to the longest chunk. Shapes are bucketed (B, T and
 the page-table width on a grid of four sizes per doubling) so a long run compiles
 a bounded number of programs; `compilations` counts the distinct ones.
 
-With speculative decoding (method "ngram" or "draft_model"), decode rows instead run
-`spec_step`: k drafted tokens (host prompt lookup, or a draft model whose paged cache
-shares the target's page tables) verified by one target forward over k + 1 positions.
-A step in which no row's context holds a prompt-lookup match decodes plainly.
+With speculative decoding, decode rows instead run `spec_step`: k drafted tokens (host
+prompt lookup; a draft model whose paged cache shares the target's page tables; or
+layer skip, EAGLE, Medusa, engine/heads.py) verified by one target forward over k + 1
+positions. A step in which no row's context holds a prompt-lookup match decodes plainly.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from flax import struct
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.engine import heads
 from jaxinfer.engine.scheduler import ScheduledChunk
 from jaxinfer.generate import bucket, fine_bucket
 from jaxinfer.kv.cache import AttentionMeta, KVCache
@@ -95,24 +96,28 @@ def _adapted(weights: Weights, lora: LoRAArrays | None, inp: StepInputs) -> Weig
     return weights if lora is None else with_lora(weights, lora, inp.lora_slots)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg"), donate_argnames=("kv", "dkv"))
+@functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg", "head"), donate_argnames=("kv", "dkv"))
 def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
-                dweights=None, dkv=None, dcfg: ModelConfig | None = None, lora: LoRAArrays | None = None):
+                dweights=None, dkv=None, dcfg: ModelConfig | None = None, lora: LoRAArrays | None = None,
+                head: heads.HeadSpec | None = None):
     """One forward over tokens [B, T] into the paged cache, then sample each row's next token.
 
     dweights, dkv: optional draft model and its paged cache, fed the same tokens
-    (speculative drafting with a draft model). lora: the device adapters (rows pick theirs by
-    inp.lora_slots). Returns (kv, draft cache or None, sampled [B], logprob extras or None,
-    prompt-logprob extras or None).
+    (speculative drafting with a draft model); with `head` (EAGLE, Medusa), the head's params
+    and its HeadCache, which `heads.record` brings up to date. lora: the device adapters (rows
+    pick theirs by inp.lora_slots). Returns (kv, draft cache or None, sampled [B], logprob
+    extras or None, prompt-logprob extras or None).
     """
     weights = _adapted(weights, lora, inp)
     meta = inp.meta()
     t = inp.tokens.shape[1]
     last = jnp.maximum(inp.q_lens - 1, 0)[:, None]  # [B, 1]
     want_plp = statics.num_prompt_logprobs >= 0
-    logits, _, kv = forward(weights, cfg, inp.tokens, meta.query_positions(t), kv, meta,
-                            backend=statics.backend, logits_at=None if want_plp else last)
-    if dkv is not None:
+    logits, hidden, kv = forward(weights, cfg, inp.tokens, meta.query_positions(t), kv, meta,
+                                 backend=statics.backend, logits_at=None if want_plp else last)
+    if head is not None:
+        dkv = heads.record(head, dweights, weights, dkv, hidden, inp.tokens, meta, statics.backend)
+    elif dkv is not None:
         dkv = _draft_forward(dweights, dkv, dcfg, inp.tokens, meta, statics.backend)
     plp = None
     if want_plp:
@@ -161,16 +166,17 @@ def multi_decode_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, 
     return kv, toks, live, lp
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg", "k"), donate_argnames=("kv", "dkv"))
+@functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg", "k", "head"), donate_argnames=("kv", "dkv"))
 def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
               prev: jax.Array, dweights=None, dkv=None, dcfg: ModelConfig | None = None, k: int = 1,
-              lora: LoRAArrays | None = None):
+              lora: LoRAArrays | None = None, head: heads.HeadSpec | None = None):
     """Speculative decode of rows whose only pending token is the last sampled one.
 
     inp.tokens [B, k+1] = [last, d_1..d_k] (n-gram drafts from the host), or [last, ...]
     when a draft model (dweights, and its paged cache dkv) proposes d_1..d_k here: its first
     step re-reads [prev, last] (rewriting prev's K/V is idempotent, and it catches the
-    draft's cache up when all k drafts were accepted last time), then k - 1 single steps.
+    draft's cache up when all k drafts were accepted last time), then k - 1 single steps;
+    or, with `head`, layer skip / EAGLE / Medusa (`heads.propose`, then `heads.commit`).
     One target forward scores all k + 1 positions; `spec.verify.verify` accepts
     (min(1, p/q), residual on rejection, bonus when all pass; greedy: argmax match).
     Rejected positions are rolled back by the host not advancing num_computed.
@@ -184,7 +190,10 @@ def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCa
     pen = None if inp.pen is None else inp.pen.build(cfg.vocab_size)
     draft_logits = None
     drafts = inp.tokens[:, 1:]
-    if dkv is not None:
+    if head is not None:
+        drafts, draft_logits, kv, dkv = heads.propose(head, dweights, weights, cfg, kv, dkv, inp, k, pen,
+                                                      statics.backend)
+    elif dkv is not None:
         toks = jnp.stack([prev, inp.tokens[:, 0]], axis=1)  # [B, 2]
         q_lens = jnp.where(active, 2, 0)
         outs, shaped, dpen = [], [], pen
@@ -202,8 +211,11 @@ def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCa
         draft_logits = jnp.stack(shaped, axis=1)  # [B, k, V]
     tokens = jnp.concatenate([inp.tokens[:, :1], drafts], axis=1)  # [B, k+1]
     meta = inp.meta()
-    logits, _, kv = forward(weights, cfg, tokens, meta.query_positions(k + 1), kv, meta, backend=statics.backend)
+    logits, hidden, kv = forward(weights, cfg, tokens, meta.query_positions(k + 1), kv, meta,
+                                 backend=statics.backend)
     n_acc, nxt, blocked = verify(logits, drafts, draft_logits, inp.st, inp.limits, inp.counters, pen=pen)
+    if head is not None:
+        dkv = heads.commit(head, dweights, weights, dkv, hidden, drafts, n_acc, inp, statics.backend)
     lp = None
     if statics.num_logprobs >= 0:
         i = jnp.arange(k + 1)[None, :]
@@ -217,7 +229,7 @@ class ModelRunner:
 
     def __init__(self, weights: Weights, cfg: ModelConfig, kv: KVCache, page_size: int,
                  max_pages_per_seq: int, backend: str = "xla", decode_token=None, spec=None,
-                 draft: tuple | None = None, lora=None):
+                 draft: tuple | None = None, lora=None, head: heads.HeadSpec | None = None):
         self.weights, self.cfg, self.kv = weights, cfg, kv
         self.lora = lora  # lora.LoRAManager (enable_lora) or None
         self.page_size = page_size
@@ -225,8 +237,10 @@ class ModelRunner:
         self.backend = backend
         self.decode_token = decode_token
         self.spec = spec  # SpeculativeConfig or None
-        # (draft cfg, draft weights, draft paged cache) for method="draft_model"
+        # (draft cfg, draft weights, draft paged cache) for method="draft_model"; for layer_skip,
+        # EAGLE and Medusa (head), (None, head params or None, HeadCache or None)
         self.draft_cfg, self.draft_weights, self.draft_kv = draft if draft is not None else (None, None, None)
+        self.head = head
         self.signatures: set[tuple] = set()
         # attention that stops at the longest row (see _inputs)
         self.full_width_tables = paged_loop_applies(backend, kv.k[0])
@@ -411,7 +425,7 @@ class ModelRunner:
         self.signatures.add(("step", inp.tokens.shape, pp, statics, inp.penalty_shapes(),
                              inp.lora_slots is not None))
         self.kv, dkv, tok, lp, plp = engine_step(self.weights, self.cfg, statics, self.kv, inp, self.draft_weights,
-                                                 self.draft_kv, self.draft_cfg, self.lora_arrays(inp))
+                                                 self.draft_kv, self.draft_cfg, self.lora_arrays(inp), head=self.head)
         if dkv is not None:
             self.draft_kv = dkv
         return tok, lp, plp
@@ -430,7 +444,7 @@ class ModelRunner:
 
     def _run_spec(self, group: list[ScheduledChunk], proposals: list[np.ndarray] | None = None) -> dict:
         """Verify k drafts per row: the n-gram proposals given (one per row), or, without
-        them, the draft model's, drafted on device."""
+        them, those drafted on device (draft model, layer skip, EAGLE, Medusa)."""
         k = group[0].num_draft
         inp, num_lp, _, pp = self._inputs(group, k + 1, width=lambda c: 1 + c.num_draft)
         prev = np.zeros((inp.tokens.shape[0],), np.int32)
@@ -445,7 +459,7 @@ class ModelRunner:
                              inp.lora_slots is not None))
         self.kv, dkv, drafts, n_acc, nxt, lp = spec_step(
             self.weights, self.cfg, statics, self.kv, inp, prev, self.draft_weights, self.draft_kv,
-            self.draft_cfg, k=k, lora=self.lora_arrays(inp))
+            self.draft_cfg, k=k, lora=self.lora_arrays(inp), head=self.head)
         if dkv is not None:
             self.draft_kv = dkv
         drafts, n_acc, nxt, lp = jax.device_get((drafts, n_acc, nxt, lp))

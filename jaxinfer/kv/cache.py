@@ -178,6 +178,12 @@ def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
     return _read(pages, lambda x: _gather(x, meta))
 
 
+def read_slots(pages, page: jax.Array, offset: jax.Array) -> jax.Array:
+    """One slot per row of a (non-quantized) page array [P, K, ps, W]: slot offset[b] of page
+    page[b] -> [B, K, W], read as `_read` says (bf16 BitsPages as float32)."""
+    return _read(pages, lambda x: x[page, :, offset])
+
+
 def slice_slots(pages, start: jax.Array, width: int) -> jax.Array:
     """Slots [start, start + width) of every row of a contiguous cache [B, K, S, H], read as
     `gather_pages` reads whole rows. start + width <= S."""

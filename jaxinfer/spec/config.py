@@ -2,7 +2,7 @@
 
     {"method": "draft_model", "model": "stdlib-draft", "num_speculative_tokens": 4}
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-                                        # draft_model, ngram: optional "disable_by_batch_size" (engine)
+                                        # all but ngram_draft_model: optional "disable_by_batch_size" (engine)
     {"method": "ngram_draft_model", "model": "stdlib-draft", "num_speculative_tokens": 8}
                                         # prompt lookup, else the draft model; optional lookup keys
     {"method": "layer_skip", "num_speculative_tokens": 3}               # optional "num_layers"
@@ -27,9 +27,9 @@ _KEYS = {
     "draft_model": ("model", "disable_by_batch_size"),
     "ngram": ("prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"),
     "ngram_draft_model": ("model", "prompt_lookup_max", "prompt_lookup_min"),
-    "layer_skip": ("num_layers",),
-    "eagle": ("model",),
-    "medusa": ("model",),
+    "layer_skip": ("num_layers", "disable_by_batch_size"),
+    "eagle": ("model", "disable_by_batch_size"),
+    "medusa": ("model", "disable_by_batch_size"),
 }
 HEADS_DIR = Path(__file__).resolve().parents[1] / "assets" / "models" / "stdlib-target-heads"
 
@@ -42,7 +42,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     num_layers: int | None = None  # layer_skip: layers of the target the draft runs
-    # engine (draft_model, ngram): no drafting in a step that runs more requests than this
+    # engine (every method but ngram_draft_model): no drafting in a step that runs more requests than this
     disable_by_batch_size: int | None = None
 
     @property

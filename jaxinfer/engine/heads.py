@@ -1,0 +1,207 @@
+"""Layer-skip, EAGLE and Medusa drafting inside the continuous-batching engine.
+
+Legend: B rows, T tokens per row, P pages, ps page size, D model dim, V vocab, k drafts.
+
+The runner's `spec_step` asks `propose` for k drafts per row and, after the target has
+verified them, calls `commit`; `engine_step` calls `record` after every other target
+forward (prefill chunks, plain decodes). Verification is the engine's, shared with the
+draft model and n-gram methods, so every method here is lossless.
+
+- layer_skip: the target's first `num_layers` layers, final norm and LM head. It keeps no
+  state: drafting writes those layers' paged K/V at P..P+k-1, and the verify pass rewrites
+  the same positions in every layer.
+- EAGLE and Medusa draft from the target's features (`model.forward`'s hidden, before the
+  final norm). The engine keeps them in pages beside the target's K/V (`HeadCache`: same
+  page ids, same page tables), so prefix caching, aborts, and preemption by recompute or by
+  swap handle them with the target's pages and nothing per request lives anywhere else:
+  - feature pages [P, 1, ps, D]: f_t for every position t the target computed (a verified
+    position that was rejected is rewritten before anything reads it);
+  - EAGLE's one-layer paged KV cache. Head position t holds the pair (f_t, x_{t+1}), so it
+    can be written only once x_{t+1} exists: a call over positions s..e (which samples
+    x_{e+1}) feeds the pairs at s-1..e-1, reading f_{s-1} back from the feature pages. The
+    head thus trails the target by one position, and every call starts where the last
+    stopped. A request admitted with prefix-cache hits writes the pair at the last cached
+    position into a shared page, with its own next token: another request sharing that page
+    may then draft from a pair that is not its own there (worse drafts, never a wrong token).
+  - Medusa reads f_{P-1}, the feature whose LM head produced x_P, and its K heads propose
+    x_{P+1}..x_{P+K} at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.kv.bits import storage_dtype, store_as_bits
+from jaxinfer.kv.cache import (
+    AttentionMeta,
+    BitsPages,
+    KVCache,
+    init_paged,
+    read_slots,
+    write_pages,
+    write_slots,
+)
+from jaxinfer.model import Weights, forward, lm_logits
+from jaxinfer.spec.heads import eagle_forward, medusa_logits
+
+HEAD_METHODS = ("layer_skip", "eagle", "medusa")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """How the engine drafts for one of HEAD_METHODS (a static argument of the jitted steps)."""
+
+    method: str
+    cfg: ModelConfig  # the target's config (layer_skip, Medusa) or EAGLE's one-layer config
+    num_layers: int = 0  # layer_skip: the target layers the draft runs
+
+    @property
+    def keeps_features(self) -> bool:
+        return self.method in ("eagle", "medusa")
+
+    def bytes_per_page(self, target: ModelConfig, page_size: int, itemsize: int) -> int:
+        """Feature pages and (EAGLE) the head's K and V for one page of tokens."""
+        if not self.keeps_features:
+            return 0
+        n = page_size * target.hidden_size * itemsize
+        if self.method == "eagle":
+            n += 2 * self.cfg.num_kv_heads * self.cfg.head_dim * itemsize * page_size
+        return n
+
+
+@struct.dataclass
+class HeadCache:
+    """Paged state of EAGLE / Medusa, indexed by the target's page ids."""
+
+    features: jax.Array | BitsPages  # [P, 1, ps, D]
+    kv: KVCache | None = None  # EAGLE's one-layer cache
+
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+
+def init_head_cache(head: HeadSpec, target: ModelConfig, num_pages: int, page_size: int, dtype) -> HeadCache | None:
+    if not head.keeps_features:
+        return None
+    shape = (num_pages, 1, page_size, target.hidden_size)
+    if store_as_bits(dtype):  # narrow floats are scattered as integers on CPU (kv/bits.py)
+        features = BitsPages(jnp.zeros(shape, storage_dtype(dtype)), jnp.dtype(dtype))
+    else:
+        features = jnp.zeros(shape, dtype)
+    kv = None
+    if head.method == "eagle":
+        kv = init_paged(1, num_pages, page_size, head.cfg.num_kv_heads, head.cfg.head_dim, dtype)
+    return HeadCache(features=features, kv=kv)
+
+
+def read_features(features, page_table: jax.Array, pos: jax.Array) -> jax.Array:
+    """f at position pos[b] of each row -> [B, D] (float32 for bf16 pages on CPU)."""
+    ps, pp = features.shape[2], page_table.shape[1]
+    page = jnp.take_along_axis(page_table, jnp.clip(pos // ps, 0, pp - 1)[:, None], axis=1)[:, 0]
+    return read_slots(features, page, pos % ps)[:, 0]
+
+
+def _write_features(hc: HeadCache, hidden: jax.Array, meta: AttentionMeta) -> HeadCache:
+    """Store hidden [B, T, D] at the call's query positions (padding slots dropped)."""
+    page, offset = write_slots(meta, hidden.shape[1], hc.features.shape[2], hc.features.shape[0])
+    return hc.replace(features=write_pages(hc.features, hidden[:, :, None, :], page, offset))
+
+
+def _feed_eagle(head: HeadSpec, params: dict, target: Weights, hc: HeadCache, features: jax.Array,
+                tokens: jax.Array, kv_lens: jax.Array, q_lens: jax.Array, meta: AttentionMeta,
+                backend: str) -> tuple[jax.Array, HeadCache]:
+    """EAGLE over pairs (features [B, T, D], tokens [B, T]) ending at head length kv_lens, q_lens
+    valid per row; returns (predicted features [B, T, D], cache)."""
+    hmeta = AttentionMeta(meta.page_table, kv_lens, q_lens, slots=meta.slots)
+    positions = jnp.maximum(hmeta.query_positions(tokens.shape[1]), 0)
+    pred, kv = eagle_forward(params, head.cfg, target, features.astype(target.dtype), tokens, positions, hc.kv,
+                             hmeta, backend)
+    return pred, hc.replace(kv=kv)
+
+
+def record(head: HeadSpec, params, target: Weights, hc: HeadCache | None, hidden: jax.Array,
+           tokens: jax.Array, meta: AttentionMeta, backend: str) -> HeadCache | None:
+    """After a target forward over tokens [B, T] (its meta, its hidden [B, T, D]): keep the
+    features; EAGLE: feed the pairs at s-1..e-1 (s..e: each row's positions in this call)."""
+    if hc is None:
+        return hc
+    hc = _write_features(hc, hidden, meta)
+    if head.method != "eagle":
+        return hc
+    start = meta.kv_lens - meta.q_lens
+    first = start == 0  # no position before the call: pairs s..e-1 only
+    prev = read_features(hc.features, meta.page_table, jnp.maximum(start - 1, 0)).astype(hidden.dtype)
+    feats = jnp.where(first[:, None, None], hidden, jnp.concatenate([prev[:, None], hidden[:, :-1]], axis=1))
+    toks = jnp.where(first[:, None], jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))), tokens)
+    q_lens = jnp.where(first, jnp.maximum(meta.q_lens - 1, 0), meta.q_lens)
+    _, hc = _feed_eagle(head, params, target, hc, feats, toks, jnp.maximum(meta.kv_lens - 1, 0), q_lens, meta,
+                        backend)
+    return hc
+
+
+def propose(head: HeadSpec, params, target: Weights, target_cfg: ModelConfig, kv: KVCache, hc: HeadCache | None,
+            inp, k: int, pen, backend: str):
+    """k drafts for rows [B, k+1] = [x_P, ...] (inp: the runner's StepInputs).
+
+    Returns (drafts [B, k], shaped draft logits [B, k, V] (q for verification), kv, hc)."""
+    from jaxinfer.spec.verify import draft_sample
+
+    p = inp.kv_lens - (k + 1)  # position of x_P
+    active = inp.q_lens > 0
+    act = active.astype(jnp.int32)
+    eps = target_cfg.rms_norm_eps
+    drafts, shaped = [], []
+
+    def take(logits, i):  # draft i from logits [B, V]; later drafts count it as generated
+        nonlocal pen
+        d, sh = draft_sample(logits, inp.st, inp.limits, inp.counters + i, pen=pen)
+        if pen is not None:
+            pen = pen.record(d, active)
+        drafts.append(d)
+        shaped.append(sh)
+        return d
+
+    if head.method == "medusa":
+        f = read_features(hc.features, inp.page_table, jnp.maximum(p - 1, 0)).astype(target.dtype)
+        logits = medusa_logits(params, target, f, eps)  # [B, heads, V]; head i: x_{P+i+1}
+        for i in range(k):
+            take(logits[:, i], i)
+    elif head.method == "layer_skip":
+        tok = inp.tokens[:, 0]
+        for i in range(k):  # feed x_P, then d_i, at P + i -> d_{i+1}
+            meta = AttentionMeta(inp.page_table, p + i + 1, act, slots=inp.slots)
+            logits, _, kv = forward(target, target_cfg, tok[:, None], jnp.maximum(p + i, 0)[:, None], kv, meta,
+                                    backend=backend, num_layers=head.num_layers)
+            tok = take(logits[:, 0], i)
+    else:  # eagle: the pair (f_{P-1}, x_P) at P-1 gives f_hat_P, hence d_1; then (f_hat_{P+i-1}, d_i) at P+i-1
+        feat = read_features(hc.features, inp.page_table, jnp.maximum(p - 1, 0))
+        tok = inp.tokens[:, 0]
+        for i in range(k):
+            pred, hc = _feed_eagle(head, params, target, hc, feat[:, None], tok[:, None], jnp.maximum(p + i, 0),
+                                   act, inp.meta(), backend)
+            feat = pred[:, 0]
+            tok = take(lm_logits(target, feat, eps), i)
+    return jnp.stack(drafts, axis=1), jnp.stack(shaped, axis=1), kv, hc
+
+
+def commit(head: HeadSpec, params, target: Weights, hc: HeadCache | None, hidden: jax.Array, drafts: jax.Array,
+           n_acc: jax.Array, inp, backend: str) -> HeadCache | None:
+    """After verification over [x_P, d_1..d_k] (hidden [B, k+1, D]): keep the features; EAGLE:
+    feed the true pairs (f_{P+j}, d_{j+1}) at P+j for the n_acc accepted drafts (the pair at
+    P+n_acc needs the token sampled there, and the next call feeds it)."""
+    if hc is None:
+        return hc
+    meta = inp.meta()
+    hc = _write_features(hc, hidden, meta)
+    if head.method != "eagle":
+        return hc
+    k = drafts.shape[1]
+    p = inp.kv_lens - (k + 1)
+    n = jnp.where(inp.q_lens > 0, n_acc, 0)
+    _, hc = _feed_eagle(head, params, target, hc, hidden[:, :k], drafts, jnp.maximum(p + n, 0), n, meta, backend)
+    return hc
