@@ -1,7 +1,7 @@
 """Speculative decoding inside the continuous-batching engine: what it buys at each concurrency.
 
-For the methods the engine runs (n-gram prompt lookup, a draft model, layer skip, EAGLE and
-Medusa with the heads shipped for the target), several numbers of
+For any speculative method (n-gram prompt lookup, a draft model, lookup with the draft model as
+fallback, layer skip, EAGLE and Medusa with the heads shipped for the target), several numbers of
 speculative tokens k and several concurrencies c (max_num_seqs = c, every request queued at
 once, so c requests decode together while the queue lasts), on bench_spec's held-out
 continuation and code-edit prompts, greedy, --max-tokens new tokens per request (EOS
@@ -37,10 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_spec  # noqa: E402
 from jaxinfer import LLM, SamplingParams  # noqa: E402
-from jaxinfer.engine.engine import ENGINE_SPEC_METHODS  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-ENGINE_METHODS = {m: bench_spec.METHOD_CONFIGS[m] for m in ENGINE_SPEC_METHODS}
+ENGINE_METHODS = bench_spec.METHOD_CONFIGS
 
 
 def timed_generate(llm: LLM, prompts, params) -> tuple[float, list[list[int]], dict]:

@@ -149,7 +149,7 @@ class LLM:
             kv_cache_memory_bytes=kv_cache_memory_bytes, enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype,
-            speculative_config=self.speculative_config if self._spec_in_engine else None,
+            speculative_config=self.speculative_config,
             num_scheduler_steps=num_scheduler_steps, preemption_mode=preemption_mode, swap_space=swap_space,
             lora_config=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
             scheduling_policy=scheduling_policy)
@@ -194,11 +194,6 @@ class LLM:
             calibration = token_windows(self.tokenizer, qc.calibration_samples, qc.calibration_len, "train")
         self.weights = quantize_weights(self.weights, self.cfg, qc, calibration)
 
-    @property
-    def _spec_in_engine(self) -> bool:
-        from jaxinfer.engine.engine import ENGINE_SPEC_METHODS
-        return self.speculative_config is not None and self.speculative_config.method in ENGINE_SPEC_METHODS
-
     # ------------------------------------------------------------------ API
 
     def get_tokenizer(self) -> Tokenizer:
@@ -212,15 +207,10 @@ class LLM:
         """Generate for every prompt: a string, {"prompt": str}, {"prompt_token_ids": [...]}, or a list.
 
         Every prompt is validated before any work starts (ValueError names the problem).
-        Runs on the continuous-batching engine; the one speculative method the engine does not
-        run (ngram_draft_model) runs in the jit-compiled static loop instead.
+        Runs on the continuous-batching engine (every speculative method too; `generate_static`
+        runs the jit-compiled static loop).
         lora_request: a `LoRARequest` for every prompt, or one per prompt (None: the base model);
         needs enable_lora=True. priority: one integer per prompt (scheduling_policy="priority")."""
-        if self.speculative_config is not None and not self._spec_in_engine:
-            if lora_request is not None:
-                raise ValueError(f"lora_request runs on the engine; speculative method "
-                                 f"{self.speculative_config.method!r} runs in the static loop, without adapters")
-            return self.generate_static(prompts, sampling_params)
         groups = self._make_requests(prompts, sampling_params, lora_request, priority)
         done: dict[str, RequestOutput] = {}
         bar = None

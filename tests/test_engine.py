@@ -288,7 +288,7 @@ def draft_dir(tmp_path_factory):
     return str(d)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "ngram_draft_model"])
 def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
     """Lossless: greedy engine output with speculation == without, with prefix caching on,
     stop tokens inside accepted runs, and acceptance stats in the engine stats."""
@@ -301,12 +301,14 @@ def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
     params = [GREEDY, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop]), GREEDY]
     ref = plain.generate(prompts, params)
     conf = {"method": method, "num_speculative_tokens": 3}
-    conf.update({"model": draft_dir} if method == "draft_model" else {"prompt_lookup_max": 3,
-                                                                        "prompt_lookup_min": 1})
+    if method != "ngram":
+        conf["model"] = draft_dir
+    if method != "draft_model":
+        conf.update(prompt_lookup_max=3, prompt_lookup_min=1)
     spec = LLM(model_dir, block_size=8, enable_prefix_caching=True, speculative_config=conf)
     outs = spec.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
-    if method == "draft_model":  # preempted by swap: the draft's pages go to the host and back with the target's
+    if method != "ngram":  # preempted by swap: the draft's pages go to the host and back with the target's
         tight = LLM(model_dir, block_size=8, num_kv_pages=9, max_num_batched_tokens=24, preemption_mode="swap",
                     speculative_config=conf)
         assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == \

@@ -172,7 +172,7 @@ def test_bad_constructor_arguments(tmp_path):
 @pytest.mark.parametrize("conf", [
     {"method": "layer_skip", "num_speculative_tokens": 2, "num_layers": 1},  # engine
     {"method": "ngram", "num_speculative_tokens": 3},  # engine
-    {"method": "ngram_draft_model", "model": "SELF", "num_speculative_tokens": 3},  # static jit loop
+    {"method": "ngram_draft_model", "model": "SELF", "num_speculative_tokens": 3},  # engine
 ])
 def test_speculative_config_is_lossless_through_llm(llm, conf):
     if conf.get("model") == "SELF":  # the target drafts for itself (same vocabulary)
@@ -189,8 +189,8 @@ def test_speculative_config_is_lossless_through_llm(llm, conf):
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens=0"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookup": 3}, r"keys \['lookup'\]"),
     ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size=0"),
-    ({"method": "ngram_draft_model", "model": "stdlib-draft", "num_speculative_tokens": 2,
-      "disable_by_batch_size": 4}, r"keys \['disable_by_batch_size'\] are not known for method 'ngram_draft_model'"),
+    ({"method": "layer_skip", "num_speculative_tokens": 2, "prompt_lookup_max": 4},
+     r"keys \['prompt_lookup_max'\] are not known for method 'layer_skip'"),
 ])
 def test_bad_speculative_config(llm, conf, match):
     with pytest.raises(ValueError, match=match):

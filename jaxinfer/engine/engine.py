@@ -15,7 +15,7 @@ import time
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine.heads import HEAD_METHODS, HeadSpec, init_head_cache
+from jaxinfer.engine.heads import HeadSpec, init_head_cache
 from jaxinfer.engine.inputs import InputProcessor
 from jaxinfer.engine.metrics import EngineStats
 from jaxinfer.engine.request import EngineRequest, Status
@@ -32,7 +32,6 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.tokenizer import Tokenizer
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 << 20
-ENGINE_SPEC_METHODS = ("ngram", "draft_model") + HEAD_METHODS
 PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
@@ -50,7 +49,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     attention_backend: str = "xla"
     kv_cache_dtype: str = "auto"
-    speculative_config: object = None  # spec.config.SpeculativeConfig, a method of ENGINE_SPEC_METHODS
+    speculative_config: object = None  # spec.config.SpeculativeConfig (any method)
     num_scheduler_steps: int = 1  # decode steps fused into one device call when only decodes run
     preemption_mode: str = "recompute"  # or "swap": a preempted request's K/V waits on the host
     swap_space: float = 4.0  # GiB of host memory for swapped K/V (vLLM's name); beyond it: recompute
@@ -89,18 +88,16 @@ def kv_bytes_per_page(cfg: ModelConfig, block_size: int, itemsize: int, quant: K
 
 
 def _load_draft(spec, cfg: ModelConfig, dtype) -> tuple[tuple | None, HeadSpec | None]:
-    """What the engine drafts with, as (draft, head): a draft model's ((cfg, weights), None);
+    """What the engine drafts with, as (draft, head): a draft model's ((cfg, weights), None)
+    (draft_model, ngram_draft_model);
     layer skip / EAGLE / Medusa as ((None, head params or None), HeadSpec); n-gram or no
     speculation (None, None)."""
     if spec is None:
         return None, None
-    if spec.method not in ENGINE_SPEC_METHODS:
-        raise ValueError(f"speculative_config method={spec.method!r} runs in the static loop "
-                         f"(LLM.generate_static); the engine runs {ENGINE_SPEC_METHODS}")
     if spec.method == "ngram":
         return None, None
     from jaxinfer.spec.config import build_drafter, load_draft_model
-    if spec.method == "draft_model":
+    if spec.method in ("draft_model", "ngram_draft_model"):
         return load_draft_model(spec, dtype), None
     drafter, params = build_drafter(spec, cfg, dtype)  # loads and checks the head
     head = HeadSpec(spec.method, drafter.cfg, getattr(drafter, "num_layers", 0))

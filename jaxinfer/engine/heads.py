@@ -49,12 +49,10 @@ from jaxinfer.kv.cache import (
 from jaxinfer.model import Weights, forward, lm_logits
 from jaxinfer.spec.heads import eagle_forward, medusa_logits
 
-HEAD_METHODS = ("layer_skip", "eagle", "medusa")
-
 
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
-    """How the engine drafts for one of HEAD_METHODS (a static argument of the jitted steps)."""
+    """How the engine drafts for layer_skip, eagle or medusa (a static argument of the jitted steps)."""
 
     method: str
     cfg: ModelConfig  # the target's config (layer_skip, Medusa) or EAGLE's one-layer config

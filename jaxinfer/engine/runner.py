@@ -11,9 +11,10 @@ the page-table width on a grid of four sizes per doubling) so a long run compile
 a bounded number of programs; `compilations` counts the distinct ones.
 
 With speculative decoding, decode rows instead run `spec_step`: k drafted tokens (host
-prompt lookup; a draft model whose paged cache shares the target's page tables; or
-layer skip, EAGLE, Medusa, engine/heads.py) verified by one target forward over k + 1
-positions. A step in which no row's context holds a prompt-lookup match decodes plainly.
+prompt lookup; a draft model whose paged cache shares the target's page tables; prompt
+lookup where every row has a match and the draft model otherwise; or layer skip, EAGLE,
+Medusa, engine/heads.py) verified by one target forward over k + 1 positions. A step in
+which no row's context holds a prompt-lookup match decodes plainly (n-gram).
 """
 
 from __future__ import annotations
@@ -166,10 +167,11 @@ def multi_decode_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, 
     return kv, toks, live, lp
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg", "k", "head"), donate_argnames=("kv", "dkv"))
+@functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg", "k", "head", "lookup"),
+                   donate_argnames=("kv", "dkv"))
 def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
               prev: jax.Array, dweights=None, dkv=None, dcfg: ModelConfig | None = None, k: int = 1,
-              lora: LoRAArrays | None = None, head: heads.HeadSpec | None = None):
+              lora: LoRAArrays | None = None, head: heads.HeadSpec | None = None, lookup: bool = False):
     """Speculative decode of rows whose only pending token is the last sampled one.
 
     inp.tokens [B, k+1] = [last, d_1..d_k] (n-gram drafts from the host), or [last, ...]
@@ -177,6 +179,9 @@ def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCa
     step re-reads [prev, last] (rewriting prev's K/V is idempotent, and it catches the
     draft's cache up when all k drafts were accepted last time), then k - 1 single steps;
     or, with `head`, layer skip / EAGLE / Medusa (`heads.propose`, then `heads.commit`).
+    lookup: inp.tokens holds prompt-lookup drafts although a draft model is present
+    (ngram_draft_model); the draft model is then fed the verified tokens [last, d_1..d_k]
+    instead of drafting, so its cache stays the target's position for position.
     One target forward scores all k + 1 positions; `spec.verify.verify` accepts
     (min(1, p/q), residual on rejection, bonus when all pass; greedy: argmax match).
     Rejected positions are rolled back by the host not advancing num_computed.
@@ -193,7 +198,7 @@ def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCa
     if head is not None:
         drafts, draft_logits, kv, dkv = heads.propose(head, dweights, weights, cfg, kv, dkv, inp, k, pen,
                                                       statics.backend)
-    elif dkv is not None:
+    elif dkv is not None and not lookup:
         toks = jnp.stack([prev, inp.tokens[:, 0]], axis=1)  # [B, 2]
         q_lens = jnp.where(active, 2, 0)
         outs, shaped, dpen = [], [], pen
@@ -216,6 +221,8 @@ def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCa
     n_acc, nxt, blocked = verify(logits, drafts, draft_logits, inp.st, inp.limits, inp.counters, pen=pen)
     if head is not None:
         dkv = heads.commit(head, dweights, weights, dkv, hidden, drafts, n_acc, inp, statics.backend)
+    elif dkv is not None and lookup:  # rejected positions are rewritten before they are read
+        dkv = _draft_forward(dweights, dkv, dcfg, tokens, meta, statics.backend)
     lp = None
     if statics.num_logprobs >= 0:
         i = jnp.arange(k + 1)[None, :]
@@ -279,7 +286,7 @@ class ModelRunner:
         decodes = [c for c in chunks if c.num_tokens == 1 and not c.admitted and not c.num_draft]
         prefills = [c for c in chunks if (c.num_tokens > 1 or c.admitted) and not c.num_draft]
         proposals = None
-        if spec and self.spec.method == "ngram":
+        if spec and self.spec.method in ("ngram", "ngram_draft_model"):
             # Prompt lookup on the host. When no row's context holds a match there is nothing
             # worth verifying, and the rows run as plain decodes instead of paying a (k + 1)-token
             # forward. When some rows match, the others ride along in the same call (their last
@@ -287,10 +294,13 @@ class ModelRunner:
             # again, which costs more than the padding at the batch sizes where speculation pays.
             found = [ngram_propose(c.request.all_tokens, c.num_draft, self.spec.prompt_lookup_min,
                                    self.spec.prompt_lookup_max) for c in spec]
-            if all(d is None for d in found):
-                decodes, spec = decodes + spec, []
-            proposals = [np.full(c.num_draft, c.request.output_ids[-1]) if d is None else d
-                         for c, d in zip(spec, found)]
+            if self.spec.method == "ngram_draft_model":  # lookup if every row has a match, else the model
+                proposals = found if all(d is not None for d in found) else None
+            else:
+                if all(d is None for d in found):
+                    decodes, spec = decodes + spec, []
+                proposals = [np.full(c.num_draft, c.request.output_ids[-1]) if d is None else d
+                             for c, d in zip(spec, found)]
         if spec:
             results.update(self._run_spec(spec, proposals))
         calls = [(decodes, 1)] if decodes else []
@@ -455,11 +465,12 @@ class ModelRunner:
             for i, c in enumerate(group):
                 prev[i] = c.request.all_tokens[c.start - 1]
         statics = StepStatics(num_lp, -1, self.backend)
+        lookup = proposals is not None
         self.signatures.add(("spec", inp.tokens.shape, pp, statics, inp.penalty_shapes(),
-                             inp.lora_slots is not None))
+                             inp.lora_slots is not None, lookup))
         self.kv, dkv, drafts, n_acc, nxt, lp = spec_step(
             self.weights, self.cfg, statics, self.kv, inp, prev, self.draft_weights, self.draft_kv,
-            self.draft_cfg, k=k, lora=self.lora_arrays(inp), head=self.head)
+            self.draft_cfg, k=k, lora=self.lora_arrays(inp), head=self.head, lookup=lookup)
         if dkv is not None:
             self.draft_kv = dkv
         drafts, n_acc, nxt, lp = jax.device_get((drafts, n_acc, nxt, lp))

@@ -2,7 +2,7 @@
 
     {"method": "draft_model", "model": "stdlib-draft", "num_speculative_tokens": 4}
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-                                        # all but ngram_draft_model: optional "disable_by_batch_size" (engine)
+                                        # any method: optional "disable_by_batch_size" (engine)
     {"method": "ngram_draft_model", "model": "stdlib-draft", "num_speculative_tokens": 8}
                                         # prompt lookup, else the draft model; optional lookup keys
     {"method": "layer_skip", "num_speculative_tokens": 3}               # optional "num_layers"
@@ -26,7 +26,7 @@ METHODS = ("draft_model", "ngram", "ngram_draft_model", "layer_skip", "eagle", "
 _KEYS = {
     "draft_model": ("model", "disable_by_batch_size"),
     "ngram": ("prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"),
-    "ngram_draft_model": ("model", "prompt_lookup_max", "prompt_lookup_min"),
+    "ngram_draft_model": ("model", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"),
     "layer_skip": ("num_layers", "disable_by_batch_size"),
     "eagle": ("model", "disable_by_batch_size"),
     "medusa": ("model", "disable_by_batch_size"),
@@ -42,7 +42,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     num_layers: int | None = None  # layer_skip: layers of the target the draft runs
-    # engine (every method but ngram_draft_model): no drafting in a step that runs more requests than this
+    # engine: no drafting in a step that runs more requests than this
     disable_by_batch_size: int | None = None
 
     @property
