@@ -515,6 +515,9 @@ class _Handler(BaseHTTPRequestHandler):
         counters = {"prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
                     "num_preemptions": s.num_preemptions, "prompt_tokens": w.prompt_tokens,
                     "generation_tokens": w.generation_tokens}
+        if self.server.llm.speculative_config is not None:  # vLLM's spec_decode counters
+            counters.update(spec_decode_num_drafts=s.spec_steps, spec_decode_num_draft_tokens=s.spec_drafted_tokens,
+                            spec_decode_num_accepted_tokens=s.spec_accepted_tokens)
         lines = []
         for name, v in gauges.items():
             lines += [f"# TYPE jaxinfer:{name} gauge", f"jaxinfer:{name}{{{label}}} {v}"]

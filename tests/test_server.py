@@ -217,6 +217,34 @@ def test_models_health_and_metrics(served):
     assert values['jaxinfer:request_success_total{model_name="tiny",finished_reason="length"}'] >= 1
     count = values['jaxinfer:time_to_first_token_seconds_count{model_name="tiny"}']
     assert count >= 1 and values['jaxinfer:time_to_first_token_seconds_bucket{model_name="tiny",le="+Inf"}'] == count
+    assert not any("spec_decode" in k for k in values)  # no speculation, no such counters
+
+
+def test_speculative_server_matches_llm_and_counts_drafts(tmp_path):
+    """A server over an engine that speculates (n-gram) answers what LLM.generate does and
+    reports vLLM's spec_decode counters, equal to the engine's stats."""
+    write_tiny("llama", tmp_path, vocab_size=300)
+    write_tokenizer(tmp_path, 300)
+    llm = LLM(str(tmp_path), max_num_seqs=4, max_model_len=128, block_size=8,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1})
+    prompt = {"prompt": "a b c a b c a b c a b", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    want = llm.generate(prompt["prompt"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    server = OpenAIServer(llm, port=0, served_model_name="tiny")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code, text = _post(server, "/v1/completions", prompt)
+        assert code == 200 and json.loads(text)["choices"][0]["text"] == want[0].outputs[0].text
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/metrics").read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line and not line.startswith("#")}
+    s = llm.get_stats()
+    assert s.spec_steps > 0
+    assert values['jaxinfer:spec_decode_num_drafts_total{model_name="tiny"}'] == s.spec_steps
+    assert values['jaxinfer:spec_decode_num_draft_tokens_total{model_name="tiny"}'] == s.spec_drafted_tokens
+    assert values['jaxinfer:spec_decode_num_accepted_tokens_total{model_name="tiny"}'] == s.spec_accepted_tokens
 
 
 def test_a_failed_engine_step_answers_500_and_the_next_request_is_served(served, monkeypatch):
