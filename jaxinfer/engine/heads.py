@@ -1,6 +1,7 @@
 """Layer-skip, EAGLE and Medusa drafting inside the continuous-batching engine.
 
-Legend: B rows, T tokens per row, P pages, ps page size, D model dim, V vocab, k drafts.
+Legend: B rows, T tokens per row, P pages (in shapes), ps page size, D model dim, V vocab,
+k drafts; in the text x_P is a row's last sampled token and P its position.
 
 The runner's `spec_step` asks `propose` for k drafts per row and, after the target has
 verified them, calls `commit`; `engine_step` calls `record` after every other target
