@@ -376,6 +376,28 @@ def test_engine_head_drafters_are_lossless_and_draft_as_the_static_loop(model_di
     assert (s.spec_steps, s.spec_accepted_tokens) == (st.forwards, st.accepted) and st.accepted > 0
 
 
+def test_engine_eagle_in_bfloat16_is_lossless_under_swap(model_dir, head_dirs):
+    """bf16 on CPU stores the feature pages and the head's K/V as integer bits (kv/bits.py); they
+    are read back, swapped out and in like the target's: greedy output equals the plain bf16 engine."""
+    import jax
+
+    prompts = _prompts(5, seed=5)
+    ref = [o.outputs[0].token_ids for o in LLM(model_dir, dtype="bfloat16", block_size=8).generate(prompts, GREEDY)]
+    llm = LLM(model_dir, dtype="bfloat16", block_size=8, num_kv_pages=10, max_num_batched_tokens=16,
+              preemption_mode="swap", speculative_config={"method": "eagle", "num_speculative_tokens": 3,
+                                                          "model": head_dirs["eagle"]})
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
+    s = llm.get_stats()
+    assert s.num_swapped_out > 0 and s.spec_steps > 0
+    _check_pages_returned(llm)
+    runner = llm.engine.runner  # a swap copies the head's pages (feature bits and K/V) with the target's
+    host = runner.read_pages([0, 1])
+    runner.write_pages([4, 5], host)
+    for leaf in jax.tree_util.tree_leaves(runner.draft_kv):
+        assert leaf.dtype == np.uint16 and np.asarray(leaf[0:2]).any()
+        assert np.array_equal(np.asarray(leaf[4:6]), np.asarray(leaf[0:2]))
+
+
 def _chi2_stat(observed: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     """Pearson's statistic (cells expected below 5 pooled) and its 0.999 quantile (Wilson-Hilferty)."""
     expected = observed.sum() * probs
