@@ -393,7 +393,7 @@ def test_engine_eagle_in_bfloat16_is_lossless_under_swap(model_dir, head_dirs):
     runner = llm.engine.runner  # a swap copies the head's pages (feature bits and K/V) with the target's
     host = runner.read_pages([0, 1])
     runner.write_pages([4, 5], host)
-    for leaf in jax.tree_util.tree_leaves(runner.draft_kv):
+    for leaf in jax.tree_util.tree_leaves(runner.draft_cache):
         assert leaf.dtype == np.uint16 and np.asarray(leaf[0:2]).any()
         assert np.array_equal(np.asarray(leaf[4:6]), np.asarray(leaf[0:2]))
 

@@ -15,7 +15,7 @@ import time
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine.heads import HeadSpec, init_head_cache
+from jaxinfer.engine.drafting import DraftSpec, init_cache
 from jaxinfer.engine.inputs import InputProcessor
 from jaxinfer.engine.metrics import EngineStats
 from jaxinfer.engine.request import EngineRequest, Status
@@ -87,21 +87,15 @@ def kv_bytes_per_page(cfg: ModelConfig, block_size: int, itemsize: int, quant: K
     return int(2 * cfg.num_layers * cfg.num_kv_heads * per_token * block_size)
 
 
-def _load_draft(spec, cfg: ModelConfig, dtype) -> tuple[tuple | None, HeadSpec | None]:
-    """What the engine drafts with, as (draft, head): a draft model's ((cfg, weights), None)
-    (draft_model, ngram_draft_model);
-    layer skip / EAGLE / Medusa as ((None, head params or None), HeadSpec); n-gram or no
-    speculation (None, None)."""
-    if spec is None:
+def _load_draft(spec, cfg: ModelConfig, dtype) -> tuple[DraftSpec | None, object]:
+    """How the engine drafts on device for speculative_config, and the draft's params (a draft
+    model's weights, a head's params; layer skip: None). (None, None) for n-gram or no speculation."""
+    if spec is None or spec.method == "ngram":
         return None, None
-    if spec.method == "ngram":
-        return None, None
-    from jaxinfer.spec.config import build_drafter, load_draft_model
-    if spec.method in ("draft_model", "ngram_draft_model"):
-        return load_draft_model(spec, dtype), None
-    drafter, params = build_drafter(spec, cfg, dtype)  # loads and checks the head
-    head = HeadSpec(spec.method, drafter.cfg, getattr(drafter, "num_layers", 0))
-    return (None, params), head
+    from jaxinfer.spec.config import build_drafter
+    drafter, params = build_drafter(spec, cfg, dtype)  # loads and checks the draft model or head
+    method = "draft_model" if spec.method == "ngram_draft_model" else spec.method
+    return DraftSpec(method, drafter.cfg, getattr(drafter, "num_layers", 0)), params
 
 
 class LLMEngine:
@@ -113,15 +107,13 @@ class LLMEngine:
         bs = config.block_size
         self.kv_quant = KVQuantSpec.parse(config.kv_cache_dtype, cfg.head_dim)
         spec = config.speculative_config
-        draft, head = _load_draft(spec, cfg, dtype)  # (cfg, weights) of a draft model / head params
-        # One page holds block_size tokens of K and V for every layer (the draft model's too:
-        # its pages mirror the target's, same ids, same page tables; an EAGLE / Medusa head's
-        # features and K/V likewise).
+        draft, draft_params = _load_draft(spec, cfg, dtype)
+        # One page holds block_size tokens of K and V for every layer, and the draft's state for
+        # them (a draft model's K/V, a head's features): its pages mirror the target's, same
+        # ids, same page tables.
         page_bytes = kv_bytes_per_page(cfg, bs, itemsize, self.kv_quant)
-        if head is not None:
-            page_bytes += head.bytes_per_page(cfg, bs, itemsize)
-        elif draft is not None:
-            page_bytes += kv_bytes_per_page(draft[0], bs, itemsize)
+        if draft is not None:
+            page_bytes += draft.bytes_per_page(cfg, bs, itemsize)
         # KIVI keeps one full-precision residual key group per running sequence, beside the pages.
         resid_bytes = 0
         if self.kv_quant is not None and self.kv_quant.kivi:
@@ -139,12 +131,8 @@ class LLMEngine:
         self.kv_cache_bytes = num_pages * page_bytes + resid_bytes
         kv = init_paged(cfg.num_layers, num_pages, bs, cfg.num_kv_heads, cfg.head_dim, dtype, self.kv_quant,
                         num_slots=config.max_num_seqs)
-        if head is not None:
-            draft = (*draft, init_head_cache(head, cfg, num_pages, bs, dtype))
-        elif draft is not None:
-            draft = (*draft, init_paged(draft[0].num_layers, num_pages, bs, draft[0].num_kv_heads,
-                                        draft[0].head_dim, dtype))
-        assert kv.nbytes() + (draft[2].nbytes() if draft and draft[2] is not None else 0) == self.kv_cache_bytes, \
+        draft_cache = init_cache(draft, cfg, num_pages, bs, dtype) if draft is not None else None
+        assert kv.nbytes() + (draft_cache.nbytes() if draft_cache is not None else 0) == self.kv_cache_bytes, \
             "KV byte count"
         k = spec.k if spec is not None else 0
         self.allocator = PageAllocator(num_pages, config.enable_prefix_caching)
@@ -160,7 +148,8 @@ class LLMEngine:
         max_pages = -(-(config.max_model_len + k) // config.block_size)
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,
-                                  decode_token, spec=spec, draft=draft, lora=self.lora, head=head)
+                                  decode_token, spec=spec, draft=draft, draft_params=draft_params,
+                                  draft_cache=draft_cache, lora=self.lora)
         self.inputs = InputProcessor(cfg, tokenizer, config.max_model_len, num_pages * config.block_size - k)
         self.groups: dict[str, list[EngineRequest]] = {}
         self.num_requests = 0  # requests made so far (the priority scheduler's tie-break)

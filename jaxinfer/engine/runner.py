@@ -13,7 +13,7 @@ a bounded number of programs; `compilations` counts the distinct ones.
 With speculative decoding, decode rows instead run `spec_step`: k drafted tokens (host
 prompt lookup; a draft model whose paged cache shares the target's page tables; prompt
 lookup where every row has a match and the draft model otherwise; or layer skip, EAGLE,
-Medusa, engine/heads.py) verified by one target forward over k + 1 positions. A step in
+Medusa: engine/drafting.py) verified by one target forward over k + 1 positions. A step in
 which no row's context holds a prompt-lookup match decodes plainly (n-gram).
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 from flax import struct
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine import heads
+from jaxinfer.engine import drafting
 from jaxinfer.engine.scheduler import ScheduledChunk
 from jaxinfer.generate import bucket, fine_bucket
 from jaxinfer.kv.cache import AttentionMeta, KVCache
@@ -74,13 +74,6 @@ class StepInputs:
                                                                 pen.allowed_ids, pen.bad_prefix, pen.fsm_table))
 
 
-def _draft_forward(dweights, dkv, dcfg, tokens, meta, backend):
-    """Keep a draft model's paged cache in step with the target's: same pages, same tokens."""
-    _, _, dkv = forward(dweights, dcfg, tokens, meta.query_positions(tokens.shape[1]), dkv, meta,
-                        backend=backend, logits_at=jnp.zeros((tokens.shape[0], 1), jnp.int32))
-    return dkv
-
-
 def _next_token(logits: jax.Array, inp: StepInputs, counters: jax.Array, statics: StepStatics,
                 pen: Penalties | None = None):
     """Each row's next token from logits [B, V] (stop tokens blocked before min_tokens, penalties
@@ -97,17 +90,15 @@ def _adapted(weights: Weights, lora: LoRAArrays | None, inp: StepInputs) -> Weig
     return weights if lora is None else with_lora(weights, lora, inp.lora_slots)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg", "head"), donate_argnames=("kv", "dkv"))
+@functools.partial(jax.jit, static_argnames=("cfg", "statics", "draft"), donate_argnames=("kv", "dcache"))
 def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
-                dweights=None, dkv=None, dcfg: ModelConfig | None = None, lora: LoRAArrays | None = None,
-                head: heads.HeadSpec | None = None):
+                draft: drafting.DraftSpec | None = None, dparams=None, dcache=None, lora: LoRAArrays | None = None):
     """One forward over tokens [B, T] into the paged cache, then sample each row's next token.
 
-    dweights, dkv: optional draft model and its paged cache, fed the same tokens
-    (speculative drafting with a draft model); with `head` (EAGLE, Medusa), the head's params
-    and its HeadCache, which `heads.record` brings up to date. lora: the device adapters (rows
-    pick theirs by inp.lora_slots). Returns (kv, draft cache or None, sampled [B], logprob
-    extras or None, prompt-logprob extras or None).
+    draft, dparams, dcache: the drafter that speculation drafts with on device, its params and
+    its paged state, which `drafting.record` brings up to date. lora: the device adapters (rows
+    pick theirs by inp.lora_slots). Returns (kv, draft state, sampled [B], logprob extras or
+    None, prompt-logprob extras or None).
     """
     weights = _adapted(weights, lora, inp)
     meta = inp.meta()
@@ -116,17 +107,15 @@ def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KV
     want_plp = statics.num_prompt_logprobs >= 0
     logits, hidden, kv = forward(weights, cfg, inp.tokens, meta.query_positions(t), kv, meta,
                                  backend=statics.backend, logits_at=None if want_plp else last)
-    if head is not None:
-        dkv = heads.record(head, dweights, weights, dkv, hidden, inp.tokens, meta, statics.backend)
-    elif dkv is not None:
-        dkv = _draft_forward(dweights, dkv, dcfg, inp.tokens, meta, statics.backend)
+    if draft is not None:
+        dcache = drafting.record(draft, dparams, weights, dcache, hidden, inp.tokens, meta, statics.backend)
     plp = None
     if want_plp:
         plp = token_logprobs(logits, inp.next_tokens, statics.num_prompt_logprobs)
         logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)
     pen = None if inp.pen is None else inp.pen.build(cfg.vocab_size)
     tok, lp = _next_token(logits[:, 0], inp, inp.counters, statics, pen)
-    return kv, dkv, tok, lp, plp
+    return kv, dcache, tok, lp, plp
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "statics", "num_steps"), donate_argnames=("kv",))
@@ -167,68 +156,43 @@ def multi_decode_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, 
     return kv, toks, live, lp
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "statics", "dcfg", "k", "head", "lookup"),
-                   donate_argnames=("kv", "dkv"))
+@functools.partial(jax.jit, static_argnames=("cfg", "statics", "draft", "k", "lookup"),
+                   donate_argnames=("kv", "dcache"))
 def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
-              prev: jax.Array, dweights=None, dkv=None, dcfg: ModelConfig | None = None, k: int = 1,
-              lora: LoRAArrays | None = None, head: heads.HeadSpec | None = None, lookup: bool = False):
+              prev: jax.Array, draft: drafting.DraftSpec | None = None, dparams=None, dcache=None, k: int = 1,
+              lora: LoRAArrays | None = None, lookup: bool = False):
     """Speculative decode of rows whose only pending token is the last sampled one.
 
-    inp.tokens [B, k+1] = [last, d_1..d_k] (n-gram drafts from the host), or [last, ...]
-    when a draft model (dweights, and its paged cache dkv) proposes d_1..d_k here: its first
-    step re-reads [prev, last] (rewriting prev's K/V is idempotent, and it catches the
-    draft's cache up when all k drafts were accepted last time), then k - 1 single steps;
-    or, with `head`, layer skip / EAGLE / Medusa (`heads.propose`, then `heads.commit`).
-    lookup: inp.tokens holds prompt-lookup drafts although a draft model is present
-    (ngram_draft_model); the draft model is then fed the verified tokens [last, d_1..d_k]
-    instead of drafting, so its cache stays the target's position for position.
-    One target forward scores all k + 1 positions; `spec.verify.verify` accepts
+    inp.tokens [B, k+1] = [last, d_1..d_k] (prompt-lookup drafts from the host: n-gram, or
+    ngram_draft_model with lookup=True), or [last, ...] when `draft` proposes d_1..d_k here
+    (`drafting.propose`; prev [B]: the token before last, which a draft model re-reads).
+    `drafting.commit` then brings the draft's state up to date. One target forward scores all k + 1 positions; `spec.verify.verify` accepts
     (min(1, p/q), residual on rejection, bonus when all pass; greedy: argmax match).
     Rejected positions are rolled back by the host not advancing num_computed.
-    Returns (kv, draft cache, drafts [B, k], n_acc [B], next [B], logprob extras or None).
+    Returns (kv, draft state, drafts [B, k], n_acc [B], next [B], logprob extras or None).
     """
-    from jaxinfer.spec.verify import draft_sample, verify
+    from jaxinfer.spec.verify import verify
 
-    weights = _adapted(weights, lora, inp)  # the target's; the draft model has no adapters
-    start = inp.kv_lens - (k + 1)  # position of the last sampled token
-    active = inp.q_lens > 0
+    weights = _adapted(weights, lora, inp)  # the target's; a draft model has no adapters
     pen = None if inp.pen is None else inp.pen.build(cfg.vocab_size)
     draft_logits = None
     drafts = inp.tokens[:, 1:]
-    if head is not None:
-        drafts, draft_logits, kv, dkv = heads.propose(head, dweights, weights, cfg, kv, dkv, inp, k, pen,
-                                                      statics.backend)
-    elif dkv is not None and not lookup:
-        toks = jnp.stack([prev, inp.tokens[:, 0]], axis=1)  # [B, 2]
-        q_lens = jnp.where(active, 2, 0)
-        outs, shaped, dpen = [], [], pen
-        for i in range(k):
-            meta = AttentionMeta(inp.page_table, start + 1 + i, q_lens, slots=inp.slots)
-            logits, _, dkv = forward(dweights, dcfg, toks, meta.query_positions(toks.shape[1]), dkv, meta,
-                                     backend=statics.backend, logits_at=(q_lens - 1)[:, None])
-            d, sh = draft_sample(logits[:, 0], inp.st, inp.limits, inp.counters + i, pen=dpen)
-            outs.append(d)
-            shaped.append(sh)
-            if dpen is not None:  # the next draft counts this one as generated, as the verifier will
-                dpen = dpen.record(d, active)
-            toks, q_lens = d[:, None], active.astype(jnp.int32)
-        drafts = jnp.stack(outs, axis=1)  # [B, k]
-        draft_logits = jnp.stack(shaped, axis=1)  # [B, k, V]
+    if draft is not None and not lookup:
+        drafts, draft_logits, kv, dcache = drafting.propose(draft, dparams, weights, cfg, kv, dcache, inp, prev, k,
+                                                            pen, statics.backend)
     tokens = jnp.concatenate([inp.tokens[:, :1], drafts], axis=1)  # [B, k+1]
     meta = inp.meta()
     logits, hidden, kv = forward(weights, cfg, tokens, meta.query_positions(k + 1), kv, meta,
                                  backend=statics.backend)
     n_acc, nxt, blocked = verify(logits, drafts, draft_logits, inp.st, inp.limits, inp.counters, pen=pen)
-    if head is not None:
-        dkv = heads.commit(head, dweights, weights, dkv, hidden, drafts, n_acc, inp, statics.backend)
-    elif dkv is not None and lookup:  # rejected positions are rewritten before they are read
-        dkv = _draft_forward(dweights, dkv, dcfg, tokens, meta, statics.backend)
+    if draft is not None:
+        dcache = drafting.commit(draft, dparams, weights, dcache, hidden, drafts, n_acc, inp, lookup, statics.backend)
     lp = None
     if statics.num_logprobs >= 0:
         i = jnp.arange(k + 1)[None, :]
         emitted = jnp.where(i < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])  # [B, k+1]
         lp = token_logprobs(blocked, emitted, statics.num_logprobs)
-    return kv, dkv, drafts, n_acc, nxt, lp
+    return kv, dcache, drafts, n_acc, nxt, lp
 
 
 class ModelRunner:
@@ -236,7 +200,7 @@ class ModelRunner:
 
     def __init__(self, weights: Weights, cfg: ModelConfig, kv: KVCache, page_size: int,
                  max_pages_per_seq: int, backend: str = "xla", decode_token=None, spec=None,
-                 draft: tuple | None = None, lora=None, head: heads.HeadSpec | None = None):
+                 draft: drafting.DraftSpec | None = None, draft_params=None, draft_cache=None, lora=None):
         self.weights, self.cfg, self.kv = weights, cfg, kv
         self.lora = lora  # lora.LoRAManager (enable_lora) or None
         self.page_size = page_size
@@ -244,10 +208,8 @@ class ModelRunner:
         self.backend = backend
         self.decode_token = decode_token
         self.spec = spec  # SpeculativeConfig or None
-        # (draft cfg, draft weights, draft paged cache) for method="draft_model"; for layer_skip,
-        # EAGLE and Medusa (head), (None, head params or None, HeadCache or None)
-        self.draft_cfg, self.draft_weights, self.draft_kv = draft if draft is not None else (None, None, None)
-        self.head = head
+        # how speculation drafts on device (None: not at all, or n-gram), its params and paged state
+        self.draft, self.draft_params, self.draft_cache = draft, draft_params, draft_cache
         self.signatures: set[tuple] = set()
         # attention that stops at the longest row (see _inputs)
         self.full_width_tables = paged_loop_applies(backend, kv.k[0])
@@ -261,7 +223,7 @@ class ModelRunner:
         idx = np.zeros((bucket(len(pages), minimum=1),), np.int32)
         idx[:len(pages)] = pages
         self.signatures.add(("swap_out", idx.shape))
-        return jax.device_get(_take_pages((self.kv, self.draft_kv), idx)), len(pages)
+        return jax.device_get(_take_pages((self.kv, self.draft_cache), idx)), len(pages)
 
     def write_pages(self, pages: list[int], host):
         """Put a `read_pages` copy back into pages (a resumed request's fresh pages)."""
@@ -270,7 +232,7 @@ class ModelRunner:
         idx = np.full((jax.tree_util.tree_leaves(data)[0].shape[0],), self.kv.num_pages, np.int32)  # pad: dropped
         idx[:n] = pages
         self.signatures.add(("swap_in", idx.shape))
-        self.kv, self.draft_kv = _put_pages((self.kv, self.draft_kv), idx, data)
+        self.kv, self.draft_cache = _put_pages((self.kv, self.draft_cache), idx, data)
 
 
     def execute(self, chunks: list[ScheduledChunk]) -> dict:
@@ -434,10 +396,9 @@ class ModelRunner:
         statics = StepStatics(num_lp, num_plp, self.backend)
         self.signatures.add(("step", inp.tokens.shape, pp, statics, inp.penalty_shapes(),
                              inp.lora_slots is not None))
-        self.kv, dkv, tok, lp, plp = engine_step(self.weights, self.cfg, statics, self.kv, inp, self.draft_weights,
-                                                 self.draft_kv, self.draft_cfg, self.lora_arrays(inp), head=self.head)
-        if dkv is not None:
-            self.draft_kv = dkv
+        self.kv, self.draft_cache, tok, lp, plp = engine_step(
+            self.weights, self.cfg, statics, self.kv, inp, self.draft, self.draft_params, self.draft_cache,
+            self.lora_arrays(inp))
         return tok, lp, plp
 
     def _collect(self, group: list[ScheduledChunk], out: tuple) -> dict:
@@ -468,11 +429,9 @@ class ModelRunner:
         lookup = proposals is not None
         self.signatures.add(("spec", inp.tokens.shape, pp, statics, inp.penalty_shapes(),
                              inp.lora_slots is not None, lookup))
-        self.kv, dkv, drafts, n_acc, nxt, lp = spec_step(
-            self.weights, self.cfg, statics, self.kv, inp, prev, self.draft_weights, self.draft_kv,
-            self.draft_cfg, k=k, lora=self.lora_arrays(inp), head=self.head, lookup=lookup)
-        if dkv is not None:
-            self.draft_kv = dkv
+        self.kv, self.draft_cache, drafts, n_acc, nxt, lp = spec_step(
+            self.weights, self.cfg, statics, self.kv, inp, prev, self.draft, self.draft_params, self.draft_cache,
+            k=k, lora=self.lora_arrays(inp), lookup=lookup)
         drafts, n_acc, nxt, lp = jax.device_get((drafts, n_acc, nxt, lp))
         results = {}
         for i, c in enumerate(group):

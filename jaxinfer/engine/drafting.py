@@ -1,20 +1,26 @@
-"""Layer-skip, EAGLE and Medusa drafting inside the continuous-batching engine.
+"""Drafting on device inside the continuous-batching engine: a draft model, layer skip, EAGLE
+and Medusa (n-gram drafts come from the host, runner.ngram_propose).
 
 Legend: B rows, T tokens per row, P pages (in shapes), ps page size, D model dim, V vocab,
 k drafts; in the text x_P is a row's last sampled token and P its position.
 
 The runner's `spec_step` asks `propose` for k drafts per row and, after the target has
 verified them, calls `commit`; `engine_step` calls `record` after every other target
-forward (prefill chunks, plain decodes). Verification is the engine's, shared with the
-draft model and n-gram methods, so every method here is lossless.
+forward (prefill chunks, plain decodes). Verification is the engine's, shared by every
+method, so every method here is lossless. Each method's state lives in pages that mirror
+the target's (same ids, same page tables): prefix caching, aborts, and preemption by
+recompute or swap need nothing else.
 
+- draft_model (also the model rounds of ngram_draft_model): its own paged K/V cache, fed
+  every token the target computes. A round re-reads [x_{P-1}, x_P] (rewriting x_{P-1}'s K/V
+  is idempotent, and it catches the cache up when all k drafts were accepted last time), then
+  k - 1 single steps. After a round of prompt-lookup drafts (ngram_draft_model) it is fed the
+  verified tokens instead, so its cache stays the target's position for position.
 - layer_skip: the target's first `num_layers` layers, final norm and LM head. It keeps no
   state: drafting writes those layers' paged K/V at P..P+k-1, and the verify pass rewrites
   the same positions in every layer.
 - EAGLE and Medusa draft from the target's features (`model.forward`'s hidden, before the
-  final norm). The engine keeps them in pages beside the target's K/V (`HeadCache`: same
-  page ids, same page tables), so prefix caching, aborts, and preemption by recompute or by
-  swap handle them with the target's pages and nothing per request lives anywhere else:
+  final norm), kept in pages beside the target's K/V (`HeadCache`):
   - feature pages [P, 1, ps, D]: f_t for every position t the target computed (a verified
     position that was rejected is rewritten before anything reads it);
   - EAGLE's one-layer paged KV cache. Head position t holds the pair (f_t, x_{t+1}), so it
@@ -52,11 +58,11 @@ from jaxinfer.spec.heads import eagle_forward, medusa_logits
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadSpec:
-    """How the engine drafts for layer_skip, eagle or medusa (a static argument of the jitted steps)."""
+class DraftSpec:
+    """How the engine drafts on device (a static argument of the jitted steps)."""
 
-    method: str
-    cfg: ModelConfig  # the target's config (layer_skip, Medusa) or EAGLE's one-layer config
+    method: str  # "draft_model" (also for ngram_draft_model), "layer_skip", "eagle" or "medusa"
+    cfg: ModelConfig  # the draft model's, EAGLE's one-layer, or the target's config
     num_layers: int = 0  # layer_skip: the target layers the draft runs
 
     @property
@@ -64,13 +70,10 @@ class HeadSpec:
         return self.method in ("eagle", "medusa")
 
     def bytes_per_page(self, target: ModelConfig, page_size: int, itemsize: int) -> int:
-        """Feature pages and (EAGLE) the head's K and V for one page of tokens."""
-        if not self.keeps_features:
-            return 0
-        n = page_size * target.hidden_size * itemsize
-        if self.method == "eagle":
-            n += 2 * self.cfg.num_kv_heads * self.cfg.head_dim * itemsize * page_size
-        return n
+        """The draft's K and V (draft model, EAGLE) and features (EAGLE, Medusa) for one page."""
+        kv_layers = {"draft_model": self.cfg.num_layers, "eagle": 1}.get(self.method, 0)
+        n = 2 * kv_layers * self.cfg.num_kv_heads * self.cfg.head_dim * itemsize * page_size
+        return n + (page_size * target.hidden_size * itemsize if self.keeps_features else 0)
 
 
 @struct.dataclass
@@ -84,8 +87,12 @@ class HeadCache:
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
 
 
-def init_head_cache(head: HeadSpec, target: ModelConfig, num_pages: int, page_size: int, dtype) -> HeadCache | None:
-    if not head.keeps_features:
+def init_cache(draft: DraftSpec, target: ModelConfig, num_pages: int, page_size: int, dtype):
+    """The draft's paged state: a KVCache (draft model), a HeadCache (EAGLE, Medusa) or None."""
+    if draft.method == "draft_model":
+        c = draft.cfg
+        return init_paged(c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim, dtype)
+    if not draft.keeps_features:
         return None
     shape = (num_pages, 1, page_size, target.hidden_size)
     if store_as_bits(dtype):  # narrow floats are scattered as integers on CPU (kv/bits.py)
@@ -93,8 +100,8 @@ def init_head_cache(head: HeadSpec, target: ModelConfig, num_pages: int, page_si
     else:
         features = jnp.zeros(shape, dtype)
     kv = None
-    if head.method == "eagle":
-        kv = init_paged(1, num_pages, page_size, head.cfg.num_kv_heads, head.cfg.head_dim, dtype)
+    if draft.method == "eagle":
+        kv = init_paged(1, num_pages, page_size, draft.cfg.num_kv_heads, draft.cfg.head_dim, dtype)
     return HeadCache(features=features, kv=kv)
 
 
@@ -111,26 +118,37 @@ def _write_features(hc: HeadCache, hidden: jax.Array, meta: AttentionMeta) -> He
     return hc.replace(features=write_pages(hc.features, hidden[:, :, None, :], page, offset))
 
 
-def _feed_eagle(head: HeadSpec, params: dict, target: Weights, hc: HeadCache, features: jax.Array,
+def _feed_model(draft: DraftSpec, params: Weights, kv: KVCache, tokens: jax.Array, meta: AttentionMeta,
+                backend: str) -> KVCache:
+    """The draft model's K/V for tokens [B, T] at the call's positions (no logits wanted)."""
+    _, _, kv = forward(params, draft.cfg, tokens, meta.query_positions(tokens.shape[1]), kv, meta,
+                       backend=backend, logits_at=jnp.zeros((tokens.shape[0], 1), jnp.int32))
+    return kv
+
+
+def _feed_eagle(draft: DraftSpec, params: dict, target: Weights, hc: HeadCache, features: jax.Array,
                 tokens: jax.Array, kv_lens: jax.Array, q_lens: jax.Array, meta: AttentionMeta,
                 backend: str) -> tuple[jax.Array, HeadCache]:
     """EAGLE over pairs (features [B, T, D], tokens [B, T]) ending at head length kv_lens, q_lens
     valid per row; returns (predicted features [B, T, D], cache)."""
     hmeta = AttentionMeta(meta.page_table, kv_lens, q_lens, slots=meta.slots)
     positions = jnp.maximum(hmeta.query_positions(tokens.shape[1]), 0)
-    pred, kv = eagle_forward(params, head.cfg, target, features.astype(target.dtype), tokens, positions, hc.kv,
+    pred, kv = eagle_forward(params, draft.cfg, target, features.astype(target.dtype), tokens, positions, hc.kv,
                              hmeta, backend)
     return pred, hc.replace(kv=kv)
 
 
-def record(head: HeadSpec, params, target: Weights, hc: HeadCache | None, hidden: jax.Array,
-           tokens: jax.Array, meta: AttentionMeta, backend: str) -> HeadCache | None:
-    """After a target forward over tokens [B, T] (its meta, its hidden [B, T, D]): keep the
-    features; EAGLE: feed the pairs at s-1..e-1 (s..e: each row's positions in this call)."""
+def record(draft: DraftSpec, params, target: Weights, hc, hidden: jax.Array, tokens: jax.Array,
+           meta: AttentionMeta, backend: str):
+    """After a target forward over tokens [B, T] (its meta, its hidden [B, T, D]): the draft
+    model reads the same tokens; EAGLE and Medusa keep the features, and EAGLE is fed the
+    pairs at s-1..e-1 (s..e: each row's positions in this call)."""
+    if draft.method == "draft_model":
+        return _feed_model(draft, params, hc, tokens, meta, backend)
     if hc is None:
         return hc
     hc = _write_features(hc, hidden, meta)
-    if head.method != "eagle":
+    if draft.method != "eagle":
         return hc
     start = meta.kv_lens - meta.q_lens
     first = start == 0  # no position before the call: pairs s..e-1 only
@@ -138,14 +156,15 @@ def record(head: HeadSpec, params, target: Weights, hc: HeadCache | None, hidden
     feats = jnp.where(first[:, None, None], hidden, jnp.concatenate([prev[:, None], hidden[:, :-1]], axis=1))
     toks = jnp.where(first[:, None], jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))), tokens)
     q_lens = jnp.where(first, jnp.maximum(meta.q_lens - 1, 0), meta.q_lens)
-    _, hc = _feed_eagle(head, params, target, hc, feats, toks, jnp.maximum(meta.kv_lens - 1, 0), q_lens, meta,
+    _, hc = _feed_eagle(draft, params, target, hc, feats, toks, jnp.maximum(meta.kv_lens - 1, 0), q_lens, meta,
                         backend)
     return hc
 
 
-def propose(head: HeadSpec, params, target: Weights, target_cfg: ModelConfig, kv: KVCache, hc: HeadCache | None,
-            inp, k: int, pen, backend: str):
-    """k drafts for rows [B, k+1] = [x_P, ...] (inp: the runner's StepInputs).
+def propose(draft: DraftSpec, params, target: Weights, target_cfg: ModelConfig, kv: KVCache, hc,
+            inp, prev: jax.Array, k: int, pen, backend: str):
+    """k drafts for rows [B, k+1] = [x_P, ...] (inp: the runner's StepInputs; prev [B]: x_{P-1},
+    read by the draft model).
 
     Returns (drafts [B, k], shaped draft logits [B, k, V] (q for verification), kv, hc)."""
     from jaxinfer.spec.verify import draft_sample
@@ -165,42 +184,55 @@ def propose(head: HeadSpec, params, target: Weights, target_cfg: ModelConfig, kv
         shaped.append(sh)
         return d
 
-    if head.method == "medusa":
+    if draft.method == "draft_model":  # [x_{P-1}, x_P] at P-1, P -> d_1; then d_i at P + i -> d_{i+1}
+        toks = jnp.stack([prev, inp.tokens[:, 0]], axis=1)  # [B, 2]
+        q_lens = jnp.where(active, 2, 0)
+        for i in range(k):
+            meta = AttentionMeta(inp.page_table, p + 1 + i, q_lens, slots=inp.slots)
+            logits, _, hc = forward(params, draft.cfg, toks, meta.query_positions(toks.shape[1]), hc, meta,
+                                    backend=backend, logits_at=(q_lens - 1)[:, None])
+            toks, q_lens = take(logits[:, 0], i)[:, None], act
+    elif draft.method == "medusa":
         f = read_features(hc.features, inp.page_table, jnp.maximum(p - 1, 0)).astype(target.dtype)
         logits = medusa_logits(params, target, f, eps)  # [B, heads, V]; head i: x_{P+i+1}
         for i in range(k):
             take(logits[:, i], i)
-    elif head.method == "layer_skip":
+    elif draft.method == "layer_skip":
         tok = inp.tokens[:, 0]
         for i in range(k):  # feed x_P, then d_i, at P + i -> d_{i+1}
             meta = AttentionMeta(inp.page_table, p + i + 1, act, slots=inp.slots)
             logits, _, kv = forward(target, target_cfg, tok[:, None], jnp.maximum(p + i, 0)[:, None], kv, meta,
-                                    backend=backend, num_layers=head.num_layers)
+                                    backend=backend, num_layers=draft.num_layers)
             tok = take(logits[:, 0], i)
     else:  # eagle: the pair (f_{P-1}, x_P) at P-1 gives f_hat_P, hence d_1; then (f_hat_{P+i-1}, d_i) at P+i-1
         feat = read_features(hc.features, inp.page_table, jnp.maximum(p - 1, 0))
         tok = inp.tokens[:, 0]
         for i in range(k):
-            pred, hc = _feed_eagle(head, params, target, hc, feat[:, None], tok[:, None], jnp.maximum(p + i, 0),
+            pred, hc = _feed_eagle(draft, params, target, hc, feat[:, None], tok[:, None], jnp.maximum(p + i, 0),
                                    act, inp.meta(), backend)
             feat = pred[:, 0]
             tok = take(lm_logits(target, feat, eps), i)
     return jnp.stack(drafts, axis=1), jnp.stack(shaped, axis=1), kv, hc
 
 
-def commit(head: HeadSpec, params, target: Weights, hc: HeadCache | None, hidden: jax.Array, drafts: jax.Array,
-           n_acc: jax.Array, inp, backend: str) -> HeadCache | None:
-    """After verification over [x_P, d_1..d_k] (hidden [B, k+1, D]): keep the features; EAGLE:
-    feed the true pairs (f_{P+j}, d_{j+1}) at P+j for the n_acc accepted drafts (the pair at
-    P+n_acc needs the token sampled there, and the next call feeds it)."""
+def commit(draft: DraftSpec, params, target: Weights, hc, hidden: jax.Array, drafts: jax.Array,
+           n_acc: jax.Array, inp, lookup: bool, backend: str):
+    """After verification over [x_P, d_1..d_k] (hidden [B, k+1, D]). The draft model, after
+    prompt-lookup drafts (lookup), reads the verified tokens (rejected positions are rewritten
+    before they are read); EAGLE and Medusa keep the features, and EAGLE is fed the true pairs
+    (f_{P+j}, d_{j+1}) at P+j for the n_acc accepted drafts (the pair at P+n_acc needs the token
+    sampled there, and the next call feeds it)."""
+    meta = inp.meta()
+    if draft.method == "draft_model":
+        tokens = jnp.concatenate([inp.tokens[:, :1], drafts], axis=1)
+        return _feed_model(draft, params, hc, tokens, meta, backend) if lookup else hc
     if hc is None:
         return hc
-    meta = inp.meta()
     hc = _write_features(hc, hidden, meta)
-    if head.method != "eagle":
+    if draft.method != "eagle":
         return hc
     k = drafts.shape[1]
     p = inp.kv_lens - (k + 1)
     n = jnp.where(inp.q_lens > 0, n_acc, 0)
-    _, hc = _feed_eagle(head, params, target, hc, hidden[:, :k], drafts, jnp.maximum(p + n, 0), n, meta, backend)
+    _, hc = _feed_eagle(draft, params, target, hc, hidden[:, :k], drafts, jnp.maximum(p + n, 0), n, meta, backend)
     return hc
