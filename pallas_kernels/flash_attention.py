@@ -39,8 +39,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 BACKENDS = ("triton", "mosaic")
+NATIVE_PLATFORM = {"triton": "gpu", "mosaic": "tpu"}  # where each variant compiles; elsewhere: interpret
 # A large finite negative logit: fully masked tiles stay finite (exp underflows to 0).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+LOG2E = math.log2(math.e)
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -71,7 +73,8 @@ def resolve_backend(backend: str, interpret: bool | None) -> tuple[str, bool]:
     """('auto' | 'triton' | 'mosaic', interpret or None) -> (kernel variant, interpret).
 
     'auto' picks Triton on GPU, Mosaic on TPU, and the Triton variant in interpret
-    mode on CPU: its in-kernel K/V loop interprets faster than a grid axis, and the
+    mode on CPU; interpret=None compiles a variant on its own platform and interprets it
+    elsewhere (Mosaic on a GPU, say): its in-kernel K/V loop interprets faster than a grid axis, and the
     paged kernel's whole-pool blocks are read in place, where the interpreter copies
     every BlockSpec'd page tile input of the Mosaic variant through its loop carry.
     """
@@ -81,7 +84,7 @@ def resolve_backend(backend: str, interpret: bool | None) -> tuple[str, bool]:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} must be 'auto' or one of {BACKENDS}")
     if interpret is None:
-        interpret = platform == "cpu"
+        interpret = platform != NATIVE_PLATFORM[backend]
     return backend, bool(interpret)
 
 
@@ -98,29 +101,56 @@ def div_const(x: jax.Array, d: int) -> jax.Array:
     return jnp.floor((x.astype(jnp.float32) + 0.5) * (1.0 / d)).astype(jnp.int32)
 
 
-def attention_scores(q: jax.Array, k: jax.Array, scale: float, soft_cap: float | None) -> jax.Array:
-    """q [R, H] . k [C, H] -> float32 logits [R, C], scaled and optionally soft-capped (Gemma 2)."""
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    s = s * scale
-    if soft_cap is not None:
-        s = soft_cap * jnp.tanh(s * (1.0 / soft_cap))
-    return s
+def dot_precision(dtype) -> lax.Precision | None:
+    """float32 operands multiply in full float32 (IEEE); the default would let Triton and XLA:GPU
+    use TF32 (10-bit mantissa, errors near 1e-3). bf16 / f16 operands keep the native rate."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def online_softmax_step(s, mask, v, m_prev, l_prev, acc_prev):
+def attention_scores(q: jax.Array, k: jax.Array, scale: float, soft_cap: float | None,
+                     base2: bool = False) -> jax.Array:
+    """q [R, H] . k [C, H] -> float32 logits [R, C], scaled and optionally soft-capped (Gemma 2).
+
+    base2: logits in log2 units (times log2 e, folded into the scale), for ``exp2`` softmax steps."""
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                        precision=dot_precision(q.dtype))
+    unit = LOG2E if base2 else 1.0
+    if soft_cap is None:
+        return s * (scale * unit)
+    return (soft_cap * unit) * jnp.tanh(s * (scale / soft_cap))
+
+
+def online_softmax_step(s, mask, v, m_prev, l_prev, acc_prev, base2: bool = False):
     """One K/V tile of FlashAttention algorithm 1 (lines 8-12), FlashAttention-2 form.
 
     s [R, C] f32 logits, mask [R, C] bool, v [C, H]; state m, l [R, 1] f32 and
     acc [R, H] f32 (unnormalized). Masked entries get probability exactly 0, so a
     row that has seen no visible key keeps l = 0 and acc = 0 (finite).
+    base2: s and m are in log2 units and the step uses exp2. On GPUs Triton lowers a float32 exp
+    to libdevice's accurate expf (several instructions) and exp2 to one ex2.approx, and the
+    exponentials bound a flash kernel's throughput next to the matrix units.
     """
+    exp = jnp.exp2 if base2 else jnp.exp
     s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [R, 1]
-    alpha = jnp.exp(m_prev - m_new)  # rescales the old state
-    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)  # [R, C]
+    alpha = exp(m_prev - m_new)  # rescales the old state
+    p = jnp.where(mask, exp(s - m_new), 0.0)  # [R, C]
     l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)  # [R, H]
+                         preferred_element_type=jnp.float32, precision=dot_precision(v.dtype))  # [R, H]
+    return m_new, l_new, alpha * acc_prev + pv
+
+
+def online_softmax_step_unmasked(s, v, m_prev, l_prev, acc_prev, base2: bool = False):
+    """``online_softmax_step`` for a tile whose every key is visible to every row: no mask
+    selects, which is most of a long causal prefill (the tiles left of the diagonal)."""
+    exp = jnp.exp2 if base2 else jnp.exp
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    alpha = exp(m_prev - m_new)
+    p = exp(s - m_new)
+    l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32, precision=dot_precision(v.dtype))
     return m_new, l_new, alpha * acc_prev + pv
 
 
@@ -142,6 +172,15 @@ def _num_kv_blocks(kv_len, q_block, *, block_q: int, block_k: int, causal: bool)
     return lax.div(hi + block_k - 1, block_k)
 
 
+def _num_full_kv_blocks(kv_len, q_block, *, block_q: int, block_k: int, causal: bool):
+    """Leading key blocks that every row of the query tile sees whole (no mask needed): keys
+    below kv_len and, when causal, at or before the tile's first query."""
+    hi = kv_len
+    if causal:
+        hi = jnp.minimum(hi, q_block * block_q + 1)
+    return lax.div(hi, block_k)
+
+
 def _tile_mask(q_block, k_block, kv_len, *, block_q: int, block_k: int, causal: bool):
     q_pos = q_block * block_q + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
     k_pos = k_block * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
@@ -153,6 +192,14 @@ def _tile_mask(q_block, k_block, kv_len, *, block_q: int, block_k: int, causal: 
 
 # ------------------------------------------------------------------ Triton (GPU)
 
+def _query_tile(causal: bool):
+    """The query tile of this program. Causal tiles run longest-first (grid axis 0 reversed): the
+    programs that launch last, and set the kernel's tail, are the short ones near the top."""
+    if not causal:
+        return pl.program_id(0)
+    return pl.num_programs(0) - 1 - pl.program_id(0)
+
+
 def flash_attention_kernel(kv_lens_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float,
                            soft_cap: float | None, causal: bool, block_k: int):
     """Triton program: one query tile of one (row b, head n) against all its keys.
@@ -163,20 +210,29 @@ def flash_attention_kernel(kv_lens_ref, q_ref, k_ref, v_ref, o_ref, *, scale: fl
     v_ref:       [S_pad, H]
     o_ref:       [block_q, H]
     """
-    i, b = pl.program_id(0), pl.program_id(1)
+    i, b = _query_tile(causal), pl.program_id(1)
     block_q, head_dim = q_ref.shape
     kv_len = kv_lens_ref[b]
     q = q_ref[...]
 
-    def body(j, state):
+    def full_body(j, state):  # blocks left of the diagonal and inside kv_len: no mask
         k = k_ref[pl.ds(j * block_k, block_k), :]  # [block_k, H]
         v = v_ref[pl.ds(j * block_k, block_k), :]
-        s = attention_scores(q, k, scale, soft_cap)  # [block_q, block_k]
-        mask = _tile_mask(i, j, kv_len, block_q=block_q, block_k=block_k, causal=causal)
-        return online_softmax_step(s, mask, v, *state)
+        s = attention_scores(q, k, scale, soft_cap, base2=True)
+        return online_softmax_step_unmasked(s, v, *state, base2=True)
 
-    n = _num_kv_blocks(kv_len, i, block_q=block_q, block_k=block_k, causal=causal)
-    _, l, acc = lax.fori_loop(0, n, body, init_state(block_q, head_dim))
+    def masked_body(j, state):  # the diagonal and the kv_len edge
+        k = k_ref[pl.ds(j * block_k, block_k), :]
+        v = v_ref[pl.ds(j * block_k, block_k), :]
+        s = attention_scores(q, k, scale, soft_cap, base2=True)  # [block_q, block_k]
+        mask = _tile_mask(i, j, kv_len, block_q=block_q, block_k=block_k, causal=causal)
+        return online_softmax_step(s, mask, v, *state, base2=True)
+
+    sizes = {"block_q": block_q, "block_k": block_k, "causal": causal}
+    n = _num_kv_blocks(kv_len, i, **sizes)
+    n_full = jnp.minimum(_num_full_kv_blocks(kv_len, i, **sizes), n)
+    state = lax.fori_loop(0, n_full, full_body, init_state(block_q, head_dim))
+    _, l, acc = lax.fori_loop(n_full, n, masked_body, state)
     o_ref[...] = finalize(l, acc).astype(o_ref.dtype)
 
 
@@ -188,16 +244,21 @@ def _flash_triton(q, k, v, kv_lens, *, scale, soft_cap, causal, bs: BlockSizes, 
     group = n // kh
     kernel = functools.partial(flash_attention_kernel, scale=scale, soft_cap=soft_cap, causal=causal,
                                block_k=bs.block_k)
+    num_q = t // bs.block_q
+
+    def q_map(i, j, hd):  # the same tile order as _query_tile
+        return j, (num_q - 1 - i) if causal else i, hd, 0
+
     return pl.pallas_call(
         kernel,
-        grid=(t // bs.block_q, b, n),
+        grid=(num_q, b, n),
         in_specs=[
             pl.BlockSpec((b,), lambda i, j, hd: (0,)),  # kv_lens
-            pl.BlockSpec((None, bs.block_q, None, h), lambda i, j, hd: (j, i, hd, 0)),  # q
+            pl.BlockSpec((None, bs.block_q, None, h), q_map),  # q
             pl.BlockSpec((None, s, None, h), lambda i, j, hd: (j, 0, lax.div(hd, group), 0)),  # k
             pl.BlockSpec((None, s, None, h), lambda i, j, hd: (j, 0, lax.div(hd, group), 0)),  # v
         ],
-        out_specs=pl.BlockSpec((None, bs.block_q, None, h), lambda i, j, hd: (j, i, hd, 0)),
+        out_specs=pl.BlockSpec((None, bs.block_q, None, h), q_map),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
@@ -356,7 +417,8 @@ def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, kv_lens:
     s, kh = k.shape[1], k.shape[2]
     scale = h ** -0.5 if scale is None else scale
     qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(jnp.float32)) * scale  # [B, K, G, T, S]
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(jnp.float32),
+                        precision=lax.Precision.HIGHEST) * scale  # [B, K, G, T, S]
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
     k_pos = jnp.arange(s)
@@ -367,5 +429,5 @@ def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, kv_lens:
     logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
     logits = jnp.where(jnp.any(mask, -1)[:, None, None, :, None], logits, 0.0)  # padding rows: finite
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(jnp.float32))
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return out.reshape(b, t, n, h).astype(q.dtype)

@@ -190,7 +190,8 @@ def paged_attention_kernel(pt_ref, kv_lens_ref, q_lens_ref, q_ref, k_ref, v_ref,
     ks/vs_ref:    [P, K, ps/tg, H/cg]    scales (None when unquantized)
     kz/vz_ref:    [P, K, ps/tg, H/cg]    zero points (None unless asymmetric int4)
     o_ref:        [block_rows, H]        this part's output, normalized by its own l
-    m_ref, l_ref: [block_rows, 1] f32    this part's running max and normalizer (for the split-K merge)
+    m_ref, l_ref: [block_rows, 1] f32    this part's running max (log2 units) and normalizer (for the
+                                         split-K merge)
     """
     b, h, rb, s = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     rows, head_dim = q_ref.shape
@@ -209,9 +210,9 @@ def paged_attention_kernel(pt_ref, kv_lens_ref, q_lens_ref, q_ref, k_ref, v_ref,
                          st.k_groups, st.k_asym, q.dtype)  # [block_k, H]
         v = dequant_tile(load(v_ref, blk, 1), load(vs_ref, blk, vtg), load(vz_ref, blk, vtg), st,
                          st.v_groups, st.v_asym, q.dtype)
-        scores = attention_scores(q, k, st.scale, st.soft_cap)  # [rows, block_k]
+        scores = attention_scores(q, k, st.scale, st.soft_cap, base2=True)  # [rows, block_k], log2 units
         mask = tile_mask(q_pos, blk * st.block_k, kv_len, st, st.block_k)
-        return online_softmax_step(scores, mask, v, *state)
+        return online_softmax_step(scores, mask, v, *state, base2=True)
 
     m, l, acc = lax.fori_loop(s_lo, s_hi, body, init_state(rows, head_dim))
     o_ref[...] = finalize(l, acc).astype(o_ref.dtype)
@@ -254,10 +255,12 @@ def _paged_triton(q, k_pages, v_pages, scales, page_table, kv_lens, q_lens, st: 
 
 # ------------------------------------------------------------------ wrapper
 
-def combine_splits(o, m, l):
-    """Merge split-K partials o [S, ..., H] (each normalized by its own l), m, l [S, ..., 1]."""
+def combine_splits(o, m, l, base2: bool = False):
+    """Merge split-K partials o [S, ..., H] (each normalized by its own l), m, l [S, ..., 1].
+
+    base2: m is in log2 units (the Triton kernel's exp2 softmax)."""
     m_all = jnp.max(m, axis=0)
-    w = l * jnp.exp(m - m_all)  # [S, ..., 1] each part's share of the softmax mass
+    w = l * (jnp.exp2 if base2 else jnp.exp)(m - m_all)  # [S, ..., 1] each part's share of the softmax mass
     total = jnp.sum(w, axis=0)
     return jnp.sum(w * o.astype(jnp.float32), axis=0) / jnp.where(total > 0, total, 1.0)
 
@@ -425,7 +428,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     else:
         from pallas_kernels.paged_attention_tpu import paged_mosaic
         o, m, l = paged_mosaic(qr, k_pages, v_pages, scales, pt, kv_lens, q_lens, st, out_dtype, interpret)
-    out = o[0] if st.num_splits == 1 else combine_splits(o, m, l)  # [B, K, R_pad, H]
+    out = o[0] if st.num_splits == 1 else combine_splits(o, m, l, base2=backend == "triton")  # [B, K, R_pad, H]
     if v_tensor_scale is not None:
         out = out.astype(jnp.float32) * v_tensor_scale
     out = out[:, :, :rows].reshape(b, kh, t, st.group, h).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, H]
@@ -455,7 +458,8 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, q_lens, 
     v = v[pt].transpose(0, 2, 1, 3, 4).reshape(b, kh, -1, h)
     scale = h ** -0.5 if scale is None else scale
     qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("btkgh,bksh->bkgts", qg, k) * scale  # [B, K, G, T, S]
+    highest = lax.Precision.HIGHEST  # a float32 reference, also on GPUs (whose default is TF32)
+    logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, precision=highest) * scale  # [B, K, G, T, S]
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
     q_pos = (kv_lens - q_lens)[:, None] + jnp.arange(t)[None, :]  # [B, T]
@@ -468,5 +472,5 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, q_lens, 
     mask = jnp.broadcast_to(mask, (b, t, k.shape[2]))
     logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
     logits = jnp.where(jnp.any(mask, -1)[:, None, None, :, None], logits, 0.0)  # padding rows: finite
-    out = jnp.einsum("bkgts,bksh->btkgh", jax.nn.softmax(logits, axis=-1), v)
+    out = jnp.einsum("bkgts,bksh->btkgh", jax.nn.softmax(logits, axis=-1), v, precision=highest)
     return out.reshape(b, t, n, h).astype(q.dtype)

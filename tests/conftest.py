@@ -9,8 +9,9 @@ os.environ.setdefault("JAXINFER_COMPILATION_CACHE", "0")
 # them ~30% faster (full suite 9:14 -> 6:33 on 2 cores), and XLA:CPU's loop emitters faster than
 # its newer fusion emitters (one engine test 27 -> 18 s); the programs still compute the same
 # things, and tests check results, never speed (benchmarks run with the defaults).
+# On a GPU (JAX_PLATFORMS=cuda: the kernel tests compile the Triton variants there) the flags stay off.
 for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
-    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    if os.environ["JAX_PLATFORMS"] == "cpu" and _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 import jax  # noqa: E402

@@ -1,4 +1,5 @@
-"""Paged attention kernels (Triton and Mosaic variants, interpret mode) against the jnp reference,
+"""Paged attention kernels (Triton and Mosaic variants, compiled on their own
+hardware, interpret mode elsewhere) against the jnp reference,
 and the KV format helpers they share with KV quantization.
 
 Stated tolerances (max abs error over valid query slots; outputs are O(1)):
@@ -43,6 +44,9 @@ CASES = [
     ("triton", 2, 64, 64, 1, jnp.float32, "fp8_e4m3", (4, 16), False, True, None, None, 2, 32),
     ("mosaic", 4, 64, 8, 2, jnp.float32, "int8", KIVI, False, True, None, None, 1, 32),
     ("triton", 2, 128, 32, 2, jnp.bfloat16, "int8", (1, None), False, True, None, 40, 2, 16),
+    # every format in the Triton variant too: on a GPU the Mosaic cases are deselected
+    ("triton", 4, 128, 16, 2, jnp.float32, "nvfp4", (1, None), False, True, None, None, 2, 32),
+    ("triton", 2, 64, 16, 1, jnp.bfloat16, "fp8_e5m2", (1, None), False, True, None, None, 1, 16),
 ]
 IDS = [f"{c[0]}-G{c[1]}-H{c[2]}-ps{c[3]}-T{c[4]}-{jnp.dtype(c[5]).name}-{c[6]}" for c in CASES]
 KV_HEADS, CONTEXT = 2, 128  # tokens per page-table row
@@ -91,7 +95,7 @@ def test_paged_kernel_matches_reference(case):
     else:
         k_full, v_full = k, v
         k, v, kw = _quantized(k, v, fmt, groups, asym, ps)
-    got = pa.paged_attention(q, k, v, table, kv_lens, q_lens, backend=variant, interpret=True,
+    got = pa.paged_attention(q, k, v, table, kv_lens, q_lens, backend=variant, interpret=None,
                              block_sizes=pa.BlockSizes(block_rows=16, block_k=block_k, num_splits=splits),
                              **common, **kw)
     assert got.shape == q.shape and got.dtype == q.dtype
