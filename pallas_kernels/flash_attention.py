@@ -73,10 +73,11 @@ def resolve_backend(backend: str, interpret: bool | None) -> tuple[str, bool]:
     """('auto' | 'triton' | 'mosaic', interpret or None) -> (kernel variant, interpret).
 
     'auto' picks Triton on GPU, Mosaic on TPU, and the Triton variant in interpret
-    mode on CPU; interpret=None compiles a variant on its own platform and interprets it
-    elsewhere (Mosaic on a GPU, say): its in-kernel K/V loop interprets faster than a grid axis, and the
+    mode on CPU: its in-kernel K/V loop interprets faster than a grid axis, and the
     paged kernel's whole-pool blocks are read in place, where the interpreter copies
     every BlockSpec'd page tile input of the Mosaic variant through its loop carry.
+    interpret=None compiles a variant on its own platform (Triton on a GPU, Mosaic on a
+    TPU) and interprets it anywhere else (Mosaic on a GPU, say).
     """
     platform = jax.default_backend()
     if backend == "auto":
