@@ -58,3 +58,15 @@ def test_flash_errors_name_the_values():
         fa.flash_attention(q, k[:, :, :2], k[:, :, :2], backend="triton", block_sizes=fa.BlockSizes(24, 16))
     with pytest.raises(ValueError, match="q.dtype=int8"):
         fa.flash_attention(q.astype(jnp.int8), k[:, :, :2], k[:, :, :2])
+
+
+def test_interpret_none_compiles_only_on_the_variants_own_platform(monkeypatch):
+    """interpret=None: Triton compiles on a GPU, Mosaic on a TPU; every other pairing interprets."""
+    for platform, want in (("cpu", {"triton": True, "mosaic": True}),
+                           ("gpu", {"triton": False, "mosaic": True}),
+                           ("tpu", {"triton": True, "mosaic": False})):
+        monkeypatch.setattr(fa.jax, "default_backend", lambda platform=platform: platform)
+        for variant, interpret in want.items():
+            assert fa.resolve_backend(variant, None) == (variant, interpret), (platform, variant)
+        assert fa.resolve_backend("auto", None) == ({"tpu": "mosaic"}.get(platform, "triton"), platform == "cpu")
+        assert fa.resolve_backend("mosaic", True) == ("mosaic", True)

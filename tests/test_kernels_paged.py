@@ -156,6 +156,14 @@ def test_nibble_packing_and_e2m1_codes():
     # e2m1 decode by bit arithmetic == ml_dtypes' float4_e2m1fn for every bit pattern
     ref = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
     np.testing.assert_array_equal(kvf.e2m1_decode(jnp.arange(16, dtype=jnp.int32)), ref)
+    # encoding rounds to nearest, ties to the even code, as the float4 cast does; exactly at every
+    # midpoint, a float either side of it, and over a wide random sample (jitted, as in quantize)
+    mids = np.array([m for m, _ in kvf.E2M1_MIDPOINTS], np.float32)
+    edges = np.concatenate([mids, np.nextafter(mids, 0), np.nextafter(mids, 9)])
+    sample = np.random.default_rng(0).standard_normal(20000).astype(np.float32) * 3
+    for vals in (edges, -edges, sample):
+        got = kvf.e2m1_decode(jax.jit(kvf.e2m1_encode)(jnp.asarray(vals)).astype(jnp.int32))
+        np.testing.assert_array_equal(got, np.clip(vals, -6, 6).astype(ml_dtypes.float4_e2m1fn).astype(np.float32))
     x = jnp.linspace(-7.0, 7.0, 141)
     decoded = kvf.e2m1_decode(kvf.e2m1_encode(x).astype(jnp.int32))
     np.testing.assert_array_equal(decoded, jnp.clip(x, -6, 6).astype(jnp.float4_e2m1fn).astype(jnp.float32))
