@@ -349,9 +349,12 @@ def main(argv=None):
         kernel_only = ["pallas_triton" if platform_name == "gpu" else "pallas_mosaic"]
         # (a first H200 run: 128x64 w8 s3 332, 128x128 w8 s2 335, 64x64 w4 s3 323, 128x32 w4 s3 297,
         # 64x128 w4 s2 274 TFLOP/s at S = 8192, H = 128)
-        for bs in (fa.BlockSizes(128, 128, 8, 3), fa.BlockSizes(128, 64, 8, 4)):
+        # (the second, with exp2: 128x128 w8 s3 411, 128x64 w8 s4 379, default 128x64 w8 s3 391 at S = 8192;
+        # 128x128 is swept over the lengths to decide the head_dim 128 default)
+        for bs, lens in ((fa.BlockSizes(128, 128, 8, 3), [1024, 2048, 4096, 8192, 16384]),
+                         (fa.BlockSizes(128, 128, 8, 2), [4096, 16384]), (fa.BlockSizes(128, 64, 8, 2), [4096])):
             report["flash"] += [r for r in bench_flash(
-                platform_name, seq_lens=[8192], head_dims=[128], total_tokens=16384, hidden=2048,
+                platform_name, seq_lens=lens, head_dims=[128], total_tokens=16384, hidden=2048,
                 repeats=args.repeats, sample_s=0.02, block_sizes=bs, impls=kernel_only)]
         # (a first H200 run, bf16 B=8 ctx=32768: block_k 64 / 128 / 256 at 4 warps 2076 / 2254 / 1995 GB/s,
         # 128 / 256 at 8 warps 2277 / 2050, one split 979)
