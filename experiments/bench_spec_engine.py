@@ -39,7 +39,6 @@ import bench_spec  # noqa: E402
 from jaxinfer import LLM, SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-ENGINE_METHODS = bench_spec.METHOD_CONFIGS
 
 
 def timed_generate(llm: LLM, prompts, params) -> tuple[float, list[list[int]], dict]:
@@ -67,7 +66,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="stdlib-target")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--methods", nargs="+", default=["ngram", "draft_model"], choices=list(ENGINE_METHODS))
+    p.add_argument("--methods", nargs="+", default=["ngram", "draft_model"], choices=list(bench_spec.METHOD_CONFIGS))
     p.add_argument("--ks", nargs="+", type=int, default=[2, 4, 8])
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--sets", nargs="+", default=["continuation", "code_edit"], choices=["continuation", "code_edit"])
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
             for k in args.ks:
                 try:
                     specs[m, k] = LLM(args.target, max_num_seqs=c, speculative_config={
-                        **ENGINE_METHODS[m], "num_speculative_tokens": k, **extra}, **common)
+                        **bench_spec.METHOD_CONFIGS[m], "num_speculative_tokens": k, **extra}, **common)
                 except ValueError as e:  # e.g. k above the Medusa head's count
                     print(f"c={c} {m} k={k}: skipped ({e})", flush=True)
         for set_name in args.sets:

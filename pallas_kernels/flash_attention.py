@@ -108,50 +108,37 @@ def dot_precision(dtype) -> lax.Precision | None:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def attention_scores(q: jax.Array, k: jax.Array, scale: float, soft_cap: float | None,
-                     base2: bool = False) -> jax.Array:
-    """q [R, H] . k [C, H] -> float32 logits [R, C], scaled and optionally soft-capped (Gemma 2).
-
-    base2: logits in log2 units (times log2 e, folded into the scale), for ``exp2`` softmax steps."""
+def attention_scores(q: jax.Array, k: jax.Array, scale: float, soft_cap: float | None) -> jax.Array:
+    """q [R, H] . k [C, H] -> float32 logits [R, C], scaled and optionally soft-capped (Gemma 2),
+    in log2 units (times log2 e, folded into the scale) for the ``exp2`` softmax steps."""
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                         precision=dot_precision(q.dtype))
-    unit = LOG2E if base2 else 1.0
     if soft_cap is None:
-        return s * (scale * unit)
-    return (soft_cap * unit) * jnp.tanh(s * (scale / soft_cap))
+        return s * (scale * LOG2E)
+    return (soft_cap * LOG2E) * jnp.tanh(s * (scale / soft_cap))
 
 
-def online_softmax_step(s, mask, v, m_prev, l_prev, acc_prev, base2: bool = False):
+def online_softmax_step(s, mask, v, m_prev, l_prev, acc_prev):
     """One K/V tile of FlashAttention algorithm 1 (lines 8-12), FlashAttention-2 form.
 
-    s [R, C] f32 logits, mask [R, C] bool, v [C, H]; state m, l [R, 1] f32 and
-    acc [R, H] f32 (unnormalized). Masked entries get probability exactly 0, so a
-    row that has seen no visible key keeps l = 0 and acc = 0 (finite).
-    base2: s and m are in log2 units and the step uses exp2. On GPUs Triton lowers a float32 exp
-    to libdevice's accurate expf (several instructions) and exp2 to one ex2.approx, and the
-    exponentials bound a flash kernel's throughput next to the matrix units.
+    s [R, C] f32 logits in log2 units (`attention_scores`), mask [R, C] bool or None (every key
+    visible to every row: no selects, as for the tiles left of a causal diagonal), v [C, H];
+    state m (log2 units), l [R, 1] f32 and acc [R, H] f32 (unnormalized). Masked entries get
+    probability exactly 0, so a row that has seen no visible key keeps l = 0 and acc = 0 (finite).
+    Base 2 because on GPUs Triton lowers a float32 exp to libdevice's accurate expf (several
+    instructions) and exp2 to one ex2.approx, and the exponentials bound a flash kernel's
+    throughput next to the matrix units.
     """
-    exp = jnp.exp2 if base2 else jnp.exp
-    s = jnp.where(mask, s, MASK_VALUE)
+    if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [R, 1]
-    alpha = exp(m_prev - m_new)  # rescales the old state
-    p = jnp.where(mask, exp(s - m_new), 0.0)  # [R, C]
+    alpha = jnp.exp2(m_prev - m_new)  # rescales the old state
+    p = jnp.exp2(s - m_new)  # [R, C]
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
     l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                          preferred_element_type=jnp.float32, precision=dot_precision(v.dtype))  # [R, H]
-    return m_new, l_new, alpha * acc_prev + pv
-
-
-def online_softmax_step_unmasked(s, v, m_prev, l_prev, acc_prev, base2: bool = False):
-    """``online_softmax_step`` for a tile whose every key is visible to every row: no mask
-    selects, which is most of a long causal prefill (the tiles left of the diagonal)."""
-    exp = jnp.exp2 if base2 else jnp.exp
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    alpha = exp(m_prev - m_new)
-    p = exp(s - m_new)
-    l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32, precision=dot_precision(v.dtype))
     return m_new, l_new, alpha * acc_prev + pv
 
 
@@ -216,24 +203,19 @@ def flash_attention_kernel(kv_lens_ref, q_ref, k_ref, v_ref, o_ref, *, scale: fl
     kv_len = kv_lens_ref[b]
     q = q_ref[...]
 
-    def full_body(j, state):  # blocks left of the diagonal and inside kv_len: no mask
+    def body(j, state, masked: bool):  # masked: the diagonal and the kv_len edge
         k = k_ref[pl.ds(j * block_k, block_k), :]  # [block_k, H]
         v = v_ref[pl.ds(j * block_k, block_k), :]
-        s = attention_scores(q, k, scale, soft_cap, base2=True)
-        return online_softmax_step_unmasked(s, v, *state, base2=True)
-
-    def masked_body(j, state):  # the diagonal and the kv_len edge
-        k = k_ref[pl.ds(j * block_k, block_k), :]
-        v = v_ref[pl.ds(j * block_k, block_k), :]
-        s = attention_scores(q, k, scale, soft_cap, base2=True)  # [block_q, block_k]
-        mask = _tile_mask(i, j, kv_len, block_q=block_q, block_k=block_k, causal=causal)
-        return online_softmax_step(s, mask, v, *state, base2=True)
+        s = attention_scores(q, k, scale, soft_cap)  # [block_q, block_k]
+        mask = _tile_mask(i, j, kv_len, block_q=block_q, block_k=block_k, causal=causal) if masked else None
+        return online_softmax_step(s, mask, v, *state)
 
     sizes = {"block_q": block_q, "block_k": block_k, "causal": causal}
     n = _num_kv_blocks(kv_len, i, **sizes)
     n_full = jnp.minimum(_num_full_kv_blocks(kv_len, i, **sizes), n)
-    state = lax.fori_loop(0, n_full, full_body, init_state(block_q, head_dim))
-    _, l, acc = lax.fori_loop(n_full, n, masked_body, state)
+    # blocks left of the diagonal and inside kv_len need no mask
+    state = lax.fori_loop(0, n_full, functools.partial(body, masked=False), init_state(block_q, head_dim))
+    _, l, acc = lax.fori_loop(n_full, n, functools.partial(body, masked=True), state)
     o_ref[...] = finalize(l, acc).astype(o_ref.dtype)
 
 

@@ -210,9 +210,9 @@ def paged_attention_kernel(pt_ref, kv_lens_ref, q_lens_ref, q_ref, k_ref, v_ref,
                          st.k_groups, st.k_asym, q.dtype)  # [block_k, H]
         v = dequant_tile(load(v_ref, blk, 1), load(vs_ref, blk, vtg), load(vz_ref, blk, vtg), st,
                          st.v_groups, st.v_asym, q.dtype)
-        scores = attention_scores(q, k, st.scale, st.soft_cap, base2=True)  # [rows, block_k], log2 units
+        scores = attention_scores(q, k, st.scale, st.soft_cap)  # [rows, block_k], log2 units
         mask = tile_mask(q_pos, blk * st.block_k, kv_len, st, st.block_k)
-        return online_softmax_step(scores, mask, v, *state, base2=True)
+        return online_softmax_step(scores, mask, v, *state)
 
     m, l, acc = lax.fori_loop(s_lo, s_hi, body, init_state(rows, head_dim))
     o_ref[...] = finalize(l, acc).astype(o_ref.dtype)
@@ -255,12 +255,11 @@ def _paged_triton(q, k_pages, v_pages, scales, page_table, kv_lens, q_lens, st: 
 
 # ------------------------------------------------------------------ wrapper
 
-def combine_splits(o, m, l, base2: bool = False):
-    """Merge split-K partials o [S, ..., H] (each normalized by its own l), m, l [S, ..., 1].
-
-    base2: m is in log2 units (the Triton kernel's exp2 softmax)."""
+def combine_splits(o, m, l):
+    """Merge split-K partials o [S, ..., H] (each normalized by its own l), m (log2 units, as the
+    kernels' exp2 softmax keeps it), l [S, ..., 1]."""
     m_all = jnp.max(m, axis=0)
-    w = l * (jnp.exp2 if base2 else jnp.exp)(m - m_all)  # [S, ..., 1] each part's share of the softmax mass
+    w = l * jnp.exp2(m - m_all)  # [S, ..., 1] each part's share of the softmax mass
     total = jnp.sum(w, axis=0)
     return jnp.sum(w * o.astype(jnp.float32), axis=0) / jnp.where(total > 0, total, 1.0)
 
@@ -428,7 +427,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     else:
         from pallas_kernels.paged_attention_tpu import paged_mosaic
         o, m, l = paged_mosaic(qr, k_pages, v_pages, scales, pt, kv_lens, q_lens, st, out_dtype, interpret)
-    out = o[0] if st.num_splits == 1 else combine_splits(o, m, l, base2=backend == "triton")  # [B, K, R_pad, H]
+    out = o[0] if st.num_splits == 1 else combine_splits(o, m, l)  # [B, K, R_pad, H]
     if v_tensor_scale is not None:
         out = out.astype(jnp.float32) * v_tensor_scale
     out = out[:, :, :rows].reshape(b, kh, t, st.group, h).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, H]

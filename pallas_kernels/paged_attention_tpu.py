@@ -53,7 +53,7 @@ def paged_attention_kernel_tpu(pt_ref, kv_lens_ref, q_lens_ref, q_ref, *refs, st
                   k [C, H or H/2], v [C, H or H/2], then k_scale, v_scale, k_zero,
                   v_zero [C/tg or 1, H/cg] for those present (n = num_kv_inputs)
     o_ref:        [block_rows, H]       written at the last step
-    m_ref, l_ref: [block_rows, 1] f32   this part's running max and normalizer
+    m_ref, l_ref: [block_rows, 1] f32   this part's running max (log2 units) and normalizer
     m_scr, l_scr: [block_rows, 1] f32 VMEM;  acc_scr: [block_rows, H] f32 VMEM
     """
     kv_refs = refs[:num_kv_inputs]

@@ -23,14 +23,16 @@ import jax.numpy as jnp
 from jaxinfer.config import ModelConfig
 
 METHODS = ("draft_model", "ngram", "ngram_draft_model", "layer_skip", "eagle", "medusa")
+# Optional keys per method, beside the ones every method takes (disable_by_batch_size: engine).
 _KEYS = {
-    "draft_model": ("model", "disable_by_batch_size"),
-    "ngram": ("prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"),
-    "ngram_draft_model": ("model", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"),
-    "layer_skip": ("num_layers", "disable_by_batch_size"),
-    "eagle": ("model", "disable_by_batch_size"),
-    "medusa": ("model", "disable_by_batch_size"),
+    "draft_model": ("model",),
+    "ngram": ("prompt_lookup_max", "prompt_lookup_min"),
+    "ngram_draft_model": ("model", "prompt_lookup_max", "prompt_lookup_min"),
+    "layer_skip": ("num_layers",),
+    "eagle": ("model",),
+    "medusa": ("model",),
 }
+_COMMON_KEYS = ("disable_by_batch_size",)
 HEADS_DIR = Path(__file__).resolve().parents[1] / "assets" / "models" / "stdlib-target-heads"
 
 
@@ -57,7 +59,8 @@ class SpeculativeConfig:
         method = d.get("method")
         if method not in METHODS:
             raise ValueError(f"speculative_config method={method!r}; choose one of {METHODS}")
-        allowed = ("method", "num_speculative_tokens") + _KEYS[method]
+        optional = _KEYS[method] + _COMMON_KEYS
+        allowed = ("method", "num_speculative_tokens") + optional
         unknown = sorted(set(d) - set(allowed))
         if unknown:
             raise ValueError(f"speculative_config keys {unknown} are not known for method {method!r}; "
@@ -66,7 +69,7 @@ class SpeculativeConfig:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"speculative_config num_speculative_tokens={k!r} must be an integer >= 1")
         cfg = SpeculativeConfig(method=method, num_speculative_tokens=k,
-                                **{key: d[key] for key in _KEYS[method] if key in d})
+                                **{key: d[key] for key in optional if key in d})
         if method in ("draft_model", "ngram_draft_model") and not cfg.model:
             raise ValueError(f"speculative_config method={method!r} needs 'model' (a name or a path)")
         if cfg.model is not None and not isinstance(cfg.model, (str, Path)):
