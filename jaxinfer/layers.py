@@ -354,10 +354,10 @@ def attention_paged_ragged(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, 
 
     `attention_paged_loop` instead steps every row through the longest row's chunks: with
     rows of mixed lengths (serving) much of its gathers and products are padding. One decode
-    forward of the embedded target with rows of mixed lengths (`paged_decode_cost.py`): 1.21x
-    to 1.25x faster than the loop at 8 / 24 / 48 rows, and as fast as a contiguous cache
-    that holds only the longest row's slots; with equal lengths the two are within noise
-    (0.97x-1.01x). The work list is built on device from kv_lens, so the page table may be any
+    forward of the embedded target with rows of mixed lengths (`paged_decode_cost.py`): 1.10x
+    to 1.25x faster than the loop at 8 / 24 / 48 rows, and at most as slow as a contiguous cache
+    that holds only the longest row's slots; with equal lengths the loop takes 0.94x-1.01x
+    its time. The work list is built on device from kv_lens, so the page table may be any
     width. Calls of up to `RAGGED_MAX_TOKENS` tokens per row take this path (decode and
     speculative verification); prefill chunks keep the loop.
     """
