@@ -353,15 +353,15 @@ def main(argv=None):
         # 128x128 is swept over the lengths to decide the head_dim 128 default)
         for bs, lens in ((fa.BlockSizes(128, 128, 8, 3), [1024, 2048, 4096, 8192, 16384]),
                          (fa.BlockSizes(128, 128, 8, 2), [4096, 16384]), (fa.BlockSizes(128, 64, 8, 2), [4096])):
-            report["flash"] += [r for r in bench_flash(
+            report["flash"] += bench_flash(
                 platform_name, seq_lens=lens, head_dims=[128], total_tokens=16384, hidden=2048,
-                repeats=args.repeats, sample_s=0.02, block_sizes=bs, impls=kernel_only)]
+                repeats=args.repeats, sample_s=0.02, block_sizes=bs, impls=kernel_only)
         # (a first H200 run, bf16 B=8 ctx=32768: block_k 64 / 128 / 256 at 4 warps 2076 / 2254 / 1995 GB/s,
         # 128 / 256 at 8 warps 2277 / 2050, one split 979)
         for bs in (pa.BlockSizes(num_stages=3), pa.BlockSizes(num_stages=4), pa.BlockSizes(block_k=64, num_stages=4)):
-            report["paged"] += [r for r in bench_paged(
+            report["paged"] += bench_paged(
                 platform_name, batches=[8], contexts=[32768], formats=[None, "int8"], repeats=args.repeats,
-                peak=peak, measured=measured, sample_s=0.02, block_sizes=bs, impls=kernel_only)]
+                peak=peak, measured=measured, sample_s=0.02, block_sizes=bs, impls=kernel_only)
     report["load_avg_end"] = os.getloadavg()[0]
     report["summary"] = summary(report)
     print("\n".join(report["summary"]), flush=True)

@@ -215,22 +215,22 @@ def propose(draft: DraftSpec, params, target: Weights, target_cfg: ModelConfig, 
     return jnp.stack(drafts, axis=1), jnp.stack(shaped, axis=1), kv, hc
 
 
-def commit(draft: DraftSpec, params, target: Weights, hc, hidden: jax.Array, drafts: jax.Array,
+def commit(draft: DraftSpec, params, target: Weights, hc, hidden: jax.Array, tokens: jax.Array,
            n_acc: jax.Array, inp, lookup: bool, backend: str):
-    """After verification over [x_P, d_1..d_k] (hidden [B, k+1, D]). The draft model, after
+    """After verification over tokens [B, k+1] = [x_P, d_1..d_k] (hidden [B, k+1, D]). The draft model, after
     prompt-lookup drafts (lookup), reads the verified tokens (rejected positions are rewritten
     before they are read); EAGLE and Medusa keep the features, and EAGLE is fed the true pairs
     (f_{P+j}, d_{j+1}) at P+j for the n_acc accepted drafts (the pair at P+n_acc needs the token
     sampled there, and the next call feeds it)."""
     meta = inp.meta()
     if draft.method == "draft_model":
-        tokens = jnp.concatenate([inp.tokens[:, :1], drafts], axis=1)
         return _feed_model(draft, params, hc, tokens, meta, backend) if lookup else hc
     if hc is None:
         return hc
     hc = _write_features(hc, hidden, meta)
     if draft.method != "eagle":
         return hc
+    drafts = tokens[:, 1:]
     k = drafts.shape[1]
     p = inp.kv_lens - (k + 1)
     n = jnp.where(inp.q_lens > 0, n_acc, 0)

@@ -186,7 +186,7 @@ def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCa
                                  backend=statics.backend)
     n_acc, nxt, blocked = verify(logits, drafts, draft_logits, inp.st, inp.limits, inp.counters, pen=pen)
     if draft is not None:
-        dcache = drafting.commit(draft, dparams, weights, dcache, hidden, drafts, n_acc, inp, lookup, statics.backend)
+        dcache = drafting.commit(draft, dparams, weights, dcache, hidden, tokens, n_acc, inp, lookup, statics.backend)
     lp = None
     if statics.num_logprobs >= 0:
         i = jnp.arange(k + 1)[None, :]
