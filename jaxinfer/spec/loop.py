@@ -145,38 +145,55 @@ def spec_prefill(weights: Weights, cfg: ModelConfig, drafter, draft_params, stat
     return state, prompt_lp
 
 
+def _context(s: SpecState, st: SamplingTensors, limits: RowLimits, statics: SpecStatics) -> DraftContext:
+    return DraftContext(tokens=s.tokens, kv_lens=s.kv_lens, active=s.finish == RUNNING, history=s.history,
+                        num_generated=s.num_generated, st=st, limits=limits, pen=s.pen, greedy=statics.greedy)
+
+
+def _either(pred: jax.Array, if_true, if_false, s: SpecState) -> SpecState:
+    """`lax.cond(pred, if_true, if_false, s)` as two conditionals whose false branch passes `s`
+    through. XLA:CPU copies the buffers that both branches of one conditional update in place, and
+    all of them when the false branch updates and the true one passes through: one plain cond here
+    cost 36 copies of a layer's K or V per n-gram round (plus the draft model's cache and the
+    history), this pair none (compiled HLO, batch 1). The branches take the state as their argument,
+    not as a closure, for the same reason."""
+    s = jax.lax.cond(pred, if_true, lambda s: s, s)
+    return jax.lax.cond(~pred, if_false, lambda s: s, s)
+
+
 def _round(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: SpecStatics,
            s: SpecState, st: SamplingTensors, limits: RowLimits) -> SpecState:
     """One propose / verify / accept round for every running row."""
-    active = s.finish == RUNNING  # [B]
-    p = s.kv_lens  # [B] position of x_P
-    g = s.num_generated  # [B]
-    ctx = DraftContext(tokens=s.tokens, kv_lens=p, active=active, history=s.history, num_generated=g,
-                       st=st, limits=limits, pen=s.pen, greedy=statics.greedy)
+    ctx = _context(s, st, limits, statics)
+    args = (weights, cfg, drafter, draft_params, statics)
+
+    def verify_proposal(s):  # propose with the drafter, verify its drafts
+        ctx = _context(s, st, limits, statics)
+        draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)  # [B, k]
+        return _verify_emit(*args, s, ctx, kv, dstate, draft, q_logits)
 
     if getattr(drafter, "hybrid", False):  # prompt lookup if every running row has a match, else the model
         looked = drafter.lookup(ctx)  # [B, k]
 
-        def by_lookup():
-            return _verify_emit(weights, cfg, drafter, draft_params, statics, s, ctx, s.kv, s.draft, looked, None)
-
-        def by_model():
-            draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)
-            return _verify_emit(weights, cfg, drafter, draft_params, statics, s, ctx, kv, dstate, draft, q_logits)
-
-        return jax.lax.cond(jnp.all(~active | (looked[:, 0] >= 0)), by_lookup, by_model)
+        def verify_lookup(s):
+            return _verify_emit(*args, s, _context(s, st, limits, statics), s.kv, s.draft, looked, None)
+        return _either(jnp.all(~ctx.active | (looked[:, 0] >= 0)), verify_lookup, verify_proposal, s)
 
     # 1. Propose d_1..d_k (q: the shaped logits they were drawn from; None = one-hot; a draft
     #    token -1 is no proposal: always rejected).
-    draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)  # [B, k]
-    args = (weights, cfg, drafter, draft_params, statics, s, ctx, kv, dstate)
     if not getattr(drafter, "abstains", False):
-        return _verify_emit(*args, draft, q_logits)
+        return verify_proposal(s)
     # A drafter that may abstain (n-gram without a match): when no running row has a proposal, a
     # plain one-token step does the same work as verifying k rejected tokens, at 1 / (k+1) the width.
-    proposes = jnp.any(active & (draft[:, 0] >= 0))
-    return jax.lax.cond(proposes, lambda: _verify_emit(*args, draft, q_logits),
-                        lambda: _verify_emit(*args, draft[:, :0], None))
+    draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)  # [B, k]
+    s = s.replace(kv=kv, draft=dstate)
+
+    def verify_drafts(s):
+        return _verify_emit(*args, s, _context(s, st, limits, statics), s.kv, s.draft, draft, q_logits)
+
+    def plain_step(s):
+        return _verify_emit(*args, s, _context(s, st, limits, statics), s.kv, s.draft, draft[:, :0], None)
+    return _either(jnp.any(ctx.active & (draft[:, 0] >= 0)), verify_drafts, plain_step, s)
 
 
 def _verify_emit(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: SpecStatics, s: SpecState,
