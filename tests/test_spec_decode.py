@@ -108,6 +108,30 @@ def test_greedy_identical_to_plain_decoding(models, reference, name):
         assert s.accepted < s.drafted
 
 
+@pytest.mark.parametrize("name", ["ngram", "ngram_draft_model"])
+def test_round_choice_copies_no_cache(models, name):
+    """The rounds that choose between two verifications (n-gram: drafts or a plain step; lookup or
+    the draft model) compile without a copy of any K/V cache buffer: XLA:CPU copies the buffers a
+    conditional's branches both update in place, which `loop._either` avoids. Before it, every
+    round copied the target's whole cache (and the draft model's) several times."""
+    import re
+
+    from jaxinfer.spec.loop import SpecStatics, spec_decode, spec_prefill
+    drafters, w = models
+    drafter, params = drafters[name]
+    reqs = _requests(SamplingParams(temperature=0), [])
+    gen = StaticBatchGenerator(w, CFG, max_model_len=256)
+    _, tokens, lens, st, limits, pen = gen._prepare(reqs)
+    statics = SpecStatics(max_len=128, max_new=32, greedy=True)
+    state, _ = spec_prefill(w, CFG, drafter, params, statics, tokens, lens, st, limits, pen)
+    hlo = spec_decode.lower(w, CFG, drafter, params, statics, state, st, limits, jnp.int32(4)).compile().as_text()
+    caches = {tuple(x.shape) for x in jax.tree_util.tree_leaves((state.kv, state.draft)) if x.ndim == 4}
+    assert caches  # the target's [B, K, S, H] per layer (and the draft model's)
+    copied = [tuple(int(d) for d in m.group(1).split(","))
+              for m in re.finditer(r"= \w+\[([\d,]+)\]\S* copy\(", hlo)]
+    assert not [shape for shape in copied if shape in caches], name
+
+
 PENALTIES = [dict(repetition_penalty=1.4, frequency_penalty=1.5), dict(presence_penalty=2.0),
              dict(logit_bias={6: 4.0, 41: -30.0}, frequency_penalty=0.7), dict(allowed_token_ids=[5, 6, 7, 8, 40, 41, 60, 61])]
 
