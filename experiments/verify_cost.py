@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "verify_cost.json").write_text(json.dumps(dict(model=args.model, rows=rows), indent=2) + "\n")
     md = [f"Target forward over T new tokens per row ({args.model}, context 200), "
-          f"relative to T = {args.tokens[0]} in the same dtype. `python experiments/verify_cost.py`", "",
+          f"relative to T = {args.tokens[0]} in the same dtype. `python experiments/verify_cost.py "
+          + " ".join(sys.argv[1:]) + "`", "",
           "| dtype | batch | T | ms | vs T=1 |", "|---|---|---|---|---|"]
     md += [f"| {r['dtype']} | {r['batch']} | {r['tokens']} | {r['ms']} | {r['vs_one_token']}x |" for r in rows]
     (RESULTS / "verify_cost.md").write_text("\n".join(md) + "\n")

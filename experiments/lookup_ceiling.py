@@ -1,0 +1,131 @@
+"""How fast prompt lookup could be on the embedded target: the ceiling its own greedy outputs allow.
+
+Greedy speculative decoding emits exactly plain decoding's tokens, so what prompt lookup accepts
+in every round follows from those tokens alone. This decodes bench_spec.py's batch-1 prompts
+plainly, then replays the loop's n-gram lookup (`drafters.ngram_lookup`, the same n range) over
+each prompt + output, offline: a round with a match verifies k drafts in a (k+1)-token forward
+and emits the accepted ones plus one; a round without runs a one-token step. It times the
+target's forward at each width in the same run (`verify_cost.forward_ms`) and prices every
+round at that forward alone -- no drafting, sampling, bookkeeping or loop overhead, so the
+result bounds what any implementation of prompt lookup reaches on this machine:
+
+    ceiling = (output tokens x one-token forward) / (sum over rounds of the round's forward)
+
+Writes experiments/results/lookup_ceiling.{json,md}.
+
+    python experiments/lookup_ceiling.py [--dtype float32] [--ks 2 4 8 11 15] [--prompts 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_spec import code_edit_prompts, continuation_prompts, plain_runner  # noqa: E402
+from verify_cost import forward_ms  # noqa: E402
+
+from jaxinfer import generate as gen  # noqa: E402
+from jaxinfer.checkpoint import load_hf  # noqa: E402
+from jaxinfer.llm import resolve_model  # noqa: E402
+from jaxinfer.model import runtime_layout  # noqa: E402
+from jaxinfer.spec.drafters import ngram_lookup  # noqa: E402
+from jaxinfer.tokenizer import Tokenizer  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def replay(seq: list[int], start: int, k: int, n_max: int, n_min: int) -> list[int]:
+    """Rounds of greedy prompt lookup over seq (prompt + greedy output); seq[start] is the first
+    output token (from the prefill). Returns each round's verify width: k + 1 with a match, 1 without;
+    the tokens a round emits are its accepted drafts plus one."""
+    hist = jnp.asarray(seq, jnp.int32)[None]
+    lookup = jax.jit(lambda pos: ngram_lookup(hist, pos, k, n_max, n_min)[0])
+    p, end, widths = start, len(seq) - 1, []
+    while p < end:  # history[p] = x_P: the last emitted token
+        draft = np.asarray(lookup(jnp.asarray([p], jnp.int32)))
+        if draft[0] < 0:
+            widths.append(1)
+            p += 1
+            continue
+        true = seq[p + 1:p + 1 + k]
+        acc = 0
+        while acc < len(true) and draft[acc] == true[acc]:
+            acc += 1
+        widths.append(k + 1)
+        p += min(acc + 1, end - p)
+    return widths
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="stdlib-target")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 11, 15])
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per set (bench_spec's batch-1 default: 4)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-lookup-max", type=int, default=4)
+    ap.add_argument("--prompt-lookup-min", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "lookup_ceiling"))
+    args = ap.parse_args(argv)
+
+    target_dir = resolve_model(args.model)
+    cfg, weights = load_hf(target_dir, args.dtype)
+    weights = runtime_layout(weights)
+    tok = Tokenizer.from_dir(target_dir, cfg.bos_token_id, cfg.eos_token_ids)
+    m = args.max_tokens
+    sets = {"continuation": continuation_prompts(tok, args.prompts), "code_edit": code_edit_prompts(tok, args.prompts)}
+    longest = max(len(p) for v in sets.values() for p in v)
+    s = gen.round_up(longest + m + 1, 64)
+    cost = {t: forward_ms(weights, cfg, 1, t, context=longest + m // 2) for t in sorted({1} | {k + 1 for k in args.ks})}
+    print("forward ms by width: " + ", ".join(f"T={t}: {v:.3f} ({v / cost[1]:.2f}x)" for t, v in cost.items()),
+          flush=True)
+
+    rows = []
+    for name, prompts in sets.items():
+        seqs = []
+        for p in prompts:  # plain greedy decoding, EOS ignored, as bench_spec times it
+            run = plain_runner(weights, cfg, gen.bucket(len(p)), s, m, 0.0)
+            out = np.asarray(run([p], 0).out_tokens)[0, :m].tolist()
+            seqs.append((p + out, len(p)))
+        for k in args.ks:
+            widths = [w for seq, start in seqs for w in replay(seq, start, k, args.prompt_lookup_max,
+                                                               args.prompt_lookup_min)]
+            emitted = sum(len(seq) - 1 - start for seq, start in seqs)
+            spent = sum(cost[w] for w in widths)
+            matched = sum(w > 1 for w in widths)
+            row = dict(set=name, k=k, rounds=len(widths), matched_rounds=matched, tau=emitted / len(widths),
+                       tau_matched=(emitted - (len(widths) - matched)) / max(matched, 1),
+                       ceiling=emitted * cost[1] / spent)
+            rows.append(row)
+            print(f"{name:12s} k={k:2d}: rounds {len(widths)} ({matched} with a match)  τ {row['tau']:.2f}  "
+                  f"(matched rounds {row['tau_matched']:.2f})  ceiling {row['ceiling']:.2f}x", flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(model=args.model, dtype=args.dtype, prompts=args.prompts, max_tokens=m,
+                ngram=[args.prompt_lookup_min, args.prompt_lookup_max], forward_ms={str(t): v for t, v in cost.items()},
+                command="python experiments/lookup_ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    md = [f"# Prompt-lookup ceiling on {args.model} ({args.dtype}, batch 1, greedy)", "",
+          f"`{meta['command']}`: {args.prompts} prompts per set (bench_spec's), {m} tokens each, n = "
+          f"{args.prompt_lookup_min}..{args.prompt_lookup_max}. Every round priced at the target's forward "
+          "over its width alone (" + ", ".join(f"T={t}: {v:.3f} ms" for t, v in cost.items())
+          + "), so the ceiling leaves out all drafting, sampling and loop costs.", "",
+          "| set | k | rounds | with a match | τ | τ of matched rounds | ceiling |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['set']} | {r['k']} | {r['rounds']} | {r['matched_rounds']} | {r['tau']:.2f} | "
+           f"{r['tau_matched']:.2f} | {r['ceiling']:.2f}x |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
