@@ -165,42 +165,36 @@ def _round(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: S
            s: SpecState, st: SamplingTensors, limits: RowLimits) -> SpecState:
     """One propose / verify / accept round for every running row."""
     ctx = _context(s, st, limits, statics)
-    args = (weights, cfg, drafter, draft_params, statics)
-
-    def verify_proposal(s):  # propose with the drafter, verify its drafts
-        ctx = _context(s, st, limits, statics)
-        draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)  # [B, k]
-        return _verify_emit(*args, s, ctx, kv, dstate, draft, q_logits)
-
-    if getattr(drafter, "hybrid", False):  # prompt lookup if every running row has a match, else the model
-        looked = drafter.lookup(ctx)  # [B, k]
-
-        def verify_lookup(s):
-            return _verify_emit(*args, s, _context(s, st, limits, statics), s.kv, s.draft, looked, None)
-        return _either(jnp.all(~ctx.active | (looked[:, 0] >= 0)), verify_lookup, verify_proposal, s)
+    args = (weights, cfg, drafter, draft_params, statics, st, limits)
 
     # 1. Propose d_1..d_k (q: the shaped logits they were drawn from; None = one-hot; a draft
     #    token -1 is no proposal: always rejected).
+    def verify_proposal(s):
+        draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft,
+                                                      _context(s, st, limits, statics))  # [B, k]
+        return _verify_emit(*args, s.replace(kv=kv, draft=dstate), draft, q_logits)
+
+    if getattr(drafter, "hybrid", False):  # prompt lookup if every running row has a match, else the model
+        looked = drafter.lookup(ctx)  # [B, k]
+        return _either(jnp.all(~ctx.active | (looked[:, 0] >= 0)),
+                       lambda s: _verify_emit(*args, s, looked, None), verify_proposal, s)
     if not getattr(drafter, "abstains", False):
         return verify_proposal(s)
     # A drafter that may abstain (n-gram without a match): when no running row has a proposal, a
     # plain one-token step does the same work as verifying k rejected tokens, at 1 / (k+1) the width.
     draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)  # [B, k]
-    s = s.replace(kv=kv, draft=dstate)
-
-    def verify_drafts(s):
-        return _verify_emit(*args, s, _context(s, st, limits, statics), s.kv, s.draft, draft, q_logits)
-
-    def plain_step(s):
-        return _verify_emit(*args, s, _context(s, st, limits, statics), s.kv, s.draft, draft[:, :0], None)
-    return _either(jnp.any(ctx.active & (draft[:, 0] >= 0)), verify_drafts, plain_step, s)
+    return _either(jnp.any(ctx.active & (draft[:, 0] >= 0)), lambda s: _verify_emit(*args, s, draft, q_logits),
+                   lambda s: _verify_emit(*args, s, draft[:, :0], None), s.replace(kv=kv, draft=dstate))
 
 
-def _verify_emit(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: SpecStatics, s: SpecState,
-                 ctx: DraftContext, kv: KVCache, dstate, draft: jax.Array, q_logits) -> SpecState:
-    """Steps 2-5 of a round for drafts [B, k'] (k' = k, or 0 for a plain step)."""
+def _verify_emit(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: SpecStatics,
+                 st: SamplingTensors, limits: RowLimits, s: SpecState, draft: jax.Array, q_logits) -> SpecState:
+    """Steps 2-5 of a round for drafts [B, k'] (k' = k, or 0 for a plain step) proposed from s
+    (whose kv and draft state are the ones the proposal left)."""
     b, k = draft.shape
-    active, p, g, st, limits = ctx.active, ctx.kv_lens, ctx.num_generated, ctx.st, ctx.limits
+    ctx = _context(s, st, limits, statics)
+    active, p, g = ctx.active, ctx.kv_lens, ctx.num_generated
+    kv, dstate = s.kv, s.draft
 
     # 2. One target forward over [x_P, d_1..d_k] at P..P+k: logits i are p_{i+1}.
     inputs = jnp.concatenate([s.tokens[:, None], jnp.maximum(draft, 0)], axis=1)  # [B, k+1]
