@@ -333,6 +333,7 @@ def load_hf(model_dir: str | Path, dtype="float32") -> tuple[ModelConfig, Weight
 def hf_quantization(model_dir: str | Path) -> "hf_quant.CompressedTensors | hf_quant.PackedInts | None":
     """The quantization an HF directory's config.json declares (compressed-tensors, GPTQ or AWQ),
     None for a dense checkpoint; any other quantization_config raises CheckpointError."""
+    load_config(model_dir)  # a missing directory or config.json, or one that is not JSON: CheckpointError
     path = Path(model_dir) / "config.json"
     try:
         return hf_quant.parse(json.loads(path.read_text()).get("quantization_config"), str(path))

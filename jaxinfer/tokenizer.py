@@ -36,7 +36,10 @@ class Tokenizer:
         add_bos = False
         tc = Path(model_dir) / "tokenizer_config.json"
         if tc.is_file():
-            add_bos = bool(json.loads(tc.read_text()).get("add_bos_token", False))
+            try:
+                add_bos = bool(json.loads(tc.read_text()).get("add_bos_token", False))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{tc}: not valid JSON ({e.msg} at line {e.lineno})") from None
         tok = cls(hf, bos_token_id, eos_token_ids)
         tok._add_bos = add_bos and bos_token_id is not None
         tok.chat_template, tok.special_tokens = load_chat_template(model_dir)

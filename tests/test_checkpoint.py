@@ -153,11 +153,16 @@ def test_unsupported_architecture_lists_supported(tiny_dir, tmp_path, arch):
 
 
 def test_missing_or_bad_config(tiny_dir, tmp_path):
+    from jaxinfer import LLM
     d = _copy(tiny_dir, tmp_path)
     (d / "config.json").write_text("{not json")
     _err(d, "not valid JSON")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):  # LLM reads the
+        LLM(model=str(d))                                                      # quantization_config first
     (d / "config.json").unlink()
     _err(d, "config.json not found")
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        LLM(model=str(d))
 
 
 def test_unsupported_dtype_and_rope(tiny_dir, tmp_path):
@@ -168,3 +173,16 @@ def test_unsupported_dtype_and_rope(tiny_dir, tmp_path):
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
     (d / "config.json").write_text(json.dumps(cfg))
     _err(d, "rope_type='yarn' is not supported")
+
+
+@pytest.mark.parametrize("name, match", [("tokenizer.json", "cannot be read as a tokenizer"),
+                                         ("tokenizer_config.json", "not valid JSON")])
+def test_corrupt_tokenizer_files_name_the_file(tiny_dir, tmp_path, name, match):
+    from jaxinfer import LLM
+    from jaxinfer.llm import resolve_model
+    d = _copy(tiny_dir, tmp_path)
+    shutil.copy(resolve_model("stdlib-target") / "tokenizer.json", d)  # tokenizer_config.json is read beside it
+    (d / name).write_text("{not json")
+    with pytest.raises(ValueError, match=f"{name}: {match}") as e:
+        LLM(model=str(d))
+    assert "\n" not in str(e.value)
