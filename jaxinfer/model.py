@@ -163,7 +163,8 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
     b, t, _ = x.shape
     n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     hn = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-    qkv = matmul(hn, layer.wqkv)  # [B, T, (N + 2K) H]
+    with jax.named_scope("proj"):
+        qkv = matmul(hn, layer.wqkv)  # [B, T, (N + 2K) H]
     if layer.bqkv is not None:
         qkv = qkv + layer.bqkv
     q, k, v = jnp.split(qkv, [n * h, (n + kh) * h], axis=-1)
@@ -176,15 +177,19 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     if k_pages is None:  # no cache (training, scoring): the new tokens are the whole context
-        out = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), meta,
-                        scale=h ** -0.5, backend="xla", sliding_window=cfg.sliding_window)
+        with jax.named_scope("attention"):
+            out = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), meta,
+                            scale=h ** -0.5, backend="xla", sliding_window=cfg.sliding_window)
     else:
-        page, offset = write_slots(meta, t, k_pages.shape[2], k_pages.shape[0])
-        k_pages = write_pages(k_pages, k, page, offset, meta)
-        v_pages = write_pages(v_pages, v, page, offset, meta)
-        out = attention(q, k_pages, v_pages, meta, scale=h ** -0.5, backend=backend,
-                        sliding_window=cfg.sliding_window)  # [B, T, N, H]
-    out = matmul(out.reshape(b, t, n * h), layer.wo)
+        with jax.named_scope("kv_write"):
+            page, offset = write_slots(meta, t, k_pages.shape[2], k_pages.shape[0])
+            k_pages = write_pages(k_pages, k, page, offset, meta)
+            v_pages = write_pages(v_pages, v, page, offset, meta)
+        with jax.named_scope("attention"):
+            out = attention(q, k_pages, v_pages, meta, scale=h ** -0.5, backend=backend,
+                            sliding_window=cfg.sliding_window)  # [B, T, N, H]
+    with jax.named_scope("proj"):
+        out = matmul(out.reshape(b, t, n * h), layer.wo)
     if layer.bo is not None:
         out = out + layer.bo
     return out, k_pages, v_pages
@@ -193,10 +198,12 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
 def mlp_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Pre-norm SwiGLU MLP. x [B, T, D] -> delta [B, T, D]."""
     hn = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-    gu = matmul(hn, layer.w_gate_up)  # [B, T, 2F]
+    with jax.named_scope("proj"):
+        gu = matmul(hn, layer.w_gate_up)  # [B, T, 2F]
     if layer.b_gate_up is not None:
         gu = gu + layer.b_gate_up
-    out = matmul(swiglu(gu), layer.w_down)
+    with jax.named_scope("proj"):
+        out = matmul(swiglu(gu), layer.w_down)
     if layer.b_down is not None:
         out = out + layer.b_down
     return out
@@ -238,5 +245,6 @@ def forward(weights: Weights, cfg: ModelConfig, tokens: jax.Array, positions: ja
         hidden_sel = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)  # [B, M, D]
     else:
         hidden_sel = hidden
-    logits = lm_logits(weights, hidden_sel, cfg.rms_norm_eps)
+    with jax.named_scope("lm_head"):
+        logits = lm_logits(weights, hidden_sel, cfg.rms_norm_eps)
     return logits, hidden, KVCache(k=new_k, v=new_v)
