@@ -178,6 +178,7 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--kv-cache-memory-mb", type=float, default=64.0)
+    ap.add_argument("--block-size", type=int, default=16, help="KV page size in tokens (LLM's block_size)")
     ap.add_argument("--contiguous-seqs", type=int, default=4,
                     help="part 3: KV budget = this many max_model_len sequences preallocated contiguously")
     ap.add_argument("--seed", type=int, default=0)
@@ -192,7 +193,8 @@ def main():
 
     rng = np.random.default_rng(args.seed)
     common = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  kv_cache_memory_bytes=int(args.kv_cache_memory_mb * 2**20), max_model_len=1024, dtype=args.dtype)
+                  kv_cache_memory_bytes=int(args.kv_cache_memory_mb * 2**20), max_model_len=1024, dtype=args.dtype,
+                  block_size=args.block_size)
     llm = LLM(args.model, enable_prefix_caching=False, **common)
     vocab = llm.cfg.vocab_size
     results: dict = {"model": str(llm.model_dir), "args": vars(args)}
