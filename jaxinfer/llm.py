@@ -128,7 +128,7 @@ class LLM:
             if pre is not None:
                 quant = WeightQuantConfig.of_weights(self.weights, pre.method)
         cfg = self.cfg
-        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        self.max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
         if not (isinstance(self.max_model_len, int) and 1 < self.max_model_len <= cfg.max_position_embeddings):
             raise ValueError(f"max_model_len={max_model_len!r} must be in [2, {cfg.max_position_embeddings}] "
                              "(the model's max_position_embeddings)")

@@ -169,6 +169,12 @@ def test_bad_constructor_arguments(tmp_path):
         LLM(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("value", [0, 1, -5, 10**6, 2.5])
+def test_bad_max_model_len(llm, value):
+    with pytest.raises(ValueError, match=rf"max_model_len={value!r} must be in \[2, "):  # 0 is not "unset"
+        LLM(str(llm.model_dir), max_model_len=value)
+
+
 @pytest.mark.parametrize("conf", [
     {"method": "layer_skip", "num_speculative_tokens": 2, "num_layers": 1},  # engine
     {"method": "ngram", "num_speculative_tokens": 3},  # engine
