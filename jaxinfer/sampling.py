@@ -66,6 +66,12 @@ class SamplingParams:
         def bad(field, allowed):
             raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r}: {allowed}")
 
+        def listed(field, allowed):  # a list, tuple or other collection (not a bare value or a string)
+            v = getattr(self, field)
+            if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__"):
+                bad(field, allowed)
+            return list(v)
+
         for field in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, field)
             if not (isinstance(v, (int, float)) and -2 <= v <= 2):
@@ -80,11 +86,12 @@ class SamplingParams:
                 bad("logit_bias", "must map token ids >= 0 to biases in [-100, 100]")
             self.logit_bias = {int(t): float(v) for t, v in self.logit_bias.items()} or None
         if self.allowed_token_ids is not None:
-            self.allowed_token_ids = list(self.allowed_token_ids)
+            self.allowed_token_ids = listed("allowed_token_ids", "must be a non-empty list of token ids >= 0 (or None)")
             if not self.allowed_token_ids or any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
                 bad("allowed_token_ids", "must be a non-empty list of token ids >= 0 (or None)")
         if self.bad_words is not None:
-            if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+            if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip()
+                                                           for w in listed("bad_words", "must be a list of non-blank strings (or None)")):
                 bad("bad_words", "must be a list of non-blank strings (or None)")
             self.bad_words = list(self.bad_words) or None
         if isinstance(self.structured_outputs, dict):
@@ -120,10 +127,12 @@ class SamplingParams:
                 bad(field, "must be None or an integer >= 0")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
+        self.stop = [] if self.stop is None else listed("stop", "must be a string or a list of non-empty strings")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be non-empty strings")
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = listed("stop_token_ids", "must be a list of non-negative token ids")
+        self.stop_token_ids = self.stop_token_ids or []
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative token ids")
 

@@ -27,6 +27,8 @@ def _draws(logits_row, n, **kw):
     ("top_k", -2), ("min_p", 1.5), ("max_tokens", 0), ("n", 0), ("logprobs", -1),
     ("prompt_logprobs", -3), ("min_tokens", -1), ("seed", 1.5), ("stop", [""]),
     ("stop_token_ids", [-4]),
+    # a bare value where a list belongs: a ValueError naming the field, not a TypeError from list()
+    ("stop_token_ids", 5), ("stop", 5), ("allowed_token_ids", 7), ("allowed_token_ids", "12"), ("bad_words", 3),
 ])
 def test_invalid_params_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
