@@ -336,9 +336,9 @@ class LLM:
             raise ValueError("prompts is empty")
         n = len(prompts)
         params_list = _per_prompt(SamplingParams() if sampling_params is None else sampling_params, SamplingParams, n,
-                                  "SamplingParams")
-        loras = _per_prompt(lora_request, LoRARequest, n, "lora_request entries")
-        priorities = _per_prompt(0 if priority is None else priority, int, n, "priority values")
+                                  "SamplingParams", "sampling_params")
+        loras = _per_prompt(lora_request, LoRARequest, n, "lora_request entries", "lora_request")
+        priorities = _per_prompt(0 if priority is None else priority, int, n, "priority values", "priority")
         now = time.perf_counter() if arrival_time is None else arrival_time
         groups = []
         for p, sp, lr, pr in zip(prompts, params_list, loras, priorities):
@@ -349,14 +349,20 @@ class LLM:
         return groups
 
 
-def _per_prompt(value, single: type, n: int, what: str) -> list:
+def _per_prompt(value, single: type, n: int, what: str, field: str) -> list:
     """value for each of n prompts: one value (None, or an instance of single) for all, or a
-    sequence of n."""
+    sequence of n (each None or a single)."""
     if value is None or isinstance(value, single):
         return [value] * n
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{field} must be a {single.__name__} or a list of one per prompt, "
+                         f"got {type(value).__name__}")
     values = list(value)
     if len(values) != n:
         raise ValueError(f"got {len(values)} {what} for {n} prompts")
+    for i, v in enumerate(values):
+        if not (v is None or isinstance(v, single)) or isinstance(v, bool):
+            raise ValueError(f"{field}[{i}] must be a {single.__name__}, got {type(v).__name__}")
     return values
 
 

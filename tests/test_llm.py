@@ -123,6 +123,10 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
     ({"prompt_token_ids": []}, "empty"),
     ({"prompt_token_ids": [5, 300]}, r"contains 300; token ids must be in \[0, 300\)"),
     ({"text": "x"}, "expected a string"),
+    ({"prompt_token_ids": [5, 6.5]}, "must be a list of integer token ids"),  # not rounded to 6
+    ({"prompt_token_ids": "56"}, "must be a list of integer token ids"),
+    ({"prompt_token_ids": 5}, "must be a list of integer token ids"),
+    ({"prompt_token_ids": [True, 5]}, "must be a list of integer token ids"),
 ])
 def test_bad_prompts_raise_before_any_work(llm, prompt, match):
     with pytest.raises(ValueError, match=match):
@@ -132,6 +136,12 @@ def test_bad_prompts_raise_before_any_work(llm, prompt, match):
 def test_params_list_length_and_vocab_checked(llm):
     with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
         llm.generate(["a", "b"], [SamplingParams()])
+    with pytest.raises(ValueError, match="sampling_params must be a SamplingParams or a list of one per prompt, got dict"):
+        llm.generate("a", {"max_tokens": 2})
+    with pytest.raises(ValueError, match=r"sampling_params\[1\] must be a SamplingParams, got int"):
+        llm.generate(["a", "b"], [SamplingParams(), 3])
+    with pytest.raises(ValueError, match="lora_request must be a LoRARequest or a list of one per prompt, got int"):
+        llm.generate("a", SamplingParams(max_tokens=2), lora_request=5)
     with pytest.raises(ValueError, match="stop_token_ids contains 999"):
         llm.generate("a", SamplingParams(stop_token_ids=[999]))
     for field in ("logprobs", "prompt_logprobs"):  # more top logprobs than the vocabulary holds

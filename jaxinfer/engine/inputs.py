@@ -7,6 +7,7 @@ work is done, so a bad request never reaches the scheduler or a jitted function.
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.sampling import SamplingParams
@@ -38,7 +39,13 @@ class InputProcessor:
         if isinstance(p, str):
             return p, self._tokenizer().encode(p)
         if isinstance(p, dict) and "prompt_token_ids" in p:
-            ids = [int(t) for t in p["prompt_token_ids"]]
+            given = p["prompt_token_ids"]
+            try:
+                ids = [operator.index(t) for t in given]  # ints, numpy / jax integer scalars
+            except TypeError:  # not iterable, or floats, strings, ...
+                ids = None
+            if ids is None or any(isinstance(t, bool) for t in given):
+                raise ValueError(f"prompt_token_ids={given!r}: must be a list of integer token ids")
             bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompt_token_ids contains {bad[0]}; token ids must be in "
