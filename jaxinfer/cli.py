@@ -45,6 +45,17 @@ def _generate(args) -> int:
     return 0
 
 
+def _port(value: str) -> int:
+    """argparse type: a TCP port (checked before the model loads)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not in [0, 65535]")
+    return port
+
+
 def _serve(args) -> int:
     import json
 
@@ -126,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     s.add_argument("--model", default=None, help="HF model directory or embedded model name")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000, help="TCP port in [0, 65535] (0: any free one)")
     s.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: the "
                    "model directory's name)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])

@@ -597,6 +597,8 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, served_model_name: str
         server = OpenAIServer(llm, host, port, served_model_name)
     except OSError as e:  # port taken, address not local, ...
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    except OverflowError as e:  # a port outside [0, 65535]
+        raise ValueError(f"cannot listen on {host}:{port}: {e}") from None
     print(f"jaxinfer: serving {server.model_name!r} on http://{host}:{server.server_address[1]} "
           "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)", flush=True)
     try:

@@ -94,3 +94,6 @@ def test_serve_refuses_bad_options_with_one_line(model_dir, capsys):
         assert main(["serve", "--model", str(model_dir), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]
+    with pytest.raises(SystemExit) as e:  # checked by argparse, before the model loads
+        main(["serve", "--model", str(model_dir), "--port", "99999"])
+    assert e.value.code == 2 and "port 99999 is not in [0, 65535]" in capsys.readouterr().err
