@@ -115,6 +115,9 @@ class SamplingParams:
             bad("min_p", "must be in [0, 1]")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer or None")
+        for field in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, "must be True or False")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             bad("max_tokens", "must be an integer >= 1 (or None: until the context is full)")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:

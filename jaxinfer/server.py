@@ -224,6 +224,11 @@ def _check_fields(body: dict, allowed: tuple[str, ...]):
 
 def sampling_params(body: dict, max_tokens, logprobs: int | None) -> SamplingParams:
     """SamplingParams from an OpenAI request body (already checked for unknown fields)."""
+    for k in ("stream", "echo", "add_generation_prompt", "continue_final_message"):
+        if body.get(k) is not None and not isinstance(body[k], bool):
+            raise RequestError(f"{k}={body[k]!r} must be true or false", param=k)
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise RequestError(f"stream_options={body['stream_options']!r} must be an object", param="stream_options")
     kw = {k: body[k] for k in EXTRA_SAMPLING if body.get(k) is not None}
     for k in ("n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty"):
         if body.get(k) is not None:

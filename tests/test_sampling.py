@@ -29,6 +29,7 @@ def _draws(logits_row, n, **kw):
     ("stop_token_ids", [-4]),
     # a bare value where a list belongs: a ValueError naming the field, not a TypeError from list()
     ("stop_token_ids", 5), ("stop", 5), ("allowed_token_ids", 7), ("allowed_token_ids", "12"), ("bad_words", 3),
+    ("ignore_eos", "yes"), ("skip_special_tokens", None), ("include_stop_str_in_output", 1),
 ])
 def test_invalid_params_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -157,6 +157,9 @@ def test_chat_completion_renders_the_template(served):
     ({"prompt": []}, 400, "prompt=[]"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
     ({"prompt": "x", "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream='yes' must be true or false"),
+    ({"prompt": "x", "stream_options": "usage"}, 400, "stream_options='usage' must be an object"),
+    ({"prompt": "x", "ignore_eos": 1}, 400, "ignore_eos=1: must be True or False"),
     (None, 400, "not JSON"),
 ])
 def test_bad_requests_are_refused_naming_the_value_and_serving_goes_on(served, body, status, match):
