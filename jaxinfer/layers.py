@@ -431,9 +431,10 @@ def contiguous_bits_loop(q: jax.Array, k_pages, meta: AttentionMeta) -> bool:
     was far slower (MHA decode at 32 rows x 256 slots: 15.5 vs 2.1 ms a layer). With jax 0.10.2
     the trade-off depends on how full the cache is. In the speculative loop's fixed cache (384
     slots, batch 1, bench_spec's prompts) the loop was 1.04-1.08x faster for plain decoding and
-    1.05-1.22x for n-gram speculation (k = 8). In `generate_static`, whose cache doubles as rows grow and so
-    stays at least half full, the reference took 0.91-0.98x the loop's step (embedded target,
-    batch 1-32; bench_decode's MHA model 0.95x at batch 8, equal at 32). The loop is kept.
+    1.05-1.22x for n-gram speculation (k = 8). In `generate_static`, whose cache doubles as rows
+    grow and so stays at least half full, the reference took 0.91-0.98x the loop's step
+    (embedded target, batch 1-32; bench_decode's MHA model 0.95x at batch 8, equal at 32). The
+    loop is kept.
     Float32 contiguous caches stay on the reference, which reads them in place and is faster."""
     return (meta.contiguous and isinstance(k_pages, BitsPages) and q.shape[1] <= 16
             and k_pages.shape[2] % 16 == 0)
