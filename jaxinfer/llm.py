@@ -266,6 +266,9 @@ class LLM:
     def generate_static(self, prompts, sampling_params=None, batch_size: int | None = None) -> list[RequestOutput]:
         """Static batching baseline: padded batches, one whole on-device generation after another
         (speculative, with any method, when speculative_config is set)."""
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer (None: max_num_seqs)")
         groups = self._make_requests(prompts, sampling_params)
         self.static.run([s for seqs in groups for s in seqs], batch_size or self.engine_config.max_num_seqs)
         outs = []
@@ -281,6 +284,9 @@ class LLM:
         max_num_seqs // beam_width prompts). Every prompt is validated before any work starts."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        if params.beam_width > self.cfg.vocab_size:  # more beams than first tokens to tell them apart
+            raise ValueError(f"BeamSearchParams.beam_width={params.beam_width} exceeds the model's "
+                             f"vocab_size={self.cfg.vocab_size}")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         ids = [self.engine.inputs.prompt_ids(p)[1] for p in prompts]

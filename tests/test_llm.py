@@ -179,6 +179,15 @@ def test_bad_constructor_arguments(tmp_path):
         LLM(str(tmp_path / "missing"))
 
 
+def test_bad_static_batch_size_and_beam_width(llm):
+    from jaxinfer.beam import BeamSearchParams
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=f"batch_size={bad!r} must be a positive integer"):
+            llm.generate_static(["a"], SamplingParams(max_tokens=2), batch_size=bad)
+    with pytest.raises(ValueError, match="beam_width=301 exceeds the model's vocab_size=300"):
+        llm.beam_search(["a"], BeamSearchParams(beam_width=301, max_tokens=2))
+
+
 @pytest.mark.parametrize("value", [0, 1, -5, 10**6, 2.5])
 def test_bad_max_model_len(llm, value):
     with pytest.raises(ValueError, match=rf"max_model_len={value!r} must be in \[2, "):  # 0 is not "unset"
