@@ -76,13 +76,14 @@ def dumped() -> set[str]:
     return set(glob.glob(f"{DUMP}/*after_optimizations.txt"))
 
 
-def _modules(paths, vocab: int) -> list[dict[str, str]]:
-    """instruction name -> part, one dict per optimized HLO module. Dots that XLA rewrote without
-    metadata (all of them at batch 1) are placed by their form: batched (attention's products),
-    a [.., vocab] result (LM head), else a projection."""
-    out = []
+def _parts(paths, vocab: int) -> dict[str, str]:
+    """Instruction name -> part over the optimized HLO modules of the programs that ran. The static
+    loop runs one program per cache length whose instructions mostly share names and parts; a name
+    the modules place in different parts counts as "sampling, loop". Dots that XLA rewrote without
+    metadata (all of them at batch 1) are placed by their form: batched (attention's products), a
+    [.., vocab] result (LM head), else a projection."""
+    parts: dict[str, str] = {}
     for path in paths:
-        parts = {}
         with open(path) as f:
             lines = f.readlines()
         for line in lines:
@@ -92,19 +93,20 @@ def _modules(paths, vocab: int) -> list[dict[str, str]]:
             name, shape, opcode = m.groups()
             op_name = _OP_NAME.search(line)
             if op_name:
-                parts[name] = part_of(op_name.group(1))
+                part = part_of(op_name.group(1))
             elif opcode == "dot":
-                parts[name] = ("attention" if "lhs_batch_dims" in line else
-                               "LM head" if re.search(rf"\[[\d,]*\b{vocab}\]", shape) else "weight matmuls")
-        out.append(parts)
-    return out
+                part = ("attention" if "lhs_batch_dims" in line else
+                        "LM head" if re.search(rf"\[[\d,]*\b{vocab}\]", shape) else "weight matmuls")
+            else:
+                continue
+            parts[name] = part if parts.get(name, part) == part else "sampling, loop"
+    return parts
 
 
 def anatomy(run, steps: int, programs, vocab: int) -> dict:
     """Trace run() (`steps` decode steps, returning its seconds) and split that traced wall time
     into PARTS plus runtime gaps, in ms per step. programs: the dumped HLO files of the programs
-    that run (the static loop runs one per cache length; their instructions mostly share names
-    and parts). Thunk times are summed over the executor's threads."""
+    that run (`_parts`). Thunk times are summed over the executor's threads."""
     trace_dir = tempfile.mkdtemp(prefix="trace_", dir=DUMP)
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0  # Python frames would slow the engine's host side further
@@ -113,10 +115,7 @@ def anatomy(run, steps: int, programs, vocab: int) -> dict:
     trace = max(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
     with gzip.open(trace) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
-    module = {}  # name -> part over the programs that ran (instructions that agree by name and part)
-    for parts in _modules(programs, vocab):
-        for name, part in parts.items():
-            module[name] = part if module.get(name, part) == part else "sampling, loop"
+    module = _parts(programs, vocab)
     ms = collections.Counter()
     for e in events:
         # Control-flow thunks (while, conditional, call) contain others: count only the leaves.

@@ -217,18 +217,19 @@ class Histogram:
 # ----------------------------------------------------------------------------- request bodies
 
 def _check_fields(body: dict, allowed: tuple[str, ...]):
+    """Unknown fields, and the types of the ones the handlers read before building SamplingParams."""
     unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise RequestError(f"unknown field(s) {unknown}; this endpoint takes {sorted(allowed)}", param=unknown[0])
-
-
-def sampling_params(body: dict, max_tokens, logprobs: int | None) -> SamplingParams:
-    """SamplingParams from an OpenAI request body (already checked for unknown fields)."""
     for k in ("stream", "echo", "add_generation_prompt", "continue_final_message"):
         if body.get(k) is not None and not isinstance(body[k], bool):
             raise RequestError(f"{k}={body[k]!r} must be true or false", param=k)
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         raise RequestError(f"stream_options={body['stream_options']!r} must be an object", param="stream_options")
+
+
+def sampling_params(body: dict, max_tokens, logprobs: int | None) -> SamplingParams:
+    """SamplingParams from an OpenAI request body (already checked for unknown fields)."""
     kw = {k: body[k] for k in EXTRA_SAMPLING if body.get(k) is not None}
     for k in ("n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty"):
         if body.get(k) is not None:
