@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from report import paired
+from report import paired, torch_device
 
 RESULTS = Path(__file__).parent / "results"
 CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
@@ -125,8 +125,10 @@ def prepare_transformers(path: Path, dtype: str, batch: int, prompts: np.ndarray
     import torch
     import transformers
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=tdt).eval()
-    ids = torch.tensor(prompts)
+    device = torch_device()
+    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=tdt).eval().to(device)
+    ids = torch.tensor(prompts, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
               attention_mask=torch.ones_like(ids), pad_token_id=0)
     with torch.no_grad():
@@ -136,7 +138,7 @@ def prepare_transformers(path: Path, dtype: str, batch: int, prompts: np.ndarray
 
     def run() -> float:
         with torch.no_grad():
-            times.append(_timed(lambda: model.generate(ids, **kw)))
+            times.append(_timed(lambda: (model.generate(ids, **kw), sync())))
         return times[-1]
 
     def stats() -> dict:
@@ -151,11 +153,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=4, help="timed jaxinfer / transformers pairs per row")
     ap.add_argument("--weight-layouts", nargs="+", default=["auto"], choices=["auto", "in_out", "out_in"],
                     help="jaxinfer's LLM(weight_layout=...): one row per layout")
+    ap.add_argument("--out", default=None, help="results path without suffix (default: "
+                    "experiments/results/bench_decode, or bench_decode_gpu when jax runs on a GPU)")
     args = ap.parse_args()
+    backend = jax.default_backend()
+    out = Path(args.out or RESULTS / ("bench_decode" if backend == "cpu" else f"bench_decode_{backend}"))
 
     bw = read_bandwidth_gbs()
-    print(f"measured read bandwidth: {bw:.1f} GB/s   backend: {jax.default_backend()}   "
-          f"cpu: {platform.processor() or platform.machine()}")
+    print(f"measured read bandwidth: {bw:.1f} GB/s   backend: {backend} ({jax.devices()[0].device_kind})   "
+          f"transformers on: {torch_device()}   cpu: {platform.processor() or platform.machine()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         n_params = write_checkpoint(Path(tmp))
@@ -184,16 +190,18 @@ def main():
                           f"step {row['step_ms']:6.2f} ms (matmuls alone {row['matmul_ms']:6.2f})   "
                           f"roofline {roofline:5.1%}   matmul bound {bound:4.2f}x   "
                           f"same greedy start: {row['same_first_tokens']}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     result = dict(bandwidth_gbs=round(bw, 2), params=n_params, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
-                  backend=jax.default_backend(), rows=rows)
-    (RESULTS / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")
+                  backend=backend, device=jax.devices()[0].device_kind, transformers_device=torch_device(),
+                  rows=rows)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [("| dtype | batch | weight layout | jaxinfer tok/s | transformers tok/s | ratio | step ms | "
               "matmuls alone ms | matmul bound | roofline |"), "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['dtype']} | {r['batch']} | {r['weight_layout']} | {r['jaxinfer_tok_s']} | {r['transformers_tok_s']} | "
               f"{r['ratio']}x | {r['step_ms']} | {r['matmul_ms']} | {r['matmul_bound']}x | {r['roofline']:.1%} |"
               for r in rows]
-    (RESULTS / "bench_decode.md").write_text(
+    out.with_suffix(".md").write_text(
+        f"{jax.devices()[0].device_kind} (jax {backend}, transformers on {torch_device()}). "
         f"Measured read bandwidth {bw:.1f} GB/s; {n_params / 1e6:.1f}M params; "
         f"{NEW_TOKENS} new tokens from {PROMPT_LEN}-token prompts, greedy. tok/s: the best of "
         f"{args.repeats} runs; ratio: the median of {args.repeats} back-to-back jaxinfer / transformers pairs "
@@ -201,7 +209,7 @@ def main():
         "weight matmuls (all layers and the LM head) timed by themselves in a loop on device, the step time "
         "if attention, norms, the cache write and sampling were free. \"matmul bound\": transformers' time per "
         "generated position / matmuls alone, the ratio jaxinfer would reach with everything else free.\n\n" + "\n".join(lines) + "\n")
-    print(f"wrote {RESULTS / 'bench_decode.json'}")
+    print(f"wrote {out.with_suffix('.json')}")
 
 
 if __name__ == "__main__":

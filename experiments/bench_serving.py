@@ -33,10 +33,12 @@ import json
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxinfer import LLM, SamplingParams
 from jaxinfer.engine.metrics import format_summary, summarize
+from report import torch_device
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -129,21 +131,24 @@ def run_static(llm: LLM, prompts, params, batch_size):
 def run_transformers(model_dir: Path, prompts, params, batch_size, dtype: str = "float32"):
     import torch
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    device = torch_device()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval().to(device)
     t0 = time.perf_counter()
     useful = 0
     with torch.no_grad():
         for s in range(0, len(prompts), batch_size):
             ids = [p["prompt_token_ids"] for p in prompts[s:s + batch_size]]
             width = max(map(len, ids))
-            x = torch.tensor([[0] * (width - len(i)) + i for i in ids])  # left padding
-            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+            x = torch.tensor([[0] * (width - len(i)) + i for i in ids], device=device)  # left padding
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
             new = max(p.max_tokens for p in params[s:s + batch_size])
             model.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                            pad_token_id=0)
             useful += sum(p.max_tokens for p in params[s:s + batch_size])
+    if device == "cuda":
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    return {"output_throughput": useful / dt, "duration_s": dt}
+    return {"output_throughput": useful / dt, "duration_s": dt, "device": device}
 
 
 def measured(run, llm: LLM, *args):
@@ -188,17 +193,19 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights, activations and KV cache of every run (transformers' too)")
+    ap.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"],
+                    help="LLM's attention_backend for every jaxinfer run")
     ap.add_argument("--out", default=str(RESULTS / "bench_serving"), help="results path without suffix")
     args = ap.parse_args()
 
     rng = np.random.default_rng(args.seed)
     common = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   kv_cache_memory_bytes=int(args.kv_cache_memory_mb * 2**20), max_model_len=1024, dtype=args.dtype,
-                  block_size=args.block_size)
+                  block_size=args.block_size, attention_backend=args.attention_backend)
     llm = LLM(args.model, enable_prefix_caching=False, **common)
     vocab = llm.cfg.vocab_size
-    results: dict = {"model": str(llm.model_dir), "args": vars(args)}
-    print(f"model {llm.model_dir.name}: {llm.cfg.num_params() / 1e6:.1f}M params; KV budget "
+    results: dict = {"model": str(llm.model_dir), "args": vars(args), "device": jax.devices()[0].device_kind}
+    print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}); model {llm.model_dir.name}: {llm.cfg.num_params() / 1e6:.1f}M params; KV budget "
           f"{llm.engine.kv_cache_bytes / 2**20:.0f} MiB = {llm.engine.num_pages} pages of "
           f"{llm.engine_config.block_size} tokens")
 
@@ -352,7 +359,8 @@ def markdown(results: dict) -> str:
         md.append(f"| {key} | {s['output_throughput']:.1f} | {s['request_throughput']:.2f} | " + " | ".join(cells)
                   + f" | {kv} | {running} | {_compiled(s)} |")
     a = results["args"]
-    md += ["", f"{a.get('dtype', 'float32')}; {a['num_requests']} requests per workload, seed {a['seed']}, "
+    md += ["", f"{results.get('device', 'cpu')}, {a.get('dtype', 'float32')}, attention "
+           f"{a.get('attention_backend', 'xla')}; {a['num_requests']} requests per workload, seed {a['seed']}, "
            f"max_num_seqs {a['max_num_seqs']}, "
            f"max_num_batched_tokens {a['max_num_batched_tokens']}, {a['kv_cache_memory_mb']:.0f} MiB of KV. "
            "Compilations: the engine's jitted programs after the run (cumulative within one LLM; "

@@ -42,3 +42,11 @@ def paired(base, other, repeats: int, warmup: bool = True):
         ratios.append(s_base / s)
         secs.append(s)
     return ratios, secs, out
+
+
+def torch_device() -> str:
+    """Where the transformers baselines run: on the GPU when jax runs on one and torch sees it (the
+    comparison then stays accelerator against accelerator), else on the CPU."""
+    import jax
+    import torch
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The end-to-end figures on a CUDA machine, in one call, from the repository root (the kernels' own
+# checks are experiments/gpu_check.sh):
+#   1. experiments/bench_decode.py: jaxinfer's jit-compiled generate vs transformers' generate, both on
+#      the GPU, batch 1 / 8 / 32, float32 and bfloat16, roofline against the GPU's measured read bandwidth;
+#   2. experiments/bench_serving.py in bfloat16: continuous vs static batching, prefix caching, paged vs
+#      contiguous KV, fused decode steps, the engine vs transformers (on the GPU).
+# One persistent compilation cache serves the run, so the several LLM instances of bench_serving compile
+# a program once. Logs and result files go to $OUT (default runs/gpu_e2e); DECODE_S / SERVE_S cap each part.
+set -u
+OUT=${OUT:-runs/gpu_e2e}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} XLA_PYTHON_CLIENT_PREALLOCATE=false
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxinfer_jax_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PYTHON:-python3}
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
+  $PY -c "import sys, jax, torch, transformers; print('python', sys.version.split()[0], 'jax', jax.__version__, \
+jax.devices(), 'torch', torch.__version__, torch.cuda.is_available(), 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/env.log"
+timeout "${DECODE_S:-170}" $PY experiments/bench_decode.py --repeats 3 --out "$OUT/bench_decode_gpu" \
+  ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log"
+echo "bench_decode exit status ${PIPESTATUS[0]}" | tee -a "$OUT/decode.log"
+timeout "${SERVE_S:-360}" $PY experiments/bench_serving.py --dtype bfloat16 --pairs 2 --out "$OUT/bench_serving_gpu" \
+  ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serving.log"
+echo "bench_serving exit status ${PIPESTATUS[0]}" | tee -a "$OUT/serving.log"
