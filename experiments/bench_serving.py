@@ -35,10 +35,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from report import torch_device
 
 from jaxinfer import LLM, SamplingParams
 from jaxinfer.engine.metrics import format_summary, summarize
-from report import torch_device
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -193,6 +193,8 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights, activations and KV cache of every run (transformers' too)")
+    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5],
+                    help="comparisons to run (1, continuous vs static, always runs)")
     ap.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"],
                     help="LLM's attention_backend for every jaxinfer run")
     ap.add_argument("--out", default=str(RESULTS / "bench_serving"), help="results path without suffix")
@@ -255,6 +257,25 @@ def main():
     # 2. prefix caching on vs off, workload (b)
     prompts_b, params_b = shared_prefix_workload(rng, args.num_requests, vocab)
     arrivals_b = np.cumsum(rng.exponential(1.0 / args.rate, size=args.num_requests)).tolist()
+    if 2 in args.parts:
+        part2(args, common, llm, results, prompts_b, params_b, arrivals_b)
+    per_token = llm.engine.kv_cache_bytes / (llm.engine.num_pages * llm.engine_config.block_size)
+    if 3 in args.parts:
+        part3(args, common, llm, results, prompts_a, params_a, per_token)
+    if 5 in args.parts:
+        part5(args, common, llm, results, rng, prompts_a, params_a, arrivals, outs, static)
+    if 4 in args.parts and not args.skip_transformers:
+        part4(args, llm, results, prompts_a, params_a, cont)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(f"\nwrote {out.with_suffix('.json')}")
+
+
+def part2(args, common, llm, results, prompts_b, params_b, arrivals_b):
+    """Prefix caching on vs off, workload (b)."""
     (_, off, kv_off), comp_off = measured(run_engine, llm, prompts_b, params_b, arrivals_b)
     llm_pc = LLM(args.model, enable_prefix_caching=True, **common)
     (_, on, kv_on), comp_on = measured(run_engine, llm_pc, prompts_b, params_b, arrivals_b)
@@ -268,8 +289,11 @@ def main():
     print(_compile_line(comp_on))
     print(f"  hit rate {st.prefix_cache_hit_rate:.1%}; mean TTFT off/on: {results['b_ttft_off_over_on']:.2f}x")
 
-    # 3. paged vs contiguous: sequences that fit in the same KV memory. The budget is what a
-    # contiguous cache needs for --contiguous-seqs sequences of max_model_len tokens.
+
+
+def part3(args, common, llm, results, prompts_a, params_a, per_token):
+    """Paged vs contiguous: sequences that fit in the same KV memory. The budget is what a
+    contiguous cache needs for --contiguous-seqs sequences of max_model_len tokens."""
     budget = int(args.contiguous_seqs * llm.max_model_len * per_token)
     big = LLM(args.model, enable_prefix_caching=False,
               **{**common, "max_num_seqs": 256, "kv_cache_memory_bytes": budget})
@@ -283,14 +307,17 @@ def main():
           f"({kv_big['max_concurrent_seqs'] / args.contiguous_seqs:.1f}x), KV usage mean "
           f"{kv_big['kv_usage_mean']:.0%}, preemptions {big.get_stats().num_preemptions}")
 
-    # 5. fused decode steps vs single steps, on (a): all at once, then Poisson arrivals
+
+
+def part5(args, common, llm, results, rng, prompts_a, params_a, arrivals, outs, static):
+    """Fused decode steps vs single steps, on (a): all at once, then Poisson arrivals."""
     n_fused = args.num_scheduler_steps
     fused_llm = LLM(args.model, enable_prefix_caching=False, num_scheduler_steps=n_fused, **common)
     (fused_outs, fused, kv_f), comp_f = measured(run_engine, fused_llm, prompts_a, params_a)
     ratios = paired_ratio(engine_run(llm, prompts_a, params_a), engine_run(fused_llm, prompts_a, params_a),
                           args.pairs)
     (_, fused_pois, kv_fp), comp_fp = measured(run_engine, fused_llm, prompts_a, params_a, arrivals)
-    prompts_c, params_c = decode_heavy_workload(rng, args.num_requests // 2, vocab)
+    prompts_c, params_c = decode_heavy_workload(rng, args.num_requests // 2, llm.cfg.vocab_size)
     measured(run_engine, llm, prompts_c, params_c)  # warm both up (compile), then pairs
     measured(run_engine, fused_llm, prompts_c, params_c)
     ratios_c = paired_ratio(engine_run(llm, prompts_c, params_c), engine_run(fused_llm, prompts_c, params_c),
@@ -314,20 +341,16 @@ def main():
           f"fused / single output tok/s {results['c_fused_over_single']:.2f}x (pairs: "
           f"{', '.join(f'{r:.2f}' for r in ratios_c)})")
 
-    # 4. engine vs transformers static batches on (a)
-    if not args.skip_transformers:
-        hf = run_transformers(llm.model_dir, prompts_a, params_a, args.max_num_seqs, args.dtype)
-        results["a_transformers"] = hf
-        results["a_engine_over_transformers"] = cont["output_throughput"] / hf["output_throughput"]
-        print(f"\n(4) transformers generate, static batches of {args.max_num_seqs}: "
-              f"{hf['output_throughput']:.1f} out tok/s; engine {cont['output_throughput']:.1f} "
-              f"({results['a_engine_over_transformers']:.2f}x)")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results))
-    print(f"\nwrote {out.with_suffix('.json')}")
+
+def part4(args, llm, results, prompts_a, params_a, cont):
+    """The engine vs transformers' static batches on (a)."""
+    hf = run_transformers(llm.model_dir, prompts_a, params_a, args.max_num_seqs, args.dtype)
+    results["a_transformers"] = hf
+    results["a_engine_over_transformers"] = cont["output_throughput"] / hf["output_throughput"]
+    print(f"\n(4) transformers generate, static batches of {args.max_num_seqs}: "
+          f"{hf['output_throughput']:.1f} out tok/s; engine {cont['output_throughput']:.1f} "
+          f"({results['a_engine_over_transformers']:.2f}x)")
 
 
 def _compile_line(c: dict) -> str:
@@ -383,11 +406,12 @@ def markdown(results: dict) -> str:
               f"{results['c_fused_over_single']:.2f}x (pairs: "
               f"{', '.join(f'{r:.2f}' for r in results['c_fused_over_single_pairs'])})"]
              if "a_fused" in results else []),
-           f"- prefix caching, mean TTFT off / on: {results['b_ttft_off_over_on']:.2f}x "
-           f"(hit rate {results['b_prefix_on']['hit_rate']:.1%})",
-           f"- paged / contiguous max-length preallocation, concurrent sequences in "
-           f"{results['kv_budget_bytes'] / 2**20:.0f} MiB: {results['paged_max_concurrent']} / "
-           f"{results['contiguous_max_concurrent']} (preemptions {results['paged_tight_budget']['preemptions']})"]
+           *([f"- prefix caching, mean TTFT off / on: {results['b_ttft_off_over_on']:.2f}x "
+              f"(hit rate {results['b_prefix_on']['hit_rate']:.1%})"] if "b_prefix_on" in results else []),
+           *([f"- paged / contiguous max-length preallocation, concurrent sequences in "
+              f"{results['kv_budget_bytes'] / 2**20:.0f} MiB: {results['paged_max_concurrent']} / "
+              f"{results['contiguous_max_concurrent']} (preemptions "
+              f"{results['paged_tight_budget']['preemptions']})"] if "paged_tight_budget" in results else [])]
     if "a_transformers" in results:
         md.append(f"- engine / transformers `generate` (static batches of {a['max_num_seqs']}) output throughput: "
                   f"{results['a_engine_over_transformers']:.2f}x "

@@ -416,11 +416,24 @@ def attention_paged_ragged(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, 
     return unfold_heads(out.reshape(b * kv_heads, tg, h), b, t, kv_heads).astype(q.dtype)
 
 
+def attention_loops_pay() -> bool:
+    """Whether the XLA path's paged attention loops (`attention_paged_ragged`, `attention_paged_loop`)
+    pay: on CPU, where they were measured against `attention_reference`.
+    On a GPU each `while_loop` iteration costs several kernel launches and a copy of its predicate
+    to the host, and one gather with dense attention over a page table cut to the rows' lengths
+    is far cheaper: on an H200 the loops held the serving engine at ~4.5 ms a step (workload (a)
+    of bench_serving, bfloat16) while a whole decode step of generate_static, whose contiguous
+    cache takes the reference, ran in ~0.35 ms."""
+    return jax.default_backend() == "cpu"
+
+
 def paged_loop_applies(backend: str, k_pages) -> bool:
     """Whether `attention` over a paged cache runs `attention_paged_ragged` or `attention_paged_loop`,
     whose work stops at the rows' lengths whatever the page table's width (the serving engine then
-    passes full-width tables). The Pallas kernel and KIVI keys read every slot of the table."""
-    return backend == "xla" and not isinstance(k_pages, KiviKeys)
+    passes full-width tables). The Pallas kernel and KIVI keys read every slot of the table, and
+    so does `attention_reference`, which the XLA path takes where the loops do not pay
+    (`attention_loops_pay`: off CPU)."""
+    return backend == "xla" and not isinstance(k_pages, KiviKeys) and attention_loops_pay()
 
 
 def contiguous_bits_loop(q: jax.Array, k_pages, meta: AttentionMeta) -> bool:

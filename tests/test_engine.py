@@ -518,3 +518,24 @@ def test_priority_needs_the_priority_policy(model_dir):
         LLM(model_dir, block_size=8).generate(_prompts(2), GREEDY, priority=[0, 1])
     with pytest.raises(ValueError, match="scheduling_policy='lifo'"):
         LLM(model_dir, scheduling_policy="lifo")
+
+
+def test_engine_off_cpu_attention_path(model_dir, reference, monkeypatch):
+    """Where the paged attention loops do not pay (GPU, TPU: `layers.attention_loops_pay`), the XLA
+    path reads page tables cut to the rows' lengths through `attention_reference`: same tokens, with
+    chunked prefill, fused steps and preemption, and a table width that varies with the lengths."""
+    from jaxinfer import layers
+    monkeypatch.setattr(layers, "attention_loops_pay", lambda: False)
+    traced = []
+    for name in ("attention_reference", "attention_paged_ragged", "attention_paged_loop"):
+        fn = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, _fn=fn, _name=name, **k: traced.append(_name) or _fn(*a, **k))
+    prompts, ref = reference
+    llm = LLM(model_dir, enable_prefix_caching=False, max_num_seqs=8, max_num_batched_tokens=24, block_size=8,
+              num_kv_pages=14, num_scheduler_steps=4)
+    assert not llm.engine.runner.full_width_tables
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    assert llm.get_stats().num_preemptions > 0 and llm.get_stats().num_fused_steps > 0
+    assert set(traced) == {"attention_reference"}
+    _check_pages_returned(llm)
