@@ -164,7 +164,10 @@ def decode(weights: Weights, cfg: ModelConfig, statics: GenerateStatics, state: 
         active = s.finish == RUNNING
         q_lens = active.astype(jnp.int32)
         kv_lens = s.kv_lens + q_lens
-        meta = AttentionMeta(page_table=page_table, kv_lens=kv_lens, q_lens=q_lens, contiguous=True)
+        # bf16 caches stored as bits are read whole (`attention_reference`), not a slice at a time
+        # (`layers.contiguous_bits_loop`): this cache doubles as rows grow, so it stays at least half full
+        meta = AttentionMeta(page_table=page_table, kv_lens=kv_lens, q_lens=q_lens, contiguous=True,
+                             bits_loop=False)
         positions = (kv_lens - 1)[:, None]  # [B, 1]
         logits, _, kv = forward(weights, cfg, s.tokens[:, None], positions, s.kv, meta,
                                 backend=statics.backend)

@@ -446,10 +446,12 @@ def contiguous_bits_loop(q: jax.Array, k_pages, meta: AttentionMeta) -> bool:
     slots, batch 1, bench_spec's prompts) the loop was 1.04-1.08x faster for plain decoding and
     1.05-1.22x for n-gram speculation (k = 8). In `generate_static`, whose cache doubles as rows
     grow and so stays at least half full, the reference took 0.91-0.98x the loop's step
-    (embedded target, batch 1-32; bench_decode's MHA model 0.95x at batch 8, equal at 32). The
-    loop is kept.
+    (embedded target, batch 1-32; bench_decode's MHA model 0.95x at batch 8, equal at 32), so
+    `generate_static`'s decode steps turn the loop off (`meta.bits_loop=False`; rerun interleaved
+    on bench_decode's model: 2.45 -> 2.28 / 3.45 -> 3.24 / 4.93 -> 4.66 / 8.12 -> 8.13 ms a step at
+    batch 1 / 8 / 16 / 32). The speculative loop, beam search and prefill keep it.
     Float32 contiguous caches stay on the reference, which reads them in place and is faster."""
-    return (meta.contiguous and isinstance(k_pages, BitsPages) and q.shape[1] <= 16
+    return (meta.contiguous and meta.bits_loop and isinstance(k_pages, BitsPages) and q.shape[1] <= 16
             and k_pages.shape[2] % 16 == 0)
 
 

@@ -76,6 +76,8 @@ class AttentionMeta:
     kv_lens: jax.Array  # [B] int32
     q_lens: jax.Array  # [B] int32
     contiguous: bool = struct.field(pytree_node=False, default=False)
+    # a contiguous bf16 cache stored as bits may run `layers.contiguous_bits_loop` (False: read whole)
+    bits_loop: bool = struct.field(pytree_node=False, default=True)
     slots: jax.Array | None = None  # [B] per-sequence slot (KIVI residual); None: the row index
 
     def row_slots(self) -> jax.Array:
