@@ -419,11 +419,12 @@ def attention_paged_ragged(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, 
 def attention_loops_pay() -> bool:
     """Whether the XLA path's paged attention loops (`attention_paged_ragged`, `attention_paged_loop`)
     pay: on CPU, where they were measured against `attention_reference`.
-    On a GPU each `while_loop` iteration costs several kernel launches and a copy of its predicate
-    to the host, and one gather with dense attention over a page table cut to the rows' lengths
-    is far cheaper: on an H200 the loops held the serving engine at ~4.5 ms a step (workload (a)
-    of bench_serving, bfloat16) while a whole decode step of generate_static, whose contiguous
-    cache takes the reference, ran in ~0.35 ms."""
+    On a GPU each iteration of a data-dependent `while_loop` costs several kernel launches and a
+    copy of its predicate to the host; one gather with dense attention over a page table cut to
+    the rows' lengths costs a few launches a layer. On an H200 the engine with the loops spent
+    4.5 ms between tokens (mean ITL, workload (a) of bench_serving, bfloat16) where a whole decode
+    step of generate_static, whose contiguous cache takes the reference, took ~0.35 ms. How much
+    of that gap the loops were is inferred, not yet measured (README, end-to-end H200 figures)."""
     return jax.default_backend() == "cpu"
 
 
