@@ -156,13 +156,17 @@ def batched_qk_pv(spec: str, a: jax.Array, b: jax.Array, small_q: bool) -> jax.A
     reads the cache once (attention of the embedded target at 64 rows x 1,024 slots: 23 ms
     vs 4.2 ms). With a single query row (G = 1, MHA) the reduce is the slow one (50x), so
     the caller passes small_q only for G >= 2. Elsewhere, and on other platforms: dots.
+
+    A single batch entry (x = 1: one row of an MQA model, as in a one-request decode step) also
+    takes the dot: jax 0.10.2's XLA:CPU miscompiles the reduce when b is a page gather fused into
+    it and G >= 4 (every score took key 0's value; tests/test_model.py keeps the case).
     """
     def reduce():
         a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
         if spec == "xqh,xsh->xqs":
             return jnp.sum(a32[:, :, None, :] * b32[:, None, :, :], axis=-1)
         return jnp.sum(a32[:, :, :, None] * b32[:, None, :, :], axis=2)
-    if not small_q:
+    if not small_q or a.shape[0] == 1:
         return einsum_f32(spec, a, b)
     return jax.lax.platform_dependent(cpu=reduce, default=lambda: einsum_f32(spec, a, b))
 

@@ -1,5 +1,6 @@
 """Continuous-batching engine: identical outputs under any schedule, pages never leak, errors."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -522,10 +523,11 @@ def test_priority_needs_the_priority_policy(model_dir):
 
 def test_engine_off_cpu_attention_path(model_dir, reference, monkeypatch):
     """Where the paged attention loops do not pay (GPU, TPU: `layers.attention_loops_pay`), the XLA
-    path reads page tables cut to the rows' lengths through `attention_reference`: same tokens, with
-    chunked prefill, fused steps and preemption, and a table width that varies with the lengths."""
+    path reads the page tables through `attention_reference`: same tokens, with chunked prefill,
+    fused steps and preemption (tests/test_accelerator_paths.py cuts the tables to the rows' lengths)."""
     from jaxinfer import layers
     monkeypatch.setattr(layers, "attention_loops_pay", lambda: False)
+    jax.clear_caches()  # programs traced with the loops (same shapes) must not serve this test
     traced = []
     for name in ("attention_reference", "attention_paged_ragged", "attention_paged_loop"):
         fn = getattr(layers, name)
@@ -539,3 +541,15 @@ def test_engine_off_cpu_attention_path(model_dir, reference, monkeypatch):
     assert llm.get_stats().num_preemptions > 0 and llm.get_stats().num_fused_steps > 0
     assert set(traced) == {"attention_reference"}
     _check_pages_returned(llm)
+    jax.clear_caches()  # nor these later tests
+
+
+def test_engine_decodes_one_mqa_request_as_static_generate(tmp_path):
+    """An MQA model (one kv head, G = 4) serving a single request at a time: each decode step's
+    grouped-query products have one batch entry, the shape XLA:CPU had miscompiled (see
+    `layers.batched_qk_pv`); every token equals static generation's, which equals transformers'."""
+    write_tiny("llama", tmp_path, vocab_size=300, max_position_embeddings=160, num_key_value_heads=1)
+    prompts = _prompts(3, seed=5)
+    llm = LLM(str(tmp_path), max_num_seqs=1, block_size=8, enable_prefix_caching=False)
+    ref = [o.outputs[0].token_ids for o in llm.generate_static(prompts, GREEDY, batch_size=1)]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref

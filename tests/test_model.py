@@ -246,6 +246,33 @@ def test_paged_attention_equals_the_reference(impl, kind, t, window):
     np.testing.assert_allclose(np.asarray(narrow, np.float32), np.asarray(got, np.float32), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("g", [2, 4, 8])
+@pytest.mark.parametrize("impl", ["ragged", "reference"])
+def test_one_row_mqa_decode_over_pages_equals_a_plain_softmax(impl, g):
+    """One row of an MQA model decoding over scattered pages, jitted: the case (one batch entry in
+    the grouped-query products, G >= 4) that jax 0.10.2's XLA:CPU miscompiled as a fused page gather
+    + multiply-reduce, every score taking key 0's value (the engine then decoded a single MQA
+    request wrongly). Checked against attention written out in numpy."""
+    from jaxinfer.kv.cache import write_pages, write_slots
+    from jaxinfer.layers import attention_paged_ragged, attention_reference
+
+    fn = {"ragged": attention_paged_ragged, "reference": attention_reference}[impl]
+    ps, h, num_pages, length = 4, 16, 20, 13
+    rng = np.random.default_rng(g)
+    table = jnp.asarray([[3, 7, 1, 9]], jnp.int32)
+    keys, values = (rng.normal(size=(1, length, 1, h)).astype(np.float32) for _ in range(2))
+    kv = init_paged(1, num_pages, ps, 1, h, jnp.float32)
+    page, offset = write_slots(AttentionMeta(table, jnp.array([length]), jnp.array([length])), length, ps, num_pages)
+    k_pages, v_pages = (write_pages(kv.k[0], jnp.asarray(x), page, offset) for x in (keys, values))
+    q = rng.normal(size=(1, 1, g, h)).astype(np.float32)
+    got = jax.jit(lambda q, k, v, m: fn(q, k, v, m, scale=h ** -0.5))(
+        jnp.asarray(q), k_pages, v_pages, AttentionMeta(table, jnp.array([length]), jnp.array([1])))
+    scores = np.einsum("nh,sh->ns", q[0, 0], keys[0, :, 0]) * h ** -0.5
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (probs / probs.sum(-1, keepdims=True)) @ values[0, :, 0]
+    np.testing.assert_allclose(np.asarray(got[0, 0]), want, atol=1e-5)
+
+
 @pytest.mark.parametrize("t", [1, 5])
 def test_contiguous_bf16_bits_loop_equals_the_reference(t):
     """Static generation's bf16 cache on CPU (bits, [B, K, S, H]) runs `attention_paged_loop` over

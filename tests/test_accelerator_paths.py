@@ -1,0 +1,88 @@
+"""The choices jaxinfer makes off CPU (GPU, TPU), exercised on CPU CI.
+
+`jax.default_backend()` is made to answer "gpu" for jaxinfer's own choices: bfloat16 as the "auto"
+dtype, bf16 caches held as bf16 rather than as bits, the paged XLA attention through
+`attention_reference` over page tables cut to the rows' lengths (`layers.attention_loops_pay`),
+weights without the CPU layouts (`model.runtime_layout`, `model.loop_layout`). XLA still compiles
+for the CPU, so `lax.platform_dependent` branches stay CPU's. Programs traced under these choices
+are dropped afterwards, so none serves a later test.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_models import write_tiny
+
+from jaxinfer import LLM, SamplingParams
+from jaxinfer.layers import TiedHead, TransposedWeight
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("accel_model")
+    write_tiny("llama3", d, vocab_size=300, max_position_embeddings=512)  # MQA (G = 4), tied embeddings
+    return str(d)
+
+
+def _prompts(n=6, seed=3):
+    """Prompts of 2-40 tokens and one of 270: page tables cut to the rows' lengths take two widths."""
+    rng = np.random.default_rng(seed)
+    lengths = [*rng.integers(2, 40, size=n - 1).tolist(), 270]
+    return [{"prompt_token_ids": rng.integers(3, 300, size=k).tolist()} for k in lengths]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=0)
+OPTS = {"enable_prefix_caching": False, "max_num_seqs": 4, "max_num_batched_tokens": 24, "block_size": 8}
+
+
+@pytest.fixture
+def off_cpu(monkeypatch):
+    """A function that switches jaxinfer's platform choices to a GPU's for the rest of the test
+    (dropping the programs traced before: some take the same shapes)."""
+    def switch():
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        jax.clear_caches()
+    yield switch
+    jax.clear_caches()
+
+
+def _run(llm: LLM):
+    prompts = _prompts()
+    engine, static = llm.generate(prompts, GREEDY), llm.generate_static(prompts, GREEDY, batch_size=4)
+    tokens = [o.outputs[0].token_ids for o in engine]
+    plp = np.array([lp[t].logprob for o in engine for lp, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])])
+    return tokens, [o.outputs[0].token_ids for o in static], plp
+
+
+def test_float32_off_cpu_choices_give_the_cpu_tokens(model_dir, off_cpu):
+    cpu = LLM(model_dir, dtype="float32", **OPTS)
+    assert isinstance(cpu.weights.lm_head, TiedHead)  # the CPU layout, for contrast
+    ref_tokens, ref_static, ref_plp = _run(cpu)
+    off_cpu()
+    llm = LLM(model_dir, dtype="float32", **OPTS)
+    assert llm.weights.lm_head is None and not llm.engine.runner.full_width_tables
+    widths, inputs = set(), llm.engine.runner._inputs
+
+    def recorded(*args, **kwargs):  # the page-table width of every call
+        out = inputs(*args, **kwargs)
+        widths.add(out[3])
+        return out
+    llm.engine.runner._inputs = recorded
+    tokens, static, plp = _run(llm)
+    assert len(widths) >= 2 and max(widths) < llm.engine.runner.max_pages_per_seq  # cut, and varying
+    assert tokens == ref_tokens and static == ref_static == ref_tokens
+    np.testing.assert_allclose(plp, ref_plp, atol=1e-4)
+
+
+def test_bfloat16_off_cpu_caches_and_defaults(model_dir, off_cpu):
+    _, _, ref_plp = _run(LLM(model_dir, dtype="float32", **OPTS))
+    off_cpu()
+    llm = LLM(model_dir, **OPTS)  # dtype "auto": bfloat16 off CPU
+    assert llm.weights.dtype == jnp.bfloat16
+    assert llm.engine.runner.kv.k[0].dtype == jnp.bfloat16  # not uint16 bits
+    assert not any(isinstance(layer.wqkv, TransposedWeight) for layer in llm.weights.layers)
+    tokens, static, plp = _run(llm)
+    assert all(len(t) == GREEDY.max_tokens for t in tokens + static)
+    # teacher-forced prompt logprobs: bf16 rounding only (no divergence compounds)
+    assert np.abs(plp - ref_plp).max() < 0.1 and np.abs(plp - ref_plp).mean() < 0.02
