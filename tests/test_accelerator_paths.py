@@ -86,3 +86,26 @@ def test_bfloat16_off_cpu_caches_and_defaults(model_dir, off_cpu):
     assert all(len(t) == GREEDY.max_tokens for t in tokens + static)
     # teacher-forced prompt logprobs: bf16 rounding only (no divergence compounds)
     assert np.abs(plp - ref_plp).max() < 0.1 and np.abs(plp - ref_plp).mean() < 0.02
+
+
+def test_speculation_and_beams_off_cpu_equal_the_cpu_paths(model_dir, off_cpu):
+    """n-gram speculation (engine and static loop, verification of k + 1 tokens) stays token-identical
+    to plain decoding, and beam search returns the CPU paths' beams, under the off-CPU choices."""
+    from jaxinfer import BeamSearchParams
+
+    prompts = _prompts(4, seed=7)[:3]
+    beams = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+
+    def run():
+        plain = [o.outputs[0].token_ids for o in LLM(model_dir, dtype="float32", **OPTS).generate(prompts, GREEDY)]
+        llm = LLM(model_dir, dtype="float32", speculative_config=spec, **OPTS)
+        engine = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+        static = [o.outputs[0].token_ids for o in llm.generate_static(prompts, GREEDY, batch_size=4)]
+        assert engine == static == plain and llm.get_stats().spec_steps > 0
+        found = LLM(model_dir, dtype="float32").beam_search(prompts, beams)
+        return plain, [[s.tokens for s in o.sequences] for o in found]
+
+    cpu = run()
+    off_cpu()
+    assert run() == cpu
