@@ -156,12 +156,12 @@ def main():
     ap.add_argument("--out", default=None, help="results path without suffix (default: "
                     "experiments/results/bench_decode, or bench_decode_gpu when jax runs on a GPU)")
     args = ap.parse_args()
-    backend = jax.default_backend()
+    backend, tdev = jax.default_backend(), torch_device()
     out = Path(args.out or RESULTS / ("bench_decode" if backend == "cpu" else f"bench_decode_{backend}"))
 
     bw = read_bandwidth_gbs()
     print(f"measured read bandwidth: {bw:.1f} GB/s   backend: {backend} ({jax.devices()[0].device_kind})   "
-          f"transformers on: {torch_device()}   cpu: {platform.processor() or platform.machine()}")
+          f"transformers on: {tdev}   cpu: {platform.processor() or platform.machine()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         n_params = write_checkpoint(Path(tmp))
@@ -192,7 +192,7 @@ def main():
                           f"same greedy start: {row['same_first_tokens']}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = dict(bandwidth_gbs=round(bw, 2), params=n_params, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
-                  backend=backend, device=jax.devices()[0].device_kind, transformers_device=torch_device(),
+                  backend=backend, device=jax.devices()[0].device_kind, transformers_device=tdev,
                   rows=rows)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [("| dtype | batch | weight layout | jaxinfer tok/s | transformers tok/s | ratio | step ms | "
@@ -201,7 +201,7 @@ def main():
               f"{r['ratio']}x | {r['step_ms']} | {r['matmul_ms']} | {r['matmul_bound']}x | {r['roofline']:.1%} |"
               for r in rows]
     out.with_suffix(".md").write_text(
-        f"{jax.devices()[0].device_kind} (jax {backend}, transformers on {torch_device()}). "
+        f"{jax.devices()[0].device_kind} (jax {backend}, transformers on {tdev}). "
         f"Measured read bandwidth {bw:.1f} GB/s; {n_params / 1e6:.1f}M params; "
         f"{NEW_TOKENS} new tokens from {PROMPT_LEN}-token prompts, greedy. tok/s: the best of "
         f"{args.repeats} runs; ratio: the median of {args.repeats} back-to-back jaxinfer / transformers pairs "

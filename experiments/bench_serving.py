@@ -260,12 +260,12 @@ def main():
     print(f"\n(a) mixed, Poisson {args.rate}/s — continuous batching\n" + format_summary(pois))
     print(_compile_line(comp_p))
 
-    # 2. prefix caching on vs off, workload (b)
+    # 2. prefix caching on vs off, workload (b); drawn whatever --parts says, so that the later
+    # parts see the same random stream
     prompts_b, params_b = shared_prefix_workload(rng, args.num_requests, vocab)
     arrivals_b = np.cumsum(rng.exponential(1.0 / args.rate, size=args.num_requests)).tolist()
     if 2 in args.parts:
         part2(args, common, llm, results, prompts_b, params_b, arrivals_b)
-    per_token = llm.engine.kv_cache_bytes / (llm.engine.num_pages * llm.engine_config.block_size)
     if 3 in args.parts:
         part3(args, common, llm, results, prompts_a, params_a, per_token)
     if 5 in args.parts:
@@ -296,7 +296,6 @@ def part2(args, common, llm, results, prompts_b, params_b, arrivals_b):
     print(f"  hit rate {st.prefix_cache_hit_rate:.1%}; mean TTFT off/on: {results['b_ttft_off_over_on']:.2f}x")
 
 
-
 def part3(args, common, llm, results, prompts_a, params_a, per_token):
     """Paged vs contiguous: sequences that fit in the same KV memory. The budget is what a
     contiguous cache needs for --contiguous-seqs sequences of max_model_len tokens."""
@@ -312,7 +311,6 @@ def part3(args, common, llm, results, prompts_a, params_a, per_token):
           f"fits {args.contiguous_seqs} sequences; paged ran up to {kv_big['max_concurrent_seqs']} at once "
           f"({kv_big['max_concurrent_seqs'] / args.contiguous_seqs:.1f}x), KV usage mean "
           f"{kv_big['kv_usage_mean']:.0%}, preemptions {big.get_stats().num_preemptions}")
-
 
 
 def part5(args, common, llm, results, rng, prompts_a, params_a, arrivals, outs, static):
@@ -346,7 +344,6 @@ def part5(args, common, llm, results, rng, prompts_a, params_a, arrivals, outs, 
     print(f"(5) (c) decode-heavy ({args.num_requests // 2} requests, prompts U[16, 64], outputs U[128, 256]): "
           f"fused / single output tok/s {results['c_fused_over_single']:.2f}x (pairs: "
           f"{', '.join(f'{r:.2f}' for r in ratios_c)})")
-
 
 
 def part4(args, llm, results, prompts_a, params_a, cont):

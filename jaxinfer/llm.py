@@ -20,7 +20,7 @@ from jaxinfer.layers import ATTENTION_BACKENDS
 from jaxinfer.lora import LoRAConfig, LoRARequest
 from jaxinfer.model import WEIGHT_LAYOUTS, runtime_layout
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import SamplingParams, is_list_like
 from jaxinfer.static_batch import StaticBatchGenerator
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.wquant import WeightQuantConfig, quantize_weights
@@ -360,7 +360,7 @@ def _per_prompt(value, single: type, n: int, what: str, field: str) -> list:
     sequence of n (each None or a single)."""
     if value is None or isinstance(value, single):
         return [value] * n
-    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+    if not is_list_like(value):
         raise ValueError(f"{field} must be a {single.__name__} or a list of one per prompt, "
                          f"got {type(value).__name__}")
     values = list(value)

@@ -22,6 +22,11 @@ from jaxinfer.structured import StructuredOutputsParams
 _MASK = -jnp.inf
 
 
+def is_list_like(value) -> bool:
+    """A list, tuple or other collection of items: not a bare value, a string or a mapping."""
+    return hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """How to sample one request. Field names and defaults follow vLLM.
@@ -66,9 +71,9 @@ class SamplingParams:
         def bad(field, allowed):
             raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r}: {allowed}")
 
-        def listed(field, allowed):  # a list, tuple or other collection (not a bare value or a string)
+        def listed(field, allowed):
             v = getattr(self, field)
-            if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__"):
+            if not is_list_like(v):
                 bad(field, allowed)
             return list(v)
 
@@ -90,10 +95,10 @@ class SamplingParams:
             if not self.allowed_token_ids or any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
                 bad("allowed_token_ids", "must be a non-empty list of token ids >= 0 (or None)")
         if self.bad_words is not None:
-            if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip()
-                                                           for w in listed("bad_words", "must be a list of non-blank strings (or None)")):
+            words = listed("bad_words", "must be a list of non-blank strings (or None)")
+            if not all(isinstance(w, str) and w.strip() for w in words):
                 bad("bad_words", "must be a list of non-blank strings (or None)")
-            self.bad_words = list(self.bad_words) or None
+            self.bad_words = words or None
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
@@ -133,9 +138,8 @@ class SamplingParams:
         self.stop = [] if self.stop is None else listed("stop", "must be a string or a list of non-empty strings")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be non-empty strings")
-        if self.stop_token_ids is not None:
-            self.stop_token_ids = listed("stop_token_ids", "must be a list of non-negative token ids")
-        self.stop_token_ids = self.stop_token_ids or []
+        self.stop_token_ids = ([] if self.stop_token_ids is None
+                               else listed("stop_token_ids", "must be a list of non-negative token ids"))
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative token ids")
 
