@@ -11,6 +11,11 @@ result bounds what any implementation of prompt lookup reaches on this machine:
 
     ceiling = (output tokens x one-token forward) / (sum over rounds of the round's forward)
 
+It also reports where the repeats that prompt lookup finds come from: the share of output tokens
+that complete a 4-gram of the prompt (the answer copying its prompt, the regime the code_edit
+set is meant to create) and the share that complete a 4-gram found only earlier in the output
+(the model repeating itself).
+
 Writes experiments/results/lookup_ceiling.{json,md}.
 
     python experiments/lookup_ceiling.py [--dtype float32] [--ks 2 4 8 11 15] [--prompts 4]
@@ -64,6 +69,24 @@ def replay(seq: list[int], start: int, k: int, n_max: int, n_min: int) -> list[i
     return widths
 
 
+def repeat_shares(seq: list[int], start: int, n: int = 4) -> tuple[float, float]:
+    """(share of output tokens seq[start:] completing an n-gram of the prompt seq[:start], share
+    completing an n-gram only earlier in the output): each token counted with its n - 1 predecessors."""
+    prompt = {tuple(seq[j:j + n]) for j in range(start - n + 1)}
+    seen: set = set()
+    copied = repeated = 0
+    for i in range(start, len(seq)):
+        gram = tuple(seq[i - n + 1:i + 1])
+        if gram in prompt:
+            copied += 1
+        elif gram in seen:
+            repeated += 1
+        if i - n + 1 >= start:  # n-grams wholly inside the output
+            seen.add(gram)
+    total = len(seq) - start
+    return copied / total, repeated / total
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="stdlib-target")
@@ -88,13 +111,17 @@ def main(argv=None):
     print("forward ms by width: " + ", ".join(f"T={t}: {v:.3f} ({v / cost[1]:.2f}x)" for t, v in cost.items()),
           flush=True)
 
-    rows = []
+    rows, shares = [], {}
     for name, prompts in sets.items():
         seqs = []
         for p in prompts:  # plain greedy decoding, EOS ignored, as bench_spec times it
             run = plain_runner(weights, cfg, gen.bucket(len(p)), s, m, 0.0)
             out = np.asarray(run([p], 0).out_tokens)[0, :m].tolist()
             seqs.append((p + out, len(p)))
+        both = np.mean([repeat_shares(seq, start) for seq, start in seqs], axis=0)
+        shares[name] = dict(copied_from_prompt=float(both[0]), repeated_output=float(both[1]))
+        print(f"{name:12s} output tokens completing a prompt 4-gram {both[0]:.1%}, "
+              f"repeating only an earlier output 4-gram {both[1]:.1%}", flush=True)
         for k in args.ks:
             widths = [w for seq, start in seqs for w in replay(seq, start, k, args.prompt_lookup_max,
                                                                args.prompt_lookup_min)]
@@ -113,7 +140,7 @@ def main(argv=None):
     meta = dict(model=args.model, dtype=args.dtype, prompts=args.prompts, max_tokens=m,
                 ngram=[args.prompt_lookup_min, args.prompt_lookup_max], forward_ms={str(t): v for t, v in cost.items()},
                 command="python experiments/lookup_ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, repeat_shares=shares), indent=1) + "\n")
     md = [f"# Prompt-lookup ceiling on {args.model} ({args.dtype}, batch 1, greedy)", "",
           f"`{meta['command']}`: {args.prompts} prompts per set (bench_spec's), {m} tokens each, n = "
           f"{args.prompt_lookup_min}..{args.prompt_lookup_max}. Every round priced at the target's forward "
@@ -122,6 +149,10 @@ def main(argv=None):
           "| set | k | rounds | with a match | τ | τ of matched rounds | ceiling |", "|---|---|---|---|---|---|---|"]
     md += [f"| {r['set']} | {r['k']} | {r['rounds']} | {r['matched_rounds']} | {r['tau']:.2f} | "
            f"{r['tau_matched']:.2f} | {r['ceiling']:.2f}x |" for r in rows]
+    md += ["", "Where the repeats come from (mean over the set's prompts; a token counts with its three "
+           "predecessors):", "", "| set | output tokens completing a prompt 4-gram | completing only an earlier "
+           "output 4-gram |", "|---|---|---|"]
+    md += [f"| {name} | {v['copied_from_prompt']:.1%} | {v['repeated_output']:.1%} |" for name, v in shares.items()]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print(f"wrote {out.with_suffix('.md')}")
     return 0
