@@ -119,7 +119,7 @@ def main(argv=None):
             out = np.asarray(run([p], 0).out_tokens)[0, :m].tolist()
             seqs.append((p + out, len(p)))
         both = np.mean([repeat_shares(seq, start) for seq, start in seqs], axis=0)
-        shares[name] = dict(copied_from_prompt=float(both[0]), repeated_output=float(both[1]))
+        shares[name] = {"copied_from_prompt": float(both[0]), "repeated_output": float(both[1])}
         print(f"{name:12s} output tokens completing a prompt 4-gram {both[0]:.1%}, "
               f"repeating only an earlier output 4-gram {both[1]:.1%}", flush=True)
         for k in args.ks:
@@ -149,9 +149,10 @@ def main(argv=None):
           "| set | k | rounds | with a match | τ | τ of matched rounds | ceiling |", "|---|---|---|---|---|---|---|"]
     md += [f"| {r['set']} | {r['k']} | {r['rounds']} | {r['matched_rounds']} | {r['tau']:.2f} | "
            f"{r['tau_matched']:.2f} | {r['ceiling']:.2f}x |" for r in rows]
-    md += ["", "Where the repeats come from (mean over the set's prompts; a token counts with its three "
-           "predecessors):", "", "| set | output tokens completing a prompt 4-gram | completing only an earlier "
-           "output 4-gram |", "|---|---|---|"]
+    md += ["", ("Where the repeats come from (mean over the set's prompts; a token counts with its three "
+                "predecessors):"), "",
+           "| set | output tokens completing a prompt 4-gram | completing only an earlier output 4-gram |",
+           "|---|---|---|"]
     md += [f"| {name} | {v['copied_from_prompt']:.1%} | {v['repeated_output']:.1%} |" for name, v in shares.items()]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print(f"wrote {out.with_suffix('.md')}")
