@@ -82,7 +82,9 @@ def code_edit_prompts(tok: Tokenizer, num: int, min_tokens: int = 80, max_tokens
     """A held-out function, two blank lines, then its header renamed to `<name>_v2`: the answer
     a copying model gives repeats the function. How much a given model's answer actually repeats
     the prompt is what the n-gram rows measure (the embedded 11M target rarely copies a whole
-    body; much of what prompt lookup finds is its own repetition)."""
+    body; much of what prompt lookup finds is its own repetition: `lookup_ceiling.py` measured
+    3.6% of its greedy output tokens here completing a 4-gram of the prompt, 58.8% repeating one
+    of its own earlier output)."""
     root = corpus.stdlib_root()
     _, held = corpus.split_files(corpus.corpus_files(root))
     cands = []
