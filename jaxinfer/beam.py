@@ -47,6 +47,7 @@ from jaxinfer.kv.cache import AttentionMeta, KVCache, grow_contiguous
 from jaxinfer.kv.quant import KVQuantSpec
 from jaxinfer.model import Weights, forward, loop_layout
 from jaxinfer.outputs import Logprob
+from jaxinfer.sampling import is_int, seed_key
 
 _NEG = -1.0e9  # transformers' "impossible" score offset
 EARLY_STOPPING = (False, True, "never")
@@ -72,9 +73,9 @@ class BeamSearchParams:
         def bad(field, allowed):
             raise ValueError(f"BeamSearchParams.{field}={getattr(self, field)!r}: {allowed}")
 
-        if isinstance(self.beam_width, bool) or not isinstance(self.beam_width, int) or self.beam_width < 1:
+        if not is_int(self.beam_width) or self.beam_width < 1:
             bad("beam_width", "must be an integer >= 1")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             bad("max_tokens", "must be an integer >= 1")
         if not (isinstance(self.temperature, (int, float)) and np.isfinite(self.temperature)
                 and self.temperature >= 0):
@@ -84,7 +85,7 @@ class BeamSearchParams:
         if not any(self.early_stopping is v or self.early_stopping == v and isinstance(v, str)
                    for v in EARLY_STOPPING):
             bad("early_stopping", f"must be one of {EARLY_STOPPING}")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not is_int(self.seed):
             bad("seed", "must be an integer or None")
 
 
@@ -317,7 +318,7 @@ def run_beam_search(weights: Weights, cfg: ModelConfig, prompts: list[list[int]]
             tokens[i, :len(p)] = p
         state = beam_prefill(weights, cfg, statics, jnp.asarray(tokens),
                              jnp.asarray(lens + [0] * (b - len(group)), jnp.int32), run,
-                             jax.random.fold_in(jax.random.PRNGKey(seed), start))
+                             jax.random.fold_in(jax.random.key_data(seed_key(seed)), start))
         done = 1  # tokens every running beam holds
         while bool(state.alive):
             fits = window - (max(lens) + done) + 1  # steps before the newest token's slot leaves the cache

@@ -287,11 +287,7 @@ class LLM:
         if params.beam_width > self.cfg.vocab_size:  # more beams than first tokens to tell them apart
             raise ValueError(f"BeamSearchParams.beam_width={params.beam_width} exceeds the model's "
                              f"vocab_size={self.cfg.vocab_size}")
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        ids = [self.engine.inputs.prompt_ids(p)[1] for p in prompts]
-        if not ids:
-            raise ValueError("prompts is empty")
+        ids = [self.engine.inputs.prompt_ids(p)[1] for p in _prompt_list(prompts)]
         for i, p in enumerate(ids):
             if not p:
                 raise ValueError(f"prompt {i} is empty (0 tokens)")
@@ -335,11 +331,7 @@ class LLM:
     def _make_requests(self, prompts, sampling_params, lora_request=None,
                        priority: Sequence[int] | None = None,
                        arrival_time: float | None = None) -> list[list[EngineRequest]]:
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("prompts is empty")
+        prompts = _prompt_list(prompts)
         n = len(prompts)
         params_list = _per_prompt(SamplingParams() if sampling_params is None else sampling_params, SamplingParams, n,
                                   "SamplingParams", "sampling_params")
@@ -353,6 +345,20 @@ class LLM:
             groups.append(self.engine.make_requests(str(self._counter + len(groups)), p, sp, seed, now, lr, pr))
         self._counter += len(groups)
         return groups
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (a string or a dict) as a list of one; a non-empty sequence of prompts as a list.
+    Each prompt's own form is checked where it is tokenized (`InputProcessor.prompt_ids`)."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if not is_list_like(prompts):
+        raise ValueError(f"prompts={prompts!r}: expected a prompt (a string, {{'prompt': str}} or "
+                         "{'prompt_token_ids': [int, ...]}) or a list of them")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty")
+    return prompts
 
 
 def _per_prompt(value, single: type, n: int, what: str, field: str) -> list:

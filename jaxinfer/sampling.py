@@ -27,6 +27,11 @@ def is_list_like(value) -> bool:
     return hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))
 
 
+def is_int(value) -> bool:
+    """A Python integer that is not a bool (True is an int to Python, not a count or a token id)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """How to sample one request. Field names and defaults follow vLLM.
@@ -86,13 +91,13 @@ class SamplingParams:
             bad("repetition_penalty", "must be a finite number > 0 (1: off)")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict) or not all(
-                    isinstance(t, int) and t >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
+                    is_int(t) and t >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
                     for t, v in self.logit_bias.items()):
                 bad("logit_bias", "must map token ids >= 0 to biases in [-100, 100]")
             self.logit_bias = {int(t): float(v) for t, v in self.logit_bias.items()} or None
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = listed("allowed_token_ids", "must be a non-empty list of token ids >= 0 (or None)")
-            if not self.allowed_token_ids or any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
+            if not self.allowed_token_ids or any(not is_int(t) or t < 0 for t in self.allowed_token_ids):
                 bad("allowed_token_ids", "must be a non-empty list of token ids >= 0 (or None)")
         if self.bad_words is not None:
             words = listed("bad_words", "must be a list of non-blank strings (or None)")
@@ -105,33 +110,33 @@ class SamplingParams:
             bad("structured_outputs",
                 "must be StructuredOutputsParams(json=... | regex=... | choice=... | json_object=True) or None")
         k = self.truncate_prompt_tokens
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not (k == -1 or k >= 1)):
+        if k is not None and (not is_int(k) or not (k == -1 or k >= 1)):
             bad("truncate_prompt_tokens", "must be None, -1 (the context's room) or an integer >= 1")
-        if not isinstance(self.n, int) or self.n < 1:
+        if not is_int(self.n) or self.n < 1:
             bad("n", "must be an integer >= 1")
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0
                 and np.isfinite(self.temperature)):
             bad("temperature", "must be a finite number >= 0 (0 means greedy)")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not is_int(self.top_k) or self.top_k < -1:
             bad("top_k", "must be -1 or 0 (disabled) or a positive integer")
         if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
             bad("min_p", "must be in [0, 1]")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not is_int(self.seed):
             bad("seed", "must be an integer or None")
         for field in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, field), bool):
                 bad(field, "must be True or False")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             bad("max_tokens", "must be an integer >= 1 (or None: until the context is full)")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
             bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
         for field in ("logprobs", "prompt_logprobs"):
             v = getattr(self, field)
-            if v is not None and (not isinstance(v, int) or v < 0):
+            if v is not None and (not is_int(v) or v < 0):
                 bad(field, "must be None or an integer >= 0")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -140,7 +145,7 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         self.stop_token_ids = ([] if self.stop_token_ids is None
                                else listed("stop_token_ids", "must be a list of non-negative token ids"))
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative token ids")
 
     @property
@@ -433,9 +438,29 @@ class Penalties:
                             tail=tail, fsm_state=state)
 
 
+def seed_key(seed: int) -> jax.Array:
+    """A PRNG key that depends on every bit of an integer seed of any size or sign.
+
+    `jax.random.key` keeps only a seed's low 32 bits (without jax_enable_x64; 0 and 2**32 gave
+    the same key, as did -1 and 2**32 - 1) and raised OverflowError outside the int64 range. Seeds
+    in [0, 2**32) keep that key. Any other seed starts from the key of its magnitude's low 32 bits
+    and folds in the magnitude's higher 32-bit chunks, lowest first, then its sign. The last fold
+    is always the sign, and the chunks before it are the magnitude's digits without leading zeros,
+    so no two seeds fold the same sequence."""
+    if 0 <= seed < 2**32:
+        return jax.random.key(seed)
+    mag = abs(seed)
+    key = jax.random.key(mag & 0xFFFFFFFF)
+    rest = mag >> 32
+    while rest:
+        key = jax.random.fold_in(key, rest & 0xFFFFFFFF)
+        rest >>= 32
+    return jax.random.fold_in(key, int(seed < 0))
+
+
 def request_key(seed: int, sample_index: int = 0) -> np.ndarray:
     """PRNG key data [2] uint32 of one request's sample stream."""
-    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), sample_index)))
+    return np.asarray(jax.random.key_data(jax.random.fold_in(seed_key(seed), sample_index)))
 
 
 @struct.dataclass

@@ -7,6 +7,7 @@ import pytest
 
 from hf_models import write_tiny, write_tokenizer
 from jaxinfer import LLM, SamplingParams
+from jaxinfer.beam import BeamSearchParams
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,27 @@ def test_bad_prompts_raise_before_any_work(llm, prompt, match):
         llm.generate(["fine", prompt], SamplingParams(max_tokens=2))
 
 
+@pytest.mark.parametrize("prompts", [5, None, 2.5])
+def test_prompts_that_are_neither_a_prompt_nor_a_list_raise(llm, prompts):
+    with pytest.raises(ValueError, match=f"prompts={prompts!r}: expected a prompt"):
+        llm.generate(prompts, SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="expected a prompt"):
+        llm.beam_search(prompts, BeamSearchParams(beam_width=2, max_tokens=2))
+
+
+def test_seeds_beyond_32_bits_sample_their_own_stream(llm):
+    """Seeds 0 and 2**32 drew the same tokens (jax keeps a seed's low 32 bits), and a seed past
+    int64 raised OverflowError from inside jax."""
+    def tokens(seed):
+        p = SamplingParams(temperature=1.0, max_tokens=16, seed=seed, ignore_eos=True)
+        return llm.generate("import os", p)[0].outputs[0].token_ids
+    assert tokens(0) != tokens(2**32)
+    assert tokens(2**70) == tokens(2**70)
+    beams = [llm.beam_search("import os", BeamSearchParams(beam_width=2, max_tokens=4, temperature=1.0, seed=s))
+             for s in (2**70, 2**70)]
+    assert [b.tokens for b in beams[0][0].sequences] == [b.tokens for b in beams[1][0].sequences]
+
+
 def test_params_list_length_and_vocab_checked(llm):
     with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
         llm.generate(["a", "b"], [SamplingParams()])
@@ -180,7 +202,6 @@ def test_bad_constructor_arguments(tmp_path):
 
 
 def test_bad_static_batch_size_and_beam_width(llm):
-    from jaxinfer.beam import BeamSearchParams
     for bad in (0, -2, 1.5):
         with pytest.raises(ValueError, match=f"batch_size={bad!r} must be a positive integer"):
             llm.generate_static(["a"], SamplingParams(max_tokens=2), batch_size=bad)

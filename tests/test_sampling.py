@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.sampling import SamplingParams, SamplingTensors, filter_logits, sample, token_logprobs
+from jaxinfer.sampling import (
+    SamplingParams,
+    SamplingTensors,
+    filter_logits,
+    request_key,
+    sample,
+    token_logprobs,
+)
 
 V = 12
 
@@ -30,6 +37,9 @@ def _draws(logits_row, n, **kw):
     # a bare value where a list belongs: a ValueError naming the field, not a TypeError from list()
     ("stop_token_ids", 5), ("stop", 5), ("allowed_token_ids", 7), ("allowed_token_ids", "12"), ("bad_words", 3),
     ("ignore_eos", "yes"), ("skip_special_tokens", None), ("include_stop_str_in_output", 1),
+    # True is an int to Python, not a count, a seed or a token id
+    ("max_tokens", True), ("n", True), ("top_k", True), ("seed", False), ("logprobs", True),
+    ("min_tokens", True), ("stop_token_ids", [True]),
 ])
 def test_invalid_params_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -97,6 +107,17 @@ def test_same_seed_same_draws_different_seed_different():
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+
+
+def test_seeds_of_any_size_keep_all_their_bits():
+    """jax.random.key keeps a seed's low 32 bits (0 and 2**32 gave one key, -1 and 2**32 - 1
+    another) and raised OverflowError past int64; request keys use every bit and accept any int."""
+    seeds = [0, 1, 2**32 - 1, 2**32, 2**32 + 1, -1, -(2**32), 2**63, -(2**63) - 1, 2**64 - 1, 2**64, 2**70, -(2**70)]
+    keys = {tuple(request_key(s)) for s in seeds}
+    assert len(keys) == len(seeds)
+    for s in [0, 7, 2**31, 2**32 - 1]:  # seeds that always had a key of their own keep it
+        assert (request_key(s, 3) == np.asarray(jax.random.key_data(
+            jax.random.fold_in(jax.random.key(s), 3)))).all()
 
 
 def test_filter_is_identity_when_disabled():
