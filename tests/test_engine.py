@@ -6,6 +6,7 @@ import pytest
 
 from hf_models import write_tiny, write_tokenizer
 from jaxinfer import LLM, SamplingParams
+from jaxinfer.engine.engine import EngineConfig
 from jaxinfer.engine.metrics import summarize
 
 
@@ -214,6 +215,24 @@ def test_abort_frees_pages_at_once_and_others_continue(model_dir):
     _check_pages_returned(llm)
 
 
+@pytest.mark.parametrize("opts,match", [
+    ({"enable_prefix_caching": "yes"}, "enable_prefix_caching='yes' must be True or False"),
+    ({"max_num_seqs": True}, "max_num_seqs=True must be a positive integer"),
+    ({"block_size": 8.0}, "block_size=8.0 must be a positive integer"),
+    ({"num_kv_pages": True}, "num_kv_pages=True must be a positive integer"),
+    ({"kv_cache_memory_bytes": "64M"}, "kv_cache_memory_bytes='64M' must be a positive number of bytes"),
+    ({"kv_cache_memory_bytes": float("inf")}, "kv_cache_memory_bytes=inf must be a positive number"),
+    ({"kv_cache_memory_bytes": 0}, "kv_cache_memory_bytes=0 must be a positive number"),
+])
+def test_bad_engine_options_name_the_value(opts, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(max_model_len=64, **opts)
+
+
+def test_a_byte_budget_written_as_a_float_is_taken_as_bytes():
+    assert EngineConfig(max_model_len=64, kv_cache_memory_bytes=0.5e6).kv_cache_memory_bytes == 500000
+
+
 def test_bad_requests_are_rejected_and_the_engine_keeps_serving(model_dir):
     llm = LLM(model_dir, num_kv_pages=6, block_size=8, max_model_len=160)  # 48 tokens of KV
     eng = llm.engine
@@ -228,6 +247,12 @@ def test_bad_requests_are_rejected_and_the_engine_keeps_serving(model_dir):
         eng.add_request("ok", {"prompt_token_ids": [5]}, SamplingParams())
     with pytest.raises(ValueError, match="max_tokens=0"):
         eng.add_request("zero", {"prompt_token_ids": [5]}, SamplingParams(max_tokens=0))
+    with pytest.raises(ValueError, match="params must be a SamplingParams or None, got dict"):
+        eng.add_request("as_dict", {"prompt_token_ids": [5]}, {"max_tokens": 3})  # was an AttributeError
+    with pytest.raises(ValueError, match="request_id=5 must be a string"):
+        eng.add_request(5, {"prompt_token_ids": [5]}, SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="seed=True must be an integer"):
+        eng.add_request("seed", {"prompt_token_ids": [5]}, SamplingParams(max_tokens=2), seed=True)
     outs = []
     while eng.has_unfinished_requests():
         outs += [o for o in eng.step() if o.finished]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ from jaxinfer.kv.quant import KVQuantSpec, page_bytes_per_token
 from jaxinfer.lora import LoRAManager, LoRARequest
 from jaxinfer.model import Weights
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import SamplingParams, is_int
 from jaxinfer.tokenizer import Tokenizer
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 << 20
@@ -59,12 +60,17 @@ class EngineConfig:
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_scheduler_steps"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
-        if self.num_kv_pages is not None and (not isinstance(self.num_kv_pages, int) or self.num_kv_pages < 1):
-            raise ValueError(f"num_kv_pages={self.num_kv_pages!r} must be a positive integer")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
-            raise ValueError(f"kv_cache_memory_bytes={self.kv_cache_memory_bytes!r} must be positive")
+        if self.num_kv_pages is not None and (not is_int(self.num_kv_pages) or self.num_kv_pages < 1):
+            raise ValueError(f"num_kv_pages={self.num_kv_pages!r} must be a positive integer (or None)")
+        b = self.kv_cache_memory_bytes
+        if b is not None:  # a byte count; 0.5e9 reads as one
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 1:
+                raise ValueError(f"kv_cache_memory_bytes={b!r} must be a positive number of bytes (or None)")
+            object.__setattr__(self, "kv_cache_memory_bytes", int(b))
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
         if self.num_scheduler_steps > 1 and self.speculative_config is not None:
             raise ValueError(f"num_scheduler_steps={self.num_scheduler_steps} fuses plain decode steps; it cannot "
                              "be combined with speculative_config (use num_scheduler_steps=1)")
@@ -169,6 +175,8 @@ class LLMEngine:
                       arrival_time: float | None = None, lora_request: LoRARequest | None = None,
                       priority: int = 0) -> list[EngineRequest]:
         """Validate and build the sequences of one request (n of them); raises ValueError."""
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id={request_id!r} must be a string")
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(priority, bool) or not isinstance(priority, int):
@@ -193,7 +201,11 @@ class LLMEngine:
                     lora_request: LoRARequest | None = None, priority: int = 0):
         """Queue a request. Invalid input raises ValueError here; nothing else is affected.
         priority: with scheduling_policy="priority", lower values are scheduled first."""
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams or None, got {type(params).__name__}")
+        if seed is not None and not is_int(seed):
+            raise ValueError(f"seed={seed!r} must be an integer or None")
         seed = params.seed if params.seed is not None else (seed if seed is not None else 0)
         self.add_sequences(self.make_requests(request_id, prompt, params, seed, arrival_time, lora_request,
                                               priority))
