@@ -46,6 +46,7 @@ COMPLETION_FIELDS = COMMON_FIELDS + EXTRA_SAMPLING + tuple(GUIDED) + ("prompt", 
 CHAT_FIELDS = COMMON_FIELDS + EXTRA_SAMPLING + tuple(GUIDED) + (
     "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
     "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "tools")
+MAX_N = 128  # completions per request (OpenAI's limit): n=10**6 was accepted, and the next client timed out at 60 s
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -234,6 +235,8 @@ def sampling_params(body: dict, max_tokens, logprobs: int | None) -> SamplingPar
     for k in ("n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty"):
         if body.get(k) is not None:
             kw[k] = body[k]
+    if isinstance(kw.get("n"), int) and kw["n"] > MAX_N:
+        raise RequestError(f"n={kw['n']}: at most {MAX_N} completions per request", param="n")
     if body.get("logit_bias") is not None:
         bias = body["logit_bias"]
         if not isinstance(bias, dict):

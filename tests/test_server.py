@@ -160,6 +160,7 @@ def test_chat_completion_renders_the_template(served):
     ({"prompt": "x", "stream": "yes"}, 400, "stream='yes' must be true or false"),
     ({"prompt": "x", "stream_options": "usage"}, 400, "stream_options='usage' must be an object"),
     ({"prompt": "x", "ignore_eos": 1}, 400, "ignore_eos=1: must be True or False"),
+    ({"prompt": "x", "n": 10**6}, 400, "n=1000000: at most 128 completions per request"),  # was accepted
     (None, 400, "not JSON"),
 ])
 def test_bad_requests_are_refused_naming_the_value_and_serving_goes_on(served, body, status, match):
