@@ -15,7 +15,9 @@ tokens are recorded (speculative verification: along the drafts), so every decod
 (static loop, engine, fused steps, speculation) follows the same machine.
 
 Tokens whose text is not valid UTF-8 by itself (byte pieces of a multi-byte character) and
-special tokens are never allowed inside a constraint.
+special tokens are never allowed inside a constraint. States whose every way to a match needs
+such a token are dropped from the token table as well, and a constraint that cannot start
+without one is refused when the request is added.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def _char_fsm(regex: str):
     try:
         return interegular.parse_pattern(regex).to_fsm()
     except Exception as e:  # noqa: BLE001 -- interegular raises assorted errors on bad patterns
-        raise ValueError(f"structured output regex {regex!r} cannot be compiled: {e}") from None
+        detail = str(e) or type(e).__name__  # some parse errors carry no message ('(ab')
+        raise ValueError(f"structured output regex {regex!r} cannot be compiled: {detail}") from None
 
 
 RELEASED = -1  # a request's state once a forbidden token was drawn: unconstrained from then on
@@ -217,7 +220,35 @@ def _compile(regex: str, texts: tuple, eos_ids: tuple[int, ...]) -> TokenFSM:
         i += 1
     table = np.stack(rows).astype(np.int32)
     final = np.array([s in fsm.finals for s in order])
+    table, final = _prune_token_dead_ends(table, final, regex)
     for e in eos_ids:
         if 0 <= e < table.shape[1]:
-            table[:, e] = np.where(final, np.arange(len(order)), -1)
+            table[:, e] = np.where(final, np.arange(len(final)), -1)
     return TokenFSM(table=table, final=final)
+
+
+def _prune_token_dead_ends(table: np.ndarray, final: np.ndarray, regex: str) -> tuple[np.ndarray, np.ndarray]:
+    """(table, final) without the states from which no sequence of tokens reaches an accepting
+    state, and without the transitions into them (states renumbered, the start still 0). The character DFA is already pruned, but tokens can still strand a
+    generation: a character that only byte-piece tokens spell (never allowed) has no token. Left
+    in, such a state allowed no token at all, and the sampler's fallback released the constraint
+    (output '\n\ndef _get_data' for regex '\u2603+' on the embedded target). A constraint whose
+    start state is stranded is refused: no output of this tokenizer can match it."""
+    preds: list[set] = [set() for _ in range(len(table))]
+    for s, row in enumerate(table):
+        for n in np.unique(row[row >= 0]).tolist():
+            preds[n].add(s)
+    live = final.copy()
+    todo = np.flatnonzero(final).tolist()
+    while todo:
+        for p in preds[todo.pop()]:
+            if not live[p]:
+                live[p] = True
+                todo.append(p)
+    if not live[0]:
+        raise ValueError(f"structured output regex {regex!r}: no sequence of this tokenizer's tokens matches it "
+                         "(a character it needs is spelled only by byte-piece tokens, which a constraint never allows)")
+    keep = np.flatnonzero(live)  # includes 0
+    new_id = np.full(len(table) + 1, -1, np.int64)  # index -1 (no transition) maps to -1
+    new_id[keep] = np.arange(len(keep))
+    return new_id[table[keep]].astype(np.int32), final[keep]

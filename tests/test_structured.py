@@ -280,7 +280,7 @@ def test_free_form_json_is_any_json_nested_up_to_the_bound(embedded):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({}, "exactly one"), ({"regex": "a", "choice": ["a"]}, "exactly one"), ({"choice": []}, "choice"),
-    ({"choice": ["a", ""]}, "choice"), ({"regex": "(a"}, "cannot be compiled"),
+    ({"choice": ["a", ""]}, "choice"), ({"regex": "(a"}, "cannot be compiled: InvalidSyntax"),
     ({"json": "{not json"}, "not valid JSON"),
     ({"json": {"type": "object", "properties": {"a": {"$ref": "#/x"}}}}, r"\$ref"),
     ({"json_object": True, "regex": "a"}, "exactly one"), ({"json_object": False}, "exactly one"),
@@ -332,3 +332,24 @@ def test_min_tokens_that_a_constraint_cannot_honour_is_refused_and_a_dead_end_re
     out = embedded.generate(PROMPTS[1], stuck)[0].outputs[0]
     assert len(out.token_ids) == 4 and out.token_ids[0] != x[0]
     assert embedded.engine.inputs.token_fsm(stuck).walk(out.token_ids) == -1
+
+
+def test_characters_only_byte_pieces_spell_are_pruned_or_refused(embedded):
+    """The embedded tokenizer spells a snowman only with byte-piece tokens, which a constraint never
+    allows. A branch that needs one is cut at the token level (before, the state after 'a' in
+    'a\u2603|b' allowed no token and the sampler's fallback released the constraint); a constraint
+    that needs one to start is refused at the boundary (before: the output '\\n\\ndef _get_data'
+    for '\u2603+' on the embedded target)."""
+    tok = embedded.get_tokenizer()
+    assert len(tok.encode("\u2603", add_special_tokens=False)) > 1
+    texts = tuple(token_texts(tok, embedded.cfg.vocab_size))
+    fsm = compile_token_fsm(StructuredOutputsParams(regex="a\u2603|b"), texts, tuple(embedded.cfg.eos_token_ids))
+    assert {texts[t] for t in np.flatnonzero(fsm.table[0] >= 0)} == {"b"}
+    for s in range(fsm.num_states):  # every state keeps a way on: a token, or EOS in an accepting state
+        assert (fsm.table[s] >= 0).any()
+    out = embedded.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=4, structured_outputs=StructuredOutputsParams(
+        regex="a\u2603|b")))[0].outputs[0]
+    assert (out.text, out.finish_reason) == ("b", "stop")
+    with pytest.raises(ValueError, match="no sequence of this tokenizer's tokens matches it"):
+        embedded.generate(PROMPTS, SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="\u2603+")))
+    assert not embedded.engine.has_unfinished_requests()
