@@ -271,6 +271,9 @@ def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: Weights, dtype="bf
     compressed-tensors package), vLLM and `load_hf` read; the rest is dense in `dtype`.
     max_shard_bytes: split the weights into shards with an index file, as HF does.
     """
+    # Checkpoint layout first: a float32 LLM on CPU holds a tied head as a `TiedHead` copy, which
+    # is not a head of its own (tie_word_embeddings below reads weights.lm_head).
+    weights = dense_layout(weights)
     try:
         state, schemes = hf_state_dict(cfg, weights, DTYPES[dtype])
     except hf_quant.QuantConfigError as e:

@@ -186,3 +186,19 @@ def test_corrupt_tokenizer_files_name_the_file(tiny_dir, tmp_path, name, match):
     with pytest.raises(ValueError, match=f"{name}: {match}") as e:
         LLM(model=str(d))
     assert "\n" not in str(e.value)
+
+
+def test_a_quantized_model_with_tied_embeddings_exports_to_hf_and_loads_back(tiny_dir, tmp_path):
+    """A float32 LLM on CPU holds its tied head as a TiedHead copy. Exporting an int8 model wrote
+    tie_word_embeddings=false (read from that copy) and no lm_head tensor, so the export did not
+    load ("tensor 'lm_head.weight' is missing")."""
+    from jaxinfer import LLM, SamplingParams
+    from jaxinfer.layers import TiedHead
+    llm = LLM(str(tiny_dir), dtype="float32", quantization="int8", max_model_len=64)
+    assert isinstance(llm.weights.lm_head, TiedHead)
+    llm.save(tmp_path / "h", save_format="hf")
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["tie_word_embeddings"] is True
+    again = LLM(str(tmp_path / "h"), dtype="float32", max_model_len=64)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = {"prompt_token_ids": [3, 17, 42, 9, 77]}
+    assert again.generate(prompt, params)[0].outputs[0].token_ids == llm.generate(prompt, params)[0].outputs[0].token_ids
