@@ -229,11 +229,13 @@ def _compile(regex: str, texts: tuple, eos_ids: tuple[int, ...]) -> TokenFSM:
 
 def _prune_token_dead_ends(table: np.ndarray, final: np.ndarray, regex: str) -> tuple[np.ndarray, np.ndarray]:
     """(table, final) without the states from which no sequence of tokens reaches an accepting
-    state, and without the transitions into them (states renumbered, the start still 0). The character DFA is already pruned, but tokens can still strand a
-    generation: a character that only byte-piece tokens spell (never allowed) has no token. Left
-    in, such a state allowed no token at all, and the sampler's fallback released the constraint
-    (output '\n\ndef _get_data' for regex '\u2603+' on the embedded target). A constraint whose
-    start state is stranded is refused: no output of this tokenizer can match it."""
+    state, and without the transitions into them (states renumbered, the start still 0).
+
+    The character DFA is already pruned, but tokens can still strand a generation: a character
+    that only byte-piece tokens spell (never allowed) has no token. Left in, such a state allowed
+    no token at all, and the sampler's fallback released the constraint (regex '\\u2603+' on the
+    embedded target gave '\\n\\ndef _get_data'). A constraint whose start state is stranded is
+    refused: no output of this tokenizer can match it."""
     preds: list[set] = [set() for _ in range(len(table))]
     for s, row in enumerate(table):
         for n in np.unique(row[row >= 0]).tolist():
