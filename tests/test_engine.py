@@ -358,6 +358,34 @@ def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
     _check_pages_returned(spec)
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_engine_speculative_sampling_is_independent_of_batch_mates_and_preemption(model_dir, draft_dir, method):
+    """A seeded sampled request emits the same tokens alone, beside others and when preempted.
+    Before: a row without an n-gram match rode along in its batch-mates' speculative steps with
+    its last token as drafts, whose accept and residual draws differed from the plain step it
+    ran alone; and a request recomputed after a preemption drew its next token with the plain
+    sampler where the unpreempted run verified drafts."""
+    rng = np.random.default_rng(5)
+    base = rng.integers(3, 300, size=6).tolist()
+    prompts = [{"prompt_token_ids": (base * 4)[:20]}] + _prompts(4, seed=9)  # one repetitive, four not
+    params = [SamplingParams(temperature=0.9, top_p=0.9, max_tokens=24, seed=40 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    conf = {"method": method, "num_speculative_tokens": 3}
+    if method == "draft_model":
+        conf["model"] = draft_dir
+    else:  # single-token matches: some rows have one in a step, others not
+        conf.update(prompt_lookup_max=2, prompt_lookup_min=1)
+    llm = LLM(model_dir, block_size=8, speculative_config=conf)
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    alone = [llm.generate(p, sp)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+    assert together == alone
+    assert llm.get_stats().spec_steps > 0
+    tight = LLM(model_dir, block_size=8, num_kv_pages=12, max_num_batched_tokens=24, speculative_config=conf)
+    assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == together
+    assert tight.get_stats().num_preemptions > 0
+    _check_pages_returned(tight)
+
+
 @pytest.fixture(scope="module")
 def head_dirs(model_dir, tmp_path_factory):
     """Random EAGLE and Medusa heads for the engine's tiny model."""

@@ -180,7 +180,9 @@ def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCa
     if draft is not None and not lookup:
         drafts, draft_logits, kv, dcache = drafting.propose(draft, dparams, weights, cfg, kv, dcache, inp, prev, k,
                                                             pen, statics.backend)
-    tokens = jnp.concatenate([inp.tokens[:, :1], drafts], axis=1)  # [B, k+1]
+    # A row that proposes nothing (-1: prompt lookup without a match) feeds its last token there;
+    # those positions are rejected and rolled back like any.
+    tokens = jnp.concatenate([inp.tokens[:, :1], jnp.where(drafts < 0, inp.tokens[:, :1], drafts)], axis=1)
     meta = inp.meta()
     logits, hidden, kv = forward(weights, cfg, tokens, meta.query_positions(k + 1), kv, meta,
                                  backend=statics.backend)
@@ -251,9 +253,12 @@ class ModelRunner:
         if spec and self.spec.method in ("ngram", "ngram_draft_model"):
             # Prompt lookup on the host. When no row's context holds a match there is nothing
             # worth verifying, and the rows run as plain decodes instead of paying a (k + 1)-token
-            # forward. When some rows match, the others ride along in the same call (their last
-            # token repeated, verified like any draft): a second call would read every weight
-            # again, which costs more than the padding at the batch sizes where speculation pays.
+            # forward. When some rows match, the others ride along in the same call proposing
+            # nothing (-1; `spec_step` feeds their last token at those positions): verification
+            # then draws their token as a plain step would, with the same key, so a seeded row's
+            # output does not depend on whether a batch-mate had a match. A second call would read
+            # every weight again, which costs more than the padding at the batch sizes where
+            # speculation pays.
             found = [ngram_propose(c.request.all_tokens, c.num_draft, self.spec.prompt_lookup_min,
                                    self.spec.prompt_lookup_max) for c in spec]
             if self.spec.method == "ngram_draft_model":  # lookup if every row has a match, else the model
@@ -261,8 +266,7 @@ class ModelRunner:
             else:
                 if all(d is None for d in found):
                     decodes, spec = decodes + spec, []
-                proposals = [np.full(c.num_draft, c.request.output_ids[-1]) if d is None else d
-                             for c, d in zip(spec, found)]
+                proposals = [np.full(c.num_draft, -1) if d is None else d for c, d in zip(spec, found)]
         if spec:
             results.update(self._run_spec(spec, proposals))
         calls = [(decodes, 1)] if decodes else []
@@ -438,7 +442,7 @@ class ModelRunner:
             r, n = c.request, int(n_acc[i])
             toks = [int(x) for x in drafts[i, :n]] + [int(nxt[i])]
             entries = [self._logprob_entry(r, t, lp, i, j) for j, t in enumerate(toks)]
-            results[r] = (toks, entries, k)
+            results[r] = (toks, entries, k if drafts[i, 0] >= 0 else 0)  # drafted tokens, for the stats
         return results
 
     def _record_prompt_logprobs(self, c: ScheduledChunk, plp, i: int):

@@ -171,6 +171,17 @@ class Scheduler:
         req.num_computed = req.num_cached_tokens = len(req.pages) * self.page_size
         return len(keys)
 
+    def _prefill_room(self, req: EngineRequest) -> int:
+        """Tokens of req that may be computed now: all pending ones, except that with speculation a
+        request recomputing its output after a preemption stops one short. Its last output token
+        then stays pending, and the next step verifies drafts after it, as the step that would
+        have followed had it not been preempted did; a recompute that ran to the end would draw
+        the next token with the plain sampler instead, and a seeded sampled output would change
+        with preemption."""
+        if self.lookahead and req.output_ids and req.num_pending > 1:
+            return req.num_pending - 1
+        return req.num_pending
+
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
@@ -184,7 +195,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_pending, budget)
+            n = min(self._prefill_room(req), budget)
             # A decoding request verifies k drafted tokens after its pending one, budget permitting.
             drafts = lookahead if (lookahead and req.num_pending == 1 and req.output_ids
                                    and budget >= 1 + lookahead) else 0
@@ -213,7 +224,7 @@ class Scheduler:
                 i += 1
                 continue
             queried = 0 if req.swapped else self._admit_prefix(req)  # swapped: its K/V comes back
-            n = min(req.num_pending, budget)
+            n = min(self._prefill_room(req), budget)
             need = self._pages_needed(req, n)
             if need > self.allocator.num_free:
                 # Admission by free pages: give the prefix hits back and try again next step.

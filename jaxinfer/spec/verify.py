@@ -28,7 +28,12 @@ their own d_1..d_{i-1}), so q stays close to p.
 
 Randomness: every draw is keyed by (request key, index of the output token it decides,
 stream), so a seeded request is reproducible and independent of its batch-mates. Streams
-keep the accept uniforms, the residual / bonus draws and the drafter's own draws apart.
+keep the accept uniforms and the drafter's own draws apart; the residual / bonus draw uses
+the key plain sampling draws that token with (`sampling.row_keys`), and where it is a draw
+from p itself (no draft there, or the bonus) it draws from the same shaped logits as
+`sampling.sample`. A round in which a row proposes nothing therefore emits the token a plain
+step would: the engine's n-gram steps, which run plainly when no row has a match, then no
+longer change a seeded row's output with its batch-mates.
 """
 
 from __future__ import annotations
@@ -44,10 +49,12 @@ from jaxinfer.sampling import (
     block_stop_tokens,
     filter_logits,
     greedy_argmax,
+    row_keys,
 )
 
-# Stream ids folded into a row's key after the output-token index.
-STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_DRAFT = 1, 2, 3
+# Stream ids folded into a row's key after the output-token index (the residual / bonus draw
+# takes the plain sampler's key, `sampling.row_keys`: no stream folded in).
+STREAM_ACCEPT, STREAM_DRAFT = 1, 3
 
 
 def stream_keys(st: SamplingTensors, counter: jax.Array, stream: int) -> jax.Array:
@@ -129,13 +136,15 @@ def accept_greedy(p_logits: jax.Array, draft: jax.Array) -> tuple[jax.Array, jax
 
 
 def accept_sampled(p: jax.Array, q: jax.Array | None, draft: jax.Array, u: jax.Array,
-                   residual_keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+                   residual_keys: jax.Array, logits: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Speculative sampling on probabilities. Pure: every random number is an argument.
 
     p [B, k+1, V] target probabilities; q [B, k, V] draft probabilities, or None for a
     one-hot q (deterministic drafts); draft [B, k]; u [B, k] uniforms in [0, 1);
     residual_keys [B, k+1, 2]: the key of the residual / bonus draw at each position. A draft
     token -1 means no proposal: it is rejected and the residual there is p itself.
+    logits [B, k+1, V] (optional, p = softmax(logits)): where the residual is p itself, the
+    draw is categorical(logits), the very draw `sampling.sample` makes from them.
     Returns (n_acc [B] accepted drafts, next [B] the token emitted after them).
     """
     b, k = draft.shape
@@ -158,9 +167,12 @@ def accept_sampled(p: jax.Array, q: jax.Array | None, draft: jax.Array, u: jax.A
     residual = jnp.maximum(p_n - q_n, 0.0)
     # p == q exactly leaves nothing; then rejection had probability 0 and p itself is the law.
     residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p_n)
+    log_r = jnp.log(residual)
+    if logits is not None:  # no draft mass here (no proposal, or the bonus): the residual is p
+        logits_n = jnp.take_along_axis(logits, n_acc[:, None, None], axis=1)[:, 0]
+        log_r = jnp.where(jnp.any(q_n > 0, axis=-1, keepdims=True), log_r, logits_n)
     key_n = jnp.take_along_axis(residual_keys, n_acc[:, None, None], axis=1)[:, 0]  # [B, 2]
-    nxt = jax.vmap(lambda kd, r: jax.random.categorical(jax.random.wrap_key_data(kd), jnp.log(r)))(
-        key_n, residual)
+    nxt = jax.vmap(lambda kd, lr: jax.random.categorical(jax.random.wrap_key_data(kd), lr))(key_n, log_r)
     return n_acc.astype(jnp.int32), nxt.astype(jnp.int32)
 
 
@@ -188,7 +200,8 @@ def verify(target_logits: jax.Array, draft: jax.Array, draft_logits: jax.Array |
         q = None if draft_logits is None else jax.nn.softmax(draft_logits, axis=-1)  # [B, k, V]
         u_keys = stream_keys(st, counter[:, :k], STREAM_ACCEPT)  # [B, k, 2]
         u = jax.vmap(jax.vmap(lambda kd: jax.random.uniform(jax.random.wrap_key_data(kd))))(u_keys)
-        n_s, next_s = accept_sampled(p, q, draft, u, stream_keys(st, counter, STREAM_RESIDUAL))
+        plain_keys = jax.vmap(lambda c: row_keys(st, c), in_axes=1, out_axes=1)(counter)  # [B, k+1, 2]
+        n_s, next_s = accept_sampled(p, q, draft, u, plain_keys, shaped)
         is_greedy = st.temperature == 0
         return jnp.where(is_greedy, n_greedy, n_s), jnp.where(is_greedy, next_greedy, next_s)
 
