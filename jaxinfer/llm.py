@@ -20,7 +20,7 @@ from jaxinfer.layers import ATTENTION_BACKENDS
 from jaxinfer.lora import LoRAConfig, LoRARequest
 from jaxinfer.model import WEIGHT_LAYOUTS, runtime_layout
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.sampling import SamplingParams, is_list_like
+from jaxinfer.sampling import SamplingParams, is_int, is_list_like
 from jaxinfer.static_batch import StaticBatchGenerator
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.wquant import WeightQuantConfig, quantize_weights
@@ -266,8 +266,7 @@ class LLM:
     def generate_static(self, prompts, sampling_params=None, batch_size: int | None = None) -> list[RequestOutput]:
         """Static batching baseline: padded batches, one whole on-device generation after another
         (speculative, with any method, when speculative_config is set)."""
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
+        if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer (None: max_num_seqs)")
         groups = self._make_requests(prompts, sampling_params)
         self.static.run([s for seqs in groups for s in seqs], batch_size or self.engine_config.max_num_seqs)

@@ -36,6 +36,7 @@ import numpy as np
 from flax import struct
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.sampling import is_int
 
 # LayerWeights field -> the PEFT module names it fuses, in its column order
 FIELDS = {"wqkv": ("q_proj", "k_proj", "v_proj"), "wo": ("o_proj",), "w_gate_up": ("gate_proj", "up_proj"),
@@ -56,7 +57,7 @@ class LoRARequest:
     def __post_init__(self):
         if not isinstance(self.lora_name, str) or not self.lora_name:
             raise ValueError(f"LoRARequest.lora_name={self.lora_name!r} must be a non-empty string")
-        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
+        if not is_int(self.lora_int_id) or self.lora_int_id < 1:
             raise ValueError(f"LoRARequest.lora_int_id={self.lora_int_id!r} must be an integer >= 1")
         object.__setattr__(self, "lora_path", str(self.lora_path))
 
@@ -73,7 +74,7 @@ class LoRAConfig:
     def __post_init__(self):
         for name in ("max_loras", "max_lora_rank"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
         if self.max_cpu_loras is not None and (not isinstance(self.max_cpu_loras, int)
                                                or self.max_cpu_loras < self.max_loras):

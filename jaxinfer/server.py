@@ -32,7 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import SamplingParams, is_int
 from jaxinfer.structured import StructuredOutputsParams
 
 # Request fields: OpenAI's, then vLLM's extra sampling fields (passed to SamplingParams as they are).
@@ -283,7 +283,7 @@ def _structured(body: dict) -> StructuredOutputsParams | None:
 def completion_prompts(prompt) -> list:
     """OpenAI's prompt forms: a string, a list of strings, a list of token ids, or a list of them."""
     def ids(x):
-        return isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        return isinstance(x, list) and x and all(is_int(t) for t in x)
     if isinstance(prompt, str):
         return [prompt]
     if ids(prompt):
@@ -296,7 +296,7 @@ def completion_prompts(prompt) -> list:
 
 def _int_field(body: dict, name: str, default=None, low: int = 0):
     value = body.get(name, default)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+    if value is not None and (not is_int(value) or value < low):
         raise RequestError(f"{name}={value!r} must be an integer >= {low}", param=name)
     return value
 

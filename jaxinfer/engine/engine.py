@@ -179,7 +179,7 @@ class LLMEngine:
             raise ValueError(f"request_id={request_id!r} must be a string")
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if isinstance(priority, bool) or not isinstance(priority, int):
+        if not is_int(priority):
             raise ValueError(f"priority={priority!r} must be an integer")
         if priority != 0 and self.config.scheduling_policy != "priority":
             raise ValueError(f"priority={priority} needs scheduling_policy='priority' (this engine is "

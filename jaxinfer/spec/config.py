@@ -21,6 +21,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.sampling import is_int
 
 METHODS = ("draft_model", "ngram", "ngram_draft_model", "layer_skip", "eagle", "medusa")
 # Optional keys per method, beside the ones every method takes (disable_by_batch_size: engine).
@@ -66,7 +67,7 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config keys {unknown} are not known for method {method!r}; "
                              f"allowed: {allowed}")
         k = d.get("num_speculative_tokens")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        if not is_int(k) or k < 1:
             raise ValueError(f"speculative_config num_speculative_tokens={k!r} must be an integer >= 1")
         cfg = SpeculativeConfig(method=method, num_speculative_tokens=k,
                                 **{key: d[key] for key in optional if key in d})
@@ -94,7 +95,7 @@ class SpeculativeConfig:
                     + ("" if cfg.model else " (a default head ships only for the embedded target; pass "
                        "'model': a head directory written by experiments/train_spec_heads.py)"))
         cap = cfg.disable_by_batch_size
-        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        if cap is not None and (not is_int(cap) or cap < 1):
             raise ValueError(f"speculative_config disable_by_batch_size={cap!r} must be an integer >= 1")
         if method == "layer_skip":
             n = cfg.num_layers
