@@ -17,6 +17,7 @@ weight matmuls alone (XLA:CPU's dot efficiency at this batch bounds the step fro
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import tempfile
@@ -27,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from report import paired, torch_device
+
+from jaxinfer.layers import ATTENTION_BACKENDS
+from jaxinfer.model import WEIGHT_LAYOUTS
 
 RESULTS = Path(__file__).parent / "results"
 CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
@@ -59,12 +63,13 @@ def write_checkpoint(path: Path):
     return sum(p.numel() for p in model.parameters())
 
 
-def prepare_jaxinfer(path: Path, dtype: str, batch: int, prompts: np.ndarray, layout: str = "auto"):
+def prepare_jaxinfer(path: Path, dtype: str, batch: int, prompts: np.ndarray, layout: str = "auto",
+                     attention: str = "auto"):
     """jaxinfer's jit-compiled generate on these prompts, compiled and warm: (run, stats), where run()
     returns its wall time and stats() the per-step figures (from the best run so far)."""
     from jaxinfer import LLM, SamplingParams
     from jaxinfer.layers import TiedHead
-    llm = LLM(str(path), dtype=dtype, max_num_seqs=batch, weight_layout=layout)
+    llm = LLM(str(path), dtype=dtype, max_num_seqs=batch, weight_layout=layout, attention_backend=attention)
     reqs = [{"prompt_token_ids": p.tolist()} for p in prompts]
     full = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -151,8 +156,10 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=4, help="timed jaxinfer / transformers pairs per row")
-    ap.add_argument("--weight-layouts", nargs="+", default=["auto"], choices=["auto", "in_out", "out_in"],
+    ap.add_argument("--weight-layouts", nargs="+", default=["auto"], choices=list(WEIGHT_LAYOUTS),
                     help="jaxinfer's LLM(weight_layout=...): one row per layout")
+    ap.add_argument("--attention-backends", nargs="+", default=["auto"], choices=list(ATTENTION_BACKENDS),
+                    help="jaxinfer's LLM(attention_backend=...): one row per backend (and layout)")
     ap.add_argument("--out", default=None, help="results path without suffix (default: "
                     "experiments/results/bench_decode, or bench_decode_gpu when jax runs on a GPU)")
     args = ap.parse_args()
@@ -171,21 +178,22 @@ def main():
             for b in args.batches:
                 prompts = rng.integers(3, CONFIG["vocab_size"], size=(b, PROMPT_LEN))
                 t_run, t_stats = prepare_transformers(Path(tmp), dtype, b, prompts)
-                for layout in args.weight_layouts:
-                    j_run, j_stats = prepare_jaxinfer(Path(tmp), dtype, b, prompts, layout)
+                for layout, attention in itertools.product(args.weight_layouts, args.attention_backends):
+                    j_run, j_stats = prepare_jaxinfer(Path(tmp), dtype, b, prompts, layout, attention)
                     ratio = float(np.median(paired(t_run, j_run, args.repeats, warmup=False)[0]))
                     j, t = j_stats(), t_stats()
                     roofline = j["bytes_per_step"] / (j["step_ms"] / 1e3) / (bw * 1e9)
                     # transformers' time per generated position over jaxinfer's matmuls alone: the ratio
                     # jaxinfer would reach if everything but the weight matmuls (and its prefill) were free
                     bound = (b / t["tok_s"] * 1e3) / j["matmul_ms"]
-                    row = dict(dtype=dtype, batch=b, weight_layout=layout, jaxinfer_tok_s=round(j["tok_s"], 1),
+                    row = dict(dtype=dtype, batch=b, weight_layout=layout, attention_backend=attention,
+                               jaxinfer_tok_s=round(j["tok_s"], 1),
                                transformers_tok_s=round(t["tok_s"], 1), ratio=round(ratio, 2),
                                step_ms=round(j["step_ms"], 2), matmul_ms=round(j["matmul_ms"], 2),
                                roofline=round(roofline, 3), matmul_bound=round(bound, 2),
                                same_first_tokens=j["first_tokens"] == t["first_tokens"])
                     rows.append(row)
-                    print(f"{dtype:9s} batch {b:3d} {layout:6s}: jaxinfer {row['jaxinfer_tok_s']:8.1f} tok/s   "
+                    print(f"{dtype:9s} batch {b:3d} {layout:6s} {attention:6s}: jaxinfer {row['jaxinfer_tok_s']:8.1f} tok/s   "
                           f"transformers {row['transformers_tok_s']:7.1f} tok/s   ratio {row['ratio']:5.2f}x   "
                           f"step {row['step_ms']:6.2f} ms (matmuls alone {row['matmul_ms']:6.2f})   "
                           f"roofline {roofline:5.1%}   matmul bound {bound:4.2f}x   "
@@ -195,9 +203,9 @@ def main():
                   backend=backend, device=jax.devices()[0].device_kind, transformers_device=tdev,
                   rows=rows)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [("| dtype | batch | weight layout | jaxinfer tok/s | transformers tok/s | ratio | step ms | "
-              "matmuls alone ms | matmul bound | roofline |"), "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['batch']} | {r['weight_layout']} | {r['jaxinfer_tok_s']} | {r['transformers_tok_s']} | "
+    lines = [("| dtype | batch | weight layout | attention | jaxinfer tok/s | transformers tok/s | ratio | step ms | "
+              "matmuls alone ms | matmul bound | roofline |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['batch']} | {r['weight_layout']} | {r['attention_backend']} | {r['jaxinfer_tok_s']} | {r['transformers_tok_s']} | "
               f"{r['ratio']}x | {r['step_ms']} | {r['matmul_ms']} | {r['matmul_bound']}x | {r['roofline']:.1%} |"
               for r in rows]
     out.with_suffix(".md").write_text(

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = logprob / len ** this")
     g.add_argument("--lora-path", default=None, metavar="DIR", help="a PEFT LoRA adapter directory to generate with")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    g.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"])
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas", "native"])
     g.add_argument("--quantization", default=None, metavar="FORMAT",
                    help="quantize the decoder projections at load time, round to nearest: int8, int4, fp8_e4m3, "
                    "nvfp4, mxfp4, w8a8 (int8 activations too) or w8a8_fp8 (FP8 activations too); LLM checks the value")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: the "
                    "model directory's name)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    s.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"])
+    s.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas", "native"])
     s.add_argument("--quantization", default=None, metavar="FORMAT", help="as for generate")
     s.add_argument("--kv-cache-dtype", default="auto")
     s.add_argument("--max-model-len", type=int, default=None)

@@ -13,13 +13,22 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxinfer import cpu_kernels
 from jaxinfer.kv.cache import AttentionMeta, BitsPages, gather_pages, page_values, slice_slots
 from jaxinfer.kv.kivi import KiviKeys
 from jaxinfer.kv.quant import QuantPages
 from jaxinfer.lora import LoraWeight
 from jaxinfer.wquant import InputObserver, QuantWeight, quantized_matmul
 
-ATTENTION_BACKENDS = ("xla", "pallas")
+ATTENTION_BACKENDS = ("auto", "xla", "pallas", "native")  # "auto": `resolve_backend`
+
+
+def resolve_backend(backend: str) -> str:
+    """"auto" as `LLM` resolves it: "native" on CPU where jaxinfer's CPU kernels are available
+    (`cpu_kernels`; calls they do not take run the "xla" path), "xla" otherwise."""
+    if backend != "auto":
+        return backend
+    return "native" if jax.default_backend() == "cpu" and cpu_kernels.available() else "xla"
 
 
 @struct.dataclass
@@ -39,9 +48,17 @@ class TransposedWeight:
     (loop-invariant, so hoisted): the whole model's bytes per call, 0.87 ms a step of the
     bench_decode model's bf16 128-token generation at batch 8. As the left operand it is read in
     place. Outside loops (an engine step) there is no copy and the usual form measured faster,
-    so `model.loop_layout` sets lhs for the static and beam decode loops only."""
+    so `model.loop_layout` sets lhs for the static and beam decode loops only.
+
+    native: bf16 products of up to `cpu_kernels.MAX_ROWS` rows go to jaxinfer's own AVX512-BF16
+    kernel (`cpu_kernels.bf16_matmul`; ~2.8x XLA's dot at one row, ~2x at eight), which reads wt
+    as it is; lhs then matters only for the larger products left to XLA. tied: wt is the
+    embedding itself, serving as the LM head (`model.runtime_layout` "native"); `model.dense_layout`
+    drops it, as it drops a `TiedHead`."""
     wt: jax.Array  # [Dout, Din]
     lhs: bool = struct.field(pytree_node=False, default=False)
+    native: bool = struct.field(pytree_node=False, default=False)
+    tied: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -104,6 +121,8 @@ def dense_dot(x: jax.Array, w) -> jax.Array:
     float32 result."""
     w_axis = 0
     if isinstance(w, TransposedWeight):
+        if w.native and cpu_kernels.applies(x, w.wt):
+            return cpu_kernels.bf16_matmul(x, w.wt)
         if w.lhs and x.size > 2 * x.shape[-1]:  # three or more rows: wt @ x^T (see TransposedWeight)
             out = jax.lax.dot_general(w.wt, x.reshape(-1, x.shape[-1]), (((1,), (1,)), ((), ())),
                                       preferred_element_type=jnp.float32)  # [Dout, rows]
@@ -440,7 +459,7 @@ def paged_loop_applies(backend: str, k_pages) -> bool:
     passes full-width tables). The Pallas kernel and KIVI keys read every slot of the table, and
     so does `attention_reference`, which the XLA path takes where the loops do not pay
     (`attention_loops_pay`: off CPU)."""
-    return backend == "xla" and not isinstance(k_pages, KiviKeys) and attention_loops_pay()
+    return backend in ("xla", "native") and not isinstance(k_pages, KiviKeys) and attention_loops_pay()
 
 
 def contiguous_bits_loop(q: jax.Array, k_pages, meta: AttentionMeta) -> bool:
@@ -468,7 +487,13 @@ def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend
 
     "xla" runs `attention_paged_ragged` over paged caches (except KIVI keys) for calls of up to
     `RAGGED_MAX_TOKENS` tokens per row, `attention_paged_loop` for wider paged calls and for bf16
-    bits contiguous caches in short steps (`contiguous_bits_loop`), `attention_reference` otherwise."""
+    bits contiguous caches in short steps (`contiguous_bits_loop`), `attention_reference` otherwise.
+    "native" runs `cpu_kernels.bf16_attention` where it applies (bf16 queries of up to 16 tokens per
+    row against a bf16 cache, paged or contiguous), the "xla" path otherwise."""
+    if backend == "native":
+        if cpu_kernels.attention_applies(q, k_pages, v_pages):
+            return cpu_kernels.bf16_attention(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window)
+        backend = "xla"
     if backend == "xla":
         paged = not meta.contiguous and paged_loop_applies(backend, k_pages)
         if paged and q.shape[1] <= RAGGED_MAX_TOKENS:

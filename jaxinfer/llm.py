@@ -16,7 +16,7 @@ from jaxinfer.checkpoint import (CheckpointError, export_hf, hf_quantization, is
 from jaxinfer.engine.engine import EngineConfig, LLMEngine
 from jaxinfer.engine.request import EngineRequest, Status
 from jaxinfer.jit_cache import enable_compilation_cache, warn_if_near_mapping_limit
-from jaxinfer.layers import ATTENTION_BACKENDS
+from jaxinfer.layers import ATTENTION_BACKENDS, resolve_backend
 from jaxinfer.lora import LoRAConfig, LoRARequest
 from jaxinfer.model import WEIGHT_LAYOUTS, runtime_layout
 from jaxinfer.outputs import RequestOutput
@@ -71,6 +71,10 @@ class LLM:
     admitted and served first and preempted last),
     preemption_mode ("recompute", or "swap": a preempted request's K/V waits on the host, at
     most swap_space GiB of it; victims beyond that are recomputed).
+    attention_backend: "xla" (plain XLA: `layers.attention`), "pallas" (the Pallas kernels; interpret
+    mode on CPU, for correctness), "native" (jaxinfer's AVX512-BF16 CPU kernel for bf16 decode and
+    verification, `cpu_kernels.bf16_attention`; everything else on the "xla" path), or "auto":
+    "native" on CPU where that kernel builds, else "xla".
     compilation_cache_dir: keep compiled programs on disk for the next process
     (`jit_cache.enable_compilation_cache`).
     quantization: quantization of the decoder projections at load time: weight-only "int8",
@@ -81,14 +85,17 @@ class LLM:
     quantization_config["calibration"] (token windows [S, T]) or, by default, on windows of the
     standard library's training split encoded by the model's tokenizer.
     weight_layout: how the dense projections are held for compute (`model.runtime_layout`):
-    "in_out" ([Din, Dout], the checkpoint layout), "out_in" ([Dout, Din]), or "auto": "out_in" for
-    bfloat16 on CPU, where it makes batch-1 decode ~1.2x faster and 8-16-row steps ~5% slower.
+    "in_out" ([Din, Dout], the checkpoint layout), "out_in" ([Dout, Din]), "native" ([Dout, Din],
+    bf16 products of up to 64 rows by jaxinfer's AVX512-BF16 CPU kernel, `cpu_kernels`), or
+    "auto": for bfloat16 on CPU "native" where that kernel is available (it is built with the
+    system's C++ compiler on first use), else "out_in" (batch-1 decode ~1.2x faster than
+    "in_out", 8-16-row steps ~5% slower); "in_out" otherwise.
     "in_out" on CPU also gives float32 tied embeddings a [D, V] copy as the LM head (`layers.TiedHead`,
     the embedding's bytes once more; greedy decode ~3% faster at 8 rows).
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
-                 seed: int = 0, attention_backend: str = "xla", max_model_len: int | None = None,
+                 seed: int = 0, attention_backend: str = "auto", max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, block_size: int = 16,
                  num_kv_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
@@ -103,6 +110,7 @@ class LLM:
         warn_if_near_mapping_limit()  # a sweep of LLMs in one process, before it crashes the compiler
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+        attention_backend = resolve_backend(attention_backend)
         qconfig = dict(quantization_config or {})
         calibration = qconfig.pop("calibration", None)
         quant = WeightQuantConfig.from_args(quantization, qconfig)  # checked before the weights are read

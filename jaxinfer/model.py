@@ -16,10 +16,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxinfer import cpu_kernels
 from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta, KVCache, write_pages, write_slots
-from jaxinfer.layers import (TiedHead, TransposedWeight, apply_rope, attention, dense_dot, matmul, rms_norm,
-                             rope_cos_sin, swiglu)
+from jaxinfer.layers import (
+    TiedHead,
+    TransposedWeight,
+    apply_rope,
+    attention,
+    dense_dot,
+    matmul,
+    rms_norm,
+    rope_cos_sin,
+    swiglu,
+)
 from jaxinfer.wquant import MODULES, QuantWeight
 
 
@@ -95,34 +105,50 @@ def cast_weights(weights: Weights, dtype) -> Weights:
     return jax.tree_util.tree_map(lambda x: x.astype(dtype), weights)
 
 
-WEIGHT_LAYOUTS = ("auto", "in_out", "out_in")
+WEIGHT_LAYOUTS = ("auto", "in_out", "out_in", "native")
 
 
 def runtime_layout(weights: Weights, layout: str = "auto") -> Weights:
-    """The dense projections (and an untied LM head) held as `layout` says: "in_out" leaves the
-    [Din, Dout] arrays; "out_in" makes them `TransposedWeight`s ([Dout, Din]); "auto" is "out_in"
-    for bfloat16 on CPU and "in_out" otherwise (measurements at `TransposedWeight`). Quantized
-    projections are unchanged. For float32 on CPU, "in_out" also gives tied embeddings a [D, V]
-    copy as the LM head (`TiedHead`: multi-row steps contract it ~1.6x faster than the [V, D]
-    embedding; bfloat16 gains nothing from it). `LLM` applies it after loading (and quantizing);
-    `dense_layout` undoes it."""
+    """The dense projections (and the LM head) held as `layout` says: "in_out" leaves the
+    [Din, Dout] arrays; "out_in" makes them `TransposedWeight`s ([Dout, Din]); "native" does too,
+    and sends their bf16 products of a few rows to jaxinfer's AVX512-BF16 kernel
+    (`cpu_kernels`), a tied embedding included, read in place as the LM head (bfloat16 weights
+    on an x86-64 CPU with AVX512-BF16 and a C++ compiler only; ValueError otherwise).
+    "auto" is "native" for bfloat16 on CPU where that kernel is available, else "out_in" for
+    bfloat16 on CPU, and "in_out" otherwise (measurements at `TransposedWeight` and in
+    `cpu_kernels`). Quantized projections are unchanged. For float32 on CPU, "in_out" also gives
+    tied embeddings a [D, V] copy as the LM head (`TiedHead`: multi-row steps contract it ~1.6x
+    faster than the [V, D] embedding; bfloat16 gains nothing from it). `LLM` applies it after
+    loading (and quantizing); `dense_layout` undoes it."""
     on_cpu = jax.default_backend() == "cpu"
+    bf16 = weights.dtype == jnp.bfloat16
     if layout == "auto":
-        layout = "out_in" if on_cpu and weights.dtype == jnp.bfloat16 else "in_out"
+        layout = "in_out" if not (on_cpu and bf16) else "native" if cpu_kernels.available() else "out_in"
     if layout == "in_out":
         if on_cpu and weights.lm_head is None and weights.dtype == jnp.float32:
             return weights.replace(lm_head=TiedHead(jnp.array(weights.embed.T)))  # a [D, V] copy
         return weights
+    native = layout == "native"
+    if native:
+        if not (on_cpu and bf16):
+            raise ValueError(f"weight_layout='native' runs bfloat16 weights on CPU; these are {weights.dtype} "
+                             f"on {jax.default_backend()}")
+        if not cpu_kernels.available():
+            raise ValueError(f"weight_layout='native': {cpu_kernels.unavailable_reason()}")
 
     def transpose(w):
-        return TransposedWeight(w.T) if isinstance(w, jax.Array) else w
-    return _map_projections(weights, transpose)
+        return TransposedWeight(w.T, native=native) if isinstance(w, jax.Array) else w
+    weights = _map_projections(weights, transpose)
+    if native and weights.lm_head is None:
+        weights = weights.replace(lm_head=TransposedWeight(weights.embed, native=True, tied=True))
+    return weights
 
 
 def dense_layout(weights: Weights) -> Weights:
-    """Every `TransposedWeight` back to its [Din, Dout] array and a `TiedHead` copy dropped (saving,
-    exporting, quantizing)."""
-    if isinstance(weights.lm_head, TiedHead):
+    """Every `TransposedWeight` back to its [Din, Dout] array, and a tied LM head's `TiedHead` copy
+    or in-place `TransposedWeight` dropped (saving, exporting, quantizing)."""
+    head = weights.lm_head
+    if isinstance(head, TiedHead) or (isinstance(head, TransposedWeight) and head.tied):
         weights = weights.replace(lm_head=None)
     return _map_projections(weights, lambda w: w.dense() if isinstance(w, TransposedWeight) else w)
 

@@ -1,0 +1,145 @@
+"""jaxinfer's native CPU kernels (`jaxinfer.cpu_kernels`) against XLA, side by side in one run.
+
+1. Projections: the 25 weight matmuls of one decode step of bench_decode's model (6 layers,
+   hidden 512, ffn 1536, vocab 8192; bf16 weights held [Dout, Din]) in one jitted call, for
+   1..128 activation rows: XLA's dot (one row padded to two, as `layers.one_row_padded` does)
+   vs `cpu_kernels.bf16_matmul`. Reported: ms per call and the weight bytes streamed per second.
+2. Attention: one decode step's attention for 6 layers (8 heads of 64, MHA) over a contiguous bf16
+   cache of S slots, all of them valid, for batch B: the "xla" backend (what `generate_static`
+   runs) vs "native" (`cpu_kernels.bf16_attention`). Reported: ms and the K/V bytes read per second.
+
+Every variant is timed in alternation (the median of --repeats rounds of 20 calls each), so
+drift on the shared machine hits both sides. Writes experiments/results/cpu_kernels_speed.{json,md}.
+
+    python experiments/cpu_kernels_speed.py [--rows 1 2 4 8 16 32 64 128] [--attention 8x144 32x144]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import cpu_kernels
+from jaxinfer.kv.cache import AttentionMeta, BitsPages
+from jaxinfer.layers import attention, one_row_padded
+
+RESULTS = Path(__file__).parent / "results"
+D, F, V, LAYERS, HEADS, HEAD_DIM = 512, 1536, 8192, 6, 8, 64
+
+
+def timed_alternating(fns: dict, repeats: int, calls: int = 20) -> dict:
+    """Median ms per call of each zero-argument function, rounds interleaved."""
+    for f in fns.values():
+        f().block_until_ready()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                out = f()
+            out.block_until_ready()
+            times[name].append((time.perf_counter() - t) / calls * 1e3)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def projections(rng):
+    shapes = []
+    for _ in range(LAYERS):
+        shapes += [(3 * D, D), (D, D), (2 * F, D), (D, F)]  # qkv, o, gate/up, down as [Dout, Din]
+    shapes.append((V, D))  # the tied LM head
+    return [jnp.asarray(rng.standard_normal(s) * 0.02, jnp.bfloat16) for s in shapes]
+
+
+def matmul_step(native: bool):
+    def step(x, weights):
+        acc = jnp.zeros((), jnp.float32)
+        for wt in weights:
+            xi = x[:, :wt.shape[1]]
+            if native:
+                y = cpu_kernels.bf16_matmul(xi, wt)
+            else:
+                y = one_row_padded(lambda x, wt=wt: jax.lax.dot_general(
+                    x, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32), xi)
+            acc = acc + y[:, 0].sum()
+        return acc
+    return jax.jit(step)
+
+
+def attention_step(backend: str, caches, meta):
+    def step(q):
+        for k, v in caches:
+            q = q + (1e-3 * attention(q, k, v, meta, scale=HEAD_DIM ** -0.5, backend=backend)).astype(q.dtype)
+        return q
+    return jax.jit(step)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+    ap.add_argument("--attention", nargs="+", default=["1x144", "8x144", "32x144", "32x512"],
+                    help="BATCHxSLOTS cases")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default=str(RESULTS / "cpu_kernels_speed"))
+    args = ap.parse_args()
+    if not cpu_kernels.available():
+        raise SystemExit(f"the native kernels are unavailable here: {cpu_kernels.unavailable_reason()}")
+    rng = np.random.default_rng(0)
+    weights = projections(rng)
+    weight_bytes = sum(w.size * 2 for w in weights)
+    xla_mm, native_mm = matmul_step(False), matmul_step(True)
+    rows_out = []
+    for m in args.rows:
+        x = jnp.asarray(rng.standard_normal((m, F)), jnp.bfloat16)
+        t = timed_alternating({"xla": lambda x=x: xla_mm(x, weights), "native": lambda x=x: native_mm(x, weights)},
+                              args.repeats)
+        row = {"rows": m, "xla_ms": round(t["xla"], 3), "native_ms": round(t["native"], 3),
+               "speedup": round(t["xla"] / t["native"], 2),
+               "native_gb_s": round(weight_bytes / t["native"] / 1e6, 1), "xla_gb_s": round(weight_bytes / t["xla"] / 1e6, 1)}
+        rows_out.append(row)
+        print(f"matmuls, {m:3d} rows: xla {row['xla_ms']:.3f} ms ({row['xla_gb_s']} GB/s)   native "
+              f"{row['native_ms']:.3f} ms ({row['native_gb_s']} GB/s)   {row['speedup']}x", flush=True)
+    attn_out = []
+    for case in args.attention:
+        b, s = map(int, case.split("x"))
+
+        def bits(shape):
+            return BitsPages(jax.lax.bitcast_convert_type(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16),
+                                                          jnp.uint16), jnp.dtype(jnp.bfloat16))
+        caches = [(bits((b, HEADS, s, HEAD_DIM)), bits((b, HEADS, s, HEAD_DIM))) for _ in range(LAYERS)]
+        meta = AttentionMeta(page_table=jnp.zeros((b, 1), jnp.int32), kv_lens=jnp.full((b,), s, jnp.int32),
+                             q_lens=jnp.ones((b,), jnp.int32), contiguous=True, bits_loop=False)
+        q = jnp.asarray(rng.standard_normal((b, 1, HEADS, HEAD_DIM)), jnp.bfloat16)
+        fns = {name: attention_step(name, caches, meta) for name in ("xla", "native")}
+        t = timed_alternating({name: lambda f=f, q=q: f(q) for name, f in fns.items()}, args.repeats)
+        kv_bytes = 2 * LAYERS * b * HEADS * s * HEAD_DIM * 2
+        row = {"batch": b, "slots": s, "xla_ms": round(t["xla"], 3), "native_ms": round(t["native"], 3),
+               "speedup": round(t["xla"] / t["native"], 2), "native_gb_s": round(kv_bytes / t["native"] / 1e6, 1)}
+        attn_out.append(row)
+        print(f"attention, batch {b:3d} x {s} slots: xla {row['xla_ms']:.3f} ms   native {row['native_ms']:.3f} ms "
+              f"({row['native_gb_s']} GB/s of K/V)   {row['speedup']}x", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"weight_bytes": weight_bytes, "matmul": rows_out,
+                                                    "attention": attn_out}, indent=2) + "\n")
+    lines = ["| rows | XLA ms | native ms | speedup | native GB/s | XLA GB/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['rows']} | {r['xla_ms']} | {r['native_ms']} | {r['speedup']}x | {r['native_gb_s']} | {r['xla_gb_s']} |"
+              for r in rows_out]
+    lines += ["", "| batch x slots | XLA ms | native ms | speedup | native K/V GB/s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} x {r['slots']} | {r['xla_ms']} | {r['native_ms']} | {r['speedup']}x | {r['native_gb_s']} |"
+              for r in attn_out]
+    out.with_suffix(".md").write_text(
+        f"cpu ({jax.devices()[0].device_kind}), jax {jax.__version__}. Projections: one decode step's 25 bf16 "
+        f"matmuls of bench_decode's model ({weight_bytes / 1e6:.1f} MB of weights) in one call. Attention: 6 layers, "
+        f"{HEADS} heads of {HEAD_DIM}, contiguous bf16 cache, every slot valid. Medians of {args.repeats} "
+        "alternating rounds of 20 calls.\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

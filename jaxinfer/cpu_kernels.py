@@ -1,0 +1,193 @@
+"""jaxinfer's native CPU kernels for bfloat16 decode, compiled on first use and called through XLA's FFI.
+
+Two kernels in `csrc/cpu_kernels.cc`, both using AVX512-BF16 dot products (vdpbf16ps: 32 bf16
+products summed into 16 float32 lanes per instruction) on XLA's intra-op threads:
+
+- `bf16_matmul`: x [M, K] @ wt[N, K]^T, float32 out, for the few rows of a decode or verification
+  step. XLA:CPU multiplies such rows by bf16 weights at about half the rate it streams float32
+  weights (~24 vs ~58 GB/s), and takes a one-row bf16 dot down a matrix-vector path ~10x slower
+  still (`layers.one_row_padded`), so bf16 decode on CPU was held to ~1.7x transformers' (whose
+  bf16 matmuls are oneDNN's). The kernel reads each weight row once per call, four rows at a time
+  against every block of four x rows, with a software prefetch of the next rows. Products of more
+  than `MAX_ROWS` rows (prefill) stay on XLA's dot, which is as fast there.
+- `bf16_attention`: `layers.attention_reference`'s contract for bf16 queries of up to
+  `ATTENTION_MAX_TOKENS` tokens per row against a paged or contiguous bf16 cache: one work item per
+  (row, kv head), 16 slots per block read straight from their pages (no gather), an online
+  softmax, float32 accumulation, and work that stops at each row's length.
+
+`experiments/cpu_kernels_speed.py` times both against XLA side by side;
+`experiments/bench_decode.py --weight-layouts out_in native --attention-backends xla native`
+measures what they buy end to end. `LLM(weight_layout="native")` (projections as
+`layers.TransposedWeight(native=True)`) and `LLM(attention_backend="native")` select them; both
+are what "auto" picks for bf16 on a CPU where the kernels build.
+
+The library is built with the system's C++ compiler (`$CXX`, else `c++`), `-march=native`,
+against the FFI headers jaxlib ships, into `$JAXINFER_CACHE_DIR` (default `~/.cache/jaxinfer`)
+under a name keyed by the source, jaxlib's version, the CPU's flags and the compiler. Where any
+of that is missing (no compiler, not x86-64, no AVX512-BF16), `available()` is False,
+`unavailable_reason()` says why, and everything runs on XLA's paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cc"
+MATMUL = "jaxinfer_bf16_matmul"
+ATTENTION = "jaxinfer_bf16_attention"
+MAX_ROWS = 64  # products of more rows stay on XLA's dot (as fast from 128 rows on)
+BUILD_TIMEOUT_S = 300
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXINFER_CACHE_DIR") or Path.home() / ".cache" / "jaxinfer") / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or "c++"
+
+
+def _library_path() -> Path:
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), importlib.metadata.version("jaxlib").encode(), _cpu_flags().encode(),
+                 _compiler().encode()):
+        key.update(part)
+    return cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+
+
+def _build(out: Path) -> None:
+    """Compile SOURCE into out (atomically: concurrent builders each write a temporary file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [_compiler(), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+           f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:2])} ... failed: {done.stderr.strip()[-400:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build (once per cache key), load and register the kernel; None, or why it is unavailable."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"needs an x86-64 CPU with AVX512-BF16 (this is {platform.machine()})"
+    if "avx512_bf16" not in _cpu_flags() and Path("/proc/cpuinfo").exists():
+        return "this CPU has no AVX512-BF16 (avx512_bf16 is not among /proc/cpuinfo's flags)"
+    path = _library_path()
+    try:
+        if not path.exists():
+            _build(path)
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(MATMUL, jax.ffi.pycapsule(lib.JaxinferBf16Matmul), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.JaxinferBf16Attention), platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return f"building or loading {path.name} failed: {e}"
+    return None
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered in this process (building it if needed)."""
+    return _load() is None
+
+
+def unavailable_reason() -> str | None:
+    return _load()
+
+
+def applies(x: jax.Array, wt: jax.Array) -> bool:
+    """Whether `bf16_matmul` takes x [..., K] times wt [N, K]: both bfloat16, at most MAX_ROWS rows
+    of x, and the kernel available."""
+    rows = x.size // max(x.shape[-1], 1)
+    return x.dtype == wt.dtype == jnp.bfloat16 and rows <= MAX_ROWS and available()
+
+
+def bf16_matmul(x: jax.Array, wt: jax.Array) -> jax.Array:
+    """x [..., K] bf16 times wt [N, K] bf16, contracting K: float32 [..., N]. The native kernel on
+    CPU; XLA's dot when lowered for another platform."""
+    if x.dtype != jnp.bfloat16 or wt.dtype != jnp.bfloat16 or wt.ndim != 2 or x.shape[-1] != wt.shape[1]:
+        raise ValueError(f"bf16_matmul: x [..., K] and wt [N, K] in bfloat16 expected, got "
+                         f"{x.dtype}{list(x.shape)} and {wt.dtype}{list(wt.shape)}")
+    if not available():
+        raise RuntimeError(f"the native bf16 kernel is unavailable: {unavailable_reason()}")
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (wt.shape[0],), jnp.float32)
+
+    def native(x):
+        return jax.ffi.ffi_call(MATMUL, out, vmap_method="sequential")(x, wt)
+
+    def xla(x):
+        return jax.lax.dot_general(x, wt, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.platform_dependent(x, cpu=native, default=xla)
+
+
+ATTENTION_MAX_TOKENS = 16  # query tokens per row the attention kernel takes (decode, verification)
+
+
+def _bits(pages) -> jax.Array | None:
+    """A bf16 page array (or `BitsPages` of bf16) as its uint16 bits; None for any other kind."""
+    from jaxinfer.kv.cache import BitsPages
+    if isinstance(pages, BitsPages):
+        return pages.bits if jnp.dtype(pages.dtype) == jnp.bfloat16 else None
+    if isinstance(pages, jax.Array) and pages.dtype == jnp.bfloat16:
+        return jax.lax.bitcast_convert_type(pages, jnp.uint16)
+    return None
+
+
+def attention_applies(q: jax.Array, k_pages, v_pages) -> bool:
+    """Whether `bf16_attention` takes this call: bf16 queries of up to ATTENTION_MAX_TOKENS tokens
+    per row, a bf16 cache (plain or `BitsPages`; not quantized), head dim a multiple of 32 up to
+    256, and the kernel available."""
+    h = q.shape[-1]
+    return (q.dtype == jnp.bfloat16 and q.shape[1] <= ATTENTION_MAX_TOKENS and h % 32 == 0 and h <= 256
+            and _bits(k_pages) is not None and _bits(v_pages) is not None and available())
+
+
+def bf16_attention(q: jax.Array, k_pages, v_pages, meta, *, scale: float,
+                   sliding_window: int | None = None) -> jax.Array:
+    """`layers.attention_reference`'s arguments and result (q [B, T, N, H] bf16 against a paged
+    [P, K, ps, H] or contiguous [B, K, S, H] bf16 cache), computed by the native kernel: one work
+    item per (row, kv head), its queries' scores 16 slots at a time (AVX512-BF16 dot products),
+    an online softmax, values accumulated in float32. The work stops at each row's length and
+    starts at its sliding window, whatever the page table's width. Padding queries give zeros."""
+    b, t, n, h = q.shape
+    k, v = _bits(k_pages), _bits(v_pages)
+    table = jnp.arange(b, dtype=jnp.int32)[:, None] if meta.contiguous else meta.page_table.astype(jnp.int32)
+    out = jax.ShapeDtypeStruct((b, t, n, h), jnp.float32)
+    window = np.int64(sliding_window or 0)
+
+    def native(q):
+        return jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")(
+            q, k, v, table, meta.kv_lens.astype(jnp.int32), meta.q_lens.astype(jnp.int32),
+            scale=np.float32(scale), window=window).astype(q.dtype)
+
+    def xla(q):
+        from jaxinfer.layers import attention_reference
+        return attention_reference(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window)
+    return jax.lax.platform_dependent(q, cpu=native, default=xla)

@@ -1,0 +1,241 @@
+"""jaxinfer's native CPU kernels (`cpu_kernels`): the bf16 matmul and the bf16 paged attention agree
+with plain XLA, never read past a row's length, and plug into the model, the layouts and the
+engine. Skipped where the kernels cannot be built (no AVX512-BF16 or no C++ compiler), except the
+checks of that fallback."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer import cpu_kernels
+from jaxinfer.config import ModelConfig
+from jaxinfer.kv.cache import AttentionMeta, BitsPages
+from jaxinfer.layers import TransposedWeight, attention, attention_reference, resolve_backend
+from jaxinfer.model import dense_layout, forward, init_weights, runtime_layout
+from jaxinfer.wquant import weight_bytes
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=str(cpu_kernels.unavailable_reason()))
+
+
+def _bf16(rng, shape, scale=1.0):
+    return jnp.asarray(rng.standard_normal(shape) * scale, jnp.bfloat16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,k,n", [(1, 512, 1536), (2, 64, 4), (3, 100, 7), (4, 32, 17), (5, 48, 513),
+                                      (9, 33, 1), (17, 96, 130), (64, 256, 64), (0, 64, 8)])
+def test_bf16_matmul_matches_a_float32_product(rows, k, n):
+    """Every tile shape (4x4 tiles, 2- and 1-row remainders, 1-output remainders) and K tails that
+    are not a multiple of 32: the products are exact in float32, only the summation order differs."""
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    x, wt = _bf16(rng, (rows, k)), _bf16(rng, (n, k))
+    got = np.asarray(jax.jit(cpu_kernels.bf16_matmul)(x, wt))
+    want = np.asarray(x, np.float64) @ np.asarray(wt, np.float64).T
+    assert got.shape == (rows, n) and got.dtype == np.float32
+    bound = 1e-6 * (np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(wt, np.float64)).T) + 1e-30
+    assert np.all(np.abs(got - want) <= bound * 8)
+
+
+@needs_kernels
+def test_bf16_matmul_rows_are_independent_and_batching_dims_work():
+    """A row's result does not depend on its batch-mates (the same tile sums it in the same order
+    whatever M is), leading dims are flattened, and vmap runs it row by row."""
+    rng = np.random.default_rng(0)
+    x, wt = _bf16(rng, (2, 3, 96)), _bf16(rng, (40, 96))
+    whole = jax.jit(cpu_kernels.bf16_matmul)(x, wt)
+    assert whole.shape == (2, 3, 40)
+    one = jax.jit(cpu_kernels.bf16_matmul)(x[1, 2][None], wt)
+    np.testing.assert_array_equal(np.asarray(whole[1, 2]), np.asarray(one[0]))
+    mapped = jax.jit(jax.vmap(cpu_kernels.bf16_matmul, in_axes=(0, None)))(x, wt)
+    np.testing.assert_array_equal(np.asarray(mapped), np.asarray(whole))
+    with pytest.raises(ValueError, match="bfloat16 expected"):
+        cpu_kernels.bf16_matmul(x.astype(jnp.float32), wt)
+
+
+def _paged_case(rng, b, t, n, kh, h, ps, pp, num_pages, q_lens, kv_lens):
+    """Queries and a paged bf16 cache whose slots past each row's length hold NaN: a kernel that
+    read them (or weighted them by zero) would return NaN."""
+    q = _bf16(rng, (b, t, n, h))
+    k = np.asarray(_bf16(rng, (num_pages, kh, ps, h)), np.float32)
+    v = np.asarray(_bf16(rng, (num_pages, kh, ps, h)), np.float32)
+    table = rng.permutation(num_pages)[:b * pp].reshape(b, pp).astype(np.int32)
+    for row in range(b):
+        for slot in range(kv_lens[row], pp * ps):
+            page, off = table[row, slot // ps], slot % ps
+            k[page, :, off], v[page, :, off] = np.nan, np.nan
+    meta = AttentionMeta(page_table=jnp.asarray(table), kv_lens=jnp.asarray(kv_lens, jnp.int32),
+                         q_lens=jnp.asarray(q_lens, jnp.int32))
+    return q, jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), meta
+
+
+def _reference(q, k, v, meta, **kw):
+    """attention_reference in float32 over the same values, NaN slots zeroed (it masks them, but
+    a masked NaN still poisons its products)."""
+    k32, v32 = (jnp.nan_to_num(x.astype(jnp.float32)) for x in (k, v))
+    return np.asarray(attention_reference(q.astype(jnp.float32), k32, v32, meta, **kw))
+
+
+def _assert_close_on_valid_queries(got, want, q_lens):
+    got = np.asarray(got, np.float32)
+    assert np.all(np.isfinite(got))
+    for row, q_len in enumerate(q_lens):
+        np.testing.assert_allclose(got[row, :q_len], want[row, :q_len], atol=2e-2, rtol=1e-2)  # bf16 output
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,t,n,kh,h,ps,pp,window", [
+    (4, 1, 8, 8, 64, 16, 6, None),  # MHA decode
+    (3, 5, 8, 2, 64, 16, 4, None),  # GQA, verification-sized steps with padding queries
+    (3, 16, 4, 1, 128, 8, 7, None),  # MQA, head dim 128, pages smaller than a 16-slot block
+    (3, 3, 6, 3, 32, 16, 5, 20),  # sliding window
+])
+def test_bf16_attention_matches_the_reference_and_stops_at_each_rows_length(b, t, n, kh, h, ps, pp, window):
+    rng = np.random.default_rng(b * 100 + t)
+    kv_lens = rng.integers(t, ps * pp + 1, b)
+    q_lens = np.minimum(rng.integers(0, t + 1, b), kv_lens)
+    q_lens[0] = t
+    q, k, v, meta = _paged_case(rng, b, t, n, kh, h, ps, pp, b * pp + 3, q_lens, kv_lens)
+    kw = {"scale": h ** -0.5, "sliding_window": window}
+    want = _reference(q, k, v, meta, **kw)
+    got = jax.jit(lambda q, k, v, m: cpu_kernels.bf16_attention(q, k, v, m, **kw))(q, k, v, meta)
+    _assert_close_on_valid_queries(got, want, q_lens)
+    bits = [BitsPages(jax.lax.bitcast_convert_type(x, jnp.uint16), jnp.dtype(jnp.bfloat16)) for x in (k, v)]
+    via_dispatch = jax.jit(lambda q, k, v, m: attention(q, k, v, m, backend="native", **kw))(q, *bits, meta)
+    np.testing.assert_array_equal(np.asarray(via_dispatch, np.float32), np.asarray(got, np.float32))
+
+
+@needs_kernels
+def test_bf16_attention_reads_a_contiguous_cache_like_its_pages():
+    """A contiguous [B, K, S, H] cache is one page of S slots per row: the same result as the same
+    slots laid out in pages (bit for bit: the same blocks of 16 slots in the same order)."""
+    rng = np.random.default_rng(3)
+    b, kh, s, h = 3, 2, 48, 64
+    q = _bf16(rng, (b, 1, 4, h))
+    k, v = _bf16(rng, (b, kh, s, h)), _bf16(rng, (b, kh, s, h))
+    lens = jnp.asarray([48, 17, 1], jnp.int32)
+    ones = jnp.ones((b,), jnp.int32)
+    contiguous = AttentionMeta(page_table=jnp.zeros((b, 1), jnp.int32), kv_lens=lens, q_lens=ones, contiguous=True)
+    got = cpu_kernels.bf16_attention(q, k, v, contiguous, scale=0.125)
+    want = _reference(q, k, v, contiguous, scale=0.125)
+    _assert_close_on_valid_queries(got, want, [1] * b)
+    ps = 16  # the same slots as pages [B * S / ps, K, ps, H]
+    pages = [x.reshape(b, kh, s // ps, ps, h).transpose(0, 2, 1, 3, 4).reshape(-1, kh, ps, h) for x in (k, v)]
+    table = jnp.arange(b * (s // ps), dtype=jnp.int32).reshape(b, s // ps)
+    paged = cpu_kernels.bf16_attention(q, *pages, AttentionMeta(table, lens, ones), scale=0.125)
+    np.testing.assert_array_equal(np.asarray(paged, np.float32), np.asarray(got, np.float32))
+
+
+def test_native_attention_backend_falls_back_to_xla_where_the_kernel_does_not_apply():
+    """float32 caches, head dims that are not multiples of 32, and wide prefill calls take the
+    "xla" path under backend "native" (same result as "xla")."""
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.standard_normal((2, 3, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((5, 2, 8, 16)), jnp.float32) for _ in range(2))
+    meta = AttentionMeta(jnp.asarray([[0, 1], [2, 3]], jnp.int32), jnp.asarray([9, 12], jnp.int32),
+                         jnp.asarray([3, 2], jnp.int32))
+    assert not cpu_kernels.attention_applies(q, k, v)
+    np.testing.assert_array_equal(np.asarray(attention(q, k, v, meta, scale=0.25, backend="native")),
+                                  np.asarray(attention(q, k, v, meta, scale=0.25, backend="xla")))
+    assert resolve_backend("xla") == "xla" and resolve_backend("pallas") == "pallas"
+    assert resolve_backend("auto") == ("native" if cpu_kernels.available() else "xla")
+
+
+CFG = ModelConfig("LlamaForCausalLM", vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=128, tie_word_embeddings=True)
+
+
+@needs_kernels
+def test_native_layout_reads_tied_embeddings_in_place_and_computes_the_same_logits():
+    """weight_layout "native": TransposedWeights sent to the kernel, the tied embedding serving as
+    the LM head without a copy (not counted twice, dropped by dense_layout); logits agree with
+    "out_in" (XLA's dot) to bf16 precision, and the same holds with the native attention."""
+    w = init_weights(CFG, jax.random.PRNGKey(0), jnp.bfloat16, std=0.1)
+    assert w.lm_head is None
+    native = runtime_layout(w, "native")
+    assert native.layers[0].wqkv.native and isinstance(native.lm_head, TransposedWeight)
+    assert native.lm_head.tied and native.lm_head.wt is native.embed
+    assert weight_bytes(native)["total"] == weight_bytes(w)["total"]
+    back = dense_layout(native)
+    assert back.lm_head is None
+    np.testing.assert_array_equal(np.asarray(back.layers[1].w_down, np.float32), np.asarray(w.layers[1].w_down, np.float32))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, CFG.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    run = jax.jit(forward, static_argnames=("cfg",))
+    ref = np.asarray(run(runtime_layout(w, "out_in"), CFG, tokens, pos, None, None)[0])
+    got = np.asarray(run(native, CFG, tokens, pos, None, None)[0])
+    np.testing.assert_allclose(got, ref, atol=5e-2, rtol=5e-2)
+    assert runtime_layout(w, "auto").layers[0].wqkv.native
+
+
+def test_native_layout_refuses_what_the_kernel_cannot_run():
+    w = init_weights(CFG, jax.random.PRNGKey(0), jnp.float32, std=0.1)
+    with pytest.raises(ValueError, match="native.*bfloat16.*float32"):
+        runtime_layout(w, "native")
+    assert not isinstance(runtime_layout(w, "auto").layers[0].wqkv, TransposedWeight)  # float32: in_out
+
+
+@pytest.fixture(scope="module")
+def head32_dir(tmp_path_factory):
+    """A tiny Llama whose heads the attention kernel takes (head_dim 32), tied embeddings."""
+    from hf_models import write_tiny
+    return write_tiny("llama", tmp_path_factory.mktemp("head32"), head_dim=32, tie_word_embeddings=True)
+
+
+@needs_kernels
+def test_engine_and_static_generate_agree_on_the_native_paths(head32_dir):
+    """bf16 greedy decoding with the native matmul and attention: the engine (paged cache, batches
+    that change every step) and generate_static (contiguous cache) give the same tokens."""
+    from jaxinfer import LLM, SamplingParams
+    llm = LLM(str(head32_dir), dtype="bfloat16", max_model_len=96)
+    assert llm.engine_config.attention_backend == "native"
+    assert llm.weights.layers[0].wqkv.native and llm.weights.lm_head.tied
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 17, 30)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    engine = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    static = [o.outputs[0].token_ids for o in llm.generate_static(prompts, params)]
+    assert engine == static
+
+
+@needs_kernels
+def test_native_bf16_prompt_logprobs_stay_within_the_bf16_tolerance(head32_dir):
+    """Prefill in chunks of 8 tokens, so every chunk's attention runs in the kernel (causal queries
+    over a cached prefix): prompt logprobs within 0.1 nats of float32 (the stated bf16 tolerance,
+    test_parity), and close to bf16 on XLA's paths."""
+    from jaxinfer import LLM, SamplingParams
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": rng.integers(3, 128, size=n).tolist()} for n in (9, 26, 40)]
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+
+    def logprobs(**kw):
+        outs = LLM(str(head32_dir), max_num_batched_tokens=8, **kw).generate(prompts, params)
+        return [np.array([next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]) for o in outs]
+    f32 = logprobs(dtype="float32", attention_backend="xla")
+    xla = logprobs(dtype="bfloat16", attention_backend="xla", weight_layout="out_in")
+    native = logprobs(dtype="bfloat16", attention_backend="native", weight_layout="native")
+    for a, b, c in zip(f32, xla, native, strict=True):
+        assert np.max(np.abs(c - a)) < 0.1
+        assert np.max(np.abs(c - b)) < 0.1
+
+
+def test_unavailable_kernels_say_why_and_leave_xla_in_charge(monkeypatch, tmp_path):
+    """No compiler: available() is False with the compiler's complaint, and "auto" picks XLA's
+    paths. The loaded state is restored afterwards."""
+    monkeypatch.setenv("JAXINFER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "flags : avx512f avx512_bf16")
+    cpu_kernels._load.cache_clear()
+    try:
+        assert not cpu_kernels.available()
+        assert "no-such-compiler" in cpu_kernels.unavailable_reason()
+        assert resolve_backend("auto") == "xla"
+        w = init_weights(CFG, jax.random.PRNGKey(0), jnp.bfloat16, std=0.1)
+        assert not runtime_layout(w, "auto").layers[0].wqkv.native
+        with pytest.raises(ValueError, match="no-such-compiler"):
+            runtime_layout(w, "native")
+    finally:
+        cpu_kernels._load.cache_clear()
+    monkeypatch.undo()
+    cpu_kernels.available()  # loaded (and registered) again for the rest of the session
+
