@@ -52,8 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxinfer import corpus  # noqa: E402
 from jaxinfer import generate as gen  # noqa: E402
 from jaxinfer.checkpoint import load_hf  # noqa: E402
+from jaxinfer.layers import ATTENTION_BACKENDS, resolve_backend  # noqa: E402
 from jaxinfer.llm import resolve_model  # noqa: E402
-from jaxinfer.model import runtime_layout  # noqa: E402
+from jaxinfer.model import WEIGHT_LAYOUTS, runtime_layout  # noqa: E402
 from jaxinfer.sampling import PenaltyInputs, SamplingParams, SamplingTensors, row_limits  # noqa: E402
 from jaxinfer.spec.config import SpeculativeConfig, build_drafter  # noqa: E402
 from jaxinfer.spec.drafters import DraftContext  # noqa: E402
@@ -170,8 +171,11 @@ def _programs(prefill, decode, weights, args, bake: bool):
             jax.jit(lambda state, *a: decode(weights, *args, state, *a), donate_argnums=0))
 
 
+ATTENTION = ["xla"]  # the attention backend of every program below (main sets it from --attention-backend)
+
+
 def plain_runner(weights, cfg, t, s, m, temp, bake=False, penalties=None):
-    statics = gen.GenerateStatics(max_len=s, max_new=m)
+    statics = gen.GenerateStatics(max_len=s, max_new=m, backend=ATTENTION[0])
     pre, dec = _programs(gen.prefill, gen.decode, weights, (cfg, statics), bake)
 
     def run(prompts, seed0):
@@ -182,7 +186,7 @@ def plain_runner(weights, cfg, t, s, m, temp, bake=False, penalties=None):
 
 
 def spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, bake=False, penalties=None):
-    statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0)
+    statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0, backend=ATTENTION[0])
     pre, dec = _programs(spec_prefill, spec_decode, weights, (cfg, drafter, dparams, statics), bake)
 
     def run(prompts, seed0):
@@ -195,7 +199,7 @@ def spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, bake=False, penal
 def draft_cost(weights, cfg, drafter, dparams, prompts, t, s, m, temp, reps: int = 16, bake=False,
                penalties=None) -> float:
     """Seconds per proposed token: `propose` alone, `reps` times in a fori_loop on device."""
-    statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0)
+    statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0, backend=ATTENTION[0])
     tokens, lens, st, limits, pen = _inputs(prompts, t, temp, m, cfg.vocab_size, penalties=penalties)
     state, _ = spec_prefill(weights, cfg, drafter, dparams, statics, tokens, lens, st, limits, pen)
 
@@ -226,7 +230,7 @@ def draft_cost(weights, cfg, drafter, dparams, prompts, t, s, m, temp, reps: int
 
 def plain_step_seconds(weights, cfg, prompts, t, s, m, bake=False) -> float:
     """One plain decode step of the target at this batch (greedy), from a timed decode."""
-    statics = gen.GenerateStatics(max_len=s, max_new=m)
+    statics = gen.GenerateStatics(max_len=s, max_new=m, backend=ATTENTION[0])
     pre, dec = _programs(gen.prefill, gen.decode, weights, (cfg, statics), bake)
     tokens, lens, st, limits, _ = _inputs(prompts, t, 0.0, m, cfg.vocab_size)
     dec(pre(tokens, lens, st, limits)[0], st, limits, jnp.int32(m)).out_tokens.block_until_ready()
@@ -273,14 +277,18 @@ def main(argv=None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--weight-layout", default="auto", choices=["auto", "in_out", "out_in"],
-                   help="the target's projections as LLM(weight_layout=...) holds them (auto: [Dout, Din] for bf16 on CPU)")
+    p.add_argument("--weight-layout", default="auto", choices=list(WEIGHT_LAYOUTS),
+                   help="the target's projections as LLM(weight_layout=...) holds them (auto: native for bf16 on CPU "
+                        "where the kernels build, else [Dout, Din])")
+    p.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
+                   help="as LLM(attention_backend=...) (auto: native on CPU where the kernels build)")
     p.add_argument("--out", default=str(RESULTS / "bench_spec"))
     args = p.parse_args(argv)
 
     target_dir = resolve_model(args.target)
     cfg, weights = load_hf(target_dir, args.dtype)
     weights = runtime_layout(weights, args.weight_layout)
+    ATTENTION[0] = resolve_backend(args.attention_backend)
     tok = Tokenizer.from_dir(target_dir, cfg.bos_token_id, cfg.eos_token_ids)
     m = args.max_tokens
     nb = max(args.batches)
@@ -331,7 +339,7 @@ def main(argv=None) -> int:
                         d = {**METHOD_CONFIGS[method], **override, "num_speculative_tokens": k}
                         try:
                             spec = SpeculativeConfig.from_dict(d, cfg)
-                            drafter, dparams = build_drafter(spec, cfg, weights.dtype)
+                            drafter, dparams = build_drafter(spec, cfg, weights.dtype, ATTENTION[0])
                         except ValueError as e:
                             print(f"  {method} k={k}: skipped ({e})", flush=True)
                             continue
@@ -371,7 +379,7 @@ def main(argv=None) -> int:
                               f"speedup {row['speedup']:.2f}x (pairs {min(row['pass_speedups']):.2f}-{max(row['pass_speedups']):.2f})"
                               + ("" if temp else f"  identical={row['greedy_identical']}"), flush=True)
     meta = {"target": target_dir.name, "params": cfg.num_params(), "dtype": args.dtype,
-            "weight_layout": args.weight_layout, "max_tokens": m, "cache_len": s,
+            "weight_layout": args.weight_layout, "attention_backend": ATTENTION[0], "max_tokens": m, "cache_len": s,
             "penalties": penalties,
             "plain_step_ms": {b: 1e3 * v for b, v in step_s.items()},
             "compilations": compiled,
@@ -391,7 +399,7 @@ def write_results(out: Path, rows: list[dict], meta: dict):
              f"`{meta['command']}` — {meta['machine']}, jax {meta['jax']}, {meta['minutes']:.0f} min; "
              f"XLA_FLAGS={meta['xla_flags'] or '(none)'}; weights "
              + ("baked into the programs (compile-time constants)" if meta["bake_weights"] else "passed as jit arguments")
-             + f", weight_layout {meta.get('weight_layout', 'in_out')}.",
+             + f", weight_layout {meta.get('weight_layout', 'in_out')}, attention {meta.get('attention_backend', 'xla')}.",
              (f"Penalties on both sides: {meta['penalties']}. " if meta.get("penalties") else "")
              + f"{meta['max_tokens']} new tokens per row (EOS ignored); speedup = median over "
              f"{meta['repeats']} back-to-back pairs of (plain wall time / speculative wall time) on the same prompts, "
