@@ -7,7 +7,8 @@ embedded target's forward (contiguous cache, context ~200 tokens) at each T insi
 fori_loop, in one run, and writes experiments/results/verify_cost.{json,md}.
 
     python experiments/verify_cost.py [--model stdlib-target] [--batches 1 8] [--tokens 1 2 3 5 9]
-                                      [--dtypes float32 bfloat16]
+                                      [--dtypes float32 bfloat16] [--weight-layout in_out]
+                                      [--attention-backend xla] [--out experiments/results/verify_cost]
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import jax.numpy as jnp
 
 from jaxinfer.checkpoint import load_hf
 from jaxinfer.kv.cache import AttentionMeta, init_contiguous
+from jaxinfer.layers import ATTENTION_BACKENDS, resolve_backend
 from jaxinfer.llm import resolve_model
-from jaxinfer.model import forward
+from jaxinfer.model import WEIGHT_LAYOUTS, forward, runtime_layout
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def loop_ms(weights, cfg, kv, meta: AttentionMeta, t: int, steps: int = 100) -> float:
+def loop_ms(weights, cfg, kv, meta: AttentionMeta, t: int, steps: int = 100, backend: str = "xla") -> float:
     """Best-of-3 time (ms) of one forward over t new tokens per row into cache kv, timed over a
     jitted fori_loop of `steps` forwards (each feeds its argmax to the next; meta is fixed, so
     every step rewrites the same slots)."""
@@ -40,7 +42,7 @@ def loop_ms(weights, cfg, kv, meta: AttentionMeta, t: int, steps: int = 100) -> 
         def body(i, carry):
             kv, tok = carry
             tokens = jnp.broadcast_to(tok, (batch, t))
-            logits, _, kv = forward(weights, cfg, tokens, meta.query_positions(t), kv, meta)
+            logits, _, kv = forward(weights, cfg, tokens, meta.query_positions(t), kv, meta, backend=backend)
             return kv, jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32)
         return jax.lax.fori_loop(0, steps, body, (kv, jnp.ones((batch, 1), jnp.int32)))[1]
 
@@ -53,13 +55,13 @@ def loop_ms(weights, cfg, kv, meta: AttentionMeta, t: int, steps: int = 100) -> 
     return 1e3 * best / steps
 
 
-def forward_ms(weights, cfg, batch: int, t: int, context: int = 200, steps: int = 100) -> float:
+def forward_ms(weights, cfg, batch: int, t: int, context: int = 200, steps: int = 100, backend: str = "xla") -> float:
     """One forward over t new tokens per row after `context` cached ones, contiguous cache (ms)."""
     kv, page_table = init_contiguous(cfg.num_layers, batch, context + t + 64, cfg.num_kv_heads, cfg.head_dim,
                                      weights.dtype)
     meta = AttentionMeta(page_table=page_table, kv_lens=jnp.full((batch,), context + t, jnp.int32),
                          q_lens=jnp.full((batch,), t, jnp.int32), contiguous=True)
-    return loop_ms(weights, cfg, kv, meta, t, steps)
+    return loop_ms(weights, cfg, kv, meta, t, steps, backend)
 
 
 def main():
@@ -68,27 +70,37 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 5, 9])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--weight-layout", default="in_out", choices=list(WEIGHT_LAYOUTS),
+                    help="the weights as LLM(weight_layout=...) holds them (auto: what LLM does)")
+    ap.add_argument("--attention-backend", default="xla", choices=list(ATTENTION_BACKENDS),
+                    help="as LLM(attention_backend=...)")
+    ap.add_argument("--out", default=str(RESULTS / "verify_cost"))
     args = ap.parse_args()
+    backend = resolve_backend(args.attention_backend)
     rows = []
     for dtype in args.dtypes:
         cfg, weights = load_hf(resolve_model(args.model), dtype)
+        weights = runtime_layout(weights, args.weight_layout)
         for b in args.batches:
             base = None
             for t in args.tokens:
-                ms = forward_ms(weights, cfg, b, t)
+                ms = forward_ms(weights, cfg, b, t, backend=backend)
                 base = base or ms
                 rows.append(dict(dtype=dtype, batch=b, tokens=t, ms=round(ms, 3), vs_one_token=round(ms / base, 2)))
                 print(f"{dtype:9s} batch {b:2d}  T={t}: {ms:7.3f} ms per forward   {ms / base:5.2f}x T={args.tokens[0]}",
                       flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "verify_cost.json").write_text(json.dumps(dict(model=args.model, rows=rows), indent=2) + "\n")
-    md = [f"Target forward over T new tokens per row ({args.model}, context 200), "
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "weight_layout": args.weight_layout, "attention_backend": backend, "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    md = [f"Target forward over T new tokens per row ({args.model}, context 200; weight layout "
+          f"{args.weight_layout}, attention {backend}), "
           f"relative to T = {args.tokens[0]} in the same dtype. `python experiments/verify_cost.py "
           + " ".join(sys.argv[1:]) + "`", "",
           "| dtype | batch | T | ms | vs T=1 |", "|---|---|---|---|---|"]
     md += [f"| {r['dtype']} | {r['batch']} | {r['tokens']} | {r['ms']} | {r['vs_one_token']}x |" for r in rows]
-    (RESULTS / "verify_cost.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {RESULTS / 'verify_cost.md'}")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
