@@ -201,8 +201,8 @@ def main():
                     help="weights, activations and KV cache of every run (transformers' too)")
     ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5],
                     help="comparisons to run (1, continuous vs static, always runs)")
-    ap.add_argument("--attention-backend", default="xla", choices=["xla", "pallas"],
-                    help="LLM's attention_backend for every jaxinfer run")
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas", "native"],
+                    help="LLM's attention_backend for every jaxinfer run (auto: as LLM resolves it)")
     ap.add_argument("--out", default=str(RESULTS / "bench_serving"), help="results path without suffix")
     args = ap.parse_args()
 
@@ -212,7 +212,8 @@ def main():
                   block_size=args.block_size, attention_backend=args.attention_backend)
     llm = LLM(args.model, enable_prefix_caching=False, **common)
     vocab = llm.cfg.vocab_size
-    results: dict = {"model": str(llm.model_dir), "args": vars(args), "device": jax.devices()[0].device_kind}
+    results: dict = {"model": str(llm.model_dir), "args": vars(args), "device": jax.devices()[0].device_kind,
+                     "attention_backend": llm.engine_config.attention_backend}
     print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}); model {llm.model_dir.name}: {llm.cfg.num_params() / 1e6:.1f}M params; KV budget "
           f"{llm.engine.kv_cache_bytes / 2**20:.0f} MiB = {llm.engine.num_pages} pages of "
           f"{llm.engine_config.block_size} tokens")
@@ -387,7 +388,7 @@ def markdown(results: dict) -> str:
                   + f" | {kv} | {running} | {_compiled(s)} |")
     a = results["args"]
     md += ["", f"{results.get('device', 'cpu')}, {a.get('dtype', 'float32')}, attention "
-           f"{a.get('attention_backend', 'xla')}; {a['num_requests']} requests per workload, seed {a['seed']}, "
+           f"{results.get('attention_backend', a.get('attention_backend', 'xla'))}; {a['num_requests']} requests per workload, seed {a['seed']}, "
            f"max_num_seqs {a['max_num_seqs']}, "
            f"max_num_batched_tokens {a['max_num_batched_tokens']}, {a['kv_cache_memory_mb']:.0f} MiB of KV. "
            "Compilations: the engine's jitted programs after the run (cumulative within one LLM; "

@@ -76,9 +76,9 @@ def main():
                     help="as LLM(attention_backend=...)")
     ap.add_argument("--out", default=str(RESULTS / "verify_cost"))
     args = ap.parse_args()
-    backend = resolve_backend(args.attention_backend)
-    rows = []
+    rows, backends = [], {}
     for dtype in args.dtypes:
+        backend = backends[dtype] = resolve_backend(args.attention_backend, dtype)
         cfg, weights = load_hf(resolve_model(args.model), dtype)
         weights = runtime_layout(weights, args.weight_layout)
         for b in args.batches:
@@ -91,10 +91,10 @@ def main():
                       flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "weight_layout": args.weight_layout, "attention_backend": backend, "rows": rows}
+    meta = {"model": args.model, "weight_layout": args.weight_layout, "attention_backend": backends, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     md = [f"Target forward over T new tokens per row ({args.model}, context 200; weight layout "
-          f"{args.weight_layout}, attention {backend}), "
+          f"{args.weight_layout}, attention {backends}), "
           f"relative to T = {args.tokens[0]} in the same dtype. `python experiments/verify_cost.py "
           + " ".join(sys.argv[1:]) + "`", "",
           "| dtype | batch | T | ms | vs T=1 |", "|---|---|---|---|---|"]

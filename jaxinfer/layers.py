@@ -23,12 +23,14 @@ from jaxinfer.wquant import InputObserver, QuantWeight, quantized_matmul
 ATTENTION_BACKENDS = ("auto", "xla", "pallas", "native")  # "auto": `resolve_backend`
 
 
-def resolve_backend(backend: str) -> str:
-    """"auto" as `LLM` resolves it: "native" on CPU where jaxinfer's CPU kernels are available
-    (`cpu_kernels`; calls they do not take run the "xla" path), "xla" otherwise."""
+def resolve_backend(backend: str, dtype=jnp.bfloat16) -> str:
+    """"auto" as `LLM` resolves it for a model of this dtype: "native" for bfloat16 on CPU where
+    jaxinfer's CPU kernels are available (`cpu_kernels`; calls they do not take run the "xla"
+    path), "xla" otherwise (float32 caches never reach the kernel)."""
     if backend != "auto":
         return backend
-    return "native" if jax.default_backend() == "cpu" and cpu_kernels.available() else "xla"
+    native = jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels.available()
+    return "native" if native else "xla"
 
 
 @struct.dataclass

@@ -110,7 +110,6 @@ class LLM:
         warn_if_near_mapping_limit()  # a sweep of LLMs in one process, before it crashes the compiler
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
-        attention_backend = resolve_backend(attention_backend)
         qconfig = dict(quantization_config or {})
         calibration = qconfig.pop("calibration", None)
         quant = WeightQuantConfig.from_args(quantization, qconfig)  # checked before the weights are read
@@ -118,6 +117,7 @@ class LLM:
             raise ValueError(f"weight_layout={weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
         self.model_dir = resolve_model(model)
         self.dtype = default_dtype(dtype)
+        attention_backend = resolve_backend(attention_backend, self.dtype)
         quantize_now = quant is not None
         if is_orbax_dir(self.model_dir):  # saved by LLM.save, possibly quantized already
             saved = orbax_quantization(self.model_dir)

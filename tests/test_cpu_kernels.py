@@ -139,6 +139,7 @@ def test_native_attention_backend_falls_back_to_xla_where_the_kernel_does_not_ap
                                   np.asarray(attention(q, k, v, meta, scale=0.25, backend="xla")))
     assert resolve_backend("xla") == "xla" and resolve_backend("pallas") == "pallas"
     assert resolve_backend("auto") == ("native" if cpu_kernels.available() else "xla")
+    assert resolve_backend("auto", jnp.float32) == "xla"
 
 
 CFG = ModelConfig("LlamaForCausalLM", vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=2,
