@@ -7,11 +7,14 @@
 2. Attention: one decode step's attention for 6 layers (8 heads of 64, MHA) over a contiguous bf16
    cache of S slots, all of them valid, for batch B: the "xla" backend (what `generate_static`
    runs) vs "native" (`cpu_kernels.bf16_attention`). Reported: ms and the K/V bytes read per second.
+3. Prefill attention (why the kernel is left to decode and verification): one row of T tokens,
+   causal, over T cache slots, 6 layers: XLA's path vs the kernel called directly.
 
 Every variant is timed in alternation (the median of --repeats rounds of 20 calls each), so
 drift on the shared machine hits both sides. Writes experiments/results/cpu_kernels_speed.{json,md}.
 
-    python experiments/cpu_kernels_speed.py [--rows 1 2 4 8 16 32 64 128] [--attention 8x144 32x144]
+    python experiments/cpu_kernels_speed.py [--rows 1 2 4 8 16 32 64 128 512] [--attention 8x144 32x144]
+                                            [--prefill 128 512]
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def projections(rng):
     return [jnp.asarray(rng.standard_normal(s) * 0.02, jnp.bfloat16) for s in shapes]
 
 
+def bf16_bits(rng, shape) -> BitsPages:
+    """A random bf16 cache array held as bits, as the CPU caches are (kv/bits.py)."""
+    values = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    return BitsPages(jax.lax.bitcast_convert_type(values, jnp.uint16), jnp.dtype(jnp.bfloat16))
+
+
 def matmul_step(native: bool):
     def step(x, weights):
         acc = jnp.zeros((), jnp.float32)
@@ -72,16 +81,24 @@ def matmul_step(native: bool):
 
 
 def attention_step(backend: str, caches, meta):
+    """6 layers' attention in one call; backend "kernel": `cpu_kernels.bf16_attention` whatever the
+    call's width (the "native" backend leaves prefill-wide calls to XLA)."""
+    def one(q, k, v):
+        if backend == "kernel":
+            return cpu_kernels.bf16_attention(q, k, v, meta, scale=HEAD_DIM ** -0.5)
+        return attention(q, k, v, meta, scale=HEAD_DIM ** -0.5, backend=backend)
+
     def step(q):
         for k, v in caches:
-            q = q + (1e-3 * attention(q, k, v, meta, scale=HEAD_DIM ** -0.5, backend=backend)).astype(q.dtype)
+            q = q + (1e-3 * one(q, k, v)).astype(q.dtype)
         return q
     return jax.jit(step)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 512])
+    ap.add_argument("--prefill", type=int, nargs="+", default=[128, 512], help="tokens of one prefill row")
     ap.add_argument("--attention", nargs="+", default=["1x144", "8x144", "32x144", "32x512"],
                     help="BATCHxSLOTS cases")
     ap.add_argument("--repeats", type=int, default=7)
@@ -107,11 +124,7 @@ def main():
     attn_out = []
     for case in args.attention:
         b, s = map(int, case.split("x"))
-
-        def bits(shape):
-            return BitsPages(jax.lax.bitcast_convert_type(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16),
-                                                          jnp.uint16), jnp.dtype(jnp.bfloat16))
-        caches = [(bits((b, HEADS, s, HEAD_DIM)), bits((b, HEADS, s, HEAD_DIM))) for _ in range(LAYERS)]
+        caches = [(bf16_bits(rng, (b, HEADS, s, HEAD_DIM)), bf16_bits(rng, (b, HEADS, s, HEAD_DIM))) for _ in range(LAYERS)]
         meta = AttentionMeta(page_table=jnp.zeros((b, 1), jnp.int32), kv_lens=jnp.full((b,), s, jnp.int32),
                              q_lens=jnp.ones((b,), jnp.int32), contiguous=True, bits_loop=False)
         q = jnp.asarray(rng.standard_normal((b, 1, HEADS, HEAD_DIM)), jnp.bfloat16)
@@ -123,16 +136,31 @@ def main():
         attn_out.append(row)
         print(f"attention, batch {b:3d} x {s} slots: xla {row['xla_ms']:.3f} ms   native {row['native_ms']:.3f} ms "
               f"({row['native_gb_s']} GB/s of K/V)   {row['speedup']}x", flush=True)
+    prefill_out = []
+    for t_len in args.prefill:
+        caches = [(bf16_bits(rng, (1, HEADS, t_len, HEAD_DIM)), bf16_bits(rng, (1, HEADS, t_len, HEAD_DIM))) for _ in range(LAYERS)]
+        meta = AttentionMeta(page_table=jnp.zeros((1, 1), jnp.int32), kv_lens=jnp.full((1,), t_len, jnp.int32),
+                             q_lens=jnp.full((1,), t_len, jnp.int32), contiguous=True)
+        q = jnp.asarray(rng.standard_normal((1, t_len, HEADS, HEAD_DIM)), jnp.bfloat16)
+        fns = {name: attention_step(name, caches, meta) for name in ("xla", "kernel")}
+        t = timed_alternating({name: lambda f=f, q=q: f(q) for name, f in fns.items()}, args.repeats, calls=5)
+        row = {"tokens": t_len, "xla_ms": round(t["xla"], 3), "kernel_ms": round(t["kernel"], 3),
+               "kernel_over_xla": round(t["kernel"] / t["xla"], 2)}
+        prefill_out.append(row)
+        print(f"prefill attention, {t_len} tokens: xla {row['xla_ms']:.3f} ms   kernel {row['kernel_ms']:.3f} ms   "
+              f"kernel/xla {row['kernel_over_xla']}x", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"weight_bytes": weight_bytes, "matmul": rows_out,
-                                                    "attention": attn_out}, indent=2) + "\n")
+                                                    "attention": attn_out, "prefill": prefill_out}, indent=2) + "\n")
     lines = ["| rows | XLA ms | native ms | speedup | native GB/s | XLA GB/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['rows']} | {r['xla_ms']} | {r['native_ms']} | {r['speedup']}x | {r['native_gb_s']} | {r['xla_gb_s']} |"
               for r in rows_out]
     lines += ["", "| batch x slots | XLA ms | native ms | speedup | native K/V GB/s |", "|---|---|---|---|---|"]
     lines += [f"| {r['batch']} x {r['slots']} | {r['xla_ms']} | {r['native_ms']} | {r['speedup']}x | {r['native_gb_s']} |"
               for r in attn_out]
+    lines += ["", "| prefill tokens | XLA ms | kernel ms | kernel / XLA |", "|---|---|---|---|"]
+    lines += [f"| {r['tokens']} | {r['xla_ms']} | {r['kernel_ms']} | {r['kernel_over_xla']}x |" for r in prefill_out]
     out.with_suffix(".md").write_text(
         f"cpu ({jax.devices()[0].device_kind}), jax {jax.__version__}. Projections: one decode step's 25 bf16 "
         f"matmuls of bench_decode's model ({weight_bytes / 1e6:.1f} MB of weights) in one call. Attention: 6 layers, "
