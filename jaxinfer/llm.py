@@ -74,7 +74,7 @@ class LLM:
     attention_backend: "xla" (plain XLA: `layers.attention`), "pallas" (the Pallas kernels; interpret
     mode on CPU, for correctness), "native" (jaxinfer's AVX512-BF16 CPU kernel for bf16 decode and
     verification, `cpu_kernels.bf16_attention`; everything else on the "xla" path), or "auto":
-    "native" on CPU where that kernel builds, else "xla".
+    "native" for bfloat16 on CPU where that kernel builds, else "xla".
     compilation_cache_dir: keep compiled programs on disk for the next process
     (`jit_cache.enable_compilation_cache`).
     quantization: quantization of the decoder projections at load time: weight-only "int8",
