@@ -24,7 +24,7 @@ def _bf16(rng, shape, scale=1.0):
 
 @needs_kernels
 @pytest.mark.parametrize("rows,k,n", [(1, 512, 1536), (2, 64, 4), (3, 100, 7), (4, 32, 17), (5, 48, 513),
-                                      (9, 33, 1), (17, 96, 130), (64, 256, 64), (0, 64, 8)])
+                                      (9, 33, 1), (17, 96, 130), (64, 256, 64), (0, 64, 8), (3, 0, 5)])
 def test_bf16_matmul_matches_a_float32_product(rows, k, n):
     """Every tile shape (4x4 tiles, 2- and 1-row remainders, 1-output remainders) and K tails that
     are not a multiple of 32: the products are exact in float32, only the summation order differs."""

@@ -141,7 +141,11 @@ ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::B
   if (wd.size() != 2 || xd.size() < 1 || xd.back() != wd[1])
     return ffi::Error::InvalidArgument("bf16_matmul: x [..., K] and w [N, K] expected");
   const int64_t K = wd[1], N = wd[0];
-  const int64_t M = K ? x.element_count() / K : 0;
+  if (K == 0) {  // an empty contraction: zeros
+    std::fill(y->typed_data(), y->typed_data() + y->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t M = x.element_count() / K;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   float* yp = y->typed_data();
