@@ -12,7 +12,12 @@
 // from memory once per call, whatever M), with AVX512-BF16's pairwise dot product
 // (vdpbf16ps: 32 bf16 products summed into 16 float32 lanes per instruction) and a software
 // prefetch of the next four rows. A 4x4 tile's 16 accumulators are summed by one
-// transpose-and-add tree.
+// transpose-and-add tree, in the order _mm512_reduce_add_ps sums the other tiles' lanes, so a
+// row's result does not depend on which tile (hence which batch) it was computed in.
+//
+// Attention: one work item per (row, kv head). Each of its queries scores its visible slots 16
+// at a time, read from their pages in place (two blocks prefetched ahead), folds them into an
+// online softmax and accumulates the values in float32; nothing past the row's length is read.
 
 #include <immintrin.h>
 
@@ -25,7 +30,7 @@
 #include "xla/ffi/api/ffi.h"
 
 #if !defined(__AVX512BF16__) || !defined(__AVX512F__) || !defined(__AVX512BW__)
-#error "this kernel needs AVX512-BF16 (compiled with -march=native on a CPU that has it)"
+#error "these kernels need AVX512-BF16 (compiled with -march=native on a CPU that has it)"
 #endif
 
 namespace ffi = xla::ffi;
