@@ -171,11 +171,8 @@ def _programs(prefill, decode, weights, args, bake: bool):
             jax.jit(lambda state, *a: decode(weights, *args, state, *a), donate_argnums=0))
 
 
-ATTENTION = ["xla"]  # the attention backend of every program below (main sets it from --attention-backend)
-
-
-def plain_runner(weights, cfg, t, s, m, temp, bake=False, penalties=None):
-    statics = gen.GenerateStatics(max_len=s, max_new=m, backend=ATTENTION[0])
+def plain_runner(weights, cfg, t, s, m, temp, bake=False, penalties=None, backend="xla"):
+    statics = gen.GenerateStatics(max_len=s, max_new=m, backend=backend)
     pre, dec = _programs(gen.prefill, gen.decode, weights, (cfg, statics), bake)
 
     def run(prompts, seed0):
@@ -185,8 +182,8 @@ def plain_runner(weights, cfg, t, s, m, temp, bake=False, penalties=None):
     return run
 
 
-def spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, bake=False, penalties=None):
-    statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0, backend=ATTENTION[0])
+def spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, bake=False, penalties=None, backend="xla"):
+    statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0, backend=backend)
     pre, dec = _programs(spec_prefill, spec_decode, weights, (cfg, drafter, dparams, statics), bake)
 
     def run(prompts, seed0):
@@ -197,9 +194,9 @@ def spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, bake=False, penal
 
 
 def draft_cost(weights, cfg, drafter, dparams, prompts, t, s, m, temp, reps: int = 16, bake=False,
-               penalties=None) -> float:
+               penalties=None, backend="xla") -> float:
     """Seconds per proposed token: `propose` alone, `reps` times in a fori_loop on device."""
-    statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0, backend=ATTENTION[0])
+    statics = SpecStatics(max_len=s, max_new=m, greedy=temp == 0, backend=backend)
     tokens, lens, st, limits, pen = _inputs(prompts, t, temp, m, cfg.vocab_size, penalties=penalties)
     state, _ = spec_prefill(weights, cfg, drafter, dparams, statics, tokens, lens, st, limits, pen)
 
@@ -228,9 +225,9 @@ def draft_cost(weights, cfg, drafter, dparams, prompts, t, s, m, temp, reps: int
     return best / (reps * drafter.k)
 
 
-def plain_step_seconds(weights, cfg, prompts, t, s, m, bake=False) -> float:
+def plain_step_seconds(weights, cfg, prompts, t, s, m, bake=False, backend="xla") -> float:
     """One plain decode step of the target at this batch (greedy), from a timed decode."""
-    statics = gen.GenerateStatics(max_len=s, max_new=m, backend=ATTENTION[0])
+    statics = gen.GenerateStatics(max_len=s, max_new=m, backend=backend)
     pre, dec = _programs(gen.prefill, gen.decode, weights, (cfg, statics), bake)
     tokens, lens, st, limits, _ = _inputs(prompts, t, 0.0, m, cfg.vocab_size)
     dec(pre(tokens, lens, st, limits)[0], st, limits, jnp.int32(m)).out_tokens.block_until_ready()
@@ -288,7 +285,7 @@ def main(argv=None) -> int:
     target_dir = resolve_model(args.target)
     cfg, weights = load_hf(target_dir, args.dtype)
     weights = runtime_layout(weights, args.weight_layout)
-    ATTENTION[0] = resolve_backend(args.attention_backend, args.dtype)
+    backend = resolve_backend(args.attention_backend, args.dtype)
     tok = Tokenizer.from_dir(target_dir, cfg.bos_token_id, cfg.eos_token_ids)
     m = args.max_tokens
     nb = max(args.batches)
@@ -327,9 +324,10 @@ def main(argv=None) -> int:
             batches = [(use[i:i + batch], 1000 * i) for i in range(0, len(use), batch)]
             t = gen.bucket(max(len(x) for x in use))
             if batch not in step_s:
-                step_s[batch] = plain_step_seconds(weights, cfg, batches[0][0], t, s, m, args.bake_weights)
+                step_s[batch] = plain_step_seconds(weights, cfg, batches[0][0], t, s, m, args.bake_weights,
+                                                   backend)
             for temp in args.temps:
-                plain_run = plain_runner(weights, cfg, t, s, m, temp, args.bake_weights, penalties)
+                plain_run = plain_runner(weights, cfg, t, s, m, temp, args.bake_weights, penalties, backend)
                 plain_run(*batches[0]).out_tokens.block_until_ready()  # compile outside the clock
                 plain_s, plain_out, _ = _pass(plain_run, batches)
                 n_tokens = plain_out.shape[0] * m
@@ -339,12 +337,12 @@ def main(argv=None) -> int:
                         d = {**METHOD_CONFIGS[method], **override, "num_speculative_tokens": k}
                         try:
                             spec = SpeculativeConfig.from_dict(d, cfg)
-                            drafter, dparams = build_drafter(spec, cfg, weights.dtype, ATTENTION[0])
+                            drafter, dparams = build_drafter(spec, cfg, weights.dtype, backend)
                         except ValueError as e:
                             print(f"  {method} k={k}: skipped ({e})", flush=True)
                             continue
                         spec_run = spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, args.bake_weights,
-                                               penalties)
+                                               penalties, backend)
                         plain_ts, spec_ts, out, states = _paired_runs(plain_run, spec_run, batches, args.repeats)
                         fwd = sum(int(x.forwards.sum()) for x in states)
                         drafted = sum(int(x.drafted.sum()) for x in states)
@@ -352,7 +350,7 @@ def main(argv=None) -> int:
                         cost = None
                         if not args.no_draft_cost:
                             cost = draft_cost(weights, cfg, drafter, dparams, batches[0][0], t, s, m, temp,
-                                              bake=args.bake_weights, penalties=penalties)
+                                              bake=args.bake_weights, penalties=penalties, backend=backend)
                         row = {"set": set_name, "batch": batch, "temperature": temp, "method": method, "k": k,
                                "acceptance_rate": acc / drafted, "tau": (acc + fwd) / fwd,
                                "draft_ms_per_token": None if cost is None else 1e3 * cost,
@@ -379,7 +377,7 @@ def main(argv=None) -> int:
                               f"speedup {row['speedup']:.2f}x (pairs {min(row['pass_speedups']):.2f}-{max(row['pass_speedups']):.2f})"
                               + ("" if temp else f"  identical={row['greedy_identical']}"), flush=True)
     meta = {"target": target_dir.name, "params": cfg.num_params(), "dtype": args.dtype,
-            "weight_layout": args.weight_layout, "attention_backend": ATTENTION[0], "max_tokens": m, "cache_len": s,
+            "weight_layout": args.weight_layout, "attention_backend": backend, "max_tokens": m, "cache_len": s,
             "penalties": penalties,
             "plain_step_ms": {b: 1e3 * v for b, v in step_s.items()},
             "compilations": compiled,

@@ -2,8 +2,9 @@
 
 1. Projections: the 25 weight matmuls of one decode step of bench_decode's model (6 layers,
    hidden 512, ffn 1536, vocab 8192; bf16 weights held [Dout, Din]) in one jitted call, for
-   1..128 activation rows: XLA's dot (one row padded to two, as `layers.one_row_padded` does)
-   vs `cpu_kernels.bf16_matmul`. Reported: ms per call and the weight bytes streamed per second.
+   1..512 activation rows: XLA's dot as `layers.dense_dot` multiplies a `TransposedWeight` (one row
+   padded to two) vs `cpu_kernels.bf16_matmul`. Reported: ms per call and the weight bytes
+   streamed per second.
 2. Attention: one decode step's attention for 6 layers (8 heads of 64, MHA) over a contiguous bf16
    cache of S slots, all of them valid, for batch B: the "xla" backend (what `generate_static`
    runs) vs "native" (`cpu_kernels.bf16_attention`). Reported: ms and the K/V bytes read per second.
@@ -30,7 +31,7 @@ import numpy as np
 
 from jaxinfer import cpu_kernels
 from jaxinfer.kv.cache import AttentionMeta, BitsPages
-from jaxinfer.layers import attention, one_row_padded
+from jaxinfer.layers import TransposedWeight, attention, dense_dot
 
 RESULTS = Path(__file__).parent / "results"
 D, F, V, LAYERS, HEADS, HEAD_DIM = 512, 1536, 8192, 6, 8, 64
@@ -70,11 +71,8 @@ def matmul_step(native: bool):
         acc = jnp.zeros((), jnp.float32)
         for wt in weights:
             xi = x[:, :wt.shape[1]]
-            if native:
-                y = cpu_kernels.bf16_matmul(xi, wt)
-            else:
-                y = one_row_padded(lambda x, wt=wt: jax.lax.dot_general(
-                    x, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32), xi)
+            # the kernel called directly (dense_dot would leave more than MAX_ROWS rows to XLA)
+            y = cpu_kernels.bf16_matmul(xi, wt) if native else dense_dot(xi, TransposedWeight(wt))
             acc = acc + y[:, 0].sum()
         return acc
     return jax.jit(step)

@@ -160,11 +160,12 @@ ATTENTION_MAX_TOKENS = 16  # query tokens per row the attention kernel takes (de
 
 def _bits(pages) -> jax.Array | None:
     """A bf16 page array (or `BitsPages` of bf16) as its uint16 bits; None for any other kind."""
+    from jaxinfer.kv.bits import to_storage
     from jaxinfer.kv.cache import BitsPages
     if isinstance(pages, BitsPages):
         return pages.bits if jnp.dtype(pages.dtype) == jnp.bfloat16 else None
     if isinstance(pages, jax.Array) and pages.dtype == jnp.bfloat16:
-        return jax.lax.bitcast_convert_type(pages, jnp.uint16)
+        return to_storage(pages, jnp.dtype(jnp.uint16))
     return None
 
 

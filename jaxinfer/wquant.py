@@ -636,8 +636,8 @@ def weight_bytes(weights) -> dict:
             else:
                 dense += w.nbytes
     head = weights.lm_head if weights.lm_head is not None else weights.embed
-    counted = weights.replace(lm_head=None) if getattr(head, "tied", False) else weights  # the embedding, read in place
-    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(counted))
+    leaves = {id(x): x for x in jax.tree_util.tree_leaves(weights)}  # an array held twice (a tied head read in place) once
+    total = sum(x.nbytes for x in leaves.values())
     return {"quantized": quant, "dense_projections": dense, "lm_head": head.nbytes, "total": total}
 
 
