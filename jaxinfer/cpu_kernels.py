@@ -130,6 +130,12 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
+def chosen_by_default(dtype) -> bool:
+    """Whether "auto" (`LLM`'s weight_layout and attention_backend) picks the kernels for a model of
+    this dtype: bfloat16, running on CPU, kernels available."""
+    return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.bfloat16 and available()
+
+
 def applies(x: jax.Array, wt: jax.Array) -> bool:
     """Whether `bf16_matmul` takes x [..., K] times wt [N, K]: both bfloat16, at most MAX_ROWS rows
     of x, and the kernel available."""

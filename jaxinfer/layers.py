@@ -29,8 +29,7 @@ def resolve_backend(backend: str, dtype=jnp.bfloat16) -> str:
     path), "xla" otherwise (float32 caches never reach the kernel)."""
     if backend != "auto":
         return backend
-    native = jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels.available()
-    return "native" if native else "xla"
+    return "native" if cpu_kernels.chosen_by_default(dtype) else "xla"
 
 
 @struct.dataclass

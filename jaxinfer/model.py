@@ -123,7 +123,8 @@ def runtime_layout(weights: Weights, layout: str = "auto") -> Weights:
     on_cpu = jax.default_backend() == "cpu"
     bf16 = weights.dtype == jnp.bfloat16
     if layout == "auto":
-        layout = "in_out" if not (on_cpu and bf16) else "native" if cpu_kernels.available() else "out_in"
+        native = cpu_kernels.chosen_by_default(weights.dtype)
+        layout = "native" if native else "out_in" if on_cpu and bf16 else "in_out"
     if layout == "in_out":
         if on_cpu and weights.lm_head is None and weights.dtype == jnp.float32:
             return weights.replace(lm_head=TiedHead(jnp.array(weights.embed.T)))  # a [D, V] copy
