@@ -54,7 +54,9 @@ import numpy as np
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cc"
 MATMUL = "jaxinfer_bf16_matmul"
+F32_MATMUL = "jaxinfer_f32_matmul"
 ATTENTION = "jaxinfer_bf16_attention"
+F32_ATTENTION = "jaxinfer_f32_attention"
 MAX_ROWS = 64  # products of more rows stay on XLA's dot (as fast from 128 rows on)
 BUILD_TIMEOUT_S = 300
 
@@ -115,7 +117,9 @@ def _load() -> str | None:
             _build(path)
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(MATMUL, jax.ffi.pycapsule(lib.JaxinferBf16Matmul), platform="cpu")
+        jax.ffi.register_ffi_target(F32_MATMUL, jax.ffi.pycapsule(lib.JaxinferF32Matmul), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.JaxinferBf16Attention), platform="cpu")
+        jax.ffi.register_ffi_target(F32_ATTENTION, jax.ffi.pycapsule(lib.JaxinferF32Attention), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return f"building or loading {path.name} failed: {e}"
     return None
@@ -132,8 +136,9 @@ def unavailable_reason() -> str | None:
 
 def chosen_by_default(dtype) -> bool:
     """Whether "auto" (`LLM`'s weight_layout and attention_backend) picks the kernels for a model of
-    this dtype: bfloat16, running on CPU, kernels available."""
-    return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.bfloat16 and available()
+    this dtype: bfloat16 or float32, running on CPU, kernels available."""
+    return (jax.default_backend() == "cpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+            and available())
 
 
 def applies(x: jax.Array, wt: jax.Array) -> bool:
@@ -161,6 +166,43 @@ def bf16_matmul(x: jax.Array, wt: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(x, cpu=native, default=xla)
 
 
+F32_PANEL = 32  # outputs per panel of a packed float32 weight
+
+
+def pack_f32(w: jax.Array) -> jax.Array:
+    """w [K, N] float32 ([Din, Dout]) as panels [ceil(N / 32), K, 32] (the last zero-padded), the
+    layout `f32_matmul` streams."""
+    k, n = w.shape
+    tiles = -(-n // F32_PANEL)
+    w = jnp.pad(w, ((0, 0), (0, tiles * F32_PANEL - n)))
+    return w.reshape(k, tiles, F32_PANEL).transpose(1, 0, 2)
+
+
+def unpack_f32(panels: jax.Array, n: int) -> jax.Array:
+    """`pack_f32`'s inverse: panels [ceil(n / 32), K, 32] -> w [K, n]."""
+    tiles, k, width = panels.shape
+    return panels.transpose(1, 0, 2).reshape(k, tiles * width)[:, :n]
+
+
+def f32_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
+    """x [..., K] float32 times the [K, n] float32 weight packed by `pack_f32`: float32 [..., n].
+    The native kernel on CPU; XLA's dot when lowered for another platform."""
+    if (x.dtype != jnp.float32 or panels.dtype != jnp.float32 or panels.ndim != 3 or panels.shape[2] != F32_PANEL
+            or x.shape[-1] != panels.shape[1] or -(-n // F32_PANEL) != panels.shape[0]):
+        raise ValueError(f"f32_matmul: x [..., K] and panels [ceil(n / {F32_PANEL}), K, {F32_PANEL}] in float32 "
+                         f"expected, got {x.dtype}{list(x.shape)}, {panels.dtype}{list(panels.shape)}, n={n}")
+    if not available():
+        raise RuntimeError(f"the native kernels are unavailable: {unavailable_reason()}")
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32)
+
+    def native(x):
+        return jax.ffi.ffi_call(F32_MATMUL, out, vmap_method="sequential")(x, panels, n=np.int64(n))
+
+    def xla(x):
+        return jnp.dot(x, unpack_f32(panels, n), preferred_element_type=jnp.float32)
+    return jax.lax.platform_dependent(x, cpu=native, default=xla)
+
+
 ATTENTION_MAX_TOKENS = 16  # query tokens per row the attention kernel takes (decode, verification)
 
 
@@ -175,30 +217,41 @@ def _bits(pages) -> jax.Array | None:
     return None
 
 
+def _cache(q: jax.Array, pages) -> jax.Array | None:
+    """The cache array the attention kernel reads for queries q: a bf16 cache's uint16 bits for
+    bf16 queries, a float32 array for float32 queries; None for any other pairing."""
+    if q.dtype == jnp.bfloat16:
+        return _bits(pages)
+    if q.dtype == jnp.float32 and isinstance(pages, jax.Array) and pages.dtype == jnp.float32:
+        return pages
+    return None
+
+
 def attention_applies(q: jax.Array, k_pages, v_pages) -> bool:
-    """Whether `bf16_attention` takes this call: bf16 queries of up to ATTENTION_MAX_TOKENS tokens
-    per row, a bf16 cache (plain or `BitsPages`; not quantized), head dim a multiple of 32 up to
-    256, and the kernel available."""
+    """Whether `attention` takes this call: queries of up to ATTENTION_MAX_TOKENS tokens per row,
+    bf16 against a bf16 cache (plain or `BitsPages`; not quantized) or float32 against a float32
+    cache, head dim a multiple of 32 up to 256, and the kernels available."""
     h = q.shape[-1]
-    return (q.dtype == jnp.bfloat16 and q.shape[1] <= ATTENTION_MAX_TOKENS and h % 32 == 0 and h <= 256
-            and _bits(k_pages) is not None and _bits(v_pages) is not None and available())
+    return (q.shape[1] <= ATTENTION_MAX_TOKENS and h % 32 == 0 and h <= 256
+            and _cache(q, k_pages) is not None and _cache(q, v_pages) is not None and available())
 
 
-def bf16_attention(q: jax.Array, k_pages, v_pages, meta, *, scale: float,
-                   sliding_window: int | None = None) -> jax.Array:
-    """`layers.attention_reference`'s arguments and result (q [B, T, N, H] bf16 against a paged
-    [P, K, ps, H] or contiguous [B, K, S, H] bf16 cache), computed by the native kernel: one work
-    item per (row, kv head), its queries' scores 16 slots at a time (AVX512-BF16 dot products),
-    an online softmax, values accumulated in float32. The work stops at each row's length and
-    starts at its sliding window, whatever the page table's width. Padding queries give zeros."""
+def attention(q: jax.Array, k_pages, v_pages, meta, *, scale: float, sliding_window: int | None = None) -> jax.Array:
+    """`layers.attention_reference`'s arguments and result (q [B, T, N, H] against a paged
+    [P, K, ps, H] or contiguous [B, K, S, H] cache, bf16 or float32 alike), computed by the native
+    kernel: one work item per (row, kv head), its queries' scores 16 slots at a time (AVX512-BF16
+    dot products, or float32 FMAs), an online softmax, values accumulated in float32. The work
+    stops at each row's length and starts at its sliding window, whatever the page table's
+    width. Padding queries give zeros."""
     b, t, n, h = q.shape
-    k, v = _bits(k_pages), _bits(v_pages)
+    k, v = _cache(q, k_pages), _cache(q, v_pages)
     table = jnp.arange(b, dtype=jnp.int32)[:, None] if meta.contiguous else meta.page_table.astype(jnp.int32)
     out = jax.ShapeDtypeStruct((b, t, n, h), jnp.float32)
     window = np.int64(sliding_window or 0)
+    target = ATTENTION if q.dtype == jnp.bfloat16 else F32_ATTENTION
 
     def native(q):
-        return jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")(
+        return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
             q, k, v, table, meta.kv_lens.astype(jnp.int32), meta.q_lens.astype(jnp.int32),
             scale=np.float32(scale), window=window).astype(q.dtype)
 

@@ -72,9 +72,9 @@ class LLM:
     preemption_mode ("recompute", or "swap": a preempted request's K/V waits on the host, at
     most swap_space GiB of it; victims beyond that are recomputed).
     attention_backend: "xla" (plain XLA: `layers.attention`), "pallas" (the Pallas kernels; interpret
-    mode on CPU, for correctness), "native" (jaxinfer's AVX512-BF16 CPU kernel for bf16 decode and
-    verification, `cpu_kernels.bf16_attention`; everything else on the "xla" path), or "auto":
-    "native" for bfloat16 on CPU where that kernel builds, else "xla".
+    mode on CPU, for correctness), "native" (jaxinfer's CPU kernel for bf16 and float32 decode and
+    verification, `cpu_kernels.attention`; everything else on the "xla" path), or "auto":
+    "native" for bfloat16 and float32 on CPU where the kernels build, else "xla".
     compilation_cache_dir: keep compiled programs on disk for the next process
     (`jit_cache.enable_compilation_cache`).
     quantization: quantization of the decoder projections at load time: weight-only "int8",
@@ -85,11 +85,12 @@ class LLM:
     quantization_config["calibration"] (token windows [S, T]) or, by default, on windows of the
     standard library's training split encoded by the model's tokenizer.
     weight_layout: how the dense projections are held for compute (`model.runtime_layout`):
-    "in_out" ([Din, Dout], the checkpoint layout), "out_in" ([Dout, Din]), "native" ([Dout, Din],
-    bf16 products of up to 64 rows by jaxinfer's AVX512-BF16 CPU kernel, `cpu_kernels`), or
-    "auto": for bfloat16 on CPU "native" where that kernel is available (it is built with the
-    system's C++ compiler on first use), else "out_in" (batch-1 decode ~1.2x faster than
-    "in_out", 8-16-row steps ~5% slower); "in_out" otherwise.
+    "in_out" ([Din, Dout], the checkpoint layout), "out_in" ([Dout, Din]), "native" (jaxinfer's CPU
+    kernels, `cpu_kernels`: bf16 [Dout, Din] with products of up to 64 rows by the AVX512-BF16
+    kernel; float32 packed in panels of 32 outputs, `layers.PanelWeight`, every product by the
+    float32 kernel), or "auto": on CPU "native" where the kernels are available (built with the
+    system's C++ compiler on first use), else "out_in" for bfloat16 (batch-1 decode ~1.2x faster
+    than "in_out", 8-16-row steps ~5% slower) and "in_out" for float32; "in_out" off CPU.
     "in_out" on CPU also gives float32 tied embeddings a [D, V] copy as the LM head (`layers.TiedHead`,
     the embedding's bytes once more; greedy decode ~3% faster at 8 rows).
     """

@@ -20,6 +20,7 @@ from jaxinfer import cpu_kernels
 from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta, KVCache, write_pages, write_slots
 from jaxinfer.layers import (
+    PanelWeight,
     TiedHead,
     TransposedWeight,
     apply_rope,
@@ -110,48 +111,66 @@ WEIGHT_LAYOUTS = ("auto", "in_out", "out_in", "native")
 
 def runtime_layout(weights: Weights, layout: str = "auto") -> Weights:
     """The dense projections (and the LM head) held as `layout` says: "in_out" leaves the
-    [Din, Dout] arrays; "out_in" makes them `TransposedWeight`s ([Dout, Din]); "native" does too,
-    and sends their bf16 products of a few rows to jaxinfer's AVX512-BF16 kernel
-    (`cpu_kernels`), a tied embedding included, read in place as the LM head (bfloat16 weights
-    on an x86-64 CPU with AVX512-BF16 and a C++ compiler only; ValueError otherwise).
-    "auto" is "native" for bfloat16 on CPU where that kernel is available, else "out_in" for
-    bfloat16 on CPU, and "in_out" otherwise (measurements at `TransposedWeight` and in
-    `cpu_kernels`). Quantized projections are unchanged. For float32 on CPU, "in_out" also gives
-    tied embeddings a [D, V] copy as the LM head (`TiedHead`: multi-row steps contract it ~1.6x
-    faster than the [V, D] embedding; bfloat16 gains nothing from it). `LLM` applies it after
-    loading (and quantizing); `dense_layout` undoes it."""
-    on_cpu = jax.default_backend() == "cpu"
-    bf16 = weights.dtype == jnp.bfloat16
-    if layout == "auto":
-        native = cpu_kernels.chosen_by_default(weights.dtype)
-        layout = "native" if native else "out_in" if on_cpu and bf16 else "in_out"
+    [Din, Dout] arrays; "out_in" makes them `TransposedWeight`s ([Dout, Din]); "native" hands them
+    to jaxinfer's CPU kernels (`cpu_kernels`; an x86-64 CPU with AVX512-BF16 and a C++ compiler,
+    ValueError otherwise): bfloat16 as `TransposedWeight(native=True)` (products of a few rows go
+    to the bf16 kernel, a tied embedding is read in place as the LM head), float32 as
+    `PanelWeight`s (every product goes to the f32 kernel; a tied embedding gets a packed copy as
+    the head). "auto" is "native" on CPU where the kernels are available, else "out_in" for
+    bfloat16 on CPU, and "in_out" otherwise (measurements at `TransposedWeight`, `PanelWeight` and
+    in `cpu_kernels`). Quantized projections are unchanged. For float32 on CPU, "in_out" also
+    gives tied embeddings a [D, V] copy as the LM head (`TiedHead`: multi-row steps contract it
+    ~1.6x faster than the [V, D] embedding; bfloat16 gains nothing from it). `LLM` applies it
+    after loading (and quantizing); `dense_layout` undoes it."""
+    layout = resolve_layout(weights.dtype, layout)
     if layout == "in_out":
-        if on_cpu and weights.lm_head is None and weights.dtype == jnp.float32:
+        if jax.default_backend() == "cpu" and weights.lm_head is None and weights.dtype == jnp.float32:
             return weights.replace(lm_head=TiedHead(jnp.array(weights.embed.T)))  # a [D, V] copy
         return weights
-    native = layout == "native"
-    if native:
-        if not (on_cpu and bf16):
-            raise ValueError(f"weight_layout='native' runs bfloat16 weights on CPU; these are {weights.dtype} "
-                             f"on {jax.default_backend()}")
-        if not cpu_kernels.available():
-            raise ValueError(f"weight_layout='native': {cpu_kernels.unavailable_reason()}")
-
-    def transpose(w):
-        return TransposedWeight(w.T, native=native) if isinstance(w, jax.Array) else w
-    weights = _map_projections(weights, transpose)
-    if native and weights.lm_head is None:
-        weights = weights.replace(lm_head=TransposedWeight(weights.embed, native=True, tied=True))
+    weights = _map_projections(weights, lambda w: layout_projection(w, layout))
+    if layout == "native" and weights.lm_head is None:
+        head = (PanelWeight.pack(weights.embed.T, tied=True) if weights.dtype == jnp.float32
+                else TransposedWeight(weights.embed, native=True, tied=True))
+        weights = weights.replace(lm_head=head)
     return weights
 
 
+def resolve_layout(dtype, layout: str = "auto") -> str:
+    """`runtime_layout`'s layout for weights of this dtype, "auto" resolved; ValueError for "native"
+    where the kernels cannot run it."""
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = jnp.dtype(dtype)
+    if layout == "auto":
+        return ("native" if cpu_kernels.chosen_by_default(dtype)
+                else "out_in" if on_cpu and dtype == jnp.bfloat16 else "in_out")
+    if layout == "native":
+        if not (on_cpu and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))):
+            raise ValueError(f"weight_layout='native' runs bfloat16 or float32 weights on CPU; these are "
+                             f"{dtype} on {jax.default_backend()}")
+        if not cpu_kernels.available():
+            raise ValueError(f"weight_layout='native': {cpu_kernels.unavailable_reason()}")
+    return layout
+
+
+def layout_projection(w, layout: str):
+    """One dense [Din, Dout] projection as a resolved layout holds it: "in_out" as it is, "out_in" a
+    `TransposedWeight`, "native" a `PanelWeight` (float32) or a native `TransposedWeight`
+    (bfloat16). Anything else (a quantized projection) is returned unchanged."""
+    if not isinstance(w, jax.Array) or layout == "in_out":
+        return w
+    if layout == "native" and w.dtype == jnp.float32:
+        return PanelWeight.pack(w)
+    return TransposedWeight(w.T, native=layout == "native")
+
+
 def dense_layout(weights: Weights) -> Weights:
-    """Every `TransposedWeight` back to its [Din, Dout] array, and a tied LM head's `TiedHead` copy
-    or in-place `TransposedWeight` dropped (saving, exporting, quantizing)."""
+    """Every `TransposedWeight` and `PanelWeight` back to its [Din, Dout] array, and a tied LM
+    head's copy (`TiedHead`, a tied `PanelWeight`) or in-place `TransposedWeight` dropped (saving,
+    exporting, quantizing)."""
     head = weights.lm_head
-    if isinstance(head, TiedHead) or (isinstance(head, TransposedWeight) and head.tied):
+    if isinstance(head, TiedHead) or (isinstance(head, (TransposedWeight, PanelWeight)) and head.tied):
         weights = weights.replace(lm_head=None)
-    return _map_projections(weights, lambda w: w.dense() if isinstance(w, TransposedWeight) else w)
+    return _map_projections(weights, lambda w: w.dense() if isinstance(w, (TransposedWeight, PanelWeight)) else w)
 
 
 def loop_layout(weights: Weights) -> Weights:

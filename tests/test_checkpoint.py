@@ -189,13 +189,14 @@ def test_corrupt_tokenizer_files_name_the_file(tiny_dir, tmp_path, name, match):
 
 
 def test_a_quantized_model_with_tied_embeddings_exports_to_hf_and_loads_back(tiny_dir, tmp_path):
-    """A float32 LLM on CPU holds its tied head as a TiedHead copy. Exporting an int8 model wrote
-    tie_word_embeddings=false (read from that copy) and no lm_head tensor, so the export did not
-    load ("tensor 'lm_head.weight' is missing")."""
+    """A float32 LLM on CPU holds its tied head as a copy (a TiedHead, or a tied PanelWeight with
+    the native kernels). Exporting an int8 model wrote tie_word_embeddings=false (read from that
+    copy) and no lm_head tensor, so the export did not load ("tensor 'lm_head.weight' is missing")."""
     from jaxinfer import LLM, SamplingParams
-    from jaxinfer.layers import TiedHead
+    from jaxinfer.layers import PanelWeight, TiedHead
     llm = LLM(str(tiny_dir), dtype="float32", quantization="int8", max_model_len=64)
-    assert isinstance(llm.weights.lm_head, TiedHead)
+    assert isinstance(llm.weights.lm_head, TiedHead) or (isinstance(llm.weights.lm_head, PanelWeight)
+                                                         and llm.weights.lm_head.tied)
     llm.save(tmp_path / "h", save_format="hf")
     assert json.loads((tmp_path / "h" / "config.json").read_text())["tie_word_embeddings"] is True
     again = LLM(str(tmp_path / "h"), dtype="float32", max_model_len=64)

@@ -1,6 +1,6 @@
-"""jaxinfer's native CPU kernels (`cpu_kernels`): the bf16 matmul and the bf16 paged attention agree
-with plain XLA, never read past a row's length, and plug into the model, the layouts and the
-engine. Skipped where the kernels cannot be built (no AVX512-BF16 or no C++ compiler), except the
+"""jaxinfer's native CPU kernels (`cpu_kernels`): the bf16 and float32 matmuls and the paged
+attention (bf16 and float32 caches) agree with plain XLA, never read past a row's length, and plug
+into the model, the layouts and the engine. Skipped where the kernels cannot be built (no AVX512-BF16 or no C++ compiler), except the
 checks of that fallback."""
 
 import jax
@@ -11,7 +11,14 @@ import pytest
 from jaxinfer import cpu_kernels
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, BitsPages
-from jaxinfer.layers import TransposedWeight, attention, attention_reference, resolve_backend
+from jaxinfer.layers import (
+    PanelWeight,
+    TiedHead,
+    TransposedWeight,
+    attention,
+    attention_reference,
+    resolve_backend,
+)
 from jaxinfer.model import dense_layout, forward, init_weights, runtime_layout
 from jaxinfer.wquant import weight_bytes
 
@@ -84,29 +91,102 @@ def _assert_close_on_valid_queries(got, want, q_lens):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows,k,n", [(1, 384, 640), (2, 64, 4), (3, 100, 7), (5, 48, 513), (9, 33, 1),
+                                      (12, 96, 64), (13, 96, 130), (40, 256, 96), (0, 64, 8), (3, 0, 5)])
+def test_f32_matmul_matches_a_float64_product(rows, k, n):
+    """Every row pass (1 to 12 rows, and a 13th in a second pass), panel tails (n not a multiple of
+    32, a panel with no second vector), an empty batch and an empty contraction."""
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    panels = cpu_kernels.pack_f32(w)
+    assert panels.shape == (-(-n // 32), k, 32)
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.unpack_f32(panels, n)), np.asarray(w))
+    got = np.asarray(jax.jit(cpu_kernels.f32_matmul, static_argnums=2)(x, panels, n))
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    assert got.shape == (rows, n) and got.dtype == np.float32
+    bound = 1e-6 * (np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64))) + 1e-30
+    assert np.all(np.abs(got - want) <= bound * max(k, 1) ** 0.5 * 4)
+
+
+@needs_kernels
+def test_f32_matmul_rows_are_independent_of_batch_and_pass():
+    """A row's float32 result is the same bits alone, in a batch of 5, or as row 17 of 30 (second
+    pass over the panels): each output sums its products in order k = 0, 1, ...; leading dims are
+    flattened, vmap runs it row by row, and a PanelWeight multiplies through `layers.matmul`."""
+    from jaxinfer.layers import matmul
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((30, 96)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((96, 70)), jnp.float32)
+    pw = PanelWeight.pack(w)
+    assert pw.shape == (96, 70) and pw.dtype == jnp.float32
+    mm = jax.jit(matmul)
+    whole = np.asarray(mm(x, pw))
+    np.testing.assert_array_equal(np.asarray(mm(x[17:18], pw))[0], whole[17])
+    np.testing.assert_array_equal(np.asarray(mm(x[15:20], pw))[2], whole[17])
+    np.testing.assert_array_equal(np.asarray(mm(x.reshape(5, 6, 96), pw)).reshape(30, 70), whole)
+    mapped = jax.jit(jax.vmap(lambda r: matmul(r, pw)))(x)
+    np.testing.assert_array_equal(np.asarray(mapped), whole)
+    np.testing.assert_allclose(whole, np.asarray(x) @ np.asarray(w), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="float32 expected"):
+        cpu_kernels.f32_matmul(x.astype(jnp.bfloat16), pw.panels, 70)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("b,t,n,kh,h,ps,pp,window", [
     (4, 1, 8, 8, 64, 16, 6, None),  # MHA decode
     (3, 5, 8, 2, 64, 16, 4, None),  # GQA, verification-sized steps with padding queries
     (3, 16, 4, 1, 128, 8, 7, None),  # MQA, head dim 128, pages smaller than a 16-slot block
     (3, 3, 6, 3, 32, 16, 5, 20),  # sliding window
+    (2, 4, 12, 2, 96, 16, 3, None),  # six heads per kv head (two groups of up to four), head dim 96
 ])
-def test_bf16_attention_matches_the_reference_and_stops_at_each_rows_length(b, t, n, kh, h, ps, pp, window):
+def test_attention_matches_the_reference_and_stops_at_each_rows_length(dtype, b, t, n, kh, h, ps, pp, window):
     rng = np.random.default_rng(b * 100 + t)
     kv_lens = rng.integers(t, ps * pp + 1, b)
     q_lens = np.minimum(rng.integers(0, t + 1, b), kv_lens)
     q_lens[0] = t
     q, k, v, meta = _paged_case(rng, b, t, n, kh, h, ps, pp, b * pp + 3, q_lens, kv_lens)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
     kw = {"scale": h ** -0.5, "sliding_window": window}
+    assert cpu_kernels.attention_applies(q, k, v)
     want = _reference(q, k, v, meta, **kw)
-    got = jax.jit(lambda q, k, v, m: cpu_kernels.bf16_attention(q, k, v, m, **kw))(q, k, v, meta)
-    _assert_close_on_valid_queries(got, want, q_lens)
-    bits = [BitsPages(jax.lax.bitcast_convert_type(x, jnp.uint16), jnp.dtype(jnp.bfloat16)) for x in (k, v)]
-    via_dispatch = jax.jit(lambda q, k, v, m: attention(q, k, v, m, backend="native", **kw))(q, *bits, meta)
+    got = jax.jit(lambda q, k, v, m: cpu_kernels.attention(q, k, v, m, **kw))(q, k, v, meta)
+    assert got.dtype == dtype
+    if dtype == jnp.float32:
+        got32 = np.asarray(got)
+        assert np.all(np.isfinite(got32))
+        for row, q_len in enumerate(q_lens):
+            np.testing.assert_allclose(got32[row, :q_len], want[row, :q_len], atol=2e-5, rtol=1e-4)
+        cache = (k, v)
+    else:
+        _assert_close_on_valid_queries(got, want, q_lens)
+        cache = [BitsPages(jax.lax.bitcast_convert_type(x, jnp.uint16), jnp.dtype(jnp.bfloat16)) for x in (k, v)]
+    via_dispatch = jax.jit(lambda q, k, v, m: attention(q, k, v, m, backend="native", **kw))(q, *cache, meta)
     np.testing.assert_array_equal(np.asarray(via_dispatch, np.float32), np.asarray(got, np.float32))
 
 
 @needs_kernels
-def test_bf16_attention_reads_a_contiguous_cache_like_its_pages():
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_attention_gives_a_token_the_same_bits_whatever_the_call_width(dtype):
+    """Verifying T tokens in one call gives each of them exactly what T one-token calls give
+    (each query keeps its own softmax over the same blocks): speculative decoding's verify step
+    and plain decoding agree bit for bit."""
+    rng = np.random.default_rng(7)
+    b, t, n, kh, h, ps, pp = 2, 6, 6, 2, 64, 16, 4
+    kv_lens = np.array([40, 23], np.int32)
+    q, k, v, meta = _paged_case(rng, b, t, n, kh, h, ps, pp, b * pp, [t, t], kv_lens)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    attend = jax.jit(lambda q, m: cpu_kernels.attention(q, k, v, m, scale=0.125))
+    wide = np.asarray(attend(q, meta), np.float32)
+    for i in range(t):  # token i alone, with the cache as long as it sees
+        one = AttentionMeta(page_table=meta.page_table, kv_lens=jnp.asarray(kv_lens - t + 1 + i),
+                            q_lens=jnp.ones((b,), jnp.int32))
+        np.testing.assert_array_equal(np.asarray(attend(q[:, i:i + 1], one), np.float32), wide[:, i:i + 1])
+
+
+@needs_kernels
+def test_attention_reads_a_contiguous_cache_like_its_pages():
     """A contiguous [B, K, S, H] cache is one page of S slots per row: the same result as the same
     slots laid out in pages (bit for bit: the same blocks of 16 slots in the same order)."""
     rng = np.random.default_rng(3)
@@ -116,19 +196,20 @@ def test_bf16_attention_reads_a_contiguous_cache_like_its_pages():
     lens = jnp.asarray([48, 17, 1], jnp.int32)
     ones = jnp.ones((b,), jnp.int32)
     contiguous = AttentionMeta(page_table=jnp.zeros((b, 1), jnp.int32), kv_lens=lens, q_lens=ones, contiguous=True)
-    got = cpu_kernels.bf16_attention(q, k, v, contiguous, scale=0.125)
+    got = cpu_kernels.attention(q, k, v, contiguous, scale=0.125)
     want = _reference(q, k, v, contiguous, scale=0.125)
     _assert_close_on_valid_queries(got, want, [1] * b)
     ps = 16  # the same slots as pages [B * S / ps, K, ps, H]
     pages = [x.reshape(b, kh, s // ps, ps, h).transpose(0, 2, 1, 3, 4).reshape(-1, kh, ps, h) for x in (k, v)]
     table = jnp.arange(b * (s // ps), dtype=jnp.int32).reshape(b, s // ps)
-    paged = cpu_kernels.bf16_attention(q, *pages, AttentionMeta(table, lens, ones), scale=0.125)
+    paged = cpu_kernels.attention(q, *pages, AttentionMeta(table, lens, ones), scale=0.125)
     np.testing.assert_array_equal(np.asarray(paged, np.float32), np.asarray(got, np.float32))
 
 
 def test_native_attention_backend_falls_back_to_xla_where_the_kernel_does_not_apply():
-    """float32 caches, head dims that are not multiples of 32, and wide prefill calls take the
-    "xla" path under backend "native" (same result as "xla")."""
+    """Head dims that are not multiples of 32, queries whose dtype is not the cache's, caches of
+    other dtypes and wide prefill calls take the "xla" path under backend "native" (same result
+    as "xla")."""
     rng = np.random.default_rng(4)
     q = jnp.asarray(rng.standard_normal((2, 3, 4, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((5, 2, 8, 16)), jnp.float32) for _ in range(2))
@@ -137,9 +218,15 @@ def test_native_attention_backend_falls_back_to_xla_where_the_kernel_does_not_ap
     assert not cpu_kernels.attention_applies(q, k, v)
     np.testing.assert_array_equal(np.asarray(attention(q, k, v, meta, scale=0.25, backend="native")),
                                   np.asarray(attention(q, k, v, meta, scale=0.25, backend="xla")))
+    q32, k32 = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 3, 4, 32), (5, 2, 8, 32)))
+    assert cpu_kernels.attention_applies(q32, k32, k32)
+    assert not cpu_kernels.attention_applies(q32.astype(jnp.bfloat16), k32, k32)
+    assert not cpu_kernels.attention_applies(q32.astype(jnp.float16), k32.astype(jnp.float16), k32.astype(jnp.float16))
+    assert not cpu_kernels.attention_applies(jnp.zeros((2, 17, 4, 32)), k32, k32)
     assert resolve_backend("xla") == "xla" and resolve_backend("pallas") == "pallas"
-    assert resolve_backend("auto") == ("native" if cpu_kernels.available() else "xla")
-    assert resolve_backend("auto", jnp.float32) == "xla"
+    for dtype in (jnp.bfloat16, jnp.float32):
+        assert resolve_backend("auto", dtype) == ("native" if cpu_kernels.available() else "xla")
+    assert resolve_backend("auto", jnp.float16) == "xla"
 
 
 CFG = ModelConfig("LlamaForCausalLM", vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=2,
@@ -169,11 +256,34 @@ def test_native_layout_reads_tied_embeddings_in_place_and_computes_the_same_logi
     assert runtime_layout(w, "auto").layers[0].wqkv.native
 
 
-def test_native_layout_refuses_what_the_kernel_cannot_run():
+@needs_kernels
+def test_native_f32_layout_packs_panels_and_computes_the_same_logits():
+    """weight_layout "native" for float32: every projection a PanelWeight, the tied embedding a
+    packed copy as the LM head (dropped by dense_layout, which gives the arrays back bit for bit);
+    logits agree with "in_out" (XLA's dot) to float32 precision, and so does the native attention
+    over a cache."""
     w = init_weights(CFG, jax.random.PRNGKey(0), jnp.float32, std=0.1)
-    with pytest.raises(ValueError, match="native.*bfloat16.*float32"):
+    native = runtime_layout(w, "native")
+    assert isinstance(native.layers[0].wqkv, PanelWeight) and native.lm_head.tied
+    assert native.lm_head.shape == (CFG.hidden_size, CFG.vocab_size)
+    assert isinstance(runtime_layout(w, "auto").layers[1].w_down, PanelWeight)
+    back = dense_layout(native)
+    assert back.lm_head is None
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(w), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, CFG.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    run = jax.jit(forward, static_argnames=("cfg",))
+    ref = np.asarray(run(runtime_layout(w, "in_out"), CFG, tokens, pos, None, None)[0])
+    got = np.asarray(run(native, CFG, tokens, pos, None, None)[0])
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_native_layout_refuses_what_the_kernel_cannot_run():
+    w = init_weights(CFG, jax.random.PRNGKey(0), jnp.float16, std=0.1)
+    with pytest.raises(ValueError, match="native.*bfloat16 or float32.*float16"):
         runtime_layout(w, "native")
-    assert not isinstance(runtime_layout(w, "auto").layers[0].wqkv, TransposedWeight)  # float32: in_out
+    assert not isinstance(runtime_layout(w, "auto").layers[0].wqkv, (TransposedWeight, PanelWeight))
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +343,8 @@ def test_unavailable_kernels_say_why_and_leave_xla_in_charge(monkeypatch, tmp_pa
         assert resolve_backend("auto") == "xla"
         w = init_weights(CFG, jax.random.PRNGKey(0), jnp.bfloat16, std=0.1)
         assert not runtime_layout(w, "auto").layers[0].wqkv.native
+        f32 = runtime_layout(init_weights(CFG, jax.random.PRNGKey(0), jnp.float32, std=0.1), "auto")
+        assert isinstance(f32.layers[0].wqkv, jax.Array) and isinstance(f32.lm_head, TiedHead)  # in_out
         with pytest.raises(ValueError, match="no-such-compiler"):
             runtime_layout(w, "native")
     finally:

@@ -45,7 +45,8 @@ def test_cached_decode_equals_full_recompute(dtype, tol):
 def test_runtime_layout_transposes_bf16_projections_on_cpu_and_computes_the_same_logits():
     """bf16 weights on CPU run as TransposedWeights (an untied LM head too); the logits are the
     same dot products (float32 accumulation, another order); dense_layout gives back the exact
-    arrays. float32 weights keep their layout."""
+    arrays. float32 weights keep theirs under "in_out" (what "auto" gives them where the native
+    kernels are unavailable; test_cpu_kernels covers "native")."""
     cfg = CFG  # untied: an lm_head of its own
     w = init_weights(cfg, jax.random.PRNGKey(0), jnp.bfloat16, std=0.1)
     assert w.lm_head is not None
@@ -68,7 +69,7 @@ def test_runtime_layout_transposes_bf16_projections_on_cpu_and_computes_the_same
         assert x.shape == y.shape and x.dtype == y.dtype
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     w32 = init_weights(cfg, jax.random.PRNGKey(0), jnp.float32)
-    assert runtime_layout(w32) is w32
+    assert runtime_layout(w32, "in_out") is w32
 
 
 def test_loop_layout_multiplies_transposed_weights_as_the_left_operand():
@@ -90,12 +91,12 @@ def test_loop_layout_multiplies_transposed_weights_as_the_left_operand():
 
 
 def test_runtime_layout_gives_a_tied_float32_head_its_own_copy_on_cpu():
-    """float32 tied embeddings on CPU get a [D, V] copy as the LM head (TiedHead); the logits are
+    """float32 tied embeddings on CPU, "in_out", get a [D, V] copy as the LM head (TiedHead); the logits are
     the same float32 dot products; dense_layout drops the copy (the checkpoint stays tied)."""
     cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
     w = init_weights(cfg, jax.random.PRNGKey(0), jnp.float32, std=0.1)
     assert w.lm_head is None
-    laid = runtime_layout(w)
+    laid = runtime_layout(w, "in_out")  # "auto" where the native kernels are unavailable
     assert isinstance(laid.lm_head, TiedHead) and laid.lm_head.shape == (cfg.hidden_size, cfg.vocab_size)
     np.testing.assert_array_equal(np.asarray(laid.lm_head.w), np.asarray(w.embed).T)
     assert laid.layers is w.layers  # the projections as they were

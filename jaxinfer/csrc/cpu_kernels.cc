@@ -26,6 +26,8 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -163,6 +165,91 @@ ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::B
   return ffi::Error::Success();
 }
 
+// ---- float32 matmul: y[M, N] = x[M, K] @ w for a float32 w packed in panels of 32 outputs,
+// wp[N/32, K, 32] (`cpu_kernels.pack_f32`; the last panel zero-padded): a panel's weights are
+// one contiguous stream. Outer products: for each k, the panel's 32 weights (two vectors) times
+// x[r, k] broadcast, accumulated into MR x 2 vectors; each output sums its K products in order
+// k = 0, 1, ..., so a row's result does not depend on its batch-mates or on how rows are tiled.
+constexpr int64_t kF32Cols = 32;          // outputs per panel
+constexpr int64_t kF32MaxRows = 12;       // rows per pass over a panel (24 accumulators)
+constexpr int64_t kF32PrefetchBytes = 16384;  // how far ahead of its reads the first pass pulls the panel into L1
+
+template <int MR>
+inline void f32_tile(const float* x, const float* wp, float* y, int64_t K, int64_t N, int64_t n, __mmask16 m0,
+                     __mmask16 m1, bool prefetch) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k, wp += kF32Cols) {
+    if (prefetch) {
+      _mm_prefetch((const char*)wp + kF32PrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch((const char*)wp + kF32PrefetchBytes + 64, _MM_HINT_T0);
+    }
+    const __m512 w0 = _mm512_load_ps(wp), w1 = _mm512_load_ps(wp + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * K + k]);
+      acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(y + r * N + n, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(y + r * N + n + 16, m1, acc[r][1]);
+  }
+}
+
+inline void f32_rows(const float* x, const float* wp, float* y, int64_t M, int64_t K, int64_t N, int64_t n,
+                     __mmask16 m0, __mmask16 m1) {
+  for (int64_t r0 = 0; r0 < M; r0 += kF32MaxRows) {
+    const int64_t mr = std::min(kF32MaxRows, M - r0);
+    const float* xr = x + r0 * K;
+    float* yr = y + r0 * N;
+    const bool pf = r0 == 0;  // later passes find the panel in cache
+    switch (mr) {
+      case 1: f32_tile<1>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      case 2: f32_tile<2>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      case 3: f32_tile<3>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      case 4: f32_tile<4>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      case 5: f32_tile<5>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      case 6: f32_tile<6>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      case 7: f32_tile<7>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      case 8: f32_tile<8>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      case 9: f32_tile<9>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      case 10: f32_tile<10>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      case 11: f32_tile<11>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      default: f32_tile<12>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+    }
+  }
+}
+
+ffi::Error F32MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, int64_t N,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  auto wd = w.dimensions();
+  auto xd = x.dimensions();
+  if (wd.size() != 3 || wd[2] != kF32Cols || xd.size() < 1 || xd.back() != wd[1] || N > wd[0] * kF32Cols ||
+      N <= (wd[0] - 1) * kF32Cols)
+    return ffi::Error::InvalidArgument("f32_matmul: x [..., K] and panels [ceil(N / 32), K, 32] expected");
+  const int64_t K = wd[1], tiles = wd[0];
+  if (K == 0) {
+    std::fill(y->typed_data(), y->typed_data() + y->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t M = x.element_count() / K;
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t per = std::max<int64_t>(1, (tiles + 4 * threads - 1) / (4 * threads));  // ~4 blocks a thread
+  parallel_for(pool, (tiles + per - 1) / per, [=](int64_t b) {
+    for (int64_t t = b * per; t < std::min(tiles, (b + 1) * per); ++t) {
+      const int64_t n = t * kF32Cols, left = N - n;
+      const __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+      const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+      f32_rows(xp, wp + t * K * kF32Cols, yp, M, K, N, n, m0, m1);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // e^x for 16 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
 // (relative error ~2e-7), times 2^n. Inputs below -87 give ~1e-38 (callers mask such lanes).
 inline __m512 exp16(__m512 x) {
@@ -184,10 +271,14 @@ inline __m512 exp16(__m512 x) {
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kPrefetchSlots = 32;  // how far ahead of its block a query pulls K and V into L1
 
-struct AttentionArgs {
-  const uint16_t* q;  // [B, T, N, H] bf16
-  const uint16_t* k;  // [P, KH, ps, H] bf16
-  const uint16_t* v;
+// Attention over a cache of E: uint16_t (bfloat16 bits; bf16 queries, vdpbf16ps scores, values
+// converted to float32 once per block) or float (float32 queries, cache and arithmetic).
+template <typename E>
+struct Attention {
+  static constexpr bool kF32 = std::is_same_v<E, float>;
+  const E* q;  // [B, T, N, H]
+  const E* k;  // [P, KH, ps, H]
+  const E* v;
   const int32_t* page_table;  // [B, PP]
   const int32_t* kv_lens;     // [B]
   const int32_t* q_lens;      // [B]
@@ -195,100 +286,206 @@ struct AttentionArgs {
   int64_t B, T, N, KH, H, ps, PP, window;
   float scale;
 
-  const uint16_t* slot(const uint16_t* pages, int64_t b, int64_t kh, int64_t s) const {
+  const E* slot(const E* pages, int64_t b, int64_t kh, int64_t s) const {
     const int64_t page = page_table[b * PP + s / ps];
     return pages + ((page * KH + kh) * ps + s % ps) * H;
   }
 
-  // One query (row b, token t, head `head` of kv head kh) against its visible slots
-  // [lo, hi): blocks of 16 slots, scores summed by reduce16, an online softmax across blocks.
-  void query(int64_t b, int64_t t, int64_t head, int64_t kh) const {
-    float* o = out + ((b * T + t) * N + head) * H;
-    const int64_t q_len = q_lens[b], kv_len = kv_lens[b];
-    const int64_t pos = kv_len - q_len + t;
-    const int64_t hi = std::min(kv_len, pos + 1);
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-    if (t >= q_len || hi <= lo) {  // a padding query, or nothing visible: zeros
-      std::fill(o, o + H, 0.0f);
+  // Pointers to row b's slots s0 .. s0+15 of kv head kh in `pages` (s0 a multiple of 16);
+  // nullptr for the slots outside [lo, hi). A block inside one page is one page-table lookup.
+  void block(const E* pages, int64_t b, int64_t kh, int64_t s0, int64_t lo, int64_t hi, const E** p) const {
+    if (ps % 16 == 0 && s0 >= lo && s0 + 16 <= hi) {
+      const E* base = slot(pages, b, kh, s0);
+      for (int j = 0; j < 16; ++j) p[j] = base + j * H;
       return;
     }
-    const int64_t hc = H / 32;  // 32-value chunks of a head
-    __m512bh qv[kMaxHeadDim / 32];
-    for (int64_t c = 0; c < hc; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + ((b * T + t) * N + head) * H + c * 32);
-    __m512 acc[kMaxHeadDim / 16];
-    for (int64_t c = 0; c < 2 * hc; ++c) acc[c] = _mm512_setzero_ps();
-    float m = -INFINITY, l = 0.0f;
-    for (int64_t s0 = lo / 16 * 16; s0 < hi; s0 += 16) {
-      __mmask16 valid = 0;
-      const uint16_t* kp[16];
-      for (int j = 0; j < 16; ++j) {
-        const int64_t s = s0 + j;
-        const bool ok = s >= lo && s < hi;
-        valid |= (__mmask16)ok << j;
-        kp[j] = ok ? slot(k, b, kh, s) : nullptr;
+    for (int j = 0; j < 16; ++j) {
+      const int64_t s = s0 + j;
+      p[j] = s >= lo && s < hi ? slot(pages, b, kh, s) : nullptr;
+    }
+  }
+
+  // The 16 scores of one query against slots kp (those not in `valid` left at 0), in lanes 0..15.
+  template <int HC>
+  static __m512 scores(const E* qp, const E* const* kp, __mmask16 valid) {
+    __m512 dots[16];  // dots[4l + b] holds slot 4b + l, so reduce16 puts slot j in lane j
+    if constexpr (kF32) {
+      __m512 qv[2 * HC];
+      for (int c = 0; c < 2 * HC; ++c) qv[c] = _mm512_loadu_ps(qp + c * 16);
+      for (int d = 0; d < 16; ++d) {
+        const int j = 4 * (d % 4) + d / 4;
+        __m512 x = _mm512_setzero_ps();
+        if (valid >> j & 1)
+          for (int c = 0; c < 2 * HC; ++c) x = _mm512_fmadd_ps(_mm512_loadu_ps(kp[j] + c * 16), qv[c], x);
+        dots[d] = x;
       }
-      for (int64_t s = s0 + kPrefetchSlots; s < std::min(s0 + kPrefetchSlots + 16, hi); ++s) {
-        const char* kn = reinterpret_cast<const char*>(slot(k, b, kh, s));
-        const char* vn = reinterpret_cast<const char*>(slot(v, b, kh, s));
-        for (int64_t line = 0; line < 2 * H; line += 64) {
-          _mm_prefetch(kn + line, _MM_HINT_T0);
-          _mm_prefetch(vn + line, _MM_HINT_T0);
+    } else {
+      __m512bh qv[HC];
+      for (int c = 0; c < HC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qp + c * 32);
+      for (int d = 0; d < 16; ++d) {
+        const int j = 4 * (d % 4) + d / 4;
+        __m512 x = _mm512_setzero_ps();
+        if (valid >> j & 1)
+          for (int c = 0; c < HC; ++c) x = _mm512_dpbf16_ps(x, (__m512bh)_mm512_loadu_si512(kp[j] + c * 32), qv[c]);
+        dots[d] = x;
+      }
+    }
+    return reduce16(dots);
+  }
+
+  // All queries of row b that read kv head kh (its tokens x the heads of its group), 16 slots
+  // at a time: each block's K is read (and a bf16 block's V converted to float32) once for all
+  // of them, and up to four heads of a token accumulate their values together (independent FMA
+  // chains). Each query keeps its own online softmax (running max m, sum l, accumulator) and
+  // sees exactly the blocks and the arithmetic it would see alone, so its result depends neither
+  // on how many tokens the call verifies nor on its batch-mates. HC: the head dim in 32s.
+  template <int HC>
+  void item(int64_t b, int64_t kh, int64_t groups) const {
+    constexpr int64_t HD = 32 * HC;
+    const int64_t q_len = q_lens[b], kv_len = kv_lens[b];
+    std::vector<int64_t> lo(T), hi(T);  // token t sees slots [lo, hi)
+    std::vector<float> m(T * groups, -INFINITY), l(T * groups, 0.0f), acc(T * groups * HD, 0.0f);
+    int64_t first = kv_len, last = 0;  // the slots any query sees
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t pos = kv_len - q_len + t;
+      hi[t] = std::min(kv_len, pos + 1);
+      lo[t] = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+      if (t >= q_len || hi[t] <= lo[t]) lo[t] = hi[t] = 0;  // a padding query, or nothing visible: zeros
+      if (hi[t] > lo[t]) first = std::min(first, lo[t]), last = std::max(last, hi[t]);
+    }
+    alignas(64) float vf[kF32 ? 1 : 16 * HD];
+    for (int64_t s0 = first / 16 * 16; s0 < last; s0 += 16) {
+      const E *kp[16], *vp[16], *k_ahead[16], *v_ahead[16];
+      block(k, b, kh, s0, first, last, kp);
+      block(v, b, kh, s0, first, last, vp);
+      if (s0 + kPrefetchSlots < last) {
+        block(k, b, kh, s0 + kPrefetchSlots, first, last, k_ahead);
+        block(v, b, kh, s0 + kPrefetchSlots, first, last, v_ahead);
+        for (int j = 0; j < 16; ++j)
+          if (k_ahead[j]) {
+            const char* kn = reinterpret_cast<const char*>(k_ahead[j]);
+            const char* vn = reinterpret_cast<const char*>(v_ahead[j]);
+            for (int64_t line = 0; line < HD * int64_t(sizeof(E)); line += 64) {
+              _mm_prefetch(kn + line, _MM_HINT_T0);
+              _mm_prefetch(vn + line, _MM_HINT_T0);
+            }
+          }
+      }
+      const float* vrow[16];  // slot j's values in float32
+      for (int j = 0; j < 16; ++j) {
+        if constexpr (kF32) {
+          vrow[j] = vp[j];
+        } else {
+          vrow[j] = vf + j * HD;
+          if (vp[j])
+            for (int c = 0; c < 2 * HC; ++c)
+              _mm512_store_ps(vf + j * HD + c * 16,
+                              _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(vp[j] + c * 16))));
         }
       }
-      __m512 dots[16];  // dots[4l + b] holds slot 4b + l, so reduce16 puts slot j in lane j
-      for (int i = 0; i < 16; ++i) {
-        const uint16_t* p = kp[4 * (i % 4) + i / 4];
-        __m512 d = _mm512_setzero_ps();
-        if (p)
-          for (int64_t c = 0; c < hc; ++c) d = _mm512_dpbf16_ps(d, (__m512bh)_mm512_loadu_si512(p + c * 32), qv[c]);
-        dots[i] = d;
+      for (int64_t t = 0; t < T; ++t) {
+        if (hi[t] <= lo[t] || s0 < lo[t] / 16 * 16 || s0 >= hi[t]) continue;
+        const int64_t from = std::max<int64_t>(lo[t] - s0, 0), to = std::min<int64_t>(hi[t] - s0, 16);
+        const __mmask16 valid = (__mmask16)(((1u << to) - 1) & ~((1u << from) - 1));  // slots s0 + [from, to)
+        for (int64_t g0 = 0; g0 < groups; g0 += 4) {
+          const int64_t gc = std::min<int64_t>(4, groups - g0);
+          alignas(64) float pj[4][16];
+          float alpha[4];
+          for (int64_t gi = 0; gi < gc; ++gi) {
+            const int64_t i = t * groups + g0 + gi;
+            const E* qp = q + ((b * T + t) * N + kh * groups + g0 + gi) * HD;
+            const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
+                                                 _mm512_mul_ps(scores<HC>(qp, kp, valid), _mm512_set1_ps(scale)));
+            const float m_new = std::max(m[i], _mm512_reduce_max_ps(sc));
+            // 0 for the first block (m = -inf); the call (which spills every vector register)
+            // only when the running max grows
+            alpha[gi] = m_new == m[i] ? 1.0f : m[i] == -INFINITY ? 0.0f : std::exp(m[i] - m_new);
+            const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
+            l[i] = l[i] * alpha[gi] + _mm512_reduce_add_ps(p);
+            m[i] = m_new;
+            _mm512_store_ps(pj[gi], p);
+          }
+          float* o = acc.data() + (t * groups + g0) * HD;
+          __m512 r[4][2 * HC];
+          for (int gi = 0; gi < 4; ++gi)
+            if (gi < gc)
+              for (int c = 0; c < 2 * HC; ++c)
+                r[gi][c] = _mm512_mul_ps(_mm512_loadu_ps(o + gi * HD + c * 16), _mm512_set1_ps(alpha[gi]));
+          for (int j = 0; j < 16; ++j) {
+            if (!(valid >> j & 1)) continue;
+            __m512 w[4];
+            for (int gi = 0; gi < 4; ++gi) w[gi] = _mm512_set1_ps(gi < gc ? pj[gi][j] : 0.0f);
+            for (int c = 0; c < 2 * HC; ++c) {
+              const __m512 x = _mm512_loadu_ps(vrow[j] + c * 16);
+              for (int gi = 0; gi < 4; ++gi)
+                if (gi < gc) r[gi][c] = _mm512_fmadd_ps(w[gi], x, r[gi][c]);
+            }
+          }
+          for (int gi = 0; gi < 4; ++gi)
+            if (gi < gc)
+              for (int c = 0; c < 2 * HC; ++c) _mm512_storeu_ps(o + gi * HD + c * 16, r[gi][c]);
+        }
       }
-      __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
-                                     _mm512_mul_ps(reduce16(dots), _mm512_set1_ps(scale)));
-      const float m_new = std::max(m, _mm512_reduce_max_ps(sc));
-      const float alpha = std::exp(m - m_new);  // 0 for the first block (m = -inf)
-      __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
-      l = l * alpha + _mm512_reduce_add_ps(p);
-      const __m512 a = _mm512_set1_ps(alpha);
-      for (int64_t c = 0; c < 2 * hc; ++c) acc[c] = _mm512_mul_ps(acc[c], a);
-      alignas(64) float pj[16];
-      _mm512_store_ps(pj, p);
-      for (int j = 0; j < 16; ++j) {
-        if (!kp[j]) continue;
-        const uint16_t* vp = slot(v, b, kh, s0 + j);
-        const __m512 w = _mm512_set1_ps(pj[j]);
-        for (int64_t c = 0; c < 2 * hc; ++c)
-          acc[c] = _mm512_fmadd_ps(w, _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(vp + c * 16))), acc[c]);
-      }
-      m = m_new;
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / l);
-    for (int64_t c = 0; c < 2 * hc; ++c) _mm512_storeu_ps(o + c * 16, _mm512_mul_ps(acc[c], inv));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t i = t * groups + g;
+        float* o = out + ((b * T + t) * N + kh * groups + g) * HD;
+        if (hi[t] <= lo[t]) {
+          std::fill(o, o + HD, 0.0f);
+          continue;
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
+        for (int c = 0; c < 2 * HC; ++c) _mm512_storeu_ps(o + c * 16, _mm512_mul_ps(_mm512_loadu_ps(acc.data() + i * HD + c * 16), inv));
+      }
+  }
+
+  void item(int64_t b, int64_t kh, int64_t groups) const {
+    switch (H / 32) {
+      case 1: return item<1>(b, kh, groups);
+      case 2: return item<2>(b, kh, groups);
+      case 3: return item<3>(b, kh, groups);
+      case 4: return item<4>(b, kh, groups);
+      case 5: return item<5>(b, kh, groups);
+      case 6: return item<6>(b, kh, groups);
+      case 7: return item<7>(b, kh, groups);
+      default: return item<8>(b, kh, groups);  // H <= kMaxHeadDim, checked by the caller
+    }
   }
 };
 
-ffi::Error Bf16AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::U16> k,
-                             ffi::Buffer<ffi::U16> v, ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> kv_lens,
-                             ffi::Buffer<ffi::S32> q_lens, float scale, int64_t window, ffi::ResultBuffer<ffi::F32> out) {
+template <typename E, typename QBuffer, typename KVBuffer>
+ffi::Error AttentionImpl(ffi::ThreadPool& pool, const QBuffer& q, const KVBuffer& k, const KVBuffer& v,
+                         ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> kv_lens,
+                         ffi::Buffer<ffi::S32> q_lens, float scale, int64_t window, ffi::ResultBuffer<ffi::F32>& out) {
   auto qd = q.dimensions();
   auto kd = k.dimensions();
   auto pd = page_table.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || pd.size() != 2 || kd[3] != qd[3] || pd[0] != qd[0] ||
       qd[2] % kd[1] != 0 || qd[3] % 32 != 0 || qd[3] > kMaxHeadDim)
     return ffi::Error::InvalidArgument(
-        "bf16_attention: q [B, T, N, H], pages [P, K, ps, H] (N a multiple of K, H a multiple of 32 up to 256), "
+        "attention: q [B, T, N, H], pages [P, K, ps, H] (N a multiple of K, H a multiple of 32 up to 256), "
         "page_table [B, PP] expected");
-  AttentionArgs a{reinterpret_cast<const uint16_t*>(q.typed_data()), k.typed_data(), v.typed_data(),
-                  page_table.typed_data(), kv_lens.typed_data(), q_lens.typed_data(), out->typed_data(),
-                  qd[0], qd[1], qd[2], kd[1], qd[3], kd[2], pd[1], window, scale};
+  Attention<E> a{reinterpret_cast<const E*>(q.typed_data()), reinterpret_cast<const E*>(k.typed_data()),
+                 reinterpret_cast<const E*>(v.typed_data()), page_table.typed_data(), kv_lens.typed_data(),
+                 q_lens.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], kd[1], qd[3], kd[2], pd[1], window,
+                 scale};
   const int64_t groups = a.N / a.KH;
   // one item per (row, kv head): its queries share the kv head's slots, read while in cache
-  parallel_for(pool, a.B * a.KH, [&a, groups](int64_t item) {
-    const int64_t b = item / a.KH, kh = item % a.KH;
-    for (int64_t t = 0; t < a.T; ++t)
-      for (int64_t g = 0; g < groups; ++g) a.query(b, t, kh * groups + g, kh);
-  });
+  parallel_for(pool, a.B * a.KH, [&a, groups](int64_t item) { a.item(item / a.KH, item % a.KH, groups); });
   return ffi::Error::Success();
+}
+
+ffi::Error Bf16AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::U16> k,
+                             ffi::Buffer<ffi::U16> v, ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> kv_lens,
+                             ffi::Buffer<ffi::S32> q_lens, float scale, int64_t window, ffi::ResultBuffer<ffi::F32> out) {
+  return AttentionImpl<uint16_t>(pool, q, k, v, page_table, kv_lens, q_lens, scale, window, out);
+}
+
+ffi::Error F32AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> kv_lens,
+                            ffi::Buffer<ffi::S32> q_lens, float scale, int64_t window, ffi::ResultBuffer<ffi::F32> out) {
+  return AttentionImpl<float>(pool, q, k, v, page_table, kv_lens, q_lens, scale, window, out);
 }
 
 }  // namespace
@@ -300,12 +497,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferBf16Matmul, Bf16MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Matmul, F32MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("n")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferBf16Attention, Bf16AttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::U16>>()
                                   .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Attention, F32AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

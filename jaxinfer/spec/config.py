@@ -163,7 +163,12 @@ def build_drafter(spec: SpeculativeConfig, target_cfg: ModelConfig, dtype=jnp.fl
         raise ValueError(f"speculative_config model={str(head_dir)!r} is a {meta['method']!r} head, "
                          f"not {spec.method!r}")
     if spec.method == "eagle":
+        from jaxinfer.model import layout_projection, resolve_layout
+        from jaxinfer.wquant import MODULES
         hcfg = eagle_config(target_cfg, meta["sizes"]["intermediate_size"])
+        layout = resolve_layout(dtype)  # the head's projections as "auto" holds a model's
+        params = {**params, "fc": layout_projection(params["fc"], layout),
+                  "layer": {n: layout_projection(w, layout) if n in MODULES else w for n, w in params["layer"].items()}}
         return drafters.EagleDrafter(k, hcfg, backend), params
     heads = medusa_num_heads(params)
     if k > heads:
