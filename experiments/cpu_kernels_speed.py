@@ -121,7 +121,7 @@ def main():
     for dname in args.dtypes:
         dtype = jnp.dtype(dname)
         weights = projections(rng, dtype)
-        weight_bytes[dname] = sum(w.size * dtype.itemsize for w in weights["xla"])
+        weight_bytes[dname] = sum(w.nbytes for w in weights["xla"])
         for m in args.rows:
             x = jnp.asarray(rng.standard_normal((m, F)), dtype)
             t = timed_alternating({"xla": lambda x=x, w=weights["xla"]: xla_mm(x, w),

@@ -1,33 +1,37 @@
-"""jaxinfer's native CPU kernels for bfloat16 decode, compiled on first use and called through XLA's FFI.
+"""jaxinfer's native CPU kernels for decode, compiled on first use and called through XLA's FFI.
 
-Two kernels in `csrc/cpu_kernels.cc`, both using AVX512-BF16 dot products (vdpbf16ps: 32 bf16
-products summed into 16 float32 lanes per instruction) on XLA's intra-op threads:
+Four kernels in `csrc/cpu_kernels.cc`, on XLA's intra-op threads:
 
 - `bf16_matmul`: x [M, K] @ wt[N, K]^T, float32 out, for the few rows of a decode or verification
   step. XLA:CPU multiplies such rows by bf16 weights at about half the rate it streams float32
   weights (~24 vs ~58 GB/s), and takes a one-row bf16 dot down a matrix-vector path ~10x slower
   still (`layers.one_row_padded`), so bf16 decode on CPU was held to ~1.7x transformers' (whose
   bf16 matmuls are oneDNN's). The kernel reads each weight row once per call, four rows at a time
-  against every block of four x rows, with a software prefetch of the next rows. Products of more
-  than `MAX_ROWS` rows (prefill) stay on XLA's dot, which is as fast there.
-- `bf16_attention`: `layers.attention_reference`'s contract for bf16 queries of up to
-  `ATTENTION_MAX_TOKENS` tokens per row against a paged or contiguous bf16 cache: one work item per
-  (row, kv head), 16 slots per block read straight from their pages (no gather), an online
-  softmax, float32 accumulation, and work that stops at each row's length.
+  against every block of four x rows (AVX512-BF16 dot products), with a software prefetch of the
+  next rows. Products of more than `MAX_ROWS` rows (prefill) stay on XLA's dot, which is as fast
+  there.
+- `f32_matmul`: x [M, K] @ w [K, N] for a float32 w packed by `pack_f32` into panels of 32
+  outputs (`layers.PanelWeight`), any M. XLA:CPU multiplies a few float32 rows well under the FMA
+  rate (9 rows: ~140 GFLOP/s on the target's projections); the kernel's outer products over
+  contiguous panels with a 16 KB prefetch run 9 rows in ~1.1x the time of one
+  (`cpu_kernels_speed.md`) and match XLA from 128 rows up, so every product goes to it: a float32
+  row's result depends neither on its batch-mates nor on how its prompt was chunked.
+- `attention`: `layers.attention_reference`'s contract for queries of up to
+  `ATTENTION_MAX_TOKENS` tokens per row against a paged or contiguous cache of their dtype (bf16
+  or float32): one work item per (row, kv head) takes all of its queries through the slots 16 at
+  a time, read straight from their pages (no gather), each query with its own online softmax,
+  float32 accumulation, and work that stops at each row's length.
 
-Prefill stays on XLA (`cpu_kernels_speed.md`): the matmul kernel took 1.10x / 1.17x XLA's time at
-128 / 512 rows, and the attention kernel, which takes one query at a time, 1.13x / 2.28x XLA's
-for 128- / 512-token causal prefill.
-Run for every size, the kernels would make each bf16 row's result independent of how its prompt
-was chunked (each row and each query is computed the same way whatever the call's shape); with
-the size switch, a prompt prefilled in chunks of up to 16 tokens goes through the kernels and one
-prefilled whole through XLA, and the two round differently, as float32 results do not.
+Prefill attention stays on XLA (`cpu_kernels_speed.md`): the kernel is built for few queries per
+row. With that size switch, a prompt prefilled in chunks of up to 16 tokens goes through the
+attention kernel and one prefilled whole through XLA, and the two round differently.
 
-`experiments/cpu_kernels_speed.py` times both against XLA side by side;
-`experiments/bench_decode.py --weight-layouts out_in native --attention-backends xla native`
-measures what they buy end to end. `LLM(weight_layout="native")` (projections as
-`layers.TransposedWeight(native=True)`) and `LLM(attention_backend="native")` select them; both
-are what "auto" picks for bf16 on a CPU where the kernels build.
+`experiments/cpu_kernels_speed.py` times the kernels against XLA side by side;
+`experiments/bench_decode.py --weight-layouts in_out out_in native --attention-backends xla native`
+measures what they buy end to end. `LLM(weight_layout="native")` (bf16 projections as
+`layers.TransposedWeight(native=True)`, float32 ones as `layers.PanelWeight`) and
+`LLM(attention_backend="native")` select them; both are what "auto" picks for bf16 and float32
+on a CPU where the kernels build.
 
 The library is built with the system's C++ compiler (`$CXX`, else `c++`), `-march=native`,
 against the FFI headers jaxlib ships, into `$JAXINFER_CACHE_DIR` (default `~/.cache/jaxinfer`)

@@ -233,6 +233,13 @@ CFG = ModelConfig("LlamaForCausalLM", vocab_size=97, hidden_size=128, intermedia
                   num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=128, tie_word_embeddings=True)
 
 
+def _logits(weights) -> np.ndarray:
+    """CFG's logits for two fixed 7-token rows (no cache)."""
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, CFG.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    return np.asarray(jax.jit(forward, static_argnames=("cfg",))(weights, CFG, tokens, pos, None, None)[0])
+
+
 @needs_kernels
 def test_native_layout_reads_tied_embeddings_in_place_and_computes_the_same_logits():
     """weight_layout "native": TransposedWeights sent to the kernel, the tied embedding serving as
@@ -247,12 +254,7 @@ def test_native_layout_reads_tied_embeddings_in_place_and_computes_the_same_logi
     back = dense_layout(native)
     assert back.lm_head is None
     np.testing.assert_array_equal(np.asarray(back.layers[1].w_down, np.float32), np.asarray(w.layers[1].w_down, np.float32))
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, CFG.vocab_size)
-    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
-    run = jax.jit(forward, static_argnames=("cfg",))
-    ref = np.asarray(run(runtime_layout(w, "out_in"), CFG, tokens, pos, None, None)[0])
-    got = np.asarray(run(native, CFG, tokens, pos, None, None)[0])
-    np.testing.assert_allclose(got, ref, atol=5e-2, rtol=5e-2)
+    np.testing.assert_allclose(_logits(native), _logits(runtime_layout(w, "out_in")), atol=5e-2, rtol=5e-2)
     assert runtime_layout(w, "auto").layers[0].wqkv.native
 
 
@@ -260,8 +262,7 @@ def test_native_layout_reads_tied_embeddings_in_place_and_computes_the_same_logi
 def test_native_f32_layout_packs_panels_and_computes_the_same_logits():
     """weight_layout "native" for float32: every projection a PanelWeight, the tied embedding a
     packed copy as the LM head (dropped by dense_layout, which gives the arrays back bit for bit);
-    logits agree with "in_out" (XLA's dot) to float32 precision, and so does the native attention
-    over a cache."""
+    logits agree with "in_out" (XLA's dot) to float32 precision."""
     w = init_weights(CFG, jax.random.PRNGKey(0), jnp.float32, std=0.1)
     native = runtime_layout(w, "native")
     assert isinstance(native.layers[0].wqkv, PanelWeight) and native.lm_head.tied
@@ -271,12 +272,7 @@ def test_native_f32_layout_packs_panels_and_computes_the_same_logits():
     assert back.lm_head is None
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(w), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, CFG.vocab_size)
-    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
-    run = jax.jit(forward, static_argnames=("cfg",))
-    ref = np.asarray(run(runtime_layout(w, "in_out"), CFG, tokens, pos, None, None)[0])
-    got = np.asarray(run(native, CFG, tokens, pos, None, None)[0])
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(_logits(native), _logits(runtime_layout(w, "in_out")), atol=1e-4, rtol=1e-4)
 
 
 def test_native_layout_refuses_what_the_kernel_cannot_run():

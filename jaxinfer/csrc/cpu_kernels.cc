@@ -4,20 +4,30 @@
 // JaxinferBf16Matmul: y[M, N] = x[M, K] @ w[N, K]^T for bfloat16 x and w, float32 y: the product
 // of a few activation rows (decode, verification) with a projection held as Hugging Face's
 // Linear stores it (row n = output n's weights).
-// JaxinferBf16Attention: attention of a few query tokens per row against a paged (or
-// contiguous) bfloat16 KV cache, with an online softmax.
+// JaxinferF32Matmul: y[M, N] = x[M, K] @ w for float32 x and a float32 w [K, N] packed in panels
+// of 32 outputs ([N/32, K, 32]), any M.
+// JaxinferBf16Attention, JaxinferF32Attention: attention of a few query tokens per row against a
+// paged (or contiguous) bfloat16 / float32 KV cache, with an online softmax.
 //
-// Matmul: each thread takes blocks of outputs. Within a block, four weight rows at a time are
-// multiplied against every block of four x rows while they sit in L1 (the weights are read
+// bf16 matmul: each thread takes blocks of outputs. Within a block, four weight rows at a time
+// are multiplied against every block of four x rows while they sit in L1 (the weights are read
 // from memory once per call, whatever M), with AVX512-BF16's pairwise dot product
 // (vdpbf16ps: 32 bf16 products summed into 16 float32 lanes per instruction) and a software
 // prefetch of the next four rows. A 4x4 tile's 16 accumulators are summed by one
 // transpose-and-add tree, in the order _mm512_reduce_add_ps sums the other tiles' lanes, so a
 // row's result does not depend on which tile (hence which batch) it was computed in.
 //
-// Attention: one work item per (row, kv head). Each of its queries scores its visible slots 16
-// at a time, read from their pages in place (two blocks prefetched ahead), folds them into an
-// online softmax and accumulates the values in float32; nothing past the row's length is read.
+// f32 matmul: each thread takes blocks of panels; a panel is one contiguous stream, multiplied
+// as outer products (two weight vectors times each row's x[k] broadcast) into up to 12 rows x 2
+// accumulators per pass, prefetched 16 KB ahead so the stream and the FMAs overlap. Each output
+// sums its K products in order, whatever the tile.
+//
+// Attention: one work item per (row, kv head). Its queries (tokens x the heads of the group) go
+// through the visible slots 16 at a time, read from their pages in place (one page-table lookup
+// per block, two blocks prefetched ahead); each block's K is read, and a bf16 block's V
+// converted, once for all of them. Each query folds its scores into its own online softmax and
+// accumulates the values in float32, with the arithmetic it would have alone; nothing past the
+// row's length is read.
 
 #include <immintrin.h>
 
@@ -184,7 +194,7 @@ inline void f32_tile(const float* x, const float* wp, float* y, int64_t K, int64
       _mm_prefetch((const char*)wp + kF32PrefetchBytes, _MM_HINT_T0);
       _mm_prefetch((const char*)wp + kF32PrefetchBytes + 64, _MM_HINT_T0);
     }
-    const __m512 w0 = _mm512_load_ps(wp), w1 = _mm512_load_ps(wp + 16);
+    const __m512 w0 = _mm512_loadu_ps(wp), w1 = _mm512_loadu_ps(wp + 16);
     for (int r = 0; r < MR; ++r) {
       const __m512 xb = _mm512_set1_ps(x[r * K + k]);
       acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
@@ -505,28 +515,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Matmul, F32MatmulImpl,
                                   .Attr<int64_t>("n")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferBf16Attention, Bf16AttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// q, k, v, page_table, kv_lens, q_lens; scale, window.
+template <ffi::DataType Q, ffi::DataType KV>
+auto AttentionBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<Q>>()
+      .template Arg<ffi::Buffer<KV>>()
+      .template Arg<ffi::Buffer<KV>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Attr<float>("scale")
+      .template Attr<int64_t>("window")
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Attention, F32AttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferBf16Attention, Bf16AttentionImpl, (AttentionBinding<ffi::BF16, ffi::U16>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Attention, F32AttentionImpl, (AttentionBinding<ffi::F32, ffi::F32>()));
