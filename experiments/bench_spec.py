@@ -275,8 +275,8 @@ def main(argv=None) -> int:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--weight-layout", default="auto", choices=list(WEIGHT_LAYOUTS),
-                   help="the target's projections as LLM(weight_layout=...) holds them (auto: native for bf16 on CPU "
-                        "where the kernels build, else [Dout, Din])")
+                   help="the target's projections as LLM(weight_layout=...) holds them (auto: native on CPU where "
+                        "the kernels build, else XLA's layout for the dtype)")
     p.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
                    help="as LLM(attention_backend=...) (auto: native on CPU where the kernels build)")
     p.add_argument("--out", default=str(RESULTS / "bench_spec"))

@@ -22,9 +22,12 @@ Four kernels in `csrc/cpu_kernels.cc`, on XLA's intra-op threads:
   a time, read straight from their pages (no gather), each query with its own online softmax,
   float32 accumulation, and work that stops at each row's length.
 
-Prefill attention stays on XLA (`cpu_kernels_speed.md`): the kernel is built for few queries per
-row. With that size switch, a prompt prefilled in chunks of up to 16 tokens goes through the
-attention kernel and one prefilled whole through XLA, and the two round differently.
+Prefill attention (more than `ATTENTION_MAX_TOKENS` tokens per row) stays on XLA. On 2 cores the
+kernel already takes 0.51-0.56x XLA's time for one 128-token causal prefill and 0.75-1.01x at 512
+tokens (`cpu_kernels_speed.md`, stop 35), but its work items are (row, kv head) pairs, so a one-row
+prefill would use at most num_kv_heads threads: taking prefill needs items split along the query
+tokens first. With the size switch, a prompt prefilled in chunks of up to 16 tokens goes through
+the attention kernel and one prefilled whole through XLA, and the two round differently.
 
 `experiments/cpu_kernels_speed.py` times the kernels against XLA side by side;
 `experiments/bench_decode.py --weight-layouts in_out out_in native --attention-backends xla native`

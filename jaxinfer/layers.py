@@ -24,9 +24,9 @@ ATTENTION_BACKENDS = ("auto", "xla", "pallas", "native")  # "auto": `resolve_bac
 
 
 def resolve_backend(backend: str, dtype=jnp.bfloat16) -> str:
-    """"auto" as `LLM` resolves it for a model of this dtype: "native" for bfloat16 on CPU where
-    jaxinfer's CPU kernels are available (`cpu_kernels`; calls they do not take run the "xla"
-    path), "xla" otherwise (float32 caches never reach the kernel)."""
+    """"auto" as `LLM` resolves it for a model of this dtype: "native" for bfloat16 and float32 on
+    CPU where jaxinfer's CPU kernels are available (`cpu_kernels`; calls they do not take run the
+    "xla" path), "xla" otherwise."""
     if backend != "auto":
         return backend
     return "native" if cpu_kernels.chosen_by_default(dtype) else "xla"
@@ -106,10 +106,10 @@ class PanelWeight:
     at every row count. tied: a packed copy of a tied embedding serving as the LM head
     (`model.runtime_layout` "native"); `model.dense_layout` drops it, as it drops a `TiedHead`.
 
-    The 25 projections of the embedded target (44 MB), kernel vs XLA's dot on [Din, Dout]
-    (`experiments/cpu_kernels_speed.py`): 1 row 1.18x, 5 rows 1.66x, 9 rows 1.55x, 32 rows 1.29x,
-    64 rows 1.14x, 128-512 rows 0.98-1.04x. Each output sums its products in order, so a row's
-    result depends neither on its batch-mates nor on how a prompt was chunked."""
+    The 25 projections of one decode step of bench_decode's model (98 MB), XLA's dot on [Din, Dout]
+    over the kernel (`cpu_kernels_speed.md`, stop 35): 1 row 1.35x, 2 rows 1.89x, 9 rows 2.27x,
+    32 rows 1.59x, 64 rows 1.36x, 128 rows 1.14x, 512 rows 1.03x. Each output sums its products in
+    order, so a row's result depends neither on its batch-mates nor on how a prompt was chunked."""
     panels: jax.Array  # [ceil(Dout / 32), Din, 32]
     n: int = struct.field(pytree_node=False)  # Dout
     tied: bool = struct.field(pytree_node=False, default=False)
