@@ -1,7 +1,7 @@
 """jaxinfer's native CPU kernels (`cpu_kernels`): the bf16 and float32 matmuls and the paged
 attention (bf16 and float32 caches) agree with plain XLA, never read past a row's length, and plug
-into the model, the layouts and the engine. Skipped where the kernels cannot be built (no AVX512-BF16 or no C++ compiler), except the
-checks of that fallback."""
+into the model, the layouts and the engine. Skipped where the kernels cannot be built (no
+AVX512-BF16 or no C++ compiler), except the checks of that fallback."""
 
 import jax
 import jax.numpy as jnp
