@@ -69,7 +69,8 @@ def prepare_jaxinfer(path: Path, dtype: str, batch: int, prompts: np.ndarray, la
     """jaxinfer's jit-compiled generate on these prompts, compiled and warm: (run, stats), where run()
     returns its wall time and stats() the per-step figures (from the best run so far)."""
     from jaxinfer import LLM, SamplingParams
-    from jaxinfer.layers import PanelWeight, TiedHead
+    from jaxinfer.layers import TransposedWeight
+    from jaxinfer.wquant import weight_bytes as weight_bytes_of
     llm = LLM(str(path), dtype=dtype, max_num_seqs=batch, weight_layout=layout, attention_backend=attention)
     reqs = [{"prompt_token_ids": p.tolist()} for p in prompts]
     full = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -89,10 +90,11 @@ def prepare_jaxinfer(path: Path, dtype: str, batch: int, prompts: np.ndarray, la
         prefill = min(_timed(lambda: gen(first)) for _ in range(2))
         total = min(times)
         step = (total - prefill) / (NEW_TOKENS - 1)
-        weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(llm.weights))
+        # every array once (a tied head read in place is the embedding); the embedding only counts
+        # where the head reads it in place: otherwise the lookup reads B of its rows
         head = llm.weights.lm_head
-        if isinstance(head, TiedHead) or (isinstance(head, PanelWeight) and head.tied):
-            weight_bytes -= llm.weights.embed.nbytes  # the head reads its copy; the lookup reads B embedding rows
+        reads_embedding = head is None or (isinstance(head, TransposedWeight) and head.tied)
+        weight_bytes = weight_bytes_of(llm.weights)["total"] - (0 if reads_embedding else llm.weights.embed.nbytes)
         cfg = llm.cfg
         itemsize = jnp.dtype(llm.weights.dtype).itemsize
         # KV actually needed per step: 2 (K, V) x layers x batch x mean context x kv heads x head dim

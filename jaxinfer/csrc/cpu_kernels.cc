@@ -353,8 +353,18 @@ struct Attention {
   void item(int64_t b, int64_t kh, int64_t groups) const {
     constexpr int64_t HD = 32 * HC;
     const int64_t q_len = q_lens[b], kv_len = kv_lens[b];
-    std::vector<int64_t> lo(T), hi(T);  // token t sees slots [lo, hi)
-    std::vector<float> m(T * groups, -INFINITY), l(T * groups, 0.0f), acc(T * groups * HD, 0.0f);
+    // Per-thread scratch, reused across items and calls (no allocation per item in a decode step):
+    // token t sees slots [lo[t], hi[t]); query i's running max m[i], sum l[i], accumulator acc[i].
+    thread_local std::vector<int64_t> bounds;
+    thread_local std::vector<float> state;
+    bounds.resize(2 * T);
+    state.assign(T * groups * (2 + HD), 0.0f);
+    int64_t* lo = bounds.data();
+    int64_t* hi = lo + T;
+    float* m = state.data();
+    float* l = m + T * groups;
+    float* acc = l + T * groups;
+    std::fill(m, m + T * groups, -INFINITY);
     int64_t first = kv_len, last = 0;  // the slots any query sees
     for (int64_t t = 0; t < T; ++t) {
       const int64_t pos = kv_len - q_len + t;
@@ -415,7 +425,7 @@ struct Attention {
             m[i] = m_new;
             _mm512_store_ps(pj[gi], p);
           }
-          float* o = acc.data() + (t * groups + g0) * HD;
+          float* o = acc + (t * groups + g0) * HD;
           __m512 r[4][2 * HC];
           for (int gi = 0; gi < 4; ++gi)
             if (gi < gc)
@@ -446,7 +456,7 @@ struct Attention {
           continue;
         }
         const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
-        for (int c = 0; c < 2 * HC; ++c) _mm512_storeu_ps(o + c * 16, _mm512_mul_ps(_mm512_loadu_ps(acc.data() + i * HD + c * 16), inv));
+        for (int c = 0; c < 2 * HC; ++c) _mm512_storeu_ps(o + c * 16, _mm512_mul_ps(_mm512_loadu_ps(acc + i * HD + c * 16), inv));
       }
   }
 
