@@ -20,7 +20,13 @@ Comparisons:
   5. fused decode steps (`num_scheduler_steps`, vLLM's multi-step scheduling) vs single
      steps on (a), all at once (throughput: --pairs back-to-back pairs, median ratio) and
      with Poisson arrivals (what the fused steps cost arriving requests in TTFT), and on
-     (c) decode-heavy: --num-requests / 2 requests, prompts U[16, 64], outputs U[128, 256].
+     (c) decode-heavy: --num-requests / 2 requests, prompts U[16, 64], outputs U[128, 256];
+  6. the engine with the options that pay on a CPU (preemption by swap; swap and fused steps) vs
+     the same static batches on (a), all at once (--pairs back-to-back pairs, median ratio).
+Part 1 also prints its compute bound: the FLOPs the requests need (each token once) and the FLOPs
+the static batches ran (padding), counted from the model's shapes; the FLOP rate of each side and
+of the model's own prefill; and the highest continuous / static ratio that the best of those rates
+allows on this machine (the useful FLOPs at that rate against the static run's time).
 Writes experiments/results/bench_serving.{json,md}.
 
     python experiments/bench_serving.py [--model stdlib-target] [--num-requests 64] [--rate 4]
@@ -94,6 +100,7 @@ def run_engine(llm: LLM, prompts, params, arrivals=None, priority=None):
     done, kv_usage, running = {}, [], []
     base = llm._counter
     llm._counter += len(prompts)
+    preempted = eng.get_stats().num_preemptions
     while pending or eng.has_unfinished_requests():
         now = time.perf_counter() - t0
         while pending and arrivals[pending[0]] <= now:
@@ -112,7 +119,7 @@ def run_engine(llm: LLM, prompts, params, arrivals=None, priority=None):
     duration = time.perf_counter() - t0
     outs = [done[f"r{base + i}"] for i in range(len(prompts))]
     kv = {"kv_usage_mean": float(np.mean(kv_usage)), "kv_usage_max": float(np.max(kv_usage)),
-          "max_concurrent_seqs": int(np.max(running))}
+          "max_concurrent_seqs": int(np.max(running)), "preemptions": eng.get_stats().num_preemptions - preempted}
     return outs, summarize(outs, duration), kv
 
 
@@ -126,6 +133,59 @@ def run_static(llm: LLM, prompts, params, batch_size):
             o.metrics.arrival_time = t0
         outs += batch
     return outs, summarize(outs, time.perf_counter() - t0)
+
+
+def _head_flops(cfg) -> float:
+    return cfg.matmul_flops_per_token() - cfg.matmul_flops_per_token(lm_head=False)
+
+
+def useful_work(cfg, prompts, params) -> float:
+    """FLOPs any scheduler must spend on a workload (EOS ignored: every request generates exactly
+    max_tokens): each prompt token once, logits at its last, and every output token but the last
+    fed back once, with its logits, at its own context."""
+    flops = 0.0
+    for p, sp in zip(prompts, params):
+        n, out = len(p["prompt_token_ids"]), sp.max_tokens
+        flops += n * cfg.matmul_flops_per_token(lm_head=False) + _head_flops(cfg)
+        flops += sum(cfg.attention_flops_per_token(c) for c in range(1, n + 1))
+        flops += (out - 1) * cfg.matmul_flops_per_token()
+        flops += sum(cfg.attention_flops_per_token(n + j) for j in range(1, out))
+    return flops
+
+
+def static_work(cfg, prompts, params, batch_size) -> float:
+    """FLOPs the static batches run (`StaticBatchGenerator`): per batch, every row (padded to a
+    power of two) through the padded prompt width, then through every decode step until the
+    batch's longest request ends, finished rows included. Attention is counted as if each row
+    attended over the padded width plus the steps so far (an upper bound: the kernels stop at each
+    row's own length), so the work is never under-counted."""
+    from jaxinfer.generate import bucket, fine_bucket
+    flops = 0.0
+    for s in range(0, len(prompts), batch_size):
+        rows = [len(p["prompt_token_ids"]) for p in prompts[s:s + batch_size]]
+        outs = [sp.max_tokens for sp in params[s:s + batch_size]]
+        b, t = bucket(len(rows), minimum=1), fine_bucket(max(rows), minimum=16)
+        flops += b * (t * cfg.matmul_flops_per_token(lm_head=False) + _head_flops(cfg))
+        flops += b * sum(cfg.attention_flops_per_token(c) for c in range(1, t + 1))
+        flops += b * (max(outs) - 1) * cfg.matmul_flops_per_token()
+        flops += b * sum(cfg.attention_flops_per_token(t + j) for j in range(1, max(outs)))
+    return flops
+
+
+def prefill_rate(llm: LLM, rows: int = 4, tokens: int = 512, repeats: int = 3) -> float:
+    """The model's FLOP rate on this machine at its most efficient: static batches of `rows`
+    `tokens`-token prompts, one output token each (prefill; best of `repeats` after a warm-up)."""
+    rng = np.random.default_rng(1)
+    prompts = [{"prompt_token_ids": rng.integers(3, llm.cfg.vocab_size, size=tokens).tolist()} for _ in range(rows)]
+    params = [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)] * rows
+    work = useful_work(llm.cfg, prompts, params)
+    best = float("inf")
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        llm.generate_static(prompts, params, batch_size=rows)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return work / best
 
 
 def run_transformers(model_dir: Path, prompts, params, batch_size, dtype: str = "float32"):
@@ -199,7 +259,7 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights, activations and KV cache of every run (transformers' too)")
-    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5],
+    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], choices=[1, 2, 3, 4, 5, 6],
                     help="comparisons to run (1, continuous vs static, always runs)")
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas", "native"],
                     help="LLM's attention_backend for every jaxinfer run (auto: as LLM resolves it)")
@@ -247,11 +307,13 @@ def main():
           f"(the same {llm.engine.kv_cache_bytes / 2**20:.0f} MiB of KV)\n" + format_summary(static))
     print(f"(a) mixed, all at once — static batching, {args.max_num_seqs} rows, no memory limit "
           f"({results['a_static_unlimited']['kv_bytes_needed'] / 2**20:.0f} MiB of KV)\n" + format_summary(static_free))
+    work = compute_bound(llm, prompts_a, params_a, results)
     print(f"  continuous / static output tok/s: {results['a_continuous_over_static']:.2f}x in the same memory "
           f"(median of back-to-back pairs {', '.join(f'{r:.2f}' for r in pairs_static)}; the single runs above: "
           f"{results['a_continuous_over_static_single']:.2f}x), "
           f"{results['a_continuous_over_static_unlimited']:.2f}x against unlimited static batches "
           f"(identical tokens: {same})")
+    print(work)
 
     # (a) with Poisson arrivals
     gaps = rng.exponential(1.0 / args.rate, size=args.num_requests)
@@ -271,6 +333,8 @@ def main():
         part3(args, common, llm, results, prompts_a, params_a, per_token)
     if 5 in args.parts:
         part5(args, common, llm, results, rng, prompts_a, params_a, arrivals, outs, static)
+    if 6 in args.parts:
+        part6(args, common, llm, results, prompts_a, params_a, outs, static_rows)
     if 4 in args.parts and not args.skip_transformers:
         part4(args, llm, results, prompts_a, params_a, cont)
 
@@ -279,6 +343,29 @@ def main():
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(results))
     print(f"\nwrote {out.with_suffix('.json')}")
+
+
+def compute_bound(llm: LLM, prompts, params, results: dict) -> str:
+    """Part 1's ceiling on a compute-bound machine: the FLOPs each side does, the rates they ran
+    at, and the highest continuous / static ratio the machine's best FLOP rate allows (the
+    workload's useful FLOPs at that rate against the static run's measured time). Records it in
+    results["a_work"]; returns the printed lines."""
+    cfg, static, cont = llm.cfg, results["a_static"], results["a_continuous"]
+    useful = useful_work(cfg, prompts, params)
+    padded = static_work(cfg, prompts, params, static["batch_size"])
+    peak = prefill_rate(llm)
+    rate = {"engine": useful / cont["duration_s"], "static": padded / static["duration_s"]}
+    best = max(peak, *rate.values())
+    w = {"useful_gflop": useful / 1e9, "static_gflop": padded / 1e9, "prefill_gflops": peak / 1e9,
+         "engine_gflops": rate["engine"] / 1e9, "static_gflops": rate["static"] / 1e9,
+         "ceiling_at_static_rate": padded / useful, "ceiling": static["duration_s"] * best / useful}
+    results["a_work"] = w
+    return (f"  work: the requests need {w['useful_gflop']:.0f} GFLOP (each token once); the static batches ran "
+            f"{w['static_gflop']:.0f} GFLOP (padding), {w['ceiling_at_static_rate']:.2f}x as much. Rates: engine "
+            f"{w['engine_gflops']:.0f} GFLOP/s (useful work only), static {w['static_gflops']:.0f}, this model's "
+            f"prefill at 4 x 512 tokens {w['prefill_gflops']:.0f}. At the best of these rates the useful work "
+            f"takes >= {useful / best:.2f} s against static's {static['duration_s']:.2f} s: continuous / static "
+            f"<= {w['ceiling']:.2f}x on this machine")
 
 
 def part2(args, common, llm, results, prompts_b, params_b, arrivals_b):
@@ -347,6 +434,27 @@ def part5(args, common, llm, results, rng, prompts_a, params_a, arrivals, outs, 
           f"{', '.join(f'{r:.2f}' for r in ratios_c)})")
 
 
+def part6(args, common, llm, results, prompts_a, params_a, outs, static_rows):
+    """The engine with the options that pay on a CPU against the same static batches, on (a) all
+    at once: preemption by swap (a victim's K/V copied aside in host memory, which is the device's
+    memory here, instead of recomputed when it resumes; it waits outside the KV budget, as in vLLM's
+    swap_space), then swap with fused decode steps."""
+    for key, opts in (("a_swap", {"preemption_mode": "swap"}),
+                      ("a_swap_fused", {"preemption_mode": "swap", "num_scheduler_steps": args.num_scheduler_steps})):
+        v = LLM(args.model, enable_prefix_caching=False, **common, **opts)
+        (v_outs, summ, kv), comp = measured(run_engine, v, prompts_a, params_a)
+        pairs = paired_ratio(lambda: run_static(llm, prompts_a, params_a, static_rows)[1],
+                             engine_run(v, prompts_a, params_a), args.pairs)
+        results[key] = {**summ, **kv, **comp, "options": opts, "over_static_pairs": pairs,
+                        "over_static": float(np.median(pairs)),
+                        "identical_outputs": [o.outputs[0].token_ids for o in v_outs] ==
+                        [o.outputs[0].token_ids for o in outs]}
+        r = results[key]
+        print(f"\n(6) (a) all at once, engine with {opts}\n" + format_summary(summ))
+        print(f"  / static output tok/s: {r['over_static']:.2f}x (pairs {', '.join(f'{x:.2f}' for x in pairs)}); "
+              f"identical tokens: {r['identical_outputs']}")
+
+
 def part4(args, llm, results, prompts_a, params_a, cont):
     """The engine vs transformers' static batches on (a)."""
     hf = run_transformers(llm.model_dir, prompts_a, params_a, args.max_num_seqs, args.dtype)
@@ -374,7 +482,7 @@ def markdown(results: dict) -> str:
     md = ["| run | out tok/s | req/s | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | E2EL p50/p95/p99 ms "
           "| KV usage mean/max | max running | compilations |",
           "|---|---|---|---|---|---|---|---|---|"]
-    for key in ("a_continuous", "a_fused", "a_static", "a_static_unlimited", "a_poisson", "a_fused_poisson",
+    for key in ("a_continuous", "a_fused", "a_swap", "a_swap_fused", "a_static", "a_static_unlimited", "a_poisson", "a_fused_poisson",
                 "b_prefix_off", "b_prefix_on"):
         if key not in results:
             continue
@@ -403,6 +511,19 @@ def markdown(results: dict) -> str:
            f"{results['a_static_unlimited']['batch_size']} with no memory limit "
            f"({results['a_static_unlimited']['kv_bytes_needed'] / 2**20:.0f} MiB); identical tokens: "
            f"{results['a_identical_outputs']}",
+           *([(f"- compute bound (FLOPs counted from the model's shapes): the requests need "
+              f"{w['useful_gflop']:.0f} GFLOP, the static batches ran {w['static_gflop']:.0f} "
+              f"({w['ceiling_at_static_rate']:.2f}x, padding); engine {w['engine_gflops']:.0f} GFLOP/s of useful "
+              f"work, static {w['static_gflops']:.0f}, prefill of 4 x 512 tokens {w['prefill_gflops']:.0f}: at the "
+              f"best of these rates no scheduler passes {w['ceiling']:.2f}x static here")]
+             if (w := results.get("a_work")) else []),
+           *(["- engine options that pay on a CPU / static, output throughput (median of back-to-back pairs): "
+              + "; ".join(f"{k} ({', '.join(f'{o}={v}' for o, v in results[k]['options'].items())}) "
+                          f"{results[k]['over_static']:.2f}x ({', '.join(f'{r:.2f}' for r in results[k]['over_static_pairs'])}; "
+                          f"{results[k]['preemptions']} preemptions, identical tokens: {results[k]['identical_outputs']})"
+                          for k in ("a_swap", "a_swap_fused"))
+              + f"; a_continuous: {results['a_continuous']['preemptions']} preemptions by recompute"]
+             if "a_swap" in results else []),
            *([f"- {results['a_fused']['num_scheduler_steps']} decode steps fused per call (a_fused, "
               f"`num_scheduler_steps`) / single steps, output throughput: {results['a_fused_over_single']:.2f}x "
               f"(median of back-to-back pairs: {', '.join(f'{r:.2f}' for r in results['a_fused_over_single_pairs'])}); "

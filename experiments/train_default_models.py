@@ -98,10 +98,8 @@ STAGES = {"target": ["target-pre", "target-mid", "target"], "draft-pre": ["draft
 
 
 def flops_per_token(cfg: ModelConfig, context: int = 0) -> float:
-    """Forward FLOPs per token: 2 x matmul parameters (LM head included) + attention at a context."""
-    d, n, k, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
-    return 2.0 * (cfg.num_layers * per_layer + d * cfg.vocab_size) + 4.0 * cfg.num_layers * n * h * context
+    """Forward FLOPs per token: weight products (LM head included) + attention at a context."""
+    return cfg.matmul_flops_per_token() + cfg.attention_flops_per_token(context)
 
 
 def build_batcher(name: str, preset: Preset, data: corpus.CorpusData, seed: int) -> train.PhasedBatcher:

@@ -90,6 +90,21 @@ class ModelConfig:
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embed + d
 
+    def matmul_flops_per_token(self, lm_head: bool = True) -> float:
+        """Forward FLOPs of one token's weight products: 2 x the projection parameters of every
+        layer, plus the LM head's when the token's logits are computed (norms, RoPE, biases and
+        the activation are left out: a few per mille here)."""
+        d, f, h, k, e = (self.hidden_size, self.intermediate_size, self.num_heads,
+                         self.num_kv_heads, self.head_dim)
+        per_layer = d * (h + 2 * k) * e + h * e * d + 3 * d * f
+        return 2.0 * (self.num_layers * per_layer + lm_head * d * self.vocab_size)
+
+    def attention_flops_per_token(self, context: int) -> float:
+        """Forward FLOPs of one token's attention over `context` keys (itself included; capped
+        at the sliding window): q.k and p.v, 2 x 2 x head_dim per key and query head per layer."""
+        keys = context if self.sliding_window is None else min(context, self.sliding_window)
+        return 4.0 * self.num_layers * self.num_heads * self.head_dim * keys
+
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json that transformers needs to load this model."""
         model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",

@@ -42,6 +42,22 @@ def test_cached_decode_equals_full_recompute(dtype, tol):
         np.testing.assert_allclose(logits[:, 0], full[:, i], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("tied,window", [(False, None), (True, 8)])
+def test_flop_counts_follow_the_weight_shapes_and_the_window(tied, window):
+    """matmul_flops_per_token is 2 x the projection matrices' sizes (plus the head's) as
+    init_weights builds them; attention is linear in the context up to the sliding window."""
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=tied, sliding_window=window)
+    w = init_weights(cfg, jax.random.PRNGKey(0))
+    mats = sum(x.size for layer in w.layers for x in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+    head = (w.embed if w.lm_head is None else w.lm_head).size
+    assert cfg.matmul_flops_per_token(lm_head=False) == 2 * mats
+    assert cfg.matmul_flops_per_token() == 2 * (mats + head)
+    one = cfg.attention_flops_per_token(1)
+    assert one == 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+    assert cfg.attention_flops_per_token(6) == 6 * one
+    assert cfg.attention_flops_per_token(100) == (8 if window else 100) * one
+
+
 def test_runtime_layout_transposes_bf16_projections_on_cpu_and_computes_the_same_logits():
     """bf16 weights on CPU run as TransposedWeights (an untied LM head too); the logits are the
     same dot products (float32 accumulation, another order); dense_layout gives back the exact
