@@ -27,9 +27,9 @@ Stop 36's run (`copy_finetune.json`): held-out CE plain 3.182 -> 3.259 nats, edi
 -> 2.081. On bench_spec's code-editing prompts the tuned target completes 57.8% of its greedy
 output tokens from a 4-gram of the prompt (the shipped one 5.1%), yet its copies drift within a
 line or two: at k 8 prompt lookup's τ rises only from 2.21 to 2.54 (`lookup_ceiling_copy_target.md`;
-rounds with a match 90 of 230 -> 83 of 200). Priced at `verify_cost.md`'s widths (9 tokens 1.36x
-one), its ceiling goes from 1.95x to 2.23x, and the measured n-gram speedup from 1.29x-1.54x to
-1.56x-1.73x (`bench_spec_copy_target.md` and a rerun): prompt lookup at 2x on code edits needs a
+rounds with a match 90 of 230 -> 83 of 200). Its ceiling goes from 1.87x to 2.14x (each run
+priced at its own forward widths, 9 tokens 1.47x / 1.45x one; `lookup_ceiling.md`), and the
+measured n-gram speedup from 1.29x-1.54x to 1.56x-1.73x (`bench_spec_copy_target.md` and a rerun): prompt lookup at 2x on code edits needs a
 target that copies whole bodies faithfully, which this 11M model does not become in 600 steps.
 (240 steps at lr 3e-4 with half the rows edits: 6.4% copied, τ 2.50.)
 """

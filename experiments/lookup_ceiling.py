@@ -39,6 +39,7 @@ from verify_cost import forward_ms  # noqa: E402
 
 from jaxinfer import generate as gen  # noqa: E402
 from jaxinfer.checkpoint import load_hf  # noqa: E402
+from jaxinfer.layers import ATTENTION_BACKENDS, resolve_backend
 from jaxinfer.llm import resolve_model  # noqa: E402
 from jaxinfer.model import runtime_layout  # noqa: E402
 from jaxinfer.spec.drafters import ngram_lookup  # noqa: E402
@@ -96,8 +97,11 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
     ap.add_argument("--prompt-lookup-min", type=int, default=2)
+    ap.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
+                    help="as LLM(attention_backend=...) and bench_spec.py (auto: native on CPU where the kernels build)")
     ap.add_argument("--out", default=str(RESULTS / "lookup_ceiling"))
     args = ap.parse_args(argv)
+    backend = resolve_backend(args.attention_backend, args.dtype)
 
     target_dir = resolve_model(args.model)
     cfg, weights = load_hf(target_dir, args.dtype)
@@ -107,7 +111,12 @@ def main(argv=None):
     sets = {"continuation": continuation_prompts(tok, args.prompts), "code_edit": code_edit_prompts(tok, args.prompts)}
     longest = max(len(p) for v in sets.values() for p in v)
     s = gen.round_up(longest + m + 1, 64)
-    cost = {t: forward_ms(weights, cfg, 1, t, context=longest + m // 2) for t in sorted({1} | {k + 1 for k in args.ks})}
+    # Each width timed in 5 interleaved rounds, median: a slow moment of the shared machine then
+    # moves one sample of every width instead of one width's price.
+    widths = sorted({1} | {k + 1 for k in args.ks})
+    samples = [[forward_ms(weights, cfg, 1, t, context=longest + m // 2, backend=backend) for t in widths]
+               for _ in range(5)]
+    cost = dict(zip(widths, np.median(samples, axis=0).tolist()))
     print("forward ms by width: " + ", ".join(f"T={t}: {v:.3f} ({v / cost[1]:.2f}x)" for t, v in cost.items()),
           flush=True)
 
@@ -115,7 +124,7 @@ def main(argv=None):
     for name, prompts in sets.items():
         seqs = []
         for p in prompts:  # plain greedy decoding, EOS ignored, as bench_spec times it
-            run = plain_runner(weights, cfg, gen.bucket(len(p)), s, m, 0.0)
+            run = plain_runner(weights, cfg, gen.bucket(len(p)), s, m, 0.0, backend=backend)
             out = np.asarray(run([p], 0).out_tokens)[0, :m].tolist()
             seqs.append((p + out, len(p)))
         both = np.mean([repeat_shares(seq, start) for seq, start in seqs], axis=0)
@@ -137,14 +146,14 @@ def main(argv=None):
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(model=args.model, dtype=args.dtype, prompts=args.prompts, max_tokens=m,
+    meta = dict(model=args.model, dtype=args.dtype, attention_backend=backend, prompts=args.prompts, max_tokens=m,
                 ngram=[args.prompt_lookup_min, args.prompt_lookup_max], forward_ms={str(t): v for t, v in cost.items()},
                 command="python experiments/lookup_ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, repeat_shares=shares), indent=1) + "\n")
-    md = [f"# Prompt-lookup ceiling on {args.model} ({args.dtype}, batch 1, greedy)", "",
+    md = [f"# Prompt-lookup ceiling on {args.model} ({args.dtype}, attention {backend}, batch 1, greedy)", "",
           f"`{meta['command']}`: {args.prompts} prompts per set (bench_spec's), {m} tokens each, n = "
           f"{args.prompt_lookup_min}..{args.prompt_lookup_max}. Every round priced at the target's forward "
-          "over its width alone (" + ", ".join(f"T={t}: {v:.3f} ms" for t, v in cost.items())
+          "over its width alone (median of 5 interleaved timings: " + ", ".join(f"T={t}: {v:.3f} ms" for t, v in cost.items())
           + "), so the ceiling leaves out all drafting, sampling and loop costs.", "",
           "| set | k | rounds | with a match | τ | τ of matched rounds | ceiling |", "|---|---|---|---|---|---|---|"]
     md += [f"| {r['set']} | {r['k']} | {r['rounds']} | {r['matched_rounds']} | {r['tau']:.2f} | "
