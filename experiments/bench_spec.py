@@ -86,17 +86,8 @@ def code_edit_prompts(tok: Tokenizer, num: int, min_tokens: int = 80, max_tokens
     body; much of what prompt lookup finds is its own repetition: `lookup_ceiling.py` measured
     3.6% of its greedy output tokens here completing a 4-gram of the prompt, 58.8% repeating one
     of its own earlier output)."""
-    root = corpus.stdlib_root()
-    _, held = corpus.split_files(corpus.corpus_files(root))
     cands = []
-    for f in held:
-        text = corpus.read_text(root / f)
-        if text is None:
-            continue
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
+    for f, text, tree in corpus.parsed_files("heldout"):
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.col_offset == 0:
                 src = ast.get_source_segment(text, node)

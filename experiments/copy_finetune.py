@@ -60,17 +60,8 @@ RESULTS = Path(__file__).parent / "results"
 def edit_documents(tok: Tokenizer, split: str, min_tokens: int = 40, max_tokens: int = 240) -> list[list[int]]:
     """Every top-level function of the split's files with min..max tokens, as the tokens of
     `src + "\\n\\n\\n" + src renamed to <name>_v2` (bench_spec's code-edit prompt plus its answer)."""
-    root = corpus.stdlib_root()
-    train_files, held = corpus.split_files(corpus.corpus_files(root))
     docs = []
-    for f in train_files if split == "train" else held:
-        text = corpus.read_text(root / f)
-        if text is None:
-            continue
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
+    for _, text, tree in corpus.parsed_files(split):
         for node in tree.body:
             if isinstance(node, ast.FunctionDef):
                 src = ast.get_source_segment(text, node)
@@ -94,6 +85,7 @@ def pack(docs: list[list[int]], rng, num: int, length: int, eos: int) -> np.ndar
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="stdlib-target", help="the weights to start from (a name or a directory)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -104,7 +96,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS / "copy_finetune"))
     args = ap.parse_args(argv)
 
-    src_dir = resolve_model("stdlib-target")
+    src_dir = resolve_model(args.model)
     cfg, params = load_hf(src_dir, "float32")
     tok = Tokenizer.from_dir(src_dir, cfg.bos_token_id, cfg.eos_token_ids)
     eos = cfg.eos_token_ids[0]

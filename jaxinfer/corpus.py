@@ -92,6 +92,24 @@ def read_text(path: Path) -> str | None:
         return None
 
 
+def parsed_files(split: str, root: Path | None = None, heldout: tuple[str, ...] = HELDOUT_PACKAGES):
+    """(relative path, text, ast.Module) of every file of one split ("train" or "heldout") that
+    is UTF-8 and parses, in corpus order."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r} is not 'train' or 'heldout'")
+    root = Path(root) if root is not None else stdlib_root()
+    train, test = split_files(corpus_files(root), heldout)
+    for f in train if split == "train" else test:
+        text = read_text(root / f)
+        if text is None:
+            continue
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        yield f, text, tree
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 def train_tokenizer(texts, vocab_size: int = DEFAULT_VOCAB_SIZE):
@@ -248,19 +266,10 @@ def heldout_prompts(tokenizer, num: int = 64, prompt_tokens: int = 32, context_t
     The speculative-decoding benchmarks use the defaults (a signature to complete); the
     KV-quantization and prefix-caching benchmarks add context_tokens.
     """
-    root = Path(root) if root is not None else stdlib_root()
     encode = _encoder(tokenizer)
     decode = tokenizer.decode
-    _, test_files = split_files(corpus_files(root), heldout)
     candidates: list[tuple[Path, str, int, str, str]] = []
-    for f in test_files:
-        text = read_text(root / f)
-        if text is None:
-            continue
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
+    for f, text, tree in parsed_files("heldout", root, heldout):
         line_starts = np.cumsum([0] + [len(ln) for ln in text.splitlines(keepends=True)])
         for qual, node in _definitions(tree):
             start = int(line_starts[node.lineno - 1]) + node.col_offset

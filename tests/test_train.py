@@ -56,6 +56,20 @@ def test_stdlib_split_is_deterministic_and_disjoint():
         assert not any(p in ("test", "tests", "idle_test") for p in f.parts), f
 
 
+def test_parsed_files_gives_a_split_and_skips_files_that_do_not_read_or_parse(tmp_path):
+    for rel, data in (("a.py", b"x = 1\n"), ("bad.py", b"def (:\n"), ("latin.py", b"s = '\xe9'\n"),
+                      ("json/b.py", b"y = 2\n")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    train_split = [(f.as_posix(), text) for f, text, _ in corpus.parsed_files("train", tmp_path, ("json",))]
+    held = [(f.as_posix(), tree.body[0].targets[0].id) for f, _, tree in
+            corpus.parsed_files("heldout", tmp_path, ("json",))]
+    assert train_split == [("a.py", "x = 1\n")]
+    assert held == [("json/b.py", "y")]
+    with pytest.raises(ValueError, match="split='test'"):
+        next(corpus.parsed_files("test", tmp_path))
+
+
 def test_mini_corpus_excludes_tests_and_tokenizes(mini_root, mini_data):
     names = [f.as_posix() for f in corpus.corpus_files(mini_root)]
     assert names == sorted(TRAIN_FILES + HELDOUT_FILES)
