@@ -29,10 +29,12 @@ output tokens from a 4-gram of the prompt (the shipped one 5.1%), yet its copies
 line or two: at k 8 prompt lookup's τ rises only from 2.21 to 2.54 (`lookup_ceiling_copy_target.md`;
 rounds with a match 90 of 230 -> 83 of 200). Its ceiling goes from 1.87x to 2.14x (each run
 priced at its own forward widths, 9 tokens 1.47x / 1.45x one; `lookup_ceiling.md`), and the
-measured n-gram speedup from 1.29x-1.54x to 1.56x-1.73x (`bench_spec_copy_target.md` and a rerun): prompt lookup at 2x on code edits needs a
-target that copies whole bodies faithfully, which this 11M model does not become in 600 steps.
-(240 steps at lr 3e-4 with half the rows edits: 6.4% copied, τ 2.50.) Another 600 steps from there
-(`--model runs/copy-target --lr 5e-4`, `*_copy_target_1200.*`): 56.1% copied, τ 2.79 in the
+measured n-gram speedup from 1.29x-1.54x to 1.56x-1.73x (`bench_spec_copy_target.md` and a
+rerun): prompt lookup at 2x on code edits needs a target that copies whole bodies faithfully,
+which this 11M model does not become in 600 steps. (240 steps at lr 3e-4 with half the rows
+edits: 6.4% copied, τ 2.50.) Another 600 steps from there (`--model runs/copy-target --lr 5e-4
+--out-model runs/copy-target-1200 --out experiments/results/copy_finetune_1200`, then the two
+measurements on runs/copy-target-1200, `*_copy_target_1200.*`): 56.1% copied, τ 2.79 in the
 replay and 2.91 measured at k 8, n-gram 1.70x (k 4: 1.53x), while held-out CE worsened to 3.395
 (plain) and 2.273 (edit documents, up from 2.081: it had begun to memorize the training edits).
 """
