@@ -141,8 +141,7 @@ def main(argv=None):
     out_model = Path(args.out_model)
     export_hf(out_model, cfg, state.params, dtype="bfloat16", tokenizer_json=src_dir / "tokenizer.json",
               generation_config=json.loads((src_dir / "generation_config.json").read_text()))
-    for extra in ("tokenizer_config.json",):
-        (out_model / extra).write_text((src_dir / extra).read_text())
+    (out_model / "tokenizer_config.json").write_text((src_dir / "tokenizer_config.json").read_text())
     result = {"args": vars(args), "edit_documents": len(docs), "seconds": time.perf_counter() - t0,
               "heldout_ce_before": before, "heldout_ce_after": after, "jax": jax.__version__}
     out = Path(args.out)

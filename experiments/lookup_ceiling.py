@@ -5,7 +5,7 @@ in every round follows from those tokens alone. This decodes bench_spec.py's bat
 plainly, then replays the loop's n-gram lookup (`drafters.ngram_lookup`, the same n range) over
 each prompt + output, offline: a round with a match verifies k drafts in a (k+1)-token forward
 and emits the accepted ones plus one; a round without runs a one-token step. It times the
-target's forward at each width in the same run (`verify_cost.forward_ms`) and prices every
+target's forward at each width in the same run (`verify_cost.forward_timer`) and prices every
 round at that forward alone -- no drafting, sampling, bookkeeping or loop overhead, so the
 result bounds what any implementation of prompt lookup reaches on this machine:
 
@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_spec import code_edit_prompts, continuation_prompts, plain_runner  # noqa: E402
-from verify_cost import forward_ms  # noqa: E402
+from verify_cost import forward_timer  # noqa: E402
 
 from jaxinfer import generate as gen  # noqa: E402
 from jaxinfer.checkpoint import load_hf  # noqa: E402
@@ -112,10 +112,10 @@ def main(argv=None):
     longest = max(len(p) for v in sets.values() for p in v)
     s = gen.round_up(longest + m + 1, 64)
     # Each width timed in 5 interleaved rounds, median: a slow moment of the shared machine then
-    # moves one sample of every width instead of one width's price.
+    # moves one sample of every width instead of one width's price. Each program compiles once.
     widths = sorted({1} | {k + 1 for k in args.ks})
-    samples = [[forward_ms(weights, cfg, 1, t, context=longest + m // 2, backend=backend) for t in widths]
-               for _ in range(5)]
+    timers = [forward_timer(weights, cfg, 1, t, context=longest + m // 2, backend=backend) for t in widths]
+    samples = [[timed() for timed in timers] for _ in range(5)]
     cost = dict(zip(widths, np.median(samples, axis=0).tolist()))
     print("forward ms by width: " + ", ".join(f"T={t}: {v:.3f} ({v / cost[1]:.2f}x)" for t, v in cost.items()),
           flush=True)
