@@ -1,7 +1,8 @@
 """Speculative decoding benchmark with Spec-Bench's definitions, on the embedded target.
 
-For every drafter (draft model, layer skip, n-gram prompt lookup, prompt lookup with a
-draft-model fallback, EAGLE, Medusa), number of speculative tokens k, batch size and
+For every drafter (draft model, layer skip, n-gram prompt lookup as vLLM does it and with
+`prompt_lookup_scale` -- drafts by match length, verified only as wide as needed --, prompt
+lookup with a draft-model fallback, EAGLE, Medusa), number of speculative tokens k, batch size and
 temperature, on two held-out prompt sets:
 
 - continuation: `corpus.heldout_prompts` (a held-out definition's signature and first body
@@ -18,7 +19,8 @@ it reports
   token, in ms and as a fraction of one plain decode step of the target at that batch;
 - speedup: generated tokens/s of speculative decoding over plain decoding
   (`jaxinfer.generate` prefill + `lax.while_loop` decode) on the same prompts, prefill
-  included in both; greedy outputs are checked token-identical. The two are timed in
+  included in both (each batch padded to its longest prompt's fine bucket, as
+  `LLM.generate` pads it); greedy outputs are checked token-identical. The two are timed in
   pairs: each of --repeats passes runs plain decoding and the speculative run back to
   back over all prompts (alternating which goes first), and the speedup is the median
   of the passes' ratios. A slow moment of the shared machine then slows both sides of
@@ -66,6 +68,8 @@ METHOD_CONFIGS = {
     "draft_model": {"method": "draft_model", "model": "stdlib-draft"},
     "layer_skip": {"method": "layer_skip"},
     "ngram": {"method": "ngram", "prompt_lookup_max": 4, "prompt_lookup_min": 2},
+    # single-token matches too, each matched token buying 2 drafts: 2, 4 or 8 (k 8); see NgramDrafter
+    "ngram_scaled": {"method": "ngram", "prompt_lookup_max": 4, "prompt_lookup_min": 1, "prompt_lookup_scale": 2},
     "ngram_draft_model": {"method": "ngram_draft_model", "model": "stdlib-draft", "prompt_lookup_max": 4,
                           "prompt_lookup_min": 2},
     "eagle": {"method": "eagle"},
@@ -104,11 +108,18 @@ def code_edit_prompts(tok: Tokenizer, num: int, min_tokens: int = 80, max_tokens
 
 # ----------------------------------------------------------------------------- runs
 
-def _inputs(prompts: list[list[int]], t: int, temp: float, max_tokens: int, vocab: int, seed0: int = 0,
+def prompt_width(prompts: list[list[int]]) -> int:
+    """The padded prompt length of a batch: its longest prompt's fine bucket, as `LLM.generate`
+    pads a batch (static_batch.py), so prefill here costs what it costs a user."""
+    return gen.fine_bucket(max(len(p) for p in prompts), minimum=16)
+
+
+def _inputs(prompts: list[list[int]], t: int | None, temp: float, max_tokens: int, vocab: int, seed0: int = 0,
             penalties: dict | None = None):
-    """Padded prompts and per-row sampling inputs; the last item is the rows' PenaltyInputs (None
-    without penalties)."""
+    """Padded prompts (to t; None: `prompt_width`) and per-row sampling inputs; the last item is
+    the rows' PenaltyInputs (None without penalties)."""
     b = len(prompts)
+    t = t or prompt_width(prompts)
     tokens = np.zeros((b, t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
@@ -138,9 +149,10 @@ def _paired_runs(plain_run, spec_run, batches, passes: int):
 
     Returns (plain seconds per pass, speculative seconds per pass, speculative outputs, states);
     the ratio of a pair is measured within seconds, whatever the machine does between pairs.
-    plain_run must have run once already (main's first plain pass compiles it).
+    plain_run must have run on every batch already (main compiles it outside the clock).
     """
-    spec_run(*batches[0]).out_tokens.block_until_ready()  # compile, and finish before the clock starts
+    for batch in batches:  # compile (one program per prompt width), and finish before the clock starts
+        spec_run(*batch).out_tokens.block_until_ready()
     plain_s, spec_s = [], []
     for i in range(passes):
         for side in (("plain", "spec") if i % 2 == 0 else ("spec", "plain")):
@@ -313,13 +325,14 @@ def main(argv=None) -> int:
         for set_name, prompts in sets.items():
             use = prompts[:args.prompts_b1] if batch == 1 else prompts[:batch]
             batches = [(use[i:i + batch], 1000 * i) for i in range(0, len(use), batch)]
-            t = gen.bucket(max(len(x) for x in use))
+            t = None  # each batch padded to its own prompt_width, as LLM.generate pads it
             if batch not in step_s:
                 step_s[batch] = plain_step_seconds(weights, cfg, batches[0][0], t, s, m, args.bake_weights,
                                                    backend)
             for temp in args.temps:
                 plain_run = plain_runner(weights, cfg, t, s, m, temp, args.bake_weights, penalties, backend)
-                plain_run(*batches[0]).out_tokens.block_until_ready()  # compile outside the clock
+                for b_ in batches:  # compile outside the clock
+                    plain_run(*b_).out_tokens.block_until_ready()
                 plain_s, plain_out, _ = _pass(plain_run, batches)
                 n_tokens = plain_out.shape[0] * m
                 print(f"\n[{set_name} batch {batch} T={temp}] plain: {n_tokens / plain_s:.1f} tok/s", flush=True)
@@ -353,8 +366,10 @@ def main(argv=None) -> int:
                                "greedy_identical": bool((out == plain_out).all()) if temp == 0 else None}
                         if method == "layer_skip":
                             row["num_layers"] = drafter.num_layers
-                        if method in ("ngram", "ngram_draft_model"):
+                        if hasattr(drafter, "prompt_lookup_min"):
                             row["ngram"] = [drafter.prompt_lookup_min, drafter.prompt_lookup_max]
+                        if getattr(drafter, "scale", None):
+                            row["lookup_scale"] = drafter.scale
                         rows.append(row)
                         # Each (drafter, k) compiles its own pair of programs; a process that keeps hundreds
                         # of them runs out of memory mappings in LLVM's JIT. Count them, then let them go
@@ -392,13 +407,14 @@ def write_results(out: Path, rows: list[dict], meta: dict):
              (f"Penalties on both sides: {meta['penalties']}. " if meta.get("penalties") else "")
              + f"{meta['max_tokens']} new tokens per row (EOS ignored); speedup = median over "
              f"{meta['repeats']} back-to-back pairs of (plain wall time / speculative wall time) on the same prompts, "
-             "prefill included (tok/s: medians of the passes); τ = tokens per target forward "
+             "prefill included (each batch's prompts padded to the fine bucket of the longest, as LLM.generate "
+             "pads them; tok/s: medians of the passes); τ = tokens per target forward "
              "(bonus / correction included); α = accepted / drafted; draft cost = one propose call per proposed "
              "token (ms, and as a fraction of a plain decode step: "
              + ", ".join(f"batch {b}: {v:.2f} ms" for b, v in meta["plain_step_ms"].items()) + ").", ""]
     best = {}
     for r in rows:
-        key = (r["set"], r["batch"], r["temperature"], r["method"], tuple(r.get("ngram", ())))
+        key = (r["set"], r["batch"], r["temperature"], r["method"], tuple(r.get("ngram", ())), r.get("lookup_scale"))
         if key not in best or r["speedup"] > best[key]["speedup"]:
             best[key] = r
     lines += ["## Best k per method", "", "| set | batch | T | method | k | α | τ | draft ms/tok (× step) | tok/s "
@@ -422,8 +438,9 @@ def write_results(out: Path, rows: list[dict], meta: dict):
 
 
 def _label(r: dict) -> str:
+    scale = f", {r['lookup_scale']} per matched token" if r.get("lookup_scale") else ""
     return r["method"] + (f" (L'={r['num_layers']})" if "num_layers" in r else "") + (
-        f" (n={r['ngram'][0]}..{r['ngram'][1]})" if "ngram" in r else "")
+        f" (n={r['ngram'][0]}..{r['ngram'][1]}{scale})" if "ngram" in r else "")
 
 
 def _row(r: dict) -> str:

@@ -358,6 +358,24 @@ def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
     _check_pages_returned(spec)
 
 
+def test_engine_scaled_prompt_lookup_verifies_narrower_and_stays_lossless(model_dir):
+    """prompt_lookup_scale in the engine: a step verifies only as wide as its longest proposal
+    (1, 2 or 4 drafts for k 4), and greedy output still equals plain decoding's."""
+    rng = np.random.default_rng(11)
+    base = rng.integers(3, 300, size=12).tolist()
+    prompts = [{"prompt_token_ids": (base * 3)[:int(n)]} for n in (30, 17, 25)] + _prompts(2, seed=6)
+    ref = [o.outputs[0].token_ids for o in LLM(model_dir, block_size=8).generate(prompts, GREEDY)]
+    conf = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    llm = LLM(model_dir, block_size=8, enable_prefix_caching=True,
+              speculative_config={**conf, "prompt_lookup_scale": 1})
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
+    s = llm.get_stats()
+    assert 0 < s.spec_accepted_tokens <= s.spec_drafted_tokens
+    widths = {sig[1][1] - 1 for sig in llm.engine.runner.signatures if sig[0] == "spec"}
+    assert widths - {4} and widths <= {1, 2, 4}, widths  # narrower verifications ran
+    _check_pages_returned(llm)
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_engine_speculative_sampling_is_independent_of_batch_mates_and_preemption(model_dir, draft_dir, method):
     """A seeded sampled request emits the same tokens alone, beside others and when preempted.

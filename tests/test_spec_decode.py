@@ -45,6 +45,7 @@ def models():
     hcfg = eagle_config(CFG, 64)
     return {
         "ngram": (D.NgramDrafter(K, 3, 1), None),
+        "ngram_scaled": (D.NgramDrafter(K, 3, 1, scale=1), None),  # drafts of 1, 2 or 3 tokens
         "draft_model": (D.DraftModelDrafter(K, CFG), dw),
         "ngram_draft_model": (D.LookupDraftModelDrafter(K, CFG, 3, 1), dw),
         "layer_skip": (D.LayerSkipDrafter(K, CFG, 1), None),
@@ -88,7 +89,8 @@ def reference(models):
     return stop, out
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft_model", "ngram_draft_model", "layer_skip", "eagle", "medusa"])
+@pytest.mark.parametrize("name", ["ngram", "ngram_scaled", "draft_model", "ngram_draft_model", "layer_skip", "eagle",
+                                  "medusa"])
 def test_greedy_identical_to_plain_decoding(models, reference, name):
     drafters, w = models
     drafter, params = drafters[name]
@@ -100,15 +102,15 @@ def test_greedy_identical_to_plain_decoding(models, reference, name):
         assert [(r.output_ids, r.finish_reason) for r in reqs] == expected, (name, bs)
     s = dec.stats
     assert s.forwards > 0 and 0 <= s.accepted <= s.drafted <= K * s.forwards
-    if name != "ngram":
+    if not name.startswith("ngram"):
         assert s.drafted == K * s.forwards
-    if name in ("ngram", "draft_model", "ngram_draft_model"):  # predictable prompts / a draft close to the target
+    if name in ("ngram", "ngram_scaled", "draft_model", "ngram_draft_model"):  # predictable prompts / a close draft
         assert s.accepted > 0
     if name in ("draft_model", "ngram_draft_model"):
         assert s.accepted < s.drafted
 
 
-@pytest.mark.parametrize("name", ["ngram", "ngram_draft_model"])
+@pytest.mark.parametrize("name", ["ngram", "ngram_scaled", "ngram_draft_model"])
 def test_round_choice_copies_no_cache(models, name):
     """The rounds that choose between two verifications (n-gram: drafts or a plain step; lookup or
     the draft model) compile without a copy of any K/V cache buffer: XLA:CPU copies the buffers a
@@ -246,6 +248,31 @@ def test_ngram_lookup_most_recent_match_and_periodic_continuation():
     assert d[2].tolist() == [-1, -1, -1, -1]  # no match: no proposal
 
 
+def test_scaled_lookup_proposes_by_match_length():
+    """prompt_lookup_scale: a match of n tokens proposes lookup_lengths[n] of what followed it."""
+    assert D.draft_widths(8) == (1, 2, 4, 8) and D.draft_widths(6) == (1, 2, 4, 6) and D.draft_widths(1) == (1,)
+    assert D.lookup_lengths(8, 4, 2) == (0, 2, 4, 8, 8)  # 2n, rounded up to a width: 2, 4, 6 -> 8, 8
+    assert D.lookup_lengths(4, 3, 1) == (0, 1, 2, 4)
+    h = jnp.array([[1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3, 0, 0, 0, 0],
+                   [6, 4, 5, 7, 0, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                   [3, 8, 2, 5, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                   [1, 2, 3, 4, 5, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    last = jnp.array([11, 6, 4, 5])
+    lookup = jax.jit(D.ngram_lookup, static_argnums=(2, 3, 4, 5))
+    d = np.asarray(lookup(h, last, 4, 3, 1, D.lookup_lengths(4, 3, 1)))
+    assert d[0].tolist() == [7, 8, 1, 2]  # "1 2 3" matched: 3 tokens -> all 4
+    assert d[1].tolist() == [7, 0, -1, -1]  # only "4 5" matched: 2
+    assert d[2].tolist() == [8, -1, -1, -1]  # only "3": 1
+    assert d[3].tolist() == [-1, -1, -1, -1]
+    full = np.asarray(lookup(h, last, 4, 3, 1, None))
+    assert full[1].tolist() == [7, 0, 4, 5] and full[2].tolist() == [8, 2, 5, 3]  # unscaled: k for any n
+    from jaxinfer.engine.runner import ngram_propose
+    for i, p in enumerate(np.asarray(last).tolist()):  # the engine's host lookup proposes the same
+        got = ngram_propose(np.asarray(h)[i, :p + 1].tolist(), 4, 1, 3, 1)
+        want = [t for t in d[i].tolist() if t >= 0]
+        assert (got is None and not want) or got.tolist() == want, i
+
+
 def test_head_save_load_roundtrip_and_checks(tmp_path):
     hcfg = eagle_config(CFG, 64)
     head = init_eagle(hcfg, jax.random.PRNGKey(0))
@@ -276,6 +303,9 @@ def test_head_save_load_roundtrip_and_checks(tmp_path):
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens=0"),
     ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, r"keys \['model'\]"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min=5"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_scale": 0}, "prompt_lookup_scale=0"),
+    ({"method": "draft_model", "num_speculative_tokens": 2, "model": "stdlib-draft", "prompt_lookup_scale": 2},
+     r"keys \['prompt_lookup_scale'\]"),
     ({"method": "layer_skip", "num_speculative_tokens": 2, "num_layers": 3}, "num_layers=3"),
     ({"method": "draft_model", "num_speculative_tokens": 2}, "needs 'model'"),
     ({"method": "ngram_draft_model", "num_speculative_tokens": 2}, "needs 'model'"),

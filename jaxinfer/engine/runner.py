@@ -30,6 +30,7 @@ from flax import struct
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import drafting
 from jaxinfer.engine.scheduler import ScheduledChunk
+from jaxinfer.spec.drafters import draft_widths, lookup_lengths
 from jaxinfer.generate import bucket, fine_bucket
 from jaxinfer.kv.cache import AttentionMeta, KVCache
 from jaxinfer.layers import paged_loop_applies
@@ -259,13 +260,19 @@ class ModelRunner:
             # output does not depend on whether a batch-mate had a match. A second call would read
             # every weight again, which costs more than the padding at the batch sizes where
             # speculation pays.
+            scale = self.spec.prompt_lookup_scale if self.spec.method == "ngram" else None
             found = [ngram_propose(c.request.all_tokens, c.num_draft, self.spec.prompt_lookup_min,
-                                   self.spec.prompt_lookup_max) for c in spec]
+                                   self.spec.prompt_lookup_max, scale) for c in spec]
             if self.spec.method == "ngram_draft_model":  # lookup if every row has a match, else the model
                 proposals = found if all(d is not None for d in found) else None
             else:
                 if all(d is None for d in found):
                     decodes, spec = decodes + spec, []
+                elif scale is not None:  # verify only as wide as the longest proposal (drafters.draft_widths)
+                    need = max(len(d) for d in found if d is not None)
+                    width = min(w for w in draft_widths(spec[0].num_draft) if w >= need)
+                    found = [None if d is None else np.pad(d, (0, width - len(d)), constant_values=-1) for d in found]
+                    spec = [dataclasses.replace(c, num_draft=width) for c in spec]
                 proposals = [np.full(c.num_draft, -1) if d is None else d for c, d in zip(spec, found)]
         if spec:
             results.update(self._run_spec(spec, proposals))
@@ -442,7 +449,7 @@ class ModelRunner:
             r, n = c.request, int(n_acc[i])
             toks = [int(x) for x in drafts[i, :n]] + [int(nxt[i])]
             entries = [self._logprob_entry(r, t, lp, i, j) for j, t in enumerate(toks)]
-            results[r] = (toks, entries, k if drafts[i, 0] >= 0 else 0)  # drafted tokens, for the stats
+            results[r] = (toks, entries, int(np.sum(drafts[i] >= 0)))  # drafted tokens, for the stats
         return results
 
     def _record_prompt_logprobs(self, c: ScheduledChunk, plp, i: int):
@@ -488,10 +495,11 @@ def prefill_calls(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
     return calls + list(by_len.values())
 
 
-def ngram_propose(tokens: list[int], k: int, n_min: int, n_max: int) -> np.ndarray | None:
+def ngram_propose(tokens: list[int], k: int, n_min: int, n_max: int, scale: int | None = None) -> np.ndarray | None:
     """Prompt lookup: the k tokens that followed the most recent earlier occurrence of the
     last n tokens (n from n_max down to n_min), padded with the last of them when fewer
-    follow; None without a match."""
+    follow; None without a match. scale: a match of n tokens proposes only
+    `drafters.lookup_lengths(k, n_max, scale)[n]` of them (`prompt_lookup_scale`)."""
     seq = np.asarray(tokens, np.int64)
     for n in range(min(n_max, len(seq) - 1), n_min - 1, -1):
         suffix = seq[-n:]
@@ -499,5 +507,6 @@ def ngram_propose(tokens: list[int], k: int, n_min: int, n_max: int) -> np.ndarr
         hits = np.flatnonzero(np.all(windows == suffix, axis=1))
         if hits.size:
             follow = seq[hits[-1] + n:hits[-1] + n + k]
-            return np.pad(follow, (0, k - len(follow)), mode="edge")  # a hit leaves >= 1 token after it
+            follow = np.pad(follow, (0, k - len(follow)), mode="edge")  # a hit leaves >= 1 token after it
+            return follow if scale is None else follow[:lookup_lengths(k, n_max, scale)[n]]
     return None

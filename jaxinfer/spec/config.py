@@ -2,6 +2,8 @@
 
     {"method": "draft_model", "model": "stdlib-draft", "num_speculative_tokens": 4}
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+                                        # optional "prompt_lookup_scale": n matched tokens propose
+                                        # min(k, scale * n), each round verifies only that wide
                                         # any method: optional "disable_by_batch_size" (engine)
     {"method": "ngram_draft_model", "model": "stdlib-draft", "num_speculative_tokens": 8}
                                         # prompt lookup, else the draft model; optional lookup keys
@@ -27,7 +29,7 @@ METHODS = ("draft_model", "ngram", "ngram_draft_model", "layer_skip", "eagle", "
 # Optional keys per method, beside the ones every method takes (disable_by_batch_size: engine).
 _KEYS = {
     "draft_model": ("model",),
-    "ngram": ("prompt_lookup_max", "prompt_lookup_min"),
+    "ngram": ("prompt_lookup_max", "prompt_lookup_min", "prompt_lookup_scale"),
     "ngram_draft_model": ("model", "prompt_lookup_max", "prompt_lookup_min"),
     "layer_skip": ("num_layers",),
     "eagle": ("model",),
@@ -44,6 +46,7 @@ class SpeculativeConfig:
     model: str | None = None  # draft model (name or path) or head directory
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    prompt_lookup_scale: int | None = None  # ngram: drafts per matched token (None: always k)
     num_layers: int | None = None  # layer_skip: layers of the target the draft runs
     # engine: no drafting in a step that runs more requests than this
     disable_by_batch_size: int | None = None
@@ -80,6 +83,10 @@ class SpeculativeConfig:
             if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
                 raise ValueError(f"speculative_config prompt_lookup_min={lo!r}, prompt_lookup_max={hi!r}: "
                                  "need integers with 1 <= prompt_lookup_min <= prompt_lookup_max")
+        scale = cfg.prompt_lookup_scale
+        if scale is not None and (not is_int(scale) or scale < 1):
+            raise ValueError(f"speculative_config prompt_lookup_scale={scale!r} must be an integer >= 1 "
+                             "(drafts per matched token) or None (always num_speculative_tokens)")
         if method in ("draft_model", "ngram_draft_model"):
             from jaxinfer.checkpoint import load_config
             dcfg = load_config(cfg.draft_dir())
@@ -144,7 +151,8 @@ def build_drafter(spec: SpeculativeConfig, target_cfg: ModelConfig, dtype=jnp.fl
 
     k = spec.k
     if spec.method == "ngram":
-        return drafters.NgramDrafter(k, spec.prompt_lookup_max, spec.prompt_lookup_min), None
+        return drafters.NgramDrafter(k, spec.prompt_lookup_max, spec.prompt_lookup_min,
+                                     spec.prompt_lookup_scale), None
     if spec.method == "layer_skip":
         n = spec.num_layers or default_skip_layers(target_cfg)
         return drafters.LayerSkipDrafter(k, target_cfg, n, backend), None

@@ -185,13 +185,17 @@ class LayerSkipDrafter:
 
 # ----------------------------------------------------------------------------- n-gram
 
-def ngram_lookup(history: jax.Array, last_pos: jax.Array, k: int, n_max: int, n_min: int) -> jax.Array:
+def ngram_lookup(history: jax.Array, last_pos: jax.Array, k: int, n_max: int, n_min: int,
+                 lengths: tuple[int, ...] | None = None) -> jax.Array:
     """Prompt lookup (Saxena 2023), on device. history [B, S], last_pos [B] -> draft [B, k].
 
     For n from n_max down to n_min: find the most recent earlier occurrence of the last n
     tokens (history[P-n+1..P]) and propose what followed it. A match that ends δ tokens
     before P is continued periodically (period δ), the only continuation the context
     supports past P. No match: -1 (no proposal; the loop may then run a plain step).
+
+    lengths: with it, a match of n tokens proposes only the first lengths[n] tokens (the
+    rest -1); None proposes k for every n (vLLM's prompt lookup).
     """
     b, s = history.shape
     p = last_pos[:, None]  # [B, 1]
@@ -210,20 +214,49 @@ def ngram_lookup(history: jax.Array, last_pos: jax.Array, k: int, n_max: int, n_
         period = last_pos - after + 1  # [B] >= 1 when has
         idx = after[:, None] + jnp.arange(k)[None, :] % jnp.maximum(period, 1)[:, None]  # [B, k]
         proposal = jnp.take_along_axis(history, jnp.clip(idx, 0, s - 1), axis=1)
+        if lengths is not None:
+            proposal = jnp.where(jnp.arange(k)[None, :] < lengths[n], proposal, -1)
         draft = jnp.where((has & ~found)[:, None], proposal, draft)
         found = found | has
     return draft.astype(jnp.int32)
 
 
+def lookup_lengths(k: int, n_max: int, scale: int) -> tuple[int, ...]:
+    """Draft lengths by matched suffix length n (index n, 0..n_max) for `prompt_lookup_scale`:
+    min(k, scale * n) rounded up to the next of the loop's verify widths (`draft_widths`), since
+    a round pays for its widest draft anyway."""
+    widths = draft_widths(k)
+    return tuple(min(w for w in widths if w >= min(k, scale * n)) if n else 0 for n in range(n_max + 1))
+
+
+def draft_widths(k: int) -> tuple[int, ...]:
+    """The draft lengths a round of adaptive prompt lookup verifies at: powers of two below k, and k
+    (k = 8: 1, 2, 4, 8; one compiled forward each, so at most log2(k) + 1 of them)."""
+    return tuple(sorted({min(k, 1 << i) for i in range(k.bit_length() + 1)}))
+
+
 @dataclasses.dataclass(frozen=True)
 class NgramDrafter:
     """Prompt lookup over the row's own tokens; no model cost, deterministic drafts (one-hot q).
-    Rows without a match propose nothing (-1), as vLLM's n-gram proposer does."""
+    Rows without a match propose nothing (-1), as vLLM's n-gram proposer does.
+
+    scale (`prompt_lookup_scale`): a match of n tokens proposes min(k, scale * n) tokens, rounded
+    up to a power of two (`lookup_lengths`), and each round verifies only as wide as its longest
+    proposal (`widths`). A short match is a weak prediction: on the embedded target a 1-token match
+    is right far less often than a 4-token one, and a (k+1)-token forward for it costs more than it
+    returns. None: always k (vLLM's behaviour).
+    """
 
     k: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    scale: int | None = None
     abstains = True  # class constant: may propose -1 (commit ignores the round's width)
+
+    @property
+    def widths(self) -> tuple[int, ...] | None:
+        """Draft lengths the loop verifies at (the smallest that holds every row's proposal); None: k."""
+        return None if self.scale is None else draft_widths(self.k)
 
     def init(self, params, batch, max_len, dtype):
         return {}
@@ -232,7 +265,9 @@ class NgramDrafter:
         return state
 
     def propose(self, params, target, kv, state, ctx: DraftContext):
-        draft = ngram_lookup(ctx.history, ctx.kv_lens, self.k, self.prompt_lookup_max, self.prompt_lookup_min)
+        lengths = None if self.scale is None else lookup_lengths(self.k, self.prompt_lookup_max, self.scale)
+        draft = ngram_lookup(ctx.history, ctx.kv_lens, self.k, self.prompt_lookup_max, self.prompt_lookup_min,
+                             lengths)
         return draft, None, state, kv
 
     def commit(self, params, target, state, ctx, hidden, emitted, n_emit):

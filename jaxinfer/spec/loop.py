@@ -6,7 +6,9 @@ tokens per round, V vocab, N top logprobs, D model dim.
 `spec_prefill` runs the prompts, samples each row's first token exactly as plain
 decoding does, and prefills the drafter. `spec_decode` is a `lax.while_loop` of rounds:
 
-    1. the drafter proposes d_1..d_k (and the shaped logits q it drew them from);
+    1. the drafter proposes d_1..d_k (and the shaped logits q it drew them from); one that
+       may abstain proposes -1 (nothing) and, with widths, fewer than k: the round then
+       verifies only as wide as its longest proposal;
     2. ONE target forward over [x_P, d_1..d_k] at positions P..P+k (q_lens = k+1 for
        running rows, 0 for finished ones) gives p_1..p_{k+1} and writes their K/V;
     3. verification (verify.py) accepts n_acc drafts and picks the next token;
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from typing import Any, Iterator
 
@@ -183,8 +186,21 @@ def _round(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: S
     # A drafter that may abstain (n-gram without a match): when no running row has a proposal, a
     # plain one-token step does the same work as verifying k rejected tokens, at 1 / (k+1) the width.
     draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)  # [B, k]
-    return _either(jnp.any(ctx.active & (draft[:, 0] >= 0)), lambda s: _verify_emit(*args, s, draft, q_logits),
-                   lambda s: _verify_emit(*args, s, draft[:, :0], None), s.replace(kv=kv, draft=dstate))
+    s = s.replace(kv=kv, draft=dstate)
+    widths = getattr(drafter, "widths", None)
+    if widths is None:
+        return _either(jnp.any(ctx.active & (draft[:, 0] >= 0)), lambda s: _verify_emit(*args, s, draft, q_logits),
+                       lambda s: _verify_emit(*args, s, draft[:, :0], None), s)
+    # Proposals of different lengths (-1 after the last): the round verifies at the narrowest of
+    # the drafter's widths that holds every running row's proposal, one conditional per width;
+    # each passes the state through when not taken (see _either: no buffer copies).
+    need = jnp.max(jnp.where(ctx.active, jnp.sum(draft >= 0, axis=1), 0))
+    bounds = (0,) + tuple(widths)
+    for lo, w in itertools.pairwise(bounds):
+        s = jax.lax.cond((need > lo) & (need <= w),
+                         lambda s, w=w: _verify_emit(*args, s, draft[:, :w], None if q_logits is None
+                                                     else q_logits[:, :w]), lambda s: s, s)
+    return jax.lax.cond(need == 0, lambda s: _verify_emit(*args, s, draft[:, :0], None), lambda s: s, s)
 
 
 def _verify_emit(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: SpecStatics,
