@@ -170,7 +170,7 @@ def penalized_reference(models):
     return bad, [r.output_ids for r in banned]
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft_model", "layer_skip", "eagle", "medusa"])
+@pytest.mark.parametrize("name", ["ngram", "ngram_scaled", "draft_model", "layer_skip", "eagle", "medusa"])
 def test_greedy_with_penalties_identical_to_plain_decoding(models, penalized_reference, name):
     """Penalties, biases and bad words shape every verified position as plain decoding would have
     shaped it, counting the drafts before it as generated: the tokens are the same."""
@@ -219,9 +219,13 @@ def test_lookup_draft_model_catches_its_cache_up_before_drafting(models):
     assert dec.stats.drafted == K * dec.stats.forwards > 0
 
 
-def test_sampled_rows_are_reproducible_and_batch_independent(models):
+@pytest.mark.parametrize("name", ["draft_model", "ngram_scaled"])
+def test_sampled_rows_are_reproducible_and_batch_independent(models, name):
+    """A seeded row emits the same tokens whoever its batch-mates are; with ngram_scaled a row
+    whose proposal is shorter than the round's width has -1 there, rejected, and its next token
+    drawn with the key a plain step would use."""
     drafters, w = models
-    drafter, params = drafters["draft_model"]
+    drafter, params = drafters[name]
     dec = SpecDecoder(w, CFG, None, max_model_len=256, drafter=drafter, draft_params=params)
     sp = SamplingParams(temperature=0.8, top_k=20)
     a = _requests(sp, [])
@@ -234,7 +238,10 @@ def test_sampled_rows_are_reproducible_and_batch_independent(models):
     assert other_mates[0].output_ids == a[0].output_ids
     assert [r.output_ids for r in other_mates[1:]] != [r.output_ids for r in a[1:]]
     assert all(len(r.output_ids) == m for r, m in zip(a, MAX_TOKENS))
-    assert 0 < dec.stats.accepted < dec.stats.drafted
+    if name == "draft_model":
+        assert 0 < dec.stats.accepted < dec.stats.drafted
+    else:  # lookup drafts on a random model are rarely accepted at T 0.8: rounds of mixed widths ran
+        assert dec.stats.drafted > 0 and dec.stats.drafted % K != 0
 
 
 def test_ngram_lookup_most_recent_match_and_periodic_continuation():
