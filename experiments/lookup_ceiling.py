@@ -4,7 +4,8 @@ Greedy speculative decoding emits exactly plain decoding's tokens, so what promp
 in every round follows from those tokens alone. This decodes bench_spec.py's batch-1 prompts
 plainly, then replays the loop's n-gram lookup (`drafters.ngram_lookup`, the same n range) over
 each prompt + output, offline: a round with a match verifies k drafts in a (k+1)-token forward
-and emits the accepted ones plus one; a round without runs a one-token step. It times the
+(with --prompt-lookup-scale: the drafts its match length buys) and emits the accepted ones
+plus one; a round without runs a one-token step. It times the
 target's forward at each width in the same run (`verify_cost.forward_timer`) and prices every
 round at that forward alone -- no drafting, sampling, bookkeeping or loop overhead, so the
 result bounds what any implementation of prompt lookup reaches on this machine:
@@ -19,6 +20,7 @@ set is meant to create) and the share that complete a 4-gram found only earlier 
 Writes experiments/results/lookup_ceiling.{json,md}.
 
     python experiments/lookup_ceiling.py [--dtype float32] [--ks 2 4 8 11 15] [--prompts 4]
+    python experiments/lookup_ceiling.py --prompt-lookup-min 1 --prompt-lookup-scale 2 --ks 4 8 --out ...scaled
 """
 
 from __future__ import annotations
@@ -42,18 +44,20 @@ from jaxinfer.checkpoint import load_hf  # noqa: E402
 from jaxinfer.layers import ATTENTION_BACKENDS, resolve_backend
 from jaxinfer.llm import resolve_model  # noqa: E402
 from jaxinfer.model import runtime_layout  # noqa: E402
-from jaxinfer.spec.drafters import ngram_lookup  # noqa: E402
+from jaxinfer.spec.drafters import draft_widths, lookup_lengths, ngram_lookup  # noqa: E402
 from jaxinfer.tokenizer import Tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def replay(seq: list[int], start: int, k: int, n_max: int, n_min: int) -> list[int]:
+def replay(seq: list[int], start: int, k: int, n_max: int, n_min: int, scale: int | None = None) -> list[int]:
     """Rounds of greedy prompt lookup over seq (prompt + greedy output); seq[start] is the first
-    output token (from the prefill). Returns each round's verify width: k + 1 with a match, 1 without;
-    the tokens a round emits are its accepted drafts plus one."""
+    output token (from the prefill). Returns each round's verify width: 1 + the drafts proposed
+    (k, or with scale the match's `lookup_lengths`), 1 without a match; the tokens a round emits
+    are its accepted drafts plus one."""
     hist = jnp.asarray(seq, jnp.int32)[None]
-    lookup = jax.jit(lambda pos: ngram_lookup(hist, pos, k, n_max, n_min)[0])
+    lengths = None if scale is None else lookup_lengths(k, n_max, scale)
+    lookup = jax.jit(lambda pos: ngram_lookup(hist, pos, k, n_max, n_min, lengths)[0])
     p, end, widths = start, len(seq) - 1, []
     while p < end:  # history[p] = x_P: the last emitted token
         draft = np.asarray(lookup(jnp.asarray([p], jnp.int32)))
@@ -65,7 +69,7 @@ def replay(seq: list[int], start: int, k: int, n_max: int, n_min: int) -> list[i
         acc = 0
         while acc < len(true) and draft[acc] == true[acc]:
             acc += 1
-        widths.append(k + 1)
+        widths.append(1 + int(np.sum(draft >= 0)))
         p += min(acc + 1, end - p)
     return widths
 
@@ -97,6 +101,8 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
     ap.add_argument("--prompt-lookup-min", type=int, default=2)
+    ap.add_argument("--prompt-lookup-scale", type=int, default=None,
+                    help="drafts per matched token (NgramDrafter.scale): rounds verify 1 + lookup_lengths[n] wide")
     ap.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
                     help="as LLM(attention_backend=...) and bench_spec.py (auto: native on CPU where the kernels build)")
     ap.add_argument("--out", default=str(RESULTS / "lookup_ceiling"))
@@ -113,7 +119,8 @@ def main(argv=None):
     s = gen.round_up(longest + m + 1, 64)
     # Each width timed in 5 interleaved rounds, median: a slow moment of the shared machine then
     # moves one sample of every width instead of one width's price. Each program compiles once.
-    widths = sorted({1} | {k + 1 for k in args.ks})
+    scale = args.prompt_lookup_scale
+    widths = sorted({1} | {1 + w for k in args.ks for w in (draft_widths(k) if scale else (k,))})
     timers = [forward_timer(weights, cfg, 1, t, context=longest + m // 2, backend=backend) for t in widths]
     samples = [[timed() for timed in timers] for _ in range(5)]
     cost = dict(zip(widths, np.median(samples, axis=0).tolist()))
@@ -133,7 +140,7 @@ def main(argv=None):
               f"repeating only an earlier output 4-gram {both[1]:.1%}", flush=True)
         for k in args.ks:
             widths = [w for seq, start in seqs for w in replay(seq, start, k, args.prompt_lookup_max,
-                                                               args.prompt_lookup_min)]
+                                                               args.prompt_lookup_min, scale)]
             emitted = sum(len(seq) - 1 - start for seq, start in seqs)
             spent = sum(cost[w] for w in widths)
             matched = sum(w > 1 for w in widths)
@@ -147,12 +154,14 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(model=args.model, dtype=args.dtype, attention_backend=backend, prompts=args.prompts, max_tokens=m,
-                ngram=[args.prompt_lookup_min, args.prompt_lookup_max], forward_ms={str(t): v for t, v in cost.items()},
+                ngram=[args.prompt_lookup_min, args.prompt_lookup_max], prompt_lookup_scale=scale, forward_ms={str(t): v for t, v in cost.items()},
                 command="python experiments/lookup_ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, repeat_shares=shares), indent=1) + "\n")
     md = [f"# Prompt-lookup ceiling on {args.model} ({args.dtype}, attention {backend}, batch 1, greedy)", "",
           f"`{meta['command']}`: {args.prompts} prompts per set (bench_spec's), {m} tokens each, n = "
-          f"{args.prompt_lookup_min}..{args.prompt_lookup_max}. Every round priced at the target's forward "
+          f"{args.prompt_lookup_min}..{args.prompt_lookup_max}"
+          + (f", {scale} drafts per matched token (rounds as wide as their drafts)" if scale else "")
+          + ". Every round priced at the target's forward "
           "over its width alone (median of 5 interleaved timings: " + ", ".join(f"T={t}: {v:.3f} ms" for t, v in cost.items())
           + "), so the ceiling leaves out all drafting, sampling and loop costs.", "",
           "| set | k | rounds | with a match | τ | τ of matched rounds | ceiling |", "|---|---|---|---|---|---|---|"]
