@@ -25,6 +25,9 @@ it reports
   back over all prompts (alternating which goes first), and the speedup is the median
   of the passes' ratios. A slow moment of the shared machine then slows both sides of
   a pair instead of one side of the ratio; tok/s columns are the medians of the passes.
+- decode only: the same ratio with a prefill-only pass (prompt + first token), timed
+  after each pair, taken off both sides: the ratio of time per output token, which the
+  prefill both sides pay does not dilute.
 
 Every row generates exactly --max-tokens tokens (EOS ignored), so greedy runs compare
 equal work. Writes experiments/results/bench_spec.{md,json,png}.
@@ -144,16 +147,19 @@ def _pass(run_one, batches):
     return total, np.concatenate(outs), states
 
 
-def _paired_runs(plain_run, spec_run, batches, passes: int):
-    """Plain and speculative passes back to back, `passes` times, alternating which runs first.
+def _paired_runs(plain_run, spec_run, prefill_run, batches, passes: int):
+    """Plain and speculative passes back to back, `passes` times, alternating which runs first,
+    each pair followed by a prefill-only pass (prompt + first token: what both sides spend
+    before their first decode step).
 
-    Returns (plain seconds per pass, speculative seconds per pass, speculative outputs, states);
-    the ratio of a pair is measured within seconds, whatever the machine does between pairs.
-    plain_run must have run on every batch already (main compiles it outside the clock).
+    Returns (plain, speculative and prefill seconds per pass, speculative outputs, states); the
+    ratio of a pair is measured within seconds, whatever the machine does between pairs.
+    plain_run and prefill_run must have run on every batch already (main compiles them outside
+    the clock).
     """
     for batch in batches:  # compile (one program per prompt width), and finish before the clock starts
         spec_run(*batch).out_tokens.block_until_ready()
-    plain_s, spec_s = [], []
+    plain_s, spec_s, prefill_s = [], [], []
     for i in range(passes):
         for side in (("plain", "spec") if i % 2 == 0 else ("spec", "plain")):
             if side == "plain":
@@ -161,7 +167,8 @@ def _paired_runs(plain_run, spec_run, batches, passes: int):
             else:
                 sec, out, states = _pass(spec_run, batches)
                 spec_s.append(sec)
-    return plain_s, spec_s, out, states
+        prefill_s.append(_pass(prefill_run, batches)[0])
+    return plain_s, spec_s, prefill_s, out, states
 
 
 def _programs(prefill, decode, weights, args, bake: bool):
@@ -331,8 +338,10 @@ def main(argv=None) -> int:
                                                    backend)
             for temp in args.temps:
                 plain_run = plain_runner(weights, cfg, t, s, m, temp, args.bake_weights, penalties, backend)
+                prefill_run = plain_runner(weights, cfg, t, s, 1, temp, args.bake_weights, penalties, backend)
                 for b_ in batches:  # compile outside the clock
                     plain_run(*b_).out_tokens.block_until_ready()
+                    prefill_run(*b_).out_tokens.block_until_ready()
                 plain_s, plain_out, _ = _pass(plain_run, batches)
                 n_tokens = plain_out.shape[0] * m
                 print(f"\n[{set_name} batch {batch} T={temp}] plain: {n_tokens / plain_s:.1f} tok/s", flush=True)
@@ -347,7 +356,8 @@ def main(argv=None) -> int:
                             continue
                         spec_run = spec_runner(weights, cfg, drafter, dparams, t, s, m, temp, args.bake_weights,
                                                penalties, backend)
-                        plain_ts, spec_ts, out, states = _paired_runs(plain_run, spec_run, batches, args.repeats)
+                        plain_ts, spec_ts, pre_ts, out, states = _paired_runs(plain_run, spec_run, prefill_run, batches,
+                                                                              args.repeats)
                         fwd = sum(int(x.forwards.sum()) for x in states)
                         drafted = sum(int(x.drafted.sum()) for x in states)
                         acc = sum(int(x.accepted.sum()) for x in states)
@@ -363,6 +373,10 @@ def main(argv=None) -> int:
                                "plain_tok_s": n_tokens / float(np.median(plain_ts)),
                                "speedup": float(np.median(np.asarray(plain_ts) / np.asarray(spec_ts))),
                                "pass_speedups": [round(a / b, 3) for a, b in zip(plain_ts, spec_ts)],
+                               # TPOT ratio: the prefill-only pass of the same pair taken off both sides
+                               "decode_speedup": float(np.median([(a - c) / (b - c) for a, b, c
+                                                                  in zip(plain_ts, spec_ts, pre_ts)])),
+                               "prefill_share": float(np.median([c / a for a, c in zip(plain_ts, pre_ts)])),
                                "greedy_identical": bool((out == plain_out).all()) if temp == 0 else None}
                         if method == "layer_skip":
                             row["num_layers"] = drafter.num_layers
@@ -380,7 +394,8 @@ def main(argv=None) -> int:
                         print(f"  {method:11s} k={k}: α {row['acceptance_rate']:.3f}  τ {row['tau']:.2f}  "
                               f"draft {row['draft_ms_per_token'] or 0:.2f} ms/tok "
                               f"({row['draft_cost_ratio'] or 0:.2f} step)  {row['tok_s']:.1f} tok/s  "
-                              f"speedup {row['speedup']:.2f}x (pairs {min(row['pass_speedups']):.2f}-{max(row['pass_speedups']):.2f})"
+                              f"speedup {row['speedup']:.2f}x (pairs {min(row['pass_speedups']):.2f}-{max(row['pass_speedups']):.2f}; "
+                              f"decode only {row['decode_speedup']:.2f}x, prefill {row['prefill_share']:.0%} of plain)"
                               + ("" if temp else f"  identical={row['greedy_identical']}"), flush=True)
     meta = {"target": target_dir.name, "params": cfg.num_params(), "dtype": args.dtype,
             "weight_layout": args.weight_layout, "attention_backend": backend, "max_tokens": m, "cache_len": s,
@@ -408,7 +423,9 @@ def write_results(out: Path, rows: list[dict], meta: dict):
              + f"{meta['max_tokens']} new tokens per row (EOS ignored); speedup = median over "
              f"{meta['repeats']} back-to-back pairs of (plain wall time / speculative wall time) on the same prompts, "
              "prefill included (each batch's prompts padded to the fine bucket of the longest, as LLM.generate "
-             "pads them; tok/s: medians of the passes); τ = tokens per target forward "
+             "pads them; tok/s: medians of the passes); decode only = the same with a prefill-only pass "
+             "(prompt + first token) timed in each pair taken off both sides (the ratio of time per output "
+             "token); τ = tokens per target forward "
              "(bonus / correction included); α = accepted / drafted; draft cost = one propose call per proposed "
              "token (ms, and as a fraction of a plain decode step: "
              + ", ".join(f"batch {b}: {v:.2f} ms" for b, v in meta["plain_step_ms"].items()) + ").", ""]
@@ -418,11 +435,11 @@ def write_results(out: Path, rows: list[dict], meta: dict):
         if key not in best or r["speedup"] > best[key]["speedup"]:
             best[key] = r
     lines += ["## Best k per method", "", "| set | batch | T | method | k | α | τ | draft ms/tok (× step) | tok/s "
-              "| plain tok/s | speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| plain tok/s | speedup | decode only |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in best.values():
         lines.append(_row(r))
     lines += ["", "## All runs", "", "| set | batch | T | method | k | α | τ | draft ms/tok (× step) | tok/s "
-              "| plain tok/s | speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| plain tok/s | speedup | decode only |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(r) for r in rows]
     mismatched = [r for r in rows if r["greedy_identical"] is False]
     same = "yes, every greedy run" if not mismatched else (
@@ -446,8 +463,9 @@ def _label(r: dict) -> str:
 def _row(r: dict) -> str:
     cost = "-" if r["draft_ms_per_token"] is None else f"{r['draft_ms_per_token']:.2f} ({r['draft_cost_ratio']:.2f})"
     name = _label(r)
+    dec = f"{r['decode_speedup']:.2f}x" if "decode_speedup" in r else "-"
     return (f"| {r['set']} | {r['batch']} | {r['temperature']:g} | {name} | {r['k']} | {r['acceptance_rate']:.3f} "
-            f"| {r['tau']:.2f} | {cost} | {r['tok_s']:.1f} | {r['plain_tok_s']:.1f} | {r['speedup']:.2f}x |")
+            f"| {r['tau']:.2f} | {cost} | {r['tok_s']:.1f} | {r['plain_tok_s']:.1f} | {r['speedup']:.2f}x | {dec} |")
 
 
 def plot(path: Path, rows: list[dict]):
