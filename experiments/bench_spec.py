@@ -272,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest suffix matched")
     p.add_argument("--prompt-lookup-min", type=int, nargs="+", default=[2],
                    help="n-gram: shortest suffix matched (several: one n-gram run per value)")
+    p.add_argument("--draft-vocab-size", type=int, nargs="+", default=[0],
+                   help="EAGLE / Medusa: draft among this many most frequent tokens (0: all; several: one run each)")
     p.add_argument("--eagle", default=None, help="EAGLE head dir (default: the shipped one)")
     p.add_argument("--medusa", default=None, help="Medusa head dir (default: the shipped one)")
     p.add_argument("--repeats", type=int, default=5,
@@ -316,6 +318,9 @@ def main(argv=None) -> int:
         if method in ("ngram", "ngram_draft_model"):
             variants += [(method, {"prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": lo})
                          for lo in args.prompt_lookup_min]
+        elif method in ("eagle", "medusa"):
+            variants += [(method, {**overrides[method], **({"draft_vocab_size": n} if n else {})})
+                         for n in args.draft_vocab_size]
         else:
             variants.append((method, overrides.get(method, {})))
     penalties = {}  # the ones set, for plain and speculative decoding alike
@@ -350,7 +355,7 @@ def main(argv=None) -> int:
                         d = {**METHOD_CONFIGS[method], **override, "num_speculative_tokens": k}
                         try:
                             spec = SpeculativeConfig.from_dict(d, cfg)
-                            drafter, dparams = build_drafter(spec, cfg, weights.dtype, backend)
+                            drafter, dparams = build_drafter(spec, cfg, weights.dtype, backend, target=weights)
                         except ValueError as e:
                             print(f"  {method} k={k}: skipped ({e})", flush=True)
                             continue
@@ -384,6 +389,8 @@ def main(argv=None) -> int:
                             row["ngram"] = [drafter.prompt_lookup_min, drafter.prompt_lookup_max]
                         if getattr(drafter, "scale", None):
                             row["lookup_scale"] = drafter.scale
+                        if spec.draft_vocab_size:
+                            row["draft_vocab_size"] = spec.draft_vocab_size
                         rows.append(row)
                         # Each (drafter, k) compiles its own pair of programs; a process that keeps hundreds
                         # of them runs out of memory mappings in LLVM's JIT. Count them, then let them go
@@ -431,7 +438,7 @@ def write_results(out: Path, rows: list[dict], meta: dict):
              + ", ".join(f"batch {b}: {v:.2f} ms" for b, v in meta["plain_step_ms"].items()) + ").", ""]
     best = {}
     for r in rows:
-        key = (r["set"], r["batch"], r["temperature"], r["method"], tuple(r.get("ngram", ())), r.get("lookup_scale"))
+        key = (r["set"], r["batch"], r["temperature"], _label(r))
         if key not in best or r["speedup"] > best[key]["speedup"]:
             best[key] = r
     lines += ["## Best k per method", "", "| set | batch | T | method | k | α | τ | draft ms/tok (× step) | tok/s "
@@ -457,7 +464,8 @@ def write_results(out: Path, rows: list[dict], meta: dict):
 def _label(r: dict) -> str:
     scale = f", {r['lookup_scale']} per matched token" if r.get("lookup_scale") else ""
     return r["method"] + (f" (L'={r['num_layers']})" if "num_layers" in r else "") + (
-        f" (n={r['ngram'][0]}..{r['ngram'][1]}{scale})" if "ngram" in r else "")
+        f" (n={r['ngram'][0]}..{r['ngram'][1]}{scale})" if "ngram" in r else "") + (
+        f" (draft vocab {r['draft_vocab_size']})" if r.get("draft_vocab_size") else "")
 
 
 def _row(r: dict) -> str:

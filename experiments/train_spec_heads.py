@@ -3,13 +3,15 @@
     python experiments/train_spec_heads.py --head eagle              # the shipped EAGLE head
     python experiments/train_spec_heads.py --head medusa             # the shipped Medusa head
     python experiments/train_spec_heads.py --head eagle --minutes 10 # stop after 10 min; rerun resumes
+    python experiments/train_spec_heads.py --head eagle --token-counts-only   # only token_counts.npy
 
 The target (default: the embedded stdlib-target) stays frozen; its features are computed
 on the fly on [B, T + 1] windows of the corpus's training split (jaxinfer.corpus), the
 optimizer and resumable orbax checkpoints are jaxinfer.train's (AdamW, warmup + cosine).
 Runs resume from --workdir (default runs/spec_heads/<head>, git-ignored); the finished head
 is written to --out (default jaxinfer/assets/models/stdlib-target-heads/<head>) as
-head_config.json (sizes, target, recipe) + params/ (orbax, bfloat16).
+head_config.json (sizes, target, recipe) + params/ (orbax, bfloat16), and token_counts.npy:
+how often each token occurs in the training split, which `draft_vocab_size` ranks tokens by.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,6 +61,21 @@ def build(head: str, cfg, args):
         {"num_heads": heads, "inner": inner}, lc
 
 
+def training_token_counts(target_dir: Path, cfg) -> np.ndarray:
+    """[V] occurrences of each token in the corpus's training split, encoded with the target's
+    tokenizer (what the token streams of jaxinfer.corpus hold, without their <s> / </s>)."""
+    from jaxinfer.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(target_dir, cfg.bos_token_id, cfg.eos_token_ids)
+    root = corpus.stdlib_root()
+    train_files, _ = corpus.split_files(corpus.corpus_files(root))
+    counts = np.zeros(cfg.vocab_size, np.int64)
+    for f in train_files:
+        text = corpus.read_text(root / f)
+        if text:
+            counts += np.bincount(tok.encode(text, add_special_tokens=False), minlength=cfg.vocab_size)
+    return counts
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head", choices=list(RECIPES), required=True)
@@ -78,11 +96,21 @@ def main(argv=None) -> int:
     p.add_argument("--init-from", default=None, help="start from this head directory (e.g. one trained on an "
                    "earlier checkpoint of the same target)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token-counts-only", action="store_true",
+                   help="only write token_counts.npy (the training split, the target's tokenizer) into --out")
     args = p.parse_args(argv)
 
     r = RECIPES[args.head]
     target_dir = resolve_model(args.target)
     cfg, target = load_hf(target_dir, "float32")
+    out = Path(args.out or REPO / "jaxinfer" / "assets" / "models" / "stdlib-target-heads" / args.head)
+    if args.token_counts_only:
+        counts = training_token_counts(target_dir, cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / "token_counts.npy", counts)
+        print(f"wrote {out / 'token_counts.npy'}: {int(counts.sum())} tokens, {int((counts > 0).sum())} of "
+              f"{cfg.vocab_size} seen", flush=True)
+        return 0
     data = corpus.build_corpus(args.corpus_workdir, vocab_size=cfg.vocab_size)
     tc = train.TrainConfig(steps=args.steps or r["steps"], batch_size=args.batch or r["batch"],
                            seq_len=args.seq or r["seq"], lr=args.lr or r["lr"], warmup_steps=r["warmup"],
@@ -94,7 +122,6 @@ def main(argv=None) -> int:
             raise SystemExit(f"--init-from {args.init_from}: a {meta['method']} head of sizes {meta['sizes']}, "
                              f"not {args.head} {sizes}")
     workdir = Path(args.workdir or REPO / "runs" / "spec_heads" / args.head)
-    out = Path(args.out or REPO / "jaxinfer" / "assets" / "models" / "stdlib-target-heads" / args.head)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     print(f"{args.head} head: {n_params / 1e6:.2f}M params, {sizes}, {lc}, {tc.steps} steps of "
           f"{tc.batch_size}x{tc.seq_len} tokens, target {target_dir}", flush=True)
@@ -115,6 +142,7 @@ def main(argv=None) -> int:
               "final": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and k != "resumed_from"},
               "session_seconds": round(time.time() - t0), "jax": jax.__version__}
     save_head(out, args.head, state.params, cfg, sizes, recipe)
+    np.save(out / "token_counts.npy", np.bincount(data.train, minlength=cfg.vocab_size).astype(np.int64))
     (workdir / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     print(f"{args.head}: saved {out} ({n_params / 1e6:.2f}M params; held-out ce {summary.get('heldout_ce')})",
           flush=True)

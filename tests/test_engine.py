@@ -418,7 +418,22 @@ def head_dirs(model_dir, tmp_path_factory):
               {"intermediate_size": 64}, dtype=jnp.float32)
     save_head(d / "medusa", "medusa", init_medusa(cfg.hidden_size, 3, 32, jax.random.PRNGKey(1)), cfg,
               {"num_heads": 3, "inner": 32}, dtype=jnp.float32)
+    counts = np.random.default_rng(2).integers(0, 100, cfg.vocab_size)  # for draft_vocab_size
+    for h in ("eagle", "medusa"):
+        np.save(d / h / "token_counts.npy", counts)
     return {"eagle": str(d / "eagle"), "medusa": str(d / "medusa")}
+
+
+@pytest.mark.parametrize("method", ["eagle", "medusa"])
+def test_engine_heads_with_a_reduced_draft_vocab_are_lossless(model_dir, head_dirs, method):
+    """draft_vocab_size in the engine (drafts scored over 64 kept tokens only): greedy output unchanged."""
+    prompts = _prompts(4, seed=3)
+    ref = [o.outputs[0].token_ids for o in LLM(model_dir, block_size=8).generate(prompts, GREEDY)]
+    conf = {"method": method, "num_speculative_tokens": 3, "model": head_dirs[method], "draft_vocab_size": 64}
+    llm = LLM(model_dir, block_size=8, enable_prefix_caching=True, speculative_config=conf)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
+    assert llm.get_stats().spec_steps > 0
+    _check_pages_returned(llm)
 
 
 @pytest.mark.parametrize("method", ["layer_skip", "eagle", "medusa"])

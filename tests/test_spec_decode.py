@@ -19,7 +19,15 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.spec import SpecDecoder, SpeculativeConfig
 from jaxinfer.spec import drafters as D
 from jaxinfer.spec.config import build_drafter
-from jaxinfer.spec.heads import eagle_config, init_eagle, init_medusa, load_head, save_head
+from jaxinfer.spec.heads import (
+    eagle_config,
+    head_logits,
+    init_eagle,
+    init_medusa,
+    load_head,
+    save_head,
+    with_draft_vocab,
+)
 from jaxinfer.static_batch import StaticBatchGenerator
 
 V, K = 128, 3
@@ -43,13 +51,16 @@ def models():
     noise = init_weights(CFG, jax.random.PRNGKey(1), std=0.05)
     dw = jax.tree_util.tree_map(lambda a, b: a + b, w, noise)
     hcfg = eagle_config(CFG, 64)
+    eagle = init_eagle(hcfg, jax.random.PRNGKey(2))
+    counts = np.random.default_rng(0).integers(0, 1000, V)  # any ranking: the loop must stay lossless
     return {
         "ngram": (D.NgramDrafter(K, 3, 1), None),
         "ngram_scaled": (D.NgramDrafter(K, 3, 1, scale=1), None),  # drafts of 1, 2 or 3 tokens
         "draft_model": (D.DraftModelDrafter(K, CFG), dw),
         "ngram_draft_model": (D.LookupDraftModelDrafter(K, CFG, 3, 1), dw),
         "layer_skip": (D.LayerSkipDrafter(K, CFG, 1), None),
-        "eagle": (D.EagleDrafter(K, hcfg), init_eagle(hcfg, jax.random.PRNGKey(2))),
+        "eagle": (D.EagleDrafter(K, hcfg), eagle),
+        "eagle_vocab": (D.EagleDrafter(K, hcfg), with_draft_vocab(eagle, w, CFG, counts, 40)),
         "medusa": (D.MedusaDrafter(K, CFG), init_medusa(64, K, 32, jax.random.PRNGKey(3))),
     }, w
 
@@ -90,7 +101,7 @@ def reference(models):
 
 
 @pytest.mark.parametrize("name", ["ngram", "ngram_scaled", "draft_model", "ngram_draft_model", "layer_skip", "eagle",
-                                  "medusa"])
+                                  "eagle_vocab", "medusa"])
 def test_greedy_identical_to_plain_decoding(models, reference, name):
     drafters, w = models
     drafter, params = drafters[name]
@@ -280,6 +291,42 @@ def test_scaled_lookup_proposes_by_match_length():
         assert (got is None and not want) or got.tolist() == want, i
 
 
+def test_draft_vocab_scores_only_the_most_frequent_tokens(models):
+    """with_draft_vocab keeps the N most frequent tokens; head_logits equals the full LM head's
+    logits there and is -inf elsewhere, so EAGLE / Medusa draft only those tokens."""
+    from jaxinfer.model import lm_logits
+    _, w = models
+    counts = np.zeros(V, np.int64)
+    counts[[5, 17, 99, 3]] = [10, 50, 20, 10]  # ties (3 and 5) break towards the lower id
+    head = with_draft_vocab({}, w, CFG, counts, 3)
+    assert np.asarray(head["draft_ids"]).tolist() == [3, 17, 99]
+    h = jax.random.normal(jax.random.PRNGKey(4), (2, CFG.hidden_size))
+    got, full = np.asarray(head_logits(head, w, h, 1e-5)), np.asarray(lm_logits(w, h, 1e-5))
+    np.testing.assert_allclose(got[:, [3, 17, 99]], full[:, [3, 17, 99]], rtol=1e-5, atol=1e-5)
+    assert np.isneginf(np.delete(got, [3, 17, 99], axis=1)).all()
+    with pytest.raises(ValueError, match="draft_vocab_size=0"):
+        with_draft_vocab({}, w, CFG, counts, 0)
+
+
+def test_draft_vocab_size_reads_the_heads_token_counts(models, tmp_path):
+    _, w = models
+    hcfg = eagle_config(CFG, 64)
+    save_head(tmp_path, "eagle", init_eagle(hcfg, jax.random.PRNGKey(0)), CFG, {"intermediate_size": 64},
+              dtype=jnp.float32)
+    conf = {"method": "eagle", "num_speculative_tokens": 2, "model": str(tmp_path), "draft_vocab_size": 8}
+    with pytest.raises(ValueError, match="no token_counts.npy"):
+        SpeculativeConfig.from_dict(conf, CFG)
+    np.save(tmp_path / "token_counts.npy", np.arange(V - 1))
+    with pytest.raises(ValueError, match=rf"\({V - 1},\) counts"):
+        SpeculativeConfig.from_dict(conf, CFG)
+    np.save(tmp_path / "token_counts.npy", np.arange(V))  # the 8 largest ids are the most frequent
+    spec = SpeculativeConfig.from_dict(conf, CFG)
+    with pytest.raises(ValueError, match="needs the target's weights"):
+        build_drafter(spec, CFG)
+    _, params = build_drafter(spec, CFG, target=w)
+    assert np.asarray(params["draft_ids"]).tolist() == list(range(V - 8, V))
+
+
 def test_head_save_load_roundtrip_and_checks(tmp_path):
     hcfg = eagle_config(CFG, 64)
     head = init_eagle(hcfg, jax.random.PRNGKey(0))
@@ -314,6 +361,8 @@ def test_head_save_load_roundtrip_and_checks(tmp_path):
     ({"method": "draft_model", "num_speculative_tokens": 2, "model": "stdlib-draft", "prompt_lookup_scale": 2},
      r"keys \['prompt_lookup_scale'\]"),
     ({"method": "layer_skip", "num_speculative_tokens": 2, "num_layers": 3}, "num_layers=3"),
+    ({"method": "eagle", "num_speculative_tokens": 2, "draft_vocab_size": V + 1}, f"draft_vocab_size={V + 1}"),
+    ({"method": "medusa", "num_speculative_tokens": 2, "draft_vocab_size": 0}, "draft_vocab_size=0"),
     ({"method": "draft_model", "num_speculative_tokens": 2}, "needs 'model'"),
     ({"method": "ngram_draft_model", "num_speculative_tokens": 2}, "needs 'model'"),
     ({"method": "ngram_draft_model", "num_speculative_tokens": 2, "model": "stdlib-draft",

@@ -53,8 +53,8 @@ from jaxinfer.kv.cache import (
     write_pages,
     write_slots,
 )
-from jaxinfer.model import Weights, forward, lm_logits
-from jaxinfer.spec.heads import eagle_forward, medusa_logits
+from jaxinfer.model import Weights, forward
+from jaxinfer.spec.heads import eagle_forward, head_logits, medusa_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +211,7 @@ def propose(draft: DraftSpec, params, target: Weights, target_cfg: ModelConfig, 
             pred, hc = _feed_eagle(draft, params, target, hc, feat[:, None], tok[:, None], jnp.maximum(p + i, 0),
                                    act, inp.meta(), backend)
             feat = pred[:, 0]
-            tok = take(lm_logits(target, feat, eps), i)
+            tok = take(head_logits(params, target, feat, eps), i)
     return jnp.stack(drafts, axis=1), jnp.stack(shaped, axis=1), kv, hc
 
 

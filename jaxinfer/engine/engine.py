@@ -93,13 +93,13 @@ def kv_bytes_per_page(cfg: ModelConfig, block_size: int, itemsize: int, quant: K
     return int(2 * cfg.num_layers * cfg.num_kv_heads * per_token * block_size)
 
 
-def _load_draft(spec, cfg: ModelConfig, dtype) -> tuple[DraftSpec | None, object]:
+def _load_draft(spec, cfg: ModelConfig, dtype, weights: Weights | None = None) -> tuple[DraftSpec | None, object]:
     """How the engine drafts on device for speculative_config, and the draft's params (a draft
     model's weights, a head's params; layer skip: None). (None, None) for n-gram or no speculation."""
     if spec is None or spec.method == "ngram":
         return None, None
     from jaxinfer.spec.config import build_drafter
-    drafter, params = build_drafter(spec, cfg, dtype)  # loads and checks the draft model or head
+    drafter, params = build_drafter(spec, cfg, dtype, target=weights)  # loads and checks the draft model or head
     method = "draft_model" if spec.method == "ngram_draft_model" else spec.method
     return DraftSpec(method, drafter.cfg, getattr(drafter, "num_layers", 0)), params
 
@@ -113,7 +113,7 @@ class LLMEngine:
         bs = config.block_size
         self.kv_quant = KVQuantSpec.parse(config.kv_cache_dtype, cfg.head_dim)
         spec = config.speculative_config
-        draft, draft_params = _load_draft(spec, cfg, dtype)
+        draft, draft_params = _load_draft(spec, cfg, dtype, weights)
         # One page holds block_size tokens of K and V for every layer, and the draft's state for
         # them (a draft model's K/V, a head's features): its pages mirror the target's, same
         # ids, same page tables.

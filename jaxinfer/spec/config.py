@@ -10,6 +10,8 @@
     {"method": "layer_skip", "num_speculative_tokens": 3}               # optional "num_layers"
     {"method": "eagle", "num_speculative_tokens": 4}                    # optional "model": head dir
     {"method": "medusa", "num_speculative_tokens": 3}                   # likewise
+                                        # both: optional "draft_vocab_size": draft among the N most
+                                        # frequent tokens of the head's training data (heads.py)
 
 Unknown methods or keys, k < 1, a draft model with another vocabulary, or a head trained
 for another target raise ValueError naming the value.
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.sampling import is_int
+from jaxinfer.spec.heads import load_token_counts
 
 METHODS = ("draft_model", "ngram", "ngram_draft_model", "layer_skip", "eagle", "medusa")
 # Optional keys per method, beside the ones every method takes (disable_by_batch_size: engine).
@@ -32,8 +35,8 @@ _KEYS = {
     "ngram": ("prompt_lookup_max", "prompt_lookup_min", "prompt_lookup_scale"),
     "ngram_draft_model": ("model", "prompt_lookup_max", "prompt_lookup_min"),
     "layer_skip": ("num_layers",),
-    "eagle": ("model",),
-    "medusa": ("model",),
+    "eagle": ("model", "draft_vocab_size"),
+    "medusa": ("model", "draft_vocab_size"),
 }
 _COMMON_KEYS = ("disable_by_batch_size",)
 HEADS_DIR = Path(__file__).resolve().parents[1] / "assets" / "models" / "stdlib-target-heads"
@@ -48,6 +51,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_scale: int | None = None  # ngram: drafts per matched token (None: always k)
     num_layers: int | None = None  # layer_skip: layers of the target the draft runs
+    draft_vocab_size: int | None = None  # eagle / medusa: draft among this many most frequent tokens
     # engine: no drafting in a step that runs more requests than this
     disable_by_batch_size: int | None = None
 
@@ -101,6 +105,12 @@ class SpeculativeConfig:
                     f"speculative_config method={method!r}: no head at {str(head)!r}"
                     + ("" if cfg.model else " (a default head ships only for the embedded target; pass "
                        "'model': a head directory written by experiments/train_spec_heads.py)"))
+        n = cfg.draft_vocab_size
+        if n is not None:
+            if not is_int(n) or not 1 <= n <= target_cfg.vocab_size:
+                raise ValueError(f"speculative_config draft_vocab_size={n!r} must be an integer in "
+                                 f"[1, {target_cfg.vocab_size}] (the target's vocab_size)")
+            load_token_counts(cfg.head_dir(), target_cfg.vocab_size)  # present and the right size
         cap = cfg.disable_by_batch_size
         if cap is not None and (not is_int(cap) or cap < 1):
             raise ValueError(f"speculative_config disable_by_batch_size={cap!r} must be an integer >= 1")
@@ -141,13 +151,14 @@ def load_draft_model(spec: SpeculativeConfig, dtype):
 
 
 def build_drafter(spec: SpeculativeConfig, target_cfg: ModelConfig, dtype=jnp.float32,
-                  backend: str = "xla"):
+                  backend: str = "xla", target=None):
     """(drafter, draft_params) for the loop: loads the draft model or head from disk.
+    target: the target's Weights, needed for an EAGLE / Medusa head's `draft_vocab_size`.
 
     Raises ValueError for a draft model with another vocabulary or a head of another target.
     """
     from jaxinfer.spec import drafters
-    from jaxinfer.spec.heads import eagle_config, load_head, medusa_num_heads
+    from jaxinfer.spec.heads import eagle_config, load_head, medusa_num_heads, with_draft_vocab
 
     k = spec.k
     if spec.method == "ngram":
@@ -170,6 +181,13 @@ def build_drafter(spec: SpeculativeConfig, target_cfg: ModelConfig, dtype=jnp.fl
     if meta["method"] != spec.method:
         raise ValueError(f"speculative_config model={str(head_dir)!r} is a {meta['method']!r} head, "
                          f"not {spec.method!r}")
+    if spec.draft_vocab_size is not None:
+        from jaxinfer.model import resolve_layout
+        if target is None:
+            raise ValueError("speculative_config draft_vocab_size: build_drafter needs the target's weights "
+                             "(target=...) to take the kept tokens' LM-head rows")
+        params = with_draft_vocab(params, target, target_cfg, load_token_counts(head_dir, target_cfg.vocab_size),
+                                  spec.draft_vocab_size, resolve_layout(dtype))
     if spec.method == "eagle":
         from jaxinfer.model import layout_projection, resolve_layout
         from jaxinfer.wquant import MODULES

@@ -35,9 +35,9 @@ from flax import struct
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, KVCache, init_contiguous
-from jaxinfer.model import Weights, forward, lm_logits
+from jaxinfer.model import Weights, forward
 from jaxinfer.sampling import Penalties, RowLimits, SamplingTensors
-from jaxinfer.spec.heads import eagle_forward, medusa_logits
+from jaxinfer.spec.heads import eagle_forward, head_logits, medusa_logits
 from jaxinfer.spec.verify import draft_sample
 
 
@@ -364,14 +364,14 @@ class EagleDrafter:
         p = ctx.kv_lens
         act = ctx.active.astype(jnp.int32)
         eps = self.cfg.rms_norm_eps
-        d1, q1 = ctx.sample(lm_logits(target, state["feature"], eps), 0)
+        d1, q1 = ctx.sample(head_logits(params, target, state["feature"], eps), 0)
 
         def step(carry, i, tok, ctx_i):  # head position P+i-1 reads (f_hat_{P+i-1}, d_i) -> f_hat_{P+i} -> d_{i+1}
             hkv, feat = carry
             pos = (p + i - 1)[:, None]
             pred, hkv = eagle_forward(params, self.cfg, target, feat[:, None], tok[:, None], pos, hkv,
                                       _meta(b, p + i, act), self.backend)
-            nxt, q = ctx_i.sample(lm_logits(target, pred[:, 0], eps), i)
+            nxt, q = ctx_i.sample(head_logits(params, target, pred[:, 0], eps), i)
             return nxt, q, (hkv, pred[:, 0])
 
         draft, q, (hkv, _) = _autoregress(step, self.k, d1, q1, (state["kv"], state["feature"]), ctx)

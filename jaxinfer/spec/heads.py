@@ -20,7 +20,15 @@ final norm, the state the LM head reads.
 
 Params are plain dicts of arrays (what orbax stores best); a head directory holds
 `head_config.json` (method, sizes, the target it was trained for, the training recipe)
-and the orbax checkpoint `params/`.
+and the orbax checkpoint `params/`, and may hold `token_counts.npy`: how often each token
+occurs in the head's training data.
+
+Reduced draft vocabulary (EAGLE-3's d2t, FR-Spec's frequency-ranked drafting): with
+`draft_vocab_size` N the head drafts among the N most frequent tokens only, scoring them
+with those N rows of the LM head instead of all V (`head_logits`). The others get logit
+-inf, so q is exactly the distribution the drafts are drawn from and verification stays
+lossless; a token outside the set is never drafted and is only emitted as a correction or
+bonus.
 """
 
 from __future__ import annotations
@@ -35,8 +43,16 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta, KVCache
-from jaxinfer.layers import matmul, rms_norm, rope_cos_sin
-from jaxinfer.model import LayerWeights, Weights, attention_block, layer_shapes, lm_logits, mlp_block
+from jaxinfer.layers import dense_dot, matmul, rms_norm, rope_cos_sin
+from jaxinfer.model import (
+    LayerWeights,
+    Weights,
+    attention_block,
+    layer_shapes,
+    layout_projection,
+    lm_logits,
+    mlp_block,
+)
 
 HEAD_METHODS = ("eagle", "medusa")
 _TARGET_KEYS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
@@ -120,7 +136,49 @@ def medusa_features(head: dict, hidden: jax.Array, eps: float) -> jax.Array:
 
 def medusa_logits(head: dict, target: Weights, hidden: jax.Array, eps: float) -> jax.Array:
     """hidden [..., D] at position t -> logits [..., K, V]; head i is the distribution of x_{t+i+2}."""
-    return lm_logits(target, medusa_features(head, hidden, eps), eps)
+    return head_logits(head, target, medusa_features(head, hidden, eps), eps)
+
+
+def head_logits(head: dict, target: Weights, hidden: jax.Array, eps: float) -> jax.Array:
+    """A head's draft logits [..., V] from predicted features [..., D]: the target's final norm and
+    LM head, or, when `with_draft_vocab` gave the head a reduced vocabulary, only its rows
+    (the other tokens -inf)."""
+    if "draft_ids" not in head:
+        return lm_logits(target, hidden, eps)
+    x = rms_norm(hidden, target.final_norm, eps)
+    sub = dense_dot(x, head["draft_head"])  # [..., N] float32
+    full = jnp.full(sub.shape[:-1] + (target.embed.shape[0],), -jnp.inf, jnp.float32)
+    return full.at[..., head["draft_ids"]].set(sub)
+
+
+def with_draft_vocab(head: dict, target: Weights, target_cfg: ModelConfig, counts: np.ndarray, size: int,
+                     layout: str = "in_out") -> dict:
+    """The head's params plus its reduced draft vocabulary: the `size` most frequent tokens by
+    `counts` [V] (ties: lower id first) and their LM-head rows as a [D, N] projection."""
+    if not 1 <= size <= target_cfg.vocab_size:
+        raise ValueError(f"draft_vocab_size={size!r} must be in [1, {target_cfg.vocab_size}] (the target's vocab)")
+    ids = np.sort(np.argsort(-np.asarray(counts), kind="stable")[:size]).astype(np.int32)
+    lm = target.lm_head
+    if target_cfg.tie_word_embeddings or lm is None:
+        rows = jnp.asarray(target.embed)[ids].T  # [D, N]
+    else:
+        dense = lm.dense() if hasattr(lm, "dense") else lm  # a TransposedWeight / PanelWeight layout
+        if not isinstance(dense, jax.Array):
+            raise ValueError(f"draft_vocab_size needs a float LM head; this target's is a {type(lm).__name__}")
+        rows = dense[:, ids]
+    return {**head, "draft_ids": jnp.asarray(ids), "draft_head": layout_projection(rows.astype(jnp.float32), layout)}
+
+
+def load_token_counts(path: str | Path, vocab_size: int) -> np.ndarray:
+    """token_counts.npy of a head directory ([V] counts of its training data's tokens)."""
+    f = Path(path) / "token_counts.npy"
+    if not f.is_file():
+        raise ValueError(f"draft_vocab_size: the head at {str(path)!r} has no token_counts.npy (write it with "
+                         "experiments/train_spec_heads.py --head <method> --token-counts-only)")
+    counts = np.load(f)
+    if counts.shape != (vocab_size,):
+        raise ValueError(f"{str(f)!r} holds {counts.shape} counts; the target has vocab_size={vocab_size}")
+    return counts
 
 
 def medusa_num_heads(head: dict) -> int:

@@ -326,7 +326,7 @@ class SpecDecoder(StaticBatchGenerator):
         super().__init__(weights, cfg, max_model_len, backend, decode_token)
         if drafter is None:
             from jaxinfer.spec.config import build_drafter
-            drafter, draft_params = build_drafter(spec, cfg, weights.dtype, backend)
+            drafter, draft_params = build_drafter(spec, cfg, weights.dtype, backend, target=weights)
         self.spec, self.drafter, self.draft_params = spec, drafter, draft_params
         self.stats = SpecStats()
 
