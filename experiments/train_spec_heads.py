@@ -142,7 +142,7 @@ def main(argv=None) -> int:
               "final": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and k != "resumed_from"},
               "session_seconds": round(time.time() - t0), "jax": jax.__version__}
     save_head(out, args.head, state.params, cfg, sizes, recipe)
-    np.save(out / "token_counts.npy", np.bincount(data.train, minlength=cfg.vocab_size).astype(np.int64))
+    np.save(out / "token_counts.npy", training_token_counts(target_dir, cfg))
     (workdir / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     print(f"{args.head}: saved {out} ({n_params / 1e6:.2f}M params; held-out ce {summary.get('heldout_ce')})",
           flush=True)
