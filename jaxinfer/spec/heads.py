@@ -166,7 +166,7 @@ def with_draft_vocab(head: dict, target: Weights, target_cfg: ModelConfig, count
         if not isinstance(dense, jax.Array):
             raise ValueError(f"draft_vocab_size needs a float LM head; this target's is a {type(lm).__name__}")
         rows = dense[:, ids]
-    return {**head, "draft_ids": jnp.asarray(ids), "draft_head": layout_projection(rows.astype(jnp.float32), layout)}
+    return {**head, "draft_ids": jnp.asarray(ids), "draft_head": layout_projection(rows, layout)}
 
 
 def load_token_counts(path: str | Path, vocab_size: int) -> np.ndarray:
