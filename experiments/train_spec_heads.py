@@ -66,13 +66,9 @@ def training_token_counts(target_dir: Path, cfg) -> np.ndarray:
     tokenizer (what the token streams of jaxinfer.corpus hold, without their <s> / </s>)."""
     from jaxinfer.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(target_dir, cfg.bos_token_id, cfg.eos_token_ids)
-    root = corpus.stdlib_root()
-    train_files, _ = corpus.split_files(corpus.corpus_files(root))
     counts = np.zeros(cfg.vocab_size, np.int64)
-    for f in train_files:
-        text = corpus.read_text(root / f)
-        if text:
-            counts += np.bincount(tok.encode(text, add_special_tokens=False), minlength=cfg.vocab_size)
+    for _, text in corpus.split_texts("train"):
+        counts += np.bincount(tok.encode(text, add_special_tokens=False), minlength=cfg.vocab_size)
     return counts
 
 

@@ -92,17 +92,22 @@ def read_text(path: Path) -> str | None:
         return None
 
 
-def parsed_files(split: str, root: Path | None = None, heldout: tuple[str, ...] = HELDOUT_PACKAGES):
-    """(relative path, text, ast.Module) of every file of one split ("train" or "heldout") that
-    is UTF-8 and parses, in corpus order."""
+def split_texts(split: str, root: Path | None = None, heldout: tuple[str, ...] = HELDOUT_PACKAGES):
+    """(relative path, text) of every UTF-8 file of one split ("train" or "heldout"), in corpus order."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r} is not 'train' or 'heldout'")
     root = Path(root) if root is not None else stdlib_root()
     train, test = split_files(corpus_files(root), heldout)
     for f in train if split == "train" else test:
         text = read_text(root / f)
-        if text is None:
-            continue
+        if text is not None:
+            yield f, text
+
+
+def parsed_files(split: str, root: Path | None = None, heldout: tuple[str, ...] = HELDOUT_PACKAGES):
+    """(relative path, text, ast.Module) of every file of one split ("train" or "heldout") that
+    is UTF-8 and parses, in corpus order."""
+    for f, text in split_texts(split, root, heldout):
         try:
             tree = ast.parse(text)
         except SyntaxError:

@@ -268,9 +268,10 @@ class ModelRunner:
             else:
                 if all(d is None for d in found):
                     decodes, spec = decodes + spec, []
-                elif scale is not None:  # verify only as wide as the longest proposal (drafters.draft_widths)
+                else:  # verify only as wide as the longest proposal (k, or with scale drafters.draft_widths)
                     need = max(len(d) for d in found if d is not None)
-                    width = min(w for w in draft_widths(spec[0].num_draft) if w >= need)
+                    k = spec[0].num_draft
+                    width = min(w for w in (draft_widths(k) if scale else (k,)) if w >= need)
                     found = [None if d is None else np.pad(d, (0, width - len(d)), constant_values=-1) for d in found]
                     spec = [dataclasses.replace(c, num_draft=width) for c in spec]
                 proposals = [np.full(c.num_draft, -1) if d is None else d for c, d in zip(spec, found)]

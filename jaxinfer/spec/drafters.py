@@ -28,6 +28,7 @@ emitted tokens and how many were emitted (rows emit n_emit tokens; P advances by
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -221,6 +222,7 @@ def ngram_lookup(history: jax.Array, last_pos: jax.Array, k: int, n_max: int, n_
     return draft.astype(jnp.int32)
 
 
+@functools.cache
 def lookup_lengths(k: int, n_max: int, scale: int) -> tuple[int, ...]:
     """Draft lengths by matched suffix length n (index n, 0..n_max) for `prompt_lookup_scale`:
     min(k, scale * n) rounded up to the next of the loop's verify widths (`draft_widths`), since
@@ -229,6 +231,7 @@ def lookup_lengths(k: int, n_max: int, scale: int) -> tuple[int, ...]:
     return tuple(min(w for w in widths if w >= min(k, scale * n)) if n else 0 for n in range(n_max + 1))
 
 
+@functools.cache
 def draft_widths(k: int) -> tuple[int, ...]:
     """The draft lengths a round of adaptive prompt lookup verifies at: powers of two below k, and k
     (k = 8: 1, 2, 4, 8; one compiled forward each, so at most log2(k) + 1 of them)."""
@@ -254,9 +257,9 @@ class NgramDrafter:
     abstains = True  # class constant: may propose -1 (commit ignores the round's width)
 
     @property
-    def widths(self) -> tuple[int, ...] | None:
-        """Draft lengths the loop verifies at (the smallest that holds every row's proposal); None: k."""
-        return None if self.scale is None else draft_widths(self.k)
+    def widths(self) -> tuple[int, ...]:
+        """Draft lengths the loop verifies at (the smallest that holds every row's proposal)."""
+        return (self.k,) if self.scale is None else draft_widths(self.k)
 
     def init(self, params, batch, max_len, dtype):
         return {}

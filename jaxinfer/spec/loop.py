@@ -185,15 +185,13 @@ def _round(weights: Weights, cfg: ModelConfig, drafter, draft_params, statics: S
         return verify_proposal(s)
     # A drafter that may abstain (n-gram without a match): when no running row has a proposal, a
     # plain one-token step does the same work as verifying k rejected tokens, at 1 / (k+1) the width.
+    # Proposals may also be shorter than k (-1 after the last): the round verifies at the narrowest
+    # of the drafter's widths ((k,) unless it has several) that holds every running row's proposal,
+    # one conditional per width, each passing the state through when not taken (see _either: no
+    # buffer copies).
     draft, q_logits, dstate, kv = drafter.propose(draft_params, weights, s.kv, s.draft, ctx)  # [B, k]
     s = s.replace(kv=kv, draft=dstate)
-    widths = getattr(drafter, "widths", None)
-    if widths is None:
-        return _either(jnp.any(ctx.active & (draft[:, 0] >= 0)), lambda s: _verify_emit(*args, s, draft, q_logits),
-                       lambda s: _verify_emit(*args, s, draft[:, :0], None), s)
-    # Proposals of different lengths (-1 after the last): the round verifies at the narrowest of
-    # the drafter's widths that holds every running row's proposal, one conditional per width;
-    # each passes the state through when not taken (see _either: no buffer copies).
+    widths = drafter.widths
     need = jnp.max(jnp.where(ctx.active, jnp.sum(draft >= 0, axis=1), 0))
     bounds = (0,) + tuple(widths)
     for lo, w in itertools.pairwise(bounds):
