@@ -21,8 +21,13 @@ Comparisons:
      steps on (a), all at once (throughput: --pairs back-to-back pairs, median ratio) and
      with Poisson arrivals (what the fused steps cost arriving requests in TTFT), and on
      (c) decode-heavy: --num-requests / 2 requests, prompts U[16, 64], outputs U[128, 256];
-  6. the engine with the options that pay on a CPU (preemption by swap; swap and fused steps) vs
-     the same static batches on (a), all at once (--pairs back-to-back pairs, median ratio).
+  6. the engine with the options that pay on a CPU (preemption by swap; swap and fused steps; swap
+     and async scheduling) vs the same static batches on (a), all at once (--pairs back-to-back
+     pairs, median ratio);
+  7. async scheduling (`async_scheduling=True`: each step scheduled and dispatched before the one
+     before is read back) vs synchronous steps: output throughput on (a) all at once and on (c)
+     (--pairs back-to-back pairs, median ratio), TPOT with Poisson arrivals on (a), and one
+     request alone (time per output token, median of 3 x --pairs back-to-back pairs).
 Part 1 also prints its compute bound: the FLOPs the requests need (each token once) and the FLOPs
 the static batches ran (padding), counted from the model's shapes; the FLOP rate of each side and
 of the model's own prefill; and the highest continuous / static ratio that the best of those rates
@@ -259,7 +264,7 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights, activations and KV cache of every run (transformers' too)")
-    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], choices=[1, 2, 3, 4, 5, 6],
+    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7], choices=[1, 2, 3, 4, 5, 6, 7],
                     help="comparisons to run (1, continuous vs static, always runs)")
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas", "native"],
                     help="LLM's attention_backend for every jaxinfer run (auto: as LLM resolves it)")
@@ -335,6 +340,8 @@ def main():
         part5(args, common, llm, results, rng, prompts_a, params_a, arrivals, outs, static)
     if 6 in args.parts:
         part6(args, common, llm, results, prompts_a, params_a, outs, static_rows)
+    if 7 in args.parts:
+        part7(args, common, llm, results, prompts_a, params_a, arrivals, outs)
     if 4 in args.parts and not args.skip_transformers:
         part4(args, llm, results, prompts_a, params_a, cont)
 
@@ -440,7 +447,8 @@ def part6(args, common, llm, results, prompts_a, params_a, outs, static_rows):
     memory here, instead of recomputed when it resumes; it waits outside the KV budget, as in vLLM's
     swap_space), then swap with fused decode steps."""
     for key, opts in (("a_swap", {"preemption_mode": "swap"}),
-                      ("a_swap_fused", {"preemption_mode": "swap", "num_scheduler_steps": args.num_scheduler_steps})):
+                      ("a_swap_fused", {"preemption_mode": "swap", "num_scheduler_steps": args.num_scheduler_steps}),
+                      ("a_swap_async", {"preemption_mode": "swap", "async_scheduling": True})):
         v = LLM(args.model, enable_prefix_caching=False, **common, **opts)
         (v_outs, summ, kv), comp = measured(run_engine, v, prompts_a, params_a)
         pairs = paired_ratio(lambda: run_static(llm, prompts_a, params_a, static_rows)[1],
@@ -453,6 +461,38 @@ def part6(args, common, llm, results, prompts_a, params_a, outs, static_rows):
         print(f"\n(6) (a) all at once, engine with {opts}\n" + format_summary(summ))
         print(f"  / static output tok/s: {r['over_static']:.2f}x (pairs {', '.join(f'{x:.2f}' for x in pairs)}); "
               f"identical tokens: {r['identical_outputs']}")
+
+
+def part7(args, common, llm, results, prompts_a, params_a, arrivals, outs):
+    """Async scheduling vs synchronous steps: throughput on (a) all at once and on (c), TPOT with
+    Poisson arrivals on (a), and the time per output token of one request alone."""
+    asyn = LLM(args.model, enable_prefix_caching=False, async_scheduling=True, **common)
+    (a_outs, summ, kv), comp = measured(run_engine, asyn, prompts_a, params_a)
+    ratios = paired_ratio(engine_run(llm, prompts_a, params_a), engine_run(asyn, prompts_a, params_a), args.pairs)
+    (_, pois, kv_p), comp_p = measured(run_engine, asyn, prompts_a, params_a, arrivals)
+    prompts_c, params_c = decode_heavy_workload(np.random.default_rng(args.seed + 7), args.num_requests // 2,
+                                                llm.cfg.vocab_size)
+    measured(run_engine, llm, prompts_c, params_c)
+    measured(run_engine, asyn, prompts_c, params_c)
+    ratios_c = paired_ratio(engine_run(llm, prompts_c, params_c), engine_run(asyn, prompts_c, params_c), args.pairs)
+    one_p, one_sp = [prompts_c[0]], [SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)]
+    measured(run_engine, llm, one_p, one_sp)
+    measured(run_engine, asyn, one_p, one_sp)
+    # a run of one request is short (~0.3 s) and this machine's noise is not: three times the pairs
+    ratios_1 = paired_ratio(engine_run(llm, one_p, one_sp), engine_run(asyn, one_p, one_sp), 3 * args.pairs)
+    results["a_async"] = {**summ, **kv, **comp, "identical_outputs": [o.outputs[0].token_ids for o in a_outs] ==
+                          [o.outputs[0].token_ids for o in outs]}
+    results["a_async_poisson"] = {**pois, **kv_p, **comp_p, "rate": args.rate}
+    results["a_async_over_sync_pairs"], results["a_async_over_sync"] = ratios, float(np.median(ratios))
+    results["c_async_over_sync_pairs"], results["c_async_over_sync"] = ratios_c, float(np.median(ratios_c))
+    results["one_async_over_sync_pairs"], results["one_async_over_sync"] = ratios_1, float(np.median(ratios_1))
+    print("\n(7) (a) all at once, async scheduling\n" + format_summary(summ))
+    print(f"  async / sync output tok/s: {results['a_async_over_sync']:.2f}x (pairs "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}); identical tokens: {results['a_async']['identical_outputs']}")
+    print(f"(7) (a) Poisson {args.rate}/s, async scheduling\n" + format_summary(pois))
+    print(f"(7) (c) decode-heavy: async / sync output tok/s {results['c_async_over_sync']:.2f}x (pairs "
+          f"{', '.join(f'{r:.2f}' for r in ratios_c)}); one request of 256 tokens alone: "
+          f"{results['one_async_over_sync']:.2f}x (pairs {', '.join(f'{r:.2f}' for r in ratios_1)})")
 
 
 def part4(args, llm, results, prompts_a, params_a, cont):
@@ -482,7 +522,8 @@ def markdown(results: dict) -> str:
     md = ["| run | out tok/s | req/s | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | E2EL p50/p95/p99 ms "
           "| KV usage mean/max | max running | compilations |",
           "|---|---|---|---|---|---|---|---|---|"]
-    for key in ("a_continuous", "a_fused", "a_swap", "a_swap_fused", "a_static", "a_static_unlimited", "a_poisson", "a_fused_poisson",
+    for key in ("a_continuous", "a_fused", "a_swap", "a_swap_fused", "a_swap_async", "a_async", "a_static",
+                "a_static_unlimited", "a_poisson", "a_fused_poisson", "a_async_poisson",
                 "b_prefix_off", "b_prefix_on"):
         if key not in results:
             continue
@@ -521,7 +562,7 @@ def markdown(results: dict) -> str:
               + "; ".join(f"{k} ({', '.join(f'{o}={v}' for o, v in results[k]['options'].items())}) "
                           f"{results[k]['over_static']:.2f}x ({', '.join(f'{r:.2f}' for r in results[k]['over_static_pairs'])}; "
                           f"{results[k]['preemptions']} preemptions, identical tokens: {results[k]['identical_outputs']})"
-                          for k in ("a_swap", "a_swap_fused"))
+                          for k in ("a_swap", "a_swap_fused", "a_swap_async") if k in results)
               + f"; a_continuous: {results['a_continuous']['preemptions']} preemptions by recompute"]
              if "a_swap" in results else []),
            *([f"- {results['a_fused']['num_scheduler_steps']} decode steps fused per call (a_fused, "
@@ -532,6 +573,14 @@ def markdown(results: dict) -> str:
               f"{results['c_fused_over_single']:.2f}x (pairs: "
               f"{', '.join(f'{r:.2f}' for r in results['c_fused_over_single_pairs'])})"]
              if "a_fused" in results else []),
+           *([(f"- async scheduling (a_async, `async_scheduling=True`) / synchronous steps, output throughput "
+               f"(median of back-to-back pairs): (a) {results['a_async_over_sync']:.2f}x "
+               f"({', '.join(f'{r:.2f}' for r in results['a_async_over_sync_pairs'])}), (c) decode-heavy "
+               f"{results['c_async_over_sync']:.2f}x "
+               f"({', '.join(f'{r:.2f}' for r in results['c_async_over_sync_pairs'])}), "
+               f"one request alone {results['one_async_over_sync']:.2f}x "
+               f"({', '.join(f'{r:.2f}' for r in results['one_async_over_sync_pairs'])}); identical tokens: "
+               f"{results['a_async']['identical_outputs']}")] if "a_async" in results else []),
            *([f"- prefix caching, mean TTFT off / on: {results['b_ttft_off_over_on']:.2f}x "
               f"(hit rate {results['b_prefix_on']['hit_rate']:.1%})"] if "b_prefix_on" in results else []),
            *([f"- paged / contiguous max-length preallocation, concurrent sequences in "

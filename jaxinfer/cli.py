@@ -79,7 +79,8 @@ def _serve(args) -> int:
               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
               num_kv_pages=args.num_kv_pages, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
               enable_prefix_caching=not args.no_enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
-              speculative_config=spec, num_scheduler_steps=args.num_scheduler_steps)
+              speculative_config=spec, num_scheduler_steps=args.num_scheduler_steps,
+              async_scheduling=args.async_scheduling)
     serve(llm, args.host, args.port, args.served_model_name)
     return 0
 
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     s.add_argument("--no-enable-prefix-caching", action="store_true")
     s.add_argument("--num-scheduler-steps", type=int, default=1)
+    s.add_argument("--async-scheduling", action="store_true",
+                   help="schedule and dispatch each step before reading back the one before")
     s.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     s.add_argument("--compilation-cache", default=None, metavar="DIR", help="as for generate")

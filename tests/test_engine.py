@@ -59,6 +59,11 @@ def _check_pages_returned(llm):
     dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, preemption_mode="swap"),
     dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, preemption_mode="swap",
          enable_prefix_caching=True, num_scheduler_steps=4),
+    # async scheduling: preemption by recompute and by swap, prefix caching (chunked prefill with
+    # small pages: test_async_scheduling_gives_what_synchronous_steps_give)
+    {"max_num_seqs": 8, "max_num_batched_tokens": 24, "block_size": 8, "num_kv_pages": 14, "async_scheduling": True},
+    {"max_num_seqs": 8, "max_num_batched_tokens": 24, "block_size": 8, "num_kv_pages": 14, "preemption_mode": "swap",
+     "enable_prefix_caching": True, "async_scheduling": True},
 ])
 def test_engine_greedy_equals_standalone_generate(model_dir, reference, opts):
     prompts, ref = reference
@@ -116,6 +121,67 @@ def test_fused_decode_steps_equal_single_steps(model_dir):
         LLM(model_dir, preemption_mode="later")
     with pytest.raises(ValueError, match="int4_kivi"):
         LLM(model_dir, preemption_mode="swap", kv_cache_dtype="int4_kivi", block_size=32)
+
+
+def test_async_scheduling_gives_what_synchronous_steps_give(model_dir):
+    """async_scheduling: stop tokens, stop strings, min_tokens, max_tokens, seeded sampling,
+    logprobs, prompt logprobs, n > 1 and penalties (whose rows read their step back before
+    the next one is built) give what synchronous steps give, under preemption; every page
+    comes back."""
+    prompts = _prompts(7, seed=12)
+    sync = LLM(model_dir, block_size=4, max_num_seqs=8, num_kv_pages=24, max_num_batched_tokens=32)
+    asyn = LLM(model_dir, block_size=4, max_num_seqs=8, num_kv_pages=24, max_num_batched_tokens=32,
+               async_scheduling=True)
+    kw = [{"temperature": 0.0 if i % 2 else 1.0, "seed": i, "max_tokens": 3 + 3 * i, "ignore_eos": True, "logprobs": 2}
+          for i in range(7)]
+    free = sync.generate(prompts, [SamplingParams(**k) for k in kw])
+    params = []
+    for i, (k, o) in enumerate(zip(kw, free)):
+        ids, text = o.outputs[0].token_ids, o.outputs[0].text
+        stop_ids = [ids[min(i, len(ids) - 1)]] if i % 4 < 2 else []
+        stop = [text[len(text) // 2:len(text) // 2 + 2]] if i % 4 == 3 and len(text) > 4 else None
+        extra = {"repetition_penalty": 1.3} if i == 5 else {"n": 2} if i == 6 else {}
+        extra |= {"prompt_logprobs": 1} if i == 2 else {}
+        params.append(SamplingParams(**k, min_tokens=i % 3, stop_token_ids=stop_ids, stop=stop, **extra))
+    ref, outs = sync.generate(prompts, params), asyn.generate(prompts, params)
+    for a, b in zip(ref, outs, strict=True):
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            assert (y.token_ids, y.text, y.finish_reason) == (x.token_ids, x.text, x.finish_reason)
+            for la, lb in zip(x.logprobs, y.logprobs, strict=True):
+                assert la.keys() == lb.keys()
+                assert all(abs(la[t].logprob - lb[t].logprob) < 1e-5 and la[t].rank == lb[t].rank for t in la)
+        if a.prompt_logprobs is not None:
+            assert [p and p.keys() for p in a.prompt_logprobs] == [p and p.keys() for p in b.prompt_logprobs]
+    assert {a.outputs[0].finish_reason for a in ref} == {"stop", "length"}
+    stats = asyn.get_stats()
+    assert stats.num_preemptions > 0
+    assert stats.num_generated_tokens == sum(len(x.token_ids) for o in outs for x in o.outputs)  # drops not counted
+    _check_pages_returned(asyn)
+
+
+def test_async_scheduling_abort_in_flight_and_bad_options(model_dir):
+    """A request aborted while its token is in flight ends at once, the others finish, nothing
+    leaks; async_scheduling refuses what it cannot be combined with, naming it."""
+    llm = LLM(model_dir, block_size=8, async_scheduling=True)
+    eng = llm.engine
+    eng.add_request("a", {"prompt_token_ids": list(range(3, 40))}, SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.add_request("b", {"prompt_token_ids": list(range(5, 30))}, SamplingParams(max_tokens=5, ignore_eos=True))
+    eng.step()
+    eng.step()
+    assert eng.inflight is not None and eng.groups["a"][0].num_inflight == 1
+    out = eng.abort_request("a")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    finished = []
+    while eng.has_unfinished_requests():
+        finished += [o for o in eng.step() if o.finished]
+    assert [o.request_id for o in finished] == ["b"] and len(finished[0].outputs[0].token_ids) == 5
+    _check_pages_returned(llm)
+    with pytest.raises(ValueError, match="async_scheduling='yes' must be True or False"):
+        LLM(model_dir, async_scheduling="yes")
+    with pytest.raises(ValueError, match="speculative_config"):
+        LLM(model_dir, async_scheduling=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="num_scheduler_steps=4"):
+        LLM(model_dir, async_scheduling=True, num_scheduler_steps=4)
 
 
 def test_seeded_sampling_survives_preemption_and_batching(model_dir):
@@ -265,9 +331,10 @@ def test_bad_requests_are_rejected_and_the_engine_keeps_serving(model_dir):
     _check_pages_returned(llm)
 
 
-@pytest.mark.parametrize("fused", [1, 4])
+@pytest.mark.parametrize("fused", [1, 4, "async"])
 def test_streaming_deltas_add_up_to_the_final_text(model_dir, fused):
-    llm = LLM(model_dir, block_size=8, num_scheduler_steps=fused)
+    llm = LLM(model_dir, block_size=8, **({"async_scheduling": True} if fused == "async" else
+                                          {"num_scheduler_steps": fused}))
     eng = llm.engine
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=["zz"])
     eng.add_request("s", "def add(a, b):", params)
@@ -639,3 +706,4 @@ def test_engine_decodes_one_mqa_request_as_static_generate(tmp_path):
     llm = LLM(str(tmp_path), max_num_seqs=1, block_size=8, enable_prefix_caching=False)
     ref = [o.outputs[0].token_ids for o in llm.generate_static(prompts, GREEDY, batch_size=1)]
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
+

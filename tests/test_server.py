@@ -251,6 +251,37 @@ def test_speculative_server_matches_llm_and_counts_drafts(tmp_path):
     assert values['jaxinfer:spec_decode_num_accepted_tokens_total{model_name="tiny"}'] == s.spec_accepted_tokens
 
 
+def test_async_scheduling_server_answers_concurrent_clients_as_llm_generate(tmp_path):
+    """With async_scheduling the engine thread returns each step's tokens a step later; concurrent
+    clients, streamed or not, still get what LLM.generate gives, and every page comes back."""
+    write_tiny("llama", tmp_path, vocab_size=300)
+    write_tokenizer(tmp_path, 300)
+    llm = LLM(str(tmp_path), max_num_seqs=4, max_model_len=128, num_kv_pages=40, block_size=8, async_scheduling=True)
+    want = {p: o.outputs[0].text for p, o in zip(PROMPTS, llm.generate(PROMPTS, SamplingParams(temperature=0,
+                                                                                               max_tokens=12)))}
+    server = OpenAIServer(llm, port=0, served_model_name="tiny")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    results = {}
+
+    def client(p, stream):
+        text = _post(server, "/v1/completions", {"prompt": p, "max_tokens": 12, "temperature": 0,
+                                                  "stream": stream})[1]
+        results[p] = "".join(c["text"] for e in _events(text) for c in e["choices"]) if stream \
+            else json.loads(text)["choices"][0]["text"]
+
+    try:
+        threads = [threading.Thread(target=client, args=(p, i % 2 == 0)) for i, p in enumerate(PROMPTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert results == want
+        assert _idle(server)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_failed_engine_step_answers_500_and_the_next_request_is_served(served, monkeypatch):
     server, expected, _ = served
     assert _idle(server)

@@ -56,6 +56,8 @@ class EngineConfig:
     swap_space: float = 4.0  # GiB of host memory for swapped K/V (vLLM's name); beyond it: recompute
     lora_config: object = None  # lora.LoRAConfig (enable_lora) or None
     scheduling_policy: str = "fcfs"  # or "priority": requests' priority values (lower first) order the queues
+    # schedule and dispatch each step before reading back the one before (vLLM's async_scheduling)
+    async_scheduling: bool = False
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_scheduler_steps"):
@@ -69,8 +71,15 @@ class EngineConfig:
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 1:
                 raise ValueError(f"kv_cache_memory_bytes={b!r} must be a positive number of bytes (or None)")
             object.__setattr__(self, "kv_cache_memory_bytes", int(b))
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
+        for name in ("enable_prefix_caching", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.async_scheduling and self.speculative_config is not None:
+            raise ValueError("async_scheduling=True cannot be combined with speculative_config: a speculative "
+                             "step's accepted tokens decide what the next step computes")
+        if self.async_scheduling and self.num_scheduler_steps > 1:
+            raise ValueError(f"async_scheduling=True and num_scheduler_steps={self.num_scheduler_steps} are two ways "
+                             "to hide the host's work between steps; choose one")
         if self.num_scheduler_steps > 1 and self.speculative_config is not None:
             raise ValueError(f"num_scheduler_steps={self.num_scheduler_steps} fuses plain decode steps; it cannot "
                              "be combined with speculative_config (use num_scheduler_steps=1)")
@@ -156,6 +165,10 @@ class LLMEngine:
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,
                                   decode_token, spec=spec, draft=draft, draft_params=draft_params,
                                   draft_cache=draft_cache, lora=self.lora)
+        if config.async_scheduling:
+            self.runner.enable_async(config.max_num_seqs)
+        # async scheduling: the step dispatched last, not read back yet: (its chunks, its calls)
+        self.inflight: tuple[list, list] | None = None
         self.inputs = InputProcessor(cfg, tokenizer, config.max_model_len, num_pages * config.block_size - k)
         self.groups: dict[str, list[EngineRequest]] = {}
         self.num_requests = 0  # requests made so far (the priority scheduler's tie-break)
@@ -228,12 +241,73 @@ class LLMEngine:
         return self._group_output(seqs)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.inflight is not None
 
     # ------------------------------------------------------------------ stepping
 
     def step(self, delta: bool = False) -> list[RequestOutput]:
-        """Schedule, run the model once, and return the requests that progressed."""
+        """Schedule, run the model once, and return the requests that progressed.
+
+        With async_scheduling, the step is dispatched before the previous one is read back, and
+        what is returned is the previous step's progress: a request's tokens arrive one step
+        later, and a request that stops on a stop token or string has one more token computed
+        (and dropped) than it would have synchronously."""
+        if self.config.async_scheduling:
+            return self._step_async(delta)
+        sched = self._schedule()
+        if sched is None:
+            return []
+        self._count(sched.chunks)
+        n_steps = self._fused_steps(sched)
+        sampled = self.runner.execute_multi(sched.chunks, n_steps) if n_steps > 1 else \
+            self.runner.execute(sched.chunks)
+        self.num_steps += 1
+        self.num_fused_steps += n_steps if n_steps > 1 else 0
+        for c in sched.chunks:
+            c.request.num_computed = c.start + c.num_tokens
+        return self._record(sched.chunks, sampled, delta)
+
+    def _step_async(self, delta: bool) -> list[RequestOutput]:
+        """Schedule step N + 1 while step N runs (its requests' tokens in flight: each counts
+        one token more than it holds, `EngineRequest.num_inflight`), dispatch it, then read
+        back step N. A decode row of N + 1 starts from its token of step N, which stays on the
+        device (`ModelRunner.enable_async`); a row that needs its tokens on the host -- penalties,
+        bad words or a structured output, which are built from the output so far -- makes this
+        step read step N back before it builds its inputs."""
+        prev, self.inflight = self.inflight, None
+        sched = self._schedule(quiet=prev is not None)  # a step in flight may still finish requests
+        if sched is None:
+            return [] if prev is None else self._read_back(prev, delta)
+        outputs = []
+        if prev is not None and any(c.request.num_inflight and (c.request.params.shapes_logits or c.num_tokens != 1
+                                                                 or c.start != len(c.request.all_tokens))
+                                    for c in sched.chunks):
+            outputs, prev = self._read_back(prev, delta), None
+            # what that read-back finished (a stop token, a stop string) is not run
+            sched.chunks = [c for c in sched.chunks if c.request.status is not Status.FINISHED]
+            if not sched.chunks:
+                return outputs
+        self._count(sched.chunks)
+        launched = self.runner.launch(sched.chunks)
+        for c in sched.chunks:
+            c.request.num_computed = c.start + c.num_tokens
+        for group, completes, _ in launched:
+            for c, f in zip(group, completes):
+                c.request.num_inflight += f
+        self.inflight = (sched.chunks, launched)
+        self.num_steps += 1
+        if prev is not None:
+            outputs = self._read_back(prev, delta)
+        return outputs
+
+    def _read_back(self, step: tuple[list, list], delta: bool) -> list[RequestOutput]:
+        """Record an async step (its chunks, its launched calls) once its results are read back."""
+        chunks, launched = step
+        return self._record(chunks, self.runner.collect(launched), delta)
+
+    def _schedule(self, quiet: bool = False):
+        """The scheduler's next step, with its swaps done; None when nothing can run (quiet: that
+        is not an error -- a step in flight may finish requests and free pages)."""
         sched = self.scheduler.schedule()
         # Preemption by swap: copy the victims' pages out before this step's calls can write them
         # (they are back in the pool), and fill resumed requests' fresh pages before they are read.
@@ -244,27 +318,29 @@ class LLMEngine:
             self.runner.write_pages(pages, r.swapped_kv)
             r.swapped_kv = None
         if not sched.chunks:
-            if self.scheduler.has_work():
+            if self.scheduler.has_work() and not quiet:
                 raise RuntimeError("scheduler made no progress (no request fits in the free pages)")
-            return []
+            return None
+        return sched
+
+    def _count(self, chunks):
+        """Keep the counts of what runs: first scheduling times, prompt and computed tokens."""
         now = time.perf_counter()
-        for c in sched.chunks:
+        for c in chunks:
             if c.request.metrics.first_scheduled_time is None:
                 c.request.metrics.first_scheduled_time = now
             self.num_prompt_tokens_computed += max(0, min(c.start + c.num_tokens, len(c.request.prompt_ids))
                                                    - c.start)
             self.num_tokens_computed += c.num_tokens
-        n_steps = self._fused_steps(sched)
-        sampled = self.runner.execute_multi(sched.chunks, n_steps) if n_steps > 1 else \
-            self.runner.execute(sched.chunks)
+
+    def _record(self, chunks, sampled: dict, delta: bool) -> list[RequestOutput]:
+        """Append what a step sampled ({request: (tokens, logprobs, drafted)}) and return the
+        outputs of the requests it touched."""
         now = time.perf_counter()
-        self.num_steps += 1
-        self.num_fused_steps += n_steps if n_steps > 1 else 0
         touched = {}
-        for c in sched.chunks:
+        for c in chunks:
             r = c.request
-            r.num_computed = c.start + c.num_tokens
-            if r in sampled:
+            if r in sampled and r.status is not Status.FINISHED:  # async: finished or aborted meanwhile
                 tokens, logprobs, drafted = sampled[r]
                 # Every token but the last was fed back: accepted drafts (their K/V stay, the
                 # rest roll back) or the tokens of fused decode steps.

@@ -23,8 +23,11 @@ class EngineRequest:
     all_tokens = prompt + output. num_computed tokens already have K/V in `pages`;
     the next step computes all_tokens[num_computed:] (a whole prompt, a chunk of
     it, or the one token sampled last step) and samples a token when it reaches
-    the end. Preemption drops the pages and resets num_computed to 0 (recompute), or
-    keeps num_computed and their K/V on the host until it resumes (swap).
+    the end. With async scheduling, num_inflight tokens were sampled by a step the host has
+    dispatched but not read back: they count in num_tokens (the next step feeds the last of
+    them from the device) but are not in output_ids yet. Preemption drops the pages and resets
+    num_computed to 0 (recompute), or keeps num_computed and their K/V on the host until it
+    resumes (swap).
     """
 
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
@@ -54,6 +57,7 @@ class EngineRequest:
         self.pages: list[int] = []
         self.slot: int | None = None  # per-sequence device slot while running (scheduler)
         self.num_computed = 0
+        self.num_inflight = 0  # sampled on device, not read back yet (async scheduling)
         self.num_cached_tokens = 0
         self.page_keys: list[PageKey] = []  # keys of this request's full pages, in order
         self.status = Status.WAITING
@@ -79,7 +83,13 @@ class EngineRequest:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt and output tokens, the ones still in flight included."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_inflight
+
+    @property
+    def num_outputs(self) -> int:
+        """Output tokens sampled so far, the ones still in flight included."""
+        return len(self.output_ids) + self.num_inflight
 
     @property
     def num_pending(self) -> int:
@@ -88,7 +98,7 @@ class EngineRequest:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt_ids) + max(0, len(self.output_ids) - 1)
+        return self.num_computed < len(self.prompt_ids) + max(0, self.num_outputs - 1)
 
     @property
     def urgency(self) -> tuple:
@@ -113,7 +123,7 @@ class EngineRequest:
         adapter's id is part of the key: K/V computed under it serve only requests with it."""
         if self.lora_id:
             extra = (extra, "lora", self.lora_id)
-        n_full = self.num_tokens // page_size
+        n_full = (self.num_tokens - self.num_inflight) // page_size  # tokens the host knows
         if len(self.page_keys) < n_full:
             parent = self.page_keys[-1] if self.page_keys else None
             self.page_keys += page_keys(self.all_tokens[:n_full * page_size], page_size, extra, parent,
@@ -125,6 +135,7 @@ class EngineRequest:
     def append_token(self, token: int, logprob: PositionLogprobs | None, now: float) -> bool:
         """Record a sampled token; returns True when the request is finished."""
         self.output_ids.append(token)
+        self.num_inflight = max(0, self.num_inflight - 1)
         if self.fsm is not None:
             self.fsm_state = self.fsm.step(self.fsm_state, token)
         if logprob is not None:

@@ -63,6 +63,9 @@ class StepInputs:
     slots: jax.Array  # [B] each row's sequence slot (padding rows: out of range)
     pen: PenaltyInputs | None = None  # penalties, logit_bias, allowed_token_ids (None: no row has any)
     lora_slots: jax.Array | None = None  # [B] each row's adapter slot (0: none); None: LoRA off
+    # async scheduling: [B] 1 where the row's first token is its sequence's last sampled token, which
+    # the host has not read back yet (`engine_step` takes it from the device); None: no async scheduling
+    feed: jax.Array | None = None
 
     def meta(self) -> AttentionMeta:
         return AttentionMeta(page_table=self.page_table, kv_lens=self.kv_lens, q_lens=self.q_lens,
@@ -91,32 +94,43 @@ def _adapted(weights: Weights, lora: LoRAArrays | None, inp: StepInputs) -> Weig
     return weights if lora is None else with_lora(weights, lora, inp.lora_slots)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "statics", "draft"), donate_argnames=("kv", "dcache"))
+@functools.partial(jax.jit, static_argnames=("cfg", "statics", "draft"),
+                   donate_argnames=("kv", "dcache", "sampled"))
 def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCache, inp: StepInputs,
-                draft: drafting.DraftSpec | None = None, dparams=None, dcache=None, lora: LoRAArrays | None = None):
+                draft: drafting.DraftSpec | None = None, dparams=None, dcache=None, lora: LoRAArrays | None = None,
+                sampled: jax.Array | None = None):
     """One forward over tokens [B, T] into the paged cache, then sample each row's next token.
 
     draft, dparams, dcache: the drafter that speculation drafts with on device, its params and
     its paged state, which `drafting.record` brings up to date. lora: the device adapters (rows
-    pick theirs by inp.lora_slots). Returns (kv, draft state, sampled [B], logprob extras or
-    None, prompt-logprob extras or None).
+    pick theirs by inp.lora_slots). sampled: async scheduling's last sampled token of every
+    sequence slot [max_num_seqs]: rows with inp.feed set start from theirs, and every row's draw is
+    stored there (a row that does not complete its tokens stores a draw no one reads). Returns (kv,
+    draft state, sampled [B], logprob extras or None, prompt-logprob extras or None, the slots'
+    tokens or None).
     """
     weights = _adapted(weights, lora, inp)
     meta = inp.meta()
     t = inp.tokens.shape[1]
+    tokens = inp.tokens
+    if sampled is not None:  # padding rows' slots are out of range: clamped here, dropped below
+        tokens = tokens.at[:, 0].set(jnp.where(inp.feed > 0, sampled[jnp.minimum(inp.slots, sampled.shape[0] - 1)],
+                                               tokens[:, 0]))
     last = jnp.maximum(inp.q_lens - 1, 0)[:, None]  # [B, 1]
     want_plp = statics.num_prompt_logprobs >= 0
-    logits, hidden, kv = forward(weights, cfg, inp.tokens, meta.query_positions(t), kv, meta,
+    logits, hidden, kv = forward(weights, cfg, tokens, meta.query_positions(t), kv, meta,
                                  backend=statics.backend, logits_at=None if want_plp else last)
     if draft is not None:
-        dcache = drafting.record(draft, dparams, weights, dcache, hidden, inp.tokens, meta, statics.backend)
+        dcache = drafting.record(draft, dparams, weights, dcache, hidden, tokens, meta, statics.backend)
     plp = None
     if want_plp:
         plp = token_logprobs(logits, inp.next_tokens, statics.num_prompt_logprobs)
         logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)
     pen = None if inp.pen is None else inp.pen.build(cfg.vocab_size)
     tok, lp = _next_token(logits[:, 0], inp, inp.counters, statics, pen)
-    return kv, dcache, tok, lp, plp
+    if sampled is not None:
+        sampled = sampled.at[inp.slots].set(tok, mode="drop")
+    return kv, dcache, tok, lp, plp, sampled
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "statics", "num_steps"), donate_argnames=("kv",))
@@ -216,6 +230,13 @@ class ModelRunner:
         self.signatures: set[tuple] = set()
         # attention that stops at the longest row (see _inputs)
         self.full_width_tables = paged_loop_applies(backend, kv.k[0])
+        self.sampled = None  # async scheduling: each sequence slot's last sampled token, on device
+
+    def enable_async(self, num_slots: int):
+        """Async scheduling: keep every sequence slot's last sampled token on the device, where
+        the next step's decode rows read theirs (`StepInputs.feed`), so that the host can schedule
+        and dispatch a step before it has read back the one before."""
+        self.sampled = jnp.zeros((num_slots,), jnp.int32)
 
     @property
     def compilations(self) -> int:
@@ -277,13 +298,30 @@ class ModelRunner:
                 proposals = [np.full(c.num_draft, -1) if d is None else d for c, d in zip(spec, found)]
         if spec:
             results.update(self._run_spec(spec, proposals))
+        results.update(self.collect(self._launch_calls(decodes, prefills)))
+        return results
+
+    def launch(self, chunks: list[ScheduledChunk]) -> list:
+        """Dispatch plain (not speculative) chunks without waiting for them (async scheduling);
+        `collect` reads them back. A row's sampled token stays on the device for the next step."""
+        self._activate_adapters(chunks)
+        return self._launch_calls([c for c in chunks if c.num_tokens == 1 and not c.admitted],
+                                  [c for c in chunks if c.num_tokens > 1 or c.admitted])
+
+    def _launch_calls(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]) -> list:
         calls = [(decodes, 1)] if decodes else []
         calls += [(g, fine_bucket(max(c.num_tokens for c in g), minimum=16)) for g in prefill_calls(prefills)]
         # Dispatch every call, then fetch: the host builds the next call's inputs while the
         # device runs the previous one, and waits only once all of the step's calls are queued.
-        launched = [(group, self._launch(group, t)) for group, t in calls]
-        for group, out in launched:
-            results.update(self._collect(group, out))
+        # Whether a row samples is fixed now: with async scheduling its request's token count
+        # changes before the call is read back.
+        return [(group, [c.completes for c in group], self._launch(group, t)) for group, t in calls]
+
+    def collect(self, launched: list) -> dict:
+        """Read back launched calls: {request: (tokens, logprob dicts or None, 0)}."""
+        results = {}
+        for group, completes, out in launched:
+            results.update(self._collect(group, completes, out))
         return results
 
     def _activate_adapters(self, chunks: list[ScheduledChunk]):
@@ -331,11 +369,16 @@ class ModelRunner:
         stop_w = max(1, max(len(c.request.stop_ids) for c in group))
         stop_ids = np.full((b, stop_w), vocab, np.int32)
         slots = np.full((b,), 1 << 30, np.int32)
+        feed = np.zeros((b,), np.int32) if self.sampled is not None else None
         num_lp, num_plp = -1, -1
         for i, c in enumerate(group):
             r, p = c.request, c.request.params
             all_tokens = r.all_tokens
-            tokens[i, :c.num_tokens] = all_tokens[c.start:c.start + c.num_tokens]
+            known = all_tokens[c.start:c.start + c.num_tokens]
+            tokens[i, :len(known)] = known
+            if len(known) < c.num_tokens:  # async scheduling: the token sampled last step, still on device
+                assert feed is not None and c.num_tokens == 1, "only a decode row starts from a token in flight"
+                feed[i] = 1
             if r.wants_prompt_logprobs and c.start < len(r.prompt_ids):
                 nxt = all_tokens[c.start + 1:c.start + c.num_tokens + 1]
                 next_tokens[i, :len(nxt)] = nxt
@@ -343,7 +386,7 @@ class ModelRunner:
             page_table[i, :len(r.pages)] = r.pages[:pp]
             kv_lens[i] = c.start + width(c)
             q_lens[i] = width(c)
-            counters[i] = len(r.output_ids)
+            counters[i] = r.num_outputs
             temperature[i], top_p[i], min_p[i] = p.temperature, p.top_p, p.min_p
             top_k[i] = 0 if p.top_k in (-1, 0) or p.top_k >= vocab else p.top_k
             keys[i] = r.key_data
@@ -369,7 +412,7 @@ class ModelRunner:
             for i, c in enumerate(group):
                 lora_slots[i] = self.lora.slot_of(c.request.lora_id)
         inp = StepInputs(tokens, page_table, kv_lens, q_lens, counters, st, limits, next_tokens, slots, pen,
-                         lora_slots)
+                         lora_slots, feed)
         return inp, num_lp, num_plp, pp
 
     def execute_multi(self, chunks: list[ScheduledChunk], num_steps: int) -> dict:
@@ -408,20 +451,21 @@ class ModelRunner:
         statics = StepStatics(num_lp, num_plp, self.backend)
         self.signatures.add(("step", inp.tokens.shape, pp, statics, inp.penalty_shapes(),
                              inp.lora_slots is not None))
-        self.kv, self.draft_cache, tok, lp, plp = engine_step(
+        self.kv, self.draft_cache, tok, lp, plp, self.sampled = engine_step(
             self.weights, self.cfg, statics, self.kv, inp, self.draft, self.draft_params, self.draft_cache,
-            self.lora_arrays(inp))
+            self.lora_arrays(inp), self.sampled)
         return tok, lp, plp
 
-    def _collect(self, group: list[ScheduledChunk], out: tuple) -> dict:
-        """Fetch a launched call's results; record prompt logprobs; {request: (tokens, logprobs, 0)}."""
+    def _collect(self, group: list[ScheduledChunk], completes: list[bool], out: tuple) -> dict:
+        """Fetch a launched call's results; record prompt logprobs; {request: (tokens, logprobs, 0)}
+        for the rows that sample (completes)."""
         tok, lp, plp = jax.device_get(out)
         results = {}
         for i, c in enumerate(group):
             r = c.request
             if plp is not None and r.wants_prompt_logprobs:
                 self._record_prompt_logprobs(c, plp, i)
-            if c.completes:
+            if completes[i]:
                 results[r] = ([int(tok[i])], [self._logprob_entry(r, int(tok[i]), lp, i)], 0)
         return results
 

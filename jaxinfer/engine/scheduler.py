@@ -195,6 +195,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_inflight and req.num_outputs >= req.max_tokens:
+                i += 1  # async scheduling: its last token is in flight; reading it back finishes it
+                continue
             n = min(self._prefill_room(req), budget)
             # A decoding request verifies k drafted tokens after its pending one, budget permitting.
             drafts = lookahead if (lookahead and req.num_pending == 1 and req.output_ids
@@ -220,6 +223,9 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[i]
+            if req.num_inflight:  # preempted with a token in flight: admitted once it is read back
+                i += 1
+                continue
             if req.lora_id and req.lora_id not in adapters and len(adapters) >= (self.max_loras or 0):
                 i += 1
                 continue
@@ -273,7 +279,7 @@ class Scheduler:
         (`runner.prefill_calls`)."""
         if not self.allocator.enable_prefix_caching:
             return
-        n_full = min(num_tokens, req.num_tokens) // self.page_size
+        n_full = min(num_tokens, req.num_tokens - req.num_inflight) // self.page_size  # known tokens only
         keys = req.full_page_keys(self.page_size, self.cache_extra)
         for page, key in zip(req.pages[:n_full], keys[:n_full]):
             self.allocator.register(page, key)
