@@ -59,9 +59,8 @@ def _check_pages_returned(llm):
     dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, preemption_mode="swap"),
     dict(max_num_seqs=8, max_num_batched_tokens=24, block_size=8, num_kv_pages=14, preemption_mode="swap",
          enable_prefix_caching=True, num_scheduler_steps=4),
-    # async scheduling: preemption by recompute and by swap, prefix caching (chunked prefill with
-    # small pages: test_async_scheduling_gives_what_synchronous_steps_give)
-    {"max_num_seqs": 8, "max_num_batched_tokens": 24, "block_size": 8, "num_kv_pages": 14, "async_scheduling": True},
+    # async scheduling with preemption by swap and prefix caching (chunked prefill with small pages
+    # and preemption by recompute: test_async_scheduling_gives_what_synchronous_steps_give)
     {"max_num_seqs": 8, "max_num_batched_tokens": 24, "block_size": 8, "num_kv_pages": 14, "preemption_mode": "swap",
      "enable_prefix_caching": True, "async_scheduling": True},
 ])
