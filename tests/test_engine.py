@@ -124,8 +124,8 @@ def test_fused_decode_steps_equal_single_steps(model_dir):
 
 def test_async_scheduling_gives_what_synchronous_steps_give(model_dir):
     """async_scheduling: stop tokens, stop strings, min_tokens, max_tokens, seeded sampling,
-    logprobs, prompt logprobs, n > 1 and penalties (whose rows read their step back before
-    the next one is built) give what synchronous steps give, under preemption; every page
+    logprobs, prompt logprobs, n > 1, penalties and a structured output (which count the token
+    in flight on the device) give what synchronous steps give, under preemption; every page
     comes back."""
     prompts = _prompts(7, seed=12)
     sync = LLM(model_dir, block_size=4, max_num_seqs=8, num_kv_pages=24, max_num_batched_tokens=32)
@@ -139,7 +139,8 @@ def test_async_scheduling_gives_what_synchronous_steps_give(model_dir):
         ids, text = o.outputs[0].token_ids, o.outputs[0].text
         stop_ids = [ids[min(i, len(ids) - 1)]] if i % 4 < 2 else []
         stop = [text[len(text) // 2:len(text) // 2 + 2]] if i % 4 == 3 and len(text) > 4 else None
-        extra = {"repetition_penalty": 1.3} if i == 5 else {"n": 2} if i == 6 else {}
+        extra = {"repetition_penalty": 1.3, "frequency_penalty": 0.5} if i == 5 else {"n": 2} if i == 6 else {}
+        extra |= {"structured_outputs": {"regex": "[a-z]+( [a-z]+)*"}} if i == 4 else {}
         extra |= {"prompt_logprobs": 1} if i == 2 else {}
         params.append(SamplingParams(**k, min_tokens=i % 3, stop_token_ids=stop_ids, stop=stop, **extra))
     ref, outs = sync.generate(prompts, params), asyn.generate(prompts, params)
@@ -174,6 +175,11 @@ def test_async_scheduling_abort_in_flight_and_bad_options(model_dir):
     while eng.has_unfinished_requests():
         finished += [o for o in eng.step() if o.finished]
     assert [o.request_id for o in finished] == ["b"] and len(finished[0].outputs[0].token_ids) == 5
+    _check_pages_returned(llm)
+    eng.add_request("c", {"prompt_token_ids": list(range(3, 20))}, SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.step()
+    eng.abort_request("c")  # the last request in flight: nothing is left to read back
+    assert not eng.has_unfinished_requests() and eng.inflight is None
     _check_pages_returned(llm)
     with pytest.raises(ValueError, match="async_scheduling='yes' must be True or False"):
         LLM(model_dir, async_scheduling="yes")

@@ -238,6 +238,8 @@ class LLMEngine:
             if s.status is not Status.FINISHED:
                 self.scheduler.remove(s)
                 s.finish("abort", now)
+        if self.inflight is not None and all(c.request.status is Status.FINISHED for c in self.inflight[0]):
+            self.inflight = None  # async: nothing in flight is wanted any more; its results go unread
         return self._group_output(seqs)
 
     def has_unfinished_requests(self) -> bool:
@@ -271,22 +273,13 @@ class LLMEngine:
         """Schedule step N + 1 while step N runs (its requests' tokens in flight: each counts
         one token more than it holds, `EngineRequest.num_inflight`), dispatch it, then read
         back step N. A decode row of N + 1 starts from its token of step N, which stays on the
-        device (`ModelRunner.enable_async`); a row that needs its tokens on the host -- penalties,
-        bad words or a structured output, which are built from the output so far -- makes this
-        step read step N back before it builds its inputs."""
+        device (`ModelRunner.enable_async`; its penalties, bad words and structured-output state
+        count that token there). Only a decode row ever needs a token in flight: a request
+        preempted meanwhile is admitted again once its tokens are read back."""
         prev, self.inflight = self.inflight, None
         sched = self._schedule(quiet=prev is not None)  # a step in flight may still finish requests
         if sched is None:
             return [] if prev is None else self._read_back(prev, delta)
-        outputs = []
-        if prev is not None and any(c.request.num_inflight and (c.request.params.shapes_logits or c.num_tokens != 1
-                                                                 or c.start != len(c.request.all_tokens))
-                                    for c in sched.chunks):
-            outputs, prev = self._read_back(prev, delta), None
-            # what that read-back finished (a stop token, a stop string) is not run
-            sched.chunks = [c for c in sched.chunks if c.request.status is not Status.FINISHED]
-            if not sched.chunks:
-                return outputs
         self._count(sched.chunks)
         launched = self.runner.launch(sched.chunks)
         for c in sched.chunks:
@@ -296,9 +289,7 @@ class LLMEngine:
                 c.request.num_inflight += f
         self.inflight = (sched.chunks, launched)
         self.num_steps += 1
-        if prev is not None:
-            outputs = self._read_back(prev, delta)
-        return outputs
+        return [] if prev is None else self._read_back(prev, delta)
 
     def _read_back(self, step: tuple[list, list], delta: bool) -> list[RequestOutput]:
         """Record an async step (its chunks, its launched calls) once its results are read back."""

@@ -104,8 +104,10 @@ def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KV
     draft, dparams, dcache: the drafter that speculation drafts with on device, its params and
     its paged state, which `drafting.record` brings up to date. lora: the device adapters (rows
     pick theirs by inp.lora_slots). sampled: async scheduling's last sampled token of every
-    sequence slot [max_num_seqs]: rows with inp.feed set start from theirs, and every row's draw is
-    stored there (a row that does not complete its tokens stores a draw no one reads). Returns (kv,
+    sequence slot [max_num_seqs]: rows with inp.feed set start from theirs (their penalties,
+    bad-word tails and structured-output states, built on the host from the tokens it has, then
+    count it: `Penalties.record`), and every row's draw is stored there (a row that does not
+    complete its tokens stores a draw no one reads). Returns (kv,
     draft state, sampled [B], logprob extras or None, prompt-logprob extras or None, the slots'
     tokens or None).
     """
@@ -127,6 +129,8 @@ def engine_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KV
         plp = token_logprobs(logits, inp.next_tokens, statics.num_prompt_logprobs)
         logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)
     pen = None if inp.pen is None else inp.pen.build(cfg.vocab_size)
+    if pen is not None and sampled is not None:  # the host built them without the token in flight
+        pen = pen.record(tokens[:, 0], inp.feed > 0)
     tok, lp = _next_token(logits[:, 0], inp, inp.counters, statics, pen)
     if sampled is not None:
         sampled = sampled.at[inp.slots].set(tok, mode="drop")
@@ -377,7 +381,8 @@ class ModelRunner:
             known = all_tokens[c.start:c.start + c.num_tokens]
             tokens[i, :len(known)] = known
             if len(known) < c.num_tokens:  # async scheduling: the token sampled last step, still on device
-                assert feed is not None and c.num_tokens == 1, "only a decode row starts from a token in flight"
+                assert feed is not None and c.num_tokens == 1 and c.start == len(all_tokens), \
+                    "only a decode row starts from a token in flight"
                 feed[i] = 1
             if r.wants_prompt_logprobs and c.start < len(r.prompt_ids):
                 nxt = all_tokens[c.start + 1:c.start + c.num_tokens + 1]
