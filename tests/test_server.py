@@ -95,8 +95,8 @@ def test_stream_carries_the_same_text_and_ends_with_done(served):
                                    "total_tokens": events[-1]["usage"]["prompt_tokens"] + 12}
 
 
-def test_concurrent_clients_each_get_their_own_completion(served):
-    server, expected, _ = served
+def _concurrent_completions(server) -> dict:
+    """PROMPTS sent at once by one client each (every other one streamed): {prompt: text}."""
     results = {}
 
     def client(p, stream):
@@ -110,7 +110,12 @@ def test_concurrent_clients_each_get_their_own_completion(served):
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert results == {p: expected[p].text for p in PROMPTS}
+    return results
+
+
+def test_concurrent_clients_each_get_their_own_completion(served):
+    server, expected, _ = served
+    assert _concurrent_completions(server) == {p: expected[p].text for p in PROMPTS}
     assert _idle(server)
 
 
@@ -261,21 +266,8 @@ def test_async_scheduling_server_answers_concurrent_clients_as_llm_generate(tmp_
                                                                                                max_tokens=12)))}
     server = OpenAIServer(llm, port=0, served_model_name="tiny")
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    results = {}
-
-    def client(p, stream):
-        text = _post(server, "/v1/completions", {"prompt": p, "max_tokens": 12, "temperature": 0,
-                                                  "stream": stream})[1]
-        results[p] = "".join(c["text"] for e in _events(text) for c in e["choices"]) if stream \
-            else json.loads(text)["choices"][0]["text"]
-
     try:
-        threads = [threading.Thread(target=client, args=(p, i % 2 == 0)) for i, p in enumerate(PROMPTS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert results == want
+        assert _concurrent_completions(server) == want
         assert _idle(server)
     finally:
         server.shutdown()
