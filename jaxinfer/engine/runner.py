@@ -15,6 +15,10 @@ prompt lookup; a draft model whose paged cache shares the target's page tables; 
 lookup where every row has a match and the draft model otherwise; or layer skip, EAGLE,
 Medusa: engine/drafting.py) verified by one target forward over k + 1 positions. A step in
 which no row's context holds a prompt-lookup match decodes plainly (n-gram).
+
+With async scheduling (`enable_async`), `launch` dispatches a step's calls and `collect` reads
+them back later: each sequence slot's last sampled token stays on the device (`sampled`), and a
+decode row whose token the host has not read yet starts from it (`StepInputs.feed`).
 """
 
 from __future__ import annotations
