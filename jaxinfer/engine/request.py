@@ -82,9 +82,14 @@ class EngineRequest:
         return self.prompt_ids + self.output_ids
 
     @property
+    def num_known(self) -> int:
+        """Prompt and output tokens the host holds (len(all_tokens))."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
     def num_tokens(self) -> int:
         """Prompt and output tokens, the ones still in flight included."""
-        return len(self.prompt_ids) + len(self.output_ids) + self.num_inflight
+        return self.num_known + self.num_inflight
 
     @property
     def num_outputs(self) -> int:
@@ -95,10 +100,6 @@ class EngineRequest:
     def num_pending(self) -> int:
         """Tokens whose K/V the next step must compute."""
         return self.num_tokens - self.num_computed
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt_ids) + max(0, self.num_outputs - 1)
 
     @property
     def urgency(self) -> tuple:
@@ -123,7 +124,7 @@ class EngineRequest:
         adapter's id is part of the key: K/V computed under it serve only requests with it."""
         if self.lora_id:
             extra = (extra, "lora", self.lora_id)
-        n_full = (self.num_tokens - self.num_inflight) // page_size  # tokens the host knows
+        n_full = self.num_known // page_size
         if len(self.page_keys) < n_full:
             parent = self.page_keys[-1] if self.page_keys else None
             self.page_keys += page_keys(self.all_tokens[:n_full * page_size], page_size, extra, parent,

@@ -276,9 +276,7 @@ class ModelRunner:
         # Decodes first: they read only pages computed in earlier steps. Prefill chunks and
         # requests admitted this step run after, so any page another row fills this step
         # (a prefix-cache hit registered at scheduling) is written before they read it.
-        spec = [c for c in chunks if c.num_draft]
-        decodes = [c for c in chunks if c.num_tokens == 1 and not c.admitted and not c.num_draft]
-        prefills = [c for c in chunks if (c.num_tokens > 1 or c.admitted) and not c.num_draft]
+        spec, decodes, prefills = _split(chunks)
         proposals = None
         if spec and self.spec.method in ("ngram", "ngram_draft_model"):
             # Prompt lookup on the host. When no row's context holds a match there is nothing
@@ -313,8 +311,9 @@ class ModelRunner:
         """Dispatch plain (not speculative) chunks without waiting for them (async scheduling);
         `collect` reads them back. A row's sampled token stays on the device for the next step."""
         self._activate_adapters(chunks)
-        return self._launch_calls([c for c in chunks if c.num_tokens == 1 and not c.admitted],
-                                  [c for c in chunks if c.num_tokens > 1 or c.admitted])
+        spec, decodes, prefills = _split(chunks)
+        assert not spec, "speculative rows are verified synchronously (execute)"
+        return self._launch_calls(decodes, prefills)
 
     def _launch_calls(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]) -> list:
         calls = [(decodes, 1)] if decodes else []
@@ -526,6 +525,15 @@ def _take_pages(caches, idx: jax.Array):
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _put_pages(caches, idx: jax.Array, data):
     return jax.tree_util.tree_map(lambda x, d: x.at[idx].set(d, mode="drop"), caches, data)
+
+
+def _split(chunks: list[ScheduledChunk]):
+    """A step's chunks as (speculative rows, plain decode rows, prefill chunks); a request admitted
+    this step is a prefill chunk even with one token (it may read pages others write this step)."""
+    spec = [c for c in chunks if c.num_draft]
+    decodes = [c for c in chunks if c.num_tokens == 1 and not c.admitted and not c.num_draft]
+    prefills = [c for c in chunks if (c.num_tokens > 1 or c.admitted) and not c.num_draft]
+    return spec, decodes, prefills
 
 
 def prefill_calls(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:

@@ -279,7 +279,7 @@ class Scheduler:
         (`runner.prefill_calls`)."""
         if not self.allocator.enable_prefix_caching:
             return
-        n_full = min(num_tokens, req.num_tokens - req.num_inflight) // self.page_size  # known tokens only
+        n_full = min(num_tokens, req.num_known) // self.page_size  # a token in flight has no key yet
         keys = req.full_page_keys(self.page_size, self.cache_extra)
         for page, key in zip(req.pages[:n_full], keys[:n_full]):
             self.allocator.register(page, key)

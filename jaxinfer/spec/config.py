@@ -181,18 +181,17 @@ def build_drafter(spec: SpeculativeConfig, target_cfg: ModelConfig, dtype=jnp.fl
     if meta["method"] != spec.method:
         raise ValueError(f"speculative_config model={str(head_dir)!r} is a {meta['method']!r} head, "
                          f"not {spec.method!r}")
+    from jaxinfer.model import layout_projection, resolve_layout
+    layout = resolve_layout(dtype)  # the head's projections as "auto" holds a model's
     if spec.draft_vocab_size is not None:
-        from jaxinfer.model import resolve_layout
         if target is None:
             raise ValueError("speculative_config draft_vocab_size: build_drafter needs the target's weights "
                              "(target=...) to take the kept tokens' LM-head rows")
         params = with_draft_vocab(params, target, target_cfg, load_token_counts(head_dir, target_cfg.vocab_size),
-                                  spec.draft_vocab_size, resolve_layout(dtype))
+                                  spec.draft_vocab_size, layout)
     if spec.method == "eagle":
-        from jaxinfer.model import layout_projection, resolve_layout
         from jaxinfer.wquant import MODULES
         hcfg = eagle_config(target_cfg, meta["sizes"]["intermediate_size"])
-        layout = resolve_layout(dtype)  # the head's projections as "auto" holds a model's
         params = {**params, "fc": layout_projection(params["fc"], layout),
                   "layer": {n: layout_projection(w, layout) if n in MODULES else w for n, w in params["layer"].items()}}
         return drafters.EagleDrafter(k, hcfg, backend), params
