@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,17 @@ from jaxinfer.kv.cache import AttentionMeta, BitsPages
 from jaxinfer.layers import PanelWeight, TransposedWeight, attention, dense_dot
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return jax.devices()[0].device_kind
 D, F, V, LAYERS, HEADS, HEAD_DIM = 512, 1536, 8192, 6, 8, 64
 
 
@@ -178,7 +190,8 @@ def main():
     lines += [f"| {r['dtype']} | {r['tokens']} | {r['xla_ms']} | {r['kernel_ms']} | {r['kernel_over_xla']}x |"
               for r in prefill_out]
     out.with_suffix(".md").write_text(
-        f"cpu ({jax.devices()[0].device_kind}), jax {jax.__version__}. `python experiments/cpu_kernels_speed.py`. "
+        f"{cpu_name()}; kernels built for {'AVX512-BF16' if cpu_kernels.available(jnp.bfloat16) else 'AVX2 + FMA'}; "
+        f"jax {jax.__version__}. `python experiments/cpu_kernels_speed.py {' '.join(sys.argv[1:])}`. "
         f"Projections: one decode step's 25 matmuls of bench_decode's model ("
         + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in weight_bytes.items()) + " of weights) in one call. Attention: "
         f"6 layers, {HEADS} heads of {HEAD_DIM}, contiguous cache, every slot valid. Medians of {args.repeats} "

@@ -38,9 +38,13 @@ on a CPU where the kernels build.
 
 The library is built with the system's C++ compiler (`$CXX`, else `c++`), `-march=native`,
 against the FFI headers jaxlib ships, into `$JAXINFER_CACHE_DIR` (default `~/.cache/jaxinfer`)
-under a name keyed by the source, jaxlib's version, the CPU's flags and the compiler. Where any
-of that is missing (no compiler, not x86-64, no AVX512-BF16), `available()` is False,
-`unavailable_reason()` says why, and everything runs on XLA's paths.
+under a name keyed by the source, jaxlib's version, the CPU's flags and the compiler. A CPU with
+AVX512-BF16 gets all four kernels. One with AVX2 and FMA but not AVX512-BF16 (most x86 servers
+before Sapphire Rapids and Zen 4) gets the two float32 ones, the same algorithms on 8-lane
+vectors; its bf16 models stay on XLA's paths. Where nothing can be built (no compiler, not x86-64,
+neither instruction set), `available()` is False. `available(dtype)` says whether that dtype's
+kernels are there, `unavailable_reason(dtype)` why not, and whatever is missing runs on XLA's
+paths.
 """
 
 from __future__ import annotations
@@ -111,48 +115,68 @@ def _build(out: Path) -> None:
             os.unlink(tmp)
 
 
+KERNELS = {  # symbol in the library -> (FFI target, the dtype it serves)
+    "JaxinferBf16Matmul": (MATMUL, "bfloat16"),
+    "JaxinferF32Matmul": (F32_MATMUL, "float32"),
+    "JaxinferBf16Attention": (ATTENTION, "bfloat16"),
+    "JaxinferF32Attention": (F32_ATTENTION, "float32"),
+}
+
+
 @functools.cache
-def _load() -> str | None:
-    """Build (once per cache key), load and register the kernel; None, or why it is unavailable."""
+def _load() -> tuple[frozenset[str], str | None]:
+    """Build (once per cache key), load and register the kernels this CPU runs: (the dtypes they
+    serve, why the others are unavailable or None). AVX512-BF16 builds all four; AVX2 with FMA the
+    float32 two."""
+    none = frozenset()
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"needs an x86-64 CPU with AVX512-BF16 (this is {platform.machine()})"
-    if "avx512_bf16" not in _cpu_flags() and Path("/proc/cpuinfo").exists():
-        return "this CPU has no AVX512-BF16 (avx512_bf16 is not among /proc/cpuinfo's flags)"
+        return none, f"needs an x86-64 CPU with AVX512-BF16 or AVX2 (this is {platform.machine()})"
+    flags = set(_cpu_flags().split()) if Path("/proc/cpuinfo").exists() else {"avx512_bf16"}
+    if "avx512_bf16" in flags:
+        why = None
+    elif {"avx2", "fma"} <= flags:
+        why = "this CPU has no AVX512-BF16 (avx512_bf16 is not among /proc/cpuinfo's flags): float32 kernels only"
+    else:
+        return none, "this CPU has neither AVX512-BF16 nor AVX2 with FMA (none among /proc/cpuinfo's flags)"
     path = _library_path()
     try:
         if not path.exists():
             _build(path)
         lib = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(MATMUL, jax.ffi.pycapsule(lib.JaxinferBf16Matmul), platform="cpu")
-        jax.ffi.register_ffi_target(F32_MATMUL, jax.ffi.pycapsule(lib.JaxinferF32Matmul), platform="cpu")
-        jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.JaxinferBf16Attention), platform="cpu")
-        jax.ffi.register_ffi_target(F32_ATTENTION, jax.ffi.pycapsule(lib.JaxinferF32Attention), platform="cpu")
+        dtypes = set()
+        for symbol, (target, dtype) in KERNELS.items():
+            if hasattr(lib, symbol):
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+                dtypes.add(dtype)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return f"building or loading {path.name} failed: {e}"
-    return None
+        return none, f"building or loading {path.name} failed: {e}"
+    return frozenset(dtypes), why
 
 
-def available() -> bool:
-    """Whether the kernel is built and registered in this process (building it if needed)."""
-    return _load() is None
+def available(dtype=None) -> bool:
+    """Whether kernels for dtype (bfloat16 or float32; None: any) are built and registered in this
+    process (building them if needed)."""
+    dtypes = _load()[0]
+    return bool(dtypes) if dtype is None else jnp.dtype(dtype).name in dtypes
 
 
-def unavailable_reason() -> str | None:
-    return _load()
+def unavailable_reason(dtype=None) -> str | None:
+    """Why `available(dtype)` is False (None when it is True)."""
+    return None if available(dtype) else _load()[1] or f"no native kernels for {jnp.dtype(dtype).name}"
 
 
 def chosen_by_default(dtype) -> bool:
     """Whether "auto" (`LLM`'s weight_layout and attention_backend) picks the kernels for a model of
     this dtype: bfloat16 or float32, running on CPU, kernels available."""
     return (jax.default_backend() == "cpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-            and available())
+            and available(dtype))
 
 
 def applies(x: jax.Array, wt: jax.Array) -> bool:
     """Whether `bf16_matmul` takes x [..., K] times wt [N, K]: both bfloat16, at most MAX_ROWS rows
     of x, and the kernel available."""
     rows = x.size // max(x.shape[-1], 1)
-    return x.dtype == wt.dtype == jnp.bfloat16 and rows <= MAX_ROWS and available()
+    return x.dtype == wt.dtype == jnp.bfloat16 and rows <= MAX_ROWS and available(jnp.bfloat16)
 
 
 def bf16_matmul(x: jax.Array, wt: jax.Array) -> jax.Array:
@@ -161,8 +185,8 @@ def bf16_matmul(x: jax.Array, wt: jax.Array) -> jax.Array:
     if x.dtype != jnp.bfloat16 or wt.dtype != jnp.bfloat16 or wt.ndim != 2 or x.shape[-1] != wt.shape[1]:
         raise ValueError(f"bf16_matmul: x [..., K] and wt [N, K] in bfloat16 expected, got "
                          f"{x.dtype}{list(x.shape)} and {wt.dtype}{list(wt.shape)}")
-    if not available():
-        raise RuntimeError(f"the native bf16 kernel is unavailable: {unavailable_reason()}")
+    if not available(jnp.bfloat16):
+        raise RuntimeError(f"the native bf16 kernel is unavailable: {unavailable_reason(jnp.bfloat16)}")
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (wt.shape[0],), jnp.float32)
 
     def native(x):
@@ -198,8 +222,8 @@ def f32_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
             or x.shape[-1] != panels.shape[1] or -(-n // F32_PANEL) != panels.shape[0]):
         raise ValueError(f"f32_matmul: x [..., K] and panels [ceil(n / {F32_PANEL}), K, {F32_PANEL}] in float32 "
                          f"expected, got {x.dtype}{list(x.shape)}, {panels.dtype}{list(panels.shape)}, n={n}")
-    if not available():
-        raise RuntimeError(f"the native kernels are unavailable: {unavailable_reason()}")
+    if not available(jnp.float32):
+        raise RuntimeError(f"the native float32 kernels are unavailable: {unavailable_reason(jnp.float32)}")
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32)
 
     def native(x):
@@ -240,7 +264,7 @@ def attention_applies(q: jax.Array, k_pages, v_pages) -> bool:
     cache, head dim a multiple of 32 up to 256, and the kernels available."""
     h = q.shape[-1]
     return (q.shape[1] <= ATTENTION_MAX_TOKENS and h % 32 == 0 and h <= 256
-            and _cache(q, k_pages) is not None and _cache(q, v_pages) is not None and available())
+            and _cache(q, k_pages) is not None and _cache(q, v_pages) is not None and available(q.dtype))
 
 
 def attention(q: jax.Array, k_pages, v_pages, meta, *, scale: float, sliding_window: int | None = None) -> jax.Array:

@@ -112,8 +112,8 @@ WEIGHT_LAYOUTS = ("auto", "in_out", "out_in", "native")
 def runtime_layout(weights: Weights, layout: str = "auto") -> Weights:
     """The dense projections (and the LM head) held as `layout` says: "in_out" leaves the
     [Din, Dout] arrays; "out_in" makes them `TransposedWeight`s ([Dout, Din]); "native" hands them
-    to jaxinfer's CPU kernels (`cpu_kernels`; an x86-64 CPU with AVX512-BF16 and a C++ compiler,
-    ValueError otherwise): bfloat16 as `TransposedWeight(native=True)` (products of a few rows go
+    to jaxinfer's CPU kernels (`cpu_kernels`; an x86-64 CPU with AVX512-BF16, or AVX2 and FMA for
+    float32, and a C++ compiler; ValueError otherwise): bfloat16 as `TransposedWeight(native=True)` (products of a few rows go
     to the bf16 kernel, a tied embedding is read in place as the LM head), float32 as
     `PanelWeight`s (every product goes to the f32 kernel; a tied embedding gets a packed copy as
     the head). "auto" is "native" on CPU where the kernels are available, else "out_in" for
@@ -147,8 +147,8 @@ def resolve_layout(dtype, layout: str = "auto") -> str:
         if not (on_cpu and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))):
             raise ValueError(f"weight_layout='native' runs bfloat16 or float32 weights on CPU; these are "
                              f"{dtype} on {jax.default_backend()}")
-        if not cpu_kernels.available():
-            raise ValueError(f"weight_layout='native': {cpu_kernels.unavailable_reason()}")
+        if not cpu_kernels.available(dtype):
+            raise ValueError(f"weight_layout='native': {cpu_kernels.unavailable_reason(dtype)}")
     return layout
 
 

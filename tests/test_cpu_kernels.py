@@ -1,7 +1,8 @@
 """jaxinfer's native CPU kernels (`cpu_kernels`): the bf16 and float32 matmuls and the paged
 attention (bf16 and float32 caches) agree with plain XLA, never read past a row's length, and plug
-into the model, the layouts and the engine. Skipped where the kernels cannot be built (no
-AVX512-BF16 or no C++ compiler), except the checks of that fallback."""
+into the model, the layouts and the engine. Each test is skipped where its kernels cannot be built
+(the bf16 ones need AVX512-BF16, the float32 ones AVX512-BF16 or AVX2 with FMA, all a C++
+compiler), except the checks of that fallback."""
 
 import jax
 import jax.numpy as jnp
@@ -22,14 +23,19 @@ from jaxinfer.layers import (
 from jaxinfer.model import dense_layout, forward, init_weights, runtime_layout
 from jaxinfer.wquant import weight_bytes
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=str(cpu_kernels.unavailable_reason()))
+needs_bf16 = pytest.mark.skipif(not cpu_kernels.available(jnp.bfloat16),
+                                reason=str(cpu_kernels.unavailable_reason(jnp.bfloat16)))
+needs_f32 = pytest.mark.skipif(not cpu_kernels.available(jnp.float32),
+                               reason=str(cpu_kernels.unavailable_reason(jnp.float32)))
+BOTH_DTYPES = [pytest.param(jnp.bfloat16, marks=needs_bf16, id="bfloat16"),
+               pytest.param(jnp.float32, marks=needs_f32, id="float32")]
 
 
 def _bf16(rng, shape, scale=1.0):
     return jnp.asarray(rng.standard_normal(shape) * scale, jnp.bfloat16)
 
 
-@needs_kernels
+@needs_bf16
 @pytest.mark.parametrize("rows,k,n", [(1, 512, 1536), (2, 64, 4), (3, 100, 7), (4, 32, 17), (5, 48, 513),
                                       (9, 33, 1), (17, 96, 130), (64, 256, 64), (0, 64, 8), (3, 0, 5)])
 def test_bf16_matmul_matches_a_float32_product(rows, k, n):
@@ -44,7 +50,7 @@ def test_bf16_matmul_matches_a_float32_product(rows, k, n):
     assert np.all(np.abs(got - want) <= bound * 8)
 
 
-@needs_kernels
+@needs_bf16
 def test_bf16_matmul_rows_are_independent_and_batching_dims_work():
     """A row's result does not depend on its batch-mates (the same tile sums it in the same order
     whatever M is), leading dims are flattened, and vmap runs it row by row."""
@@ -90,7 +96,7 @@ def _assert_close_on_valid_queries(got, want, q_lens):
         np.testing.assert_allclose(got[row, :q_len], want[row, :q_len], atol=2e-2, rtol=1e-2)  # bf16 output
 
 
-@needs_kernels
+@needs_f32
 @pytest.mark.parametrize("rows,k,n", [(1, 384, 640), (2, 64, 4), (3, 100, 7), (5, 48, 513), (9, 33, 1),
                                       (12, 96, 64), (13, 96, 130), (40, 256, 96), (0, 64, 8), (3, 0, 5)])
 def test_f32_matmul_matches_a_float64_product(rows, k, n):
@@ -109,7 +115,7 @@ def test_f32_matmul_matches_a_float64_product(rows, k, n):
     assert np.all(np.abs(got - want) <= bound * max(k, 1) ** 0.5 * 4)
 
 
-@needs_kernels
+@needs_f32
 def test_f32_matmul_rows_are_independent_of_batch_and_pass():
     """A row's float32 result is the same bits alone, in a batch of 5, or as row 17 of 30 (second
     pass over the panels): each output sums its products in order k = 0, 1, ...; leading dims are
@@ -132,8 +138,7 @@ def test_f32_matmul_rows_are_independent_of_batch_and_pass():
         cpu_kernels.f32_matmul(x.astype(jnp.bfloat16), pw.panels, 70)
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", BOTH_DTYPES)
 @pytest.mark.parametrize("b,t,n,kh,h,ps,pp,window", [
     (4, 1, 8, 8, 64, 16, 6, None),  # MHA decode
     (3, 5, 8, 2, 64, 16, 4, None),  # GQA, verification-sized steps with padding queries
@@ -166,8 +171,7 @@ def test_attention_matches_the_reference_and_stops_at_each_rows_length(dtype, b,
     np.testing.assert_array_equal(np.asarray(via_dispatch, np.float32), np.asarray(got, np.float32))
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", BOTH_DTYPES)
 def test_attention_gives_a_token_the_same_bits_whatever_the_call_width(dtype):
     """Verifying T tokens in one call gives each of them exactly what T one-token calls give
     (each query keeps its own softmax over the same blocks): speculative decoding's verify step
@@ -185,7 +189,7 @@ def test_attention_gives_a_token_the_same_bits_whatever_the_call_width(dtype):
         np.testing.assert_array_equal(np.asarray(attend(q[:, i:i + 1], one), np.float32), wide[:, i:i + 1])
 
 
-@needs_kernels
+@needs_bf16
 def test_attention_reads_a_contiguous_cache_like_its_pages():
     """A contiguous [B, K, S, H] cache is one page of S slots per row: the same result as the same
     slots laid out in pages (bit for bit: the same blocks of 16 slots in the same order)."""
@@ -219,13 +223,13 @@ def test_native_attention_backend_falls_back_to_xla_where_the_kernel_does_not_ap
     np.testing.assert_array_equal(np.asarray(attention(q, k, v, meta, scale=0.25, backend="native")),
                                   np.asarray(attention(q, k, v, meta, scale=0.25, backend="xla")))
     q32, k32 = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 3, 4, 32), (5, 2, 8, 32)))
-    assert cpu_kernels.attention_applies(q32, k32, k32)
+    assert cpu_kernels.attention_applies(q32, k32, k32) == cpu_kernels.available(jnp.float32)
     assert not cpu_kernels.attention_applies(q32.astype(jnp.bfloat16), k32, k32)
     assert not cpu_kernels.attention_applies(q32.astype(jnp.float16), k32.astype(jnp.float16), k32.astype(jnp.float16))
     assert not cpu_kernels.attention_applies(jnp.zeros((2, 17, 4, 32)), k32, k32)
     assert resolve_backend("xla") == "xla" and resolve_backend("pallas") == "pallas"
     for dtype in (jnp.bfloat16, jnp.float32):
-        assert resolve_backend("auto", dtype) == ("native" if cpu_kernels.available() else "xla")
+        assert resolve_backend("auto", dtype) == ("native" if cpu_kernels.available(dtype) else "xla")
     assert resolve_backend("auto", jnp.float16) == "xla"
 
 
@@ -240,7 +244,7 @@ def _logits(weights) -> np.ndarray:
     return np.asarray(jax.jit(forward, static_argnames=("cfg",))(weights, CFG, tokens, pos, None, None)[0])
 
 
-@needs_kernels
+@needs_bf16
 def test_native_layout_reads_tied_embeddings_in_place_and_computes_the_same_logits():
     """weight_layout "native": TransposedWeights sent to the kernel, the tied embedding serving as
     the LM head without a copy (not counted twice, dropped by dense_layout); logits agree with
@@ -258,7 +262,7 @@ def test_native_layout_reads_tied_embeddings_in_place_and_computes_the_same_logi
     assert runtime_layout(w, "auto").layers[0].wqkv.native
 
 
-@needs_kernels
+@needs_f32
 def test_native_f32_layout_packs_panels_and_computes_the_same_logits():
     """weight_layout "native" for float32: every projection a PanelWeight, the tied embedding a
     packed copy as the LM head (dropped by dense_layout, which gives the arrays back bit for bit);
@@ -289,14 +293,17 @@ def head32_dir(tmp_path_factory):
     return write_tiny("llama", tmp_path_factory.mktemp("head32"), head_dim=32, tie_word_embeddings=True)
 
 
-@needs_kernels
-def test_engine_and_static_generate_agree_on_the_native_paths(head32_dir):
-    """bf16 greedy decoding with the native matmul and attention: the engine (paged cache, batches
-    that change every step) and generate_static (contiguous cache) give the same tokens."""
+@pytest.mark.parametrize("dtype", BOTH_DTYPES)
+def test_engine_and_static_generate_agree_on_the_native_paths(head32_dir, dtype):
+    """Greedy decoding with the native matmul and attention: the engine (paged cache, batches that
+    change every step) and generate_static (contiguous cache) give the same tokens."""
     from jaxinfer import LLM, SamplingParams
-    llm = LLM(str(head32_dir), dtype="bfloat16", max_model_len=96)
+    llm = LLM(str(head32_dir), dtype=jnp.dtype(dtype).name, max_model_len=96)
     assert llm.engine_config.attention_backend == "native"
-    assert llm.weights.layers[0].wqkv.native and llm.weights.lm_head.tied
+    if dtype == jnp.bfloat16:
+        assert llm.weights.layers[0].wqkv.native and llm.weights.lm_head.tied
+    else:
+        assert isinstance(llm.weights.layers[0].wqkv, PanelWeight) and llm.weights.lm_head.tied
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 17, 30)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     engine = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
@@ -304,7 +311,7 @@ def test_engine_and_static_generate_agree_on_the_native_paths(head32_dir):
     assert engine == static
 
 
-@needs_kernels
+@needs_bf16
 def test_native_bf16_prompt_logprobs_stay_within_the_bf16_tolerance(head32_dir):
     """Prefill in chunks of 8 tokens, so every chunk's attention runs in the kernel (causal queries
     over a cached prefix): prompt logprobs within 0.1 nats of float32 (the stated bf16 tolerance,
@@ -348,3 +355,24 @@ def test_unavailable_kernels_say_why_and_leave_xla_in_charge(monkeypatch, tmp_pa
     monkeypatch.undo()
     cpu_kernels.available()  # loaded (and registered) again for the rest of the session
 
+
+
+def test_the_build_serves_the_dtypes_this_cpu_runs():
+    """AVX512-BF16 builds all four kernels; AVX2 with FMA alone builds the float32 two, and bf16
+    weights then stay on XLA's paths, with the reason given where "native" is asked for."""
+    if not cpu_kernels.available():
+        pytest.skip(str(cpu_kernels.unavailable_reason()))
+    flags = set(cpu_kernels._cpu_flags().split())
+    assert cpu_kernels.available(jnp.float32) and resolve_backend("auto", jnp.float32) == "native"
+    assert cpu_kernels.available(jnp.bfloat16) == ("avx512_bf16" in flags)
+    if "avx512_bf16" in flags:
+        return
+    assert "AVX512-BF16" in cpu_kernels.unavailable_reason(jnp.bfloat16)
+    assert cpu_kernels.unavailable_reason(jnp.float32) is None
+    assert resolve_backend("auto", jnp.bfloat16) == "xla"
+    w = init_weights(CFG, jax.random.PRNGKey(0), jnp.bfloat16, std=0.1)
+    assert not runtime_layout(w, "auto").layers[0].wqkv.native
+    with pytest.raises(ValueError, match="weight_layout='native'.*AVX512-BF16"):
+        runtime_layout(w, "native")
+    with pytest.raises(RuntimeError, match="bf16 kernel is unavailable.*AVX512-BF16"):
+        cpu_kernels.bf16_matmul(w.embed[:2], w.embed)

@@ -41,14 +41,21 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#if !defined(__AVX512BF16__) || !defined(__AVX512F__) || !defined(__AVX512BW__)
-#error "these kernels need AVX512-BF16 (compiled with -march=native on a CPU that has it)"
+// Two builds, by what -march=native enables: AVX512-BF16 gives all four kernels; AVX2 with FMA
+// (no AVX512-BF16) gives the float32 ones, the same algorithms on 8-lane vectors.
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define JAXINFER_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define JAXINFER_AVX512 0
+#else
+#error "these kernels need AVX512-BF16, or AVX2 with FMA (compiled with -march=native on a CPU that has them)"
 #endif
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+#if JAXINFER_AVX512
 // 32 bf16 values from p; past `left` of them (a row's tail), zeros.
 inline __m512bh load32(const uint16_t* p, int64_t left) {
   if (left >= 32) return (__m512bh)_mm512_loadu_si512(p);
@@ -124,6 +131,7 @@ void outputs(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t 
   for (; n + 4 <= n1; n += 4) all_rows<4>(x, w, y, M, n, K, N);
   for (; n < n1; ++n) all_rows<1>(x, w, y, M, n, K, N);
 }
+#endif  // JAXINFER_AVX512
 
 // Runs fn(i) for every i in [0, n): items handed out to whichever thread asks next, the
 // calling thread and up to all of the pool's. The caller works too and then waits only for
@@ -151,6 +159,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
   while (state->done.load(std::memory_order_acquire) < n) _mm_pause();
 }
 
+#if JAXINFER_AVX512
 ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                           ffi::ResultBuffer<ffi::F32> y) {
   auto wd = w.dimensions();
@@ -174,6 +183,7 @@ ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::B
   });
   return ffi::Error::Success();
 }
+#endif  // JAXINFER_AVX512
 
 // ---- float32 matmul: y[M, N] = x[M, K] @ w for a float32 w packed in panels of 32 outputs,
 // wp[N/32, K, 32] (`cpu_kernels.pack_f32`; the last panel zero-padded): a panel's weights are
@@ -181,12 +191,17 @@ ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::B
 // x[r, k] broadcast, accumulated into MR x 2 vectors; each output sums its K products in order
 // k = 0, 1, ..., so a row's result does not depend on its batch-mates or on how rows are tiled.
 constexpr int64_t kF32Cols = 32;          // outputs per panel
-constexpr int64_t kF32MaxRows = 12;       // rows per pass over a panel (24 accumulators)
 constexpr int64_t kF32PrefetchBytes = 16384;  // how far ahead of its reads the first pass pulls the panel into L1
 
+#if JAXINFER_AVX512
+constexpr int64_t kF32PanelRows = 12;  // rows per pass over a panel (24 accumulators of 16 lanes)
+
+// Outputs n .. n+31 (`left` of them real) of MR rows, from one panel.
 template <int MR>
-inline void f32_tile(const float* x, const float* wp, float* y, int64_t K, int64_t N, int64_t n, __mmask16 m0,
-                     __mmask16 m1, bool prefetch) {
+inline void f32_tile(const float* x, const float* wp, float* y, int64_t K, int64_t N, int64_t n, int64_t left,
+                     bool prefetch) {
+  const __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+  const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
   __m512 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k, wp += kF32Cols) {
@@ -206,27 +221,122 @@ inline void f32_tile(const float* x, const float* wp, float* y, int64_t K, int64
     _mm512_mask_storeu_ps(y + r * N + n + 16, m1, acc[r][1]);
   }
 }
+#else
+// AVX2: up to 32 rows take passes of up to 3 rows over whole panels (4 vectors a row; the FMAs read
+// the weights from L1), which streams each panel from memory once, as decode and verification want.
+// More rows (prefill) go in passes of up to 6 rows over one half of a panel at a time (12
+// accumulators, both weight vectors held in registers, as a 6x16 micro-kernel), which keeps the
+// FMAs busy where the weights come from cache: ~0.95x XLA's time from 64 rows up, where whole
+// panels took ~1.2x. Each output sums its K products in order either way, so a row's bits do not
+// depend on which path its batch took.
+// The first `count` lanes of v to p (all 8 from 8 on, none from 0 down): the padding outputs of a
+// panel are not stored. (Stores from registers: a tile's accumulators then never touch the stack.)
+inline void store8(float* p, __m256 v, int64_t count) {
+  if (count >= 8) {
+    _mm256_storeu_ps(p, v);
+  } else if (count > 0) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(count)), lanes), v);
+  }
+}
+
+constexpr int64_t kF32PanelRows = 3;  // rows per pass over whole panels
+constexpr int64_t kF32WholePanelsUpTo = 32;  // more rows than this take half panels
+constexpr int64_t kF32HalfRows = 6;   // rows per pass over half panels
+// (The unroll pragmas let GCC keep a tile's accumulators in registers; without them GCC 12 stores
+// every accumulator to the stack on every k.)
+
+template <int MR>
+inline void f32_tile(const float* x, const float* wp, float* y, int64_t K, int64_t N, int64_t n, int64_t left,
+                     bool prefetch) {
+  __m256 acc[MR][4];
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 16
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k, wp += kF32Cols) {
+    if (prefetch) {
+      _mm_prefetch((const char*)wp + kF32PrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch((const char*)wp + kF32PrefetchBytes + 64, _MM_HINT_T0);
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+      #pragma GCC unroll 16
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(wp + 8 * c), acc[r][c]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 16
+    for (int c = 0; c < 4; ++c) store8(y + r * N + n + 8 * c, acc[r][c], left - 8 * c);
+}
+
+// Outputs n .. n+15 (`left` of them real, at least 1) of MR rows, from half of a panel (wp points
+// at its first weight).
+template <int MR>
+inline void f32_half_tile(const float* x, const float* wp, float* y, int64_t K, int64_t N, int64_t n,
+                          int64_t left) {
+  __m256 acc[MR][2];
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k, wp += kF32Cols) {
+    const __m256 w0 = _mm256_loadu_ps(wp), w1 = _mm256_loadu_ps(wp + 8);
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+      acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    store8(y + r * N + n, acc[r][0], left);
+    store8(y + r * N + n + 8, acc[r][1], left - 8);
+  }
+}
+#endif
 
 inline void f32_rows(const float* x, const float* wp, float* y, int64_t M, int64_t K, int64_t N, int64_t n,
-                     __mmask16 m0, __mmask16 m1) {
-  for (int64_t r0 = 0; r0 < M; r0 += kF32MaxRows) {
-    const int64_t mr = std::min(kF32MaxRows, M - r0);
+                     int64_t left) {
+#if !JAXINFER_AVX512
+  if (M > kF32WholePanelsUpTo) {
+    for (int64_t h = 0; h < kF32Cols && h < left; h += 16)
+      for (int64_t r0 = 0; r0 < M; r0 += kF32HalfRows) {
+        const float* xr = x + r0 * K;
+        float* yr = y + r0 * N;
+        switch (std::min(kF32HalfRows, M - r0)) {
+          case 1: f32_half_tile<1>(xr, wp + h, yr, K, N, n + h, left - h); break;
+          case 2: f32_half_tile<2>(xr, wp + h, yr, K, N, n + h, left - h); break;
+          case 3: f32_half_tile<3>(xr, wp + h, yr, K, N, n + h, left - h); break;
+          case 4: f32_half_tile<4>(xr, wp + h, yr, K, N, n + h, left - h); break;
+          case 5: f32_half_tile<5>(xr, wp + h, yr, K, N, n + h, left - h); break;
+          default: f32_half_tile<6>(xr, wp + h, yr, K, N, n + h, left - h); break;
+        }
+      }
+    return;
+  }
+#endif
+  for (int64_t r0 = 0; r0 < M; r0 += kF32PanelRows) {
+    const int64_t mr = std::min(kF32PanelRows, M - r0);
     const float* xr = x + r0 * K;
     float* yr = y + r0 * N;
     const bool pf = r0 == 0;  // later passes find the panel in cache
     switch (mr) {
-      case 1: f32_tile<1>(xr, wp, yr, K, N, n, m0, m1, pf); break;
-      case 2: f32_tile<2>(xr, wp, yr, K, N, n, m0, m1, pf); break;
-      case 3: f32_tile<3>(xr, wp, yr, K, N, n, m0, m1, pf); break;
-      case 4: f32_tile<4>(xr, wp, yr, K, N, n, m0, m1, pf); break;
-      case 5: f32_tile<5>(xr, wp, yr, K, N, n, m0, m1, pf); break;
-      case 6: f32_tile<6>(xr, wp, yr, K, N, n, m0, m1, pf); break;
-      case 7: f32_tile<7>(xr, wp, yr, K, N, n, m0, m1, pf); break;
-      case 8: f32_tile<8>(xr, wp, yr, K, N, n, m0, m1, pf); break;
-      case 9: f32_tile<9>(xr, wp, yr, K, N, n, m0, m1, pf); break;
-      case 10: f32_tile<10>(xr, wp, yr, K, N, n, m0, m1, pf); break;
-      case 11: f32_tile<11>(xr, wp, yr, K, N, n, m0, m1, pf); break;
-      default: f32_tile<12>(xr, wp, yr, K, N, n, m0, m1, pf); break;
+      case 1: f32_tile<1>(xr, wp, yr, K, N, n, left, pf); break;
+      case 2: f32_tile<2>(xr, wp, yr, K, N, n, left, pf); break;
+#if JAXINFER_AVX512
+      case 3: f32_tile<3>(xr, wp, yr, K, N, n, left, pf); break;
+      case 4: f32_tile<4>(xr, wp, yr, K, N, n, left, pf); break;
+      case 5: f32_tile<5>(xr, wp, yr, K, N, n, left, pf); break;
+      case 6: f32_tile<6>(xr, wp, yr, K, N, n, left, pf); break;
+      case 7: f32_tile<7>(xr, wp, yr, K, N, n, left, pf); break;
+      case 8: f32_tile<8>(xr, wp, yr, K, N, n, left, pf); break;
+      case 9: f32_tile<9>(xr, wp, yr, K, N, n, left, pf); break;
+      case 10: f32_tile<10>(xr, wp, yr, K, N, n, left, pf); break;
+      case 11: f32_tile<11>(xr, wp, yr, K, N, n, left, pf); break;
+#endif
+      default: f32_tile<kF32PanelRows>(xr, wp, yr, K, N, n, left, pf); break;
     }
   }
 }
@@ -251,41 +361,74 @@ ffi::Error F32MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const int64_t per = std::max<int64_t>(1, (tiles + 4 * threads - 1) / (4 * threads));  // ~4 blocks a thread
   parallel_for(pool, (tiles + per - 1) / per, [=](int64_t b) {
     for (int64_t t = b * per; t < std::min(tiles, (b + 1) * per); ++t) {
-      const int64_t n = t * kF32Cols, left = N - n;
-      const __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-      const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
-      f32_rows(xp, wp + t * K * kF32Cols, yp, M, K, N, n, m0, m1);
+      const int64_t n = t * kF32Cols;
+      f32_rows(xp, wp + t * K * kF32Cols, yp, M, K, N, n, N - n);
     }
   });
   return ffi::Error::Success();
 }
 
-// e^x for 16 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
-// (relative error ~2e-7), times 2^n. Inputs below -87 give ~1e-38 (callers mask such lanes).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+// e^x for 16 (AVX-512) or 8 (AVX2) lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6
+// Taylor polynomial (relative error ~2e-7), times 2^n. Inputs below -87 give ~1e-38 (callers mask
+// such lanes).
+template <typename V, typename Ops>
+inline V exp_lanes(V x) {
+  x = Ops::min(Ops::max(x, Ops::set1(-87.0f)), Ops::set1(88.0f));
+  const V n = Ops::round(Ops::mul(x, Ops::set1(1.44269504f)));
+  V r = Ops::fnmadd(n, Ops::set1(0.693359375f), x);
+  r = Ops::fnmadd(n, Ops::set1(-2.12194440e-4f), r);
+  V p = Ops::set1(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = Ops::fmadd(p, r, Ops::set1(c));
+  return Ops::scale2(p, n);
 }
+
+#if JAXINFER_AVX512
+struct Ops16 {
+  static __m512 set1(float v) { return _mm512_set1_ps(v); }
+  static __m512 min(__m512 a, __m512 b) { return _mm512_min_ps(a, b); }
+  static __m512 max(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+  static __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+  static __m512 fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+  static __m512 fnmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
+  static __m512 round(__m512 a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static __m512 scale2(__m512 p, __m512 n) { return _mm512_scalef_ps(p, n); }
+};
+inline __m512 exp16(__m512 x) { return exp_lanes<__m512, Ops16>(x); }
+#else
+struct Ops8 {
+  static __m256 set1(float v) { return _mm256_set1_ps(v); }
+  static __m256 min(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
+  static __m256 max(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+  static __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+  static __m256 fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+  static __m256 fnmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }
+  static __m256 round(__m256 a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n for integral n in [-126, 127] (x's clamp keeps it there): n + 127 as an exponent field
+  static __m256 scale2(__m256 p, __m256 n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+};
+inline __m256 exp8(__m256 x) { return exp_lanes<__m256, Ops8>(x); }
+
+// The sum of a vector's 8 lanes.
+inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
 
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kPrefetchSlots = 32;  // how far ahead of its block a query pulls K and V into L1
 
 // Attention over a cache of E: uint16_t (bfloat16 bits; bf16 queries, vdpbf16ps scores, values
-// converted to float32 once per block) or float (float32 queries, cache and arithmetic).
+// converted to float32 once per block; AVX-512 build only) or float (float32 queries, cache and
+// arithmetic).
 template <typename E>
 struct Attention {
   static constexpr bool kF32 = std::is_same_v<E, float>;
+  static_assert(kF32 || JAXINFER_AVX512, "bf16 attention needs the AVX-512 build");
   const E* q;  // [B, T, N, H]
   const E* k;  // [P, KH, ps, H]
   const E* v;
@@ -315,6 +458,7 @@ struct Attention {
     }
   }
 
+#if JAXINFER_AVX512
   // The 16 scores of one query against slots kp (those not in `valid` left at 0), in lanes 0..15.
   template <int HC>
   static __m512 scores(const E* qp, const E* const* kp, __mmask16 valid) {
@@ -342,6 +486,120 @@ struct Attention {
     }
     return reduce16(dots);
   }
+
+  // Folds one block (slots kp, values vrow, `valid` of them visible) into the online softmax of
+  // the gc (<= 4) queries i0 .. i0+gc-1, heads g0.. of token t: their scores, the new running
+  // maxima and sums, and the values accumulated into acc, the gc heads together.
+  template <int HC>
+  void fold(int64_t b, int64_t kh, int64_t t, int64_t g0, int64_t gc, int64_t groups, const E* const* kp,
+            const float* const* vrow, uint32_t valid, float* m, float* l, float* acc) const {
+    constexpr int64_t HD = 32 * HC;
+    alignas(64) float pj[4][16];
+    float alpha[4];
+    for (int64_t gi = 0; gi < gc; ++gi) {
+      const int64_t i = t * groups + g0 + gi;
+      const E* qp = q + ((b * T + t) * N + kh * groups + g0 + gi) * HD;
+      const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)valid,
+                                           _mm512_mul_ps(scores<HC>(qp, kp, (__mmask16)valid), _mm512_set1_ps(scale)));
+      const float m_new = std::max(m[i], _mm512_reduce_max_ps(sc));
+      // 0 for the first block (m = -inf); the call (which spills every vector register)
+      // only when the running max grows
+      alpha[gi] = m_new == m[i] ? 1.0f : m[i] == -INFINITY ? 0.0f : std::exp(m[i] - m_new);
+      const __m512 p = _mm512_maskz_mov_ps((__mmask16)valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
+      l[i] = l[i] * alpha[gi] + _mm512_reduce_add_ps(p);
+      m[i] = m_new;
+      _mm512_store_ps(pj[gi], p);
+    }
+    float* o = acc + (t * groups + g0) * HD;
+    __m512 r[4][2 * HC];
+    for (int gi = 0; gi < 4; ++gi)
+      if (gi < gc)
+        for (int c = 0; c < 2 * HC; ++c)
+          r[gi][c] = _mm512_mul_ps(_mm512_loadu_ps(o + gi * HD + c * 16), _mm512_set1_ps(alpha[gi]));
+    for (int j = 0; j < 16; ++j) {
+      if (!(valid >> j & 1)) continue;
+      __m512 w[4];
+      for (int gi = 0; gi < 4; ++gi) w[gi] = _mm512_set1_ps(gi < gc ? pj[gi][j] : 0.0f);
+      for (int c = 0; c < 2 * HC; ++c) {
+        const __m512 x = _mm512_loadu_ps(vrow[j] + c * 16);
+        for (int gi = 0; gi < 4; ++gi)
+          if (gi < gc) r[gi][c] = _mm512_fmadd_ps(w[gi], x, r[gi][c]);
+      }
+    }
+    for (int gi = 0; gi < 4; ++gi)
+      if (gi < gc)
+        for (int c = 0; c < 2 * HC; ++c) _mm512_storeu_ps(o + gi * HD + c * 16, r[gi][c]);
+  }
+#else
+  // AVX2: the same fold on 8-lane vectors. A score is one query-key dot product summed across
+  // its lanes; the values are accumulated 8 dims at a time for the gc heads together.
+  template <int HC>
+  void fold(int64_t b, int64_t kh, int64_t t, int64_t g0, int64_t gc, int64_t groups, const E* const* kp,
+            const float* const* vrow, uint32_t valid, float* m, float* l, float* acc) const {
+    constexpr int64_t HD = 32 * HC;
+    alignas(32) float pj[4][16];
+    float alpha[4];
+    for (int64_t gi = 0; gi < gc; ++gi) {
+      const int64_t i = t * groups + g0 + gi;
+      const float* qp = q + ((b * T + t) * N + kh * groups + g0 + gi) * HD;
+      alignas(32) float sc[16];
+      float top = -INFINITY;
+      for (int j = 0; j < 16; ++j) {
+        sc[j] = -INFINITY;
+        if (!(valid >> j & 1)) continue;
+        __m256 x0 = _mm256_setzero_ps(), x1 = _mm256_setzero_ps();  // two FMA chains
+        for (int c = 0; c < 4 * HC; c += 2) {
+          x0 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[j] + c * 8), _mm256_loadu_ps(qp + c * 8), x0);
+          x1 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[j] + c * 8 + 8), _mm256_loadu_ps(qp + c * 8 + 8), x1);
+        }
+        sc[j] = sum8(_mm256_add_ps(x0, x1)) * scale;
+        top = std::max(top, sc[j]);
+      }
+      const float m_new = std::max(m[i], top);
+      alpha[gi] = m_new == m[i] ? 1.0f : m[i] == -INFINITY ? 0.0f : std::exp(m[i] - m_new);
+      float total = 0.0f;
+      for (int h = 0; h < 2; ++h) {
+        _mm256_store_ps(pj[gi] + 8 * h, exp8(_mm256_sub_ps(_mm256_load_ps(sc + 8 * h), _mm256_set1_ps(m_new))));
+        for (int j = 8 * h; j < 8 * h + 8; ++j) {
+          if (!(valid >> j & 1)) pj[gi][j] = 0.0f;
+          total += pj[gi][j];
+        }
+      }
+      l[i] = l[i] * alpha[gi] + total;
+      m[i] = m_new;
+    }
+    float* o = acc + (t * groups + g0) * HD;
+    switch (gc) {  // at least four independent FMA chains: 4, 2 or 1 vectors of each of gc heads
+      case 1: return accumulate<HC, 1, 4>(o, alpha, pj, vrow, valid);
+      case 2: return accumulate<HC, 2, 2>(o, alpha, pj, vrow, valid);
+      case 3: return accumulate<HC, 3, 1>(o, alpha, pj, vrow, valid);
+      default: return accumulate<HC, 4, 1>(o, alpha, pj, vrow, valid);
+    }
+  }
+
+  // o[gi] = o[gi] * alpha[gi] + sum over the valid slots j of pj[gi][j] * vrow[j], for GC heads,
+  // CW vectors of each at a time.
+  template <int HC, int GC, int CW>
+  static void accumulate(float* o, const float* alpha, const float (*pj)[16], const float* const* vrow,
+                         uint32_t valid) {
+    constexpr int64_t HD = 32 * HC;
+    for (int c0 = 0; c0 < 4 * HC; c0 += CW) {
+      __m256 r[GC][CW];
+      for (int gi = 0; gi < GC; ++gi)
+        for (int c = 0; c < CW; ++c)
+          r[gi][c] = _mm256_mul_ps(_mm256_loadu_ps(o + gi * HD + (c0 + c) * 8), _mm256_set1_ps(alpha[gi]));
+      for (int j = 0; j < 16; ++j) {
+        if (!(valid >> j & 1)) continue;
+        for (int gi = 0; gi < GC; ++gi) {
+          const __m256 w = _mm256_broadcast_ss(&pj[gi][j]);
+          for (int c = 0; c < CW; ++c) r[gi][c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vrow[j] + (c0 + c) * 8), r[gi][c]);
+        }
+      }
+      for (int gi = 0; gi < GC; ++gi)
+        for (int c = 0; c < CW; ++c) _mm256_storeu_ps(o + gi * HD + (c0 + c) * 8, r[gi][c]);
+    }
+  }
+#endif
 
   // All queries of row b that read kv head kh (its tokens x the heads of its group), 16 slots
   // at a time: each block's K is read (and a bf16 block's V converted to float32) once for all
@@ -373,7 +631,7 @@ struct Attention {
       if (t >= q_len || hi[t] <= lo[t]) lo[t] = hi[t] = 0;  // a padding query, or nothing visible: zeros
       if (hi[t] > lo[t]) first = std::min(first, lo[t]), last = std::max(last, hi[t]);
     }
-    alignas(64) float vf[kF32 ? 1 : 16 * HD];
+    [[maybe_unused]] alignas(64) float vf[kF32 ? 1 : 16 * HD];
     for (int64_t s0 = first / 16 * 16; s0 < last; s0 += 16) {
       const E *kp[16], *vp[16], *k_ahead[16], *v_ahead[16];
       block(k, b, kh, s0, first, last, kp);
@@ -396,55 +654,21 @@ struct Attention {
         if constexpr (kF32) {
           vrow[j] = vp[j];
         } else {
+#if JAXINFER_AVX512
           vrow[j] = vf + j * HD;
           if (vp[j])
             for (int c = 0; c < 2 * HC; ++c)
               _mm512_store_ps(vf + j * HD + c * 16,
                               _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(vp[j] + c * 16))));
+#endif
         }
       }
       for (int64_t t = 0; t < T; ++t) {
         if (hi[t] <= lo[t] || s0 < lo[t] / 16 * 16 || s0 >= hi[t]) continue;
         const int64_t from = std::max<int64_t>(lo[t] - s0, 0), to = std::min<int64_t>(hi[t] - s0, 16);
-        const __mmask16 valid = (__mmask16)(((1u << to) - 1) & ~((1u << from) - 1));  // slots s0 + [from, to)
-        for (int64_t g0 = 0; g0 < groups; g0 += 4) {
-          const int64_t gc = std::min<int64_t>(4, groups - g0);
-          alignas(64) float pj[4][16];
-          float alpha[4];
-          for (int64_t gi = 0; gi < gc; ++gi) {
-            const int64_t i = t * groups + g0 + gi;
-            const E* qp = q + ((b * T + t) * N + kh * groups + g0 + gi) * HD;
-            const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
-                                                 _mm512_mul_ps(scores<HC>(qp, kp, valid), _mm512_set1_ps(scale)));
-            const float m_new = std::max(m[i], _mm512_reduce_max_ps(sc));
-            // 0 for the first block (m = -inf); the call (which spills every vector register)
-            // only when the running max grows
-            alpha[gi] = m_new == m[i] ? 1.0f : m[i] == -INFINITY ? 0.0f : std::exp(m[i] - m_new);
-            const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
-            l[i] = l[i] * alpha[gi] + _mm512_reduce_add_ps(p);
-            m[i] = m_new;
-            _mm512_store_ps(pj[gi], p);
-          }
-          float* o = acc + (t * groups + g0) * HD;
-          __m512 r[4][2 * HC];
-          for (int gi = 0; gi < 4; ++gi)
-            if (gi < gc)
-              for (int c = 0; c < 2 * HC; ++c)
-                r[gi][c] = _mm512_mul_ps(_mm512_loadu_ps(o + gi * HD + c * 16), _mm512_set1_ps(alpha[gi]));
-          for (int j = 0; j < 16; ++j) {
-            if (!(valid >> j & 1)) continue;
-            __m512 w[4];
-            for (int gi = 0; gi < 4; ++gi) w[gi] = _mm512_set1_ps(gi < gc ? pj[gi][j] : 0.0f);
-            for (int c = 0; c < 2 * HC; ++c) {
-              const __m512 x = _mm512_loadu_ps(vrow[j] + c * 16);
-              for (int gi = 0; gi < 4; ++gi)
-                if (gi < gc) r[gi][c] = _mm512_fmadd_ps(w[gi], x, r[gi][c]);
-            }
-          }
-          for (int gi = 0; gi < 4; ++gi)
-            if (gi < gc)
-              for (int c = 0; c < 2 * HC; ++c) _mm512_storeu_ps(o + gi * HD + c * 16, r[gi][c]);
-        }
+        const uint32_t valid = ((1u << to) - 1) & ~((1u << from) - 1);  // slots s0 + [from, to)
+        for (int64_t g0 = 0; g0 < groups; g0 += 4)
+          fold<HC>(b, kh, t, g0, std::min<int64_t>(4, groups - g0), groups, kp, vrow, valid, m, l, acc);
       }
     }
     for (int64_t t = 0; t < T; ++t)
@@ -455,8 +679,8 @@ struct Attention {
           std::fill(o, o + HD, 0.0f);
           continue;
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
-        for (int c = 0; c < 2 * HC; ++c) _mm512_storeu_ps(o + c * 16, _mm512_mul_ps(_mm512_loadu_ps(acc + i * HD + c * 16), inv));
+        const float inv = 1.0f / l[i];
+        for (int64_t d = 0; d < HD; ++d) o[d] = acc[i * HD + d] * inv;
       }
   }
 
@@ -496,11 +720,14 @@ ffi::Error AttentionImpl(ffi::ThreadPool& pool, const QBuffer& q, const KVBuffer
   return ffi::Error::Success();
 }
 
+#if JAXINFER_AVX512
 ffi::Error Bf16AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::U16> k,
                              ffi::Buffer<ffi::U16> v, ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> kv_lens,
                              ffi::Buffer<ffi::S32> q_lens, float scale, int64_t window, ffi::ResultBuffer<ffi::F32> out) {
   return AttentionImpl<uint16_t>(pool, q, k, v, page_table, kv_lens, q_lens, scale, window, out);
 }
+
+#endif  // JAXINFER_AVX512
 
 ffi::Error F32AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> kv_lens,
@@ -510,12 +737,14 @@ ffi::Error F32AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
 
 }  // namespace
 
+#if JAXINFER_AVX512  // the bf16 kernels
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferBf16Matmul, Bf16MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+#endif
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Matmul, F32MatmulImpl,
                               ffi::Ffi::Bind()
@@ -541,5 +770,7 @@ auto AttentionBinding() {
       .template Ret<ffi::Buffer<ffi::F32>>();
 }
 
+#if JAXINFER_AVX512
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferBf16Attention, Bf16AttentionImpl, (AttentionBinding<ffi::BF16, ffi::U16>()));
+#endif
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Attention, F32AttentionImpl, (AttentionBinding<ffi::F32, ffi::F32>()));
