@@ -488,8 +488,9 @@ struct Attention {
   }
 
   // Folds one block (slots kp, values vrow, `valid` of them visible) into the online softmax of
-  // the gc (<= 4) queries i0 .. i0+gc-1, heads g0.. of token t: their scores, the new running
-  // maxima and sums, and the values accumulated into acc, the gc heads together.
+  // the gc (<= 4) queries of token t's heads g0 .. g0+gc-1 (within kv head kh's group): their
+  // scores, the new running maxima and sums, and the values accumulated into acc, the gc heads
+  // together.
   template <int HC>
   void fold(int64_t b, int64_t kh, int64_t t, int64_t g0, int64_t gc, int64_t groups, const E* const* kp,
             const float* const* vrow, uint32_t valid, float* m, float* l, float* acc) const {
