@@ -132,11 +132,7 @@ def _load() -> tuple[frozenset[str], str | None]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return none, f"needs an x86-64 CPU with AVX512-BF16 or AVX2 (this is {platform.machine()})"
     flags = set(_cpu_flags().split()) if Path("/proc/cpuinfo").exists() else {"avx512_bf16"}
-    if "avx512_bf16" in flags:
-        why = None
-    elif {"avx2", "fma"} <= flags:
-        why = "this CPU has no AVX512-BF16 (avx512_bf16 is not among /proc/cpuinfo's flags): float32 kernels only"
-    else:
+    if "avx512_bf16" not in flags and not {"avx2", "fma"} <= flags:
         return none, "this CPU has neither AVX512-BF16 nor AVX2 with FMA (none among /proc/cpuinfo's flags)"
     path = _library_path()
     try:
@@ -150,6 +146,8 @@ def _load() -> tuple[frozenset[str], str | None]:
                 dtypes.add(dtype)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return none, f"building or loading {path.name} failed: {e}"
+    why = None if "bfloat16" in dtypes else ("this CPU has no AVX512-BF16 (avx512_bf16 is not among /proc/cpuinfo's "
+                                             "flags): float32 kernels only")
     return frozenset(dtypes), why
 
 

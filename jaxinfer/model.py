@@ -113,8 +113,9 @@ def runtime_layout(weights: Weights, layout: str = "auto") -> Weights:
     """The dense projections (and the LM head) held as `layout` says: "in_out" leaves the
     [Din, Dout] arrays; "out_in" makes them `TransposedWeight`s ([Dout, Din]); "native" hands them
     to jaxinfer's CPU kernels (`cpu_kernels`; an x86-64 CPU with AVX512-BF16, or AVX2 and FMA for
-    float32, and a C++ compiler; ValueError otherwise): bfloat16 as `TransposedWeight(native=True)` (products of a few rows go
-    to the bf16 kernel, a tied embedding is read in place as the LM head), float32 as
+    float32, and a C++ compiler; ValueError otherwise): bfloat16 as `TransposedWeight(native=True)`
+    (products of a few rows go to the bf16 kernel, a tied embedding is read in place as the LM
+    head), float32 as
     `PanelWeight`s (every product goes to the f32 kernel; a tied embedding gets a packed copy as
     the head). "auto" is "native" on CPU where the kernels are available, else "out_in" for
     bfloat16 on CPU, and "in_out" otherwise (measurements at `TransposedWeight`, `PanelWeight` and

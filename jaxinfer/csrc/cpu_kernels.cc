@@ -222,13 +222,6 @@ inline void f32_tile(const float* x, const float* wp, float* y, int64_t K, int64
   }
 }
 #else
-// AVX2: up to 32 rows take passes of up to 3 rows over whole panels (4 vectors a row; the FMAs read
-// the weights from L1), which streams each panel from memory once, as decode and verification want.
-// More rows (prefill) go in passes of up to 6 rows over one half of a panel at a time (12
-// accumulators, both weight vectors held in registers, as a 6x16 micro-kernel), which keeps the
-// FMAs busy where the weights come from cache: ~0.95x XLA's time from 64 rows up, where whole
-// panels took ~1.2x. Each output sums its K products in order either way, so a row's bits do not
-// depend on which path its batch took.
 // The first `count` lanes of v to p (all 8 from 8 on, none from 0 down): the padding outputs of a
 // panel are not stored. (Stores from registers: a tile's accumulators then never touch the stack.)
 inline void store8(float* p, __m256 v, int64_t count) {
@@ -240,11 +233,17 @@ inline void store8(float* p, __m256 v, int64_t count) {
   }
 }
 
-constexpr int64_t kF32PanelRows = 3;  // rows per pass over whole panels
+// AVX2: up to 32 rows take passes of up to 3 rows over whole panels (4 vectors a row; the FMAs read
+// the weights from L1), which streams each panel from memory once, as decode and verification want.
+// More rows (prefill) go in passes of up to 6 rows over one half of a panel at a time (12
+// accumulators, both weight vectors held in registers, as a 6x16 micro-kernel), which keeps the
+// FMAs busy where the weights come from cache: ~0.95x XLA's time from 64 rows up, where whole
+// panels took ~1.2x. Each output sums its K products in order either way, so a row's bits do not
+// depend on which path its batch took. The unroll pragmas let GCC keep a tile's accumulators in
+// registers; without them GCC 12 stores every accumulator to the stack on every k.
+constexpr int64_t kF32PanelRows = 3;         // rows per pass over whole panels
 constexpr int64_t kF32WholePanelsUpTo = 32;  // more rows than this take half panels
-constexpr int64_t kF32HalfRows = 6;   // rows per pass over half panels
-// (The unroll pragmas let GCC keep a tile's accumulators in registers; without them GCC 12 stores
-// every accumulator to the stack on every k.)
+constexpr int64_t kF32HalfRows = 6;          // rows per pass over half panels
 
 template <int MR>
 inline void f32_tile(const float* x, const float* wp, float* y, int64_t K, int64_t N, int64_t n, int64_t left,
@@ -458,6 +457,16 @@ struct Attention {
     }
   }
 
+  // Query head g of row b's token t.
+  const E* query(int64_t b, int64_t t, int64_t g) const { return q + ((b * T + t) * N + g) * H; }
+
+  // The factor a query's running sum and accumulator are scaled by when its running max goes from
+  // m_old to m_new: 0 for the first block (m_old = -inf); the exp call (which spills every vector
+  // register) only when the max grows.
+  static float rescale(float m_old, float m_new) {
+    return m_new == m_old ? 1.0f : m_old == -INFINITY ? 0.0f : std::exp(m_old - m_new);
+  }
+
 #if JAXINFER_AVX512
   // The 16 scores of one query against slots kp (those not in `valid` left at 0), in lanes 0..15.
   template <int HC>
@@ -499,13 +508,11 @@ struct Attention {
     float alpha[4];
     for (int64_t gi = 0; gi < gc; ++gi) {
       const int64_t i = t * groups + g0 + gi;
-      const E* qp = q + ((b * T + t) * N + kh * groups + g0 + gi) * HD;
+      const E* qp = query(b, t, kh * groups + g0 + gi);
       const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)valid,
                                            _mm512_mul_ps(scores<HC>(qp, kp, (__mmask16)valid), _mm512_set1_ps(scale)));
       const float m_new = std::max(m[i], _mm512_reduce_max_ps(sc));
-      // 0 for the first block (m = -inf); the call (which spills every vector register)
-      // only when the running max grows
-      alpha[gi] = m_new == m[i] ? 1.0f : m[i] == -INFINITY ? 0.0f : std::exp(m[i] - m_new);
+      alpha[gi] = rescale(m[i], m_new);
       const __m512 p = _mm512_maskz_mov_ps((__mmask16)valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
       l[i] = l[i] * alpha[gi] + _mm512_reduce_add_ps(p);
       m[i] = m_new;
@@ -542,7 +549,7 @@ struct Attention {
     float alpha[4];
     for (int64_t gi = 0; gi < gc; ++gi) {
       const int64_t i = t * groups + g0 + gi;
-      const float* qp = q + ((b * T + t) * N + kh * groups + g0 + gi) * HD;
+      const float* qp = query(b, t, kh * groups + g0 + gi);
       alignas(32) float sc[16];
       float top = -INFINITY;
       for (int j = 0; j < 16; ++j) {
@@ -557,7 +564,7 @@ struct Attention {
         top = std::max(top, sc[j]);
       }
       const float m_new = std::max(m[i], top);
-      alpha[gi] = m_new == m[i] ? 1.0f : m[i] == -INFINITY ? 0.0f : std::exp(m[i] - m_new);
+      alpha[gi] = rescale(m[i], m_new);
       float total = 0.0f;
       for (int h = 0; h < 2; ++h) {
         _mm256_store_ps(pj[gi] + 8 * h, exp8(_mm256_sub_ps(_mm256_load_ps(sc + 8 * h), _mm256_set1_ps(m_new))));
