@@ -187,14 +187,14 @@ class SamplingTensors:
                     sample_index: list[int] | None = None) -> "SamplingTensors":
         """One row per entry; the rows of an n > 1 request differ by sample_index."""
         sample_index = sample_index or [0] * len(params)
-        keys = [request_key(seed, i) for seed, i in zip(seeds, sample_index)]
+        keys = request_keys(seeds, sample_index)
         top_k = [0 if p.top_k in (-1, 0) or p.top_k >= vocab_size else p.top_k for p in params]
         return SamplingTensors(
             temperature=jnp.asarray([p.temperature for p in params], jnp.float32),
             top_k=jnp.asarray(top_k, jnp.int32),
             top_p=jnp.asarray([p.top_p for p in params], jnp.float32),
             min_p=jnp.asarray([p.min_p for p in params], jnp.float32),
-            keys=jnp.asarray(np.stack(keys), jnp.uint32),
+            keys=jnp.asarray(keys, jnp.uint32),
         )
 
 
@@ -461,6 +461,30 @@ def seed_key(seed: int) -> jax.Array:
 def request_key(seed: int, sample_index: int = 0) -> np.ndarray:
     """PRNG key data [2] uint32 of one request's sample stream."""
     return np.asarray(jax.random.key_data(jax.random.fold_in(seed_key(seed), sample_index)))
+
+
+@jax.jit
+def _request_keys_u32(seeds: jax.Array, sample_index: jax.Array) -> jax.Array:
+    return jax.vmap(lambda s, i: jax.random.key_data(jax.random.fold_in(jax.random.key(s), i)))(seeds, sample_index)
+
+
+def request_keys(seeds: list[int], sample_index: list[int]) -> np.ndarray:
+    """`request_key` of each (seed, sample_index) pair, [n, 2] uint32. Seeds in [0, 2**32) take one
+    device call for all rows (one call per row cost ~0.6 ms: 12 s for 20,000 rows); any other
+    seed takes `request_key`'s path. Rows are padded to a power of two (few programs)."""
+    n = len(seeds)
+    small = [i for i, s in enumerate(seeds) if 0 <= s < 2**32 and 0 <= sample_index[i] < 2**32]
+    out = np.zeros((n, 2), np.uint32)
+    if small:
+        m = 1 << (len(small) - 1).bit_length()
+        s32 = np.zeros((m,), np.uint32)
+        i32 = np.zeros((m,), np.uint32)
+        s32[:len(small)] = [seeds[i] for i in small]
+        i32[:len(small)] = [sample_index[i] for i in small]
+        out[small] = np.asarray(_request_keys_u32(s32, i32))[:len(small)]
+    for i in sorted(set(range(n)) - set(small)):
+        out[i] = request_key(seeds[i], sample_index[i])
+    return out
 
 
 @struct.dataclass

@@ -10,6 +10,7 @@ from jaxinfer.sampling import (
     SamplingTensors,
     filter_logits,
     request_key,
+    request_keys,
     sample,
     token_logprobs,
 )
@@ -118,6 +119,12 @@ def test_seeds_of_any_size_keep_all_their_bits():
     for s in [0, 7, 2**31, 2**32 - 1]:  # seeds that always had a key of their own keep it
         assert (request_key(s, 3) == np.asarray(jax.random.key_data(
             jax.random.fold_in(jax.random.key(s), 3)))).all()
+    # the batched keys (one device call for the seeds below 2**32, `request_key` for the rest) are
+    # the per-row keys, bit for bit, in the rows' order
+    idx = [i % 5 for i in range(len(seeds))]
+    mixed, mixed_idx = [*seeds, 5, 2**31, 3], [*idx, 2**32 - 1, 0, 4]
+    assert np.array_equal(request_keys(mixed, mixed_idx),
+                          np.stack([request_key(s, i) for s, i in zip(mixed, mixed_idx)]))
 
 
 def test_filter_is_identity_when_disabled():
