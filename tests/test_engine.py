@@ -610,8 +610,8 @@ def test_engine_speculative_sampling_follows_the_target(tmp_path_factory):
     params = [SamplingParams(temperature=1.0, max_tokens=3, seed=i, ignore_eos=True) for i in range(n)]
     for conf in ({"method": "eagle", "model": str(d / "eagle")}, {"method": "medusa", "model": str(d / "medusa")},
                  {"method": "draft_model", "model": str(d / "draft")}):
-        # All n requests in one wave: its rows finish within three rounds, so the verification
-        # steps take a few batch shapes (waves of 64 took ~6 shapes per drafter as they drained,
+        # All n requests in one wave: a row needs at most two verification rounds after its
+        # prefill, so those steps take a few batch shapes (waves of 64 took ~6 shapes per drafter as they drained,
         # each a program to compile: 37 s per drafter instead of 15 on a 2-core AVX2 CPU).
         llm = LLM(str(d / "target"), max_num_seqs=n, max_num_batched_tokens=4096,
                   speculative_config={**conf, "num_speculative_tokens": 2})
