@@ -166,53 +166,80 @@ def propose(draft: DraftSpec, params, target: Weights, target_cfg: ModelConfig, 
     """k drafts for rows [B, k+1] = [x_P, ...] (inp: the runner's StepInputs; prev [B]: x_{P-1},
     read by the draft model).
 
-    Returns (drafts [B, k], shaped draft logits [B, k, V] (q for verification), kv, hc)."""
+    The first draft is computed on its own (the draft model reads two tokens there), the other
+    k - 1 by a `lax.scan` over one copy of the drafting step, so a program's size does not grow
+    with k. Returns (drafts [B, k], shaped draft logits [B, k, V] (q for verification), kv, hc)."""
     from jaxinfer.spec.verify import draft_sample
 
     p = inp.kv_lens - (k + 1)  # position of x_P
     active = inp.q_lens > 0
     act = active.astype(jnp.int32)
     eps = target_cfg.rms_norm_eps
-    drafts, shaped = [], []
 
-    def take(logits, i):  # draft i from logits [B, V]; later drafts count it as generated
-        nonlocal pen
+    def take(logits, i, pen):  # draft i from logits [B, V]; later drafts count it as generated
         d, sh = draft_sample(logits, inp.st, inp.limits, inp.counters + i, pen=pen)
-        if pen is not None:
-            pen = pen.record(d, active)
-        drafts.append(d)
-        shaped.append(sh)
-        return d
+        return d, sh, (None if pen is None else pen.record(d, active))
 
-    if draft.method == "draft_model":  # [x_{P-1}, x_P] at P-1, P -> d_1; then d_i at P + i -> d_{i+1}
-        toks = jnp.stack([prev, inp.tokens[:, 0]], axis=1)  # [B, 2]
-        q_lens = jnp.where(active, 2, 0)
-        for i in range(k):
-            meta = AttentionMeta(inp.page_table, p + 1 + i, q_lens, slots=inp.slots)
-            logits, _, hc = forward(params, draft.cfg, toks, meta.query_positions(toks.shape[1]), hc, meta,
-                                    backend=backend, logits_at=(q_lens - 1)[:, None])
-            toks, q_lens = take(logits[:, 0], i)[:, None], act
-    elif draft.method == "medusa":
+    if draft.method == "medusa":  # every head reads the same feature: no autoregressive step
         f = read_features(hc.features, inp.page_table, jnp.maximum(p - 1, 0)).astype(target.dtype)
         logits = medusa_logits(params, target, f, eps)  # [B, heads, V]; head i: x_{P+i+1}
+        drafts, shaped = [], []
         for i in range(k):
-            take(logits[:, i], i)
+            d, sh, pen = take(logits[:, i], i, pen)
+            drafts.append(d)
+            shaped.append(sh)
+        return jnp.stack(drafts, axis=1), jnp.stack(shaped, axis=1), kv, hc
+
+    # step(state, tok, i) -> (logits [B, V] for draft i + 1, state): feed d_i (x_P for i = 0) at P + i
+    if draft.method == "draft_model":  # the first step feeds [x_{P-1}, x_P] at P-1, P
+        def step(state, tok, i):
+            toks = tok[:, None]
+            q_lens = act
+            if i is None:  # the first step
+                toks, q_lens, i = jnp.stack([prev, tok], axis=1), jnp.where(active, 2, 0), 0
+            meta = AttentionMeta(inp.page_table, p + 1 + i, q_lens, slots=inp.slots)
+            logits, _, state = forward(params, draft.cfg, toks, meta.query_positions(toks.shape[1]), state, meta,
+                                       backend=backend, logits_at=(q_lens - 1)[:, None])
+            return logits[:, 0], state
+        state = hc
     elif draft.method == "layer_skip":
-        tok = inp.tokens[:, 0]
-        for i in range(k):  # feed x_P, then d_i, at P + i -> d_{i+1}
+        def step(state, tok, i):
+            i = 0 if i is None else i
             meta = AttentionMeta(inp.page_table, p + i + 1, act, slots=inp.slots)
-            logits, _, kv = forward(target, target_cfg, tok[:, None], jnp.maximum(p + i, 0)[:, None], kv, meta,
-                                    backend=backend, num_layers=draft.num_layers)
-            tok = take(logits[:, 0], i)
+            logits, _, state = forward(target, target_cfg, tok[:, None], jnp.maximum(p + i, 0)[:, None], state,
+                                       meta, backend=backend, num_layers=draft.num_layers)
+            return logits[:, 0], state
+        state = kv
     else:  # eagle: the pair (f_{P-1}, x_P) at P-1 gives f_hat_P, hence d_1; then (f_hat_{P+i-1}, d_i) at P+i-1
-        feat = read_features(hc.features, inp.page_table, jnp.maximum(p - 1, 0))
-        tok = inp.tokens[:, 0]
-        for i in range(k):
-            pred, hc = _feed_eagle(draft, params, target, hc, feat[:, None], tok[:, None], jnp.maximum(p + i, 0),
-                                   act, inp.meta(), backend)
-            feat = pred[:, 0]
-            tok = take(head_logits(params, target, feat, eps), i)
-    return jnp.stack(drafts, axis=1), jnp.stack(shaped, axis=1), kv, hc
+        def step(state, tok, i):
+            i = 0 if i is None else i
+            feat, cache = state
+            pred, cache = _feed_eagle(draft, params, target, cache, feat[:, None], tok[:, None],
+                                      jnp.maximum(p + i, 0), act, inp.meta(), backend)
+            return head_logits(params, target, pred[:, 0], eps), (pred[:, 0].astype(feat.dtype), cache)
+        state = (read_features(hc.features, inp.page_table, jnp.maximum(p - 1, 0)), hc)
+
+    logits, state = step(state, inp.tokens[:, 0], None)
+    d1, q1, pen = take(logits, 0, pen)
+
+    def body(carry, i):
+        state, tok, pen = carry
+        logits, state = step(state, tok, i)
+        d, sh, pen = take(logits, i, pen)
+        return (state, d, pen), (d, sh)
+
+    drafts, shaped = d1[:, None], q1[:, None]
+    if k > 1:
+        (state, _, _), (ds, shs) = jax.lax.scan(body, (state, d1, pen), jnp.arange(1, k, dtype=jnp.int32))
+        drafts = jnp.concatenate([drafts, ds.T], axis=1)
+        shaped = jnp.concatenate([shaped, shs.transpose(1, 0, 2)], axis=1)
+    if draft.method == "draft_model":
+        hc = state
+    elif draft.method == "layer_skip":
+        kv = state
+    else:
+        hc = state[1]
+    return drafts, shaped, kv, hc
 
 
 def commit(draft: DraftSpec, params, target: Weights, hc, hidden: jax.Array, tokens: jax.Array,
