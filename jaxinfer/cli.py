@@ -80,7 +80,7 @@ def _serve(args) -> int:
               num_kv_pages=args.num_kv_pages, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
               enable_prefix_caching=not args.no_enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
               speculative_config=spec, num_scheduler_steps=args.num_scheduler_steps,
-              async_scheduling=args.async_scheduling)
+              async_scheduling=args.async_scheduling, shape_buckets=args.shape_buckets)
     serve(llm, args.host, args.port, args.served_model_name)
     return 0
 
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-scheduler-steps", type=int, default=1)
     s.add_argument("--async-scheduling", action="store_true",
                    help="schedule and dispatch each step before reading back the one before")
+    s.add_argument("--shape-buckets", default="fine", choices=["fine", "pow2"],
+                   help="pad each call's rows and tokens to 4 sizes per doubling (fine) or to powers of two "
+                        "(pow2: about half the compiled programs, more padding)")
     s.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     s.add_argument("--compilation-cache", default=None, metavar="DIR", help="as for generate")

@@ -199,5 +199,14 @@ def fine_bucket(n: int, minimum: int = 1, steps: int = 4) -> int:
     return round_up(n, grain)
 
 
+SHAPE_BUCKETS = ("fine", "pow2")
+
+
+def shape_bucket(n: int, minimum: int = 1, grid: str = "fine") -> int:
+    """An engine call's rows, tokens or page-table width on `grid`: "fine" (`fine_bucket`, at most
+    25% padding) or "pow2" (`bucket`, powers of two: at most 2x padding, about half the programs)."""
+    return fine_bucket(n, minimum) if grid == "fine" else bucket(n, minimum)
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple

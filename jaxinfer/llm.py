@@ -72,7 +72,12 @@ class LLM:
     preemption_mode ("recompute", or "swap": a preempted request's K/V waits on the host, at
     most swap_space GiB of it; victims beyond that are recomputed), async_scheduling (each step is
     scheduled and dispatched before the previous one is read back, so the host's scheduling and
-    bookkeeping overlap the device's work; not with speculative_config or num_scheduler_steps > 1).
+    bookkeeping overlap the device's work; not with speculative_config or num_scheduler_steps > 1),
+    shape_buckets (the sizes an engine call's rows, prefill tokens and page-table width are padded to,
+    each a compiled program: "fine", 4 sizes per doubling, at most 25% padding; or "pow2", powers of
+    two, about half the programs for up to 2x padding: `experiments/shape_buckets_cost.py` on the
+    embedded target, 1-16 requests: warm-up 59 s and 18 programs against 110 s and 34, warm batches
+    0.90x-1.10x the fine grid's time; "fine" is the default, for the least padded compute).
     attention_backend: "xla" (plain XLA: `layers.attention`), "pallas" (the Pallas kernels; interpret
     mode on CPU, for correctness), "native" (jaxinfer's CPU kernel for bf16 and float32 decode and
     verification, `cpu_kernels.attention`; everything else on the "xla" path), or "auto":
@@ -107,7 +112,8 @@ class LLM:
                  compilation_cache_dir: str | None = None, quantization: str | None = None,
                  quantization_config: dict | None = None, weight_layout: str = "auto",
                  enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None, scheduling_policy: str = "fcfs", async_scheduling: bool = False):
+                 max_cpu_loras: int | None = None, scheduling_policy: str = "fcfs", async_scheduling: bool = False,
+                 shape_buckets: str = "fine"):
         if compilation_cache_dir is not None:  # before anything compiles
             enable_compilation_cache(compilation_cache_dir)
         warn_if_near_mapping_limit()  # a sweep of LLMs in one process, before it crashes the compiler
@@ -163,7 +169,7 @@ class LLM:
             speculative_config=self.speculative_config,
             num_scheduler_steps=num_scheduler_steps, preemption_mode=preemption_mode, swap_space=swap_space,
             lora_config=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
-            scheduling_policy=scheduling_policy, async_scheduling=async_scheduling)
+            scheduling_policy=scheduling_policy, async_scheduling=async_scheduling, shape_buckets=shape_buckets)
         self.engine = LLMEngine(cfg, self.weights, self.tokenizer, self.engine_config,
                                 model_id=str(self.model_dir) + (f"@{quant.tag()}" if quant else ""))
         decode_token = self.engine.runner.decode_token

@@ -22,6 +22,7 @@ from jaxinfer.engine.metrics import EngineStats
 from jaxinfer.engine.request import EngineRequest, Status
 from jaxinfer.engine.runner import ModelRunner
 from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.generate import SHAPE_BUCKETS
 from jaxinfer.kv.allocator import PageAllocator
 from jaxinfer.kv.cache import init_paged
 from jaxinfer.kv.kivi import KIVI_KEY_GROUP
@@ -58,6 +59,10 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # or "priority": requests' priority values (lower first) order the queues
     # schedule and dispatch each step before reading back the one before (vLLM's async_scheduling)
     async_scheduling: bool = False
+    # the grid that an engine call's rows, prefill tokens and page-table width are padded to: "fine"
+    # (4 sizes per doubling: at most 25% padding) or "pow2" (powers of two: about half the compiled
+    # programs, up to 2x padding; where a padded row costs little, or warm-up matters more)
+    shape_buckets: str = "fine"
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_scheduler_steps"):
@@ -85,6 +90,8 @@ class EngineConfig:
                              "be combined with speculative_config (use num_scheduler_steps=1)")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy={self.scheduling_policy!r}; choose one of {SCHEDULING_POLICIES}")
+        if self.shape_buckets not in SHAPE_BUCKETS:
+            raise ValueError(f"shape_buckets={self.shape_buckets!r}; choose one of {SHAPE_BUCKETS}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode={self.preemption_mode!r}; choose one of {PREEMPTION_MODES}")
         if not (isinstance(self.swap_space, (int, float)) and self.swap_space >= 0):
@@ -164,7 +171,7 @@ class LLMEngine:
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,
                                   decode_token, spec=spec, draft=draft, draft_params=draft_params,
-                                  draft_cache=draft_cache, lora=self.lora)
+                                  draft_cache=draft_cache, lora=self.lora, shape_buckets=config.shape_buckets)
         if config.async_scheduling:
             self.runner.enable_async(config.max_num_seqs)
         # async scheduling: the step dispatched last, not read back yet: (its chunks, its calls)

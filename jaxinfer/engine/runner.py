@@ -35,7 +35,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.engine import drafting
 from jaxinfer.engine.scheduler import ScheduledChunk
 from jaxinfer.spec.drafters import draft_widths, lookup_lengths
-from jaxinfer.generate import bucket, fine_bucket
+from jaxinfer.generate import bucket, shape_bucket
 from jaxinfer.kv.cache import AttentionMeta, KVCache
 from jaxinfer.layers import paged_loop_applies
 from jaxinfer.lora import LoRAArrays, with_lora
@@ -225,7 +225,8 @@ class ModelRunner:
 
     def __init__(self, weights: Weights, cfg: ModelConfig, kv: KVCache, page_size: int,
                  max_pages_per_seq: int, backend: str = "xla", decode_token=None, spec=None,
-                 draft: drafting.DraftSpec | None = None, draft_params=None, draft_cache=None, lora=None):
+                 draft: drafting.DraftSpec | None = None, draft_params=None, draft_cache=None, lora=None,
+                 shape_buckets: str = "fine"):
         self.weights, self.cfg, self.kv = weights, cfg, kv
         self.lora = lora  # lora.LoRAManager (enable_lora) or None
         self.page_size = page_size
@@ -236,6 +237,7 @@ class ModelRunner:
         # how speculation drafts on device (None: not at all, or n-gram), its params and paged state
         self.draft, self.draft_params, self.draft_cache = draft, draft_params, draft_cache
         self.signatures: set[tuple] = set()
+        self.shape_buckets = shape_buckets  # the grid of rows, tokens and table widths (EngineConfig)
         # attention that stops at the longest row (see _inputs)
         self.full_width_tables = paged_loop_applies(backend, kv.k[0])
         self.sampled = None  # async scheduling: each sequence slot's last sampled token, on device
@@ -317,7 +319,8 @@ class ModelRunner:
 
     def _launch_calls(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]) -> list:
         calls = [(decodes, 1)] if decodes else []
-        calls += [(g, fine_bucket(max(c.num_tokens for c in g), minimum=16)) for g in prefill_calls(prefills)]
+        grid = self.shape_buckets
+        calls += [(g, shape_bucket(max(c.num_tokens for c in g), 16, grid)) for g in prefill_calls(prefills, grid)]
         # Dispatch every call, then fetch: the host builds the next call's inputs while the
         # device runs the previous one, and waits only once all of the step's calls are queued.
         # Whether a row samples is fixed now: with async scheduling its request's token count
@@ -347,19 +350,19 @@ class ModelRunner:
 
         Returns (inputs, top-N logprobs wanted, prompt top-N wanted, page-table width)."""
         width = width or (lambda c: c.num_tokens)
-        # Rows on a grid of 4 sizes per doubling: at most 25% padding and a bounded number of
-        # programs. The page table: on the XLA path on CPU (`layers.attention_paged_ragged` for decode
+        # Rows on the shape_buckets grid ("fine": 4 sizes per doubling, at most 25% padding; "pow2")
+        # and a bounded number of programs. The page table: on the XLA path on CPU (`layers.attention_paged_ragged` for decode
         # and verification, `attention_paged_loop` for prefill chunks) attention reads only as
         # far as each row's (or the longest row's) length, so the table always has max_model_len's width
         # and context length never selects a program. Elsewhere (the Pallas kernel, KIVI keys, and
         # the XLA path off CPU, `layers.attention_reference`: all read every slot of the table)
-        # its width is on the same grid: at least 256 tokens, at most max_model_len.
-        b = fine_bucket(len(group))
+        # its width is on the rows' grid: at least 256 tokens, at most max_model_len.
+        b = shape_bucket(len(group), 1, self.shape_buckets)
         if self.full_width_tables:
             pp = self.max_pages_per_seq
         else:
             n_pages = max(-(-(c.start + width(c) + lookahead) // self.page_size) for c in group)
-            pp = min(fine_bucket(n_pages, minimum=-(-256 // self.page_size)), self.max_pages_per_seq)
+            pp = min(shape_bucket(n_pages, -(-256 // self.page_size), self.shape_buckets), self.max_pages_per_seq)
         vocab = self.cfg.vocab_size
         tokens = np.zeros((b, t), np.int32)
         next_tokens = np.zeros((b, t), np.int32)
@@ -536,13 +539,13 @@ def _split(chunks: list[ScheduledChunk]):
     return spec, decodes, prefills
 
 
-def prefill_calls(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
+def prefill_calls(chunks: list[ScheduledChunk], grid: str = "fine") -> list[list[ScheduledChunk]]:
     """Split a step's prefill chunks into calls of rows with similar lengths.
 
     Rows of one call are padded to its longest (bucketed) chunk, and on a CPU a padded token
     costs what a real one does (a prefill token of the embedded target ~0.14 ms, a call's
     fixed cost ~2 ms): one call over chunks of 40 and 460 tokens computed 2.3x the tokens it
-    needed. Chunks are grouped by their fine bucket (at most 25% padding). Order matters
+    needed. Chunks are grouped by their bucket on `grid` (`shape_bucket`). Order matters
     where a chunk admitted with prefix-cache hits may read pages that an earlier chunk of
     this step writes (hashes are registered at scheduling): such a chunk starts a new round
     of calls, after every call holding an earlier chunk.
@@ -553,7 +556,7 @@ def prefill_calls(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
         if c.admitted and c.start > 0 and by_len:  # reads cached pages: run after what came before
             calls += by_len.values()
             by_len = {}
-        by_len.setdefault(fine_bucket(c.num_tokens, minimum=16), []).append(c)
+        by_len.setdefault(shape_bucket(c.num_tokens, 16, grid), []).append(c)
     return calls + list(by_len.values())
 
 
