@@ -199,7 +199,7 @@ def test_seeded_sampling_survives_preemption_and_batching(model_dir):
     prompts = _prompts(6, seed=3)
     params = [SamplingParams(temperature=0.9, top_p=0.9, max_tokens=16, seed=i, ignore_eos=True)
               for i in range(6)]
-    ref = LLM(model_dir, **POW2, block_size=8).generate_static(prompts, params)
+    ref = LLM(model_dir, block_size=8).generate_static(prompts, params)
     tight = LLM(model_dir, **POW2, num_kv_pages=12, block_size=8, max_num_batched_tokens=24)
     outs = tight.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
@@ -212,7 +212,7 @@ def test_swap_resumes_without_recomputing(model_dir):
     nothing behind; sampled tokens are the static reference's either way."""
     prompts = _prompts(6, seed=3)
     params = [SamplingParams(temperature=0.9, top_p=0.9, max_tokens=16, seed=i, ignore_eos=True) for i in range(6)]
-    ref = [o.outputs[0].token_ids for o in LLM(model_dir, **POW2, block_size=8).generate_static(prompts, params)]
+    ref = [o.outputs[0].token_ids for o in LLM(model_dir, block_size=8).generate_static(prompts, params)]
     stats = {}
     for mode in ("recompute", "swap"):
         llm = LLM(model_dir, **POW2, num_kv_pages=12, block_size=8, max_num_batched_tokens=24, enable_prefix_caching=False,
