@@ -1,11 +1,13 @@
-"""The engine's shape grid: "fine" (4 sizes per doubling) against "pow2" (powers of two).
+"""The engine's shape grid: "fine" (4 sizes per doubling) against "pow2" (powers of two) and "slots"
+(pow2, and every decode call has max_num_seqs rows).
 
 Every distinct (rows, tokens, page-table width) of an engine call is a compiled program; the grid
 decides how many there are and how much padding each call computes. For each grid, a fresh LLM on
 stdlib-target serves a sweep of batches (n requests at once, for each n in --batches; prompts of
 U[16, 160] tokens, --max-tokens new tokens each, greedy): reported are the programs it compiled
 and the sweep's wall time while compiling (warm-up), then each batch's time once warm, the two
-grids alternating, and their ratio (median of --repeats pairs). Outputs must be token-identical.
+grids taking turns, and each grid's time over fine's (median of --repeats rounds). Outputs must be
+token-identical.
 
     python experiments/shape_buckets_cost.py   # writes experiments/results/shape_buckets_cost.{md,json}
 """
@@ -55,31 +57,40 @@ def main():
         t = time.perf_counter()
         outputs[g] = [serve(llm, work[n], params)[1] for n in args.batches]
         warm[g] = {"seconds": time.perf_counter() - t, "programs": llm.engine.runner.compilations}
-    identical = outputs["fine"] == outputs["pow2"]
+    identical = all(outputs[g] == outputs["fine"] for g in SHAPE_BUCKETS)
+    others = [g for g in SHAPE_BUCKETS if g != "fine"]
+    slots = max(args.batches)  # max_num_seqs: a decode call's rows on the slots grid
     rows = []
     for n in args.batches:
         secs = {g: [] for g in llms}
         for r in range(args.repeats):
-            for g in (SHAPE_BUCKETS if r % 2 == 0 else SHAPE_BUCKETS[::-1]):
+            order = SHAPE_BUCKETS[r % len(SHAPE_BUCKETS):] + SHAPE_BUCKETS[:r % len(SHAPE_BUCKETS)]
+            for g in (order if r % 2 == 0 else order[::-1]):
                 secs[g].append(serve(llms[g], work[n], params)[0])
-        ratios = np.array(secs["pow2"]) / np.array(secs["fine"])
-        row = {"requests": n, "rows": {g: shape_bucket(n, 1, g) for g in SHAPE_BUCKETS},
+        row = {"requests": n,
+               "decode_rows": {g: slots if g == "slots" else shape_bucket(n, 1, g) for g in SHAPE_BUCKETS},
                "seconds": {g: float(np.median(secs[g])) for g in SHAPE_BUCKETS},
-               "pow2_over_fine": float(np.median(ratios)), "pair_ratios": [round(float(x), 3) for x in ratios]}
+               "over_fine": {g: float(np.median(np.array(secs[g]) / np.array(secs["fine"]))) for g in others},
+               "round_ratios": {g: [round(float(x), 3) for x in np.array(secs[g]) / np.array(secs["fine"])]
+                                for g in others}}
         rows.append(row)
         print(row, flush=True)
-    header = (f"# Engine shape grid: fine vs pow2 on {args.model}\n\n`python experiments/shape_buckets_cost.py` — "
-              f"{platform.machine()}, {time.perf_counter() - t0:.0f} s. Batches of n requests at once "
-              f"(n in {args.batches}), prompts U[16, 160] tokens, {args.max_tokens} new tokens, greedy; outputs "
-              f"identical between the grids: {identical}.\n\n"
-              f"Warm-up (the whole sweep, compiling as it goes): fine {warm['fine']['seconds']:.1f} s, "
-              f"{warm['fine']['programs']} programs; pow2 {warm['pow2']['seconds']:.1f} s, "
-              f"{warm['pow2']['programs']} programs.\n\n"
-              f"Warm, per batch (median of {args.repeats}, alternating; pow2 / fine: median of the pairs' ratios):\n\n")
-    lines = ["| requests | rows fine / pow2 | fine s | pow2 s | pow2 / fine |", "|---|---|---|---|---|"]
+    header = (f"# Engine shape grids on {args.model}: {', '.join(SHAPE_BUCKETS)}\n\n"
+              f"`python experiments/shape_buckets_cost.py` — {platform.machine()}, {time.perf_counter() - t0:.0f} s. "
+              f"Batches of n requests at once (n in {args.batches}; max_num_seqs {slots}), prompts U[16, 160] tokens, "
+              f"{args.max_tokens} new tokens, greedy; outputs identical between the grids: {identical}.\n\n"
+              "Warm-up (the whole sweep, compiling as it goes): "
+              + "; ".join(f"{g} {warm[g]['seconds']:.1f} s, {warm[g]['programs']} programs" for g in SHAPE_BUCKETS)
+              + f".\n\nWarm, per batch (median of {args.repeats} rounds, the grids taking turns; grid / fine: "
+              "median of the rounds' ratios, each round's in brackets):\n\n")
+    lines = [f"| requests | decode rows ({' / '.join(SHAPE_BUCKETS)}) | "
+             + " | ".join(f"{g} s" for g in SHAPE_BUCKETS) + " | " + " | ".join(f"{g} / fine" for g in others) + " |",
+             "|---" * (2 + len(SHAPE_BUCKETS) + len(others)) + "|"]
     for r in rows:
-        lines.append(f"| {r['requests']} | {r['rows']['fine']} / {r['rows']['pow2']} | {r['seconds']['fine']:.3f} | "
-                     f"{r['seconds']['pow2']:.3f} | {r['pow2_over_fine']:.3f} ({', '.join(map(str, r['pair_ratios']))}) |")
+        lines.append(f"| {r['requests']} | {' / '.join(str(r['decode_rows'][g]) for g in SHAPE_BUCKETS)} | "
+                     + " | ".join(f"{r['seconds'][g]:.3f}" for g in SHAPE_BUCKETS) + " | "
+                     + " | ".join(f"{r['over_fine'][g]:.3f} ({', '.join(map(str, r['round_ratios'][g]))})"
+                                  for g in others) + " |")
     write_report(args.out, header + "\n".join(lines) + "\n",
                  [{"warmup": warm, "identical": identical, "model": args.model}] + rows)
 

@@ -155,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-scheduler-steps", type=int, default=1)
     s.add_argument("--async-scheduling", action="store_true",
                    help="schedule and dispatch each step before reading back the one before")
-    s.add_argument("--shape-buckets", default="fine", choices=["fine", "pow2"],
-                   help="pad each call's rows and tokens to 4 sizes per doubling (fine) or to powers of two "
-                        "(pow2: about half the compiled programs, more padding)")
+    s.add_argument("--shape-buckets", default="fine", choices=["fine", "pow2", "slots"],
+                   help="pad each call's rows and tokens to 4 sizes per doubling (fine), to powers of two "
+                        "(pow2: about half the compiled programs, more padding), or to powers of two with every "
+                        "decode call at --max-num-seqs rows (slots: one decode program)")
     s.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     s.add_argument("--compilation-cache", default=None, metavar="DIR", help="as for generate")

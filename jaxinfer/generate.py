@@ -199,12 +199,13 @@ def fine_bucket(n: int, minimum: int = 1, steps: int = 4) -> int:
     return round_up(n, grain)
 
 
-SHAPE_BUCKETS = ("fine", "pow2")
+SHAPE_BUCKETS = ("fine", "pow2", "slots")
 
 
 def shape_bucket(n: int, minimum: int = 1, grid: str = "fine") -> int:
     """An engine call's rows, tokens or page-table width on `grid`: "fine" (`fine_bucket`, at most
-    25% padding) or "pow2" (`bucket`, powers of two: at most 2x padding, about half the programs)."""
+    25% padding) or "pow2" (`bucket`, powers of two: at most 2x padding, about half the programs).
+    "slots" is "pow2" here; the engine also gives its decode calls every sequence slot's row."""
     return fine_bucket(n, minimum) if grid == "fine" else bucket(n, minimum)
 
 

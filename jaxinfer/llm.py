@@ -74,10 +74,13 @@ class LLM:
     scheduled and dispatched before the previous one is read back, so the host's scheduling and
     bookkeeping overlap the device's work; not with speculative_config or num_scheduler_steps > 1),
     shape_buckets (the sizes an engine call's rows, prefill tokens and page-table width are padded to,
-    each a compiled program: "fine", 4 sizes per doubling, at most 25% padding; or "pow2", powers of
-    two, about half the programs for up to 2x padding: `experiments/shape_buckets_cost.py` on the
-    embedded target, 1-16 requests: warm-up 59 s and 18 programs against 110 s and 34, warm batches
-    0.90x-1.10x the fine grid's time; "fine" is the default, for the least padded compute).
+    each a compiled program: "fine", 4 sizes per doubling, at most 25% padding; "pow2", powers of
+    two, about half the programs for up to 2x padding; or "slots", pow2 with every decode call at
+    max_num_seqs rows, one decode program, as a fixed set of decode slots has.
+    `experiments/shape_buckets_cost.py` on the embedded target, 1-16 requests, max_num_seqs 16:
+    warm-up 106 s and 34 programs (fine), 57 s and 18 (pow2), 44 s and 14 (slots); warm batches
+    0.97x-1.19x the fine grid's time on pow2, and on slots 1.3x-1.9x at 1-7 requests, 0.98x-1.03x at
+    9-16; "fine" is the default, for the least padded compute).
     attention_backend: "xla" (plain XLA: `layers.attention`), "pallas" (the Pallas kernels; interpret
     mode on CPU, for correctness), "native" (jaxinfer's CPU kernel for bf16 and float32 decode and
     verification, `cpu_kernels.attention`; everything else on the "xla" path), or "auto":

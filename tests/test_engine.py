@@ -27,10 +27,10 @@ def _prompts(n=7, seed=0, shared_prefix=0):
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 # Compiling is most of this module's time, and every distinct (rows, tokens) of an engine call is a
-# program. Tests whose subject is not the shape grid pad to powers of two (about half the programs,
-# the same tokens: test_compilations_stay_bounded); test_engine_greedy_equals_standalone_generate
-# keeps the default fine grid.
-POW2 = {"shape_buckets": "pow2"}
+# program. Tests whose subject is not the shape grid use the "slots" grid (prefill on powers of two,
+# one decode shape: the fewest programs, the same tokens: test_compilations_stay_bounded);
+# test_engine_greedy_equals_standalone_generate keeps the default fine grid.
+SLOTS = {"shape_buckets": "slots"}
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +95,8 @@ def test_fused_decode_steps_equal_single_steps(model_dir):
     sampling and logprobs give what single steps give, and a row that ends inside a fused
     call returns its pages."""
     prompts = _prompts(6, seed=11)
-    single = LLM(model_dir, **POW2, block_size=4, max_num_seqs=8)
-    fused = LLM(model_dir, **POW2, block_size=4, max_num_seqs=8, num_scheduler_steps=6)
+    single = LLM(model_dir, **SLOTS, block_size=4, max_num_seqs=8)
+    fused = LLM(model_dir, **SLOTS, block_size=4, max_num_seqs=8, num_scheduler_steps=6)
     kw = [dict(temperature=0.0 if i % 2 else 1.0, seed=i, max_tokens=3 + 4 * i, ignore_eos=True, logprobs=2)
           for i in range(6)]
     free = single.generate(prompts, [SamplingParams(**k) for k in kw])
@@ -133,8 +133,8 @@ def test_async_scheduling_gives_what_synchronous_steps_give(model_dir):
     in flight on the device) give what synchronous steps give, under preemption; every page
     comes back."""
     prompts = _prompts(7, seed=12)
-    sync = LLM(model_dir, **POW2, block_size=4, max_num_seqs=8, num_kv_pages=24, max_num_batched_tokens=32)
-    asyn = LLM(model_dir, **POW2, block_size=4, max_num_seqs=8, num_kv_pages=24, max_num_batched_tokens=32,
+    sync = LLM(model_dir, **SLOTS, block_size=4, max_num_seqs=8, num_kv_pages=24, max_num_batched_tokens=32)
+    asyn = LLM(model_dir, **SLOTS, block_size=4, max_num_seqs=8, num_kv_pages=24, max_num_batched_tokens=32,
                async_scheduling=True)
     kw = [{"temperature": 0.0 if i % 2 else 1.0, "seed": i, "max_tokens": 3 + 3 * i, "ignore_eos": True, "logprobs": 2}
           for i in range(7)]
@@ -167,7 +167,7 @@ def test_async_scheduling_gives_what_synchronous_steps_give(model_dir):
 def test_async_scheduling_abort_in_flight_and_bad_options(model_dir):
     """A request aborted while its token is in flight ends at once, the others finish, nothing
     leaks; async_scheduling refuses what it cannot be combined with, naming it."""
-    llm = LLM(model_dir, **POW2, block_size=8, async_scheduling=True)
+    llm = LLM(model_dir, **SLOTS, block_size=8, async_scheduling=True)
     eng = llm.engine
     eng.add_request("a", {"prompt_token_ids": list(range(3, 40))}, SamplingParams(max_tokens=50, ignore_eos=True))
     eng.add_request("b", {"prompt_token_ids": list(range(5, 30))}, SamplingParams(max_tokens=5, ignore_eos=True))
@@ -200,7 +200,7 @@ def test_seeded_sampling_survives_preemption_and_batching(model_dir):
     params = [SamplingParams(temperature=0.9, top_p=0.9, max_tokens=16, seed=i, ignore_eos=True)
               for i in range(6)]
     ref = LLM(model_dir, block_size=8).generate_static(prompts, params)
-    tight = LLM(model_dir, **POW2, num_kv_pages=12, block_size=8, max_num_batched_tokens=24)
+    tight = LLM(model_dir, **SLOTS, num_kv_pages=12, block_size=8, max_num_batched_tokens=24)
     outs = tight.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
     assert tight.get_stats().num_preemptions > 0
@@ -215,7 +215,7 @@ def test_swap_resumes_without_recomputing(model_dir):
     ref = [o.outputs[0].token_ids for o in LLM(model_dir, block_size=8).generate_static(prompts, params)]
     stats = {}
     for mode in ("recompute", "swap"):
-        llm = LLM(model_dir, **POW2, num_kv_pages=12, block_size=8, max_num_batched_tokens=24, enable_prefix_caching=False,
+        llm = LLM(model_dir, **SLOTS, num_kv_pages=12, block_size=8, max_num_batched_tokens=24, enable_prefix_caching=False,
                   preemption_mode=mode)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref
         stats[mode] = llm.get_stats()
@@ -226,14 +226,14 @@ def test_swap_resumes_without_recomputing(model_dir):
 
     # swap_space for 2 pages: victims holding more are recomputed instead; the tokens stay the same.
     page_gib = llm.engine.kv_cache_bytes / llm.engine.num_pages / 2**30
-    small = LLM(model_dir, **POW2, num_kv_pages=12, block_size=8, max_num_batched_tokens=24, enable_prefix_caching=False,
+    small = LLM(model_dir, **SLOTS, num_kv_pages=12, block_size=8, max_num_batched_tokens=24, enable_prefix_caching=False,
                 preemption_mode="swap", swap_space=2 * page_gib)
     assert [o.outputs[0].token_ids for o in small.generate(prompts, params)] == ref
     st = small.get_stats()
     assert 0 < st.num_swapped_out < st.num_preemptions
     _check_pages_returned(small)
 
-    llm = LLM(model_dir, **POW2, num_kv_pages=12, block_size=8, max_num_batched_tokens=24, preemption_mode="swap")
+    llm = LLM(model_dir, **SLOTS, num_kv_pages=12, block_size=8, max_num_batched_tokens=24, preemption_mode="swap")
     eng = llm.engine
     for i, (p, sp) in enumerate(zip(prompts, params)):
         eng.add_request(str(i), p, sp)
@@ -249,8 +249,8 @@ def test_swap_resumes_without_recomputing(model_dir):
 def test_prefix_caching_computes_fewer_prompt_tokens(model_dir):
     """Requests admitted in the same step already share the pages the first one computes."""
     prompts = _prompts(5, seed=4, shared_prefix=64)
-    on = LLM(model_dir, **POW2, enable_prefix_caching=True, block_size=8)
-    off = LLM(model_dir, **POW2, enable_prefix_caching=False, block_size=8)
+    on = LLM(model_dir, **SLOTS, enable_prefix_caching=True, block_size=8)
+    off = LLM(model_dir, **SLOTS, enable_prefix_caching=False, block_size=8)
     a, b = on.generate(prompts, GREEDY), off.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
     s_on, s_off = on.get_stats(), off.get_stats()
@@ -267,15 +267,15 @@ def test_same_step_prefix_hit_reads_pages_after_they_are_written(model_dir):
     prompts = [{"prompt_token_ids": rng.integers(3, 300, size=9).tolist()},
                {"prompt_token_ids": prefix + rng.integers(3, 300, size=5).tolist()},
                {"prompt_token_ids": prefix + rng.integers(3, 300, size=7).tolist()}]
-    on = LLM(model_dir, **POW2, enable_prefix_caching=True, block_size=8)
-    off = LLM(model_dir, **POW2, enable_prefix_caching=False, block_size=8)
+    on = LLM(model_dir, **SLOTS, enable_prefix_caching=True, block_size=8)
+    off = LLM(model_dir, **SLOTS, enable_prefix_caching=False, block_size=8)
     a, b = on.generate(prompts, GREEDY), off.generate(prompts, GREEDY)
     assert on.get_stats().prefix_cache_hits == 8  # the third request's 8 full prefix pages
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
 
 
 def test_abort_frees_pages_at_once_and_others_continue(model_dir):
-    llm = LLM(model_dir, **POW2, block_size=8)
+    llm = LLM(model_dir, **SLOTS, block_size=8)
     eng = llm.engine
     eng.add_request("a", {"prompt_token_ids": list(range(3, 40))}, SamplingParams(max_tokens=50, ignore_eos=True))
     eng.add_request("b", {"prompt_token_ids": list(range(5, 30))}, SamplingParams(max_tokens=5, ignore_eos=True))
@@ -310,7 +310,7 @@ def test_a_byte_budget_written_as_a_float_is_taken_as_bytes():
 
 
 def test_bad_requests_are_rejected_and_the_engine_keeps_serving(model_dir):
-    llm = LLM(model_dir, **POW2, num_kv_pages=6, block_size=8, max_model_len=160)  # 48 tokens of KV
+    llm = LLM(model_dir, **SLOTS, num_kv_pages=6, block_size=8, max_model_len=160)  # 48 tokens of KV
     eng = llm.engine
     eng.add_request("ok", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4, ignore_eos=True))
     with pytest.raises(ValueError, match="max_model_len=160"):
@@ -343,7 +343,7 @@ def test_bad_requests_are_rejected_and_the_engine_keeps_serving(model_dir):
 
 @pytest.mark.parametrize("fused", [1, 4, "async"])
 def test_streaming_deltas_add_up_to_the_final_text(model_dir, fused):
-    llm = LLM(model_dir, **POW2, block_size=8, **({"async_scheduling": True} if fused == "async" else
+    llm = LLM(model_dir, **SLOTS, block_size=8, **({"async_scheduling": True} if fused == "async" else
                                           {"num_scheduler_steps": fused}))
     eng = llm.engine
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=["zz"])
@@ -359,7 +359,7 @@ def test_streaming_deltas_add_up_to_the_final_text(model_dir, fused):
 
 
 def test_metrics_and_summary(model_dir):
-    llm = LLM(model_dir, **POW2, max_num_seqs=2, block_size=8)
+    llm = LLM(model_dir, **SLOTS, max_num_seqs=2, block_size=8)
     outs = llm.generate(_prompts(4, seed=5), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     for o in outs:
         m = o.metrics
@@ -375,22 +375,27 @@ def test_metrics_and_summary(model_dir):
 
 def test_compilations_stay_bounded(model_dir):
     """Batch, chunk and page-table sizes are bucketed: a handful of programs, not one per step;
-    shape_buckets="pow2" pads them to powers of two: fewer programs, the same tokens."""
+    shape_buckets="pow2" pads them to powers of two and "slots" also gives every decode call all
+    max_num_seqs rows: fewer programs, the same tokens."""
     rng = np.random.default_rng(7)
     prompts = [{"prompt_token_ids": rng.integers(3, 300, size=int(k)).tolist()} for k in rng.integers(1, 60, 24)]
     params = [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in rng.integers(1, 30, 24)]
     runs = {}
-    for grid in ("fine", "pow2"):
+    for grid in ("fine", "pow2", "slots"):
         llm = LLM(model_dir, max_num_seqs=16, max_num_batched_tokens=64, block_size=8, shape_buckets=grid)
         runs[grid] = ([o.outputs[0].token_ids for o in llm.generate(prompts, params)], llm.get_stats(),
                       llm.engine.runner.signatures)
     (fine, fine_stats, fine_sigs), (pow2, pow2_stats, pow2_sigs) = runs["fine"], runs["pow2"]
-    assert fine == pow2
+    slots, slots_stats, slots_sigs = runs["slots"]
+    assert fine == pow2 == slots
     assert fine_stats.compilations <= 24 < fine_stats.num_steps
-    assert pow2_stats.compilations < fine_stats.compilations
+    assert slots_stats.compilations < pow2_stats.compilations < fine_stats.compilations
     shapes = [sig[1] for sig in pow2_sigs if sig[0] == "step"]  # (rows, tokens) of each program
     assert all(n & (n - 1) == 0 for shape in shapes for n in shape)
     assert any(n & (n - 1) for sig in fine_sigs if sig[0] == "step" for n in sig[1])  # the fine grid's 3, 5, 6, 7, 10...
+    assert {sig[1] for sig in slots_sigs if sig[0] == "step" and sig[1][1] == 1} == {(16, 1)}  # one decode program
+    assert {sig[1] for sig in slots_sigs if sig[0] == "step" and sig[1][1] > 1} \
+        == {sig[1] for sig in pow2_sigs if sig[0] == "step" and sig[1][1] > 1}  # prefill as pow2
     with pytest.raises(ValueError, match="shape_buckets='coarse'"):
         LLM(model_dir, shape_buckets="coarse")
 
@@ -409,7 +414,7 @@ def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
     rng = np.random.default_rng(11)
     base = rng.integers(3, 300, size=12).tolist()
     prompts = [{"prompt_token_ids": (base * 3)[:int(n)]} for n in (30, 17, 25)]  # repetitive: n-gram hits
-    plain = LLM(model_dir, **POW2, block_size=8)
+    plain = LLM(model_dir, **SLOTS, block_size=8)
     ref = plain.generate(prompts, GREEDY)
     stop = ref[1].outputs[0].token_ids[9]
     params = [GREEDY, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop]), GREEDY]
@@ -419,11 +424,11 @@ def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
         conf["model"] = draft_dir
     if method != "draft_model":
         conf.update(prompt_lookup_max=3, prompt_lookup_min=1)
-    spec = LLM(model_dir, **POW2, block_size=8, enable_prefix_caching=True, speculative_config=conf)
+    spec = LLM(model_dir, **SLOTS, block_size=8, enable_prefix_caching=True, speculative_config=conf)
     outs = spec.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
     if method != "ngram":  # preempted by swap: the draft's pages go to the host and back with the target's
-        tight = LLM(model_dir, **POW2, block_size=8, num_kv_pages=9, max_num_batched_tokens=24, preemption_mode="swap",
+        tight = LLM(model_dir, **SLOTS, block_size=8, num_kv_pages=9, max_num_batched_tokens=24, preemption_mode="swap",
                     speculative_config=conf)
         assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == \
             [o.outputs[0].token_ids for o in ref]
@@ -437,7 +442,7 @@ def test_engine_speculative_greedy_equals_plain(model_dir, draft_dir, method):
         assert s.spec_acceptance_rate > 0
         # disable_by_batch_size=2: steps that run all 3 requests decode plainly; once the second
         # stops at its stop token the other two draft. Fewer speculative steps, same tokens.
-        capped = LLM(model_dir, **POW2, block_size=8, speculative_config={**conf, "disable_by_batch_size": 2})
+        capped = LLM(model_dir, **SLOTS, block_size=8, speculative_config={**conf, "disable_by_batch_size": 2})
         outs = capped.generate(prompts, params)
         assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
         c = capped.get_stats()
@@ -452,9 +457,9 @@ def test_engine_scaled_prompt_lookup_verifies_narrower_and_stays_lossless(model_
     rng = np.random.default_rng(11)
     base = rng.integers(3, 300, size=12).tolist()
     prompts = [{"prompt_token_ids": (base * 3)[:int(n)]} for n in (30, 17, 25)] + _prompts(2, seed=6)
-    ref = [o.outputs[0].token_ids for o in LLM(model_dir, **POW2, block_size=8).generate(prompts, GREEDY)]
+    ref = [o.outputs[0].token_ids for o in LLM(model_dir, **SLOTS, block_size=8).generate(prompts, GREEDY)]
     conf = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
-    llm = LLM(model_dir, **POW2, block_size=8, enable_prefix_caching=True,
+    llm = LLM(model_dir, **SLOTS, block_size=8, enable_prefix_caching=True,
               speculative_config={**conf, "prompt_lookup_scale": 1})
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
     s = llm.get_stats()
@@ -481,12 +486,12 @@ def test_engine_speculative_sampling_is_independent_of_batch_mates_and_preemptio
         conf["model"] = draft_dir
     else:  # single-token matches: some rows have one in a step, others not
         conf.update(prompt_lookup_max=2, prompt_lookup_min=1)
-    llm = LLM(model_dir, **POW2, block_size=8, speculative_config=conf)
+    llm = LLM(model_dir, **SLOTS, block_size=8, speculative_config=conf)
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     alone = [llm.generate(p, sp)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
     assert together == alone
     assert llm.get_stats().spec_steps > 0
-    tight = LLM(model_dir, **POW2, block_size=8, num_kv_pages=12, max_num_batched_tokens=24, speculative_config=conf)
+    tight = LLM(model_dir, **SLOTS, block_size=8, num_kv_pages=12, max_num_batched_tokens=24, speculative_config=conf)
     assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == together
     assert tight.get_stats().num_preemptions > 0
     _check_pages_returned(tight)
@@ -516,9 +521,9 @@ def head_dirs(model_dir, tmp_path_factory):
 def test_engine_heads_with_a_reduced_draft_vocab_are_lossless(model_dir, head_dirs, method):
     """draft_vocab_size in the engine (drafts scored over 64 kept tokens only): greedy output unchanged."""
     prompts = _prompts(4, seed=3)
-    ref = [o.outputs[0].token_ids for o in LLM(model_dir, **POW2, block_size=8).generate(prompts, GREEDY)]
+    ref = [o.outputs[0].token_ids for o in LLM(model_dir, **SLOTS, block_size=8).generate(prompts, GREEDY)]
     conf = {"method": method, "num_speculative_tokens": 3, "model": head_dirs[method], "draft_vocab_size": 64}
-    llm = LLM(model_dir, **POW2, block_size=8, enable_prefix_caching=True, speculative_config=conf)
+    llm = LLM(model_dir, **SLOTS, block_size=8, enable_prefix_caching=True, speculative_config=conf)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
     assert llm.get_stats().spec_steps > 0
     _check_pages_returned(llm)
@@ -534,18 +539,18 @@ def test_engine_head_drafters_are_lossless_and_draft_as_the_static_loop(model_di
     prompts = _prompts(4, seed=3) + _prompts(3, seed=4, shared_prefix=20)
     conf = {"method": method, "num_speculative_tokens": 3}
     conf.update({"num_layers": 1} if method == "layer_skip" else {"model": head_dirs[method]})
-    ref = [o.outputs[0].token_ids for o in LLM(model_dir, **POW2, block_size=8).generate(prompts, GREEDY)]
+    ref = [o.outputs[0].token_ids for o in LLM(model_dir, **SLOTS, block_size=8).generate(prompts, GREEDY)]
     for mode in ("recompute", "swap"):
-        llm = LLM(model_dir, **POW2, block_size=8, num_kv_pages=12, max_num_batched_tokens=16, preemption_mode=mode,
+        llm = LLM(model_dir, **SLOTS, block_size=8, num_kv_pages=12, max_num_batched_tokens=16, preemption_mode=mode,
                   enable_prefix_caching=mode == "recompute", speculative_config=conf)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
         s = llm.get_stats()
         assert s.num_preemptions > 0 and (mode == "recompute" or s.num_swapped_out > 0)
         assert s.spec_steps > 0 and s.spec_drafted_tokens == 3 * s.spec_steps
         _check_pages_returned(llm)
-    one = LLM(model_dir, **POW2, block_size=8, max_num_seqs=1, speculative_config=conf)
+    one = LLM(model_dir, **SLOTS, block_size=8, max_num_seqs=1, speculative_config=conf)
     assert [o.outputs[0].token_ids for o in one.generate(prompts[:4], GREEDY)] == ref[:4]
-    static = LLM(model_dir, **POW2, speculative_config=conf)
+    static = LLM(model_dir, **SLOTS, speculative_config=conf)
     static.generate_static(prompts[:4], GREEDY, batch_size=1)
     s, st = one.get_stats(), static.spec_stats()
     assert (s.spec_steps, s.spec_accepted_tokens) == (st.forwards, st.accepted) and st.accepted > 0
@@ -557,8 +562,8 @@ def test_engine_eagle_in_bfloat16_is_lossless_under_swap(model_dir, head_dirs):
     import jax
 
     prompts = _prompts(5, seed=5)
-    ref = [o.outputs[0].token_ids for o in LLM(model_dir, **POW2, dtype="bfloat16", block_size=8).generate(prompts, GREEDY)]
-    llm = LLM(model_dir, **POW2, dtype="bfloat16", block_size=8, num_kv_pages=10, max_num_batched_tokens=16,
+    ref = [o.outputs[0].token_ids for o in LLM(model_dir, **SLOTS, dtype="bfloat16", block_size=8).generate(prompts, GREEDY)]
+    llm = LLM(model_dir, **SLOTS, dtype="bfloat16", block_size=8, num_kv_pages=10, max_num_batched_tokens=16,
               preemption_mode="swap", speculative_config={"method": "eagle", "num_speculative_tokens": 3,
                                                           "model": head_dirs["eagle"]})
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
@@ -609,7 +614,7 @@ def test_engine_speculative_sampling_follows_the_target(tmp_path_factory):
     save_head(d / "medusa", "medusa", medusa, cfg, {"num_heads": 2, "inner": 32}, dtype=jnp.float32)
 
     prompt, v = [3, 5, 7], 16
-    plain = LLM(str(d / "target"), **POW2)
+    plain = LLM(str(d / "target"), **SLOTS)
 
     def next_dist(contexts):  # exact next-token distributions [len(contexts), V]
         outs = plain.generate([{"prompt_token_ids": prompt + list(c)} for c in contexts],
@@ -629,7 +634,7 @@ def test_engine_speculative_sampling_follows_the_target(tmp_path_factory):
         # All n requests in one wave: a row needs at most two verification rounds after its
         # prefill, so those steps take a few batch shapes (waves of 64 took ~6 shapes per drafter as they drained,
         # each a program to compile: 37 s per drafter instead of 15 on a 2-core AVX2 CPU).
-        llm = LLM(str(d / "target"), **POW2, max_num_seqs=n, max_num_batched_tokens=4096,
+        llm = LLM(str(d / "target"), **SLOTS, max_num_seqs=n, max_num_batched_tokens=4096,
                   speculative_config={**conf, "num_speculative_tokens": 2})
         toks = np.array([o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": prompt}] * n, params)])
         s = llm.get_stats()
@@ -711,7 +716,7 @@ def test_engine_off_cpu_attention_path(model_dir, reference, monkeypatch):
         fn = getattr(layers, name)
         monkeypatch.setattr(layers, name, lambda *a, _fn=fn, _name=name, **k: traced.append(_name) or _fn(*a, **k))
     prompts, ref = reference
-    llm = LLM(model_dir, **POW2, enable_prefix_caching=False, max_num_seqs=8, max_num_batched_tokens=24, block_size=8,
+    llm = LLM(model_dir, **SLOTS, enable_prefix_caching=False, max_num_seqs=8, max_num_batched_tokens=24, block_size=8,
               num_kv_pages=14, num_scheduler_steps=4)
     assert not llm.engine.runner.full_width_tables
     outs = llm.generate(prompts, GREEDY)

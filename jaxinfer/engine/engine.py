@@ -61,7 +61,9 @@ class EngineConfig:
     async_scheduling: bool = False
     # the grid that an engine call's rows, prefill tokens and page-table width are padded to: "fine"
     # (4 sizes per doubling: at most 25% padding) or "pow2" (powers of two: about half the compiled
-    # programs, up to 2x padding; where a padded row costs little, or warm-up matters more)
+    # programs, up to 2x padding; where a padded row costs little, or warm-up matters more) or
+    # "slots" (pow2, and every decode, fused-decode and speculative call has max_num_seqs rows: one
+    # decode program, as a fixed set of decode slots has; where a padded decode row costs little)
     shape_buckets: str = "fine"
 
     def __post_init__(self):
@@ -171,7 +173,8 @@ class LLMEngine:
         decode_token = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.runner = ModelRunner(weights, cfg, kv, config.block_size, max_pages, config.attention_backend,
                                   decode_token, spec=spec, draft=draft, draft_params=draft_params,
-                                  draft_cache=draft_cache, lora=self.lora, shape_buckets=config.shape_buckets)
+                                  draft_cache=draft_cache, lora=self.lora, shape_buckets=config.shape_buckets,
+                                  max_num_seqs=config.max_num_seqs)
         if config.async_scheduling:
             self.runner.enable_async(config.max_num_seqs)
         # async scheduling: the step dispatched last, not read back yet: (its chunks, its calls)

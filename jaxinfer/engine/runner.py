@@ -226,7 +226,7 @@ class ModelRunner:
     def __init__(self, weights: Weights, cfg: ModelConfig, kv: KVCache, page_size: int,
                  max_pages_per_seq: int, backend: str = "xla", decode_token=None, spec=None,
                  draft: drafting.DraftSpec | None = None, draft_params=None, draft_cache=None, lora=None,
-                 shape_buckets: str = "fine"):
+                 shape_buckets: str = "fine", max_num_seqs: int | None = None):
         self.weights, self.cfg, self.kv = weights, cfg, kv
         self.lora = lora  # lora.LoRAManager (enable_lora) or None
         self.page_size = page_size
@@ -238,6 +238,8 @@ class ModelRunner:
         self.draft, self.draft_params, self.draft_cache = draft, draft_params, draft_cache
         self.signatures: set[tuple] = set()
         self.shape_buckets = shape_buckets  # the grid of rows, tokens and table widths (EngineConfig)
+        # "slots": decode, fused-decode and speculative calls run this many rows, always
+        self.slot_rows = max_num_seqs if shape_buckets == "slots" else None
         # attention that stops at the longest row (see _inputs)
         self.full_width_tables = paged_loop_applies(backend, kv.k[0])
         self.sampled = None  # async scheduling: each sequence slot's last sampled token, on device
@@ -343,21 +345,24 @@ class ModelRunner:
         """The device adapters for a call whose rows use some (else None)."""
         return None if inp.lora_slots is None else self.lora.arrays
 
-    def _inputs(self, group: list[ScheduledChunk], t: int, width=None,
-                lookahead: int = 0) -> tuple[StepInputs, int, int, int]:
+    def _inputs(self, group: list[ScheduledChunk], t: int, width=None, lookahead: int = 0,
+                decode: bool = False) -> tuple[StepInputs, int, int, int]:
         """Padded arrays for a group; width(c) is a row's token count (default c.num_tokens);
         the page table also covers `lookahead` further tokens (written by later fused steps).
+        decode: the group is decode (or speculative) rows, which the "slots" grid pads to every
+        sequence slot.
 
         Returns (inputs, top-N logprobs wanted, prompt top-N wanted, page-table width)."""
         width = width or (lambda c: c.num_tokens)
         # Rows on the shape_buckets grid ("fine": 4 sizes per doubling, at most 25% padding; "pow2":
-        # powers of two), so a bounded number of programs. The page table: on the XLA path on CPU
+        # powers of two; "slots": pow2, and decode calls have a row per sequence slot), so a bounded
+        # number of programs. The page table: on the XLA path on CPU
         # (`layers.attention_paged_ragged` for decode and verification, `attention_paged_loop` for
         # prefill chunks) attention reads only as far as each row's (or the longest row's) length,
         # so the table always has max_model_len's width and context length never selects a program. Elsewhere (the Pallas kernel, KIVI keys, and
         # the XLA path off CPU, `layers.attention_reference`: all read every slot of the table)
         # its width is on the rows' grid: at least 256 tokens, at most max_model_len.
-        b = shape_bucket(len(group), 1, self.shape_buckets)
+        b = self.slot_rows if decode and self.slot_rows else shape_bucket(len(group), 1, self.shape_buckets)
         if self.full_width_tables:
             pp = self.max_pages_per_seq
         else:
@@ -431,7 +436,7 @@ class ModelRunner:
 
         Returns {request: (tokens, logprob dicts, 0)} with up to num_steps tokens per row."""
         self._activate_adapters(chunks)
-        inp, num_lp, _, pp = self._inputs(chunks, 1, lookahead=num_steps - 1)
+        inp, num_lp, _, pp = self._inputs(chunks, 1, lookahead=num_steps - 1, decode=True)
         steps_left = np.zeros((inp.tokens.shape[0],), np.int32)
         for i, c in enumerate(chunks):
             steps_left[i] = min(num_steps, c.request.max_tokens - len(c.request.output_ids))
@@ -458,7 +463,7 @@ class ModelRunner:
     def _launch(self, group: list[ScheduledChunk], t: int) -> tuple:
         """Dispatch one engine_step over the group's rows, each padded to t tokens; returns its
         (device) sampled tokens and logprob extras without waiting for them."""
-        inp, num_lp, num_plp, pp = self._inputs(group, t)
+        inp, num_lp, num_plp, pp = self._inputs(group, t, decode=t == 1)  # prefill calls have >= 16
         statics = StepStatics(num_lp, num_plp, self.backend)
         self.signatures.add(("step", inp.tokens.shape, pp, statics, inp.penalty_shapes(),
                              inp.lora_slots is not None))
@@ -484,7 +489,7 @@ class ModelRunner:
         """Verify k drafts per row: the n-gram proposals given (one per row), or, without
         them, those drafted on device (draft model, layer skip, EAGLE, Medusa)."""
         k = group[0].num_draft
-        inp, num_lp, _, pp = self._inputs(group, k + 1, width=lambda c: 1 + c.num_draft)
+        inp, num_lp, _, pp = self._inputs(group, k + 1, width=lambda c: 1 + c.num_draft, decode=True)
         prev = np.zeros((inp.tokens.shape[0],), np.int32)
         if proposals is not None:
             for i, d in enumerate(proposals):  # inp.tokens is a host array
