@@ -111,13 +111,14 @@ def test_engine_quantized_cache_same_with_and_without_prefix_caching(fmt, tmp_pa
     prompts = [{"prompt_token_ids": system + rng.integers(3, 300, size=int(n)).tolist()} for n in (3, 9, 5, 12)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     bs = 32 if fmt == "int4_kivi" else 8
-    on = LLM(str(d), kv_cache_dtype=fmt, enable_prefix_caching=True, block_size=bs)
-    off = LLM(str(d), kv_cache_dtype=fmt, enable_prefix_caching=False, block_size=bs)
+    on = LLM(str(d), shape_buckets="slots", kv_cache_dtype=fmt, enable_prefix_caching=True, block_size=bs)
+    off = LLM(str(d), shape_buckets="slots", kv_cache_dtype=fmt, enable_prefix_caching=False, block_size=bs)
     a = [o.outputs[0].token_ids for o in on.generate(prompts, params)]
     a2 = [o.outputs[0].token_ids for o in on.generate(prompts, params)]  # all hits the second time
     b = [o.outputs[0].token_ids for o in off.generate(prompts, params)]
     # fused decode steps write the quantized pages (and KIVI's residual keys) step by step too
-    fused = LLM(str(d), kv_cache_dtype=fmt, enable_prefix_caching=False, block_size=bs, num_scheduler_steps=5)
+    fused = LLM(str(d), shape_buckets="slots", kv_cache_dtype=fmt, enable_prefix_caching=False, block_size=bs,
+                num_scheduler_steps=5)
     c = [o.outputs[0].token_ids for o in fused.generate(prompts, params)]
     assert a == b == a2 == c
     assert fused.get_stats().num_fused_steps > 0

@@ -12,6 +12,9 @@ from jaxinfer import LLM, SamplingParams
 from jaxinfer.model import forward
 
 PROMPT_LENS = (5, 17, 30)
+# Every (rows, tokens) of an engine call is a program to compile, most of this module's time: its
+# engines run on the "slots" grid (one decode shape; the same tokens, test_engine.py).
+SLOTS = {"shape_buckets": "slots"}
 
 
 def _prompts(seed=0, vocab=128):
@@ -27,7 +30,7 @@ def tiny(tmp_path_factory):
 
 def test_repetition_penalty_matches_transformers(tiny):
     path, hf = tiny
-    llm = LLM(str(path), dtype="float32")
+    llm = LLM(str(path), dtype="float32", **SLOTS)
     prompts = _prompts()
     params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24, repetition_penalty=1.5)
     engine = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
@@ -68,7 +71,8 @@ def test_greedy_picks_the_argmax_of_the_penalized_logits(tiny, presence, frequen
     without a cache), penalized and biased by the definition above; the logprobs reported are
     the model's."""
     path, _ = tiny
-    llm = LLM(str(path), dtype="float32", num_scheduler_steps=4)  # fused steps carry the counts on device
+    # fused steps carry the counts on device
+    llm = LLM(str(path), dtype="float32", num_scheduler_steps=4, **SLOTS)
     prompts = _prompts(1)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0, presence_penalty=presence,
                             frequency_penalty=frequency, repetition_penalty=repetition, logit_bias=bias)
@@ -97,7 +101,7 @@ def test_sampled_rows_with_and_without_penalties_agree_on_every_path(tiny):
                              repetition_penalty=1.0 + 0.3 * (i % 2)) for i in range(6)]
     ref = [o.outputs[0].token_ids for o in LLM(str(path), block_size=8).generate_static(prompts, params)]
     for opts in (dict(), dict(num_scheduler_steps=4, num_kv_pages=12, max_num_batched_tokens=24)):
-        llm = LLM(str(path), block_size=8, **opts)
+        llm = LLM(str(path), block_size=8, **opts, **SLOTS)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref, opts
         if "num_kv_pages" in opts:  # fused steps and preemption in one engine
             assert llm.get_stats().num_preemptions > 0 and llm.get_stats().num_fused_steps > 0
@@ -105,7 +109,7 @@ def test_sampled_rows_with_and_without_penalties_agree_on_every_path(tiny):
 
 def test_allowed_token_ids_and_a_large_bias_decide_every_token(tiny):
     path, _ = tiny
-    llm = LLM(str(path), dtype="float32")
+    llm = LLM(str(path), dtype="float32", **SLOTS)
     reqs = [{"prompt_token_ids": p} for p in _prompts(4)]
     allowed = [9, 33, 71, 100]
     for temperature in (0.0, 1.0):
@@ -132,7 +136,7 @@ def test_invalid_penalties_raise_naming_the_field(field, value):
 
 def test_token_ids_outside_the_vocabulary_are_refused(tiny):
     path, _ = tiny
-    llm = LLM(str(path), dtype="float32")
+    llm = LLM(str(path), dtype="float32", **SLOTS)
     for kw in (dict(logit_bias={500: 1.0}), dict(allowed_token_ids=[3, 128])):
         with pytest.raises(ValueError, match="vocab_size=128"):
             llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2, **kw))
@@ -149,8 +153,8 @@ def test_speculative_decoding_with_penalties_gives_plain_decoding_tokens(tiny):
               SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, presence_penalty=1.0,
                              frequency_penalty=0.5, logit_bias=BIAS),
               SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, allowed_token_ids=[7, 9, 40, 41, 77])]
-    ref = [o.outputs[0].token_ids for o in LLM(str(path), block_size=8).generate(prompts, params)]
-    llm = LLM(str(path), block_size=8,
+    ref = [o.outputs[0].token_ids for o in LLM(str(path), block_size=8, **SLOTS).generate(prompts, params)]
+    llm = LLM(str(path), block_size=8, **SLOTS,
               speculative_config={"method": "draft_model", "model": str(path), "num_speculative_tokens": 3})
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref
     stats = llm.get_stats()  # the model drafting for itself penalizes each draft as the verifier will: all accepted
@@ -191,13 +195,13 @@ def test_bad_words_mask_follows_the_output_and_the_drafts():
 
 @pytest.fixture(scope="module")
 def embedded():
-    return LLM(max_model_len=256, block_size=8)
+    return LLM(max_model_len=256, block_size=8, max_num_seqs=4, **SLOTS)
 
 
 @pytest.fixture(scope="module")
 def embedded_ngram():
-    return LLM(max_model_len=256, block_size=8, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
-                                                                    "prompt_lookup_min": 1})
+    return LLM(max_model_len=256, block_size=8, max_num_seqs=4, **SLOTS,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1})
 
 
 def test_bad_words_are_never_generated_on_any_path(embedded, embedded_ngram):
