@@ -60,10 +60,17 @@ def _run(llm: LLM):
     return tokens, [o.outputs[0].token_ids for o in static], plp
 
 
-def test_float32_off_cpu_choices_give_the_cpu_tokens(model_dir, off_cpu):
+@pytest.fixture(scope="module")
+def cpu_run(model_dir):
+    """_run on CPU's choices, float32: what the off-CPU paths are compared with (computed once:
+    each test's off_cpu drops the programs afterwards)."""
+    return _run(LLM(model_dir, dtype="float32", **OPTS))
+
+
+def test_float32_off_cpu_choices_give_the_cpu_tokens(model_dir, cpu_run, off_cpu):
     cpu = LLM(model_dir, dtype="float32", **OPTS)
     assert isinstance(cpu.weights.lm_head, (TiedHead, PanelWeight))  # a CPU layout's copy, for contrast
-    ref_tokens, ref_static, ref_plp = _run(cpu)
+    ref_tokens, ref_static, ref_plp = cpu_run
     off_cpu()
     llm = LLM(model_dir, dtype="float32", **OPTS)
     assert llm.weights.lm_head is None and not llm.engine.runner.full_width_tables
@@ -80,8 +87,8 @@ def test_float32_off_cpu_choices_give_the_cpu_tokens(model_dir, off_cpu):
     np.testing.assert_allclose(plp, ref_plp, atol=1e-4)
 
 
-def test_bfloat16_off_cpu_caches_and_defaults(model_dir, off_cpu):
-    _, _, ref_plp = _run(LLM(model_dir, dtype="float32", **OPTS))
+def test_bfloat16_off_cpu_caches_and_defaults(model_dir, cpu_run, off_cpu):
+    _, _, ref_plp = cpu_run
     off_cpu()
     llm = LLM(model_dir, **OPTS)  # dtype "auto": bfloat16 off CPU
     assert llm.weights.dtype == jnp.bfloat16
