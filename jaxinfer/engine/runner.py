@@ -356,11 +356,11 @@ class ModelRunner:
         width = width or (lambda c: c.num_tokens)
         # Rows on the shape_buckets grid ("fine": 4 sizes per doubling, at most 25% padding; "pow2":
         # powers of two; "slots": pow2, and decode calls have a row per sequence slot), so a bounded
-        # number of programs. The page table: on the XLA path on CPU
-        # (`layers.attention_paged_ragged` for decode and verification, `attention_paged_loop` for
-        # prefill chunks) attention reads only as far as each row's (or the longest row's) length,
-        # so the table always has max_model_len's width and context length never selects a program. Elsewhere (the Pallas kernel, KIVI keys, and
-        # the XLA path off CPU, `layers.attention_reference`: all read every slot of the table)
+        # number of programs. The page table: on the XLA path on CPU (`layers.attention_paged_ragged`
+        # for decode and verification, `attention_paged_loop` for prefill chunks) attention reads only
+        # as far as each row's (or the longest row's) length, so the table always has max_model_len's
+        # width and context length never selects a program. Elsewhere (the Pallas kernel, KIVI keys,
+        # and the XLA path off CPU, `layers.attention_reference`: all read every slot of the table)
         # its width is on the rows' grid: at least 256 tokens, at most max_model_len.
         b = self.slot_rows if decode and self.slot_rows else shape_bucket(len(group), 1, self.shape_buckets)
         if self.full_width_tables:
