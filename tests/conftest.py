@@ -8,9 +8,13 @@ os.environ.setdefault("JAXINFER_COMPILATION_CACHE", "0")
 # Most of the suite's time is XLA:CPU compiling its many small programs. LLVM at -O0 compiles
 # them ~30% faster (full suite 9:14 -> 6:33 on 2 cores), and XLA:CPU's loop emitters faster than
 # its newer fusion emitters (one engine test 27 -> 18 s); the programs still compute the same
-# things, and tests check results, never speed (benchmarks run with the defaults).
+# things, and tests check results, never speed (benchmarks run with the defaults). One LLVM module per
+# program instead of a split for parallel codegen (no gain with both cores busy running two workers):
+# a third fewer memory mappings per executable (see the fixture below) and tests/test_engine.py alone
+# 680 -> 590 s of test time (-n 2, back to back on an AVX2-only EPYC).
 # On a GPU (JAX_PLATFORMS=cuda: the kernel tests compile the Triton variants there) the flags stay off.
-for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+              "--xla_cpu_parallel_codegen_split_count=1"):
     if os.environ["JAX_PLATFORMS"] == "cpu" and _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
