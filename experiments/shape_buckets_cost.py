@@ -5,7 +5,7 @@ Every distinct (rows, tokens, page-table width) of an engine call is a compiled 
 decides how many there are and how much padding each call computes. For each grid, a fresh LLM on
 stdlib-target serves a sweep of batches (n requests at once, for each n in --batches; prompts of
 U[16, 160] tokens, --max-tokens new tokens each, greedy): reported are the programs it compiled
-and the sweep's wall time while compiling (warm-up), then each batch's time once warm, the two
+and the sweep's wall time while compiling (warm-up), then each batch's time once warm, the
 grids taking turns, and each grid's time over fine's (median of --repeats rounds). Outputs must be
 token-identical.
 
@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--out", default=str(RESULTS / "shape_buckets_cost"))
     args = ap.parse_args()
     t0 = time.perf_counter()
-    # Distinct cache sizes: programs are not shared between the two LLMs of this process.
+    # Distinct cache sizes: programs are not shared between the LLMs of this process.
     llms = {g: LLM(args.model, shape_buckets=g, num_kv_pages=1024 + 8 * i, max_num_seqs=max(args.batches))
             for i, g in enumerate(SHAPE_BUCKETS)}
     rng = np.random.default_rng(0)
