@@ -4,12 +4,15 @@ Legend: B batch, T tokens, D model dim, V vocab, N query heads, K kv heads,
 H head dim, F ffn dim, L layers.
 
 Layers are a Python list (unrolled under jit), each with its own cache arrays:
-scanning over stacked layers copies the per-layer cache every step (FACTS.md).
+scanning over stacked layers copies the per-layer cache every step (FACTS.md). Each
+layer is a nested jit (`decoder_layer`), so equal layers are traced and lowered once.
 Projections are fused ([D, (N + 2K) H] for q/k/v, [D, 2F] for gate/up) so each
 block issues few, large matmuls.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +259,20 @@ def mlp_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "backend"))
+def decoder_layer(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, sin, k_pages, v_pages,
+                  meta: AttentionMeta, backend: str):
+    """One decoder layer: x [B, T, D] -> (x [B, T, D], k_pages, v_pages).
+
+    A nested jit, so that tracing a forward traces and lowers each distinct layer once: layers
+    with the same weight types and shapes reuse the first one's jaxpr and MLIR function, and XLA
+    inlines the calls before it optimizes, so the compiled program is the one the unrolled loop
+    gave. Tracing plus lowering no longer grows with the depth of the model."""
+    delta, k_pages, v_pages = attention_block(layer, cfg, x, cos, sin, k_pages, v_pages, meta, backend)
+    x = x + delta
+    return x + mlp_block(layer, cfg, x), k_pages, v_pages
+
+
 def forward(weights: Weights, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             kv: KVCache | None, meta: AttentionMeta | None, *, backend: str = "xla",
             logits_at: jax.Array | None = None, num_layers: int | None = None):
@@ -281,12 +298,9 @@ def forward(weights: Weights, cfg: ModelConfig, tokens: jax.Array, positions: ja
     cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
     new_k, new_v = list(kv.k), list(kv.v)
     for i in range(num_layers):
-        layer = weights.layers[i]
         with jax.named_scope(f"layer{i}"):
-            delta, new_k[i], new_v[i] = attention_block(layer, cfg, x, cos, sin, kv.k[i], kv.v[i],
-                                                         meta, backend)
-            x = x + delta
-            x = x + mlp_block(layer, cfg, x)
+            x, new_k[i], new_v[i] = decoder_layer(weights.layers[i], cfg, x, cos, sin, kv.k[i], kv.v[i], meta,
+                                                  backend)
     hidden = x
     if logits_at is not None:
         hidden_sel = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)  # [B, M, D]
