@@ -61,7 +61,8 @@ class LLM:
     >>> llm = LLM(model="path/to/hf_dir", dtype="float32")
     >>> outs = llm.generate(["def add(a, b):"], SamplingParams(temperature=0, max_tokens=32))
 
-    Engine options keep vLLM's names: block_size, num_kv_pages (or kv_cache_memory_bytes),
+    Engine options keep vLLM's names: block_size, num_kv_pages (or kv_cache_memory_bytes; neither:
+    512 MiB, or $JAXINFER_KV_CACHE_MEMORY_BYTES, `engine.default_kv_cache_memory_bytes`),
     enable_prefix_caching, max_num_seqs, max_num_batched_tokens, kv_cache_dtype ("auto",
     "fp8_e4m3" (alias "fp8"), "fp8_e5m2", "int8", "int4", "nvfp4"), num_scheduler_steps
     (decode steps fused into one device call while only decodes run; vLLM's multi-step),

@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile fresh: no persistent compilation cache (jaxinfer.jit_cache) unless a test sets one.
 os.environ.setdefault("JAXINFER_COMPILATION_CACHE", "0")
+# Engines given no KV budget take 64 MiB instead of 512: allocating (zeroing) 512 MiB took 0.65-0.8 s
+# of every such LLM(...), and the tiny test models got 65,536-262,144 pages for prompts of a few
+# dozen tokens. Tests that need a tight pool still give num_kv_pages.
+os.environ.setdefault("JAXINFER_KV_CACHE_MEMORY_BYTES", str(64 << 20))
 # Most of the suite's time is XLA:CPU compiling its many small programs. LLVM at -O0 compiles
 # them ~30% faster (full suite 9:14 -> 6:33 on 2 cores), and XLA:CPU's loop emitters faster than
 # its newer fusion emitters (one engine test 27 -> 18 s); the programs still compute the same

@@ -309,6 +309,20 @@ def test_a_byte_budget_written_as_a_float_is_taken_as_bytes():
     assert EngineConfig(max_model_len=64, kv_cache_memory_bytes=0.5e6).kv_cache_memory_bytes == 500000
 
 
+def test_the_default_kv_budget_can_come_from_the_environment(model_dir, monkeypatch):
+    """$JAXINFER_KV_CACHE_MEMORY_BYTES sizes the pool of an engine given neither num_kv_pages nor
+    kv_cache_memory_bytes (the suite itself runs with 64 MiB: conftest); an explicit budget wins."""
+    monkeypatch.setenv("JAXINFER_KV_CACHE_MEMORY_BYTES", str(1 << 20))
+    eng = LLM(model_dir, block_size=8).engine
+    page = eng.kv_cache_bytes // eng.num_pages
+    assert eng.num_pages * page <= 1 << 20 < (eng.num_pages + 1) * page
+    assert LLM(model_dir, block_size=8, kv_cache_memory_bytes=1 << 19).engine.num_pages == (1 << 19) // page
+    for bad in ("lots", "0", "-5", "1.5e6"):
+        monkeypatch.setenv("JAXINFER_KV_CACHE_MEMORY_BYTES", bad)
+        with pytest.raises(ValueError, match=f"JAXINFER_KV_CACHE_MEMORY_BYTES='{bad}' must be a positive integer"):
+            LLM(model_dir, block_size=8)
+
+
 def test_bad_requests_are_rejected_and_the_engine_keeps_serving(model_dir):
     llm = LLM(model_dir, **SLOTS, num_kv_pages=6, block_size=8, max_model_len=160)  # 48 tokens of KV
     eng = llm.engine

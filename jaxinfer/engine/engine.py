@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 
 import jax.numpy as jnp
@@ -34,6 +35,23 @@ from jaxinfer.sampling import SamplingParams, is_int
 from jaxinfer.tokenizer import Tokenizer
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 << 20
+KV_CACHE_MEMORY_ENV = "JAXINFER_KV_CACHE_MEMORY_BYTES"  # the default budget, as VLLM_CPU_KVCACHE_SPACE sets vLLM's
+
+
+def default_kv_cache_memory_bytes() -> int:
+    """The KV pool an engine takes when given neither num_kv_pages nor kv_cache_memory_bytes:
+    $JAXINFER_KV_CACHE_MEMORY_BYTES (a positive integer number of bytes) if set, else 512 MiB.
+    Raises ValueError naming the variable when its value is not a positive integer."""
+    env = os.environ.get(KV_CACHE_MEMORY_ENV, "").strip()
+    if not env:
+        return DEFAULT_KV_CACHE_MEMORY_BYTES
+    try:
+        value = int(env)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{KV_CACHE_MEMORY_ENV}={env!r} must be a positive integer number of bytes")
+    return value
 PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
@@ -146,7 +164,7 @@ class LLMEngine:
         if config.num_kv_pages is not None:
             num_pages = config.num_kv_pages
         else:
-            budget = config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES
+            budget = config.kv_cache_memory_bytes or default_kv_cache_memory_bytes()
             num_pages = (budget - resid_bytes) // page_bytes
             if num_pages < 1:
                 raise ValueError(f"kv_cache_memory_bytes={budget} is smaller than one page ({page_bytes} bytes at "
