@@ -87,6 +87,8 @@ def test_engine_greedy_equals_standalone_generate(model_dir, reference, opts):
         assert swapped > 0 if opts.get("preemption_mode") == "swap" else swapped == 0
     if "num_scheduler_steps" in opts:
         assert llm.get_stats().num_fused_steps > 0
+    # greedy requests only: every program was compiled without the sampler's filters and draws
+    assert all(sig[3].greedy for sig in llm.engine.runner.signatures if not sig[0].startswith("swap"))
     _check_pages_returned(llm)
 
 
@@ -116,6 +118,8 @@ def test_fused_decode_steps_equal_single_steps(model_dir):
             assert all(abs(la[t].logprob - lb[t].logprob) < 1e-5 and la[t].rank == lb[t].rank for t in la)
     assert {a.outputs[0].finish_reason for a in ref} == {"stop", "length"}
     assert fused.get_stats().num_fused_steps > 0 and single.get_stats().num_fused_steps == 0
+    # calls with a sampled row carry the sampler (greedy rows alone: the test above)
+    assert not all(sig[3].greedy for sig in fused.engine.runner.signatures)
     _check_pages_returned(fused)
     with pytest.raises(ValueError, match="num_scheduler_steps=0"):
         LLM(model_dir, num_scheduler_steps=0)

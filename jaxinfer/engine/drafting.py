@@ -162,13 +162,14 @@ def record(draft: DraftSpec, params, target: Weights, hc, hidden: jax.Array, tok
 
 
 def propose(draft: DraftSpec, params, target: Weights, target_cfg: ModelConfig, kv: KVCache, hc,
-            inp, prev: jax.Array, k: int, pen, backend: str):
+            inp, prev: jax.Array, k: int, pen, backend: str, greedy: bool = False):
     """k drafts for rows [B, k+1] = [x_P, ...] (inp: the runner's StepInputs; prev [B]: x_{P-1},
     read by the draft model).
 
     The first draft is computed on its own (the draft model reads two tokens there), the other
     k - 1 by a `lax.scan` over one copy of the drafting step, so a program's size does not grow
-    with k. Returns (drafts [B, k], shaped draft logits [B, k, V] (q for verification), kv, hc)."""
+    with k. greedy: every row is greedy (static; no draw is compiled). Returns (drafts [B, k], shaped
+    draft logits [B, k, V] (q for verification), kv, hc)."""
     from jaxinfer.spec.verify import draft_sample
 
     p = inp.kv_lens - (k + 1)  # position of x_P
@@ -177,7 +178,7 @@ def propose(draft: DraftSpec, params, target: Weights, target_cfg: ModelConfig, 
     eps = target_cfg.rms_norm_eps
 
     def take(logits, i, pen):  # draft i from logits [B, V]; later drafts count it as generated
-        d, sh = draft_sample(logits, inp.st, inp.limits, inp.counters + i, pen=pen)
+        d, sh = draft_sample(logits, inp.st, inp.limits, inp.counters + i, greedy, pen)
         return d, sh, (None if pen is None else pen.record(d, active))
 
     if draft.method == "medusa":  # every head reads the same feature: no autoregressive step

@@ -41,8 +41,8 @@ from jaxinfer.layers import paged_loop_applies
 from jaxinfer.lora import LoRAArrays, with_lora
 from jaxinfer.model import Weights, forward
 from jaxinfer.outputs import position_logprobs
-from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens, sample,
-                               token_logprobs)
+from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens,
+                               greedy_argmax, sample, token_logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,10 @@ class StepStatics:
     num_logprobs: int = -1  # top-N logprobs of sampled tokens; -1: none
     num_prompt_logprobs: int = -1  # top-N logprobs of prompt tokens; -1: none
     backend: str = "xla"
+    # Every row of the call is greedy, a static promise: the program holds no top-k / top-p / min-p
+    # filter and no draw (vLLM's all_greedy). Their lax.cond already skipped them at run time; here
+    # they are not even compiled, ~30% of an engine_step program's trace, lowering and compile.
+    greedy: bool = False
 
 
 @struct.dataclass
@@ -88,9 +92,15 @@ def _next_token(logits: jax.Array, inp: StepInputs, counters: jax.Array, statics
     and biases applied, the draw keyed by the output counter) and its logprob extras (None unless asked for;
     the model's logprobs, before penalties, as vLLM reports them)."""
     logits = block_stop_tokens(logits, inp.limits, counters)
-    tok = sample(logits if pen is None else pen.apply(logits), inp.st, counters)
+    shaped = logits if pen is None else pen.apply(logits)
+    tok = greedy_argmax(shaped) if statics.greedy else sample(shaped, inp.st, counters)
     lp = token_logprobs(logits, tok, statics.num_logprobs) if statics.num_logprobs >= 0 else None
     return tok, lp
+
+
+def _all_greedy(inp: StepInputs) -> bool:
+    """StepStatics.greedy for a call's inputs (host arrays; padding rows are greedy)."""
+    return not np.any(np.asarray(inp.st.temperature) > 0)
 
 
 def _adapted(weights: Weights, lora: LoRAArrays | None, inp: StepInputs) -> Weights:
@@ -202,14 +212,15 @@ def spec_step(weights: Weights, cfg: ModelConfig, statics: StepStatics, kv: KVCa
     drafts = inp.tokens[:, 1:]
     if draft is not None and not lookup:
         drafts, draft_logits, kv, dcache = drafting.propose(draft, dparams, weights, cfg, kv, dcache, inp, prev, k,
-                                                            pen, statics.backend)
+                                                            pen, statics.backend, statics.greedy)
     # A row that proposes nothing (-1: prompt lookup without a match) feeds its last token there;
     # those positions are rejected and rolled back like any.
     tokens = jnp.concatenate([inp.tokens[:, :1], jnp.where(drafts < 0, inp.tokens[:, :1], drafts)], axis=1)
     meta = inp.meta()
     logits, hidden, kv = forward(weights, cfg, tokens, meta.query_positions(k + 1), kv, meta,
                                  backend=statics.backend)
-    n_acc, nxt, blocked = verify(logits, drafts, draft_logits, inp.st, inp.limits, inp.counters, pen=pen)
+    n_acc, nxt, blocked = verify(logits, drafts, draft_logits, inp.st, inp.limits, inp.counters, statics.greedy,
+                                 pen=pen)
     if draft is not None:
         dcache = drafting.commit(draft, dparams, weights, dcache, hidden, tokens, n_acc, inp, lookup, statics.backend)
     lp = None
@@ -440,7 +451,7 @@ class ModelRunner:
         steps_left = np.zeros((inp.tokens.shape[0],), np.int32)
         for i, c in enumerate(chunks):
             steps_left[i] = min(num_steps, c.request.max_tokens - len(c.request.output_ids))
-        statics = StepStatics(num_lp, -1, self.backend)
+        statics = StepStatics(num_lp, -1, self.backend, _all_greedy(inp))
         self.signatures.add(("multi", inp.tokens.shape, pp, statics, num_steps, inp.penalty_shapes(),
                              inp.lora_slots is not None))
         self.kv, toks, live, lp = multi_decode_step(self.weights, self.cfg, statics, self.kv, inp, steps_left,
@@ -464,7 +475,7 @@ class ModelRunner:
         """Dispatch one engine_step over the group's rows, each padded to t tokens; returns its
         (device) sampled tokens and logprob extras without waiting for them."""
         inp, num_lp, num_plp, pp = self._inputs(group, t, decode=t == 1)  # prefill calls have >= 16
-        statics = StepStatics(num_lp, num_plp, self.backend)
+        statics = StepStatics(num_lp, num_plp, self.backend, _all_greedy(inp))
         self.signatures.add(("step", inp.tokens.shape, pp, statics, inp.penalty_shapes(),
                              inp.lora_slots is not None))
         self.kv, self.draft_cache, tok, lp, plp, self.sampled = engine_step(
@@ -497,7 +508,7 @@ class ModelRunner:
         else:
             for i, c in enumerate(group):
                 prev[i] = c.request.all_tokens[c.start - 1]
-        statics = StepStatics(num_lp, -1, self.backend)
+        statics = StepStatics(num_lp, -1, self.backend, _all_greedy(inp))
         lookup = proposals is not None
         self.signatures.add(("spec", inp.tokens.shape, pp, statics, inp.penalty_shapes(),
                              inp.lora_slots is not None, lookup))
