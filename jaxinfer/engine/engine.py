@@ -36,6 +36,8 @@ from jaxinfer.tokenizer import Tokenizer
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 << 20
 KV_CACHE_MEMORY_ENV = "JAXINFER_KV_CACHE_MEMORY_BYTES"  # the default budget, as VLLM_CPU_KVCACHE_SPACE sets vLLM's
+PREEMPTION_MODES = ("recompute", "swap")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 def default_kv_cache_memory_bytes() -> int:
@@ -52,8 +54,6 @@ def default_kv_cache_memory_bytes() -> int:
     if value < 1:
         raise ValueError(f"{KV_CACHE_MEMORY_ENV}={env!r} must be a positive integer number of bytes")
     return value
-PREEMPTION_MODES = ("recompute", "swap")
-SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclasses.dataclass(frozen=True)
