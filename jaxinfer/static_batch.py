@@ -56,7 +56,7 @@ class StaticBatchGenerator:
         want_plp = max((r.params.prompt_logprobs for r in rows if r.wants_prompt_logprobs), default=-1)
         statics = gen.GenerateStatics(max_len=s, max_new=max(r.max_tokens for r in rows), num_logprobs=want_lp,
                                       num_prompt_logprobs=want_plp, backend=self.backend,
-                                      kv_quant=self.kv_quant, greedy=all(r.params.temperature == 0 for r in rows))
+                                      kv_quant=self.kv_quant, greedy=all(r.params.greedy for r in rows))
         tokens = np.zeros((b, t), np.int32)
         for i, r in enumerate(rows):
             tokens[i, :lens[i]] = r.prompt_ids

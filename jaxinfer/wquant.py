@@ -578,7 +578,7 @@ def quantize_lm_head(weights, qc: WeightQuantConfig):
 
 def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
     from jaxinfer.layers import rope_cos_sin  # layers and model import this module
-    from jaxinfer.model import attention_block, mlp_block
+    from jaxinfer.model import decoder_layer
 
     s, t = tokens.shape
     x = weights.embed[jnp.asarray(tokens)]
@@ -587,12 +587,9 @@ def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
     full = jnp.full((s,), t, jnp.int32)
     meta = AttentionMeta(page_table=jnp.zeros((s, 1), jnp.int32), kv_lens=full, q_lens=full, contiguous=True)
 
-    def run(layer, x):
-        delta, _, _ = attention_block(layer, cfg, x, cos, sin, None, None, meta, "xla")
-        x = x + delta
-        return x + mlp_block(layer, cfg, x)
+    def run(layer, x):  # jitted (decoder_layer): compiles once per layer structure (policy), not per layer
+        return decoder_layer(layer, cfg, x, cos, sin, None, None, meta, "xla")[0]
 
-    run_compiled = jax.jit(run)  # compiles once per layer structure (policy), not once per layer
     layers = []
     for i, layer in enumerate(weights.layers):
         fmts = {name: qc.format_of(f"layers.{i}.{name}") for name in MODULES}
@@ -612,7 +609,7 @@ def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
                 q, _ = awq_quantize(np.asarray(probe.w), probe.sample(), fmt, group, clip=qc.clip)
             layer = layer.replace(**{name: q})
         layers.append(layer)
-        x = run_compiled(layer, x)  # the next layer calibrates on this quantized layer's output
+        x = run(layer, x)  # the next layer calibrates on this quantized layer's output
     return weights.replace(layers=layers)
 
 

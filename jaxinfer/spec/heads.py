@@ -47,11 +47,10 @@ from jaxinfer.layers import dense_dot, matmul, rms_norm, rope_cos_sin
 from jaxinfer.model import (
     LayerWeights,
     Weights,
-    attention_block,
+    decoder_layer,
     layer_shapes,
     layout_projection,
     lm_logits,
-    mlp_block,
 )
 
 HEAD_METHODS = ("eagle", "medusa")
@@ -110,9 +109,7 @@ def eagle_forward(head: dict, hcfg: ModelConfig, target: Weights, features: jax.
     else:
         k_pages, v_pages = kv.k[0], kv.v[0]
     with jax.named_scope("eagle"):
-        delta, k_pages, v_pages = attention_block(layer, hcfg, x, cos, sin, k_pages, v_pages, meta, backend)
-        x = x + delta
-        x = x + mlp_block(layer, hcfg, x)
+        x, k_pages, v_pages = decoder_layer(layer, hcfg, x, cos, sin, k_pages, v_pages, meta, backend)
     return x, (None if kv is None else KVCache(k=[k_pages], v=[v_pages]))
 
 

@@ -336,7 +336,7 @@ class SpecDecoder(StaticBatchGenerator):
             need = bucket(need)
         return SpecStatics(max_len=need, max_new=bucket(gs.max_new), num_logprobs=gs.num_logprobs,
                            num_prompt_logprobs=gs.num_prompt_logprobs, backend=self.backend,
-                           greedy=all(r.params.temperature == 0 for r in rows))
+                           greedy=gs.greedy)
 
     def segments(self, rows: list[EngineRequest], segment: int | None) -> Iterator:
         """Prefill, then `segment` rounds at a time (None: to the end); yields (state, prompt_lp)."""
