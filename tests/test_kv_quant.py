@@ -1,5 +1,7 @@
 """Quantized KV: round-trip bounds, 4-bit packing, no NaN/Inf, attention tolerance, real bytes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,11 +153,16 @@ def test_kivi_keys_quantize_full_groups_and_keep_the_residual_exact(chunks):
     kv = init_paged(1, 4, ps, kh, h, jnp.float32, spec, num_slots=2)
     keys = jax.random.normal(jax.random.PRNGKey(0), (1, 45, kh, h)) * jnp.arange(1, h + 1)  # per-channel ranges
     table = jnp.array([[2, 0]], jnp.int32)
+
+    @functools.partial(jax.jit, static_argnums=3)  # one program per chunk length, not one per op
+    def write(kp, keys, done, n):
+        meta = AttentionMeta(table, (done + n)[None], jnp.array([n]), slots=jnp.array([1]))
+        page, offset = write_slots(meta, n, ps, 4)
+        return write_pages(kp, jax.lax.dynamic_slice_in_dim(keys, done, n, axis=1), page, offset, meta)
+
     kp, done = kv.k[0], 0
     for n in chunks:
-        meta = AttentionMeta(table, jnp.array([done + n]), jnp.array([n]), slots=jnp.array([1]))
-        page, offset = write_slots(meta, n, ps, 4)
-        kp = write_pages(kp, keys[:, done:done + n], page, offset, meta)
+        kp = write(kp, keys, jnp.int32(done), n)
         done += n
     from jaxinfer.kv.cache import gather_pages
     got = gather_pages(kp, AttentionMeta(table, jnp.array([45]), jnp.array([0]), slots=jnp.array([1])))

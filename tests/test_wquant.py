@@ -208,17 +208,22 @@ def test_llm_quantized_equals_its_fake_quant_reference(tiny):
     sizes = weight_bytes(llm.weights)
     assert 0 < sizes["quantized"] < sizes["dense_projections"] * 4
     assert llm.weights.lm_head.fmt == "int8" and sizes["lm_head"] < llm.weights.embed.nbytes / 3
-    fake = llm.weights.replace(lm_head=llm.weights.lm_head.dense(), layers=[
-        lw.replace(**{n: getattr(lw, n).dense() for n in ("wqkv", "wo", "w_gate_up", "w_down")
-                      if isinstance(getattr(lw, n), QuantWeight)}) for lw in layers])
-    _assert_matches_fake_quant(llm, fake)
+    _assert_matches_fake_quant(llm, _fake_quant(llm.weights))
     calib = np.random.default_rng(1).integers(3, 300, size=(4, 48))
     awq = LLM(str(tiny), dtype="float32", max_num_seqs=4, quantization="int4",
               quantization_config={"method": "awq", "group_size": 32, "calibration": calib})
     assert all(lw.wqkv.input_scale is not None for lw in awq.weights.layers)
-    _assert_matches_fake_quant(awq, awq.weights.replace(layers=[
-        lw.replace(**{n: getattr(lw, n).dense() for n in ("wqkv", "wo", "w_gate_up", "w_down")})
-        for lw in awq.weights.layers]))
+    _assert_matches_fake_quant(awq, _fake_quant(awq.weights))
+
+
+@jax.jit  # one program; op by op, each dequantization compiled a dozen small ones per matrix shape
+def _fake_quant(weights):
+    """The dense model whose projections (and LM head) are the dequantized matrices."""
+    def dense(w):
+        return w.dense() if isinstance(w, QuantWeight) else w
+    return weights.replace(lm_head=dense(weights.lm_head), layers=[
+        lw.replace(**{n: dense(getattr(lw, n)) for n in ("wqkv", "wo", "w_gate_up", "w_down")})
+        for lw in weights.layers])
 
 
 def _assert_matches_fake_quant(llm, fake):
