@@ -79,6 +79,7 @@ def test_cache_bytes_are_real():
             assert per_token / bf16 <= limit, (fmt, h, per_token / bf16)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 6))  # one program per format and backend, not one per op
 def _attend(fmt, backend, q, k, v, meta, ps):
     spec = KVQuantSpec.parse(fmt, q.shape[-1]) if fmt != "auto" else None
     kv = init_paged(1, 6, ps, k.shape[2], k.shape[3], jnp.float32, spec)

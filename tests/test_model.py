@@ -1,6 +1,7 @@
 """The cache is exact: cached decode == full recomputation; paged == contiguous."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -195,13 +196,19 @@ def test_bf16_pages_on_cpu_are_stored_as_bits_and_read_back_exactly():
     plain = page_values(bits)
     assert not isinstance(plain, BitsPages) and plain.dtype == jnp.bfloat16
     table = jnp.array([[3, 0], [4, 1]], jnp.int32)
+
+    @functools.partial(jax.jit, static_argnums=3)  # a program per (storage, t), not one per op
+    def write_and_read(pages, new, meta, t):
+        page, offset = write_slots(meta, t, 4, 5)
+        pages = write_pages(pages, new, page, offset)
+        return pages, page_values(pages), gather_pages(pages, meta)
+
     for start, t, seed in [(0, 5, 0), (5, 1, 1), (6, 2, 2)]:  # 5 tokens across a page boundary, then more
         new = jax.random.normal(jax.random.PRNGKey(seed), (2, t, 2, 16))
         meta = AttentionMeta(table, jnp.array([start + t, start + t]), jnp.array([t, t - 1]))  # row 1: one pad
-        page, offset = write_slots(meta, t, 4, 5)
-        bits, plain = write_pages(bits, new, page, offset), write_pages(plain, new, page, offset)
-        np.testing.assert_array_equal(np.asarray(page_values(bits), np.float32), np.asarray(plain, np.float32))
-        got, want = gather_pages(bits, meta), gather_pages(plain, meta)
+        bits, bits_values, got = write_and_read(bits, new, meta, t)
+        plain, _, want = write_and_read(plain, new, meta, t)
+        np.testing.assert_array_equal(np.asarray(bits_values, np.float32), np.asarray(plain, np.float32))
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     assert np.any(np.asarray(plain, np.float32)) and not np.any(np.asarray(plain[2], np.float32))
 
