@@ -74,7 +74,7 @@ def test_quantize_saves_a_model_that_generate_loads(model_dir, tmp_path, capsys,
     (["--lora-path", "/no/such/adapter"], "no adapter_config.json"),
 ])
 def test_bad_input_exits_nonzero_with_one_line(model_dir, args, match, capsys):
-    """In process (`main`'s return code and stderr); the missing model also as a real process, whose
+    """In process (`main`'s return code and stderr), except the missing model: a real process, whose
     exit status and stderr are what a shell sees (each such process imports jax afresh: ~4 s)."""
     argv = ["generate", "hello"] + (args if args[0] == "--model" else ["--model", str(model_dir)] + args)
     if args[0] == "--model":
