@@ -23,8 +23,8 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, KVCache, init_contiguous
 from jaxinfer.kv.quant import KVQuantSpec
 from jaxinfer.model import Weights, forward, loop_layout
-from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens,
-                               greedy_argmax, sample, token_logprobs)
+from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens, sample,
+                               token_logprobs)
 
 RUNNING, STOPPED, LENGTH = 0, 1, 2  # finish codes
 
@@ -63,7 +63,7 @@ def _emit(state: DecodeState, logits, st: SamplingTensors, limits: RowLimits,
     logprobs are the model's, before penalties, as vLLM reports them)."""
     logits = block_stop_tokens(logits, limits, state.num_generated)
     shaped = logits if state.pen is None else state.pen.apply(logits)
-    tok = greedy_argmax(shaped) if statics.greedy else sample(shaped, st, state.num_generated)  # [B]
+    tok = sample(shaped, st, state.num_generated, statics.greedy)  # [B]
     b = jnp.arange(tok.shape[0])
     slot = jnp.where(active, state.num_generated, statics.max_new)  # inactive rows: dropped
     out_tokens = state.out_tokens.at[b, slot].set(tok, mode="drop")

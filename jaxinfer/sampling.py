@@ -594,9 +594,14 @@ def greedy_argmax(logits: jax.Array) -> jax.Array:
     return jnp.where(idx == v, 0, idx)
 
 
-def sample(logits: jax.Array, st: SamplingTensors, counter: jax.Array) -> jax.Array:
-    """Draw one token per row from logits [B, V]; counter [B] indexes the draw. -> [B] int32."""
+def sample(logits: jax.Array, st: SamplingTensors, counter: jax.Array, greedy_only: bool = False) -> jax.Array:
+    """Draw one token per row from logits [B, V]; counter [B] indexes the draw. -> [B] int32.
+
+    greedy_only: every row is greedy (static; vLLM's all_greedy): the argmax alone, with no filter
+    or draw compiled (a lax.cond skips them at run time otherwise, but they are still compiled)."""
     greedy_tokens = greedy_argmax(logits)
+    if greedy_only:
+        return greedy_tokens
 
     def draw(_):
         filtered = filter_logits(logits, st)

@@ -41,8 +41,8 @@ from jaxinfer.layers import paged_loop_applies
 from jaxinfer.lora import LoRAArrays, with_lora
 from jaxinfer.model import Weights, forward
 from jaxinfer.outputs import position_logprobs
-from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens,
-                               greedy_argmax, sample, token_logprobs)
+from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens, sample,
+                               token_logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _next_token(logits: jax.Array, inp: StepInputs, counters: jax.Array, statics
     the model's logprobs, before penalties, as vLLM reports them)."""
     logits = block_stop_tokens(logits, inp.limits, counters)
     shaped = logits if pen is None else pen.apply(logits)
-    tok = greedy_argmax(shaped) if statics.greedy else sample(shaped, inp.st, counters)
+    tok = sample(shaped, inp.st, counters, statics.greedy)
     lp = token_logprobs(logits, tok, statics.num_logprobs) if statics.num_logprobs >= 0 else None
     return tok, lp
 

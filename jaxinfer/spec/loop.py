@@ -40,8 +40,8 @@ from jaxinfer.engine.request import EngineRequest
 from jaxinfer.generate import LENGTH, RUNNING, STOPPED, GenerateStatics, bucket, round_up
 from jaxinfer.kv.cache import AttentionMeta, KVCache, init_contiguous
 from jaxinfer.model import Weights, forward
-from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens,
-                               greedy_argmax, sample, token_logprobs)
+from jaxinfer.sampling import (Penalties, PenaltyInputs, RowLimits, SamplingTensors, block_stop_tokens, sample,
+                               token_logprobs)
 from jaxinfer.spec.drafters import DraftContext
 from jaxinfer.spec.verify import verify
 from jaxinfer.static_batch import StaticBatchGenerator
@@ -114,7 +114,7 @@ def spec_prefill(weights: Weights, cfg: ModelConfig, drafter, draft_params, stat
     penalties = None if pen is None else pen.build(cfg.vocab_size)
     shaped = first_logits if penalties is None else penalties.apply(first_logits)
     # [B]; exactly generate.prefill's draw (greedy batches skip compiling the sampler)
-    first = greedy_argmax(shaped) if statics.greedy else sample(shaped, st, zeros)
+    first = sample(shaped, st, zeros, statics.greedy)
     running = prompt_lens > 0
     if penalties is not None:
         penalties = penalties.record(first, running)
