@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import jax
 
 from jaxinfer.beam import BeamSearchOutput, BeamSearchParams, run_beam_search
-from jaxinfer.checkpoint import (CheckpointError, export_hf, hf_quantization, is_orbax_dir, load_hf,
+from jaxinfer.checkpoint import (DTYPES, CheckpointError, export_hf, hf_quantization, is_orbax_dir, load_hf,
                                  orbax_quantization, restore_orbax, save_orbax)
 from jaxinfer.engine.engine import EngineConfig, LLMEngine
 from jaxinfer.engine.request import EngineRequest, Status
@@ -52,6 +52,8 @@ def default_dtype(requested: str) -> str:
     kernels more than by the bytes of the weights (experiments/results/bench_decode.md has both)."""
     if requested == "auto":
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if requested not in DTYPES:
+        raise ValueError(f"dtype={requested!r} is not supported; choose one of auto, {', '.join(DTYPES)}")
     return requested
 
 

@@ -197,6 +197,9 @@ def test_a_call_that_fails_mid_run_leaves_the_llm_serving(llm, monkeypatch):
 def test_bad_constructor_arguments(tmp_path):
     with pytest.raises(ValueError, match="attention_backend='cuda'"):
         LLM(str(tmp_path), attention_backend="cuda")
+    for bad in ("float8", "half", None):  # refused before anything reads it
+        with pytest.raises(ValueError, match=f"dtype={bad!r} is not supported; choose one of auto, float32, bfloat16"):
+            LLM(str(tmp_path), dtype=bad)
     with pytest.raises(ValueError, match="no such directory"):
         LLM(str(tmp_path / "missing"))
 
