@@ -12,6 +12,14 @@ result bounds what any implementation of prompt lookup reaches on this machine:
 
     ceiling = (output tokens x one-token forward) / (sum over rounds of the round's forward)
 
+With --branches B > 1 a round instead proposes up to B distinct continuations: those of the
+most recent earlier occurrences of the longest matching suffix, each continued as
+`drafters.ngram_lookup` continues one. They are verified as one token tree (SpecInfer, Miao et al.
+2024; Lookahead decoding's verification branch): the round's forward covers the last token plus
+every distinct prefix of the candidates, and accepts the longest candidate that agrees with the
+output. It is priced at a plain forward of that width (a tree mask adds no flops), so it asks
+whether multi-candidate lookup would pay before anything implements the tree mask.
+
 It also reports where the repeats that prompt lookup finds come from: the share of output tokens
 that complete a 4-gram of the prompt (the answer copying its prompt, the regime the code_edit
 set is meant to create) and the share that complete a 4-gram found only earlier in the output
@@ -21,6 +29,7 @@ Writes experiments/results/lookup_ceiling.{json,md}.
 
     python experiments/lookup_ceiling.py [--dtype float32] [--ks 2 4 8 11 15] [--prompts 4]
     python experiments/lookup_ceiling.py --prompt-lookup-min 1 --prompt-lookup-scale 2 --ks 4 8 --out ...scaled
+    python experiments/lookup_ceiling.py --prompt-lookup-min 1 --prompt-lookup-scale 2 --ks 8 --branches 1 2 3 --out ...tree
 """
 
 from __future__ import annotations
@@ -74,6 +83,54 @@ def replay(seq: list[int], start: int, k: int, n_max: int, n_min: int, scale: in
     return widths
 
 
+def lookup_candidates(seq: list[int], p: int, k: int, n_max: int, n_min: int, lengths: tuple[int, ...] | None,
+                      branches: int) -> list[tuple[int, ...]]:
+    """Up to `branches` distinct drafts for the round whose last emitted token is seq[p]: for the
+    longest n in n_max..n_min whose suffix occurs earlier, the continuations of its most recent
+    occurrences, each as `ngram_lookup` continues its one (periodically past p, lengths[n] long
+    with lengths). branches=1 is `ngram_lookup`'s draft."""
+    for n in range(n_max, n_min - 1, -1):
+        if p - n + 1 < 0:
+            continue
+        suffix, size, cands = seq[p - n + 1:p + 1], (k if lengths is None else lengths[n]), []
+        for start in range(p - n, -1, -1):  # most recent first; ends strictly before p
+            if seq[start:start + n] != suffix:
+                continue
+            after, period = start + n, p - start - n + 1
+            cand = tuple(seq[after + i % period] for i in range(size))
+            if cand not in cands:
+                cands.append(cand)
+                if len(cands) == branches:
+                    break
+        if cands:
+            return cands
+    return []
+
+
+def replay_tree(seq: list[int], start: int, k: int, n_max: int, n_min: int, scale: int | None,
+                branches: int) -> list[int]:
+    """`replay` with up to `branches` candidate drafts per round, verified as one token tree: a
+    round's width is 1 + the distinct prefixes of its candidates, and it emits the longest
+    candidate prefix the output agrees with, plus one."""
+    lengths = None if scale is None else lookup_lengths(k, n_max, scale)
+    p, end, widths = start, len(seq) - 1, []
+    while p < end:
+        cands = lookup_candidates(seq, p, k, n_max, n_min, lengths, branches)
+        if not cands:
+            widths.append(1)
+            p += 1
+            continue
+        true, acc = seq[p + 1:p + 1 + k], 0
+        for cand in cands:
+            a = 0
+            while a < min(len(cand), len(true)) and cand[a] == true[a]:
+                a += 1
+            acc = max(acc, a)
+        widths.append(1 + len({cand[:i] for cand in cands for i in range(1, len(cand) + 1)}))
+        p += min(acc + 1, end - p)
+    return widths
+
+
 def repeat_shares(seq: list[int], start: int, n: int = 4) -> tuple[float, float]:
     """(share of output tokens seq[start:] completing an n-gram of the prompt seq[:start], share
     completing an n-gram only earlier in the output): each token counted with its n - 1 predecessors."""
@@ -103,6 +160,8 @@ def main(argv=None):
     ap.add_argument("--prompt-lookup-min", type=int, default=2)
     ap.add_argument("--prompt-lookup-scale", type=int, default=None,
                     help="drafts per matched token (NgramDrafter.scale): rounds verify 1 + lookup_lengths[n] wide")
+    ap.add_argument("--branches", type=int, nargs="+", default=[1],
+                    help="candidate drafts per round, verified as a token tree (1: the loop's prompt lookup)")
     ap.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
                     help="as LLM(attention_backend=...) and bench_spec.py (auto: native on CPU where the kernels build)")
     ap.add_argument("--out", default=str(RESULTS / "lookup_ceiling"))
@@ -120,7 +179,8 @@ def main(argv=None):
     # Each width timed in 5 interleaved rounds, median: a slow moment of the shared machine then
     # moves one sample of every width instead of one width's price. Each program compiles once.
     scale = args.prompt_lookup_scale
-    widths = sorted({1} | {1 + w for k in args.ks for w in (draft_widths(k) if scale else (k,))})
+    widths = sorted({1} | {1 + w for k in args.ks for w in (draft_widths(k) if scale else (k,))}
+                    | {t for k in args.ks for t in range(2, 2 + max(args.branches) * k) if max(args.branches) > 1})
     timers = [forward_timer(weights, cfg, 1, t, context=longest + m // 2, backend=backend) for t in widths]
     samples = [[timed() for timed in timers] for _ in range(5)]
     cost = dict(zip(widths, np.median(samples, axis=0).tolist()))
@@ -138,18 +198,24 @@ def main(argv=None):
         shares[name] = {"copied_from_prompt": float(both[0]), "repeated_output": float(both[1])}
         print(f"{name:12s} output tokens completing a prompt 4-gram {both[0]:.1%}, "
               f"repeating only an earlier output 4-gram {both[1]:.1%}", flush=True)
+        n_range = (args.prompt_lookup_max, args.prompt_lookup_min)
         for k in args.ks:
-            widths = [w for seq, start in seqs for w in replay(seq, start, k, args.prompt_lookup_max,
-                                                               args.prompt_lookup_min, scale)]
-            emitted = sum(len(seq) - 1 - start for seq, start in seqs)
-            spent = sum(cost[w] for w in widths)
-            matched = sum(w > 1 for w in widths)
-            row = dict(set=name, k=k, rounds=len(widths), matched_rounds=matched, tau=emitted / len(widths),
-                       tau_matched=(emitted - (len(widths) - matched)) / max(matched, 1),
-                       ceiling=emitted * cost[1] / spent)
-            rows.append(row)
-            print(f"{name:12s} k={k:2d}: rounds {len(widths)} ({matched} with a match)  τ {row['tau']:.2f}  "
-                  f"(matched rounds {row['tau_matched']:.2f})  ceiling {row['ceiling']:.2f}x", flush=True)
+            # the tree replay's single-candidate case is the loop's lookup, round for round
+            assert all(replay_tree(seq, start, k, *n_range, scale, 1) == replay(seq, start, k, *n_range, scale)
+                       for seq, start in seqs[:1])
+            for b in args.branches:
+                widths = [w for seq, start in seqs for w in
+                          (replay(seq, start, k, *n_range, scale) if b == 1 else replay_tree(seq, start, k, *n_range, scale, b))]
+                emitted = sum(len(seq) - 1 - start for seq, start in seqs)
+                spent = sum(cost[w] for w in widths)
+                matched = sum(w > 1 for w in widths)
+                row = dict(set=name, k=k, branches=b, rounds=len(widths), matched_rounds=matched,
+                           tau=emitted / len(widths), tau_matched=(emitted - (len(widths) - matched)) / max(matched, 1),
+                           mean_width=sum(widths) / len(widths), ceiling=emitted * cost[1] / spent)
+                rows.append(row)
+                print(f"{name:12s} k={k:2d} branches {b}: rounds {len(widths)} ({matched} with a match)  "
+                      f"τ {row['tau']:.2f}  (matched rounds {row['tau_matched']:.2f})  mean width "
+                      f"{row['mean_width']:.2f}  ceiling {row['ceiling']:.2f}x", flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,9 +230,10 @@ def main(argv=None):
           + ". Every round priced at the target's forward "
           "over its width alone (median of 5 interleaved timings: " + ", ".join(f"T={t}: {v:.3f} ms" for t, v in cost.items())
           + "), so the ceiling leaves out all drafting, sampling and loop costs.", "",
-          "| set | k | rounds | with a match | τ | τ of matched rounds | ceiling |", "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['set']} | {r['k']} | {r['rounds']} | {r['matched_rounds']} | {r['tau']:.2f} | "
-           f"{r['tau_matched']:.2f} | {r['ceiling']:.2f}x |" for r in rows]
+          "| set | k | branches | rounds | with a match | τ | τ of matched rounds | mean width | ceiling |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['set']} | {r['k']} | {r['branches']} | {r['rounds']} | {r['matched_rounds']} | {r['tau']:.2f} | "
+           f"{r['tau_matched']:.2f} | {r['mean_width']:.2f} | {r['ceiling']:.2f}x |" for r in rows]
     md += ["", ("Where the repeats come from (mean over the set's prompts; a token counts with its three "
                 "predecessors):"), "",
            "| set | output tokens completing a prompt 4-gram | completing only an earlier output 4-gram |",
