@@ -41,9 +41,12 @@ COMMON_FIELDS = ("model", "n", "temperature", "top_p", "stop", "seed", "stream",
 EXTRA_SAMPLING = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
                   "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids", "bad_words",
                   "truncate_prompt_tokens")
+# vLLM's extra output field: logprobs name tokens "token_id:<id>", since byte-level tokens that are
+# parts of one character all decode to U+FFFD and would share one key of top_logprobs
+OUTPUT_EXTRA = ("return_tokens_as_token_ids",)
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
-COMPLETION_FIELDS = COMMON_FIELDS + EXTRA_SAMPLING + tuple(GUIDED) + ("prompt", "max_tokens", "logprobs", "echo")
-CHAT_FIELDS = COMMON_FIELDS + EXTRA_SAMPLING + tuple(GUIDED) + (
+COMPLETION_FIELDS = COMMON_FIELDS + EXTRA_SAMPLING + OUTPUT_EXTRA + tuple(GUIDED) + ("prompt", "max_tokens", "logprobs", "echo")
+CHAT_FIELDS = COMMON_FIELDS + EXTRA_SAMPLING + OUTPUT_EXTRA + tuple(GUIDED) + (
     "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
     "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "tools")
 MAX_N = 128  # completions per request (OpenAI's limit): n=10**6 was accepted, and the next client timed out at 60 s
@@ -222,14 +225,14 @@ def _check_fields(body: dict, allowed: tuple[str, ...]):
     unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise RequestError(f"unknown field(s) {unknown}; this endpoint takes {sorted(allowed)}", param=unknown[0])
-    for k in ("stream", "echo", "add_generation_prompt", "continue_final_message"):
+    for k in ("stream", "echo", "add_generation_prompt", "continue_final_message", "return_tokens_as_token_ids"):
         if body.get(k) is not None and not isinstance(body[k], bool):
             raise RequestError(f"{k}={body[k]!r} must be true or false", param=k)
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         raise RequestError(f"stream_options={body['stream_options']!r} must be an object", param="stream_options")
 
 
-def sampling_params(body: dict, max_tokens, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: dict, max_tokens, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     """SamplingParams from an OpenAI request body (already checked for unknown fields)."""
     kw = {k: body[k] for k in EXTRA_SAMPLING if body.get(k) is not None}
     for k in ("n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty"):
@@ -250,7 +253,7 @@ def sampling_params(body: dict, max_tokens, logprobs: int | None) -> SamplingPar
     if structured is not None:
         kw["structured_outputs"] = structured
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kw)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, **kw)
     except (TypeError, ValueError) as e:
         raise RequestError(str(e)) from None
 
@@ -301,22 +304,31 @@ def _int_field(body: dict, name: str, default=None, low: int = 0):
     return value
 
 
-def _choice(i: int, text: str, token_ids, logprobs, reason, chat: bool, delta: bool, top: int) -> dict:
+def _choice(i: int, text: str, token_ids, logprobs, reason, chat: bool, delta: bool, top: int, decode=None) -> dict:
     """One entry of a response's (or a stream chunk's) choices."""
-    lp = _logprobs(token_ids, logprobs, chat, top) if logprobs else None
+    lp = _logprobs(token_ids, logprobs, chat, top, decode) if logprobs else None
     if chat:
         content = {"content": text} if delta else {"role": "assistant", "content": text}
         return {"index": i, ("delta" if delta else "message"): content, "logprobs": lp, "finish_reason": reason}
     return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
 
 
-def _logprobs(token_ids, logprobs, chat: bool, top: int) -> dict:
+def token_id_name(t: int) -> str:
+    """A token's name in logprobs with return_tokens_as_token_ids."""
+    return f"token_id:{t}"
+
+
+def _logprobs(token_ids, logprobs, chat: bool, top: int, decode=None) -> dict:
     """OpenAI's logprobs of a choice's sampled tokens, with the texts the engine decoded for them:
     chat's `content` list (each with its `top` most likely alternatives), or the completions API's
     tokens / token_logprobs / top_logprobs / text_offset lists (top_logprobs: the top alternatives
-    and the sampled token, as vLLM gives them)."""
+    and the sampled token, as vLLM gives them). With echo the lists start with the prompt's tokens,
+    whose first position has no logprobs (None), as in OpenAI's and vLLM's answers; `decode` gives
+    its text; decode=token_id_name names every token by its id instead."""
     def text(t: int, lp) -> str:
-        return lp.decoded_token if lp.decoded_token is not None else str(t)  # str: no tokenizer
+        if decode is not token_id_name and lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        return decode(t) if decode is not None else str(t)  # str: no tokenizer
 
     def entry(t: int, lp) -> dict:
         piece = text(t, lp)
@@ -325,9 +337,11 @@ def _logprobs(token_ids, logprobs, chat: bool, top: int) -> dict:
         return {"content": [{**entry(t, pos[t]), "top_logprobs": [
             entry(a, lp) for a, lp in sorted(pos.items(), key=lambda kv: kv[1].rank) if lp.rank <= top]}
             for t, pos in zip(token_ids, logprobs)]}
-    pieces = [text(t, pos[t]) for t, pos in zip(token_ids, logprobs)]
-    return {"tokens": pieces, "token_logprobs": [pos[t].logprob for t, pos in zip(token_ids, logprobs)],
-            "top_logprobs": [{text(a, lp): lp.logprob for a, lp in pos.items()} for pos in logprobs],
+    pieces = [text(t, pos and pos[t]) for t, pos in zip(token_ids, logprobs)]
+    return {"tokens": pieces,
+            "token_logprobs": [pos[t].logprob if pos else None for t, pos in zip(token_ids, logprobs)],
+            "top_logprobs": [{text(a, lp): lp.logprob for a, lp in pos.items()} if pos else None
+                             for pos in logprobs],
             "text_offset": list(itertools.accumulate((len(p) for p in pieces[:-1]), initial=0))}
 
 
@@ -414,11 +428,14 @@ class _Handler(BaseHTTPRequestHandler):
         _check_fields(body, COMPLETION_FIELDS)
         if "prompt" not in body:
             raise RequestError("missing field 'prompt'", param="prompt")
-        if body.get("echo"):
-            raise RequestError("echo=true is not supported", param="echo")
+        echo = bool(body.get("echo"))
         prompts = completion_prompts(body["prompt"])
-        params = sampling_params(body, _int_field(body, "max_tokens", 16, 1), _int_field(body, "logprobs"))
-        self._serve_request(body, prompts, params, chat=False)
+        logprobs = _int_field(body, "logprobs")
+        # echo with max_tokens 0 answers the prompt alone (OpenAI's way to score a text, as
+        # lm-evaluation-harness does): the engine still samples one token, which is dropped
+        max_tokens = _int_field(body, "max_tokens", 16, 0 if echo else 1)
+        params = sampling_params(body, max(max_tokens, 1), logprobs, logprobs if echo else None)
+        self._serve_request(body, prompts, params, chat=False, echo=echo, generate=max_tokens > 0)
 
     def _chat(self, body: dict):
         _check_fields(body, CHAT_FIELDS)
@@ -440,20 +457,26 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
         self._serve_request(body, [prompt], params, chat=True)
 
-    def _serve_request(self, body: dict, prompts: list, params: SamplingParams, chat: bool):
+    def _serve_request(self, body: dict, prompts: list, params: SamplingParams, chat: bool, echo: bool = False,
+                       generate: bool = True):
         ids, out_q = self.server.worker.submit(prompts, params, self._arrival)  # ValueError: 400, nothing queued
         pending = set(ids)
         try:
-            self._answer(body, ids, out_q, pending, params, chat)
+            self._answer(body, ids, out_q, pending, params, chat, echo, generate)
         finally:  # a client gone, or a failure here: stop what is left of the request now
             if pending:
                 self.server.worker.abort(list(pending))
 
     def _answer(self, body: dict, ids: list[str], out_q: queue.Queue, pending: set, params: SamplingParams,
-                chat: bool):
+                chat: bool, echo: bool = False, generate: bool = True):
         """Collect the request's outputs (removing ids from `pending` as they finish) and answer:
-        one JSON body, or server-sent events as the text arrives."""
+        one JSON body, or server-sent events as the text arrives.
+
+        echo: each choice starts with its prompt (text, token ids and, with logprobs, the prompt's
+        logprobs), in the first chunk when streamed. generate=False (echo with max_tokens 0): the
+        prompt alone; the token the engine sampled is dropped and not counted."""
         top = params.logprobs or 0
+        decode = token_id_name if body.get("return_tokens_as_token_ids") else self.server.llm.engine.runner.decode_token
         index = {rid: i for i, rid in enumerate(ids)}
         created, model = int(time.time()), self.server.model_name
         rid0 = ("chatcmpl-" if chat else "cmpl-") + ids[0]
@@ -465,6 +488,7 @@ class _Handler(BaseHTTPRequestHandler):
         tokens = [[] for _ in range(len(ids) * n)]
         lps = [[] for _ in range(len(ids) * n)]
         reasons: list[str | None] = [None] * (len(ids) * n)
+        echoes: list[tuple | None] = [None] * (len(ids) * n)  # (text, token ids, logprobs) of the prompt
         if stream:
             self._start_stream()
             if chat:
@@ -485,14 +509,27 @@ class _Handler(BaseHTTPRequestHandler):
             choices = []
             for c in out.outputs:
                 i = index[out.request_id] * n + c.index
-                texts[i].append(c.text)
-                tokens[i] += c.token_ids
-                if c.logprobs:
-                    lps[i] += c.logprobs
-                if c.finish_reason is not None:
-                    reasons[i] = c.finish_reason
-                if stream and (c.text or c.finish_reason is not None):
-                    choices.append(_choice(i, c.text, c.token_ids, c.logprobs, c.finish_reason, chat, True, top))
+                text, token_ids, logprobs, reason = c.text, c.token_ids, c.logprobs, c.finish_reason
+                if not generate:
+                    text, token_ids, logprobs = "", [], None
+                    reason = reason and "length"
+                texts[i].append(text)
+                tokens[i] += token_ids
+                if logprobs:
+                    lps[i] += logprobs
+                if reason is not None:
+                    reasons[i] = reason
+                # the prompt's logprobs are whole once its first token is sampled (a long prompt's
+                # outputs arrive after each prefill chunk, with no tokens yet)
+                first = echo and echoes[i] is None and bool(c.token_ids or c.finish_reason is not None)
+                if first:
+                    echoes[i] = self._prompt_echo(out, decode)
+                if stream and (text or reason is not None or first):
+                    if first:
+                        p_text, p_ids, p_lps = echoes[i]
+                        text, token_ids = p_text + text, p_ids + token_ids
+                        logprobs = p_lps + (logprobs or []) if p_lps is not None else logprobs
+                    choices.append(_choice(i, text, token_ids, logprobs, reason, chat, True, top, decode))
             if out.finished:
                 pending.discard(out.request_id)
                 usage["prompt_tokens"] += len(out.prompt_token_ids)
@@ -501,7 +538,7 @@ class _Handler(BaseHTTPRequestHandler):
                          "model": model, "choices": choices}
                 if not self._event(chunk):  # the client went away: its requests stop now
                     return
-        usage["completion_tokens"] = sum(map(len, tokens))
+        usage["completion_tokens"] = sum(map(len, tokens))  # generated tokens only: echo adds the prompt below
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if stream:
             if (body.get("stream_options") or {}).get("include_usage"):
@@ -509,10 +546,25 @@ class _Handler(BaseHTTPRequestHandler):
                              "model": model, "choices": [], "usage": usage})
             self._event_raw(b"data: [DONE]\n\n")
             return self._end_stream()
-        choices = [_choice(i, "".join(texts[i]), tokens[i], lps[i] or None, reasons[i], chat, False, top)
+        if echo:
+            for i, (p_text, p_ids, p_lps) in enumerate(echoes):
+                texts[i].insert(0, p_text)
+                tokens[i] = p_ids + tokens[i]
+                lps[i] = p_lps + lps[i] if p_lps is not None else lps[i]
+        choices = [_choice(i, "".join(texts[i]), tokens[i], lps[i] or None, reasons[i], chat, False, top, decode)
                    for i in range(len(texts))]
         self._send_json({"id": rid0, "object": obj, "created": created, "model": model, "choices": choices,
                          "usage": usage})
+
+    def _prompt_echo(self, out: RequestOutput, decode) -> tuple[str, list[int], list | None]:
+        """What echo puts in front of a choice: the prompt's text (decoded when it came as token
+        ids), its token ids and its logprobs (None for the first token), if asked for."""
+        text = out.prompt
+        if text is None:
+            tok = self.server.llm.get_tokenizer()
+            text = tok.decode(out.prompt_token_ids) if tok is not None else ""
+        # copies: the output holds the request's own lists, which the engine thread owns
+        return text, list(out.prompt_token_ids), (list(out.prompt_logprobs) if out.prompt_logprobs else None)
 
     # -------------------------------------------------------------- metrics
 

@@ -9,8 +9,10 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
-from hf_models import write_tiny, write_tokenizer
+import torch
+from hf_models import load_hf_model, write_tiny, write_tokenizer
 
 from jaxinfer import LLM, SamplingParams
 from jaxinfer.server import OpenAIServer
@@ -154,9 +156,98 @@ def test_chat_completion_renders_the_template(served):
     assert "".join(c["delta"].get("content", "") for e in events for c in e["choices"]) == chat.text
 
 
+def test_echo_scores_a_text_as_lm_evaluation_harness_asks(served):
+    """lm-evaluation-harness's loglikelihood request to an OpenAI server (`local-completions`):
+    token ids, echo, max_tokens 1, logprobs 1, temperature 0. It sums token_logprobs[ctxlen:-1]
+    and calls a continuation greedy where each token's logprob is the largest of its top_logprobs.
+    Both match transformers on the same checkpoint."""
+    server = served[0]
+    hf = load_hf_model(server.llm.model_dir)
+    with torch.no_grad():  # a context, then a greedy continuation of it: greedy and non-greedy positions
+        ids = hf.generate(torch.tensor([[1, 17, 42, 99, 7, 230]]), max_new_tokens=5, min_new_tokens=5,
+                          do_sample=False)[0].tolist()
+        ref = hf(torch.tensor([ids])).logits[0].log_softmax(-1).numpy()
+    status, text = _post(server, "/v1/completions", {"prompt": [ids], "max_tokens": 1, "logprobs": 1,
+                                                     "echo": True, "temperature": 0, "seed": 1234})
+    assert status == 200, text
+    body = json.loads(text)
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing predicts the first token
+    np.testing.assert_allclose(lp["token_logprobs"][1:-1], ref[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
+    assert lp["token_logprobs"][-1] == pytest.approx(ref[-1].max(), abs=1e-4)  # the greedy token after the text
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
+    # Tokens that are parts of one UTF-8 character all read U+FFFD, so a top alternative can share
+    # the chosen token's key; vLLM's return_tokens_as_token_ids names them by id, and the greedy
+    # test is then exact.
+    status, text = _post(server, "/v1/completions", {"prompt": [ids], "max_tokens": 1, "logprobs": 1, "echo": True,
+                                                     "temperature": 0, "return_tokens_as_token_ids": True})
+    lp = json.loads(text)["choices"][0]["logprobs"]
+    assert lp["tokens"][:len(ids)] == [f"token_id:{t}" for t in ids]
+    greedy = [t == max(top.values()) for t, top in zip(lp["token_logprobs"][1:-1], lp["top_logprobs"][1:-1])]
+    assert greedy == (ref[:-1].argmax(-1) == ids[1:]).tolist() and greedy[-5:] == [True] * 5 and not all(greedy)
+    assert all(f"token_id:{t}" in top for t, top in zip(ids[1:], lp["top_logprobs"][1:-1]))
+    assert _idle(server)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_logprobs_of_prompts_prefilled_over_several_steps(served, stream):
+    """With 32 tokens of prefill a step, each 100-token prompt takes several steps, and the engine
+    sends a request's (empty) outputs before its prompt is done; each choice still echoes its
+    whole prompt's logprobs, as transformers computes them (lm-evaluation-harness's contexts are
+    hundreds of tokens long)."""
+    model_dir = served[0].llm.model_dir
+    server = OpenAIServer(LLM(str(model_dir), max_num_seqs=4, max_model_len=128, num_kv_pages=64, block_size=8,
+                              max_num_batched_tokens=32), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rng = np.random.default_rng(3)
+    prompts = [[1] + rng.integers(3, 300, size=99).tolist() for _ in range(6)]
+    with torch.no_grad():
+        ref = load_hf_model(model_dir)(torch.tensor(prompts)).logits.log_softmax(-1).numpy()
+    try:
+        status, text = _post(server, "/v1/completions", {"prompt": prompts, "max_tokens": 1, "logprobs": 1,
+                                                         "echo": True, "temperature": 0, "stream": stream})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200, text
+    choices = [c for e in _events(text) for c in e["choices"]] if stream else json.loads(text)["choices"]
+    got = {i: [] for i in range(len(prompts))}
+    for c in choices:
+        got[c["index"]] += c["logprobs"]["token_logprobs"]
+    for i, (p, r) in enumerate(zip(prompts, ref)):
+        assert len(got[i]) == len(p) + 1
+        np.testing.assert_allclose(got[i][1:-1], r[np.arange(len(p) - 1), p[1:]], atol=1e-4)
+
+
+def test_echo_puts_the_prompt_first_streamed_or_not(served):
+    server, expected, _ = served
+    p = PROMPTS[0]
+    body = {"prompt": p, "max_tokens": 12, "temperature": 0, "echo": True}
+    (choice,) = json.loads(_post(server, "/v1/completions", body)[1])["choices"]
+    assert choice["text"] == p + expected[p].text and choice["logprobs"] is None
+    pieces = [c["text"] for e in _events(_post(server, "/v1/completions", {**body, "stream": True})[1])
+              for c in e["choices"]]
+    assert pieces[0].startswith(p) and "".join(pieces) == p + expected[p].text
+    # max_tokens 0: the prompt alone, with its logprobs; nothing generated is returned or counted
+    for stream in (False, True):
+        status, text = _post(server, "/v1/completions", {"prompt": [p, p], "max_tokens": 0, "echo": True,
+                                                         "logprobs": 0, "stream": stream})
+        assert status == 200, text
+        choices = [c for e in _events(text) for c in e["choices"]] if stream else json.loads(text)["choices"]
+        assert [c["text"] for c in choices] == [p, p] and {c["finish_reason"] for c in choices} == {"length"}
+        n_prompt = len(choices[0]["logprobs"]["tokens"])
+        assert choices[0]["logprobs"]["token_logprobs"][0] is None and n_prompt > 1
+        if not stream:
+            assert json.loads(text)["usage"] == {"prompt_tokens": 2 * n_prompt, "completion_tokens": 0,
+                                                 "total_tokens": 2 * n_prompt}
+    assert _idle(server)
+
+
 @pytest.mark.parametrize("body,status,match", [
     ({"prompt": "x", "temperature": -1}, 400, "temperature=-1"),
-    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens=0"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens=0"),  # 0 only with echo
+    ({"prompt": "x", "max_tokens": -1, "echo": True}, 400, "max_tokens=-1 must be an integer >= 0"),
     ({"prompt": "x", "best_of": 2}, 400, "best_of"),
     ({"prompt": "x " * 200, "max_tokens": 4}, 400, "max_model_len=128"),
     ({"prompt": []}, 400, "prompt=[]"),
