@@ -313,6 +313,12 @@ def _choice(i: int, text: str, token_ids, logprobs, reason, chat: bool, delta: b
     return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
 
 
+def _after_echo(echo: tuple, text: str, token_ids, logprobs) -> tuple[str, list[int], list | None]:
+    """A choice's text, token ids and logprobs with its prompt's echo (`_Handler._prompt_echo`) in front."""
+    p_text, p_ids, p_lps = echo
+    return p_text + text, p_ids + list(token_ids), (p_lps + (logprobs or []) if p_lps is not None else logprobs)
+
+
 def token_id_name(t: int) -> str:
     """A token's name in logprobs with return_tokens_as_token_ids."""
     return f"token_id:{t}"
@@ -523,12 +529,10 @@ class _Handler(BaseHTTPRequestHandler):
                 # outputs arrive after each prefill chunk, with no tokens yet)
                 first = echo and echoes[i] is None and bool(c.token_ids or c.finish_reason is not None)
                 if first:
-                    echoes[i] = self._prompt_echo(out, decode)
+                    echoes[i] = self._prompt_echo(out)
                 if stream and (text or reason is not None or first):
                     if first:
-                        p_text, p_ids, p_lps = echoes[i]
-                        text, token_ids = p_text + text, p_ids + token_ids
-                        logprobs = p_lps + (logprobs or []) if p_lps is not None else logprobs
+                        text, token_ids, logprobs = _after_echo(echoes[i], text, token_ids, logprobs)
                     choices.append(_choice(i, text, token_ids, logprobs, reason, chat, True, top, decode))
             if out.finished:
                 pending.discard(out.request_id)
@@ -546,17 +550,15 @@ class _Handler(BaseHTTPRequestHandler):
                              "model": model, "choices": [], "usage": usage})
             self._event_raw(b"data: [DONE]\n\n")
             return self._end_stream()
+        whole = [("".join(texts[i]), tokens[i], lps[i] or None) for i in range(len(texts))]
         if echo:
-            for i, (p_text, p_ids, p_lps) in enumerate(echoes):
-                texts[i].insert(0, p_text)
-                tokens[i] = p_ids + tokens[i]
-                lps[i] = p_lps + lps[i] if p_lps is not None else lps[i]
-        choices = [_choice(i, "".join(texts[i]), tokens[i], lps[i] or None, reasons[i], chat, False, top, decode)
-                   for i in range(len(texts))]
+            whole = [_after_echo(e, *w) for e, w in zip(echoes, whole)]
+        choices = [_choice(i, text, ids, lp or None, reasons[i], chat, False, top, decode)
+                   for i, (text, ids, lp) in enumerate(whole)]
         self._send_json({"id": rid0, "object": obj, "created": created, "model": model, "choices": choices,
                          "usage": usage})
 
-    def _prompt_echo(self, out: RequestOutput, decode) -> tuple[str, list[int], list | None]:
+    def _prompt_echo(self, out: RequestOutput) -> tuple[str, list[int], list | None]:
         """What echo puts in front of a choice: the prompt's text (decoded when it came as token
         ids), its token ids and its logprobs (None for the first token), if asked for."""
         text = out.prompt
