@@ -120,7 +120,7 @@ def matmul_floor_ms(llm, batch: int, steps: int = 64) -> float:
             for layer in weights.layers:
                 x = x + matmul(matmul(x, layer.wqkv)[:, :q_width], layer.wo)
                 x = x + matmul(swiglu(matmul(x, layer.w_gate_up)), layer.w_down)
-            logits = lm_logits(weights, x, cfg.rms_norm_eps)
+            logits = lm_logits(weights, x, cfg)
             return x + 1e-6 * jnp.max(logits, axis=-1, keepdims=True).astype(x.dtype)
         return jax.lax.fori_loop(0, steps, body, x)
 

@@ -131,15 +131,23 @@ class TensorSource:
 
 # ----------------------------------------------------------------------------- HF <-> Weights
 
-def _hf_layer_names(i: int) -> dict[str, str]:
+def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
+    """HF tensor (or module) names of layer i's fields. With sandwich norms (Gemma 2 / 3)
+    post_attention_layernorm is the norm after attention, and pre_feedforward_layernorm the
+    MLP's input norm, which Llama calls post_attention_layernorm."""
     p = f"model.layers.{i}."
-    return {
+    names = {
         "attn_norm": p + "input_layernorm.weight", "mlp_norm": p + "post_attention_layernorm.weight",
         "q": p + "self_attn.q_proj", "k": p + "self_attn.k_proj", "v": p + "self_attn.v_proj",
         "o": p + "self_attn.o_proj", "q_norm": p + "self_attn.q_norm.weight",
         "k_norm": p + "self_attn.k_norm.weight", "gate": p + "mlp.gate_proj", "up": p + "mlp.up_proj",
         "down": p + "mlp.down_proj",
     }
+    if cfg.sandwich_norms:
+        names.update(mlp_norm=p + "pre_feedforward_layernorm.weight",
+                     post_attn_norm=p + "post_attention_layernorm.weight",
+                     post_mlp_norm=p + "post_feedforward_layernorm.weight")
+    return names
 
 
 def _linear(src: TensorSource, parts: list[tuple[str, int, int]], quant):
@@ -165,9 +173,12 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
     """(field, array in our layout, or QuantWeight) for layer i; HF Linear weights are [out, in]."""
     d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                      cfg.head_dim)
-    nm = _hf_layer_names(i)
+    nm = _hf_layer_names(cfg, i)
     yield "attn_norm", src.get(nm["attn_norm"], (d,))
     yield "mlp_norm", src.get(nm["mlp_norm"], (d,))
+    if cfg.sandwich_norms:
+        yield "post_attn_norm", src.get(nm["post_attn_norm"], (d,))
+        yield "post_mlp_norm", src.get(nm["post_mlp_norm"], (d,))
     yield "wqkv", _linear(src, [(nm["q"], n * h, d), (nm["k"], k * h, d), (nm["v"], k * h, d)], quant)
     yield "wo", _linear(src, [(nm["o"], d, n * h)], quant)
     yield "w_gate_up", _linear(src, [(nm["gate"], f, d), (nm["up"], f, d)], quant)
@@ -238,7 +249,7 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
     out = {"model.embed_tokens.weight": cast(weights.embed)}
     schemes: dict[str, dict] = {}
     for i, layer in enumerate(weights.layers):
-        nm = _hf_layer_names(i)
+        nm = _hf_layer_names(cfg, i)
         out[nm["attn_norm"]] = cast(layer.attn_norm)
         _put_linear(out, schemes, [(nm["q"], n * h), (nm["k"], k * h), (nm["v"], k * h)], layer.wqkv, cast)
         _put_linear(out, schemes, [(nm["o"], cfg.hidden_size)], layer.wo, cast)
@@ -255,6 +266,8 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
         if layer.b_gate_up is not None:
             out[nm["gate"] + ".bias"], out[nm["up"] + ".bias"] = np.split(cast(layer.b_gate_up), 2)
             out[nm["down"] + ".bias"] = cast(layer.b_down)
+        if layer.post_attn_norm is not None:
+            out[nm["post_attn_norm"]], out[nm["post_mlp_norm"]] = cast(layer.post_attn_norm), cast(layer.post_mlp_norm)
     out["model.norm.weight"] = cast(weights.final_norm)
     if weights.lm_head is not None:  # a quantized head of tied embeddings is written as an untied one
         _put_linear(out, schemes, [("lm_head", cfg.vocab_size)], weights.lm_head, cast)

@@ -14,13 +14,20 @@ import math
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
+MODEL_TYPES = {  # architecture -> HF model_type
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
+GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # of the gated MLP: act(gate) * up
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class ConfigError(ValueError):
@@ -62,6 +69,18 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: keys older than this are masked
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"  # one of ACTIVATIONS (Gemma: gelu_pytorch_tanh)
+    # Gemma: RMSNorm scales by (1 + weight) in float32 before rounding; embeddings are multiplied
+    # by sqrt(hidden_size) rounded to the weight dtype (as transformers does both)
+    norm_plus_one: bool = False
+    scale_embeddings: bool = False
+    sandwich_norms: bool = False  # Gemma 2 / 3: a norm after attention and after the MLP too
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim)
+    # per layer, one of LAYER_TYPES (Gemma 2 / 3); None: sliding_window, if any, applies to every layer
+    layer_types: tuple[str, ...] | None = None
+    local_rope_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (never scaled)
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2 / 3: the same on the logits
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -74,6 +93,29 @@ class ModelConfig:
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ConfigError(f"layer_types={list(self.layer_types)!r} must name one of {', '.join(LAYER_TYPES)} "
+                                  f"for each of the {self.num_layers} layers")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
+        for name in ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name}={value!r} must be positive (or null)")
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i (None: it attends to the whole context)."""
+        if self.layer_types is not None and self.layer_types[i] == "full_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def attention_scale(self) -> float:
+        """What q.k is multiplied by before the softmax."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def group_size(self) -> int:
@@ -86,7 +128,7 @@ class ModelConfig:
         attn = d * h * e + 2 * d * k * e + h * e * d
         attn += (h * e + 2 * k * e) * self.qkv_bias + d * self.o_bias + 2 * e * self.qk_norm
         mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
-        per_layer = attn + mlp + 2 * d
+        per_layer = attn + mlp + (4 if self.sandwich_norms else 2) * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embed + d
 
@@ -102,13 +144,12 @@ class ModelConfig:
     def attention_flops_per_token(self, context: int) -> float:
         """Forward FLOPs of one token's attention over `context` keys (itself included; capped
         at the sliding window): q.k and p.v, 2 x 2 x head_dim per key and query head per layer."""
-        keys = context if self.sliding_window is None else min(context, self.sliding_window)
-        return 4.0 * self.num_layers * self.num_heads * self.head_dim * keys
+        keys = sum(context if w is None else min(context, w) for w in map(self.layer_window, range(self.num_layers)))
+        return 4.0 * self.num_heads * self.head_dim * keys
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json that transformers needs to load this model."""
-        model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                      "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[self.architecture]
+        model_type = MODEL_TYPES[self.architecture]
         rope: dict[str, Any] = {"rope_type": self.rope_scaling.rope_type, "rope_theta": self.rope_theta}
         if self.rope_scaling.rope_type == "linear":
             rope["factor"] = self.rope_scaling.factor
@@ -129,7 +170,7 @@ class ModelConfig:
             "rope_theta": self.rope_theta,
             "rope_parameters": rope,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": (list(self.eos_token_ids) if len(self.eos_token_ids) > 1
                              else (self.eos_token_ids[0] if self.eos_token_ids else None)),
@@ -138,28 +179,50 @@ class ModelConfig:
             out["rope_scaling"] = dict(rope)
         if model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.o_bias if model_type == "llama" else self.qkv_bias
+        if model_type in ("gemma", "gemma2", "gemma3_text"):
+            out["attention_bias"] = self.qkv_bias
         if model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
         if model_type == "mistral":
             out["sliding_window"] = self.sliding_window
         if model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
+        if model_type in ("gemma2", "gemma3_text"):
+            scalar = self.query_pre_attn_scalar  # transformers' config class wants an int (all shipped ones are)
+            out.update(hidden_activation=self.hidden_act,
+                       query_pre_attn_scalar=int(scalar) if scalar.is_integer() else scalar,
+                       sliding_window=self.sliding_window, layer_types=list(self.layer_types),
+                       attn_logit_softcapping=self.attn_logit_softcapping,
+                       final_logit_softcapping=self.final_logit_softcapping)
+        if model_type == "gemma3_text":  # RoPE per layer type (the flat keys are the older spelling)
+            out["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
+                "rope_type": "default", "rope_theta": self.local_rope_theta}}
+            out["rope_local_base_freq"] = self.local_rope_theta
+            out["use_bidirectional_attention"] = False
         return out
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
-        """Parse an HF config dict; unsupported models raise ConfigError naming the value."""
+        """Parse an HF config dict; unsupported models raise ConfigError naming the value.
+        Where a key is missing, transformers' default for the architecture applies."""
         archs = hf.get("architectures") or []
         model_type = hf.get("model_type")
-        by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        by_type = {t: a for a, t in MODEL_TYPES.items()}
         arch = archs[0] if archs else by_type.get(model_type)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
                 f"{source}: unsupported architecture {arch or model_type!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+        gemma = arch in GEMMA
+        later_gemma = arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+        if later_gemma:  # their MLPs read hidden_activation
+            act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+        else:
+            act = hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+            if gemma and act == "gelu":  # Gemma's legacy spelling, which transformers reads as the tanh form
+                act = "gelu_pytorch_tanh"
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"{source}: hidden_act={act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
         try:
             hidden = int(hf["hidden_size"])
             heads = int(hf["num_attention_heads"])
@@ -172,8 +235,17 @@ class ModelConfig:
         kv_heads = hf.get("num_key_value_heads") or heads
 
         rope_params = hf.get("rope_parameters") or {}
+        default_theta = 1_000_000.0 if arch == "Gemma3ForCausalLM" else 10000.0
+        local_theta = None
+        if arch == "Gemma3ForCausalLM":  # RoPE per layer type: the full layers' may be scaled, the sliding ones' not
+            local = rope_params.get("sliding_attention") or {}
+            if local.get("rope_type", "default") != "default":
+                raise ConfigError(f"{source}: sliding_attention rope_type={local['rope_type']!r} is not supported; "
+                                  f"supported: default")
+            local_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
+            rope_params = rope_params.get("full_attention") or {}
         rope_scaling_d = hf.get("rope_scaling") or {}
-        theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        theta = rope_params.get("rope_theta", hf.get("rope_theta", default_theta))
         scaling_src = rope_scaling_d or rope_params
         rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default")) or "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -191,11 +263,19 @@ class ModelConfig:
                 original_max_position_embeddings=int(scaling_src["original_max_position_embeddings"]),
             )
 
-        sliding_window = None
+        sliding_window, layer_types = None, None
         if arch == "MistralForCausalLM":
             sliding_window = hf.get("sliding_window")
         elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and hf.get("use_sliding_window"):
             raise ConfigError(f"{source}: use_sliding_window=True is not supported for {arch}")
+        elif later_gemma:  # local (sliding) and global layers interleaved
+            sliding_window = hf.get("sliding_window", 4096)
+            layer_types = hf.get("layer_types")
+            if layer_types is None:  # older configs give the period: every n-th layer is global
+                n = 2 if arch == "Gemma2ForCausalLM" else int(hf.get("sliding_window_pattern", 6))
+                layer_types = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(layers)]
+            if hf.get("use_bidirectional_attention"):
+                raise ConfigError(f"{source}: use_bidirectional_attention=True is not supported (causal only)")
 
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -213,14 +293,27 @@ class ModelConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
-            o_bias=attention_bias and arch == "LlamaForCausalLM",
+            o_bias=attention_bias and (arch == "LlamaForCausalLM" or gemma),
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
             sliding_window=int(sliding_window) if sliding_window else None,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            hidden_act=act,
+            norm_plus_one=gemma,
+            scale_embeddings=gemma,
+            sandwich_norms=later_gemma,
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if later_gemma else None,
+            layer_types=tuple(layer_types) if layer_types is not None else None,
+            local_rope_theta=local_theta,
+            # transformers applies Gemma 3's attention soft-capping nowhere; Gemma 2's defaults are 50 and 30
+            attn_logit_softcapping=(_optional_float(hf.get("attn_logit_softcapping", 50.0))
+                                    if arch == "Gemma2ForCausalLM" else None),
+            final_logit_softcapping=(_optional_float(hf.get("final_logit_softcapping",
+                                                            30.0 if arch == "Gemma2ForCausalLM" else None))
+                                     if later_gemma else None),
         )
 
     @classmethod
@@ -235,14 +328,22 @@ class ModelConfig:
         return cls.from_hf_dict(hf, source=str(path))
 
 
-def rope_inv_freq(cfg: ModelConfig) -> list[float]:
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> list[float]:
     """Inverse RoPE frequencies [head_dim // 2], with the configured scaling.
 
     llama3 scaling (Llama 3.1 report): wavelengths longer than
     original_max / low_freq_factor are divided by `factor`, shorter than
     original_max / high_freq_factor are kept, and the band between is interpolated.
+    local: the sliding layers' frequencies where they have a base of their own (Gemma 3's
+    `local_rope_theta`, never scaled); elsewhere the same as the others'.
     """
     half = cfg.head_dim // 2
+    if local and cfg.local_rope_theta is not None:
+        return [1.0 / (cfg.local_rope_theta ** (2 * i / cfg.head_dim)) for i in range(half)]
     inv = [1.0 / (cfg.rope_theta ** (2 * i / cfg.head_dim)) for i in range(half)]
     s = cfg.rope_scaling
     if s.rope_type == "linear":

@@ -230,10 +230,14 @@ def batched_qk_pv(spec: str, a: jax.Array, b: jax.Array, small_q: bool) -> jax.A
     return jax.lax.platform_dependent(cpu=reduce, default=lambda: einsum_f32(spec, a, b))
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32 and cast back, as HF does."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm computed in float32 and cast back, as HF does: Llama rounds the normalized x
+    and then multiplies by the weight; Gemma (plus_one) multiplies by (1 + weight) in float32 and
+    rounds once."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * x32.astype(x.dtype)
 
 
@@ -276,6 +280,17 @@ def swiglu(gate_up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
+def gated_activation(gate_up: jax.Array, act: str) -> jax.Array:
+    """act(gate) * up for a fused [..., 2F] projection: `swiglu` for "silu", GeGLU with the tanh
+    approximation of GELU for "gelu_pytorch_tanh" (Gemma; transformers' gelu_pytorch_tanh)."""
+    if act == "silu":
+        return swiglu(gate_up)
+    if act == "gelu_pytorch_tanh":
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        return jax.nn.gelu(gate, approximate=True) * up
+    raise ValueError(f"activation {act!r} is not one of silu, gelu_pytorch_tanh")
+
+
 def fold_heads(q: jax.Array, kv_heads: int) -> jax.Array:
     """Queries [B, T, N, H] -> [B*K, T*G, H]: one batch dim (B K) for the attention products
     (XLA:CPU runs a dot with a single batch dim ~3x faster than with batch dims (B, K))."""
@@ -305,6 +320,11 @@ def visible_keys(meta: AttentionMeta, q_pos: jax.Array, k_pos: jax.Array, causal
     return mask
 
 
+def cap_scores(scores: jax.Array, soft_cap: float | None) -> jax.Array:
+    """Attention logit soft-capping (Gemma 2): cap * tanh(scores / cap); None leaves them."""
+    return scores if soft_cap is None else soft_cap * jnp.tanh(scores / soft_cap)
+
+
 def attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                         meta: AttentionMeta, *, scale: float, causal: bool = True,
                         sliding_window: int | None = None,
@@ -325,8 +345,7 @@ def attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     small_q = t == 1 and g >= 2  # decode with grouped queries: G rows per kv head
     scores = batched_qk_pv("xqh,xsh->xqs", qf, k.reshape(b * kv_heads, s, h), small_q) * scale  # [BK, TG, S]
     scores = scores.reshape(b, kv_heads, t, g, s)
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
+    scores = cap_scores(scores, soft_cap)
     mask = visible_keys(meta, meta.query_positions(t), jnp.arange(s, dtype=jnp.int32), causal, sliding_window)
     mask = jnp.broadcast_to(mask, (b, t, s))[:, None, :, None, :]  # [B, 1, T, 1, S]
     scores = jnp.where(mask, scores, -jnp.inf)
@@ -345,7 +364,7 @@ def loop_chunk_pages(page_size: int, num_tokens: int) -> int:
 
 
 def attention_paged_loop(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, *, scale: float,
-                         sliding_window: int | None = None) -> jax.Array:
+                         sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
     """Attention over a paged cache, a few pages at a time, as far as the longest row reaches.
 
     Same arguments and result as `attention_reference` (paged caches of float, bits or
@@ -389,7 +408,7 @@ def attention_paged_loop(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, *,
         m, l, acc = carry  # running max [BK, TG], running sum [BK, TG], accumulator [BK, TG, H]
         k = read(k_pages, i).reshape(b * kv_heads, width, h)
         v = read(v_pages, i).reshape(b * kv_heads, width, h)
-        s = batched_qk_pv("xqh,xsh->xqs", qf, k, small_q) * scale  # [BK, TG, width]
+        s = cap_scores(batched_qk_pv("xqh,xsh->xqs", qf, k, small_q) * scale, soft_cap)  # [BK, TG, width]
         mask = visible_keys(meta, q_pos, i * width + jnp.arange(width, dtype=jnp.int32), True, sliding_window)
         mask = jnp.broadcast_to(mask[:, None, :, None, :], (b, kv_heads, t, g, width))
         s = jnp.where(mask.reshape(b * kv_heads, t * g, width), s, -jnp.inf)
@@ -414,7 +433,7 @@ RAGGED_ITEMS = 32  # work items per iteration (fewer when the batch is smaller)
 
 
 def attention_paged_ragged(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, *, scale: float,
-                           sliding_window: int | None = None) -> jax.Array:
+                           sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
     """Attention over a paged cache whose work follows each row's own length.
 
     Same arguments and result as `attention_reference`. Every row's cache is cut into work
@@ -465,7 +484,8 @@ def attention_paged_ragged(q: jax.Array, k_pages, v_pages, meta: AttentionMeta, 
         sub = AttentionMeta(page_table=pages, kv_lens=meta.kv_lens[row], q_lens=meta.q_lens[row])
         k = gather_pages(k_pages, sub).reshape(r * kv_heads, width, h)
         v = gather_pages(v_pages, sub).reshape(r * kv_heads, width, h)
-        s = batched_qk_pv("xqh,xsh->xqs", qf[row].reshape(r * kv_heads, tg, h), k, small_q) * scale
+        s = cap_scores(batched_qk_pv("xqh,xsh->xqs", qf[row].reshape(r * kv_heads, tg, h), k, small_q) * scale,
+                       soft_cap)
         k_pos = c[:, None] * width + jnp.arange(width, dtype=jnp.int32)[None, :]  # [R, W]
         mask = visible_keys(sub, q_pos[row], k_pos, True, sliding_window) & valid[:, None, None]  # [R, T, W]
         mask = jnp.broadcast_to(mask[:, None, :, None, :], (r, kv_heads, t, g, width))
@@ -530,27 +550,29 @@ def contiguous_bits_loop(q: jax.Array, k_pages, meta: AttentionMeta) -> bool:
 
 
 def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend: str = "xla",
-              sliding_window: int | None = None) -> jax.Array:
+              sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
     """Dispatch to the chosen attention implementation (same arguments for all).
 
     "xla" runs `attention_paged_ragged` over paged caches (except KIVI keys) for calls of up to
     `RAGGED_MAX_TOKENS` tokens per row, `attention_paged_loop` for wider paged calls and for bf16
     bits contiguous caches in short steps (`contiguous_bits_loop`), `attention_reference` otherwise.
     "native" runs `cpu_kernels.attention` where it applies (queries of up to 16 tokens per row
-    against a cache of their dtype, bf16 or float32, paged or contiguous), the "xla" path
-    otherwise."""
+    against a cache of their dtype, bf16 or float32, paged or contiguous; no soft-capping), the
+    "xla" path otherwise."""
     if backend == "native":
-        if cpu_kernels.attention_applies(q, k_pages, v_pages):
+        if soft_cap is None and cpu_kernels.attention_applies(q, k_pages, v_pages):
             return cpu_kernels.attention(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window)
         backend = "xla"
     if backend == "xla":
         paged = not meta.contiguous and paged_loop_applies(backend, k_pages)
         if paged and q.shape[1] <= RAGGED_MAX_TOKENS:
-            return attention_paged_ragged(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window)
+            return attention_paged_ragged(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window,
+                                          soft_cap=soft_cap)
         if paged or contiguous_bits_loop(q, k_pages, meta):
-            return attention_paged_loop(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window)
+            return attention_paged_loop(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window,
+                                        soft_cap=soft_cap)
         return attention_reference(q, k_pages, v_pages, meta, scale=scale,
-                                   sliding_window=sliding_window)
+                                   sliding_window=sliding_window, soft_cap=soft_cap)
     if backend == "pallas":
         from jaxinfer import kernels_bridge  # imported lazily: kernels are optional
         if isinstance(k_pages, KiviKeys):
@@ -559,10 +581,10 @@ def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend
         if isinstance(k_pages, QuantPages):  # dequantized inside the kernel
             (k_data, k_scale, k_zero), (v_data, v_scale, v_zero) = k_pages.values(), v_pages.values()
             return kernels_bridge.paged_attention(
-                q, k_data, v_data, meta, scale=scale, sliding_window=sliding_window,
+                q, k_data, v_data, meta, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
                 k_scale=k_scale, v_scale=v_scale, k_zero=k_zero, v_zero=v_zero,
                 kv_format=k_pages.spec.fmt,
                 channel_group=k_pages.spec.channel_group, tensor_scale=k_pages.tensor_scale)
         return kernels_bridge.paged_attention(q, page_values(k_pages), page_values(v_pages), meta, scale=scale,
-                                              sliding_window=sliding_window)
+                                              sliding_window=sliding_window, soft_cap=soft_cap)
     raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")

@@ -28,11 +28,12 @@ from jaxinfer.layers import (
     TransposedWeight,
     apply_rope,
     attention,
+    cap_scores,
     dense_dot,
+    gated_activation,
     matmul,
     rms_norm,
     rope_cos_sin,
-    swiglu,
 )
 from jaxinfer.wquant import MODULES, QuantWeight
 
@@ -51,6 +52,8 @@ class LayerWeights:
     k_norm: jax.Array | None = None  # [H]
     b_gate_up: jax.Array | None = None  # [2F]
     b_down: jax.Array | None = None  # [D]
+    post_attn_norm: jax.Array | None = None  # [D]   Gemma 2 / 3 (sandwich norms)
+    post_mlp_norm: jax.Array | None = None  # [D]
 
 
 @struct.dataclass
@@ -79,18 +82,21 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
         "k_norm": (h,) if cfg.qk_norm else None,
         "b_gate_up": (2 * f,) if cfg.mlp_bias else None,
         "b_down": (d,) if cfg.mlp_bias else None,
+        "post_attn_norm": (d,) if cfg.sandwich_norms else None,
+        "post_mlp_norm": (d,) if cfg.sandwich_norms else None,
     }
 
 
 def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Weights:
     """Random weights (normal(0, std) matrices, unit norms, zero biases)."""
+    norm = jnp.zeros if cfg.norm_plus_one else jnp.ones  # Gemma's norms scale by 1 + weight
     shapes = layer_shapes(cfg)
     keys = iter(jax.random.split(key, cfg.num_layers * len(shapes) + 2))
 
     def make(name, shape):
         k = next(keys)
         if "norm" in name:
-            return jnp.ones(shape, dtype)
+            return norm(shape, dtype)
         if name.startswith("b"):
             return jnp.zeros(shape, dtype)
         return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
@@ -101,8 +107,7 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float
     lm_head = None
     if not cfg.tie_word_embeddings:
         lm_head = (std * jax.random.normal(next(keys), (cfg.hidden_size, cfg.vocab_size))).astype(dtype)
-    return Weights(embed=embed, layers=layers, final_norm=jnp.ones((cfg.hidden_size,), dtype),
-                   lm_head=lm_head)
+    return Weights(embed=embed, layers=layers, final_norm=norm((cfg.hidden_size,), dtype), lm_head=lm_head)
 
 
 def cast_weights(weights: Weights, dtype) -> Weights:
@@ -198,21 +203,34 @@ def _map_projections(weights: Weights, fn) -> Weights:
     return weights.replace(layers=layers, lm_head=head)
 
 
-def lm_logits(weights: Weights, hidden: jax.Array, eps: float) -> jax.Array:
-    """Final norm + LM head on pre-norm hidden states [..., D] -> float32 logits [..., V]."""
-    x = rms_norm(hidden, weights.final_norm, eps)
+def lm_logits(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm + LM head on pre-norm hidden states [..., D] -> float32 logits [..., V]
+    (soft-capped where the model caps them: Gemma 2 / 3's final_logit_softcapping)."""
+    x = rms_norm(hidden, weights.final_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     head = weights.lm_head
     if isinstance(head, QuantWeight):  # float32 logits, whatever the activation dtype
-        return matmul(x.astype(jnp.float32), head)
-    return dense_dot(x, TransposedWeight(weights.embed) if head is None else head)  # tied: the [V, D] embedding
+        logits = matmul(x.astype(jnp.float32), head)
+    else:
+        logits = dense_dot(x, TransposedWeight(weights.embed) if head is None else head)  # tied: the [V, D] embedding
+    return cap_scores(logits, cfg.final_logit_softcapping)
+
+
+def embed_tokens(weights: Weights, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Token embeddings [..., D] of tokens [...]; Gemma multiplies them by sqrt(hidden_size),
+    the factor rounded to the weight dtype first (as transformers does)."""
+    x = weights.embed[tokens]
+    if cfg.scale_embeddings:
+        x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+    return x
 
 
 def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, sin,
-                    k_pages, v_pages, meta: AttentionMeta, backend: str):
-    """Pre-norm attention with cache write. x [B, T, D] -> (delta [B, T, D], k_pages, v_pages)."""
+                    k_pages, v_pages, meta: AttentionMeta, backend: str, window: int | None):
+    """Pre-norm attention with cache write (keys older than `window` masked; None: none).
+    x [B, T, D] -> (delta [B, T, D], k_pages, v_pages)."""
     b, t, _ = x.shape
     n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    hn = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+    hn = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     with jax.named_scope("proj"):
         qkv = matmul(hn, layer.wqkv)  # [B, T, (N + 2K) H]
     if layer.bqkv is not None:
@@ -222,53 +240,69 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
     k = k.reshape(b, t, kh, h)  # [B, T, K, H]
     v = v.reshape(b, t, kh, h)
     if layer.q_norm is not None:
-        q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-        k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+        q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+        k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     if k_pages is None:  # no cache (training, scoring): the new tokens are the whole context
         with jax.named_scope("attention"):
-            out = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), meta,
-                            scale=h ** -0.5, backend="xla", sliding_window=cfg.sliding_window)
+            out = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), meta, scale=cfg.attention_scale,
+                            backend="xla", sliding_window=window, soft_cap=cfg.attn_logit_softcapping)
     else:
         with jax.named_scope("kv_write"):
             page, offset = write_slots(meta, t, k_pages.shape[2], k_pages.shape[0])
             k_pages = write_pages(k_pages, k, page, offset, meta)
             v_pages = write_pages(v_pages, v, page, offset, meta)
         with jax.named_scope("attention"):
-            out = attention(q, k_pages, v_pages, meta, scale=h ** -0.5, backend=backend,
-                            sliding_window=cfg.sliding_window)  # [B, T, N, H]
+            out = attention(q, k_pages, v_pages, meta, scale=cfg.attention_scale, backend=backend,
+                            sliding_window=window, soft_cap=cfg.attn_logit_softcapping)  # [B, T, N, H]
     with jax.named_scope("proj"):
         out = matmul(out.reshape(b, t, n * h), layer.wo)
     if layer.bo is not None:
         out = out + layer.bo
+    if layer.post_attn_norm is not None:
+        out = rms_norm(out, layer.post_attn_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     return out, k_pages, v_pages
 
 
 def mlp_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """Pre-norm SwiGLU MLP. x [B, T, D] -> delta [B, T, D]."""
-    hn = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+    """Pre-norm gated MLP (SwiGLU; GeGLU for Gemma). x [B, T, D] -> delta [B, T, D]."""
+    hn = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     with jax.named_scope("proj"):
         gu = matmul(hn, layer.w_gate_up)  # [B, T, 2F]
     if layer.b_gate_up is not None:
         gu = gu + layer.b_gate_up
     with jax.named_scope("proj"):
-        out = matmul(swiglu(gu), layer.w_down)
+        out = matmul(gated_activation(gu, cfg.hidden_act), layer.w_down)
     if layer.b_down is not None:
         out = out + layer.b_down
+    if layer.post_mlp_norm is not None:
+        out = rms_norm(out, layer.post_mlp_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "backend"))
+def layer_rope(cfg: ModelConfig, positions: jax.Array, dtype) -> list[tuple[jax.Array, jax.Array]]:
+    """Every layer's RoPE tables (cos, sin) [B, T, 1, H/2] for positions [B, T]. The layers share
+    one pair, except Gemma 3's sliding layers, which rotate with a base of their own."""
+    tables = {False: rope_cos_sin(positions, jnp.asarray(np.asarray(rope_inv_freq(cfg), np.float32)), dtype)}
+    if cfg.local_rope_theta is None:
+        return [tables[False]] * cfg.num_layers
+    tables[True] = rope_cos_sin(positions, jnp.asarray(np.asarray(rope_inv_freq(cfg, local=True), np.float32)),
+                                dtype)
+    return [tables[cfg.layer_window(i) is not None] for i in range(cfg.num_layers)]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "backend", "window"))
 def decoder_layer(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, sin, k_pages, v_pages,
-                  meta: AttentionMeta, backend: str):
-    """One decoder layer: x [B, T, D] -> (x [B, T, D], k_pages, v_pages).
+                  meta: AttentionMeta, backend: str, window: int | None):
+    """One decoder layer: x [B, T, D] -> (x [B, T, D], k_pages, v_pages). window: its sliding
+    window (`cfg.layer_window`).
 
     A nested jit, so that tracing a forward traces and lowers each distinct layer once: layers
     with the same weight types and shapes reuse the first one's jaxpr and MLIR function, and XLA
     inlines the calls before it optimizes, so the compiled program is the one the unrolled loop
     gave. Tracing plus lowering no longer grows with the depth of the model."""
-    delta, k_pages, v_pages = attention_block(layer, cfg, x, cos, sin, k_pages, v_pages, meta, backend)
+    delta, k_pages, v_pages = attention_block(layer, cfg, x, cos, sin, k_pages, v_pages, meta, backend, window)
     x = x + delta
     return x + mlp_block(layer, cfg, x), k_pages, v_pages
 
@@ -293,19 +327,19 @@ def forward(weights: Weights, cfg: ModelConfig, tokens: jax.Array, positions: ja
             full = jnp.full((b,), t, jnp.int32)
             meta = AttentionMeta(page_table=jnp.zeros((b, 1), jnp.int32), kv_lens=full, q_lens=full,
                                  contiguous=True)
-    x = weights.embed[tokens]  # [B, T, D]
-    inv_freq = jnp.asarray(np.asarray(rope_inv_freq(cfg), np.float32))
-    cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
+    x = embed_tokens(weights, cfg, tokens)  # [B, T, D]
+    rope = layer_rope(cfg, positions, x.dtype)
     new_k, new_v = list(kv.k), list(kv.v)
     for i in range(num_layers):
+        cos, sin = rope[i]
         with jax.named_scope(f"layer{i}"):
             x, new_k[i], new_v[i] = decoder_layer(weights.layers[i], cfg, x, cos, sin, kv.k[i], kv.v[i], meta,
-                                                  backend)
+                                                  backend, cfg.layer_window(i))
     hidden = x
     if logits_at is not None:
         hidden_sel = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)  # [B, M, D]
     else:
         hidden_sel = hidden
     with jax.named_scope("lm_head"):
-        logits = lm_logits(weights, hidden_sel, cfg.rms_norm_eps)
+        logits = lm_logits(weights, hidden_sel, cfg)
     return logits, hidden, KVCache(k=new_k, v=new_v)

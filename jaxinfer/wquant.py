@@ -66,7 +66,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxinfer.config import rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta
 from pallas_kernels import kv_formats as kvf
 
@@ -577,18 +576,17 @@ def quantize_lm_head(weights, qc: WeightQuantConfig):
 
 
 def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
-    from jaxinfer.layers import rope_cos_sin  # layers and model import this module
-    from jaxinfer.model import decoder_layer
+    from jaxinfer.model import decoder_layer, embed_tokens, layer_rope  # model imports this module
 
     s, t = tokens.shape
-    x = weights.embed[jnp.asarray(tokens)]
+    x = embed_tokens(weights, cfg, jnp.asarray(tokens))
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (s, t))
-    cos, sin = rope_cos_sin(pos, jnp.asarray(np.asarray(rope_inv_freq(cfg), np.float32)), x.dtype)
+    rope = layer_rope(cfg, pos, x.dtype)
     full = jnp.full((s,), t, jnp.int32)
     meta = AttentionMeta(page_table=jnp.zeros((s, 1), jnp.int32), kv_lens=full, q_lens=full, contiguous=True)
 
-    def run(layer, x):  # jitted (decoder_layer): compiles once per layer structure (policy), not per layer
-        return decoder_layer(layer, cfg, x, cos, sin, None, None, meta, "xla")[0]
+    def run(i, layer, x):  # jitted (decoder_layer): compiles once per layer structure (policy), not per layer
+        return decoder_layer(layer, cfg, x, *rope[i], None, None, meta, "xla", cfg.layer_window(i))[0]
 
     layers = []
     for i, layer in enumerate(weights.layers):
@@ -600,7 +598,7 @@ def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
             awq = qc.method == "awq"
             probe = InputObserver(getattr(layer, name), hessian=not awq, keep_rows=AWQ_ROWS if awq else 0)
             with jax.disable_jit():
-                run(layer.replace(**{name: probe}), x)
+                run(i, layer.replace(**{name: probe}), x)
             group = qc.group_of(fmt, probe.w.shape[0])
             if qc.method == "gptq":
                 q = gptq_quantize(np.asarray(probe.w, np.float64), probe.hessian, fmt, group, qc.damp, qc.block_size,
@@ -609,7 +607,7 @@ def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
                 q, _ = awq_quantize(np.asarray(probe.w), probe.sample(), fmt, group, clip=qc.clip)
             layer = layer.replace(**{name: q})
         layers.append(layer)
-        x = run(layer, x)  # the next layer calibrates on this quantized layer's output
+        x = run(i, layer, x)  # the next layer calibrates on this quantized layer's output
     return weights.replace(layers=layers)
 
 

@@ -26,6 +26,18 @@ ARCHS = {
               dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
               dict(num_key_value_heads=2, head_dim=32)),
+    # Gemma: (1 + w) norms, sqrt(d)-scaled embeddings, GeGLU. Gemma 2 and 3: sliding and global layers interleaved (40 > window); Gemma 2 soft-caps the
+    # attention scores and the logits (small caps, so that they bind); Gemma 3 has a RoPE base
+    # per layer type, a scaled global one, and an attention scale of its own
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {"num_key_value_heads": 1, "head_dim": 32}),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 24, "query_pre_attn_scalar": 24,
+                "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               {"num_key_value_heads": 1, "head_dim": 16, "sliding_window": 24, "query_pre_attn_scalar": 40,
+                "num_hidden_layers": 3, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}}),
 }
 
 

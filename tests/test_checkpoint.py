@@ -78,7 +78,7 @@ def test_bf16_llm_saves_and_exports_its_weights_in_checkpoint_layout(tiny_dir, t
         LLM(str(tiny_dir), weight_layout="rows")
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma2", "gemma3"])
 def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
     src = write_tiny(arch, tmp_path / "src")
     cfg, w = load_hf(src)
@@ -91,6 +91,80 @@ def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
         np.testing.assert_allclose(hf(ids).logits.numpy(), ref(ids).logits.numpy(), atol=1e-5)
     cfg2, w2 = load_hf(tmp_path / "out")
     assert cfg2 == cfg
+
+
+# Gemma configs as the Hub holds them (written by older transformers: flat RoPE keys, the layer
+# pattern as a period, defaults left out), trimmed to a small size
+HUB_GEMMA = {
+    "gemma-3-1b": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": False,
+                   "attn_logit_softcapping": None, "bos_token_id": 2, "eos_token_id": [1, 106],
+                   "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+                   "hidden_size": 1152, "intermediate_size": 6912, "max_position_embeddings": 32768,
+                   "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+                   "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+                   "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+                   "vocab_size": 262144},
+    "gemma-3-4b-text": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": 256,
+                        "hidden_size": 2560, "intermediate_size": 10240, "num_attention_heads": 8,
+                        "num_hidden_layers": 34, "num_key_value_heads": 4, "query_pre_attn_scalar": 256,
+                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024,
+                        "vocab_size": 262208},
+    "gemma-2-2b": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "head_dim": 256,
+                   "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304,
+                   "intermediate_size": 9216, "max_position_embeddings": 8192, "num_attention_heads": 8,
+                   "num_hidden_layers": 26, "num_key_value_heads": 4, "query_pre_attn_scalar": 256,
+                   "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 256000},
+    "gemma-2b": {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_act": "gelu", "head_dim": 256,
+                 "hidden_size": 2048, "intermediate_size": 16384, "max_position_embeddings": 8192,
+                 "num_attention_heads": 8, "num_hidden_layers": 18, "num_key_value_heads": 1, "rope_theta": 10000.0,
+                 "vocab_size": 256000},
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_GEMMA))
+def test_gemma_hub_configs_read_as_transformers_reads_them(name):
+    """Layer types, sliding window, RoPE per layer type, attention scale, activation, soft caps
+    and tied embeddings, each against transformers' own config class for the same dict."""
+    from transformers import CONFIG_MAPPING
+
+    from jaxinfer.config import ModelConfig, rope_inv_freq
+    d = HUB_GEMMA[name]
+    cfg = ModelConfig.from_hf_dict(d)
+    ref = CONFIG_MAPPING[d["model_type"]](**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    assert cfg.tie_word_embeddings == ref.tie_word_embeddings is True
+    assert cfg.norm_plus_one and cfg.scale_embeddings and cfg.head_dim == ref.head_dim
+    assert cfg.hidden_act == (getattr(ref, "hidden_activation", None) or ref.hidden_act) == "gelu_pytorch_tanh"
+    if d["model_type"] == "gemma":  # no sliding layers, no soft caps, the head dim's scale
+        assert cfg.layer_types is None and cfg.sliding_window is None and cfg.attention_scale == 256 ** -0.5
+        assert not cfg.sandwich_norms and cfg.final_logit_softcapping is None
+        return
+    assert cfg.sandwich_norms and list(cfg.layer_types) == ref.layer_types
+    assert cfg.sliding_window == ref.sliding_window and cfg.query_pre_attn_scalar == ref.query_pre_attn_scalar
+    assert cfg.final_logit_softcapping == ref.final_logit_softcapping
+    if d["model_type"] == "gemma2":
+        assert cfg.attn_logit_softcapping == ref.attn_logit_softcapping == 50.0 and cfg.final_logit_softcapping == 30.0
+        assert cfg.rope_theta == ref.rope_parameters["rope_theta"]
+        return
+    full, local = ref.rope_parameters["full_attention"], ref.rope_parameters["sliding_attention"]
+    assert (cfg.rope_theta, cfg.local_rope_theta) == (full["rope_theta"], local["rope_theta"])
+    assert cfg.rope_scaling.rope_type == full["rope_type"] and local["rope_type"] == "default"
+    assert cfg.rope_scaling.factor == full.get("factor", 1.0)
+    assert cfg.attn_logit_softcapping is None  # transformers' Gemma 3 applies none
+    np.testing.assert_allclose(rope_inv_freq(cfg, local=True)[1], 10000.0 ** (-2 / 256))
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+def test_gemma_config_errors_name_the_value():
+    from jaxinfer.config import ConfigError, ModelConfig
+    base = HUB_GEMMA["gemma-3-1b"]
+    for change, match in [({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+                          ({"hidden_activation": "relu"}, "hidden_act='relu' is not supported; supported: silu"),
+                          ({"layer_types": ["full_attention"] * 3}, "for each of the 26 layers"),
+                          ({"sliding_window": None}, "sliding_window is not set"),
+                          ({"rope_parameters": {"sliding_attention": {"rope_type": "yarn", "factor": 2.0}}},
+                           "sliding_attention rope_type='yarn'")]:
+        with pytest.raises(ConfigError, match=match):
+            ModelConfig.from_hf_dict({**base, **change})
 
 
 # ------------------------------------------------------------------ error paths: one line each

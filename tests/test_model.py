@@ -227,16 +227,19 @@ def test_bf16_pages_on_cpu_are_stored_as_bits_and_read_back_exactly():
 
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("impl,t,window", [("ragged", 1, None), ("ragged", 1, 50), ("ragged", 6, None),
-                                           ("ragged", 6, 50), ("loop", 6, None), ("loop", 6, 50)])
-def test_paged_attention_equals_the_reference(impl, kind, t, window):
+@pytest.mark.parametrize("impl,t,window,cap", [("ragged", 1, None, None), ("ragged", 1, 50, None),
+                                               ("ragged", 6, None, None), ("ragged", 6, 50, None),
+                                               ("ragged", 6, 50, 1.5), ("loop", 6, None, None),
+                                               ("loop", 6, 50, None), ("loop", 6, 50, 1.5)])
+def test_paged_attention_equals_the_reference(impl, kind, t, window, cap):
     """The engine's XLA attention against `attention_reference` over the same pages:
     `attention_paged_loop` (a few pages per iteration, up to the longest row, online softmax) and
     `attention_paged_ragged` (work items of 16 pages, per row up to its own length, folded into
     the rows with segment operations; the engine's decode and verification path; the loop serves
     wider calls, so it is checked at 6 tokens). Rows span several iterations or items (pages of 4 slots),
     the table is wider than any row needs and its unused entries point at pages full of other
-    rows' keys, one row is padding (no tokens), and one row's queries are partly padding."""
+    rows' keys, one row is padding (no tokens), and one row's queries are partly padding. cap:
+    Gemma 2's soft-capped scores (a cap below the scores' spread, so that it binds)."""
     from jaxinfer.kv.cache import write_pages, write_slots
     from jaxinfer.kv.quant import KVQuantSpec
     from jaxinfer.layers import attention_paged_loop, attention_paged_ragged, attention_reference
@@ -257,8 +260,8 @@ def test_paged_attention_equals_the_reference(impl, kind, t, window):
     q_lens = jnp.array([t, 0, max(1, t - 2), t], jnp.int32)
     meta = AttentionMeta(table, kv_lens, q_lens)
     q = jnp.asarray(rng.normal(size=(4, t, kh * g, h)), jnp.float32).astype(dtype)
-    want = attention_reference(q, k_pages, v_pages, meta, scale=h ** -0.5, sliding_window=window)
-    loop = jax.jit(lambda q, k, v, m: paged(q, k, v, m, scale=h ** -0.5, sliding_window=window))
+    want = attention_reference(q, k_pages, v_pages, meta, scale=h ** -0.5, sliding_window=window, soft_cap=cap)
+    loop = jax.jit(lambda q, k, v, m: paged(q, k, v, m, scale=h ** -0.5, sliding_window=window, soft_cap=cap))
     got = loop(q, k_pages, v_pages, meta)
     valid = (jnp.arange(t)[None, :] < q_lens[:, None])[:, :, None, None]
     err = jnp.max(jnp.where(valid, jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)), 0))

@@ -62,9 +62,11 @@ def test_bridge_matches_layers_reference_on_paged_cache():
     table = jnp.asarray(rng.permutation(pages).reshape(b, pp).astype(np.int32))
     meta = AttentionMeta(page_table=table, kv_lens=jnp.array([30, 9, 0], jnp.int32),
                          q_lens=jnp.array([3, 2, 0], jnp.int32))
-    got = kernels_bridge.paged_attention(q, k_pages, v_pages, meta, scale=h ** -0.5, sliding_window=8)
-    reference = jax.jit(attention_reference, static_argnames=("scale", "sliding_window"))
-    want = reference(q, k_pages, v_pages, meta, scale=h ** -0.5, sliding_window=8)
+    reference = jax.jit(attention_reference, static_argnames=("scale", "sliding_window", "soft_cap"))
     valid = (jnp.arange(t)[None, :] < meta.q_lens[:, None])[:, :, None, None]
-    assert bool(jnp.all(jnp.isfinite(got)))
-    np.testing.assert_allclose(jnp.where(valid, got, 0), jnp.where(valid, want, 0), atol=1e-5)
+    for cap in (None, 1.5):  # Gemma 2's soft-capped scores as the model's attention dispatch passes them
+        got = kernels_bridge.paged_attention(q, k_pages, v_pages, meta, scale=h ** -0.5, sliding_window=8,
+                                             soft_cap=cap)
+        want = reference(q, k_pages, v_pages, meta, scale=h ** -0.5, sliding_window=8, soft_cap=cap)
+        assert bool(jnp.all(jnp.isfinite(got)))
+        np.testing.assert_allclose(jnp.where(valid, got, 0), jnp.where(valid, want, 0), atol=1e-5, err_msg=str(cap))

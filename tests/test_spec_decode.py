@@ -5,6 +5,7 @@ lengths, a stop token that occurs in the output, min_tokens and max_tokens. Also
 n-gram lookup, head save / load, seeded sampling reproducibility, config validation.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -41,6 +42,12 @@ def _cfg(d, layers, heads, kv_heads, ffn):
 
 CFG = _cfg(64, 2, 4, 2, 96)
 DCFG = _cfg(32, 1, 2, 1, 64)  # another vocabulary's draft, for the error test
+# a Gemma 3-style target: (1 + w) norms, sandwich norms, GeGLU, a sliding and a global layer with
+# RoPE bases of their own, soft-capped logits
+GEMMA_CFG = dataclasses.replace(
+    CFG, architecture="Gemma3ForCausalLM", hidden_act="gelu_pytorch_tanh", norm_plus_one=True,
+    scale_embeddings=True, sandwich_norms=True, qk_norm=True, query_pre_attn_scalar=24.0, sliding_window=6,
+    layer_types=("sliding_attention", "full_attention"), local_rope_theta=500.0, final_logit_softcapping=4.0)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +66,8 @@ def models():
         "draft_model": (D.DraftModelDrafter(K, CFG), dw),
         "ngram_draft_model": (D.LookupDraftModelDrafter(K, CFG, 3, 1), dw),
         "layer_skip": (D.LayerSkipDrafter(K, CFG, 1), None),
-        "eagle": (D.EagleDrafter(K, hcfg), eagle),
-        "eagle_vocab": (D.EagleDrafter(K, hcfg), with_draft_vocab(eagle, w, CFG, counts, 40)),
+        "eagle": (D.EagleDrafter(K, hcfg, CFG), eagle),
+        "eagle_vocab": (D.EagleDrafter(K, hcfg, CFG), with_draft_vocab(eagle, w, CFG, counts, 40)),
         "medusa": (D.MedusaDrafter(K, CFG), init_medusa(64, K, 32, jax.random.PRNGKey(3))),
     }, w
 
@@ -291,21 +298,41 @@ def test_scaled_lookup_proposes_by_match_length():
         assert (got is None and not want) or got.tolist() == want, i
 
 
-def test_draft_vocab_scores_only_the_most_frequent_tokens(models):
+@pytest.mark.parametrize("cfg", [CFG, GEMMA_CFG], ids=["llama", "gemma"])
+def test_draft_vocab_scores_only_the_most_frequent_tokens(models, cfg):
     """with_draft_vocab keeps the N most frequent tokens; head_logits equals the full LM head's
-    logits there and is -inf elsewhere, so EAGLE / Medusa draft only those tokens."""
+    logits there and is -inf elsewhere, so EAGLE / Medusa draft only those tokens (through the
+    target's own final norm and logit soft-capping: Gemma's differ from Llama's)."""
     from jaxinfer.model import lm_logits
     _, w = models
+    w = w.replace(final_norm=w.final_norm - 1.3)  # (1 + w) and w give different norms
     counts = np.zeros(V, np.int64)
     counts[[5, 17, 99, 3]] = [10, 50, 20, 10]  # ties (3 and 5) break towards the lower id
-    head = with_draft_vocab({}, w, CFG, counts, 3)
+    head = with_draft_vocab({}, w, cfg, counts, 3)
     assert np.asarray(head["draft_ids"]).tolist() == [3, 17, 99]
-    h = jax.random.normal(jax.random.PRNGKey(4), (2, CFG.hidden_size))
-    got, full = np.asarray(head_logits(head, w, h, 1e-5)), np.asarray(lm_logits(w, h, 1e-5))
+    h = jax.random.normal(jax.random.PRNGKey(4), (2, cfg.hidden_size))
+    got, full = np.asarray(head_logits(head, w, h, cfg)), np.asarray(lm_logits(w, h, cfg))
     np.testing.assert_allclose(got[:, [3, 17, 99]], full[:, [3, 17, 99]], rtol=1e-5, atol=1e-5)
     assert np.isneginf(np.delete(got, [3, 17, 99], axis=1)).all()
     with pytest.raises(ValueError, match="draft_vocab_size=0"):
         with_draft_vocab({}, w, CFG, counts, 0)
+
+
+@pytest.mark.parametrize("name", ["layer_skip", "eagle"])
+def test_gemma_target_greedy_identical_to_plain_decoding(name):
+    """A Gemma 3-style target (per-layer sliding windows and RoPE, soft-capped logits): the
+    first layer alone (layer skip) or a one-layer EAGLE head (a Llama layer: eagle_config) drafts,
+    and the output is plain greedy decoding's."""
+    w = init_weights(GEMMA_CFG, jax.random.PRNGKey(5), std=0.15)
+    hcfg = eagle_config(GEMMA_CFG, 64)
+    assert hcfg.layer_types is None and not hcfg.norm_plus_one and hcfg.hidden_act == "silu"
+    drafter, params = {"layer_skip": (D.LayerSkipDrafter(K, GEMMA_CFG, 1), None),
+                       "eagle": (D.EagleDrafter(K, hcfg, GEMMA_CFG), init_eagle(hcfg, jax.random.PRNGKey(6)))}[name]
+    plain = _requests(SamplingParams(temperature=0), [])
+    StaticBatchGenerator(w, GEMMA_CFG, max_model_len=256).run(plain, batch_size=4)
+    reqs = _requests(SamplingParams(temperature=0), [])
+    SpecDecoder(w, GEMMA_CFG, None, max_model_len=256, drafter=drafter, draft_params=params).run(reqs, batch_size=4)
+    assert [r.output_ids for r in reqs] == [r.output_ids for r in plain]
 
 
 def test_draft_vocab_size_reads_the_heads_token_counts(models, tmp_path):

@@ -175,7 +175,6 @@ def propose(draft: DraftSpec, params, target: Weights, target_cfg: ModelConfig, 
     p = inp.kv_lens - (k + 1)  # position of x_P
     active = inp.q_lens > 0
     act = active.astype(jnp.int32)
-    eps = target_cfg.rms_norm_eps
 
     def take(logits, i, pen):  # draft i from logits [B, V]; later drafts count it as generated
         d, sh = draft_sample(logits, inp.st, inp.limits, inp.counters + i, greedy, pen)
@@ -183,7 +182,7 @@ def propose(draft: DraftSpec, params, target: Weights, target_cfg: ModelConfig, 
 
     if draft.method == "medusa":  # every head reads the same feature: no autoregressive step
         f = read_features(hc.features, inp.page_table, jnp.maximum(p - 1, 0)).astype(target.dtype)
-        logits = medusa_logits(params, target, f, eps)  # [B, heads, V]; head i: x_{P+i+1}
+        logits = medusa_logits(params, target, f, target_cfg)  # [B, heads, V]; head i: x_{P+i+1}
         drafts, shaped = [], []
         for i in range(k):
             d, sh, pen = take(logits[:, i], i, pen)
@@ -217,7 +216,7 @@ def propose(draft: DraftSpec, params, target: Weights, target_cfg: ModelConfig, 
             feat, cache = state
             pred, cache = _feed_eagle(draft, params, target, cache, feat[:, None], tok[:, None],
                                       jnp.maximum(p + i, 0), act, inp.meta(), backend)
-            return head_logits(params, target, pred[:, 0], eps), (pred[:, 0].astype(feat.dtype), cache)
+            return head_logits(params, target, pred[:, 0], target_cfg), (pred[:, 0].astype(feat.dtype), cache)
         state = (read_features(hc.features, inp.page_table, jnp.maximum(p - 1, 0)), hc)
 
     logits, state = step(state, inp.tokens[:, 0], None)

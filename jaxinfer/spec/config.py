@@ -194,7 +194,7 @@ def build_drafter(spec: SpeculativeConfig, target_cfg: ModelConfig, dtype=jnp.fl
         hcfg = eagle_config(target_cfg, meta["sizes"]["intermediate_size"])
         params = {**params, "fc": layout_projection(params["fc"], layout),
                   "layer": {n: layout_projection(w, layout) if n in MODULES else w for n, w in params["layer"].items()}}
-        return drafters.EagleDrafter(k, hcfg, backend), params
+        return drafters.EagleDrafter(k, hcfg, target_cfg, backend), params
     heads = medusa_num_heads(params)
     if k > heads:
         raise ValueError(f"speculative_config num_speculative_tokens={k} exceeds the {heads} heads of the "

@@ -338,6 +338,7 @@ class EagleDrafter:
 
     k: int
     cfg: ModelConfig  # the head's config (eagle_config of the target)
+    target_cfg: ModelConfig  # its final norm and LM head are the target's
     backend: str = "xla"
 
     def init(self, params, batch, max_len, dtype):
@@ -366,15 +367,14 @@ class EagleDrafter:
         b = ctx.tokens.shape[0]
         p = ctx.kv_lens
         act = ctx.active.astype(jnp.int32)
-        eps = self.cfg.rms_norm_eps
-        d1, q1 = ctx.sample(head_logits(params, target, state["feature"], eps), 0)
+        d1, q1 = ctx.sample(head_logits(params, target, state["feature"], self.target_cfg), 0)
 
         def step(carry, i, tok, ctx_i):  # head position P+i-1 reads (f_hat_{P+i-1}, d_i) -> f_hat_{P+i} -> d_{i+1}
             hkv, feat = carry
             pos = (p + i - 1)[:, None]
             pred, hkv = eagle_forward(params, self.cfg, target, feat[:, None], tok[:, None], pos, hkv,
                                       _meta(b, p + i, act), self.backend)
-            nxt, q = ctx_i.sample(head_logits(params, target, pred[:, 0], eps), i)
+            nxt, q = ctx_i.sample(head_logits(params, target, pred[:, 0], self.target_cfg), i)
             return nxt, q, (hkv, pred[:, 0])
 
         draft, q, (hkv, _) = _autoregress(step, self.k, d1, q1, (state["kv"], state["feature"]), ctx)
@@ -408,7 +408,7 @@ class MedusaDrafter:
         return {"hidden": last.astype(state["hidden"].dtype)}
 
     def propose(self, params, target: Weights, kv, state, ctx: DraftContext):
-        logits = medusa_logits(params, target, state["hidden"], self.cfg.rms_norm_eps)[:, :self.k]  # [B, k, V]
+        logits = medusa_logits(params, target, state["hidden"], self.cfg)[:, :self.k]  # [B, k, V]
         toks, qs = [], []
         for i in range(self.k):  # head i proposes x_{P+i+1}
             tok, q = ctx.sample(logits[:, i], i)

@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import ModelConfig, rope_inv_freq
+from jaxinfer.config import GEMMA, ModelConfig, rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta, KVCache
-from jaxinfer.layers import dense_dot, matmul, rms_norm, rope_cos_sin
+from jaxinfer.layers import cap_scores, dense_dot, matmul, rms_norm, rope_cos_sin
 from jaxinfer.model import (
     LayerWeights,
     Weights,
@@ -60,9 +60,20 @@ _TARGET_KEYS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_
 # ----------------------------------------------------------------------------- EAGLE
 
 def eagle_config(target: ModelConfig, intermediate_size: int | None = None) -> ModelConfig:
-    """The head's one decoder layer: the target's attention shapes, optionally a narrower MLP."""
-    return dataclasses.replace(target, num_layers=1,
-                               intermediate_size=intermediate_size or target.intermediate_size)
+    """The head's one decoder layer: the target's attention shapes, optionally a narrower MLP.
+    It is a Llama layer whatever the target (SwiGLU, RMSNorm, global RoPE and attention; a
+    Mistral target's sliding window kept): a Gemma target's norms, activation, attention scale,
+    layer types and soft-capping are its own, and the training step (train_heads) writes this
+    layer out. The target's final norm and LM head still read the target's config
+    (`head_logits`)."""
+    llama = {}
+    if target.architecture in GEMMA:
+        llama = {"architecture": "LlamaForCausalLM", "hidden_act": "silu", "norm_plus_one": False,
+                 "scale_embeddings": False, "sandwich_norms": False, "query_pre_attn_scalar": None,
+                 "layer_types": None, "sliding_window": None, "local_rope_theta": None,
+                 "attn_logit_softcapping": None, "final_logit_softcapping": None}
+    return dataclasses.replace(target, num_layers=1, intermediate_size=intermediate_size or target.intermediate_size,
+                               **llama)
 
 
 def init_eagle(hcfg: ModelConfig, key: jax.Array, std: float = 0.02) -> dict:
@@ -109,7 +120,8 @@ def eagle_forward(head: dict, hcfg: ModelConfig, target: Weights, features: jax.
     else:
         k_pages, v_pages = kv.k[0], kv.v[0]
     with jax.named_scope("eagle"):
-        x, k_pages, v_pages = decoder_layer(layer, hcfg, x, cos, sin, k_pages, v_pages, meta, backend)
+        x, k_pages, v_pages = decoder_layer(layer, hcfg, x, cos, sin, k_pages, v_pages, meta, backend,
+                                            hcfg.layer_window(0))
     return x, (None if kv is None else KVCache(k=[k_pages], v=[v_pages]))
 
 
@@ -131,19 +143,19 @@ def medusa_features(head: dict, hidden: jax.Array, eps: float) -> jax.Array:
     return h + jnp.einsum("...kr,krd->...kd", inner, head["w2"].astype(hn.dtype))
 
 
-def medusa_logits(head: dict, target: Weights, hidden: jax.Array, eps: float) -> jax.Array:
+def medusa_logits(head: dict, target: Weights, hidden: jax.Array, target_cfg: ModelConfig) -> jax.Array:
     """hidden [..., D] at position t -> logits [..., K, V]; head i is the distribution of x_{t+i+2}."""
-    return head_logits(head, target, medusa_features(head, hidden, eps), eps)
+    return head_logits(head, target, medusa_features(head, hidden, target_cfg.rms_norm_eps), target_cfg)
 
 
-def head_logits(head: dict, target: Weights, hidden: jax.Array, eps: float) -> jax.Array:
+def head_logits(head: dict, target: Weights, hidden: jax.Array, target_cfg: ModelConfig) -> jax.Array:
     """A head's draft logits [..., V] from predicted features [..., D]: the target's final norm and
     LM head, or, when `with_draft_vocab` gave the head a reduced vocabulary, only its rows
     (the other tokens -inf)."""
     if "draft_ids" not in head:
-        return lm_logits(target, hidden, eps)
-    x = rms_norm(hidden, target.final_norm, eps)
-    sub = dense_dot(x, head["draft_head"])  # [..., N] float32
+        return lm_logits(target, hidden, target_cfg)
+    x = rms_norm(hidden, target.final_norm, target_cfg.rms_norm_eps, target_cfg.norm_plus_one)
+    sub = cap_scores(dense_dot(x, head["draft_head"]), target_cfg.final_logit_softcapping)  # [..., N] float32
     full = jnp.full(sub.shape[:-1] + (target.embed.shape[0],), -jnp.inf, jnp.float32)
     return full.at[..., head["draft_ids"]].set(sub)
 

@@ -136,7 +136,7 @@ def eagle_loss_fn(tcfg: ModelConfig, hcfg: ModelConfig, lc: HeadLossConfig):
             valid = (jnp.arange(t - 1) >= j).astype(jnp.float32)[None, :]  # pass j needs t - j >= 0
             denom = jnp.sum(valid) * b
             reg = jnp.sum(jnp.mean(_smooth_l1((pred[:, :-1] - f_next) / scale), axis=-1) * valid) / denom
-            lg = lm_logits(target, pred[:, :-1], tcfg.rms_norm_eps)  # [B, T-1, V]
+            lg = lm_logits(target, pred[:, :-1], tcfg)  # [B, T-1, V]
             ce = jnp.sum(soft_ce(lg, logp_next) * valid) / denom
             agree = jnp.sum((jnp.argmax(lg, -1) == jnp.argmax(logp_next, -1)) * valid) / denom
             total = total + reg + lc.cls_weight * ce
@@ -156,7 +156,7 @@ def medusa_loss_fn(tcfg: ModelConfig, lc: HeadLossConfig):
         inputs = batch[:, :-1]
         b, t = inputs.shape
         feats, logp = target_features(target, tcfg, inputs)
-        logits = medusa_logits(head, target, feats, tcfg.rms_norm_eps)  # [B, T, K, V]
+        logits = medusa_logits(head, target, feats, tcfg)  # [B, T, K, V]
         k = logits.shape[2]
         total, norm, aux = 0.0, 0.0, {}
         for i in range(k):
