@@ -83,6 +83,20 @@ def _read_raw(path: Path, name: str) -> np.ndarray:
     return np.frombuffer(buf, jnp.dtype(RAW_DTYPES[info["dtype"]])).reshape(info["shape"])
 
 
+# Where a vision-language checkpoint keeps its language model: Gemma 3 4B-27B as the Hub holds them
+# (and transformers writes them), and as transformers 4.52-4.5x named them in memory
+TEXT_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                       "language_model.lm_head.": "lm_head."}
+
+
+def _text_model_name(name: str) -> str:
+    """A tensor's name in the text-only model (`TEXT_MODEL_PREFIXES`); other names unchanged."""
+    for prefix, text in TEXT_MODEL_PREFIXES.items():
+        if name.startswith(prefix):
+            return text + name[len(prefix):]
+    return name
+
+
 class TensorSource:
     """All tensors of a model directory, across shards, by name."""
 
@@ -106,14 +120,20 @@ class TensorSource:
                 f"(found: {', '.join(sorted(p.name for p in model_dir.iterdir())) or 'nothing'})")
         self.paths = {f: model_dir / f for f in files}
         self.files = {f: _open_safetensors(p) for f, p in self.paths.items()}
-        self.where = {name: f for f, h in self.files.items() for name in h.keys()}
+        self.where, self.stored = {}, {}  # text model's name -> file, -> the name stored there
+        for f, h in self.files.items():
+            for name in h.keys():
+                text = _text_model_name(name)
+                self.where[text], self.stored[text] = f, name
         self.model_dir = model_dir
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """Tensor `name`, checked against `shape` when given."""
+        """Tensor `name` (a text model's name: see `_text_model_name`), checked against `shape`
+        when given."""
         f = self.where.get(name)
         if f is None:
             raise CheckpointError(f"{self.model_dir}: tensor {name!r} is missing")
+        name = self.stored[name]
         try:
             arr = self.files[f].get_tensor(name)
         except SafetensorError as e:

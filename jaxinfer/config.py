@@ -207,6 +207,8 @@ class ModelConfig:
         Where a key is missing, transformers' default for the architecture applies."""
         archs = hf.get("architectures") or []
         model_type = hf.get("model_type")
+        if (archs[:1] or [model_type]) in (["Gemma3ForConditionalGeneration"], ["gemma3"]):
+            return cls.from_hf_dict(gemma3_text_config(hf), source)
         by_type = {t: a for a, t in MODEL_TYPES.items()}
         arch = archs[0] if archs else by_type.get(model_type)
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -326,6 +328,28 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         return cls.from_hf_dict(hf, source=str(path))
+
+
+# Gemma3TextConfig's defaults in transformers: the Hub's vision-language Gemma 3 configs (4B-27B)
+# leave most of these out of text_config
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1, "tie_word_embeddings": True,
+    "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 4096,
+}
+
+
+def gemma3_text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The language model of a vision-language Gemma 3 config (Gemma3ForConditionalGeneration) as
+    a Gemma3ForCausalLM config: its text_config over transformers' defaults, with the top level's
+    token ids (the Hub's configs put eos_token_id [1, 106] there). jaxinfer serves the text
+    model; the vision tower's weights are not read, and an export writes the text model alone."""
+    text = {**GEMMA3_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
+    for key in ("eos_token_id", "bos_token_id"):
+        if hf.get(key) is not None:
+            text[key] = hf[key]
+    return {**text, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
 
 
 def _optional_float(value) -> float | None:

@@ -57,6 +57,27 @@ def write_tiny(arch: str, out_dir: Path, seed: int = 0, dtype=torch.float32, **o
     return Path(out_dir)
 
 
+def write_tiny_gemma3_vlm(out_dir: Path, seed: int = 0) -> Path:
+    """A random vision-language Gemma 3 (Gemma3ForConditionalGeneration: a one-layer SigLIP tower,
+    a projector, and the gemma3 arch's language model), saved by transformers: its language model's
+    tensors under language_model.model.*, as the Hub's Gemma 3 4B-27B hold them."""
+    text = {**COMMON, **ARCHS["gemma3"][2]}
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def load_hf_model(path: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
 

@@ -154,6 +154,43 @@ def test_gemma_hub_configs_read_as_transformers_reads_them(name):
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
 
 
+def test_gemma3_vision_language_configs_and_tensor_layouts(tmp_path):
+    """A vision-language Gemma 3 as the Hub holds it (text_config leaves transformers' defaults out,
+    eos at the top level) reads as transformers' Gemma3Config reads its text_config; its language
+    model loads from either name layout (language_model.model.* on the Hub, model.language_model.*
+    as transformers 4.52+ names it in memory), and the vision tower is not read."""
+    from hf_models import write_tiny_gemma3_vlm
+    from safetensors.numpy import load_file
+    from transformers import Gemma3Config
+
+    from jaxinfer.config import ModelConfig
+    hub = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024}}
+    cfg, ref = ModelConfig.from_hf_dict(hub), Gemma3Config(**hub).text_config
+    for ours, theirs in [("vocab_size", "vocab_size"), ("num_heads", "num_attention_heads"),
+                         ("num_kv_heads", "num_key_value_heads"), ("head_dim", "head_dim"),
+                         ("num_layers", "num_hidden_layers"), ("sliding_window", "sliding_window"),
+                         ("query_pre_attn_scalar", "query_pre_attn_scalar"), ("rms_norm_eps", "rms_norm_eps"),
+                         ("max_position_embeddings", "max_position_embeddings")]:
+        assert getattr(cfg, ours) == getattr(ref, theirs), ours
+    assert list(cfg.layer_types) == ref.layer_types and cfg.eos_token_ids == (1, 106)
+    assert cfg.architecture == "Gemma3ForCausalLM" and cfg.rope_scaling.factor == 8.0
+    assert (cfg.rope_theta, cfg.local_rope_theta) == (ref.rope_parameters["full_attention"]["rope_theta"],
+                                                      ref.rope_parameters["sliding_attention"]["rope_theta"])
+
+    src = write_tiny_gemma3_vlm(tmp_path / "hub")
+    state = load_file(str(src / "model.safetensors"))
+    assert any(k.startswith("vision_tower.") for k in state) and "model.norm.weight" not in state
+    _, w = load_hf(src)
+    moved = _copy(src, tmp_path, "moved")
+    save_safetensors(moved / "model.safetensors", {k.replace("language_model.model.", "model.language_model."): v
+                                                   for k, v in state.items()})
+    _leaves_equal(w, load_hf(moved)[1])
+    np.testing.assert_array_equal(np.asarray(w.final_norm), state["language_model.model.norm.weight"])
+
+
 def test_gemma_config_errors_name_the_value():
     from jaxinfer.config import ConfigError, ModelConfig
     base = HUB_GEMMA["gemma-3-1b"]

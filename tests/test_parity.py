@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from hf_models import ARCHS, load_hf_model, write_tiny
 from jaxinfer import LLM, SamplingParams
@@ -33,6 +34,15 @@ def test_prompt_logprobs_and_greedy_match_transformers(tiny):
 def test_gemma_prompt_logprobs_and_greedy_match_transformers(tmp_path):
     path = write_tiny("gemma", tmp_path / "gemma")
     _check_prompt_logprobs_and_greedy("gemma", path, load_hf_model(path))
+
+
+def test_gemma3_vision_language_checkpoint_serves_its_language_model(tmp_path):
+    """Gemma 3 4B-27B come as Gemma3ForConditionalGeneration: LLM serves the language model,
+    which matches transformers' whole model on text."""
+    from hf_models import write_tiny_gemma3_vlm
+    path = write_tiny_gemma3_vlm(tmp_path / "gemma3_vlm")
+    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    _check_prompt_logprobs_and_greedy("gemma3_vlm", path, hf)
 
 
 def _check_prompt_logprobs_and_greedy(arch, path, hf):
