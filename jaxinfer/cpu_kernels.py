@@ -265,13 +265,14 @@ def attention_applies(q: jax.Array, k_pages, v_pages) -> bool:
             and _cache(q, k_pages) is not None and _cache(q, v_pages) is not None and available(q.dtype))
 
 
-def attention(q: jax.Array, k_pages, v_pages, meta, *, scale: float, sliding_window: int | None = None) -> jax.Array:
+def attention(q: jax.Array, k_pages, v_pages, meta, *, scale: float, sliding_window: int | None = None,
+              soft_cap: float | None = None) -> jax.Array:
     """`layers.attention_reference`'s arguments and result (q [B, T, N, H] against a paged
     [P, K, ps, H] or contiguous [B, K, S, H] cache, bf16 or float32 alike), computed by the native
     kernel: one work item per (row, kv head), its queries' scores 16 slots at a time (AVX512-BF16
     dot products, or float32 FMAs), an online softmax, values accumulated in float32. The work
     stops at each row's length and starts at its sliding window, whatever the page table's
-    width. Padding queries give zeros."""
+    width. soft_cap: Gemma 2's capped scores, cap * tanh(score / cap). Padding queries give zeros."""
     b, t, n, h = q.shape
     k, v = _cache(q, k_pages), _cache(q, v_pages)
     table = jnp.arange(b, dtype=jnp.int32)[:, None] if meta.contiguous else meta.page_table.astype(jnp.int32)
@@ -282,9 +283,10 @@ def attention(q: jax.Array, k_pages, v_pages, meta, *, scale: float, sliding_win
     def native(q):
         return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
             q, k, v, table, meta.kv_lens.astype(jnp.int32), meta.q_lens.astype(jnp.int32),
-            scale=np.float32(scale), window=window).astype(q.dtype)
+            scale=np.float32(scale), window=window, soft_cap=np.float32(soft_cap or 0.0)).astype(q.dtype)
 
     def xla(q):
         from jaxinfer.layers import attention_reference
-        return attention_reference(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window)
+        return attention_reference(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window,
+                                   soft_cap=soft_cap)
     return jax.lax.platform_dependent(q, cpu=native, default=xla)

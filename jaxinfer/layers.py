@@ -557,11 +557,12 @@ def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend
     `RAGGED_MAX_TOKENS` tokens per row, `attention_paged_loop` for wider paged calls and for bf16
     bits contiguous caches in short steps (`contiguous_bits_loop`), `attention_reference` otherwise.
     "native" runs `cpu_kernels.attention` where it applies (queries of up to 16 tokens per row
-    against a cache of their dtype, bf16 or float32, paged or contiguous; no soft-capping), the
-    "xla" path otherwise."""
+    against a cache of their dtype, bf16 or float32, paged or contiguous), the "xla" path
+    otherwise."""
     if backend == "native":
-        if soft_cap is None and cpu_kernels.attention_applies(q, k_pages, v_pages):
-            return cpu_kernels.attention(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window)
+        if cpu_kernels.attention_applies(q, k_pages, v_pages):
+            return cpu_kernels.attention(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window,
+                                         soft_cap=soft_cap)
         backend = "xla"
     if backend == "xla":
         paged = not meta.contiguous and paged_loop_applies(backend, k_pages)

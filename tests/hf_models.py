@@ -31,7 +31,7 @@ ARCHS = {
     # per layer type, a scaled global one, and an attention scale of its own
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {"num_key_value_heads": 1, "head_dim": 32}),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
-               {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 24, "query_pre_attn_scalar": 24,
+               {"num_key_value_heads": 2, "head_dim": 32, "sliding_window": 24, "query_pre_attn_scalar": 24,
                 "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
                {"num_key_value_heads": 1, "head_dim": 16, "sliding_window": 24, "query_pre_attn_scalar": 40,

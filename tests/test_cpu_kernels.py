@@ -139,21 +139,22 @@ def test_f32_matmul_rows_are_independent_of_batch_and_pass():
 
 
 @pytest.mark.parametrize("dtype", BOTH_DTYPES)
-@pytest.mark.parametrize("b,t,n,kh,h,ps,pp,window", [
-    (4, 1, 8, 8, 64, 16, 6, None),  # MHA decode
-    (3, 5, 8, 2, 64, 16, 4, None),  # GQA, verification-sized steps with padding queries
-    (3, 16, 4, 1, 128, 8, 7, None),  # MQA, head dim 128, pages smaller than a 16-slot block
-    (3, 3, 6, 3, 32, 16, 5, 20),  # sliding window
-    (2, 4, 12, 2, 96, 16, 3, None),  # six heads per kv head (two groups of up to four), head dim 96
+@pytest.mark.parametrize("b,t,n,kh,h,ps,pp,window,cap", [
+    (4, 1, 8, 8, 64, 16, 6, None, None),  # MHA decode
+    (3, 5, 8, 2, 64, 16, 4, None, None),  # GQA, verification-sized steps with padding queries
+    (3, 16, 4, 1, 128, 8, 7, None, None),  # MQA, head dim 128, pages smaller than a 16-slot block
+    (3, 3, 6, 3, 32, 16, 5, 20, None),  # sliding window
+    (2, 4, 12, 2, 96, 16, 3, None, None),  # six heads per kv head (two groups of up to four), head dim 96
+    (3, 5, 8, 2, 64, 16, 4, 20, 1.5),  # Gemma 2: soft-capped scores (a cap that binds), sliding window
 ])
-def test_attention_matches_the_reference_and_stops_at_each_rows_length(dtype, b, t, n, kh, h, ps, pp, window):
+def test_attention_matches_the_reference_and_stops_at_each_rows_length(dtype, b, t, n, kh, h, ps, pp, window, cap):
     rng = np.random.default_rng(b * 100 + t)
     kv_lens = rng.integers(t, ps * pp + 1, b)
     q_lens = np.minimum(rng.integers(0, t + 1, b), kv_lens)
     q_lens[0] = t
     q, k, v, meta = _paged_case(rng, b, t, n, kh, h, ps, pp, b * pp + 3, q_lens, kv_lens)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    kw = {"scale": h ** -0.5, "sliding_window": window}
+    kw = {"scale": h ** -0.5, "sliding_window": window, "soft_cap": cap}
     assert cpu_kernels.attention_applies(q, k, v)
     want = _reference(q, k, v, meta, **kw)
     got = jax.jit(lambda q, k, v, m: cpu_kernels.attention(q, k, v, m, **kw))(q, k, v, meta)

@@ -381,12 +381,24 @@ inline V exp_lanes(V x) {
   return Ops::scale2(p, n);
 }
 
+// cap * tanh(s / cap) for every lane (attention logit soft-capping, Gemma 2), as
+// cap * (1 - 2 / (e^(2s/cap) + 1)) on exp_lanes: absolute error ~1e-6 of cap, and +-cap where
+// |s| is large (exp_lanes' clamp), so a masked lane comes out finite: callers mask after.
+template <typename V, typename Ops>
+inline V soft_cap_lanes(V s, float cap) {
+  const V one = Ops::set1(1.0f);
+  const V e = exp_lanes<V, Ops>(Ops::mul(s, Ops::set1(2.0f / cap)));
+  return Ops::mul(Ops::set1(cap), Ops::fnmadd(Ops::set1(2.0f), Ops::div(one, Ops::add(e, one)), one));
+}
+
 #if JAXINFER_AVX512
 struct Ops16 {
   static __m512 set1(float v) { return _mm512_set1_ps(v); }
   static __m512 min(__m512 a, __m512 b) { return _mm512_min_ps(a, b); }
   static __m512 max(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
   static __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+  static __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+  static __m512 div(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
   static __m512 fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
   static __m512 fnmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
   static __m512 round(__m512 a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -399,6 +411,8 @@ struct Ops8 {
   static __m256 min(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
   static __m256 max(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
   static __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+  static __m256 add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+  static __m256 div(__m256 a, __m256 b) { return _mm256_div_ps(a, b); }
   static __m256 fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
   static __m256 fnmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }
   static __m256 round(__m256 a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -437,6 +451,7 @@ struct Attention {
   float* out;                 // [B, T, N, H]
   int64_t B, T, N, KH, H, ps, PP, window;
   float scale;
+  float soft_cap;  // > 0: scores -> soft_cap * tanh(scores / soft_cap) (Gemma 2); 0: none
 
   const E* slot(const E* pages, int64_t b, int64_t kh, int64_t s) const {
     const int64_t page = page_table[b * PP + s / ps];
@@ -509,8 +524,9 @@ struct Attention {
     for (int64_t gi = 0; gi < gc; ++gi) {
       const int64_t i = t * groups + g0 + gi;
       const E* qp = query(b, t, kh * groups + g0 + gi);
-      const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)valid,
-                                           _mm512_mul_ps(scores<HC>(qp, kp, (__mmask16)valid), _mm512_set1_ps(scale)));
+      __m512 raw = _mm512_mul_ps(scores<HC>(qp, kp, (__mmask16)valid), _mm512_set1_ps(scale));
+      if (soft_cap > 0) raw = soft_cap_lanes<__m512, Ops16>(raw, soft_cap);
+      const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)valid, raw);
       const float m_new = std::max(m[i], _mm512_reduce_max_ps(sc));
       alpha[gi] = rescale(m[i], m_new);
       const __m512 p = _mm512_maskz_mov_ps((__mmask16)valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
@@ -551,7 +567,6 @@ struct Attention {
       const int64_t i = t * groups + g0 + gi;
       const float* qp = query(b, t, kh * groups + g0 + gi);
       alignas(32) float sc[16];
-      float top = -INFINITY;
       for (int j = 0; j < 16; ++j) {
         sc[j] = -INFINITY;
         if (!(valid >> j & 1)) continue;
@@ -561,6 +576,13 @@ struct Attention {
           x1 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[j] + c * 8 + 8), _mm256_loadu_ps(qp + c * 8 + 8), x1);
         }
         sc[j] = sum8(_mm256_add_ps(x0, x1)) * scale;
+      }
+      if (soft_cap > 0)
+        for (int h = 0; h < 2; ++h)
+          _mm256_store_ps(sc + 8 * h, soft_cap_lanes<__m256, Ops8>(_mm256_load_ps(sc + 8 * h), soft_cap));
+      float top = -INFINITY;
+      for (int j = 0; j < 16; ++j) {
+        if (!(valid >> j & 1)) sc[j] = -INFINITY;
         top = std::max(top, sc[j]);
       }
       const float m_new = std::max(m[i], top);
@@ -709,7 +731,8 @@ struct Attention {
 template <typename E, typename QBuffer, typename KVBuffer>
 ffi::Error AttentionImpl(ffi::ThreadPool& pool, const QBuffer& q, const KVBuffer& k, const KVBuffer& v,
                          ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> kv_lens,
-                         ffi::Buffer<ffi::S32> q_lens, float scale, int64_t window, ffi::ResultBuffer<ffi::F32>& out) {
+                         ffi::Buffer<ffi::S32> q_lens, float scale, int64_t window, float soft_cap,
+                         ffi::ResultBuffer<ffi::F32>& out) {
   auto qd = q.dimensions();
   auto kd = k.dimensions();
   auto pd = page_table.dimensions();
@@ -721,7 +744,7 @@ ffi::Error AttentionImpl(ffi::ThreadPool& pool, const QBuffer& q, const KVBuffer
   Attention<E> a{reinterpret_cast<const E*>(q.typed_data()), reinterpret_cast<const E*>(k.typed_data()),
                  reinterpret_cast<const E*>(v.typed_data()), page_table.typed_data(), kv_lens.typed_data(),
                  q_lens.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], kd[1], qd[3], kd[2], pd[1], window,
-                 scale};
+                 scale, soft_cap};
   const int64_t groups = a.N / a.KH;
   // one item per (row, kv head): its queries share the kv head's slots, read while in cache
   parallel_for(pool, a.B * a.KH, [&a, groups](int64_t item) { a.item(item / a.KH, item % a.KH, groups); });
@@ -731,16 +754,18 @@ ffi::Error AttentionImpl(ffi::ThreadPool& pool, const QBuffer& q, const KVBuffer
 #if JAXINFER_AVX512
 ffi::Error Bf16AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::U16> k,
                              ffi::Buffer<ffi::U16> v, ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> kv_lens,
-                             ffi::Buffer<ffi::S32> q_lens, float scale, int64_t window, ffi::ResultBuffer<ffi::F32> out) {
-  return AttentionImpl<uint16_t>(pool, q, k, v, page_table, kv_lens, q_lens, scale, window, out);
+                             ffi::Buffer<ffi::S32> q_lens, float scale, int64_t window, float soft_cap,
+                             ffi::ResultBuffer<ffi::F32> out) {
+  return AttentionImpl<uint16_t>(pool, q, k, v, page_table, kv_lens, q_lens, scale, window, soft_cap, out);
 }
 
 #endif  // JAXINFER_AVX512
 
 ffi::Error F32AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> kv_lens,
-                            ffi::Buffer<ffi::S32> q_lens, float scale, int64_t window, ffi::ResultBuffer<ffi::F32> out) {
-  return AttentionImpl<float>(pool, q, k, v, page_table, kv_lens, q_lens, scale, window, out);
+                            ffi::Buffer<ffi::S32> q_lens, float scale, int64_t window, float soft_cap,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  return AttentionImpl<float>(pool, q, k, v, page_table, kv_lens, q_lens, scale, window, soft_cap, out);
 }
 
 }  // namespace
@@ -762,7 +787,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Matmul, F32MatmulImpl,
                                   .Attr<int64_t>("n")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// q, k, v, page_table, kv_lens, q_lens; scale, window.
+// q, k, v, page_table, kv_lens, q_lens; scale, window, soft_cap (0: none).
 template <ffi::DataType Q, ffi::DataType KV>
 auto AttentionBinding() {
   return ffi::Ffi::Bind()
@@ -775,6 +800,7 @@ auto AttentionBinding() {
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Attr<float>("scale")
       .template Attr<int64_t>("window")
+      .template Attr<float>("soft_cap")
       .template Ret<ffi::Buffer<ffi::F32>>();
 }
 
