@@ -187,17 +187,20 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
         if model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
-        if model_type in ("gemma2", "gemma3_text"):
-            scalar = self.query_pre_attn_scalar  # transformers' config class wants an int (all shipped ones are)
+        if model_type in ("gemma2", "gemma3_text"):  # spelled out: transformers' defaults differ from ours
+            scalar = float(self.query_pre_attn_scalar or self.head_dim)  # its config class wants an int
+            types = [("full_attention" if self.layer_window(i) is None else "sliding_attention")
+                     for i in range(self.num_layers)]
             out.update(hidden_activation=self.hidden_act,
                        query_pre_attn_scalar=int(scalar) if scalar.is_integer() else scalar,
-                       sliding_window=self.sliding_window, layer_types=list(self.layer_types),
+                       sliding_window=self.sliding_window, layer_types=types,
                        attn_logit_softcapping=self.attn_logit_softcapping,
                        final_logit_softcapping=self.final_logit_softcapping)
         if model_type == "gemma3_text":  # RoPE per layer type (the flat keys are the older spelling)
-            out["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
-                "rope_type": "default", "rope_theta": self.local_rope_theta}}
-            out["rope_local_base_freq"] = self.local_rope_theta
+            local = self.local_rope_theta if self.local_rope_theta is not None else self.rope_theta
+            out["rope_parameters"] = {"full_attention": rope,
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+            out["rope_local_base_freq"] = local
             out["use_bidirectional_attention"] = False
         return out
 

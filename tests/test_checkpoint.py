@@ -191,6 +191,23 @@ def test_gemma3_vision_language_configs_and_tensor_layouts(tmp_path):
     np.testing.assert_array_equal(np.asarray(w.final_norm), state["language_model.model.norm.weight"])
 
 
+def test_gemma_configs_built_in_python_write_what_they_run():
+    """A Gemma config built by hand, its optional fields left unset (no attention scalar, no layer
+    types, no local RoPE base), writes a config.json that reads back to the same model: the same
+    attention scale, windows and RoPE frequencies per layer."""
+    import dataclasses
+
+    from jaxinfer.config import ModelConfig, rope_inv_freq
+    base = ModelConfig.from_hf_dict(HUB_GEMMA["gemma-3-1b"])
+    for cfg in (dataclasses.replace(base, query_pre_attn_scalar=None, layer_types=None, local_rope_theta=None),
+                dataclasses.replace(base, architecture="Gemma2ForCausalLM", query_pre_attn_scalar=None,
+                                    layer_types=None, sliding_window=None, local_rope_theta=None)):
+        back = ModelConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict())))
+        assert back.attention_scale == cfg.attention_scale
+        assert [back.layer_window(i) for i in range(26)] == [cfg.layer_window(i) for i in range(26)]
+        assert [rope_inv_freq(back, local=loc) for loc in (False, True)] == [rope_inv_freq(cfg)] * 2
+
+
 def test_gemma_config_errors_name_the_value():
     from jaxinfer.config import ConfigError, ModelConfig
     base = HUB_GEMMA["gemma-3-1b"]
