@@ -25,7 +25,10 @@ MODEL_TYPES = {  # architecture -> HF model_type
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+LLAMA3_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
+             "attention_factor")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # of the gated MLP: act(gate) * up
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -43,6 +46,12 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn (Peng et al., YaRN): rotations bounding the interpolated / extrapolated bands, whether
+    # their dims are rounded outward, and the factor cos and sin are multiplied by
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +163,9 @@ class ModelConfig:
         if self.rope_scaling.rope_type == "linear":
             rope["factor"] = self.rope_scaling.factor
         elif self.rope_scaling.rope_type == "llama3":
-            rope.update(dataclasses.asdict(self.rope_scaling))
+            rope.update({k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if k in LLAMA3_KEYS})
+        elif self.rope_scaling.rope_type == "yarn":
+            rope.update({k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if k in YARN_KEYS})
         out: dict[str, Any] = {
             "architectures": [self.architecture],
             "model_type": model_type,
@@ -267,6 +278,17 @@ class ModelConfig:
                 high_freq_factor=float(scaling_src["high_freq_factor"]),
                 original_max_position_embeddings=int(scaling_src["original_max_position_embeddings"]),
             )
+        elif rope_type == "yarn":  # missing keys as transformers fills them
+            original = int(scaling_src.get("original_max_position_embeddings")
+                           or hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048))
+            factor = scaling_src.get("factor")
+            factor = float(factor) if factor is not None else hf.get("max_position_embeddings", 2048) / original
+            scaling = RopeScaling(
+                "yarn", factor=factor, original_max_position_embeddings=original,
+                beta_fast=float(scaling_src.get("beta_fast") or 32), beta_slow=float(scaling_src.get("beta_slow") or 1),
+                truncate=bool(scaling_src.get("truncate", True)),
+                attention_factor=yarn_attention_factor(factor, scaling_src.get("attention_factor"),
+                                                       scaling_src.get("mscale"), scaling_src.get("mscale_all_dim")))
 
         sliding_window, layer_types = None, None
         if arch == "MistralForCausalLM":
@@ -355,6 +377,19 @@ def gemma3_text_config(hf: dict[str, Any]) -> dict[str, Any]:
     return {**text, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
 
 
+def yarn_attention_factor(factor: float, attention_factor=None, mscale=None, mscale_all_dim=None) -> float:
+    """YaRN's multiplier of cos and sin: given, or 0.1 ln(factor) + 1 (DeepSeek's configs give
+    mscale and mscale_all_dim, whose ratio of such terms it then is)."""
+    if attention_factor is not None:
+        return float(attention_factor)
+
+    def m(scale: float, k: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+    if mscale and mscale_all_dim:
+        return m(factor, mscale) / m(factor, mscale_all_dim)
+    return m(factor)
+
+
 def _optional_float(value) -> float | None:
     return None if value is None else float(value)
 
@@ -375,6 +410,21 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> list[float]:
     s = cfg.rope_scaling
     if s.rope_type == "linear":
         return [f / s.factor for f in inv]
+    if s.rope_type == "yarn":  # YaRN: interpolate the slow dims by factor, keep the fast ones, ramp between
+        def dim_of(rotations: float) -> float:  # the dim that turns `rotations` times over the original context
+            return cfg.head_dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                2 * math.log(cfg.rope_theta))
+        low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+        if s.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, cfg.head_dim - 1)
+        if low == high:
+            high += 0.001
+        out = []
+        for i, f in enumerate(inv):
+            keep = 1.0 - min(max((i - low) / (high - low), 0.0), 1.0)  # 1: extrapolate (as trained), 0: interpolate
+            out.append(f / s.factor * (1.0 - keep) + f * keep)
+        return out
     if s.rope_type == "llama3":
         low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
         high_wavelen = s.original_max_position_embeddings / s.high_freq_factor

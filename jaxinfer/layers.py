@@ -241,8 +241,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False
     return weight * x32.astype(x.dtype)
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables for positions [B, T]: each [B, T, 1, H/2].
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables for positions [B, T]: each [B, T, 1, H/2], times `scale` (YaRN's
+    attention factor) in float32 before the cast, as transformers scales them.
 
     On CPU the tables are computed once per forward: XLA:CPU fuses the cosine and sine into
     every consumer, each layer's q and k rotation, and evaluates them there per head (12
@@ -251,6 +252,8 @@ def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.
     pass through a product with the identity (exact: every other term is a zero)."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     both = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)  # [B, T, H]
+    if scale != 1.0:
+        both = both * jnp.float32(scale)
 
     def materialized():
         return jnp.dot(both, jnp.eye(both.shape[-1], dtype=jnp.float32), precision="highest")

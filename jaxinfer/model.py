@@ -281,14 +281,21 @@ def mlp_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return out
 
 
+def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype, local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """RoPE tables (cos, sin) [B, T, 1, H/2] for positions [B, T]: the config's frequencies
+    (`rope_inv_freq`; local: Gemma 3's sliding layers') and YaRN's attention factor."""
+    inv_freq = jnp.asarray(np.asarray(rope_inv_freq(cfg, local=local), np.float32))
+    scaled = not (local and cfg.local_rope_theta is not None)  # the local base is never scaled
+    return rope_cos_sin(positions, inv_freq, dtype, cfg.rope_scaling.attention_factor if scaled else 1.0)
+
+
 def layer_rope(cfg: ModelConfig, positions: jax.Array, dtype) -> list[tuple[jax.Array, jax.Array]]:
-    """Every layer's RoPE tables (cos, sin) [B, T, 1, H/2] for positions [B, T]. The layers share
-    one pair, except Gemma 3's sliding layers, which rotate with a base of their own."""
-    tables = {False: rope_cos_sin(positions, jnp.asarray(np.asarray(rope_inv_freq(cfg), np.float32)), dtype)}
+    """Every layer's RoPE tables (`rope_tables`). The layers share one pair, except Gemma 3's
+    sliding layers, which rotate with a base of their own."""
+    tables = {False: rope_tables(cfg, positions, dtype)}
     if cfg.local_rope_theta is None:
         return [tables[False]] * cfg.num_layers
-    tables[True] = rope_cos_sin(positions, jnp.asarray(np.asarray(rope_inv_freq(cfg, local=True), np.float32)),
-                                dtype)
+    tables[True] = rope_tables(cfg, positions, dtype, local=True)
     return [tables[cfg.layer_window(i) is not None] for i in range(cfg.num_layers)]
 
 

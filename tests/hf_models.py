@@ -24,8 +24,11 @@ ARCHS = {
                 dict(num_key_value_heads=2, sliding_window=24)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
               dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # YaRN, as Qwen3 is run past 32k: a context 4x the original (32 < 72 tokens here)
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
-              dict(num_key_value_heads=2, head_dim=32)),
+              dict(num_key_value_heads=2, head_dim=32,
+                   rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                    "original_max_position_embeddings": 32})),
     # Gemma: (1 + w) norms, sqrt(d)-scaled embeddings, GeGLU. Gemma 2 and 3: sliding and global layers interleaved (40 > window); Gemma 2 soft-caps the
     # attention scores and the logits (small caps, so that they bind); Gemma 3 has a RoPE base
     # per layer type, a scaled global one, and an attention scale of its own

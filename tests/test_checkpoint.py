@@ -293,14 +293,36 @@ def test_missing_or_bad_config(tiny_dir, tmp_path):
         LLM(model=str(d))
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},  # Qwen3's long-context recipe
+    {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+     "mscale": 1.0, "mscale_all_dim": 0.8},  # DeepSeek's
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 2048, "truncate": False,
+     "attention_factor": 1.3},
+])
+def test_yarn_frequencies_and_attention_factor_are_transformers(rope):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from jaxinfer.config import ModelConfig, rope_inv_freq
+    hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": 512, "num_attention_heads": 4, "num_hidden_layers": 2,
+          "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 131072,
+          "rope_parameters": {"rope_theta": 1e6, **rope}}
+    cfg = ModelConfig.from_hf_dict(hf)
+    want, factor = ROPE_INIT_FUNCTIONS["yarn"](LlamaConfig(**{k: v for k, v in hf.items() if k != "architectures"}))
+    np.testing.assert_allclose(np.asarray(rope_inv_freq(cfg), np.float32), want.numpy(), rtol=2e-6)
+    assert cfg.rope_scaling.attention_factor == pytest.approx(factor, rel=1e-6)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
 def test_unsupported_dtype_and_rope(tiny_dir, tmp_path):
     with pytest.raises(CheckpointError, match="dtype='float16'"):
         load_hf(tiny_dir, "float16")
     d = _copy(tiny_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}
     (d / "config.json").write_text(json.dumps(cfg))
-    _err(d, "rope_type='yarn' is not supported")
+    _err(d, "rope_type='longrope' is not supported")
 
 
 @pytest.mark.parametrize("name, match", [("tokenizer.json", "cannot be read as a tokenizer"),

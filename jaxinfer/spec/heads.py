@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import GEMMA, ModelConfig, rope_inv_freq
+from jaxinfer.config import GEMMA, ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, KVCache
-from jaxinfer.layers import cap_scores, dense_dot, matmul, rms_norm, rope_cos_sin
+from jaxinfer.layers import cap_scores, dense_dot, matmul, rms_norm
 from jaxinfer.model import (
     LayerWeights,
     Weights,
@@ -51,6 +51,7 @@ from jaxinfer.model import (
     layer_shapes,
     layout_projection,
     lm_logits,
+    rope_tables,
 )
 
 HEAD_METHODS = ("eagle", "medusa")
@@ -108,8 +109,7 @@ def eagle_forward(head: dict, hcfg: ModelConfig, target: Weights, features: jax.
     emb = target.embed[tokens].astype(features.dtype)  # [B, T, D]
     x = matmul(jnp.concatenate([features, emb], axis=-1), head["fc"]) + head["fc_bias"]  # [B, T, D]
     layer = LayerWeights(**head["layer"])
-    inv_freq = jnp.asarray(np.asarray(rope_inv_freq(hcfg), np.float32))
-    cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
+    cos, sin = rope_tables(hcfg, positions, x.dtype)
     if kv is None:
         b, t = tokens.shape
         if meta is None:

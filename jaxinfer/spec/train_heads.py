@@ -24,11 +24,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxinfer.config import ModelConfig, rope_inv_freq
-from jaxinfer.layers import apply_rope, einsum_f32, matmul, rms_norm, rope_cos_sin
-from jaxinfer.model import LayerWeights, Weights, forward, lm_logits, mlp_block
+from jaxinfer.config import ModelConfig
+from jaxinfer.layers import apply_rope, einsum_f32, matmul, rms_norm
+from jaxinfer.model import LayerWeights, Weights, forward, lm_logits, mlp_block, rope_tables
 from jaxinfer.spec.heads import medusa_logits
 
 
@@ -77,7 +76,7 @@ def eagle_unrolled(head: dict, hcfg: ModelConfig, target: Weights, feats: jax.Ar
     layer = LayerWeights(**head["layer"])
     emb = target.embed[next_tokens].astype(feats.dtype)  # [B, T, D]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cos, sin = rope_cos_sin(positions, jnp.asarray(np.asarray(rope_inv_freq(hcfg), np.float32)), feats.dtype)
+    cos, sin = rope_tables(hcfg, positions, feats.dtype)
     tq = jnp.arange(t)[:, None]  # query position
     ts = jnp.arange(t)[None, :]  # key position
     keys, values, outs = [], [], []
