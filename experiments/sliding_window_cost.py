@@ -49,7 +49,7 @@ def gemma3_shaped(layers: int, window: int) -> ModelConfig:
     return ModelConfig(
         architecture="Gemma3ForCausalLM", vocab_size=4096, hidden_size=256, intermediate_size=1024,
         num_layers=layers, num_heads=4, num_kv_heads=1, head_dim=64, max_position_embeddings=32768,
-        tie_word_embeddings=True, qk_norm=True, hidden_act="gelu_pytorch_tanh", norm_plus_one=True,
+        tie_word_embeddings=True, qk_norm=True, hidden_act="gelu_pytorch_tanh", norm_style="gemma",
         scale_embeddings=True, sandwich_norms=True, query_pre_attn_scalar=64.0, sliding_window=window,
         layer_types=tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)),
         rope_theta=1_000_000.0, local_rope_theta=10_000.0)

@@ -152,9 +152,9 @@ class TensorSource:
 # ----------------------------------------------------------------------------- HF <-> Weights
 
 def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
-    """HF tensor (or module) names of layer i's fields. With sandwich norms (Gemma 2 / 3)
+    """HF tensor (or module) names of layer i's fields. With sandwich norms (Gemma 2 / 3, OLMo 2)
     post_attention_layernorm is the norm after attention, and pre_feedforward_layernorm the
-    MLP's input norm, which Llama calls post_attention_layernorm."""
+    MLP's input norm (Gemma), which Llama calls post_attention_layernorm."""
     p = f"model.layers.{i}."
     names = {
         "attn_norm": p + "input_layernorm.weight", "mlp_norm": p + "post_attention_layernorm.weight",
@@ -194,8 +194,9 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
     d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                      cfg.head_dim)
     nm = _hf_layer_names(cfg, i)
-    yield "attn_norm", src.get(nm["attn_norm"], (d,))
-    yield "mlp_norm", src.get(nm["mlp_norm"], (d,))
+    if cfg.input_norms:
+        yield "attn_norm", src.get(nm["attn_norm"], (d,))
+        yield "mlp_norm", src.get(nm["mlp_norm"], (d,))
     if cfg.sandwich_norms:
         yield "post_attn_norm", src.get(nm["post_attn_norm"], (d,))
         yield "post_mlp_norm", src.get(nm["post_mlp_norm"], (d,))
@@ -210,8 +211,8 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
     if cfg.o_bias:
         yield "bo", src.get(nm["o"] + ".bias", (d,))
     if cfg.qk_norm:
-        yield "q_norm", src.get(nm["q_norm"], (h,))
-        yield "k_norm", src.get(nm["k_norm"], (h,))
+        yield "q_norm", src.get(nm["q_norm"], (n * h,) if cfg.qk_norm_full else (h,))
+        yield "k_norm", src.get(nm["k_norm"], (k * h,) if cfg.qk_norm_full else (h,))
     if cfg.mlp_bias:
         yield "b_gate_up", np.concatenate([src.get(nm["gate"] + ".bias", (f,)),
                                            src.get(nm["up"] + ".bias", (f,))])
@@ -270,10 +271,12 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
     schemes: dict[str, dict] = {}
     for i, layer in enumerate(weights.layers):
         nm = _hf_layer_names(cfg, i)
-        out[nm["attn_norm"]] = cast(layer.attn_norm)
+        if layer.attn_norm is not None:
+            out[nm["attn_norm"]] = cast(layer.attn_norm)
         _put_linear(out, schemes, [(nm["q"], n * h), (nm["k"], k * h), (nm["v"], k * h)], layer.wqkv, cast)
         _put_linear(out, schemes, [(nm["o"], cfg.hidden_size)], layer.wo, cast)
-        out[nm["mlp_norm"]] = cast(layer.mlp_norm)
+        if layer.mlp_norm is not None:
+            out[nm["mlp_norm"]] = cast(layer.mlp_norm)
         _put_linear(out, schemes, [(nm["gate"], f), (nm["up"], f)], layer.w_gate_up, cast)
         _put_linear(out, schemes, [(nm["down"], cfg.hidden_size)], layer.w_down, cast)
         if layer.bqkv is not None:

@@ -22,6 +22,7 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "Olmo2ForCausalLM": "olmo2",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -31,6 +32,7 @@ YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fa
              "attention_factor")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # of the gated MLP: act(gate) * up
 LAYER_TYPES = ("full_attention", "sliding_attention")
+NORM_STYLES = ("llama", "gemma", "olmo2")  # layers.rms_norm's orders of rounding
 
 
 class ConfigError(ValueError):
@@ -79,11 +81,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"  # one of ACTIVATIONS (Gemma: gelu_pytorch_tanh)
-    # Gemma: RMSNorm scales by (1 + weight) in float32 before rounding; embeddings are multiplied
-    # by sqrt(hidden_size) rounded to the weight dtype (as transformers does both)
-    norm_plus_one: bool = False
+    # RMSNorm's order of rounding (layers.NORM_STYLES): Gemma scales by (1 + weight) in float32,
+    # OLMo 2 by the weight in float32, before rounding. Gemma multiplies embeddings by
+    # sqrt(hidden_size), rounded to the weight dtype (as transformers does)
+    norm_style: str = "llama"
     scale_embeddings: bool = False
-    sandwich_norms: bool = False  # Gemma 2 / 3: a norm after attention and after the MLP too
+    sandwich_norms: bool = False  # Gemma 2 / 3, OLMo 2: a norm after attention and after the MLP too
+    input_norms: bool = True  # False (OLMo 2): attention and MLP read the residual stream unnormalized
+    qk_norm_full: bool = False  # OLMo 2: q and k normalized over all heads at once, before the split
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim)
     # per layer, one of LAYER_TYPES (Gemma 2 / 3); None: sliding_window, if any, applies to every layer
     layer_types: tuple[str, ...] | None = None
@@ -102,6 +107,8 @@ class ModelConfig:
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.norm_style not in NORM_STYLES:
+            raise ConfigError(f"norm_style={self.norm_style!r} is not one of {', '.join(NORM_STYLES)}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
         if self.layer_types is not None:
@@ -135,9 +142,10 @@ class ModelConfig:
         d, f, h, k, e = (self.hidden_size, self.intermediate_size, self.num_heads,
                          self.num_kv_heads, self.head_dim)
         attn = d * h * e + 2 * d * k * e + h * e * d
-        attn += (h * e + 2 * k * e) * self.qkv_bias + d * self.o_bias + 2 * e * self.qk_norm
+        attn += (h * e + 2 * k * e) * self.qkv_bias + d * self.o_bias
+        attn += ((h + k) * e if self.qk_norm_full else 2 * e) * self.qk_norm
         mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
-        per_layer = attn + mlp + (4 if self.sandwich_norms else 2) * d
+        per_layer = attn + mlp + (2 * self.input_norms + 2 * self.sandwich_norms) * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embed + d
 
@@ -190,7 +198,7 @@ class ModelConfig:
             out["rope_scaling"] = dict(rope)
         if model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.o_bias if model_type == "llama" else self.qkv_bias
-        if model_type in ("gemma", "gemma2", "gemma3_text"):
+        if model_type in ("gemma", "gemma2", "gemma3_text", "olmo2"):
             out["attention_bias"] = self.qkv_bias
         if model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
@@ -231,6 +239,7 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         gemma = arch in GEMMA
         later_gemma = arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+        olmo2 = arch == "Olmo2ForCausalLM"
         if later_gemma:  # their MLPs read hidden_activation
             act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
         else:
@@ -322,16 +331,18 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
-            o_bias=attention_bias and (arch == "LlamaForCausalLM" or gemma),
+            o_bias=attention_bias and (arch == "LlamaForCausalLM" or gemma or olmo2),
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM") or olmo2,
+            qk_norm_full=olmo2,
+            input_norms=not olmo2,
             sliding_window=int(sliding_window) if sliding_window else None,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             hidden_act=act,
-            norm_plus_one=gemma,
+            norm_style="gemma" if gemma else ("olmo2" if olmo2 else "llama"),
             scale_embeddings=gemma,
-            sandwich_norms=later_gemma,
+            sandwich_norms=later_gemma or olmo2,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if later_gemma else None,
             layer_types=tuple(layer_types) if layer_types is not None else None,
             local_rope_theta=local_theta,

@@ -230,14 +230,17 @@ def batched_qk_pv(spec: str, a: jax.Array, b: jax.Array, small_q: bool) -> jax.A
     return jax.lax.platform_dependent(cpu=reduce, default=lambda: einsum_f32(spec, a, b))
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
-    """RMSNorm computed in float32 and cast back, as HF does: Llama rounds the normalized x
-    and then multiplies by the weight; Gemma (plus_one) multiplies by (1 + weight) in float32 and
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, style: str = "llama") -> jax.Array:
+    """RMSNorm computed in float32 and cast back, in each family's order (as transformers has
+    it; config.NORM_STYLES): "llama" rounds the normalized x and then multiplies by the weight; "gemma" multiplies by
+    (1 + weight) in float32 and rounds once; "olmo2" multiplies by the weight in float32 and
     rounds once."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    if plus_one:
+    if style == "gemma":
         return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+    if style == "olmo2":
+        return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
     return weight * x32.astype(x.dtype)
 
 

@@ -40,16 +40,16 @@ from jaxinfer.wquant import MODULES, QuantWeight
 
 @struct.dataclass
 class LayerWeights:
-    attn_norm: jax.Array  # [D]
     wqkv: jax.Array  # [D, (N + 2K) H]
     wo: jax.Array  # [N H, D]
-    mlp_norm: jax.Array  # [D]
     w_gate_up: jax.Array  # [D, 2F]
     w_down: jax.Array  # [F, D]
+    attn_norm: jax.Array | None = None  # [D]   (None: OLMo 2, no input norms)
+    mlp_norm: jax.Array | None = None  # [D]
     bqkv: jax.Array | None = None  # [(N + 2K) H]   Qwen2
     bo: jax.Array | None = None  # [D]
-    q_norm: jax.Array | None = None  # [H]   Qwen3
-    k_norm: jax.Array | None = None  # [H]
+    q_norm: jax.Array | None = None  # [H]   Qwen3, Gemma 3 ([N H]: OLMo 2)
+    k_norm: jax.Array | None = None  # [H]   ([K H]: OLMo 2)
     b_gate_up: jax.Array | None = None  # [2F]
     b_down: jax.Array | None = None  # [D]
     post_attn_norm: jax.Array | None = None  # [D]   Gemma 2 / 3 (sandwich norms)
@@ -74,12 +74,13 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
                      cfg.num_kv_heads, cfg.head_dim)
     qkv = (n + 2 * k) * h
     return {
-        "attn_norm": (d,), "wqkv": (d, qkv), "wo": (n * h, d), "mlp_norm": (d,),
-        "w_gate_up": (d, 2 * f), "w_down": (f, d),
+        "wqkv": (d, qkv), "wo": (n * h, d), "w_gate_up": (d, 2 * f), "w_down": (f, d),
+        "attn_norm": (d,) if cfg.input_norms else None,
+        "mlp_norm": (d,) if cfg.input_norms else None,
         "bqkv": (qkv,) if cfg.qkv_bias else None,
         "bo": (d,) if cfg.o_bias else None,
-        "q_norm": (h,) if cfg.qk_norm else None,
-        "k_norm": (h,) if cfg.qk_norm else None,
+        "q_norm": ((n * h,) if cfg.qk_norm_full else (h,)) if cfg.qk_norm else None,
+        "k_norm": ((k * h,) if cfg.qk_norm_full else (h,)) if cfg.qk_norm else None,
         "b_gate_up": (2 * f,) if cfg.mlp_bias else None,
         "b_down": (d,) if cfg.mlp_bias else None,
         "post_attn_norm": (d,) if cfg.sandwich_norms else None,
@@ -89,7 +90,7 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
 
 def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Weights:
     """Random weights (normal(0, std) matrices, unit norms, zero biases)."""
-    norm = jnp.zeros if cfg.norm_plus_one else jnp.ones  # Gemma's norms scale by 1 + weight
+    norm = jnp.zeros if cfg.norm_style == "gemma" else jnp.ones  # Gemma's norms scale by 1 + weight
     shapes = layer_shapes(cfg)
     keys = iter(jax.random.split(key, cfg.num_layers * len(shapes) + 2))
 
@@ -206,7 +207,7 @@ def _map_projections(weights: Weights, fn) -> Weights:
 def lm_logits(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm + LM head on pre-norm hidden states [..., D] -> float32 logits [..., V]
     (soft-capped where the model caps them: Gemma 2 / 3's final_logit_softcapping)."""
-    x = rms_norm(hidden, weights.final_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+    x = rms_norm(hidden, weights.final_norm, cfg.rms_norm_eps, cfg.norm_style)
     head = weights.lm_head
     if isinstance(head, QuantWeight):  # float32 logits, whatever the activation dtype
         logits = matmul(x.astype(jnp.float32), head)
@@ -226,22 +227,25 @@ def embed_tokens(weights: Weights, cfg: ModelConfig, tokens: jax.Array) -> jax.A
 
 def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, sin,
                     k_pages, v_pages, meta: AttentionMeta, backend: str, window: int | None):
-    """Pre-norm attention with cache write (keys older than `window` masked; None: none).
+    """Attention (pre-norm, but for OLMo 2) with cache write (keys older than `window` masked; None: none).
     x [B, T, D] -> (delta [B, T, D], k_pages, v_pages)."""
     b, t, _ = x.shape
     n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    hn = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+    hn = x if layer.attn_norm is None else rms_norm(x, layer.attn_norm, cfg.rms_norm_eps, cfg.norm_style)
     with jax.named_scope("proj"):
         qkv = matmul(hn, layer.wqkv)  # [B, T, (N + 2K) H]
     if layer.bqkv is not None:
         qkv = qkv + layer.bqkv
     q, k, v = jnp.split(qkv, [n * h, (n + kh) * h], axis=-1)
+    if cfg.qk_norm_full:  # OLMo 2: over all heads' dims at once
+        q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps, cfg.norm_style)
+        k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps, cfg.norm_style)
     q = q.reshape(b, t, n, h)  # [B, T, N, H]
     k = k.reshape(b, t, kh, h)  # [B, T, K, H]
     v = v.reshape(b, t, kh, h)
-    if layer.q_norm is not None:
-        q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
-        k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+    if layer.q_norm is not None and not cfg.qk_norm_full:  # per head (Qwen3, Gemma 3)
+        q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps, cfg.norm_style)
+        k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps, cfg.norm_style)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     if k_pages is None:  # no cache (training, scoring): the new tokens are the whole context
@@ -261,13 +265,13 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
     if layer.bo is not None:
         out = out + layer.bo
     if layer.post_attn_norm is not None:
-        out = rms_norm(out, layer.post_attn_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+        out = rms_norm(out, layer.post_attn_norm, cfg.rms_norm_eps, cfg.norm_style)
     return out, k_pages, v_pages
 
 
 def mlp_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """Pre-norm gated MLP (SwiGLU; GeGLU for Gemma). x [B, T, D] -> delta [B, T, D]."""
-    hn = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+    """Gated MLP (SwiGLU; GeGLU for Gemma), pre-norm but for OLMo 2. x [B, T, D] -> delta [B, T, D]."""
+    hn = x if layer.mlp_norm is None else rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps, cfg.norm_style)
     with jax.named_scope("proj"):
         gu = matmul(hn, layer.w_gate_up)  # [B, T, 2F]
     if layer.b_gate_up is not None:
@@ -277,7 +281,7 @@ def mlp_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     if layer.b_down is not None:
         out = out + layer.b_down
     if layer.post_mlp_norm is not None:
-        out = rms_norm(out, layer.post_mlp_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+        out = rms_norm(out, layer.post_mlp_norm, cfg.rms_norm_eps, cfg.norm_style)
     return out
 
 

@@ -32,6 +32,8 @@ ARCHS = {
     # Gemma: (1 + w) norms, sqrt(d)-scaled embeddings, GeGLU. Gemma 2 and 3: sliding and global layers interleaved (40 > window); Gemma 2 soft-caps the
     # attention scores and the logits (small caps, so that they bind); Gemma 3 has a RoPE base
     # per layer type, a scaled global one, and an attention scale of its own
+    # OLMo 2: norms after attention and MLP instead of before, q / k normalized over all heads
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {"num_key_value_heads": 2}),
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {"num_key_value_heads": 1, "head_dim": 32}),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
                {"num_key_value_heads": 2, "head_dim": 32, "sliding_window": 24, "query_pre_attn_scalar": 24,

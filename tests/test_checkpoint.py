@@ -78,7 +78,7 @@ def test_bf16_llm_saves_and_exports_its_weights_in_checkpoint_layout(tiny_dir, t
         LLM(str(tiny_dir), weight_layout="rows")
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma2", "gemma3", "olmo2"])
 def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
     src = write_tiny(arch, tmp_path / "src")
     cfg, w = load_hf(src)
@@ -91,6 +91,21 @@ def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
         np.testing.assert_allclose(hf(ids).logits.numpy(), ref(ids).logits.numpy(), atol=1e-5)
     cfg2, w2 = load_hf(tmp_path / "out")
     assert cfg2 == cfg
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2"])
+def test_parameter_count_is_transformers(arch):
+    """ModelConfig.num_params (the memory calculator's count) against the parameters transformers
+    builds for the same config: biases, per-head and whole-projection q / k norms, sandwich norms,
+    tied embeddings."""
+    from hf_models import ARCHS, COMMON
+
+    from jaxinfer.config import ModelConfig
+    cfg_cls, model_cls, extra = ARCHS[arch]
+    with torch.device("meta"):
+        model = model_cls(cfg_cls(**{**COMMON, **extra}))
+    cfg = ModelConfig.from_hf_dict({"architectures": [model_cls.__name__], **model.config.to_dict()})
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
 
 
 # Gemma configs as the Hub holds them (written by older transformers: flat RoPE keys, the layer
@@ -132,7 +147,7 @@ def test_gemma_hub_configs_read_as_transformers_reads_them(name):
     cfg = ModelConfig.from_hf_dict(d)
     ref = CONFIG_MAPPING[d["model_type"]](**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
     assert cfg.tie_word_embeddings == ref.tie_word_embeddings is True
-    assert cfg.norm_plus_one and cfg.scale_embeddings and cfg.head_dim == ref.head_dim
+    assert cfg.norm_style == "gemma" and cfg.scale_embeddings and cfg.head_dim == ref.head_dim
     assert cfg.hidden_act == (getattr(ref, "hidden_activation", None) or ref.hidden_act) == "gelu_pytorch_tanh"
     if d["model_type"] == "gemma":  # no sliding layers, no soft caps, the head dim's scale
         assert cfg.layer_types is None and cfg.sliding_window is None and cfg.attention_scale == 256 ** -0.5

@@ -45,7 +45,7 @@ DCFG = _cfg(32, 1, 2, 1, 64)  # another vocabulary's draft, for the error test
 # a Gemma 3-style target: (1 + w) norms, sandwich norms, GeGLU, a sliding and a global layer with
 # RoPE bases of their own, soft-capped logits
 GEMMA_CFG = dataclasses.replace(
-    CFG, architecture="Gemma3ForCausalLM", hidden_act="gelu_pytorch_tanh", norm_plus_one=True,
+    CFG, architecture="Gemma3ForCausalLM", hidden_act="gelu_pytorch_tanh", norm_style="gemma",
     scale_embeddings=True, sandwich_norms=True, qk_norm=True, query_pre_attn_scalar=24.0, sliding_window=6,
     layer_types=("sliding_attention", "full_attention"), local_rope_theta=500.0, final_logit_softcapping=4.0)
 
@@ -325,7 +325,7 @@ def test_gemma_target_greedy_identical_to_plain_decoding(name):
     and the output is plain greedy decoding's."""
     w = init_weights(GEMMA_CFG, jax.random.PRNGKey(5), std=0.15)
     hcfg = eagle_config(GEMMA_CFG, 64)
-    assert hcfg.layer_types is None and not hcfg.norm_plus_one and hcfg.hidden_act == "silu"
+    assert hcfg.layer_types is None and hcfg.norm_style == "llama" and hcfg.hidden_act == "silu"
     drafter, params = {"layer_skip": (D.LayerSkipDrafter(K, GEMMA_CFG, 1), None),
                        "eagle": (D.EagleDrafter(K, hcfg, GEMMA_CFG), init_eagle(hcfg, jax.random.PRNGKey(6)))}[name]
     plain = _requests(SamplingParams(temperature=0), [])

@@ -62,17 +62,18 @@ _TARGET_KEYS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_
 
 def eagle_config(target: ModelConfig, intermediate_size: int | None = None) -> ModelConfig:
     """The head's one decoder layer: the target's attention shapes, optionally a narrower MLP.
-    It is a Llama layer whatever the target (SwiGLU, RMSNorm, global RoPE and attention; a
-    Mistral target's sliding window kept): a Gemma target's norms, activation, attention scale,
-    layer types and soft-capping are its own, and the training step (train_heads) writes this
-    layer out. The target's final norm and LM head still read the target's config
+    It is a Llama layer whatever the target (SwiGLU, pre-norm RMSNorm, global RoPE and attention;
+    a Mistral target's sliding window kept): a Gemma or OLMo 2 target's norms, activation,
+    attention scale, layer types and soft-capping are its own, and the training step
+    (train_heads) writes this layer out. The target's final norm and LM head still read the target's config
     (`head_logits`)."""
     llama = {}
-    if target.architecture in GEMMA:
-        llama = {"architecture": "LlamaForCausalLM", "hidden_act": "silu", "norm_plus_one": False,
+    if target.architecture in GEMMA or target.architecture == "Olmo2ForCausalLM":
+        llama = {"architecture": "LlamaForCausalLM", "hidden_act": "silu", "norm_style": "llama",
                  "scale_embeddings": False, "sandwich_norms": False, "query_pre_attn_scalar": None,
                  "layer_types": None, "sliding_window": None, "local_rope_theta": None,
-                 "attn_logit_softcapping": None, "final_logit_softcapping": None}
+                 "attn_logit_softcapping": None, "final_logit_softcapping": None, "input_norms": True,
+                 "qk_norm_full": False}
     return dataclasses.replace(target, num_layers=1, intermediate_size=intermediate_size or target.intermediate_size,
                                **llama)
 
@@ -154,7 +155,7 @@ def head_logits(head: dict, target: Weights, hidden: jax.Array, target_cfg: Mode
     (the other tokens -inf)."""
     if "draft_ids" not in head:
         return lm_logits(target, hidden, target_cfg)
-    x = rms_norm(hidden, target.final_norm, target_cfg.rms_norm_eps, target_cfg.norm_plus_one)
+    x = rms_norm(hidden, target.final_norm, target_cfg.rms_norm_eps, target_cfg.norm_style)
     sub = cap_scores(dense_dot(x, head["draft_head"]), target_cfg.final_logit_softcapping)  # [..., N] float32
     full = jnp.full(sub.shape[:-1] + (target.embed.shape[0],), -jnp.inf, jnp.float32)
     return full.at[..., head["draft_ids"]].set(sub)
