@@ -8,7 +8,7 @@ with the harness's own transformers backend (`hf`) as the reference. The float32
 agree with transformers. The other rows are the quality cost of each optimization, measured the
 way the field measures it.
 
-Two tasks, built from the held-out stdlib packages (`corpus.HELDOUT_PACKAGES`) into local JSON
+Three tasks, built from the held-out stdlib packages (`corpus.HELDOUT_PACKAGES`) into local JSON
 files (no download):
 
 - `stdlib_next_line` (multiple choice): 30 lines of a held-out file, then four candidates for
@@ -17,11 +17,16 @@ files (no download):
 - `stdlib_heldout_ppl` (loglikelihood_rolling): every held-out file, scored in windows of
   --max-length - 2 tokens after one token of context (what the harness cuts for an API model;
   `hf` is given the same windows). Reports word and byte perplexity and bits per byte.
+- `stdlib_complete_line` (generate_until): 30 lines of a held-out file and the first half of the
+  next line; greedy generation until the newline (at most 64 tokens), scored by exact match with
+  the rest of the line. The report also counts the docs whose text is the float32 server's, which
+  the speculative configurations (lossless) must match everywhere.
 
 lm-eval is an optional extra: `pip install -e ".[eval]"` (lm-eval[api] and the CPU torch).
 
     python experiments/lm_eval_server.py                      # float32, transformers, int8/int4 KV, bf16, int8/int4 weights
     python experiments/lm_eval_server.py --configs float32 hf --docs 100 --out /tmp/lm_eval_quick
+    python experiments/lm_eval_server.py --tasks stdlib_complete_line --configs float32 hf spec_ngram spec_draft_model
 
 Writes experiments/results/lm_eval_server.{md,json}.
 """
@@ -57,9 +62,16 @@ CONFIGS = {
     "bfloat16": {"dtype": "bfloat16"},
     "w_int8": {"dtype": "float32", "quantization": "int8"},  # weight-only: its prefill is the slowest here
     "w_int4": {"dtype": "float32", "quantization": "int4"},
+    # speculative decoding inside the server's engine: lossless, so its generations must be float32's
+    "spec_ngram": {"dtype": "float32", "speculative_config": {"method": "ngram", "num_speculative_tokens": 4,
+                                                             "prompt_lookup_max": 4, "prompt_lookup_min": 2}},
+    "spec_draft_model": {"dtype": "float32", "speculative_config": {"method": "draft_model", "model": "stdlib-draft",
+                                                                   "num_speculative_tokens": 3}},
 }
 METRICS = {"stdlib_next_line": ("acc", "acc_norm"),
-           "stdlib_heldout_ppl": ("word_perplexity", "byte_perplexity", "bits_per_byte")}
+           "stdlib_heldout_ppl": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+           "stdlib_complete_line": ("exact_match",)}
+GENERATE = "stdlib_complete_line"  # the generation task: its texts are compared across configurations
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -90,8 +102,26 @@ def next_line_docs(num: int, context_lines: int = 30, min_chars: int = 16, seed:
     return docs
 
 
+def complete_line_docs(num: int, context_lines: int = 30, min_chars: int = 16, seed: int = 1) -> list[dict]:
+    """Generation docs: a held-out file's `context_lines` lines and the first half of the next line
+    (cut before a space past its middle); the target is the rest of that line."""
+    rng = np.random.default_rng(seed)
+    sites = []
+    for _, text, _ in corpus.parsed_files("heldout"):
+        lines = text.split("\n")
+        for i in range(context_lines, len(lines)):
+            line = lines[i]
+            body = line.lstrip()
+            start = len(line) - len(body)
+            cut = line.find(" ", start + len(body) // 2)
+            if len(body) >= min_chars and cut > start and line[cut:].strip():
+                sites.append(("\n".join(lines[i - context_lines:i]) + "\n" + line[:cut], line[cut:]))
+    return [{"context": sites[k][0], "target": sites[k][1]}
+            for k in sorted(rng.choice(len(sites), size=min(num, len(sites)), replace=False))]
+
+
 def write_tasks(directory: Path, docs: int) -> None:
-    """The two tasks' data (JSON lines) and configs (YAML) in `directory`, for TaskManager(include_path=...)."""
+    """The tasks' data (JSON lines) and configs (YAML) in `directory`, for TaskManager(include_path=...)."""
     mc = directory / "stdlib_next_line.jsonl"
     mc.write_text("".join(json.dumps(d) + "\n" for d in next_line_docs(docs)))
     ppl = directory / "stdlib_heldout_ppl.jsonl"
@@ -125,12 +155,36 @@ metric_list:
   - metric: byte_perplexity
   - metric: bits_per_byte
 """)
+    gen = directory / f"{GENERATE}.jsonl"
+    gen.write_text("".join(json.dumps(d) + "\n" for d in complete_line_docs(docs)))
+    (directory / f"{GENERATE}.yaml").write_text(f"""task: {GENERATE}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {gen}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 64
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""")
 
 
 # ----------------------------------------------------------------------------- runs
 
-def evaluate(config: str, model_dir: Path, task_dir: Path, max_length: int, batch_size: int) -> dict:
-    """The harness's scores of one configuration: {task: {metric: value}} plus wall seconds."""
+def evaluate(config: str, model_dir: Path, task_dir: Path, max_length: int, batch_size: int,
+             tasks: list[str]) -> dict:
+    """The harness's scores of one configuration: {task: {metric: value}}, the generation task's
+    texts (by doc), and wall seconds."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -152,8 +206,8 @@ def evaluate(config: str, model_dir: Path, task_dir: Path, max_length: int, batc
             "tokenizer_backend": "huggingface", "tokenized_requests": True, **common}
     t0 = time.perf_counter()
     try:
-        out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=list(METRICS), task_manager=manager,
-                                      batch_size=batch_size, log_samples=False, bootstrap_iters=0)
+        out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager,
+                                      batch_size=batch_size, log_samples=GENERATE in tasks, bootstrap_iters=0)
     finally:
         if server is not None:
             server.shutdown()
@@ -161,26 +215,38 @@ def evaluate(config: str, model_dir: Path, task_dir: Path, max_length: int, batc
         # each configuration compiles its own programs, and their memory mappings add up to the
         # kernel's limit within a few configurations (jit_cache.memory_mappings)
         jax.clear_caches()
-    scores = {task: {m: float(out["results"][task][f"{m},none"]) for m in metrics} for task, metrics in METRICS.items()}
-    return {"config": config, "llm_kwargs": CONFIGS[config], "scores": scores, "seconds": time.perf_counter() - t0}
+    scores = {task: {m: float(out["results"][task][f"{m},none"]) for m in METRICS[task]} for task in tasks}
+    texts = None
+    if GENERATE in tasks:
+        texts = [s["filtered_resps"][0] for s in sorted(out["samples"][GENERATE], key=lambda s: s["doc_id"])]
+    return {"config": config, "llm_kwargs": CONFIGS[config], "scores": scores, "texts": texts,
+            "seconds": time.perf_counter() - t0}
 
 
 def report(rows: list[dict], meta: dict) -> str:
     ref = next((r for r in rows if r["config"] == "float32"), rows[0])
-    cols = [(t, m) for t, ms in METRICS.items() for m in ms]
-    intro = (f"`{meta['command']}`: lm_eval {meta['lm_eval']}, {meta['docs']} next-line docs, held-out files "
-             f"in windows of {meta['max_length'] - 2} tokens, BOS added, {meta['machine']}. `hf` is the harness's "
-             "transformers backend (float32); every other row is `local-completions` against "
-             "`jaxinfer.server` with those LLM arguments. Δ: difference from the float32 server.")
+    tasks = meta["tasks"]
+    cols = [(t, m) for t in tasks for m in METRICS[t]]
+    gen = GENERATE in tasks
+    intro = (f"`{meta['command']}`: lm_eval {meta['lm_eval']}, {meta['docs']} docs per next-line task, held-out "
+             f"files in windows of {meta['max_length'] - 2} tokens, BOS added, {meta['machine']}. `hf` is the "
+             "harness's transformers backend (float32); every other row is `local-completions` against "
+             "`jaxinfer.server` with those LLM arguments. Δ: difference from the float32 server."
+             + (" complete_line: greedy completion of a held-out line's second half (until the newline, at most "
+                "64 tokens), exact match; *same text*: the docs whose completion is the float32 server's, "
+                "character for character." if gen else ""))
     md = [f"# lm-evaluation-harness on {meta['model']}: jaxinfer's server against transformers", "", intro, "",
           "| config | LLM arguments | " + " | ".join(f"{t.removeprefix('stdlib_')} {m}" for t, m in cols)
-          + " | wall s |", "|---|---|" + "---|" * len(cols) + "---|"]
+          + (" | same text |" if gen else " |") + " wall s |", "|---|---|" + "---|" * (len(cols) + gen) + "---|"]
     for r in rows:
         cells = []
         for t, m in cols:
             v, base = r["scores"][t][m], ref["scores"][t][m]
             digits = 2 if m == "word_perplexity" else 5
             cells.append(f"{v:.{digits}f}" + ("" if r is ref else f" (Δ {v - base:+.{digits}f})"))
+        if gen:
+            same = sum(a == b for a, b in zip(r["texts"], ref["texts"], strict=True))
+            cells.append(f"{same} / {len(ref['texts'])}")
         args = "transformers" if r["llm_kwargs"] is None else ", ".join(f"{k}={v}" for k, v in r["llm_kwargs"].items())
         md.append(f"| {r['config']} | {args} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
     return "\n".join(md) + "\n"
@@ -190,7 +256,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="stdlib-target")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--docs", type=int, default=400, help="next-line multiple-choice docs")
+    ap.add_argument("--tasks", nargs="+", default=list(METRICS), choices=list(METRICS))
+    ap.add_argument("--docs", type=int, default=400, help="docs of each next-line task (multiple choice, completion)")
     ap.add_argument("--max-length", type=int, default=1024, help="rolling window (the target trained on <= 1024)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per request (local-completions) or batch (hf)")
     ap.add_argument("--out", default=str(RESULTS / "lm_eval_server"))
@@ -202,7 +269,7 @@ def main(argv=None) -> int:
         return 2
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     model_dir = resolve_model(args.model)
-    meta = {"model": args.model, "docs": args.docs, "max_length": args.max_length,
+    meta = {"model": args.model, "docs": args.docs, "max_length": args.max_length, "tasks": args.tasks,
             "lm_eval": getattr(lm_eval, "__version__", "?"),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
             "command": "python experiments/lm_eval_server.py " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -212,7 +279,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         write_tasks(Path(d), args.docs)
         for config in args.configs:
-            row = evaluate(config, model_dir, Path(d), args.max_length, args.batch_size)
+            row = evaluate(config, model_dir, Path(d), args.max_length, args.batch_size, args.tasks)
             rows.append(row)
             print(f"{config:9s} " + "  ".join(f"{t.removeprefix('stdlib_')} {m} {v:.4f}" for t, s in row["scores"].items()
                                              for m, v in s.items()) + f"  ({row['seconds']:.0f} s)", flush=True)
