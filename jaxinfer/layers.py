@@ -232,9 +232,9 @@ def batched_qk_pv(spec: str, a: jax.Array, b: jax.Array, small_q: bool) -> jax.A
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, style: str = "llama") -> jax.Array:
     """RMSNorm computed in float32 and cast back, in each family's order (as transformers has
-    it; config.NORM_STYLES): "llama" rounds the normalized x and then multiplies by the weight; "gemma" multiplies by
-    (1 + weight) in float32 and rounds once; "olmo2" multiplies by the weight in float32 and
-    rounds once."""
+    it; config.NORM_STYLES): "llama" rounds the normalized x and then multiplies by the weight;
+    "gemma" multiplies by (1 + weight) in float32 and rounds once; "olmo2" multiplies by the
+    weight in float32 and rounds once."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     if style == "gemma":

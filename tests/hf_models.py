@@ -49,15 +49,7 @@ ARCHS = {
 def write_tiny(arch: str, out_dir: Path, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
     """Save a random model of `arch` with transformers; biases and norms are randomized too."""
     cfg_cls, model_cls, extra = ARCHS[arch]
-    cfg = cfg_cls(**{**COMMON, **extra, **overrides})
-    torch.manual_seed(seed)
-    model = model_cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))  # nonzero biases, non-unit norms
-            else:
-                p.normal_(0.0, 0.15)
+    model = _random_model(model_cls, cfg_cls(**{**COMMON, **extra, **overrides}), seed)
     model.to(dtype).save_pretrained(out_dir)
     return Path(out_dir)
 
@@ -71,16 +63,22 @@ def write_tiny_gemma3_vlm(out_dir: Path, seed: int = 0) -> Path:
               "image_size": 28, "patch_size": 14}
     cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                     boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1)
+    _random_model(transformers.Gemma3ForConditionalGeneration, cfg, seed).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _random_model(model_cls, cfg, seed: int):
+    """model_cls(cfg) with random weights: matrices normal(0, 0.15), biases and norms moved off their
+    initial values (nonzero biases, non-unit norms)."""
     torch.manual_seed(seed)
-    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    model = model_cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.15)
-    model.save_pretrained(out_dir)
-    return Path(out_dir)
+    return model
 
 
 def load_hf_model(path: Path):

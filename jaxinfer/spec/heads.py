@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import GEMMA, ModelConfig
+from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, KVCache
 from jaxinfer.layers import cap_scores, dense_dot, matmul, rms_norm
 from jaxinfer.model import (
@@ -55,6 +55,10 @@ from jaxinfer.model import (
 )
 
 HEAD_METHODS = ("eagle", "medusa")
+# ModelConfig fields by which a layer departs from Llama's (Gemma's, OLMo 2's); an EAGLE head keeps their defaults
+LAYER_STYLE_FIELDS = ("hidden_act", "norm_style", "scale_embeddings", "sandwich_norms", "input_norms", "qk_norm_full",
+                      "query_pre_attn_scalar", "layer_types", "local_rope_theta", "attn_logit_softcapping",
+                      "final_logit_softcapping")
 _TARGET_KEYS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
@@ -62,20 +66,14 @@ _TARGET_KEYS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_
 
 def eagle_config(target: ModelConfig, intermediate_size: int | None = None) -> ModelConfig:
     """The head's one decoder layer: the target's attention shapes, optionally a narrower MLP.
-    It is a Llama layer whatever the target (SwiGLU, pre-norm RMSNorm, global RoPE and attention;
-    a Mistral target's sliding window kept): a Gemma or OLMo 2 target's norms, activation,
-    attention scale, layer types and soft-capping are its own, and the training step
-    (train_heads) writes this layer out. The target's final norm and LM head still read the target's config
+    It is a Llama layer whatever the target: the fields by which Gemma's or OLMo 2's layers depart
+    from Llama's (LAYER_STYLE_FIELDS) keep their defaults (SwiGLU, pre-norm RMSNorm, global RoPE
+    and attention; a Mistral target's sliding window kept), since the training step (train_heads)
+    writes this layer out. The target's final norm and LM head still read the target's config
     (`head_logits`)."""
-    llama = {}
-    if target.architecture in GEMMA or target.architecture == "Olmo2ForCausalLM":
-        llama = {"architecture": "LlamaForCausalLM", "hidden_act": "silu", "norm_style": "llama",
-                 "scale_embeddings": False, "sandwich_norms": False, "query_pre_attn_scalar": None,
-                 "layer_types": None, "sliding_window": None, "local_rope_theta": None,
-                 "attn_logit_softcapping": None, "final_logit_softcapping": None, "input_norms": True,
-                 "qk_norm_full": False}
+    llama = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in LAYER_STYLE_FIELDS}
     return dataclasses.replace(target, num_layers=1, intermediate_size=intermediate_size or target.intermediate_size,
-                               **llama)
+                               sliding_window=target.sliding_window if target.layer_types is None else None, **llama)
 
 
 def init_eagle(hcfg: ModelConfig, key: jax.Array, std: float = 0.02) -> dict:
