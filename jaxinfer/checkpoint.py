@@ -167,6 +167,17 @@ def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
         names.update(mlp_norm=p + "pre_feedforward_layernorm.weight",
                      post_attn_norm=p + "post_attention_layernorm.weight",
                      post_mlp_norm=p + "post_feedforward_layernorm.weight")
+    if cfg.is_moe_layer(i):  # the router, expert j's (gate, up, down), and Qwen2-MoE's shared expert
+        if cfg.architecture == "MixtralForCausalLM":
+            m = p + "block_sparse_moe."
+            names.update(router=m + "gate.weight", experts=m + "experts.",
+                         expert=tuple(m + "experts.{j}." + w for w in ("w1", "w3", "w2")))
+        else:
+            m = p + "mlp."
+            names.update(router=m + "gate.weight", experts=m + "experts.",
+                         expert=tuple(m + "experts.{j}." + w for w in ("gate_proj", "up_proj", "down_proj")),
+                         gate=m + "shared_expert.gate_proj", up=m + "shared_expert.up_proj",
+                         down=m + "shared_expert.down_proj", shared_gate=m + "shared_expert_gate.weight")
     return names
 
 
@@ -202,8 +213,12 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
         yield "post_mlp_norm", src.get(nm["post_mlp_norm"], (d,))
     yield "wqkv", _linear(src, [(nm["q"], n * h, d), (nm["k"], k * h, d), (nm["v"], k * h, d)], quant)
     yield "wo", _linear(src, [(nm["o"], d, n * h)], quant)
-    yield "w_gate_up", _linear(src, [(nm["gate"], f, d), (nm["up"], f, d)], quant)
-    yield "w_down", _linear(src, [(nm["down"], d, f)], quant)
+    if cfg.is_moe_layer(i):
+        yield from _hf_experts(cfg, src, nm)
+        f = cfg.shared_expert_intermediate_size
+    if f:
+        yield "w_gate_up", _linear(src, [(nm["gate"], f, d), (nm["up"], f, d)], quant)
+        yield "w_down", _linear(src, [(nm["down"], d, f)], quant)
     if cfg.qkv_bias:
         yield "bqkv", np.concatenate([src.get(nm["q"] + ".bias", (n * h,)),
                                       src.get(nm["k"] + ".bias", (k * h,)),
@@ -219,6 +234,25 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
         yield "b_down", src.get(nm["down"] + ".bias", (d,))
 
 
+def _hf_experts(cfg: ModelConfig, src: TensorSource, nm: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """A MoE layer's router and stacked experts in our layout, from the Hub's one tensor per expert
+    and projection, or from transformers' fused experts.gate_up_proj [E, 2F, D] / down_proj [E, D, F]."""
+    d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    yield "router", src.get(nm["router"], (e, d)).T
+    fused = nm["experts"] + "gate_up_proj"
+    if fused in src.where:
+        yield "experts_gate_up", np.swapaxes(src.get(fused, (e, 2 * f, d)), 1, 2)
+        yield "experts_down", np.swapaxes(src.get(nm["experts"] + "down_proj", (e, d, f)), 1, 2)
+    else:
+        gate, up, down = nm["expert"]
+        yield "experts_gate_up", np.stack([np.concatenate([src.get(gate.format(j=j) + ".weight", (f, d)),
+                                                           src.get(up.format(j=j) + ".weight", (f, d))]).T
+                                           for j in range(e)])
+        yield "experts_down", np.stack([src.get(down.format(j=j) + ".weight", (d, f)).T for j in range(e)])
+    if cfg.shared_expert_intermediate_size:
+        yield "shared_gate", src.get(nm["shared_gate"], (1, d)).T
+
+
 def _to_device(arr, dtype):
     # One tensor at a time: the mmap view is converted straight to the target dtype. Quantized
     # projections stay as the checkpoint stores them.
@@ -231,6 +265,9 @@ def load_weights(model_dir: Path, cfg: ModelConfig, dtype=jnp.float32,
                  quant: "hf_quant.CompressedTensors | hf_quant.PackedInts | None" = None) -> Weights:
     """Read an HF safetensors checkpoint into Weights of the given dtype (the projections that
     `quant`, its quantization config, says are quantized as QuantWeights)."""
+    if quant is not None and cfg.num_experts:
+        raise CheckpointError(f"{model_dir}: a pre-quantized mixture-of-experts checkpoint ({quant.method}) is not "
+                              "supported; load the unquantized model")
     src = TensorSource(model_dir)
     try:
         layers = []
@@ -265,7 +302,7 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
     """Weights -> HF tensor names and layouts (numpy), for export, and the compressed-tensors
     config group of each quantized projection ({module: group}, empty for a dense model)."""
     weights = dense_layout(weights)
-    f, n, k, h = cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     cast = (lambda x: np.asarray(x, dtype=jnp.dtype(dtype))) if dtype else np.asarray
     out = {"model.embed_tokens.weight": cast(weights.embed)}
     schemes: dict[str, dict] = {}
@@ -277,8 +314,18 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
         _put_linear(out, schemes, [(nm["o"], cfg.hidden_size)], layer.wo, cast)
         if layer.mlp_norm is not None:
             out[nm["mlp_norm"]] = cast(layer.mlp_norm)
-        _put_linear(out, schemes, [(nm["gate"], f), (nm["up"], f)], layer.w_gate_up, cast)
-        _put_linear(out, schemes, [(nm["down"], cfg.hidden_size)], layer.w_down, cast)
+        if layer.w_gate_up is not None:  # a dense MLP, or a MoE layer's shared expert
+            fl = layer.w_down.shape[0]
+            _put_linear(out, schemes, [(nm["gate"], fl), (nm["up"], fl)], layer.w_gate_up, cast)
+            _put_linear(out, schemes, [(nm["down"], cfg.hidden_size)], layer.w_down, cast)
+        if layer.router is not None:
+            out[nm["router"]] = cast(layer.router).T
+            gate, up, down = nm["expert"]
+            for j, (gu, dn) in enumerate(zip(cast(layer.experts_gate_up), cast(layer.experts_down))):
+                out[gate.format(j=j) + ".weight"], out[up.format(j=j) + ".weight"] = np.split(gu.T, 2)
+                out[down.format(j=j) + ".weight"] = dn.T
+            if layer.shared_gate is not None:
+                out[nm["shared_gate"]] = cast(layer.shared_gate).T
         if layer.bqkv is not None:
             out[nm["q"] + ".bias"], out[nm["k"] + ".bias"], out[nm["v"] + ".bias"] = np.split(
                 cast(layer.bqkv), [n * h, (n + k) * h])
@@ -458,10 +505,9 @@ def _abstract_weights(cfg: ModelConfig, tree, quant: dict | None = None) -> Weig
     embed = tree.get("embed") if isinstance(tree, dict) else None  # quantized codes may come first
     leaves = [embed] if embed is not None else jax.tree_util.tree_leaves(tree)
     dtype = leaves[0].dtype if leaves and hasattr(leaves[0], "dtype") else jnp.float32
-    shapes = layer_shapes(cfg)
     sds = lambda s: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
-    layers = [LayerWeights(**{n: (None if s is None else sds(s)) for n, s in shapes.items()})
-              for _ in range(cfg.num_layers)]
+    layers = [LayerWeights(**{n: (None if s is None else sds(s)) for n, s in layer_shapes(cfg, i).items()})
+              for i in range(cfg.num_layers)]
     lm_head = None if cfg.tie_word_embeddings else sds((cfg.hidden_size, cfg.vocab_size))
     if quant:
         from jaxinfer.wquant import QuantWeight

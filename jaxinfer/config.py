@@ -23,9 +23,13 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
     "Olmo2ForCausalLM": "olmo2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+MOE = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")  # sparse mixture-of-experts MLPs
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 LLAMA3_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
@@ -33,6 +37,7 @@ YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fa
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # of the gated MLP: act(gate) * up
 LAYER_TYPES = ("full_attention", "sliding_attention")
 NORM_STYLES = ("llama", "gemma", "olmo2")  # layers.rms_norm's orders of rounding
+MOE_IMPLS = ("auto", "dense", "skip", "grouped")  # how `moe.experts_forward` runs the experts
 
 
 class ConfigError(ValueError):
@@ -95,6 +100,19 @@ class ModelConfig:
     local_rope_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (never scaled)
     attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2 / 3: the same on the logits
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; 0 experts: every MLP dense). A MoE layer's
+    # router sends each token to the top num_experts_per_tok of num_experts SwiGLU experts (each
+    # moe_intermediate_size wide) and sums their outputs weighted by the router's softmax
+    # probabilities, renormalized over the chosen ones when norm_topk_prob. Qwen2-MoE adds a shared
+    # expert every token goes through, scaled by sigmoid(x . shared_gate). dense_layers: layers
+    # whose MLP is dense (intermediate_size wide): Qwen's mlp_only_layers and decoder_sparse_step
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    dense_layers: tuple[int, ...] = ()
+    moe_impl: str = "auto"  # one of MOE_IMPLS (jaxinfer's choice, not the checkpoint's; LLM(moe_impl=...))
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -117,10 +135,27 @@ class ModelConfig:
                                   f"for each of the {self.num_layers} layers")
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ConfigError(f"moe_impl={self.moe_impl!r} is not one of {', '.join(MOE_IMPLS)}")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok!r} must be in "
+                                  f"[1, num_experts={self.num_experts}]")
+            if not (isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0):
+                raise ConfigError(f"moe_intermediate_size={self.moe_intermediate_size!r} must be a positive integer")
+            if self.mlp_bias:
+                raise ConfigError("mlp_bias=True is not supported with experts (num_experts > 0)")
+            if not set(self.dense_layers) <= set(range(self.num_layers)):
+                raise ConfigError(f"dense_layers={list(self.dense_layers)!r} must be layer indices "
+                                  f"in [0, {self.num_layers})")
         for name in ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name}={value!r} must be positive (or null)")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i's MLP is a mixture of experts."""
+        return self.num_experts > 0 and i not in self.dense_layers
 
     def layer_window(self, i: int) -> int | None:
         """The sliding window of layer i (None: it attends to the whole context)."""
@@ -138,25 +173,35 @@ class ModelConfig:
         """Query heads per KV head (1: MHA, num_heads: MQA)."""
         return self.num_heads // self.num_kv_heads
 
+    def mlp_params(self, i: int, active: bool = False) -> int:
+        """Parameters of layer i's MLP projections: a dense MLP's, or a MoE layer's router, experts
+        and shared expert (active: only the num_experts_per_tok experts one token goes through)."""
+        d = self.hidden_size
+        if not self.is_moe_layer(i):
+            return 3 * d * self.intermediate_size
+        experts = self.num_experts_per_tok if active else self.num_experts
+        fs = self.shared_expert_intermediate_size
+        return d * self.num_experts + experts * 3 * d * self.moe_intermediate_size + (3 * d * fs + d) * (fs > 0)
+
     def num_params(self) -> int:
         d, f, h, k, e = (self.hidden_size, self.intermediate_size, self.num_heads,
                          self.num_kv_heads, self.head_dim)
         attn = d * h * e + 2 * d * k * e + h * e * d
         attn += (h * e + 2 * k * e) * self.qkv_bias + d * self.o_bias
         attn += ((h + k) * e if self.qk_norm_full else 2 * e) * self.qk_norm
-        mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
-        per_layer = attn + mlp + (2 * self.input_norms + 2 * self.sandwich_norms) * d
+        per_layer = attn + (2 * f + d) * self.mlp_bias + (2 * self.input_norms + 2 * self.sandwich_norms) * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + d
+        return self.num_layers * per_layer + sum(map(self.mlp_params, range(self.num_layers))) + embed + d
 
     def matmul_flops_per_token(self, lm_head: bool = True) -> float:
         """Forward FLOPs of one token's weight products: 2 x the projection parameters of every
-        layer, plus the LM head's when the token's logits are computed (norms, RoPE, biases and
-        the activation are left out: a few per mille here)."""
-        d, f, h, k, e = (self.hidden_size, self.intermediate_size, self.num_heads,
-                         self.num_kv_heads, self.head_dim)
-        per_layer = d * (h + 2 * k) * e + h * e * d + 3 * d * f
-        return 2.0 * (self.num_layers * per_layer + lm_head * d * self.vocab_size)
+        layer (a MoE layer's router, active experts and shared expert), plus the LM head's when the
+        token's logits are computed (norms, RoPE, biases and the activation are left out: a few per
+        mille here)."""
+        d, h, k, e = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        attn = d * (h + 2 * k) * e + h * e * d
+        mlp = sum(self.mlp_params(i, active=True) for i in range(self.num_layers))
+        return 2.0 * (self.num_layers * attn + mlp + lm_head * d * self.vocab_size)
 
     def attention_flops_per_token(self, context: int) -> float:
         """Forward FLOPs of one token's attention over `context` keys (itself included; capped
@@ -196,16 +241,25 @@ class ModelConfig:
         }
         if self.rope_scaling.rope_type != "default":
             out["rope_scaling"] = dict(rope)
-        if model_type in ("llama", "qwen3"):
+        if model_type in ("llama", "qwen3", "qwen3_moe"):
             out["attention_bias"] = self.o_bias if model_type == "llama" else self.qkv_bias
         if model_type in ("gemma", "gemma2", "gemma3_text", "olmo2"):
             out["attention_bias"] = self.qkv_bias
         if model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
-        if model_type == "mistral":
+        if model_type in ("mistral", "mixtral"):
             out["sliding_window"] = self.sliding_window
-        if model_type in ("qwen2", "qwen3"):
+        if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
             out["use_sliding_window"] = False
+        if model_type == "mixtral":  # its intermediate_size is the experts' width; renormalizes always
+            out.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       intermediate_size=self.moe_intermediate_size)
+        if model_type in ("qwen2_moe", "qwen3_moe"):
+            out.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                       mlp_only_layers=list(self.dense_layers), decoder_sparse_step=1)
+        if model_type == "qwen2_moe":
+            out.update(shared_expert_intermediate_size=self.shared_expert_intermediate_size, qkv_bias=self.qkv_bias)
         if model_type in ("gemma2", "gemma3_text"):  # spelled out: transformers' defaults differ from ours
             scalar = float(self.query_pre_attn_scalar or self.head_dim)  # its config class wants an int
             types = [("full_attention" if self.layer_window(i) is None else "sliding_attention")
@@ -300,9 +354,10 @@ class ModelConfig:
                                                        scaling_src.get("mscale"), scaling_src.get("mscale_all_dim")))
 
         sliding_window, layer_types = None, None
-        if arch == "MistralForCausalLM":
+        if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
             sliding_window = hf.get("sliding_window")
-        elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and hf.get("use_sliding_window"):
+        elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
+                      "Qwen3MoeForCausalLM") and hf.get("use_sliding_window"):
             raise ConfigError(f"{source}: use_sliding_window=True is not supported for {arch}")
         elif later_gemma:  # local (sliding) and global layers interleaved
             sliding_window = hf.get("sliding_window", 4096)
@@ -313,9 +368,12 @@ class ModelConfig:
             if hf.get("use_bidirectional_attention"):
                 raise ConfigError(f"{source}: use_bidirectional_attention=True is not supported (causal only)")
 
+        moe = _moe_fields(arch, hf, layers, inter) if arch in MOE else {}
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         attention_bias = bool(hf.get("attention_bias", False))
+        qkv_bias = (arch == "Qwen2ForCausalLM" or attention_bias
+                    or (arch == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True))))
         return cls(
             architecture=arch,
             vocab_size=vocab,
@@ -330,10 +388,10 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
+            qkv_bias=qkv_bias,
             o_bias=attention_bias and (arch == "LlamaForCausalLM" or gemma or olmo2),
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM") or olmo2,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2,
             qk_norm_full=olmo2,
             input_norms=not olmo2,
             sliding_window=int(sliding_window) if sliding_window else None,
@@ -352,6 +410,7 @@ class ModelConfig:
             final_logit_softcapping=(_optional_float(hf.get("final_logit_softcapping",
                                                             30.0 if arch == "Gemma2ForCausalLM" else None))
                                      if later_gemma else None),
+            **moe,
         )
 
     @classmethod
@@ -399,6 +458,32 @@ def yarn_attention_factor(factor: float, attention_factor=None, mscale=None, msc
     if mscale and mscale_all_dim:
         return m(factor, mscale) / m(factor, mscale_all_dim)
     return m(factor)
+
+
+# transformers' defaults where a MoE config leaves a key out: (experts, experts per token, expert width)
+MOE_DEFAULTS = {"MixtralForCausalLM": (8, 2, None), "Qwen2MoeForCausalLM": (60, 4, 1408),
+                "Qwen3MoeForCausalLM": (128, 8, 768)}
+
+
+def _moe_fields(arch: str, hf: dict[str, Any], num_layers: int, intermediate_size: int) -> dict[str, Any]:
+    """ModelConfig's MoE fields from a Mixtral / Qwen2-MoE / Qwen3-MoE config, as transformers
+    reads it: Mixtral's experts are intermediate_size wide and always renormalized; Qwen's layer i
+    is dense when listed in mlp_only_layers or when (i + 1) is not a multiple of decoder_sparse_step."""
+    experts, top_k, width = MOE_DEFAULTS[arch]
+    experts = int(hf.get("num_experts", hf.get("num_local_experts", experts)) or 0)
+    if not experts:
+        return {}
+    fields = {"num_experts": experts, "num_experts_per_tok": int(hf.get("num_experts_per_tok", top_k))}
+    if arch == "MixtralForCausalLM":
+        return {**fields, "moe_intermediate_size": intermediate_size}
+    step = int(hf.get("decoder_sparse_step", 1) or 1)
+    only = set(hf.get("mlp_only_layers") or ())
+    fields.update(moe_intermediate_size=int(hf.get("moe_intermediate_size", width)),
+                  norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                  dense_layers=tuple(i for i in range(num_layers) if i in only or (i + 1) % step))
+    if arch == "Qwen2MoeForCausalLM":
+        fields["shared_expert_intermediate_size"] = int(hf.get("shared_expert_intermediate_size", 5632))
+    return fields
 
 
 def _optional_float(value) -> float | None:

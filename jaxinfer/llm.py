@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import time
@@ -11,8 +12,9 @@ from typing import Iterator, Sequence
 import jax
 
 from jaxinfer.beam import BeamSearchOutput, BeamSearchParams, run_beam_search
-from jaxinfer.checkpoint import (DTYPES, CheckpointError, export_hf, hf_quantization, is_orbax_dir, load_hf,
-                                 orbax_quantization, restore_orbax, save_orbax)
+from jaxinfer.checkpoint import (DTYPES, CheckpointError, export_hf, hf_quantization, is_orbax_dir, load_config,
+                                 load_hf, orbax_quantization, restore_orbax, save_orbax)
+from jaxinfer.config import MOE_IMPLS
 from jaxinfer.engine.engine import EngineConfig, LLMEngine
 from jaxinfer.engine.request import EngineRequest, Status
 from jaxinfer.jit_cache import enable_compilation_cache, warn_if_near_mapping_limit
@@ -106,6 +108,11 @@ class LLM:
     than "in_out", 8-16-row steps ~5% slower) and "in_out" for float32; "in_out" off CPU.
     "in_out" on CPU also gives float32 tied embeddings a [D, V] copy as the LM head (`layers.TiedHead`,
     the embedding's bytes once more; greedy decode ~3% faster at 8 rows).
+    moe_impl (mixture-of-experts models: Mixtral, Qwen2-MoE, Qwen3-MoE): how the experts run
+    (`jaxinfer.moe`): "dense" (every expert on every token), "skip" (only the experts some token
+    chose, one `lax.cond` each), "grouped" (tokens sorted by expert, `lax.ragged_dot`), or "auto"
+    (on CPU "skip" for steps with fewer token-expert assignments than experts, else "dense";
+    "grouped" on accelerators). The outputs are the same.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
@@ -119,7 +126,7 @@ class LLM:
                  quantization_config: dict | None = None, weight_layout: str = "auto",
                  enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None, scheduling_policy: str = "fcfs", async_scheduling: bool = False,
-                 shape_buckets: str = "fine"):
+                 shape_buckets: str = "fine", moe_impl: str = "auto"):
         if compilation_cache_dir is not None:  # before anything compiles
             enable_compilation_cache(compilation_cache_dir)
         warn_if_near_mapping_limit()  # a sweep of LLMs in one process, before it crashes the compiler
@@ -130,10 +137,16 @@ class LLM:
         quant = WeightQuantConfig.from_args(quantization, qconfig)  # checked before the weights are read
         if weight_layout not in WEIGHT_LAYOUTS:
             raise ValueError(f"weight_layout={weight_layout!r}; choose one of {WEIGHT_LAYOUTS}")
+        if moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl={moe_impl!r}; choose one of {MOE_IMPLS}")
         self.model_dir = resolve_model(model)
         self.dtype = default_dtype(dtype)
         attention_backend = resolve_backend(attention_backend, self.dtype)
         quantize_now = quant is not None
+        if (quant is not None or enable_lora) and load_config(self.model_dir).num_experts:
+            raise ValueError(f"{self.model_dir} is a mixture-of-experts model: "
+                             + (f"quantization={quantization!r}" if quant is not None else "enable_lora=True")
+                             + " is not supported for its experts (load it without)")
         if is_orbax_dir(self.model_dir):  # saved by LLM.save, possibly quantized already
             saved = orbax_quantization(self.model_dir)
             if saved is not None and quant is not None:
@@ -150,6 +163,10 @@ class LLM:
             self.cfg, self.weights = load_hf(self.model_dir, self.dtype)
             if pre is not None:
                 quant = WeightQuantConfig.of_weights(self.weights, pre.method)
+        if moe_impl != "auto":
+            if not self.cfg.num_experts:
+                raise ValueError(f"moe_impl={moe_impl!r}: {self.model_dir} has no experts (a dense model)")
+            self.cfg = dataclasses.replace(self.cfg, moe_impl=moe_impl)
         cfg = self.cfg
         self.max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
         if not (isinstance(self.max_model_len, int) and 1 < self.max_model_len <= cfg.max_position_embeddings):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxinfer import cpu_kernels
+from jaxinfer import cpu_kernels, moe
 from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.kv.cache import AttentionMeta, KVCache, write_pages, write_slots
 from jaxinfer.layers import (
@@ -42,8 +42,8 @@ from jaxinfer.wquant import MODULES, QuantWeight
 class LayerWeights:
     wqkv: jax.Array  # [D, (N + 2K) H]
     wo: jax.Array  # [N H, D]
-    w_gate_up: jax.Array  # [D, 2F]
-    w_down: jax.Array  # [F, D]
+    w_gate_up: jax.Array | None = None  # [D, 2F]   (a MoE layer's: its shared expert, if any)
+    w_down: jax.Array | None = None  # [F, D]
     attn_norm: jax.Array | None = None  # [D]   (None: OLMo 2, no input norms)
     mlp_norm: jax.Array | None = None  # [D]
     bqkv: jax.Array | None = None  # [(N + 2K) H]   Qwen2
@@ -54,6 +54,10 @@ class LayerWeights:
     b_down: jax.Array | None = None  # [D]
     post_attn_norm: jax.Array | None = None  # [D]   Gemma 2 / 3 (sandwich norms)
     post_mlp_norm: jax.Array | None = None  # [D]
+    router: jax.Array | None = None  # [D, E]   MoE layers (`jaxinfer.moe`)
+    experts_gate_up: jax.Array | None = None  # [E, D, 2Fe]
+    experts_down: jax.Array | None = None  # [E, Fe, D]
+    shared_gate: jax.Array | None = None  # [D, 1]   Qwen2-MoE: the shared expert's sigmoid gate
 
 
 @struct.dataclass
@@ -68,13 +72,18 @@ class Weights:
         return self.embed.dtype
 
 
-def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
-    """Shape of every LayerWeights field for this config (None: field absent)."""
+def layer_shapes(cfg: ModelConfig, i: int = 0) -> dict[str, tuple[int, ...] | None]:
+    """Shape of every LayerWeights field of layer i (None: field absent). A MoE layer's dense MLP
+    fields hold its shared expert (Qwen2-MoE), if it has one."""
     d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                      cfg.num_kv_heads, cfg.head_dim)
     qkv = (n + 2 * k) * h
+    moe = cfg.is_moe_layer(i)
+    e, fe = cfg.num_experts, cfg.moe_intermediate_size
+    if moe:
+        f = cfg.shared_expert_intermediate_size
     return {
-        "wqkv": (d, qkv), "wo": (n * h, d), "w_gate_up": (d, 2 * f), "w_down": (f, d),
+        "wqkv": (d, qkv), "wo": (n * h, d), "w_gate_up": (d, 2 * f) if f else None, "w_down": (f, d) if f else None,
         "attn_norm": (d,) if cfg.input_norms else None,
         "mlp_norm": (d,) if cfg.input_norms else None,
         "bqkv": (qkv,) if cfg.qkv_bias else None,
@@ -85,14 +94,18 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
         "b_down": (d,) if cfg.mlp_bias else None,
         "post_attn_norm": (d,) if cfg.sandwich_norms else None,
         "post_mlp_norm": (d,) if cfg.sandwich_norms else None,
+        "router": (d, e) if moe else None,
+        "experts_gate_up": (e, d, 2 * fe) if moe else None,
+        "experts_down": (e, fe, d) if moe else None,
+        "shared_gate": (d, 1) if moe and f else None,
     }
 
 
 def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Weights:
     """Random weights (normal(0, std) matrices, unit norms, zero biases)."""
     norm = jnp.zeros if cfg.norm_style == "gemma" else jnp.ones  # Gemma's norms scale by 1 + weight
-    shapes = layer_shapes(cfg)
-    keys = iter(jax.random.split(key, cfg.num_layers * len(shapes) + 2))
+    shapes = [layer_shapes(cfg, i) for i in range(cfg.num_layers)]
+    keys = iter(jax.random.split(key, cfg.num_layers * len(shapes[0]) + 2))
 
     def make(name, shape):
         k = next(keys)
@@ -102,8 +115,7 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float
             return jnp.zeros(shape, dtype)
         return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
-    layers = [LayerWeights(**{n: (None if s is None else make(n, s)) for n, s in shapes.items()})
-              for _ in range(cfg.num_layers)]
+    layers = [LayerWeights(**{n: (None if s is None else make(n, s)) for n, s in layer.items()}) for layer in shapes]
     embed = (std * jax.random.normal(next(keys), (cfg.vocab_size, cfg.hidden_size))).astype(dtype)
     lm_head = None
     if not cfg.tie_word_embeddings:
@@ -270,8 +282,24 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
 
 
 def mlp_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """Gated MLP (SwiGLU; GeGLU for Gemma), pre-norm but for OLMo 2. x [B, T, D] -> delta [B, T, D]."""
+    """Gated MLP (SwiGLU; GeGLU for Gemma), or a mixture of such experts (`jaxinfer.moe`, plus
+    Qwen2-MoE's sigmoid-gated shared expert), pre-norm but for OLMo 2. x [B, T, D] -> delta [B, T, D]."""
     hn = x if layer.mlp_norm is None else rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps, cfg.norm_style)
+    if layer.router is None:
+        out = dense_mlp(layer, cfg, hn)
+    else:
+        with jax.named_scope("experts"):
+            out = moe.sparse_mlp(hn, layer.router, layer.experts_gate_up, layer.experts_down, cfg)
+        if layer.shared_gate is not None:
+            gate = jax.nn.sigmoid(matmul(hn, layer.shared_gate))  # [B, T, 1]
+            out = out + gate * dense_mlp(layer, cfg, hn)
+    if layer.post_mlp_norm is not None:
+        out = rms_norm(out, layer.post_mlp_norm, cfg.rms_norm_eps, cfg.norm_style)
+    return out
+
+
+def dense_mlp(layer: LayerWeights, cfg: ModelConfig, hn: jax.Array) -> jax.Array:
+    """The gated MLP of w_gate_up and w_down on normed hn [B, T, D] -> [B, T, D]."""
     with jax.named_scope("proj"):
         gu = matmul(hn, layer.w_gate_up)  # [B, T, 2F]
     if layer.b_gate_up is not None:
@@ -280,8 +308,6 @@ def mlp_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array) -> jax.Array:
         out = matmul(gated_activation(gu, cfg.hidden_act), layer.w_down)
     if layer.b_down is not None:
         out = out + layer.b_down
-    if layer.post_mlp_norm is not None:
-        out = rms_norm(out, layer.post_mlp_norm, cfg.rms_norm_eps, cfg.norm_style)
     return out
 
 

@@ -545,6 +545,9 @@ def quantize_weights(weights, cfg, qc: WeightQuantConfig, calibration: np.ndarra
     ("true sequential"): each projection's inputs are recorded in an eager run of its layer on
     the activations that the quantized layers before it produce, with the projections before it
     in the same layer already quantized (wqkv, then wo, then w_gate_up, then w_down)."""
+    if cfg.num_experts:
+        raise ValueError(f"weight quantization of a mixture-of-experts model ({cfg.architecture}, "
+                         f"{cfg.num_experts} experts) is not supported")
     if qc.method in ("gptq", "awq"):
         if calibration is None:
             raise ValueError(f"method={qc.method!r} needs calibration token windows")

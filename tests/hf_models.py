@@ -43,6 +43,17 @@ ARCHS = {
                 "num_hidden_layers": 3, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
                 "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}}),
+    # Mixture of experts: Mixtral (top 2 of 4, renormalized); Qwen2-MoE (top 2 of 4, not renormalized,
+    # plus a sigmoid-gated shared expert); Qwen3-MoE (top 2 of 8, renormalized, layer 1 dense)
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 48, "norm_topk_prob": False}),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  {"num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 3, "num_experts": 8,
+                   "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
+                   "mlp_only_layers": [1]}),
 }
 
 

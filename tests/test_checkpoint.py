@@ -78,7 +78,7 @@ def test_bf16_llm_saves_and_exports_its_weights_in_checkpoint_layout(tiny_dir, t
         LLM(str(tiny_dir), weight_layout="rows")
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma2", "gemma3", "olmo2"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma2", "gemma3", "olmo2", "qwen2_moe", "qwen3_moe"])
 def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
     src = write_tiny(arch, tmp_path / "src")
     cfg, w = load_hf(src)
@@ -93,11 +93,12 @@ def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
     assert cfg2 == cfg
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "mixtral",
+                                  "qwen2_moe", "qwen3_moe"])
 def test_parameter_count_is_transformers(arch):
     """ModelConfig.num_params (the memory calculator's count) against the parameters transformers
     builds for the same config: biases, per-head and whole-projection q / k norms, sandwich norms,
-    tied embeddings."""
+    tied embeddings, routers, experts, shared experts and dense layers among MoE ones."""
     from hf_models import ARCHS, COMMON
 
     from jaxinfer.config import ModelConfig
@@ -286,7 +287,7 @@ def test_missing_tensor_names_it(tmp_path):
     _err(d, "model.layers.1.mlp.down_proj.weight' is missing")
 
 
-@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "MixtralForCausalLM"])
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "Phi3ForCausalLM"])
 def test_unsupported_architecture_lists_supported(tiny_dir, tmp_path, arch):
     d = _copy(tiny_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())

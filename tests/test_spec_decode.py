@@ -48,6 +48,9 @@ GEMMA_CFG = dataclasses.replace(
     CFG, architecture="Gemma3ForCausalLM", hidden_act="gelu_pytorch_tanh", norm_style="gemma",
     scale_embeddings=True, sandwich_norms=True, qk_norm=True, query_pre_attn_scalar=24.0, sliding_window=6,
     layer_types=("sliding_attention", "full_attention"), local_rope_theta=500.0, final_logit_softcapping=4.0)
+# a Qwen3-MoE-style target: layer 0 routes each token to 2 of 6 experts, layer 1 is dense
+MOE_CFG = dataclasses.replace(CFG, architecture="Qwen3MoeForCausalLM", qk_norm=True, num_experts=6,
+                              num_experts_per_tok=2, moe_intermediate_size=32, dense_layers=(1,))
 
 
 @pytest.fixture(scope="module")
@@ -318,20 +321,23 @@ def test_draft_vocab_scores_only_the_most_frequent_tokens(models, cfg):
         with_draft_vocab({}, w, CFG, counts, 0)
 
 
+@pytest.mark.parametrize("target", ["gemma", "moe"])
 @pytest.mark.parametrize("name", ["layer_skip", "eagle"])
-def test_gemma_target_greedy_identical_to_plain_decoding(name):
-    """A Gemma 3-style target (per-layer sliding windows and RoPE, soft-capped logits): the
-    first layer alone (layer skip) or a one-layer EAGLE head (a Llama layer: eagle_config) drafts,
-    and the output is plain greedy decoding's."""
-    w = init_weights(GEMMA_CFG, jax.random.PRNGKey(5), std=0.15)
-    hcfg = eagle_config(GEMMA_CFG, 64)
+def test_other_targets_greedy_identical_to_plain_decoding(target, name):
+    """A Gemma 3-style target (per-layer sliding windows and RoPE, soft-capped logits) and a
+    mixture-of-experts one: the first layer alone (layer skip) or a one-layer EAGLE head (a dense
+    Llama layer: eagle_config) drafts, and the output is plain greedy decoding's."""
+    cfg = {"gemma": GEMMA_CFG, "moe": MOE_CFG}[target]
+    w = init_weights(cfg, jax.random.PRNGKey(5), std=0.15)
+    hcfg = eagle_config(cfg, 64)
     assert hcfg.layer_types is None and hcfg.norm_style == "llama" and hcfg.hidden_act == "silu"
-    drafter, params = {"layer_skip": (D.LayerSkipDrafter(K, GEMMA_CFG, 1), None),
-                       "eagle": (D.EagleDrafter(K, hcfg, GEMMA_CFG), init_eagle(hcfg, jax.random.PRNGKey(6)))}[name]
+    assert hcfg.num_experts == 0
+    drafter, params = {"layer_skip": (D.LayerSkipDrafter(K, cfg, 1), None),
+                       "eagle": (D.EagleDrafter(K, hcfg, cfg), init_eagle(hcfg, jax.random.PRNGKey(6)))}[name]
     plain = _requests(SamplingParams(temperature=0), [])
-    StaticBatchGenerator(w, GEMMA_CFG, max_model_len=256).run(plain, batch_size=4)
+    StaticBatchGenerator(w, cfg, max_model_len=256).run(plain, batch_size=4)
     reqs = _requests(SamplingParams(temperature=0), [])
-    SpecDecoder(w, GEMMA_CFG, None, max_model_len=256, drafter=drafter, draft_params=params).run(reqs, batch_size=4)
+    SpecDecoder(w, cfg, None, max_model_len=256, drafter=drafter, draft_params=params).run(reqs, batch_size=4)
     assert [r.output_ids for r in reqs] == [r.output_ids for r in plain]
 
 

@@ -80,6 +80,9 @@ def quantized_weights_bytes(cfg: ModelConfig, weights_dtype: str, quantization: 
     everything else in weights_dtype."""
     from jaxinfer.wquant import MODULES, WeightQuantConfig, quantized_nbytes
     qc = WeightQuantConfig.from_args(quantization, quantization_config)
+    if cfg.num_experts:
+        raise ValueError(f"quantization={quantization!r}: weight quantization of a mixture-of-experts model "
+                         f"({cfg.num_experts} experts) is not supported")
     d, f, h, k, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     shapes = dict(zip(MODULES, [(d, (h + 2 * k) * e), (h * e, d), (d, 2 * f), (f, d)]))
     item = WEIGHT_BYTES[weights_dtype]

@@ -55,10 +55,12 @@ from jaxinfer.model import (
 )
 
 HEAD_METHODS = ("eagle", "medusa")
-# ModelConfig fields by which a layer departs from Llama's (Gemma's, OLMo 2's); an EAGLE head keeps their defaults
+# ModelConfig fields by which a layer departs from Llama's (Gemma's, OLMo 2's, MoE models'); an EAGLE
+# head keeps their defaults (a dense MLP)
 LAYER_STYLE_FIELDS = ("hidden_act", "norm_style", "scale_embeddings", "sandwich_norms", "input_norms", "qk_norm_full",
                       "query_pre_attn_scalar", "layer_types", "local_rope_theta", "attn_logit_softcapping",
-                      "final_logit_softcapping")
+                      "final_logit_softcapping", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                      "norm_topk_prob", "shared_expert_intermediate_size", "dense_layers")
 _TARGET_KEYS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
@@ -66,8 +68,8 @@ _TARGET_KEYS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_
 
 def eagle_config(target: ModelConfig, intermediate_size: int | None = None) -> ModelConfig:
     """The head's one decoder layer: the target's attention shapes, optionally a narrower MLP.
-    It is a Llama layer whatever the target: the fields by which Gemma's or OLMo 2's layers depart
-    from Llama's (LAYER_STYLE_FIELDS) keep their defaults (SwiGLU, pre-norm RMSNorm, global RoPE
+    It is a Llama layer whatever the target: the fields by which Gemma's, OLMo 2's or a MoE model's
+    layers depart from Llama's (LAYER_STYLE_FIELDS) keep their defaults (SwiGLU, pre-norm RMSNorm, global RoPE
     and attention; a Mistral target's sliding window kept), since the training step (train_heads)
     writes this layer out. The target's final norm and LM head still read the target's config
     (`head_logits`)."""

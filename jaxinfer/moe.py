@@ -1,0 +1,99 @@
+"""Sparse mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE): routing, and three exact ways to
+run the experts.
+
+Legend: M tokens (batch and time flattened), D model dim, E experts, k experts per token,
+A = M k assignments, F an expert's width.
+
+Routing (Shazeer et al. 2017, as Mixtral and Qwen run it): p = softmax(x . router) in float32;
+each token goes to the k experts of highest p, weighted by their p, renormalized to sum 1 when
+`norm_topk_prob`. The layer's output is sum_j w_j expert_j(x), each expert a gated MLP.
+
+The implementations give the same result and differ in what they read and compute:
+- "dense": every expert on every token, combined by the routing weights (0 where an expert was not
+  chosen): every weight read once, E/k times the needed FLOPs, three large einsums.
+- "skip": one expert at a time, each under `lax.cond` on whether any token chose it, so an expert
+  no token chose is never read. Decode on CPU is bound by reading weights, and a batch of a few
+  tokens uses a few experts: this reads only those.
+- "grouped": assignments sorted by expert and run as grouped matmuls (`lax.ragged_dot`), then
+  scattered back: k/E of dense's FLOPs, no weight copies. XLA:CPU lowers ragged_dot densely
+  (slower than "dense" there: `experiments/moe_cost.py`); it is the choice for accelerators,
+  where a `lax.cond` costs a host round trip.
+
+`ModelConfig.moe_impl` (`LLM(moe_impl=...)`) names one, or "auto": `choose_impl` picks per traced
+shape. `experiments/moe_cost.py` measures all three.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.layers import gated_activation
+
+
+def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """x [M, D], router [D, E] -> (weights [M, k] float32, experts [M, k] int32)."""
+    logits = jnp.dot(x, router, preferred_element_type=jnp.float32)  # [M, E]
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, cfg.num_experts_per_tok)  # [M, k]
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts
+
+
+def choose_impl(num_tokens: int, cfg: ModelConfig, backend: str | None = None) -> str:
+    """On CPU, "skip" while the tokens' assignments are fewer than the experts (some experts are
+    then unused), else "dense"; "grouped" on accelerators."""
+    if (backend or jax.default_backend()) != "cpu":
+        return "grouped"
+    return "skip" if num_tokens * cfg.num_experts_per_tok < cfg.num_experts else "dense"
+
+
+def _expert(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, act: str) -> jax.Array:
+    """One gated-MLP expert: x [M, D], w_gate_up [D, 2F], w_down [F, D] -> [M, D] float32."""
+    h = gated_activation(jnp.dot(x, w_gate_up, preferred_element_type=jnp.float32).astype(x.dtype), act)
+    return jnp.dot(h, w_down, preferred_element_type=jnp.float32)
+
+
+def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
+                    w_down: jax.Array, cfg: ModelConfig, impl: str) -> jax.Array:
+    """sum_j weights[:, j] expert_{experts[:, j]}(x): x [M, D], weights / experts [M, k],
+    w_gate_up [E, D, 2F], w_down [E, F, D] -> [M, D] float32."""
+    m, d = x.shape
+    e = w_gate_up.shape[0]
+    act = cfg.hidden_act
+    if impl == "dense":
+        combine = jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], experts].add(weights)  # [M, E]
+        gu = jnp.einsum("md,edf->emf", x, w_gate_up, preferred_element_type=jnp.float32).astype(x.dtype)
+        y = jnp.einsum("emf,efd->emd", gated_activation(gu, act), w_down, preferred_element_type=jnp.float32)
+        return jnp.einsum("emd,me->md", y, combine)
+    if impl == "skip":
+        combine = jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], experts].add(weights)  # [M, E]
+        used = jnp.zeros((e,), bool).at[experts.reshape(-1)].set(True)  # [E]
+        out = jnp.zeros((m, d), jnp.float32)
+        for i in range(e):
+            out = jax.lax.cond(used[i], lambda o, i=i: o + combine[:, i:i + 1] * _expert(x, w_gate_up[i], w_down[i], act),
+                               lambda o: o, out)
+        return out
+    if impl == "grouped":
+        flat = experts.reshape(-1)  # [A], assignment a = token a // k
+        order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+        token = order // experts.shape[1]  # [A]
+        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E] rows per group
+        gu = jax.lax.ragged_dot(x[token], w_gate_up, sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+        y = jax.lax.ragged_dot(gated_activation(gu, act), w_down, sizes, preferred_element_type=jnp.float32)  # [A, D]
+        return jnp.zeros((m, d), jnp.float32).at[token].add(y * weights.reshape(-1)[order][:, None])
+    raise ValueError(f"impl={impl!r} is not one of dense, skip, grouped")
+
+
+def sparse_mlp(x: jax.Array, router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, cfg: ModelConfig,
+               impl: str | None = None) -> jax.Array:
+    """A MoE layer's routed experts on x [..., D] -> [..., D] in x's dtype (impl: dense, skip or
+    grouped; None: cfg.moe_impl, whose "auto" is `choose_impl` for this many tokens)."""
+    flat = x.reshape(-1, x.shape[-1])  # [M, D]
+    weights, experts = route(flat, router, cfg)
+    impl = impl or cfg.moe_impl
+    if impl == "auto":
+        impl = choose_impl(flat.shape[0], cfg)
+    return experts_forward(flat, weights, experts, w_gate_up, w_down, cfg, impl).astype(x.dtype).reshape(x.shape)

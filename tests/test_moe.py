@@ -1,0 +1,180 @@
+"""Mixture-of-experts MLPs (jaxinfer.moe): the three implementations against a per-token reference,
+Hub configs as transformers reads them, and the options MoE models refuse. Parity of whole
+Mixtral / Qwen2-MoE / Qwen3-MoE models with transformers is in test_parity.py."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxinfer import moe
+from jaxinfer.config import ConfigError, ModelConfig
+
+BASE = ModelConfig(architecture="Qwen3MoeForCausalLM", vocab_size=64, hidden_size=16, intermediate_size=24,
+                   num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64,
+                   num_experts=6, num_experts_per_tok=2, moe_intermediate_size=12)
+
+
+def _reference(x, router, w_gate_up, w_down, k, renorm):
+    """Token by token, in float64: softmax, top k, (renormalize), sum of the chosen SwiGLU experts."""
+    x, router, w_gate_up, w_down = (np.asarray(a, np.float64) for a in (x, router, w_gate_up, w_down))
+    out = np.zeros_like(x)
+    for m, row in enumerate(x):
+        logits = row @ router
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        top = np.argsort(-p, kind="stable")[:k]
+        w = p[top] / (p[top].sum() if renorm else 1.0)
+        for e, we in zip(top, w):
+            gate, up = np.split(row @ w_gate_up[e], 2)
+            out[m] += we * ((gate / (1 + np.exp(-gate)) * up) @ w_down[e])
+    return out
+
+
+@pytest.mark.parametrize("impl", ["dense", "skip", "grouped"])
+@pytest.mark.parametrize("k,renorm", [(2, True), (3, False), (1, True)])
+@pytest.mark.parametrize("m", [1, 5, 37])
+def test_implementations_match_per_token_reference(impl, k, renorm, m):
+    cfg = dataclasses.replace(BASE, num_experts_per_tok=k, norm_topk_prob=renorm)
+    keys = jax.random.split(jax.random.PRNGKey(m * 10 + k), 4)
+    x = jax.random.normal(keys[0], (m, 16))
+    router = jax.random.normal(keys[1], (16, 6))
+    w_gate_up = 0.3 * jax.random.normal(keys[2], (6, 16, 24))
+    w_down = 0.3 * jax.random.normal(keys[3], (6, 12, 16))
+    got = jax.jit(lambda *a: moe.sparse_mlp(*a, cfg, impl=impl))(x, router, w_gate_up, w_down)
+    np.testing.assert_allclose(np.asarray(got), _reference(x, router, w_gate_up, w_down, k, renorm),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_skip_never_reads_an_expert_no_token_chose():
+    """Expert 0's weights are NaN and the router never picks it: "skip" does not run it (its result
+    is the reference), while "dense" multiplies it by a zero weight and returns NaN."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(keys[0], (3, 16)).at[:, 0].set(1.0)
+    router = jax.random.normal(keys[1], (16, 6)).at[:, 0].set(0.0).at[0, 0].set(-1e3)  # expert 0's logit: -1000
+    w_gate_up = (0.3 * jax.random.normal(keys[2], (6, 16, 24))).at[0].set(jnp.nan)
+    w_down = (0.3 * jax.random.normal(keys[3], (6, 12, 16))).at[0].set(jnp.nan)
+    skip = np.asarray(moe.sparse_mlp(x, router, w_gate_up, w_down, BASE, impl="skip"))
+    ok = w_gate_up.at[0].set(0.0), w_down.at[0].set(0.0)
+    np.testing.assert_allclose(skip, _reference(x, router, *ok, 2, True), rtol=2e-5, atol=2e-5)
+    assert np.isnan(np.asarray(moe.sparse_mlp(x, router, w_gate_up, w_down, BASE, impl="dense"))).all()
+
+
+def test_choose_impl():
+    """On CPU: "skip" while fewer assignments than experts (decode of a small batch), else "dense";
+    "grouped" elsewhere."""
+    assert moe.choose_impl(2, BASE, "cpu") == "skip"  # 4 assignments < 6 experts
+    assert moe.choose_impl(3, BASE, "cpu") == "dense"
+    assert moe.choose_impl(1, BASE, "gpu") == "grouped"
+    with pytest.raises(ValueError, match="impl='ragged'"):
+        moe.sparse_mlp(jnp.ones((1, 16)), jnp.ones((16, 6)), jnp.ones((6, 16, 24)), jnp.ones((6, 12, 16)), BASE,
+                       impl="ragged")
+
+
+# Hub config.json files (mistralai/Mixtral-8x7B-v0.1, Qwen/Qwen3-30B-A3B, Qwen/Qwen1.5-MoE-A2.7B), the
+# keys that matter
+HUB_MOE = {
+    "mixtral-8x7b": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "bos_token_id": 1,
+                     "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+                     "max_position_embeddings": 32768, "num_attention_heads": 32, "num_experts_per_tok": 2,
+                     "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8, "rms_norm_eps": 1e-05,
+                     "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+                     "vocab_size": 32000},
+    "qwen3-30b-a3b": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+                      "decoder_sparse_step": 1, "head_dim": 128, "hidden_size": 2048, "intermediate_size": 6144,
+                      "max_position_embeddings": 40960, "mlp_only_layers": [], "moe_intermediate_size": 768,
+                      "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+                      "num_hidden_layers": 48, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+                      "rope_theta": 1000000.0, "tie_word_embeddings": False, "use_sliding_window": False,
+                      "vocab_size": 151936},
+    "qwen1.5-moe-a2.7b": {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+                          "decoder_sparse_step": 1, "hidden_size": 2048, "intermediate_size": 5632,
+                          "max_position_embeddings": 8192, "moe_intermediate_size": 1408, "norm_topk_prob": False,
+                          "num_attention_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
+                          "num_hidden_layers": 24, "num_key_value_heads": 16, "rms_norm_eps": 1e-06,
+                          "rope_theta": 1000000.0, "shared_expert_intermediate_size": 5632,
+                          "tie_word_embeddings": False, "vocab_size": 151936},
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_MOE))
+def test_hub_configs_count_what_transformers_builds(name):
+    """Each Hub config reads as transformers reads it: the parameters its model builds (on the meta
+    device) are ModelConfig.num_params, and the config written back reads the same."""
+    import transformers
+    hf = HUB_MOE[name]
+    cfg = ModelConfig.from_hf_dict(hf)
+    model_cls = getattr(transformers, hf["architectures"][0])
+    with torch.device("meta"):
+        model = model_cls(transformers.AutoConfig.for_model(**hf))
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+def test_sparse_step_and_mlp_only_layers_make_dense_layers():
+    hf = {**HUB_MOE["qwen3-30b-a3b"], "num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    cfg = ModelConfig.from_hf_dict(hf)
+    assert cfg.dense_layers == (0, 2, 3, 4)  # (i + 1) % 2 != 0, and layer 3 listed
+    assert [cfg.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]
+
+
+def test_bad_moe_configs_name_the_value():
+    with pytest.raises(ConfigError, match="num_experts_per_tok=9"):
+        ModelConfig.from_hf_dict({**HUB_MOE["mixtral-8x7b"], "num_experts_per_tok": 9})
+    with pytest.raises(ConfigError, match="moe_intermediate_size=0"):
+        dataclasses.replace(BASE, moe_intermediate_size=0)
+    with pytest.raises(ConfigError, match=r"dense_layers=\[5\]"):
+        dataclasses.replace(BASE, dense_layers=(5,))
+    with pytest.raises(ConfigError, match="moe_impl='sparse'"):
+        dataclasses.replace(BASE, moe_impl="sparse")
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        ModelConfig.from_hf_dict({**HUB_MOE["qwen3-30b-a3b"], "use_sliding_window": True})
+
+
+def test_moe_impl_chooses_the_implementation_with_the_same_output(tmp_path):
+    """LLM(moe_impl=...) sets how the experts run; greedy tokens and prompt logprobs are the same
+    for each (qwen3_moe: top 2 of 8 experts, so "auto" runs "skip" for decode, "dense" for prefill).
+    A dense model refuses the option."""
+    from hf_models import write_tiny
+
+    from jaxinfer import LLM, SamplingParams
+    path = write_tiny("qwen3_moe", tmp_path / "qwen3_moe")
+    prompts = [{"prompt_token_ids": [5, 9, 17, 33, 65, 3, 7]}, {"prompt_token_ids": [40, 41, 42]}]
+    params = SamplingParams(temperature=0, max_tokens=8, min_tokens=8, prompt_logprobs=0)
+    outs = {}
+    for impl in ("auto", "dense", "skip", "grouped"):
+        llm = LLM(str(path), dtype="float32", moe_impl=impl, max_model_len=64)
+        assert llm.cfg.moe_impl == impl
+        outs[impl] = llm.generate(prompts, params)
+    for impl, got in outs.items():
+        for a, b in zip(outs["auto"], got):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids, impl
+            lp = [[next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]] for o in (a, b)]
+            np.testing.assert_allclose(lp[1], lp[0], atol=1e-5, err_msg=impl)
+    with pytest.raises(ValueError, match="moe_impl='dense'.*dense model"):
+        LLM(str(write_tiny("llama", tmp_path / "llama")), moe_impl="dense")
+
+
+def test_quantization_and_lora_are_refused(tmp_path):
+    """Weight quantization and LoRA do not cover experts: LLM refuses them before reading weights,
+    naming the option; so do quantize_weights and the memory calculator."""
+    from hf_models import write_tiny
+
+    from jaxinfer import LLM
+    from jaxinfer.kv.memory import memory_report
+    from jaxinfer.wquant import WeightQuantConfig, quantize_weights
+    path = write_tiny("mixtral", tmp_path / "mixtral")
+    with pytest.raises(ValueError, match="mixture-of-experts.*quantization='int8'"):
+        LLM(str(path), quantization="int8")
+    with pytest.raises(ValueError, match="mixture-of-experts.*enable_lora=True"):
+        LLM(str(path), enable_lora=True)
+    with pytest.raises(ValueError, match="moe_impl='sparse'"):
+        LLM(str(path), moe_impl="sparse")
+    cfg = ModelConfig.from_hf_dict(HUB_MOE["mixtral-8x7b"])
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        quantize_weights(None, cfg, WeightQuantConfig.from_args("int8", {}))
+    with pytest.raises(ValueError, match="quantization='int4'.*mixture-of-experts"):
+        memory_report(cfg, 1, 1024, quantization="int4")
