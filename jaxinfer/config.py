@@ -138,6 +138,16 @@ class ModelConfig:
         if self.moe_impl not in MOE_IMPLS:
             raise ConfigError(f"moe_impl={self.moe_impl!r} is not one of {', '.join(MOE_IMPLS)}")
         if self.num_experts:
+            if self.architecture not in MOE:
+                raise ConfigError(f"num_experts={self.num_experts} needs a mixture-of-experts architecture "
+                                  f"({', '.join(MOE)}), not {self.architecture}")
+            if self.architecture == "MixtralForCausalLM" and (
+                    not self.norm_topk_prob or self.dense_layers or self.shared_expert_intermediate_size):
+                raise ConfigError("MixtralForCausalLM renormalizes its top-k probabilities (norm_topk_prob=True) "
+                                  "and has no dense layers and no shared expert")
+            if self.shared_expert_intermediate_size and self.architecture != "Qwen2MoeForCausalLM":
+                raise ConfigError(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size}: only "
+                                  f"Qwen2MoeForCausalLM has a shared expert, not {self.architecture}")
             if not 0 < self.num_experts_per_tok <= self.num_experts:
                 raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok!r} must be in "
                                   f"[1, num_experts={self.num_experts}]")

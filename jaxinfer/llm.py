@@ -110,9 +110,9 @@ class LLM:
     the embedding's bytes once more; greedy decode ~3% faster at 8 rows).
     moe_impl (mixture-of-experts models: Mixtral, Qwen2-MoE, Qwen3-MoE): how the experts run
     (`jaxinfer.moe`): "dense" (every expert on every token), "skip" (only the experts some token
-    chose, one `lax.cond` each), "grouped" (tokens sorted by expert, `lax.ragged_dot`), or "auto"
-    (on CPU "skip" for steps with fewer token-expert assignments than experts, else "dense";
-    "grouped" on accelerators). The outputs are the same.
+    chose, one `lax.cond` each, on every token), "grouped" (each expert on the tokens that chose
+    it, sorted and chunked), or "auto" (on CPU "skip" while the experts average fewer than 16 rows
+    of the step, else "grouped"; "dense" off CPU). The outputs are the same.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",

@@ -9,18 +9,18 @@ each token goes to the k experts of highest p, weighted by their p, renormalized
 `norm_topk_prob`. The layer's output is sum_j w_j expert_j(x), each expert a gated MLP.
 
 The implementations give the same result and differ in what they read and compute:
-- "dense": every expert on every token, combined by the routing weights (0 where an expert was not
-  chosen): every weight read once, E/k times the needed FLOPs, three large einsums.
-- "skip": one expert at a time, each under `lax.cond` on whether any token chose it, so an expert
-  no token chose is never read. Decode on CPU is bound by reading weights, and a batch of a few
-  tokens uses a few experts: this reads only those.
-- "grouped": assignments sorted by expert and run as grouped matmuls (`lax.ragged_dot`), then
-  scattered back: k/E of dense's FLOPs, no weight copies. XLA:CPU lowers ragged_dot densely
-  (slower than "dense" there: `experiments/moe_cost.py`); it is the choice for accelerators,
-  where a `lax.cond` costs a host round trip.
+- "dense": every expert on every token (a matmul batched over experts), combined by the routing
+  weights (0 where an expert was not chosen): every weight read, E/k times the needed FLOPs, no
+  data-dependent control flow.
+- "skip": one expert at a time on every token, each under `lax.cond` on whether any token chose
+  it, so an expert no token chose is never read. Decode on CPU is bound by reading weights, and a
+  step of a few tokens uses a few experts: this reads only those.
+- "grouped": assignments sorted by expert; each expert runs on its own run of rows, in chunks of
+  GROUP_CHUNK rows (a loop of as many trips as the run needs, none for an unchosen expert): about
+  k/E of dense's FLOPs, for prefill and large batches.
 
 `ModelConfig.moe_impl` (`LLM(moe_impl=...)`) names one, or "auto": `choose_impl` picks per traced
-shape. `experiments/moe_cost.py` measures all three.
+shape, from `experiments/moe_cost.py`'s measurements on CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import gated_activation
+
+GROUP_CHUNK = 64  # rows of one product in "grouped"
 
 
 def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -43,11 +45,14 @@ def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array,
 
 
 def choose_impl(num_tokens: int, cfg: ModelConfig, backend: str | None = None) -> str:
-    """On CPU, "skip" while the tokens' assignments are fewer than the experts (some experts are
-    then unused), else "dense"; "grouped" on accelerators."""
+    """On CPU, "skip" while the experts average fewer than 16 rows of the step (its assignments
+    over the experts), else "grouped" (moe_cost.md: skip is faster at 8 and 4 rows per expert,
+    grouped at 16 and 32, 1.6x at 128); off CPU "dense", whose batched matmul has no
+    data-dependent control flow (a `lax.cond` or a loop trip costs XLA:GPU a host round trip; not
+    measured here)."""
     if (backend or jax.default_backend()) != "cpu":
-        return "grouped"
-    return "skip" if num_tokens * cfg.num_experts_per_tok < cfg.num_experts else "dense"
+        return "dense"
+    return "skip" if num_tokens * cfg.num_experts_per_tok < 16 * cfg.num_experts else "grouped"
 
 
 def _expert(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, act: str) -> jax.Array:
@@ -65,7 +70,8 @@ def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate
     act = cfg.hidden_act
     if impl == "dense":
         combine = jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], experts].add(weights)  # [M, E]
-        gu = jnp.einsum("md,edf->emf", x, w_gate_up, preferred_element_type=jnp.float32).astype(x.dtype)
+        xe = jnp.broadcast_to(x, (e, m, d))  # [E, M, D]: a batched matmul over experts, weights as stored
+        gu = jnp.einsum("emd,edf->emf", xe, w_gate_up, preferred_element_type=jnp.float32).astype(x.dtype)
         y = jnp.einsum("emf,efd->emd", gated_activation(gu, act), w_down, preferred_element_type=jnp.float32)
         return jnp.einsum("emd,me->md", y, combine)
     if impl == "skip":
@@ -77,14 +83,34 @@ def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate
                                lambda o: o, out)
         return out
     if impl == "grouped":
-        flat = experts.reshape(-1)  # [A], assignment a = token a // k
-        order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
-        token = order // experts.shape[1]  # [A]
-        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E] rows per group
-        gu = jax.lax.ragged_dot(x[token], w_gate_up, sizes, preferred_element_type=jnp.float32).astype(x.dtype)
-        y = jax.lax.ragged_dot(gated_activation(gu, act), w_down, sizes, preferred_element_type=jnp.float32)  # [A, D]
-        return jnp.zeros((m, d), jnp.float32).at[token].add(y * weights.reshape(-1)[order][:, None])
+        return _grouped(x, weights, experts, w_gate_up, w_down, act)
     raise ValueError(f"impl={impl!r} is not one of dense, skip, grouped")
+
+
+def _grouped(x, weights, experts, w_gate_up, w_down, act: str, chunk: int = GROUP_CHUNK) -> jax.Array:
+    """Experts on the tokens that chose them: assignments sorted by expert, each expert's run taken
+    in chunks of `chunk` rows (its last one masked), in a loop of as many trips as its run needs."""
+    m, d = x.shape
+    k = experts.shape[1]
+    flat = experts.reshape(-1)  # [A], assignment a = token a // k
+    a = flat.shape[0]
+    chunk = min(chunk, a)
+    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+    token = order // k  # [A]
+    sizes = jnp.bincount(flat, length=w_gate_up.shape[0])  # [E] rows per expert
+    starts = jnp.cumsum(sizes) - sizes  # [E] first row of each expert's run
+    xs = jnp.zeros((a + chunk, d), x.dtype).at[:a].set(x[token])  # [A + C, D]: every chunk lies in bounds
+    ys = jnp.zeros((a + chunk, d), jnp.float32)
+    rows = jnp.arange(chunk)
+    for i in range(w_gate_up.shape[0]):
+        def trip(j, ys, i=i):
+            lo = starts[i] + j * chunk
+            y = _expert(jax.lax.dynamic_slice_in_dim(xs, lo, chunk), w_gate_up[i], w_down[i], act)  # [C, D]
+            mine = (j * chunk + rows < sizes[i])[:, None]  # the chunk's rows past the run are the next expert's
+            return jax.lax.dynamic_update_slice_in_dim(
+                ys, jnp.where(mine, y, jax.lax.dynamic_slice_in_dim(ys, lo, chunk)), lo, 0)
+        ys = jax.lax.fori_loop(0, (sizes[i] + chunk - 1) // chunk, trip, ys)
+    return jnp.zeros((m, d), jnp.float32).at[token].add(ys[:a] * weights.reshape(-1)[order][:, None])
 
 
 def sparse_mlp(x: jax.Array, router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, cfg: ModelConfig,

@@ -36,7 +36,7 @@ def _reference(x, router, w_gate_up, w_down, k, renorm):
 
 @pytest.mark.parametrize("impl", ["dense", "skip", "grouped"])
 @pytest.mark.parametrize("k,renorm", [(2, True), (3, False), (1, True)])
-@pytest.mark.parametrize("m", [1, 5, 37])
+@pytest.mark.parametrize("m", [1, 5, 37, 150])  # 150: "grouped" runs several chunks per expert
 def test_implementations_match_per_token_reference(impl, k, renorm, m):
     cfg = dataclasses.replace(BASE, num_experts_per_tok=k, norm_topk_prob=renorm)
     keys = jax.random.split(jax.random.PRNGKey(m * 10 + k), 4)
@@ -64,11 +64,10 @@ def test_skip_never_reads_an_expert_no_token_chose():
 
 
 def test_choose_impl():
-    """On CPU: "skip" while fewer assignments than experts (decode of a small batch), else "dense";
-    "grouped" elsewhere."""
-    assert moe.choose_impl(2, BASE, "cpu") == "skip"  # 4 assignments < 6 experts
-    assert moe.choose_impl(3, BASE, "cpu") == "dense"
-    assert moe.choose_impl(1, BASE, "gpu") == "grouped"
+    """On CPU: "skip" while the experts average fewer than 16 rows, else "grouped"; "dense" elsewhere."""
+    assert moe.choose_impl(47, BASE, "cpu") == "skip"  # 94 assignments < 16 x 6 experts
+    assert moe.choose_impl(48, BASE, "cpu") == "grouped"
+    assert moe.choose_impl(1, BASE, "gpu") == "dense"
     with pytest.raises(ValueError, match="impl='ragged'"):
         moe.sparse_mlp(jnp.ones((1, 16)), jnp.ones((16, 6)), jnp.ones((6, 16, 24)), jnp.ones((6, 12, 16)), BASE,
                        impl="ragged")
@@ -128,6 +127,12 @@ def test_bad_moe_configs_name_the_value():
         dataclasses.replace(BASE, moe_intermediate_size=0)
     with pytest.raises(ConfigError, match=r"dense_layers=\[5\]"):
         dataclasses.replace(BASE, dense_layers=(5,))
+    with pytest.raises(ConfigError, match="num_experts=6 needs a mixture-of-experts architecture"):
+        dataclasses.replace(BASE, architecture="LlamaForCausalLM")
+    with pytest.raises(ConfigError, match="only Qwen2MoeForCausalLM has a shared expert"):
+        dataclasses.replace(BASE, shared_expert_intermediate_size=8)
+    with pytest.raises(ConfigError, match="MixtralForCausalLM renormalizes"):
+        dataclasses.replace(BASE, architecture="MixtralForCausalLM", norm_topk_prob=False)
     with pytest.raises(ConfigError, match="moe_impl='sparse'"):
         dataclasses.replace(BASE, moe_impl="sparse")
     with pytest.raises(ConfigError, match="use_sliding_window"):
@@ -136,7 +141,7 @@ def test_bad_moe_configs_name_the_value():
 
 def test_moe_impl_chooses_the_implementation_with_the_same_output(tmp_path):
     """LLM(moe_impl=...) sets how the experts run; greedy tokens and prompt logprobs are the same
-    for each (qwen3_moe: top 2 of 8 experts, so "auto" runs "skip" for decode, "dense" for prefill).
+    for each (qwen3_moe: top 2 of 8 experts; "auto" runs "skip" here).
     A dense model refuses the option."""
     from hf_models import write_tiny
 
