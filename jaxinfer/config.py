@@ -26,10 +26,11 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OlmoeForCausalLM": "olmoe",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-MOE = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")  # sparse mixture-of-experts MLPs
+MOE = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")  # sparse MoE MLPs
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 LLAMA3_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
@@ -100,7 +101,7 @@ class ModelConfig:
     local_rope_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (never scaled)
     attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2 / 3: the same on the logits
-    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; 0 experts: every MLP dense). A MoE layer's
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; 0 experts: every MLP dense). A MoE layer's
     # router sends each token to the top num_experts_per_tok of num_experts SwiGLU experts (each
     # moe_intermediate_size wide) and sums their outputs weighted by the router's softmax
     # probabilities, renormalized over the chosen ones when norm_topk_prob. Qwen2-MoE adds a shared
@@ -253,7 +254,7 @@ class ModelConfig:
             out["rope_scaling"] = dict(rope)
         if model_type in ("llama", "qwen3", "qwen3_moe"):
             out["attention_bias"] = self.o_bias if model_type == "llama" else self.qkv_bias
-        if model_type in ("gemma", "gemma2", "gemma3_text", "olmo2"):
+        if model_type in ("gemma", "gemma2", "gemma3_text", "olmo2", "olmoe"):
             out["attention_bias"] = self.qkv_bias
         if model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
@@ -264,6 +265,9 @@ class ModelConfig:
         if model_type == "mixtral":  # its intermediate_size is the experts' width; renormalizes always
             out.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
                        intermediate_size=self.moe_intermediate_size)
+        if model_type == "olmoe":  # likewise its intermediate_size
+            out.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob)
         if model_type in ("qwen2_moe", "qwen3_moe"):
             out.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
                        moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
@@ -304,6 +308,9 @@ class ModelConfig:
         gemma = arch in GEMMA
         later_gemma = arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
         olmo2 = arch == "Olmo2ForCausalLM"
+        olmoe = arch == "OlmoeForCausalLM"  # OLMo's q / k norms over all heads, Llama's pre-norm layers
+        if olmoe and hf.get("clip_qkv") is not None:
+            raise ConfigError(f"{source}: clip_qkv={hf['clip_qkv']!r} is not supported (null only)")
         if later_gemma:  # their MLPs read hidden_activation
             act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
         else:
@@ -399,10 +406,10 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=qkv_bias,
-            o_bias=attention_bias and (arch == "LlamaForCausalLM" or gemma or olmo2),
+            o_bias=attention_bias and (arch == "LlamaForCausalLM" or gemma or olmo2 or olmoe),
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2,
-            qk_norm_full=olmo2,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2 or olmoe,
+            qk_norm_full=olmo2 or olmoe,
             input_norms=not olmo2,
             sliding_window=int(sliding_window) if sliding_window else None,
             bos_token_id=hf.get("bos_token_id"),
@@ -472,12 +479,12 @@ def yarn_attention_factor(factor: float, attention_factor=None, mscale=None, msc
 
 # transformers' defaults where a MoE config leaves a key out: (experts, experts per token, expert width)
 MOE_DEFAULTS = {"MixtralForCausalLM": (8, 2, None), "Qwen2MoeForCausalLM": (60, 4, 1408),
-                "Qwen3MoeForCausalLM": (128, 8, 768)}
+                "Qwen3MoeForCausalLM": (128, 8, 768), "OlmoeForCausalLM": (64, 8, None)}
 
 
 def _moe_fields(arch: str, hf: dict[str, Any], num_layers: int, intermediate_size: int) -> dict[str, Any]:
-    """ModelConfig's MoE fields from a Mixtral / Qwen2-MoE / Qwen3-MoE config, as transformers
-    reads it: Mixtral's experts are intermediate_size wide and always renormalized; Qwen's layer i
+    """ModelConfig's MoE fields from a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE config, as transformers
+    reads it: Mixtral's and OLMoE's experts are intermediate_size wide, Mixtral's always renormalized; Qwen's layer i
     is dense when listed in mlp_only_layers or when (i + 1) is not a multiple of decoder_sparse_step."""
     experts, top_k, width = MOE_DEFAULTS[arch]
     experts = int(hf.get("num_experts", hf.get("num_local_experts", experts)) or 0)
@@ -486,6 +493,8 @@ def _moe_fields(arch: str, hf: dict[str, Any], num_layers: int, intermediate_siz
     fields = {"num_experts": experts, "num_experts_per_tok": int(hf.get("num_experts_per_tok", top_k))}
     if arch == "MixtralForCausalLM":
         return {**fields, "moe_intermediate_size": intermediate_size}
+    if arch == "OlmoeForCausalLM":
+        return {**fields, "moe_intermediate_size": intermediate_size, "norm_topk_prob": bool(hf.get("norm_topk_prob"))}
     step = int(hf.get("decoder_sparse_step", 1) or 1)
     only = set(hf.get("mlp_only_layers") or ())
     fields.update(moe_intermediate_size=int(hf.get("moe_intermediate_size", width)),

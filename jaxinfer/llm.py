@@ -108,7 +108,7 @@ class LLM:
     than "in_out", 8-16-row steps ~5% slower) and "in_out" for float32; "in_out" off CPU.
     "in_out" on CPU also gives float32 tied embeddings a [D, V] copy as the LM head (`layers.TiedHead`,
     the embedding's bytes once more; greedy decode ~3% faster at 8 rows).
-    moe_impl (mixture-of-experts models: Mixtral, Qwen2-MoE, Qwen3-MoE): how the experts run
+    moe_impl (mixture-of-experts models: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): how the experts run
     (`jaxinfer.moe`): "dense" (every expert on every token), "skip" (only the experts some token
     chose, one `lax.cond` each, on every token), "grouped" (each expert on the tokens that chose
     it, sorted and chunked), or "auto" (on CPU "skip" while the experts average fewer than 16 rows

@@ -1,4 +1,4 @@
-"""Sparse mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE): routing, and three exact ways to
+"""Sparse mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): routing, and three exact ways to
 run the experts.
 
 Legend: M tokens (batch and time flattened), D model dim, E experts, k experts per token,

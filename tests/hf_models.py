@@ -54,6 +54,9 @@ ARCHS = {
                   {"num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 3, "num_experts": 8,
                    "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
                    "mlp_only_layers": [1]}),
+    # OLMoE: OLMo's q / k norms over all heads, top 2 of 4 experts, not renormalized
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
+              {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),
 }
 
 

@@ -1,6 +1,6 @@
 """Mixture-of-experts MLPs (jaxinfer.moe): the three implementations against a per-token reference,
 Hub configs as transformers reads them, and the options MoE models refuse. Parity of whole
-Mixtral / Qwen2-MoE / Qwen3-MoE models with transformers is in test_parity.py."""
+Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE models with transformers is in test_parity.py."""
 
 import dataclasses
 
@@ -73,8 +73,8 @@ def test_choose_impl():
                        impl="ragged")
 
 
-# Hub config.json files (mistralai/Mixtral-8x7B-v0.1, Qwen/Qwen3-30B-A3B, Qwen/Qwen1.5-MoE-A2.7B), the
-# keys that matter
+# Hub config.json files (mistralai/Mixtral-8x7B-v0.1, Qwen/Qwen3-30B-A3B, Qwen/Qwen1.5-MoE-A2.7B,
+# allenai/OLMoE-1B-7B-0924), the keys that matter
 HUB_MOE = {
     "mixtral-8x7b": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "bos_token_id": 1,
                      "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
@@ -96,6 +96,12 @@ HUB_MOE = {
                           "num_hidden_layers": 24, "num_key_value_heads": 16, "rms_norm_eps": 1e-06,
                           "rope_theta": 1000000.0, "shared_expert_intermediate_size": 5632,
                           "tie_word_embeddings": False, "vocab_size": 151936},
+    "olmoe-1b-7b": {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "attention_bias": False,
+                    "clip_qkv": None, "eos_token_id": 50279, "hidden_size": 2048, "intermediate_size": 1024,
+                    "max_position_embeddings": 4096, "norm_topk_prob": False, "num_attention_heads": 16,
+                    "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 16, "num_key_value_heads": 16,
+                    "pad_token_id": 1, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                    "vocab_size": 50304},
 }
 
 
@@ -135,6 +141,8 @@ def test_bad_moe_configs_name_the_value():
         dataclasses.replace(BASE, architecture="MixtralForCausalLM", norm_topk_prob=False)
     with pytest.raises(ConfigError, match="moe_impl='sparse'"):
         dataclasses.replace(BASE, moe_impl="sparse")
+    with pytest.raises(ConfigError, match="clip_qkv=8.0 is not supported"):
+        ModelConfig.from_hf_dict({**HUB_MOE["olmoe-1b-7b"], "clip_qkv": 8.0})
     with pytest.raises(ConfigError, match="use_sliding_window"):
         ModelConfig.from_hf_dict({**HUB_MOE["qwen3-30b-a3b"], "use_sliding_window": True})
 

@@ -14,7 +14,7 @@ PROMPT_LENS = (5, 17, 40)  # different lengths in one batch; 40 > mistral's slid
 # Gemma (1) differs from Gemma 2 only by what Gemma 2 adds (sandwich norms, layer types, soft caps):
 # it gets the first test alone, which keeps the suite short
 FULL = sorted(set(ARCHS) - {"gemma"})
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 @pytest.fixture(scope="module", params=FULL)
