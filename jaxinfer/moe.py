@@ -46,8 +46,8 @@ def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array,
 
 def choose_impl(num_tokens: int, cfg: ModelConfig, backend: str | None = None) -> str:
     """On CPU, "skip" while the experts average fewer than 16 rows of the step (its assignments
-    over the experts), else "grouped" (moe_cost.md: skip is faster at 8 and 4 rows per expert,
-    grouped at 16 and 32, 1.6x at 128); off CPU "dense", whose batched matmul has no
+    over the experts), else "grouped" (moe_cost.md: skip is faster at 4 and 8 rows per expert,
+    grouped 1.3-1.4x at 16 and 32, 1.8-2.2x at 64 and 128); off CPU "dense", whose batched matmul has no
     data-dependent control flow (a `lax.cond` or a loop trip costs XLA:GPU a host round trip; not
     measured here)."""
     if (backend or jax.default_backend()) != "cpu":
