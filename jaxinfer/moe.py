@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.layers import gated_activation
+from jaxinfer.layers import gated_activation, one_row_padded
 
 GROUP_CHUNK = 64  # rows of one product in "grouped"
 
@@ -56,9 +56,12 @@ def choose_impl(num_tokens: int, cfg: ModelConfig, backend: str | None = None) -
 
 
 def _expert(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, act: str) -> jax.Array:
-    """One gated-MLP expert: x [M, D], w_gate_up [D, 2F], w_down [F, D] -> [M, D] float32."""
-    h = gated_activation(jnp.dot(x, w_gate_up, preferred_element_type=jnp.float32).astype(x.dtype), act)
-    return jnp.dot(h, w_down, preferred_element_type=jnp.float32)
+    """One gated-MLP expert: x [M, D], w_gate_up [D, 2F], w_down [F, D] -> [M, D] float32. A bf16
+    row alone runs as two (`one_row_padded`: batch-1 "skip" 2.26 -> 1.08 ms, 8 experts of 1024, hidden 512)."""
+    def dot(w):
+        return lambda v: jnp.dot(v, w, preferred_element_type=jnp.float32)
+    h = gated_activation(one_row_padded(dot(w_gate_up), x).astype(x.dtype), act)
+    return one_row_padded(dot(w_down), h)
 
 
 def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
