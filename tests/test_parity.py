@@ -94,6 +94,8 @@ def test_greedy_matches_transformers_under_other_schedules(tiny, opts):
     XLA:CPU had miscompiled that step for an MQA model, llama3 here) and with chunked prefill
     over small pages."""
     arch, path, hf = tiny
+    if arch in MOE and arch != "qwen3_moe":  # the engine's schedules are the same for every MoE: one keeps the suite short
+        pytest.skip("schedules are checked on qwen3_moe for mixtures of experts")
     prompts = _prompts(2)
     llm = LLM(str(path), dtype="float32", enable_prefix_caching=False, **opts)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
