@@ -33,7 +33,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from sliding_window_cost import paged_meta  # experiments/ is on sys.path when this runs as a script
+from report import best_interleaved  # experiments/ is on sys.path when this runs as a script
+from sliding_window_cost import paged_meta
 from verify_cost import loop_timer
 
 from jaxinfer import moe
@@ -82,14 +83,6 @@ def mlp_timer(cfg: ModelConfig, m: int, impl: str):
     return timed
 
 
-def interleaved(timers: dict, rounds: int) -> dict:
-    best = {key: float("inf") for key in timers}
-    for _ in range(rounds):
-        for key, timed in timers.items():
-            best[key] = min(best[key], timed())
-    return best
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 32, 128, 512])
@@ -113,7 +106,7 @@ def main():
             for impl in IMPLS:
                 timers[(shape, m, impl)] = mlp_timer(cfg, m, impl)
             print(f"compiled {shape}, {m} tokens", flush=True)
-    best = interleaved(timers, args.rounds)
+    best = best_interleaved(timers, args.rounds)
     mlp_rows = []
     for shape, cfg in shapes.items():
         for m in args.tokens:
@@ -142,7 +135,7 @@ def main():
                 run_cfg = dataclasses.replace(cfg, moe_impl=impl) if impl else cfg
                 timers[(name, impl, batch)] = loop_timer(weights, run_cfg, kv, meta, 1, STEPS)
             print(f"compiled {name} batch {batch}", flush=True)
-    best = interleaved(timers, args.rounds)
+    best = best_interleaved(timers, args.rounds)
     step_rows = []
     for (name, impl, batch), ms in best.items():
         active = best[("dense, active params (2F)", None, batch)]

@@ -44,6 +44,16 @@ def paired(base, other, repeats: int, warmup: bool = True):
     return ratios, secs, out
 
 
+def best_interleaved(timers: dict, rounds: int) -> dict:
+    """{key: the least of `rounds` calls of timers[key]()}, every timer called once per round in
+    turn, so a slow moment of the shared machine hits one round of each rather than all of one."""
+    best = {key: float("inf") for key in timers}
+    for _ in range(rounds):
+        for key, timed in timers.items():
+            best[key] = min(best[key], timed())
+    return best
+
+
 def torch_device() -> str:
     """Where the transformers baselines run: on the GPU when jax runs on one and torch sees it (the
     comparison then stays accelerator against accelerator), else on the CPU."""

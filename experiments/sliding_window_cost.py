@@ -33,7 +33,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from verify_cost import loop_timer  # experiments/ is on sys.path when this runs as a script
+from report import best_interleaved  # experiments/ is on sys.path when this runs as a script
+from verify_cost import loop_timer
 
 from jaxinfer import cpu_kernels
 from jaxinfer.config import ModelConfig
@@ -98,10 +99,7 @@ def main():
             for name, cfg in variants(base).items():
                 timers[(backend, context, name)] = loop_timer(w, cfg, kv, meta, 1, STEPS, backend)
                 print(f"compiled {backend} context {context} {name}", flush=True)
-    best = {key: float("inf") for key in timers}
-    for _ in range(args.rounds):
-        for key, timed in timers.items():
-            best[key] = min(best[key], timed())
+    best = best_interleaved(timers, args.rounds)
     rows = []
     for (backend, context, name), ms in best.items():
         ref = best[(backend, context, "global")]

@@ -78,9 +78,9 @@ def layer_shapes(cfg: ModelConfig, i: int = 0) -> dict[str, tuple[int, ...] | No
     d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                      cfg.num_kv_heads, cfg.head_dim)
     qkv = (n + 2 * k) * h
-    moe = cfg.is_moe_layer(i)
+    sparse = cfg.is_moe_layer(i)
     e, fe = cfg.num_experts, cfg.moe_intermediate_size
-    if moe:
+    if sparse:
         f = cfg.shared_expert_intermediate_size
     return {
         "wqkv": (d, qkv), "wo": (n * h, d), "w_gate_up": (d, 2 * f) if f else None, "w_down": (f, d) if f else None,
@@ -94,10 +94,10 @@ def layer_shapes(cfg: ModelConfig, i: int = 0) -> dict[str, tuple[int, ...] | No
         "b_down": (d,) if cfg.mlp_bias else None,
         "post_attn_norm": (d,) if cfg.sandwich_norms else None,
         "post_mlp_norm": (d,) if cfg.sandwich_norms else None,
-        "router": (d, e) if moe else None,
-        "experts_gate_up": (e, d, 2 * fe) if moe else None,
-        "experts_down": (e, fe, d) if moe else None,
-        "shared_gate": (d, 1) if moe and f else None,
+        "router": (d, e) if sparse else None,
+        "experts_gate_up": (e, d, 2 * fe) if sparse else None,
+        "experts_down": (e, fe, d) if sparse else None,
+        "shared_gate": (d, 1) if sparse and f else None,
     }
 
 

@@ -71,22 +71,21 @@ def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate
     m, d = x.shape
     e = w_gate_up.shape[0]
     act = cfg.hidden_act
+    if impl == "grouped":
+        return _grouped(x, weights, experts, w_gate_up, w_down, act)
+    combine = jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], experts].add(weights)  # [M, E]
     if impl == "dense":
-        combine = jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], experts].add(weights)  # [M, E]
         xe = jnp.broadcast_to(x, (e, m, d))  # [E, M, D]: a batched matmul over experts, weights as stored
         gu = jnp.einsum("emd,edf->emf", xe, w_gate_up, preferred_element_type=jnp.float32).astype(x.dtype)
         y = jnp.einsum("emf,efd->emd", gated_activation(gu, act), w_down, preferred_element_type=jnp.float32)
         return jnp.einsum("emd,me->md", y, combine)
     if impl == "skip":
-        combine = jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], experts].add(weights)  # [M, E]
         used = jnp.zeros((e,), bool).at[experts.reshape(-1)].set(True)  # [E]
         out = jnp.zeros((m, d), jnp.float32)
         for i in range(e):
             out = jax.lax.cond(used[i], lambda o, i=i: o + combine[:, i:i + 1] * _expert(x, w_gate_up[i], w_down[i], act),
                                lambda o: o, out)
         return out
-    if impl == "grouped":
-        return _grouped(x, weights, experts, w_gate_up, w_down, act)
     raise ValueError(f"impl={impl!r} is not one of dense, skip, grouped")
 
 
