@@ -58,6 +58,11 @@ CONFIGS = {
     "int4 g128 gptq, int8 head": ("int4", {"method": "gptq", "lm_head": "int8"}),
     "int4 g128 gptq act_order": ("int4", {"method": "gptq", "act_order": True}),
     "int8 gptq act_order": ("int8", {"method": "gptq", "act_order": True}),
+    # mixture-of-experts models (experiments/upcycle_moe.py): experts only, and GPTQ / AWQ with each expert
+    # calibrated on the tokens routed to it instead of on every token (calibrate_all_experts)
+    "int4 g128 rtn, experts only": ("int4", {"skip": ["wqkv", "wo", "w_gate_up", "w_down"]}),
+    "int4 g128 gptq, routed calibration": ("int4", {"method": "gptq", "calibrate_all_experts": False}),
+    "int4 g128 awq, routed calibration": ("int4", {"method": "awq", "calibrate_all_experts": False}),
 }
 
 
@@ -117,7 +122,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--pairs", type=int, default=5)
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if "experts" not in c], choices=list(CONFIGS))
     ap.add_argument("--out", default=str(RESULTS / "weight_quant"))
     args = ap.parse_args()
 

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 from jaxinfer import hf_quant
 from jaxinfer.config import ConfigError, ModelConfig
 from jaxinfer.model import LayerWeights, Weights, dense_layout, layer_shapes
+from jaxinfer.wquant import stack_experts
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -214,7 +215,7 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
     yield "wqkv", _linear(src, [(nm["q"], n * h, d), (nm["k"], k * h, d), (nm["v"], k * h, d)], quant)
     yield "wo", _linear(src, [(nm["o"], d, n * h)], quant)
     if cfg.is_moe_layer(i):
-        yield from _hf_experts(cfg, src, nm)
+        yield from _hf_experts(cfg, src, nm, quant)
         f = cfg.shared_expert_intermediate_size
     if f:
         yield "w_gate_up", _linear(src, [(nm["gate"], f, d), (nm["up"], f, d)], quant)
@@ -234,9 +235,11 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
         yield "b_down", src.get(nm["down"] + ".bias", (d,))
 
 
-def _hf_experts(cfg: ModelConfig, src: TensorSource, nm: dict) -> Iterator[tuple[str, np.ndarray]]:
+def _hf_experts(cfg: ModelConfig, src: TensorSource, nm: dict, quant=None) -> Iterator[tuple[str, object]]:
     """A MoE layer's router and stacked experts in our layout, from the Hub's one tensor per expert
-    and projection, or from transformers' fused experts.gate_up_proj [E, 2F, D] / down_proj [E, D, F]."""
+    and projection (each expert's projections quantized or not, as the checkpoint stores them:
+    `_linear`; stacked into one QuantWeight when every expert's is one), or from transformers'
+    fused experts.gate_up_proj [E, 2F, D] / down_proj [E, D, F]."""
     d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
     yield "router", src.get(nm["router"], (e, d)).T
     fused = nm["experts"] + "gate_up_proj"
@@ -245,12 +248,22 @@ def _hf_experts(cfg: ModelConfig, src: TensorSource, nm: dict) -> Iterator[tuple
         yield "experts_down", np.swapaxes(src.get(nm["experts"] + "down_proj", (e, d, f)), 1, 2)
     else:
         gate, up, down = nm["expert"]
-        yield "experts_gate_up", np.stack([np.concatenate([src.get(gate.format(j=j) + ".weight", (f, d)),
-                                                           src.get(up.format(j=j) + ".weight", (f, d))]).T
-                                           for j in range(e)])
-        yield "experts_down", np.stack([src.get(down.format(j=j) + ".weight", (d, f)).T for j in range(e)])
+        yield "experts_gate_up", _stack([_linear(src, [(gate.format(j=j), f, d), (up.format(j=j), f, d)], quant)
+                                         for j in range(e)])
+        yield "experts_down", _stack([_linear(src, [(down.format(j=j), d, f)], quant) for j in range(e)])
     if cfg.shared_expert_intermediate_size:
         yield "shared_gate", src.get(nm["shared_gate"], (1, d)).T
+
+
+def _stack(experts: list) -> object:
+    """Each expert's projection (dense [K, N] arrays or QuantWeights) stacked along a new first axis;
+    dequantized into a dense stack when they are not all QuantWeights of one kind."""
+    if all(isinstance(w, hf_quant.QuantWeight) for w in experts):
+        try:
+            return stack_experts(experts)
+        except ValueError:
+            pass
+    return np.stack([np.asarray(w.dense()) if isinstance(w, hf_quant.QuantWeight) else w for w in experts])
 
 
 def _to_device(arr, dtype):
@@ -265,9 +278,6 @@ def load_weights(model_dir: Path, cfg: ModelConfig, dtype=jnp.float32,
                  quant: "hf_quant.CompressedTensors | hf_quant.PackedInts | None" = None) -> Weights:
     """Read an HF safetensors checkpoint into Weights of the given dtype (the projections that
     `quant`, its quantization config, says are quantized as QuantWeights)."""
-    if quant is not None and cfg.num_experts:
-        raise CheckpointError(f"{model_dir}: a pre-quantized mixture-of-experts checkpoint ({quant.method}) is not "
-                              "supported; load the unquantized model")
     src = TensorSource(model_dir)
     try:
         layers = []
@@ -298,6 +308,11 @@ def _put_linear(out: dict, schemes: dict, parts: list[tuple[str, int]], w, cast)
     out.update({m + ".weight": r for (m, _), r in zip(parts, rows)})
 
 
+def _expert_of(w, j: int):
+    """Expert j's projection from stacked experts (an array or a stacked QuantWeight)."""
+    return jax.tree_util.tree_map(lambda a: a[j], w)
+
+
 def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[str, np.ndarray], dict]:
     """Weights -> HF tensor names and layouts (numpy), for export, and the compressed-tensors
     config group of each quantized projection ({module: group}, empty for a dense model)."""
@@ -321,9 +336,11 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
         if layer.router is not None:
             out[nm["router"]] = cast(layer.router).T
             gate, up, down = nm["expert"]
-            for j, (gu, dn) in enumerate(zip(cast(layer.experts_gate_up), cast(layer.experts_down))):
-                out[gate.format(j=j) + ".weight"], out[up.format(j=j) + ".weight"] = np.split(gu.T, 2)
-                out[down.format(j=j) + ".weight"] = dn.T
+            fe = cfg.moe_intermediate_size
+            for j in range(cfg.num_experts):  # the Hub's layout: one tensor per expert and projection
+                _put_linear(out, schemes, [(gate.format(j=j), fe), (up.format(j=j), fe)],
+                            _expert_of(layer.experts_gate_up, j), cast)
+                _put_linear(out, schemes, [(down.format(j=j), cfg.hidden_size)], _expert_of(layer.experts_down, j), cast)
             if layer.shared_gate is not None:
                 out[nm["shared_gate"]] = cast(layer.shared_gate).T
         if layer.bqkv is not None:
@@ -491,8 +508,8 @@ def is_orbax_dir(path: str | Path) -> bool:
 
 
 def _quantized_modules(weights: Weights) -> dict:
-    from jaxinfer.wquant import MODULES, QuantWeight
-    modules = {f"layers.{i}.{n}": getattr(layer, n) for i, layer in enumerate(weights.layers) for n in MODULES
+    from jaxinfer.wquant import QUANT_MODULES, QuantWeight
+    modules = {f"layers.{i}.{n}": getattr(layer, n) for i, layer in enumerate(weights.layers) for n in QUANT_MODULES
                if isinstance(getattr(layer, n), QuantWeight)}
     if isinstance(weights.lm_head, QuantWeight):
         modules["lm_head"] = weights.lm_head

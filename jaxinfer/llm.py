@@ -143,10 +143,9 @@ class LLM:
         self.dtype = default_dtype(dtype)
         attention_backend = resolve_backend(attention_backend, self.dtype)
         quantize_now = quant is not None
-        if (quant is not None or enable_lora) and load_config(self.model_dir).num_experts:
-            raise ValueError(f"{self.model_dir} is a mixture-of-experts model: "
-                             + (f"quantization={quantization!r}" if quant is not None else "enable_lora=True")
-                             + " is not supported for its experts (load it without)")
+        if enable_lora and load_config(self.model_dir).num_experts:
+            raise ValueError(f"{self.model_dir} is a mixture-of-experts model: enable_lora=True is not supported "
+                             "for its experts (load it without)")
         if is_orbax_dir(self.model_dir):  # saved by LLM.save, possibly quantized already
             saved = orbax_quantization(self.model_dir)
             if saved is not None and quant is not None:

@@ -21,15 +21,23 @@ The implementations give the same result and differ in what they read and comput
 
 `ModelConfig.moe_impl` (`LLM(moe_impl=...)`) names one, or "auto": `choose_impl` picks per traced
 shape, from `experiments/moe_cost.py`'s measurements on CPU.
+
+Quantized experts (`wquant.quantize_weights`) are a stacked `QuantWeight` ([E, ...] arrays, each
+expert with its own scales): "skip" and "grouped" multiply expert j's codes (`wquant.quantized_matmul`,
+float32, like every quantized product), "dense" dequantizes them all first. While GPTQ / AWQ
+calibrate, an `ExpertsObserver` stands in for the experts and the forward runs eagerly, each expert
+on exactly its own rows (`_observed`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.layers import gated_activation, one_row_padded
+from jaxinfer.layers import dense_dot, gated_activation, matmul
+from jaxinfer.wquant import ExpertsObserver, InputObserver, QuantWeight
 
 GROUP_CHUNK = 64  # rows of one product in "grouped"
 
@@ -55,26 +63,45 @@ def choose_impl(num_tokens: int, cfg: ModelConfig, backend: str | None = None) -
     return "skip" if num_tokens * cfg.num_experts_per_tok < 16 * cfg.num_experts else "grouped"
 
 
-def _expert(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, act: str) -> jax.Array:
+def _expert(x: jax.Array, w_gate_up, w_down, act: str) -> jax.Array:
     """One gated-MLP expert: x [M, D], w_gate_up [D, 2F], w_down [F, D] -> [M, D] float32. A bf16
-    row alone runs as two (`one_row_padded`: batch-1 "skip" 2.26 -> 1.08 ms, 8 experts of 1024, hidden 512)."""
-    def dot(w):
-        return lambda v: jnp.dot(v, w, preferred_element_type=jnp.float32)
-    h = gated_activation(one_row_padded(dot(w_gate_up), x).astype(x.dtype), act)
-    return one_row_padded(dot(w_down), h)
+    row alone runs as two (`dense_dot`'s `one_row_padded`: batch-1 "skip" 2.26 -> 1.08 ms, 8 experts of
+    1024, hidden 512)."""
+    h = gated_activation(_dot(x, w_gate_up).astype(x.dtype), act)
+    return _dot(h, w_down)
+
+
+def _dot(x: jax.Array, w) -> jax.Array:
+    """x @ one expert's weight, float32: a dense array, a QuantWeight or (calibration) an InputObserver."""
+    if isinstance(w, QuantWeight):
+        return matmul(x.astype(jnp.float32), w)  # float32 in and out, as the dense product's result
+    if isinstance(w, InputObserver):
+        w.observe(x)
+        w = w.w
+    return dense_dot(x, w)
+
+
+def _take(w, j: int):
+    """Expert j's weight from stacked experts (an array, a stacked QuantWeight or an ExpertsObserver)."""
+    if isinstance(w, ExpertsObserver):
+        return w.experts[j]
+    return jax.tree_util.tree_map(lambda a: a[j], w)
 
 
 def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
                     w_down: jax.Array, cfg: ModelConfig, impl: str) -> jax.Array:
     """sum_j weights[:, j] expert_{experts[:, j]}(x): x [M, D], weights / experts [M, k],
-    w_gate_up [E, D, 2F], w_down [E, F, D] -> [M, D] float32."""
+    w_gate_up [E, D, 2F], w_down [E, F, D] (arrays, stacked QuantWeights or ExpertsObservers) -> [M, D] float32."""
     m, d = x.shape
-    e = w_gate_up.shape[0]
+    e = cfg.num_experts
     act = cfg.hidden_act
+    if isinstance(w_gate_up, ExpertsObserver) or isinstance(w_down, ExpertsObserver):
+        return _observed(x, weights, experts, w_gate_up, w_down, act, e)
     if impl == "grouped":
-        return _grouped(x, weights, experts, w_gate_up, w_down, act)
+        return _grouped(x, weights, experts, w_gate_up, w_down, act, e)
     combine = jnp.zeros((m, e), jnp.float32).at[jnp.arange(m)[:, None], experts].add(weights)  # [M, E]
     if impl == "dense":
+        w_gate_up, w_down = (w.dense() if isinstance(w, QuantWeight) else w for w in (w_gate_up, w_down))
         xe = jnp.broadcast_to(x, (e, m, d))  # [E, M, D]: a batched matmul over experts, weights as stored
         gu = jnp.einsum("emd,edf->emf", xe, w_gate_up, preferred_element_type=jnp.float32).astype(x.dtype)
         y = jnp.einsum("emf,efd->emd", gated_activation(gu, act), w_down, preferred_element_type=jnp.float32)
@@ -83,13 +110,13 @@ def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate
         used = jnp.zeros((e,), bool).at[experts.reshape(-1)].set(True)  # [E]
         out = jnp.zeros((m, d), jnp.float32)
         for i in range(e):
-            out = jax.lax.cond(used[i], lambda o, i=i: o + combine[:, i:i + 1] * _expert(x, w_gate_up[i], w_down[i], act),
+            out = jax.lax.cond(used[i], lambda o, i=i: o + combine[:, i:i + 1] * _expert(x, _take(w_gate_up, i), _take(w_down, i), act),
                                lambda o: o, out)
         return out
     raise ValueError(f"impl={impl!r} is not one of dense, skip, grouped")
 
 
-def _grouped(x, weights, experts, w_gate_up, w_down, act: str, chunk: int = GROUP_CHUNK) -> jax.Array:
+def _grouped(x, weights, experts, w_gate_up, w_down, act: str, e: int, chunk: int = GROUP_CHUNK) -> jax.Array:
     """Experts on the tokens that chose them: assignments sorted by expert, each expert's run taken
     in chunks of `chunk` rows (its last one masked), in a loop of as many trips as its run needs."""
     m, d = x.shape
@@ -99,20 +126,37 @@ def _grouped(x, weights, experts, w_gate_up, w_down, act: str, chunk: int = GROU
     chunk = min(chunk, a)
     order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
     token = order // k  # [A]
-    sizes = jnp.bincount(flat, length=w_gate_up.shape[0])  # [E] rows per expert
+    sizes = jnp.bincount(flat, length=e)  # [E] rows per expert
     starts = jnp.cumsum(sizes) - sizes  # [E] first row of each expert's run
     xs = jnp.zeros((a + chunk, d), x.dtype).at[:a].set(x[token])  # [A + C, D]: every chunk lies in bounds
     ys = jnp.zeros((a + chunk, d), jnp.float32)
     rows = jnp.arange(chunk)
-    for i in range(w_gate_up.shape[0]):
+    for i in range(e):
         def trip(j, ys, i=i):
             lo = starts[i] + j * chunk
-            y = _expert(jax.lax.dynamic_slice_in_dim(xs, lo, chunk), w_gate_up[i], w_down[i], act)  # [C, D]
+            y = _expert(jax.lax.dynamic_slice_in_dim(xs, lo, chunk), _take(w_gate_up, i), _take(w_down, i), act)
             mine = (j * chunk + rows < sizes[i])[:, None]  # the chunk's rows past the run are the next expert's
             return jax.lax.dynamic_update_slice_in_dim(
                 ys, jnp.where(mine, y, jax.lax.dynamic_slice_in_dim(ys, lo, chunk)), lo, 0)
         ys = jax.lax.fori_loop(0, (sizes[i] + chunk - 1) // chunk, trip, ys)
     return jnp.zeros((m, d), jnp.float32).at[token].add(ys[:a] * weights.reshape(-1)[order][:, None])
+
+
+def _observed(x, weights, experts, w_gate_up, w_down, act: str, e: int) -> jax.Array:
+    """Eagerly (GPTQ / AWQ calibration), each expert on exactly the rows routed to it, so that an
+    expert's observer records its own inputs; with `ExpertsObserver.all_tokens` the observed
+    experts also see every other row, whose outputs are not used."""
+    chosen = np.asarray(experts)  # [M, k]
+    out = jnp.zeros(x.shape, jnp.float32)
+    every = any(isinstance(w, ExpertsObserver) and w.all_tokens for w in (w_gate_up, w_down))
+    for j in range(e):
+        token, slot = np.nonzero(chosen == j)
+        if not (every or len(token)):
+            continue
+        gate_up, down = _take(w_gate_up, j), _take(w_down, j)
+        y = _expert(x, gate_up, down, act)[token] if every else _expert(x[token], gate_up, down, act)
+        out = out.at[token].add(weights[token, slot][:, None] * y)
+    return out
 
 
 def sparse_mlp(x: jax.Array, router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, cfg: ModelConfig,

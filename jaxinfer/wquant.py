@@ -26,7 +26,9 @@ input features that are not adjacent; its columns are stored sorted by group, wi
 saying which feature of x each stored column takes (x is permuted before the product).
 
 The attention and MLP projections of the decoder layers are quantized (wqkv, wo, w_gate_up,
-w_down); the LM head only when `WeightQuantConfig.lm_head` names a format (round to nearest; with
+w_down), and a mixture-of-experts layer's routed experts (experts_gate_up, experts_down: a stacked
+QuantWeight, every array with a leading expert axis, each expert with its own scales; the router
+stays dense, as in llm-compressor's and AutoAWQ's MoE checkpoints); the LM head only when `WeightQuantConfig.lm_head` names a format (round to nearest; with
 tied embeddings the head becomes a quantized copy and the embedding stays dense for the lookup);
 the embedding and the norms stay in the model's dtype, as in AWQ and GPTQ checkpoints.
 `WeightQuantConfig.skip` keeps more modules dense and `overrides` gives modules another format
@@ -81,6 +83,8 @@ DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8_e4m3": None, "w8a8": None, "w8a
 GPTQ_FORMATS = ("int8", "int4", "w8a8")
 AWQ_ROWS = 2048  # calibration rows kept per projection for AWQ's scale search
 MODULES = ("wqkv", "wo", "w_gate_up", "w_down")  # LayerWeights fields that are linear maps
+EXPERT_MODULES = ("experts_gate_up", "experts_down")  # a MoE layer's routed experts, stacked [E, K, N]
+QUANT_MODULES = MODULES + EXPERT_MODULES  # what quantization may replace, in the order a layer applies them
 
 
 @struct.dataclass
@@ -98,13 +102,19 @@ class QuantWeight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """The dense matrix's shape, [K, N] (4-bit formats hold two input features per byte)."""
-        return self.data.shape[1] * (2 if CODEC.get(self.fmt, self.fmt) in kvf.PACKED else 1), self.data.shape[0]
+        """The dense matrix's shape, [K, N] (4-bit formats hold two input features per byte); of
+        one expert for a stacked one."""
+        return self.data.shape[-1] * (2 if CODEC.get(self.fmt, self.fmt) in kvf.PACKED else 1), self.data.shape[-2]
 
     @property
     def group(self) -> int:
         """Input features per scale."""
-        return self.shape[0] // self.scale.shape[1]
+        return self.shape[0] // self.scale.shape[-1]
+
+    @property
+    def stacked(self) -> bool:
+        """Whether this holds a MoE layer's experts, each array with a leading expert axis."""
+        return self.data.ndim == 3
 
     @property
     def nbytes(self) -> int:
@@ -119,7 +129,9 @@ class QuantWeight:
         return self.scale.astype(jnp.float32)
 
     def dequantize(self) -> jax.Array:
-        """float32 [N, K]."""
+        """float32 [N, K] ([E, N, K] stacked)."""
+        if self.stacked:
+            return jax.vmap(QuantWeight.dequantize)(self)
         vals = kvf.decode_values(self.data, CODEC.get(self.fmt, self.fmt), asymmetric=self.zero is not None)
         n, k = vals.shape
         groups = vals.reshape(n, k // self.group, self.group) * self.scale_values()[:, :, None]
@@ -130,7 +142,9 @@ class QuantWeight:
 
     def dense(self, dtype=jnp.float32) -> jax.Array:
         """The [K, N] matrix it stands for (AWQ's input scale folded in, input features in x's order;
-        for w8a8 the weights only, without the rounding of the activations)."""
+        for w8a8 the weights only, without the rounding of the activations; [E, K, N] stacked)."""
+        if self.stacked:
+            return jax.vmap(lambda q: q.dense(dtype))(self)
         w = self.dequantize().T
         if self.input_scale is not None:
             w = w * self.input_scale[:, None]
@@ -217,6 +231,10 @@ class WeightQuantConfig:
     standard-library training split unless `calibration` token ids are given to LLM), damp:
     the fraction of the mean Hessian diagonal added to it, block_size: columns per lazy update,
     act_order: quantize columns by decreasing Hessian diagonal, with static groups (`gptq_quantize`).
+    calibrate_all_experts (mixture-of-experts models, GPTQ / AWQ): each routed expert calibrates on
+    every token of the calibration windows (llm-compressor's default), not only on the tokens the
+    router sends it; the layer's output still takes only the routed experts'. An expert that no
+    calibration token reaches is rounded to nearest.
     AWQ: clip searches each integer group's clipping range after the scales (as AWQ does).
     lm_head: a format for the LM head too (round to nearest, one scale per vocabulary row; with tied
     embeddings the head gets its own quantized copy and the embedding stays dense for the lookup).
@@ -234,9 +252,10 @@ class WeightQuantConfig:
     clip: bool = True
     lm_head: str | None = None
     act_order: bool = False
+    calibrate_all_experts: bool = True
 
     KEYS = ("method", "group_size", "skip", "overrides", "calibration_samples", "calibration_len", "damp",
-            "block_size", "clip", "lm_head", "act_order")
+            "block_size", "clip", "lm_head", "act_order", "calibrate_all_experts")
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -262,8 +281,9 @@ class WeightQuantConfig:
         for name in ("calibration_samples", "calibration_len", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"quantization {name}={getattr(self, name)!r} must be a positive integer")
-        if not isinstance(self.clip, bool):
-            raise ValueError(f"quantization clip={self.clip!r} must be True or False")
+        for name in ("clip", "calibrate_all_experts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"quantization {name}={getattr(self, name)!r} must be True or False")
         if not isinstance(self.act_order, bool) or (self.act_order and self.method != "gptq"):
             raise ValueError(f"quantization act_order={self.act_order!r} must be True or False, and True only with "
                              "method='gptq'")
@@ -298,7 +318,8 @@ class WeightQuantConfig:
         """A description of weights quantized elsewhere (`method`: where from): the most common
         format (and its group), other formats as overrides, dense projections as skips; None if
         nothing is quantized."""
-        fmts = {f"layers.{i}.{n}": getattr(layer, n) for i, layer in enumerate(weights.layers) for n in MODULES}
+        fmts = {f"layers.{i}.{n}": getattr(layer, n) for i, layer in enumerate(weights.layers) for n in QUANT_MODULES
+                if getattr(layer, n) is not None}
         quantized = [w.fmt for w in fmts.values() if isinstance(w, QuantWeight)]
         if not quantized:
             return None
@@ -325,7 +346,8 @@ class WeightQuantConfig:
         """A short description (prefix-cache key, reports)."""
         return (f"{self.format}/{self.method}/g{self.group_size}/skip{self.skip}/ovr{self.overrides}"
                 + ("/clip" if self.method == "awq" and self.clip else "")
-                + (f"/head:{self.lm_head}" if self.lm_head else "") + ("/act_order" if self.act_order else ""))
+                + (f"/head:{self.lm_head}" if self.lm_head else "") + ("/act_order" if self.act_order else "")
+                + ("/routed_experts" if self.method in ("gptq", "awq") and not self.calibrate_all_experts else ""))
 
     def format_of(self, module: str) -> str | None:
         """The format of module "layers.{i}.{name}", or None to keep it dense."""
@@ -366,6 +388,27 @@ def quantize_rtn(w: jax.Array | np.ndarray, fmt: str, group: int) -> QuantWeight
         tensor_scale = kvf.nvfp4_tensor_scale(jnp.max(jnp.abs(wt)))
     data, scale, _ = kvf.quantize(wt, CODEC.get(fmt, fmt), 1, group, tensor_scale=tensor_scale)
     return QuantWeight(data=data, scale=scale, tensor_scale=tensor_scale, fmt=fmt)
+
+
+def quantize_experts_rtn(w: jax.Array | np.ndarray, fmt: str, group: int) -> QuantWeight:
+    """Round to nearest of stacked experts [E, K, N], each expert with its own scales."""
+    return stack_experts([quantize_rtn(w[j], fmt, group) for j in range(w.shape[0])])
+
+
+def stack_experts(qs: list[QuantWeight]) -> QuantWeight:
+    """One stacked QuantWeight from each expert's (the same format, group, dtypes and optional arrays;
+    ValueError otherwise). nvfp4 tensor scales become one per output feature if any expert has those."""
+    kinds = {(q.fmt, q.group, q.shape, q.data.dtype, q.scale.dtype) + tuple(getattr(q, f) is None for f in OPTIONAL)
+             for q in qs}
+    if len(kinds) != 1:
+        raise ValueError(f"experts quantized differently cannot be stacked: {sorted(map(str, kinds))}")
+    if qs[0].tensor_scale is not None and len({q.tensor_scale.shape for q in qs}) > 1:
+        qs = [q.replace(tensor_scale=jnp.broadcast_to(jnp.reshape(q.tensor_scale, (-1, 1)), (q.shape[1], 1)))
+              for q in qs]
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *qs)
+
+
+OPTIONAL = ("tensor_scale", "input_scale", "zero", "input_perm")  # QuantWeight arrays that may be None
 
 
 @jax.jit
@@ -480,6 +523,17 @@ class InputObserver:
         return np.concatenate(self.kept) if self.kept else np.zeros((0, self.w.shape[0]))
 
 
+class ExpertsObserver:
+    """Stands in for a MoE layer's stacked experts [E, K, N] in an eager forward (`moe.experts_forward`
+    then runs each expert on its own rows): one InputObserver per expert, fed the rows the router sent
+    it, or with `all_tokens` every row of the layer (`WeightQuantConfig.calibrate_all_experts`)."""
+
+    def __init__(self, w: jax.Array, hessian: bool = True, keep_rows: int = 0, all_tokens: bool = True):
+        self.w = w
+        self.experts = [InputObserver(w[j], hessian, keep_rows) for j in range(w.shape[0])]
+        self.all_tokens = all_tokens
+
+
 # ----------------------------------------------------------------------------- AWQ
 
 def awq_quantize(w: np.ndarray, x: np.ndarray, fmt: str, group: int, grid: int = 20,
@@ -544,10 +598,8 @@ def quantize_weights(weights, cfg, qc: WeightQuantConfig, calibration: np.ndarra
     calibration: int32 [S, T] token windows (GPTQ and AWQ). Both calibrate in the model's order
     ("true sequential"): each projection's inputs are recorded in an eager run of its layer on
     the activations that the quantized layers before it produce, with the projections before it
-    in the same layer already quantized (wqkv, then wo, then w_gate_up, then w_down)."""
-    if cfg.num_experts:
-        raise ValueError(f"weight quantization of a mixture-of-experts model ({cfg.architecture}, "
-                         f"{cfg.num_experts} experts) is not supported")
+    in the same layer already quantized (wqkv, then wo, then w_gate_up, then w_down, then a MoE
+    layer's experts_gate_up and experts_down, each expert calibrated on its own inputs)."""
     if qc.method in ("gptq", "awq"):
         if calibration is None:
             raise ValueError(f"method={qc.method!r} needs calibration token windows")
@@ -562,10 +614,13 @@ def quantize_weights(weights, cfg, qc: WeightQuantConfig, calibration: np.ndarra
     layers = []
     for i, layer in enumerate(weights.layers):
         fields = {}
-        for name in MODULES:
+        for name in QUANT_MODULES:
             fmt = qc.format_of(f"layers.{i}.{name}")
             w = getattr(layer, name)
-            fields[name] = w if fmt is None else quantize_rtn(w, fmt, qc.group_of(fmt, w.shape[0]))
+            if fmt is None or w is None:
+                continue
+            rtn = quantize_experts_rtn if name in EXPERT_MODULES else quantize_rtn
+            fields[name] = rtn(w, fmt, qc.group_of(fmt, w.shape[-2]))
         layers.append(layer.replace(**fields))
     return quantize_lm_head(weights.replace(layers=layers), qc)
 
@@ -591,23 +646,30 @@ def _calibrated_model(weights, cfg, qc: WeightQuantConfig, tokens: np.ndarray):
     def run(i, layer, x):  # jitted (decoder_layer): compiles once per layer structure (policy), not per layer
         return decoder_layer(layer, cfg, x, *rope[i], None, None, meta, "xla", cfg.layer_window(i))[0]
 
+    awq = qc.method == "awq"
+    observe = {"hessian": not awq, "keep_rows": AWQ_ROWS if awq else 0}
+
+    def calibrated(probe: InputObserver, fmt: str) -> QuantWeight:
+        group = qc.group_of(fmt, probe.w.shape[0])
+        if probe.rows == 0:  # an expert no calibration token reached
+            return quantize_rtn(probe.w, fmt, group)
+        if qc.method == "gptq":
+            return gptq_quantize(np.asarray(probe.w, np.float64), probe.hessian, fmt, group, qc.damp, qc.block_size,
+                                 qc.act_order)
+        return awq_quantize(np.asarray(probe.w), probe.sample(), fmt, group, clip=qc.clip)[0]
+
     layers = []
     for i, layer in enumerate(weights.layers):
-        fmts = {name: qc.format_of(f"layers.{i}.{name}") for name in MODULES}
-        for name in MODULES:  # in the order the layer applies them
-            fmt = fmts[name]
-            if fmt is None:
+        for name in QUANT_MODULES:  # in the order the layer applies them
+            fmt, w = qc.format_of(f"layers.{i}.{name}"), getattr(layer, name)
+            if fmt is None or w is None:
                 continue
-            awq = qc.method == "awq"
-            probe = InputObserver(getattr(layer, name), hessian=not awq, keep_rows=AWQ_ROWS if awq else 0)
+            experts = name in EXPERT_MODULES
+            probe = (ExpertsObserver(w, all_tokens=qc.calibrate_all_experts, **observe) if experts
+                     else InputObserver(w, **observe))
             with jax.disable_jit():
                 run(i, layer.replace(**{name: probe}), x)
-            group = qc.group_of(fmt, probe.w.shape[0])
-            if qc.method == "gptq":
-                q = gptq_quantize(np.asarray(probe.w, np.float64), probe.hessian, fmt, group, qc.damp, qc.block_size,
-                                  qc.act_order)
-            else:
-                q, _ = awq_quantize(np.asarray(probe.w), probe.sample(), fmt, group, clip=qc.clip)
+            q = (stack_experts([calibrated(p, fmt) for p in probe.experts]) if experts else calibrated(probe, fmt))
             layer = layer.replace(**{name: q})
         layers.append(layer)
         x = run(i, layer, x)  # the next layer calibrates on this quantized layer's output
@@ -623,15 +685,15 @@ def quantized_nbytes(in_features: int, out_features: int, fmt: str, group: int) 
 
 
 def weight_bytes(weights) -> dict:
-    """Bytes of the quantized projections, of the dense projections, of what the LM head reads (the
+    """Bytes of the quantized projections, of the dense projections (routed experts included), of what the LM head reads (the
     embedding when tied and not quantized), and of everything."""
     quant = dense = 0
     for layer in weights.layers:
-        for name in MODULES:
+        for name in QUANT_MODULES:
             w = getattr(layer, name)
             if isinstance(w, QuantWeight):
                 quant += w.nbytes
-            else:
+            elif w is not None:
                 dense += w.nbytes
     head = weights.lm_head if weights.lm_head is not None else weights.embed
     leaves = {id(x): x for x in jax.tree_util.tree_leaves(weights)}  # an array held twice (a tied head read in place) once
@@ -639,5 +701,6 @@ def weight_bytes(weights) -> dict:
     return {"quantized": quant, "dense_projections": dense, "lm_head": head.nbytes, "total": total}
 
 
-__all__ = ["FORMATS", "METHODS", "QuantWeight", "WeightQuantConfig", "quantize_rtn", "gptq_quantize",
+__all__ = ["FORMATS", "METHODS", "QuantWeight", "WeightQuantConfig", "quantize_rtn", "quantize_experts_rtn",
+           "stack_experts", "ExpertsObserver", "gptq_quantize",
            "quantize_weights", "quantized_matmul", "weight_bytes", "InputObserver", "awq_quantize"]

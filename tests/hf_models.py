@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -181,6 +182,9 @@ def write_compressed(src: Path, out_dir: Path, scheme: str | dict, ignore=("lm_h
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# a MoE layer's expert and shared-expert projections (Mixtral's w1 / w3 / w2, Qwen's gate / up / down); not the router
+EXPERT = re.compile(r"model\.layers\.\d+\.(block_sparse_moe\.experts\.\d+\.w[123]"
+                    r"|mlp\.(experts\.\d+|shared_expert)\.(gate|up|down)_proj)")
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # field i of a word holds column AWQ_ORDER[i] of its eight
 
 
@@ -232,7 +236,7 @@ def _quantize_checkpoint(src: Path, out_dir: Path, qc: dict, module_tensors, lm_
     dequantized = {}
     for name in sorted(tensors):
         module = name[:-len(".weight")]
-        if not (name.endswith(".weight") and (module.split(".", 3)[-1] in PROJECTIONS
+        if not (name.endswith(".weight") and (module.split(".", 3)[-1] in PROJECTIONS or EXPERT.fullmatch(module)
                                               or (lm_head and module == "lm_head"))):
             continue
         w = tensors.pop(name).astype(np.float32)
@@ -261,9 +265,9 @@ def write_gptq(src: Path, out_dir: Path, bits: int = 4, group: int = 32, sym: bo
         g = group if group > 0 else k
         perm = np.arange(k)
         if desc_act:
-            shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+            shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj", "w3": "w1"}
             prefix, own = module.rsplit(".", 1)
-            perm = orders.setdefault((prefix.rsplit(".", 1)[0], shared.get(own, own)), rng.permutation(k))
+            perm = orders.setdefault((prefix, shared.get(own, own)), rng.permutation(k))
         g_idx = np.empty(k, np.int64)
         g_idx[perm] = np.arange(k) // g
         codes, scales, zeros, deq = _round_groups(w, bits, g, sym, g_idx, zero_from=1 if fmt == "gptq" else 0)

@@ -297,6 +297,7 @@ def test_saved_quantized_model_reloads_without_calibrating_again(tiny, tmp_path)
 @pytest.mark.parametrize("arch, fmt, qconf", [
     ("llama", "int4", {"group_size": 32, "skip": ["layers.0.wo"], "overrides": {"w_down": "nvfp4"}, "lm_head": "int8"}),
     ("qwen2", "w8a8", {"lm_head": "int4"}),  # tied embeddings: the quantized head is a copy; q/k/v biases
+    ("qwen2_moe", "int4", {"group_size": 16, "overrides": {"experts_down": "nvfp4"}, "skip": "layers.0.experts_gate_up"}),
 ])
 def test_memory_calculator_counts_quantized_weights_as_llm_holds_them(tmp_path, arch, fmt, qconf):
     from jaxinfer.kv.memory import memory_report

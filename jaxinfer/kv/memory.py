@@ -78,20 +78,21 @@ def quantized_weights_bytes(cfg: ModelConfig, weights_dtype: str, quantization: 
     projections in their formats (codes and scales, `wquant.quantized_nbytes`; skip / overrides
     honoured), the LM head likewise when lm_head names a format (a copy beside a tied embedding),
     everything else in weights_dtype."""
-    from jaxinfer.wquant import MODULES, WeightQuantConfig, quantized_nbytes
+    from jaxinfer.model import layer_shapes
+    from jaxinfer.wquant import QUANT_MODULES, WeightQuantConfig, quantized_nbytes
     qc = WeightQuantConfig.from_args(quantization, quantization_config)
-    if cfg.num_experts:
-        raise ValueError(f"quantization={quantization!r}: weight quantization of a mixture-of-experts model "
-                         f"({cfg.num_experts} experts) is not supported")
-    d, f, h, k, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    shapes = dict(zip(MODULES, [(d, (h + 2 * k) * e), (h * e, d), (d, 2 * f), (f, d)]))
+    d = cfg.hidden_size
     item = WEIGHT_BYTES[weights_dtype]
     total = cfg.num_params() * item
     for i in range(cfg.num_layers):
-        for name, (kin, nout) in shapes.items():
+        shapes = layer_shapes(cfg, i)
+        for name in QUANT_MODULES:
             fmt = qc.format_of(f"layers.{i}.{name}")
-            if fmt is not None:
-                total += quantized_nbytes(kin, nout, fmt, qc.group_of(fmt, kin)) - kin * nout * item
+            if fmt is None or shapes[name] is None:
+                continue
+            *experts, kin, nout = shapes[name]  # a MoE layer's experts: [E, K, N]
+            count = experts[0] if experts else 1
+            total += count * (quantized_nbytes(kin, nout, fmt, qc.group_of(fmt, kin)) - kin * nout * item)
     if qc.lm_head is not None:
         head = quantized_nbytes(d, cfg.vocab_size, qc.lm_head, qc.group_of(qc.lm_head, d))
         total += head - (0 if cfg.tie_word_embeddings else d * cfg.vocab_size * item)
