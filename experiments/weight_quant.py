@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -166,7 +167,7 @@ def main():
     dense_proj = rows[0]["dense_projections_bytes"] if rows[0]["config"] == "dense" else None
     lines = [f"# Weight quantization on {args.model} ({args.dtype}, {cfg.num_layers} layers, hidden "
              f"{cfg.hidden_size})", "",
-             f"`python experiments/weight_quant.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
+             f"`python experiments/weight_quant.py {shlex.join(sys.argv[1:])}`".replace(" `", "`")
              + f" — {args.windows} held-out windows of {args.window_len} tokens (teacher-forced); greedy agreement over "
              f"{args.prompts} held-out prompts x {args.greedy_tokens} tokens; decode speed: static loop, "
              f"{args.new_tokens} new tokens, median of {args.pairs} back-to-back pairs with dense; jax "

@@ -275,8 +275,11 @@ def test_a_client_that_leaves_has_its_request_aborted(served, stream, monkeypatc
     assert _idle(server)
     engine, real_step = server.llm.engine, server.llm.engine.step
 
-    def slow_step(delta=False):  # the tiny model would finish 120 tokens before the client is seen to leave
-        time.sleep(0.01)
+    def slow_step(delta=False):
+        # The tiny model would finish 120 tokens before the client is seen to leave. At 10 ms a step the
+        # request could still finish first on a loaded machine (once in a full suite run): 50 ms gives the
+        # handler 6 s to see the departure, which it does within ~0.1 s; the test takes no longer.
+        time.sleep(0.05)
         return real_step(delta)
 
     monkeypatch.setattr(engine, "step", slow_step)
