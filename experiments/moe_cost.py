@@ -14,11 +14,19 @@ Two measurements, float32 on this machine's CPU, random weights:
    parameters (width 2F: what a token multiplies) and one with its total (width 8F: what the
    weights hold). Decode here is bound by reading weights, so a batch whose tokens choose few
    experts runs near the active-parameter model, and one that touches them all near the total.
+3. Quantized experts (`wquant.quantize_experts_rtn`, each format's default group) in one MoE MLP
+   under "skip" (what "auto" runs for decode), against float32 experts: each format with its
+   codes tied to x (`wquant.quantized_matmul`: the dequantization fused into each product,
+   row by row) and untied (the expert's matrix dequantized, then one product). A dense model's
+   untied product in a decode loop multiplies a float32 copy that XLA dequantizes once, before
+   the loop; an expert under `lax.cond` cannot be hoisted so, and is dequantized every step.
+   Sets `moe.EXPERT_TIED_ROWS`.
 
 Timings are interleaved (--rounds passes over every compiled program, best kept).
 Writes experiments/results/moe_cost.{md,json}.
 
     python experiments/moe_cost.py [--tokens 1 2 4 8 32 128 512] [--batches 1 4 16] [--rounds 5]
+        [--parts mlp decode quant] [--quant-tokens 1 2 4 8 16]
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from verify_cost import loop_timer
 from jaxinfer import moe
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import init_weights
+from jaxinfer.wquant import WeightQuantConfig, quantize_experts_rtn
 
 RESULTS = Path(__file__).parent / "results"
 IMPLS = ("dense", "skip", "grouped")
@@ -60,18 +69,26 @@ def model_config(layers: int, width: int, experts: int = 0) -> ModelConfig:
                        head_dim=64, max_position_embeddings=4096, **moe_fields)
 
 
-def mlp_timer(cfg: ModelConfig, m: int, impl: str):
-    """Compiled timer of `moe.sparse_mlp` on m tokens: best-of-3 ms of one call (STEPS in a loop)."""
+def mlp_timer(cfg: ModelConfig, m: int, impl: str, fmt: str | None = None, tied: bool = False):
+    """Compiled timer of `moe.sparse_mlp` on m tokens: best-of-3 ms of one call (STEPS in a loop).
+    fmt: the experts quantized to it (round to nearest), their products tied or not."""
     keys = jax.random.split(jax.random.PRNGKey(m), 4)
     d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
     args = (jax.random.normal(keys[0], (m, d)), jax.random.normal(keys[1], (d, e)),
             0.05 * jax.random.normal(keys[2], (e, d, 2 * f)), 0.05 * jax.random.normal(keys[3], (e, f, d)))
+    if fmt is not None:
+        qc = WeightQuantConfig(format=fmt)
+        args = (*args[:2], *(quantize_experts_rtn(w, fmt, qc.group_of(fmt, w.shape[1])) for w in args[2:]))
 
     @jax.jit
     def loop(x, router, w_gate_up, w_down):  # each call's output feeds the next: nothing is hoisted
         return jax.lax.fori_loop(0, STEPS, lambda i, x: moe.sparse_mlp(x, router, w_gate_up, w_down, cfg, impl),
                                  x)
-    loop(*args).block_until_ready()
+    saved = dict(moe.EXPERT_TIED_ROWS)
+    if fmt is not None:
+        moe.EXPERT_TIED_ROWS[fmt] = m if tied else 0
+    loop(*args).block_until_ready()  # compiled now, with this choice
+    moe.EXPERT_TIED_ROWS.update(saved)
 
     def timed() -> float:
         best = float("inf")
@@ -91,7 +108,9 @@ def main():
     ap.add_argument("--width", type=int, default=1024, help="F: each expert's width")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--parts", nargs="+", default=["mlp", "decode"], choices=["mlp", "decode"])
+    ap.add_argument("--parts", nargs="+", default=["mlp", "decode", "quant"], choices=["mlp", "decode", "quant"])
+    ap.add_argument("--quant-tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--formats", nargs="+", default=["int8", "int4", "fp8_e4m3", "nvfp4"])
     ap.add_argument("--out", default=str(RESULTS / "moe_cost"))
     args = ap.parse_args()
     t0 = time.time()
@@ -147,6 +166,28 @@ def main():
                           "vs_active": round(active / ms, 2), "vs_total": round(total / ms, 2)})
         print(step_rows[-1], flush=True)
 
+    # 3. quantized experts under "skip": tied and untied products against float32 experts
+    quant_rows = []
+    if "quant" in args.parts:
+        cfg = mlp_config(8, 2, 1024)
+        timers = {}
+        for m in args.quant_tokens:
+            timers[(m, None, False)] = mlp_timer(cfg, m, "skip")
+            for fmt in args.formats:
+                for tied in (True, False):
+                    timers[(m, fmt, tied)] = mlp_timer(cfg, m, "skip", fmt, tied)
+            print(f"compiled quantized experts, {m} tokens", flush=True)
+        best = best_interleaved(timers, args.rounds)
+        for m in args.quant_tokens:
+            f32 = best[(m, None, False)]
+            for fmt in args.formats:
+                tied, untied = best[(m, fmt, True)], best[(m, fmt, False)]
+                quant_rows.append({"tokens": m, "format": fmt, "float32_ms": round(f32, 3), "tied_ms": round(tied, 3),
+                                   "untied_ms": round(untied, 3), "tied_vs_f32": round(f32 / tied, 2),
+                                   "untied_vs_f32": round(f32 / untied, 2),
+                                   "default": "tied" if m <= moe.EXPERT_TIED_ROWS[fmt] else "untied"})
+                print(quant_rows[-1], flush=True)
+
     cmd = "python experiments/moe_cost.py " + " ".join(sys.argv[1:])
     header = (f"`{cmd.strip()}` — {platform.machine()}, {jax.default_backend()}, jax {jax.__version__}, "
               f"{(time.time() - t0) / 60:.0f} min, float32, random weights, best of {args.rounds} interleaved "
@@ -167,10 +208,18 @@ def main():
            "|---|---|---|---|---|---|---|"]
     md += [f"| {r['model']} | {r['moe_impl']} | {r['batch']} | {r['ms']} | {r['tok_s']} | {r['vs_active']}x "
            f"| {r['vs_total']}x |" for r in sorted(step_rows, key=lambda r: (r["batch"], r["model"]))]
+    if quant_rows:
+        md += ["", "## Quantized experts: one MoE MLP under \"skip\" (8 experts of F 1024, top 2, hidden 512; "
+               f"ms per call, {STEPS}-call jitted loop)", "",
+               "Speed relative to float32 experts (>1: faster). `default`: what `moe.EXPERT_TIED_ROWS` picks.", "",
+               "| tokens | format | float32 ms | tied ms | untied ms | tied vs f32 | untied vs f32 | default |",
+               "|---|---|---|---|---|---|---|---|"]
+        md += [f"| {r['tokens']} | {r['format']} | {r['float32_ms']} | {r['tied_ms']} | {r['untied_ms']} | "
+               f"{r['tied_vs_f32']}x | {r['untied_vs_f32']}x | {r['default']} |" for r in quant_rows]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"command": cmd, "mlp": mlp_rows, "decode": step_rows},
+    out.with_suffix(".json").write_text(json.dumps({"command": cmd, "mlp": mlp_rows, "decode": step_rows, "quant": quant_rows},
                                                    indent=1) + "\n")
     print("\n".join(md))
     print(f"wrote {out.with_suffix('.md')}")

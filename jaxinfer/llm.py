@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import jax
 
 from jaxinfer.beam import BeamSearchOutput, BeamSearchParams, run_beam_search
-from jaxinfer.checkpoint import (DTYPES, CheckpointError, export_hf, hf_quantization, is_orbax_dir, load_config,
+from jaxinfer.checkpoint import (DTYPES, CheckpointError, export_hf, hf_quantization, is_orbax_dir,
                                  load_hf, orbax_quantization, restore_orbax, save_orbax)
 from jaxinfer.config import MOE_IMPLS
 from jaxinfer.engine.engine import EngineConfig, LLMEngine
@@ -143,9 +143,6 @@ class LLM:
         self.dtype = default_dtype(dtype)
         attention_backend = resolve_backend(attention_backend, self.dtype)
         quantize_now = quant is not None
-        if enable_lora and load_config(self.model_dir).num_experts:
-            raise ValueError(f"{self.model_dir} is a mixture-of-experts model: enable_lora=True is not supported "
-                             "for its experts (load it without)")
         if is_orbax_dir(self.model_dir):  # saved by LLM.save, possibly quantized already
             saved = orbax_quantization(self.model_dir)
             if saved is not None and quant is not None:

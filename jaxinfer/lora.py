@@ -81,6 +81,12 @@ class LoRAConfig:
             raise ValueError(f"max_cpu_loras={self.max_cpu_loras!r} must be an integer >= max_loras={self.max_loras}")
 
 
+def layer_fields(cfg: ModelConfig, i: int) -> tuple[str, ...]:
+    """The fields of layer i that adapters may touch: all four, but only the attention projections of
+    a mixture-of-experts layer (its experts are not Linear modules an adapter targets here)."""
+    return ("wqkv", "wo") if cfg.is_moe_layer(i) else tuple(FIELDS)
+
+
 def field_dims(cfg: ModelConfig, field: str) -> tuple[int, list[int]]:
     """(Din, the output width of each sub-module) of a fused projection."""
     d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -145,6 +151,9 @@ def load_peft_adapter(req: LoRARequest, cfg: ModelConfig, max_rank: int) -> Host
         raise ValueError(f"{where}: adapter_model.safetensors cannot be read ({e})") from None
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, t in tensors.items():
+        if ".experts." in name or ".shared_expert." in name:
+            raise ValueError(f"{where}: tensor {name!r} adapts a mixture-of-experts layer's experts; LoRA "
+                             "adapters of MoE models may target the attention projections (q/k/v/o_proj) only")
         m = _KEY.match(name)
         if m is None or m.group(2) not in MODULE_FIELD:
             raise ValueError(f"{where}: tensor {name!r} is not a LoRA A/B matrix of a supported module "
@@ -155,11 +164,14 @@ def load_peft_adapter(req: LoRARequest, cfg: ModelConfig, max_rank: int) -> Host
         found.setdefault((layer, module), {})[m.group(3)] = np.asarray(t.astype(jnp.float32))
     if not found:
         raise ValueError(f"{where}: adapter_model.safetensors holds no LoRA matrices")
-    layers: list[dict] = [dict.fromkeys(FIELDS) for _ in range(cfg.num_layers)]
+    layers: list[dict] = [dict.fromkeys(layer_fields(cfg, i)) for i in range(cfg.num_layers)]
     for (layer, module), ab in sorted(found.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{where}: layer {layer} {module} has lora_{''.join(ab)} without its pair")
         field, sub = MODULE_FIELD[module]
+        if field not in layers[layer]:
+            raise ValueError(f"{where}: layer {layer} is a mixture-of-experts layer, which has no {module} to adapt "
+                             "(adapters of its attention projections are served)")
         din, outs = field_dims(cfg, field)
         a, b = ab["A"], ab["B"]
         if a.shape != (r, din) or b.shape != (outs[sub], r):
@@ -242,11 +254,11 @@ class LoRAManager:
         self.cfg, self.config = cfg, config
         s, r = config.max_loras, config.max_lora_rank
         layers = []
-        for _ in range(cfg.num_layers):
+        for i in range(cfg.num_layers):
             layer = {}
-            for field, mods in FIELDS.items():
+            for field in layer_fields(cfg, i):
                 din, outs = field_dims(cfg, field)
-                layer[field] = (jnp.zeros((din, len(mods) * s * r), dtype),
+                layer[field] = (jnp.zeros((din, len(outs) * s * r), dtype),
                                 tuple(jnp.zeros((s * r, o), dtype) for o in outs))
             layers.append(layer)
         self.arrays = LoRAArrays(layers, s)

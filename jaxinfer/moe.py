@@ -36,10 +36,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.layers import dense_dot, gated_activation, matmul
-from jaxinfer.wquant import ExpertsObserver, InputObserver, QuantWeight
+from jaxinfer.layers import dense_dot, gated_activation
+from jaxinfer.wquant import TIED_ROWS, ExpertsObserver, InputObserver, QuantWeight, quantized_matmul
 
 GROUP_CHUNK = 64  # rows of one product in "grouped"
+# Quantized experts: products of up to this many rows tie the codes to x (`wquant.quantized_matmul`).
+# An expert runs under lax.cond, so an untied product dequantizes the expert's matrix every step
+# (a dense model's is hoisted out of the decode loop): int4 ties up to 4 rows here, not 1
+# (moe_cost_quant.md, one MoE MLP under "skip", vs float32 experts: 2 rows tied 0.67x, untied 0.36x;
+# 4 rows 0.59x vs 0.43x; 8 rows 0.49x vs 0.52x); the other formats' limits measured the same as dense
+# models' (int8 tied 3.6x / 2.2x / 1.4x at 1 / 2 / 4 rows, even at 8, untied better at 16; fp8 and
+# nvfp4 tied 0.12x and worse from 2 rows, untied 0.34-0.67x).
+EXPERT_TIED_ROWS = {**TIED_ROWS, "int4": 4}
 
 
 def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -73,8 +81,8 @@ def _expert(x: jax.Array, w_gate_up, w_down, act: str) -> jax.Array:
 
 def _dot(x: jax.Array, w) -> jax.Array:
     """x @ one expert's weight, float32: a dense array, a QuantWeight or (calibration) an InputObserver."""
-    if isinstance(w, QuantWeight):
-        return matmul(x.astype(jnp.float32), w)  # float32 in and out, as the dense product's result
+    if isinstance(w, QuantWeight):  # float32 in and out, as the dense product's result
+        return quantized_matmul(x.astype(jnp.float32), w, EXPERT_TIED_ROWS)
     if isinstance(w, InputObserver):
         w.observe(x)
         w = w.w
@@ -110,8 +118,9 @@ def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate
         used = jnp.zeros((e,), bool).at[experts.reshape(-1)].set(True)  # [E]
         out = jnp.zeros((m, d), jnp.float32)
         for i in range(e):
-            out = jax.lax.cond(used[i], lambda o, i=i: o + combine[:, i:i + 1] * _expert(x, _take(w_gate_up, i), _take(w_down, i), act),
-                               lambda o: o, out)
+            def run(o, i=i):
+                return o + combine[:, i:i + 1] * _expert(x, _take(w_gate_up, i), _take(w_down, i), act)
+            out = jax.lax.cond(used[i], run, lambda o: o, out)
         return out
     raise ValueError(f"impl={impl!r} is not one of dense, skip, grouped")
 

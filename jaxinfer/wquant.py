@@ -28,9 +28,10 @@ saying which feature of x each stored column takes (x is permuted before the pro
 The attention and MLP projections of the decoder layers are quantized (wqkv, wo, w_gate_up,
 w_down), and a mixture-of-experts layer's routed experts (experts_gate_up, experts_down: a stacked
 QuantWeight, every array with a leading expert axis, each expert with its own scales; the router
-stays dense, as in llm-compressor's and AutoAWQ's MoE checkpoints); the LM head only when `WeightQuantConfig.lm_head` names a format (round to nearest; with
-tied embeddings the head becomes a quantized copy and the embedding stays dense for the lookup);
-the embedding and the norms stay in the model's dtype, as in AWQ and GPTQ checkpoints.
+stays dense, as in llm-compressor's and AutoAWQ's MoE checkpoints); the LM head only when
+`WeightQuantConfig.lm_head` names a format (round to nearest; with tied embeddings the head becomes
+a quantized copy and the embedding stays dense for the lookup); the embedding and the norms stay in
+the model's dtype, as in AWQ and GPTQ checkpoints.
 `WeightQuantConfig.skip` keeps more modules dense and `overrides` gives modules another format
 (hybrid policies: e.g. int4 everywhere but int8 for w_down, or the first layer dense).
 
@@ -166,8 +167,9 @@ class QuantWeight:
 TIED_ROWS = {"int8": 8, "int4": 1, "fp8_e4m3": 0, "nvfp4": 0, "mxfp4": 0, "w8a8": 0, "w8a8_fp8": 0}
 
 
-def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
+def quantized_matmul(x: jax.Array, w: QuantWeight, tied_rows: dict[str, int] | None = None) -> jax.Array:
     """x [..., K] @ w -> [..., N] in x's dtype, computed in float32 (see the module docstring).
+    tied_rows: the largest product per format that ties the codes to x (default TIED_ROWS).
 
     Left alone inside a decode loop, XLA either hoists the loop-invariant dequantization out of
     the loop and multiplies by a materialized float32 matrix, or fuses the decode into a slow
@@ -192,7 +194,7 @@ def quantized_matmul(x: jax.Array, w: QuantWeight) -> jax.Array:
     elif w.fmt == "w8a8_fp8":
         xq, xs, _ = kvf.quantize(x32, "fp8_e4m3")  # one scale per row
         out = jnp.dot(xq.astype(jnp.float32) * xs, w.dequantize().T)
-    elif rows <= TIED_ROWS[w.fmt]:
+    elif rows <= (TIED_ROWS if tied_rows is None else tied_rows)[w.fmt]:
         data, x32 = jax.lax.optimization_barrier((w.data, x32))
         wt = w.replace(data=data).dequantize().T
         out = jnp.concatenate([jnp.dot(x32[i:i + 1], wt) for i in range(rows)]) if rows > 1 else jnp.dot(x32, wt)
@@ -390,6 +392,9 @@ def quantize_rtn(w: jax.Array | np.ndarray, fmt: str, group: int) -> QuantWeight
     return QuantWeight(data=data, scale=scale, tensor_scale=tensor_scale, fmt=fmt)
 
 
+OPTIONAL = ("tensor_scale", "input_scale", "zero", "input_perm")  # QuantWeight arrays that may be None
+
+
 def quantize_experts_rtn(w: jax.Array | np.ndarray, fmt: str, group: int) -> QuantWeight:
     """Round to nearest of stacked experts [E, K, N], each expert with its own scales."""
     return stack_experts([quantize_rtn(w[j], fmt, group) for j in range(w.shape[0])])
@@ -407,8 +412,6 @@ def stack_experts(qs: list[QuantWeight]) -> QuantWeight:
               for q in qs]
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *qs)
 
-
-OPTIONAL = ("tensor_scale", "input_scale", "zero", "input_perm")  # QuantWeight arrays that may be None
 
 
 @jax.jit

@@ -125,3 +125,32 @@ def test_bad_adapters_are_refused_naming_the_problem(models, tmp_path):
     got = llm.engine.lora.register(LoRARequest("bf16", 30, str(half))).layers[0]["wqkv"][0]
     want = llm.engine.lora.register(requests[1]).layers[0]["wqkv"][0]
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3)
+
+
+def test_moe_models_serve_attention_adapters_as_peft_does(tmp_path):
+    """A Mixtral with a PEFT adapter of its attention projections: greedy tokens and prompt logprobs
+    equal PEFT's. An adapter that also adapts an expert (as PEFT saved them when experts were Linear
+    modules) is refused at the request, naming the tensor, and the engine goes on serving."""
+    base = write_tiny("mixtral", tmp_path / "base")
+    ref = _adapter(base, tmp_path / "attn", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
+    shutil.copytree(tmp_path / "attn", tmp_path / "experts")
+    tensors = load_file(str(tmp_path / "attn" / "adapter_model.safetensors"))
+    expert = "base_model.model.model.layers.0.block_sparse_moe.experts.1.w1.lora_"
+    tensors.update({expert + "A.weight": np.zeros((4, 64), np.float32), expert + "B.weight": np.zeros((96, 4), np.float32)})
+    save_file(tensors, str(tmp_path / "experts" / "adapter_model.safetensors"))
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=4, max_model_len=64)
+    sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": PROMPT}, sp, lora_request=LoRARequest("attn", 1, str(tmp_path / "attn")))[0]
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        lp = torch.log_softmax(ref(ids).logits[0].float(), -1).numpy()
+    assert out.outputs[0].token_ids == want[0, len(PROMPT):].tolist()
+    ours = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], PROMPT[1:])]
+    np.testing.assert_allclose(ours, lp[np.arange(len(PROMPT) - 1), PROMPT[1:]], atol=1e-4)
+    plain = llm.generate({"prompt_token_ids": PROMPT}, sp)[0]
+    assert plain.outputs[0].token_ids != out.outputs[0].token_ids or not np.allclose(
+        [d[t].logprob for d, t in zip(plain.prompt_logprobs[1:], PROMPT[1:])], ours, atol=1e-3)
+    with pytest.raises(ValueError, match="experts.*attention projections"):
+        llm.generate({"prompt_token_ids": PROMPT}, sp, lora_request=LoRARequest("x", 2, str(tmp_path / "experts")))
+    assert llm.generate({"prompt_token_ids": PROMPT}, sp)[0].outputs[0].token_ids == plain.outputs[0].token_ids

@@ -171,16 +171,12 @@ def test_moe_impl_chooses_the_implementation_with_the_same_output(tmp_path):
         LLM(str(write_tiny("llama", tmp_path / "llama")), moe_impl="dense")
 
 
-def test_lora_is_refused(tmp_path):
-    """LoRA adapters do not cover experts: LLM refuses them before reading weights, naming the option."""
+def test_bad_moe_impl_is_refused(tmp_path):
     from hf_models import write_tiny
 
     from jaxinfer import LLM
-    path = write_tiny("mixtral", tmp_path / "mixtral")
-    with pytest.raises(ValueError, match="mixture-of-experts.*enable_lora=True"):
-        LLM(str(path), enable_lora=True)
     with pytest.raises(ValueError, match="moe_impl='sparse'"):
-        LLM(str(path), moe_impl="sparse")
+        LLM(str(write_tiny("mixtral", tmp_path / "mixtral")), moe_impl="sparse")
 
 
 # ----------------------------------------------------------------------------- quantized experts
