@@ -209,8 +209,8 @@ def main():
     md += [f"| {r['model']} | {r['moe_impl']} | {r['batch']} | {r['ms']} | {r['tok_s']} | {r['vs_active']}x "
            f"| {r['vs_total']}x |" for r in sorted(step_rows, key=lambda r: (r["batch"], r["model"]))]
     if quant_rows:
-        md += ["", "## Quantized experts: one MoE MLP under \"skip\" (8 experts of F 1024, top 2, hidden 512; "
-               f"ms per call, {STEPS}-call jitted loop)", "",
+        md += ["", ("## Quantized experts: one MoE MLP under \"skip\" (8 experts of F 1024, top 2, hidden 512; "
+                    f"ms per call, {STEPS}-call jitted loop)"), "",
                "Speed relative to float32 experts (>1: faster). `default`: what `moe.EXPERT_TIED_ROWS` picks.", "",
                "| tokens | format | float32 ms | tied ms | untied ms | tied vs f32 | untied vs f32 | default |",
                "|---|---|---|---|---|---|---|---|"]
