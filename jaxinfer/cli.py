@@ -98,6 +98,8 @@ def _quantize(args) -> int:
         config["lm_head"] = args.lm_head
     if args.act_order:
         config["act_order"] = True
+    if args.routed_experts:
+        config["calibrate_all_experts"] = False
     llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization, quantization_config=config)
     llm.save(args.out, args.save_format)
     print(f"saved {args.quantization} ({args.method}) {llm.model_dir} to {args.out} ({args.save_format}); "
@@ -163,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     s.add_argument("--compilation-cache", default=None, metavar="DIR", help="as for generate")
     s.set_defaults(func=_serve)
-    q = sub.add_parser("quantize", help="quantize a model's decoder projections once (RTN, GPTQ, AWQ) and save it")
+    q = sub.add_parser("quantize", help="quantize a model's decoder projections (and experts) once (RTN, GPTQ, AWQ) and save it")
     q.add_argument("--model", default=None, help="HF model directory or embedded model name")
     q.add_argument("--quantization", required=True, metavar="FORMAT", help="as for generate")
     q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
@@ -174,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true",
                    help="GPTQ: quantize input features by decreasing activation energy (static groups)")
     q.add_argument("--lm-head", default=None, metavar="FORMAT", help="quantize the LM head too, to FORMAT (round to nearest)")
+    q.add_argument("--routed-experts", action="store_true",
+                   help="GPTQ / AWQ of a mixture-of-experts model: each expert calibrates on the tokens routed to "
+                        "it (default: on every token)")
     q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     q.add_argument("--out", required=True, help="directory to write (weights, config, tokenizer)")
     q.add_argument("--save-format", default="orbax", choices=["orbax", "hf"],
