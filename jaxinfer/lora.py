@@ -153,7 +153,7 @@ def load_peft_adapter(req: LoRARequest, cfg: ModelConfig, max_rank: int) -> Host
     for name, t in tensors.items():
         if ".experts." in name or ".shared_expert." in name:
             raise ValueError(f"{where}: tensor {name!r} adapts a mixture-of-experts layer's experts; LoRA "
-                             "adapters of MoE models may target the attention projections (q/k/v/o_proj) only")
+                             "adapters of a MoE layer may target its attention projections (q/k/v/o_proj) only")
         m = _KEY.match(name)
         if m is None or m.group(2) not in MODULE_FIELD:
             raise ValueError(f"{where}: tensor {name!r} is not a LoRA A/B matrix of a supported module "
