@@ -603,6 +603,7 @@ def quantize_weights(weights, cfg, qc: WeightQuantConfig, calibration: np.ndarra
     the activations that the quantized layers before it produce, with the projections before it
     in the same layer already quantized (wqkv, then wo, then w_gate_up, then w_down, then a MoE
     layer's experts_gate_up and experts_down, each expert calibrated on its own inputs)."""
+    check_patterns(weights, qc)
     if qc.method in ("gptq", "awq"):
         if calibration is None:
             raise ValueError(f"method={qc.method!r} needs calibration token windows")
@@ -626,6 +627,20 @@ def quantize_weights(weights, cfg, qc: WeightQuantConfig, calibration: np.ndarra
             fields[name] = rtn(w, fmt, qc.group_of(fmt, w.shape[-2]))
         layers.append(layer.replace(**fields))
     return quantize_lm_head(weights.replace(layers=layers), qc)
+
+
+def check_patterns(weights, qc: WeightQuantConfig) -> None:
+    """ValueError for a skip or override pattern that names no module of these weights (a typo, or a
+    dense model's module name on a MoE model, whose MoE layers hold experts_gate_up / experts_down
+    instead of w_gate_up / w_down unless they have a shared expert)."""
+    modules = [f"layers.{i}.{n}" for i, layer in enumerate(weights.layers) for n in QUANT_MODULES
+               if getattr(layer, n) is not None]
+    for kind, pattern in [("skip", p) for p in qc.skip] + [("override", p) for p, _ in qc.overrides]:
+        if not any(_matches(pattern, m) for m in modules):
+            names = sorted({m.rsplit(".", 1)[1] for m in modules}, key=QUANT_MODULES.index)
+            raise ValueError(f"quantization {kind} pattern {pattern!r} matches no module of this model: name a "
+                             f"layer (layers.0 .. layers.{len(weights.layers) - 1}), a module of every layer "
+                             f"({', '.join(names)}) or one module (layers.0.{names[0]})")
 
 
 def quantize_lm_head(weights, qc: WeightQuantConfig):

@@ -301,3 +301,19 @@ def test_gptq_experts_reconstruct_their_inputs_better_than_rounding(tmp_path):
     assert again.quantization.method == "gptq" and again.weights.layers[1].experts_down.stacked
     ids = [5, 17, 99, 3, 120, 42, 8, 77]
     np.testing.assert_array_equal(_prompt_logprobs(again, ids), _prompt_logprobs(llm, ids))
+
+
+def test_a_policy_pattern_that_names_no_module_is_refused():
+    """A MoE layer without a shared expert has no w_gate_up / w_down: a policy naming them (or a layer
+    the model lacks) is refused, naming the pattern and the modules there are; expert patterns work."""
+    from jaxinfer.model import init_weights
+    from jaxinfer.wquant import QuantWeight, WeightQuantConfig, quantize_weights
+    weights = init_weights(BASE, jax.random.PRNGKey(0))
+    for conf, match in [({"skip": ["w_down"]}, "skip pattern 'w_down'.*experts_gate_up, experts_down"),
+                        ({"overrides": {"layers.2": "int8"}}, "override pattern 'layers.2'.*layers.0 .. layers.1")]:
+        with pytest.raises(ValueError, match=match):
+            quantize_weights(weights, BASE, WeightQuantConfig.from_args("int4", conf))
+    q = quantize_weights(weights, BASE, WeightQuantConfig.from_args("int4", {"skip": ["experts_down"],
+                                                                              "overrides": {"layers.1.wo": "int8"}}))
+    assert isinstance(q.layers[0].experts_gate_up, QuantWeight) and not isinstance(q.layers[0].experts_down, QuantWeight)
+    assert q.layers[1].wo.fmt == "int8" and q.layers[0].wo.fmt == "int4"
