@@ -17,6 +17,7 @@ Writes experiments/results/weight_quant_compose.{md,json}.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def main():
         print(row, flush=True)
         rows.append(row)
     lines = [f"# Quantized {args.model} in the engine and under n-gram speculation (float32)", "",
-             f"`python experiments/weight_quant_compose.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
+             f"`python experiments/weight_quant_compose.py {shlex.join(sys.argv[1:])}`".replace(" `", "`")
              + f" — engine: bench_serving's workload (a), {args.num_requests} requests at once, "
              f"max_num_seqs 64, max_num_batched_tokens 512; speculation: n-gram k={args.k} at batch 1 on "
              f"{args.spec_prompts} code-editing prompts, {args.new_tokens} tokens each; medians of {args.pairs} "
