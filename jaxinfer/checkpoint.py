@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from jaxinfer import hf_quant
 from jaxinfer.config import ConfigError, ModelConfig
 from jaxinfer.model import LayerWeights, Weights, dense_layout, layer_shapes
-from jaxinfer.wquant import stack_experts
+from jaxinfer.wquant import stack_experts, take_expert
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -308,11 +308,6 @@ def _put_linear(out: dict, schemes: dict, parts: list[tuple[str, int]], w, cast)
     out.update({m + ".weight": r for (m, _), r in zip(parts, rows)})
 
 
-def _expert_of(w, j: int):
-    """Expert j's projection from stacked experts (an array or a stacked QuantWeight)."""
-    return jax.tree_util.tree_map(lambda a: a[j], w)
-
-
 def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[str, np.ndarray], dict]:
     """Weights -> HF tensor names and layouts (numpy), for export, and the compressed-tensors
     config group of each quantized projection ({module: group}, empty for a dense model)."""
@@ -339,8 +334,9 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
             fe = cfg.moe_intermediate_size
             for j in range(cfg.num_experts):  # the Hub's layout: one tensor per expert and projection
                 _put_linear(out, schemes, [(gate.format(j=j), fe), (up.format(j=j), fe)],
-                            _expert_of(layer.experts_gate_up, j), cast)
-                _put_linear(out, schemes, [(down.format(j=j), cfg.hidden_size)], _expert_of(layer.experts_down, j), cast)
+                            take_expert(layer.experts_gate_up, j), cast)
+                _put_linear(out, schemes, [(down.format(j=j), cfg.hidden_size)], take_expert(layer.experts_down, j),
+                            cast)
             if layer.shared_gate is not None:
                 out[nm["shared_gate"]] = cast(layer.shared_gate).T
         if layer.bqkv is not None:

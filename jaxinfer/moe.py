@@ -37,7 +37,14 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import dense_dot, gated_activation
-from jaxinfer.wquant import TIED_ROWS, ExpertsObserver, InputObserver, QuantWeight, quantized_matmul
+from jaxinfer.wquant import (
+    TIED_ROWS,
+    ExpertsObserver,
+    InputObserver,
+    QuantWeight,
+    quantized_matmul,
+    take_expert,
+)
 
 GROUP_CHUNK = 64  # rows of one product in "grouped"
 # Quantized experts: products of up to this many rows tie the codes to x (`wquant.quantized_matmul`).
@@ -89,13 +96,6 @@ def _dot(x: jax.Array, w) -> jax.Array:
     return dense_dot(x, w)
 
 
-def _take(w, j: int):
-    """Expert j's weight from stacked experts (an array, a stacked QuantWeight or an ExpertsObserver)."""
-    if isinstance(w, ExpertsObserver):
-        return w.experts[j]
-    return jax.tree_util.tree_map(lambda a: a[j], w)
-
-
 def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
                     w_down: jax.Array, cfg: ModelConfig, impl: str) -> jax.Array:
     """sum_j weights[:, j] expert_{experts[:, j]}(x): x [M, D], weights / experts [M, k],
@@ -119,7 +119,8 @@ def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate
         out = jnp.zeros((m, d), jnp.float32)
         for i in range(e):
             def run(o, i=i):
-                return o + combine[:, i:i + 1] * _expert(x, _take(w_gate_up, i), _take(w_down, i), act)
+                y = _expert(x, take_expert(w_gate_up, i), take_expert(w_down, i), act)  # sliced in the branch
+                return o + combine[:, i:i + 1] * y
             out = jax.lax.cond(used[i], run, lambda o: o, out)
         return out
     raise ValueError(f"impl={impl!r} is not one of dense, skip, grouped")
@@ -143,7 +144,8 @@ def _grouped(x, weights, experts, w_gate_up, w_down, act: str, e: int, chunk: in
     for i in range(e):
         def trip(j, ys, i=i):
             lo = starts[i] + j * chunk
-            y = _expert(jax.lax.dynamic_slice_in_dim(xs, lo, chunk), _take(w_gate_up, i), _take(w_down, i), act)
+            rows_in = jax.lax.dynamic_slice_in_dim(xs, lo, chunk)
+            y = _expert(rows_in, take_expert(w_gate_up, i), take_expert(w_down, i), act)  # [C, D]
             mine = (j * chunk + rows < sizes[i])[:, None]  # the chunk's rows past the run are the next expert's
             return jax.lax.dynamic_update_slice_in_dim(
                 ys, jnp.where(mine, y, jax.lax.dynamic_slice_in_dim(ys, lo, chunk)), lo, 0)
@@ -162,7 +164,7 @@ def _observed(x, weights, experts, w_gate_up, w_down, act: str, e: int) -> jax.A
         token, slot = np.nonzero(chosen == j)
         if not (every or len(token)):
             continue
-        gate_up, down = _take(w_gate_up, j), _take(w_down, j)
+        gate_up, down = take_expert(w_gate_up, j), take_expert(w_down, j)
         y = _expert(x, gate_up, down, act)[token] if every else _expert(x[token], gate_up, down, act)
         out = out.at[token].add(weights[token, slot][:, None] * y)
     return out

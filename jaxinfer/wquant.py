@@ -532,9 +532,16 @@ class ExpertsObserver:
     it, or with `all_tokens` every row of the layer (`WeightQuantConfig.calibrate_all_experts`)."""
 
     def __init__(self, w: jax.Array, hessian: bool = True, keep_rows: int = 0, all_tokens: bool = True):
-        self.w = w
         self.experts = [InputObserver(w[j], hessian, keep_rows) for j in range(w.shape[0])]
         self.all_tokens = all_tokens
+
+
+def take_expert(w, j: int):
+    """Expert j's weight from stacked experts: an array [E, K, N], a stacked QuantWeight, or (while
+    GPTQ / AWQ calibrate) an ExpertsObserver."""
+    if isinstance(w, ExpertsObserver):
+        return w.experts[j]
+    return jax.tree_util.tree_map(lambda a: a[j], w)
 
 
 # ----------------------------------------------------------------------------- AWQ
@@ -720,5 +727,5 @@ def weight_bytes(weights) -> dict:
 
 
 __all__ = ["FORMATS", "METHODS", "QuantWeight", "WeightQuantConfig", "quantize_rtn", "quantize_experts_rtn",
-           "stack_experts", "ExpertsObserver", "gptq_quantize",
+           "stack_experts", "ExpertsObserver", "take_expert", "gptq_quantize",
            "quantize_weights", "quantized_matmul", "weight_bytes", "InputObserver", "awq_quantize"]
