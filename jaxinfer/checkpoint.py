@@ -162,7 +162,7 @@ def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
         "q": p + "self_attn.q_proj", "k": p + "self_attn.k_proj", "v": p + "self_attn.v_proj",
         "o": p + "self_attn.o_proj", "q_norm": p + "self_attn.q_norm.weight",
         "k_norm": p + "self_attn.k_norm.weight", "gate": p + "mlp.gate_proj", "up": p + "mlp.up_proj",
-        "down": p + "mlp.down_proj",
+        "down": p + "mlp.down_proj", "qkv": p + "self_attn.qkv_proj", "gate_up": p + "mlp.gate_up_proj",
     }
     if cfg.sandwich_norms:
         names.update(mlp_norm=p + "pre_feedforward_layernorm.weight",
@@ -212,13 +212,16 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
     if cfg.sandwich_norms:
         yield "post_attn_norm", src.get(nm["post_attn_norm"], (d,))
         yield "post_mlp_norm", src.get(nm["post_mlp_norm"], (d,))
-    yield "wqkv", _linear(src, [(nm["q"], n * h, d), (nm["k"], k * h, d), (nm["v"], k * h, d)], quant)
+    fused = cfg.fused_projections  # Phi-3: one qkv_proj, one gate_up_proj (gate rows first), as our fields are
+    yield "wqkv", _linear(src, [(nm["qkv"], (n + 2 * k) * h, d)] if fused else
+                          [(nm["q"], n * h, d), (nm["k"], k * h, d), (nm["v"], k * h, d)], quant)
     yield "wo", _linear(src, [(nm["o"], d, n * h)], quant)
     if cfg.is_moe_layer(i):
         yield from _hf_experts(cfg, src, nm, quant)
         f = cfg.shared_expert_intermediate_size
     if f:
-        yield "w_gate_up", _linear(src, [(nm["gate"], f, d), (nm["up"], f, d)], quant)
+        yield "w_gate_up", _linear(src, [(nm["gate_up"], 2 * f, d)] if fused else
+                                   [(nm["gate"], f, d), (nm["up"], f, d)], quant)
         yield "w_down", _linear(src, [(nm["down"], d, f)], quant)
     if cfg.qkv_bias:
         yield "bqkv", np.concatenate([src.get(nm["q"] + ".bias", (n * h,)),
@@ -320,13 +323,16 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
         nm = _hf_layer_names(cfg, i)
         if layer.attn_norm is not None:
             out[nm["attn_norm"]] = cast(layer.attn_norm)
-        _put_linear(out, schemes, [(nm["q"], n * h), (nm["k"], k * h), (nm["v"], k * h)], layer.wqkv, cast)
+        fused = cfg.fused_projections
+        _put_linear(out, schemes, [(nm["qkv"], (n + 2 * k) * h)] if fused else
+                    [(nm["q"], n * h), (nm["k"], k * h), (nm["v"], k * h)], layer.wqkv, cast)
         _put_linear(out, schemes, [(nm["o"], cfg.hidden_size)], layer.wo, cast)
         if layer.mlp_norm is not None:
             out[nm["mlp_norm"]] = cast(layer.mlp_norm)
         if layer.w_gate_up is not None:  # a dense MLP, or a MoE layer's shared expert
             fl = layer.w_down.shape[0]
-            _put_linear(out, schemes, [(nm["gate"], fl), (nm["up"], fl)], layer.w_gate_up, cast)
+            _put_linear(out, schemes, [(nm["gate_up"], 2 * fl)] if fused else [(nm["gate"], fl), (nm["up"], fl)],
+                        layer.w_gate_up, cast)
             _put_linear(out, schemes, [(nm["down"], cfg.hidden_size)], layer.w_down, cast)
         if layer.router is not None:
             out[nm["router"]] = cast(layer.router).T

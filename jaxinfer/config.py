@@ -27,11 +27,13 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
+    "Phi3ForCausalLM": "phi3",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 MOE = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")  # sparse MoE MLPs
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+FUSED = ("Phi3ForCausalLM",)  # q/k/v as one qkv_proj and gate/up as one gate_up_proj in the checkpoint
 LLAMA3_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
              "attention_factor")
@@ -60,6 +62,17 @@ class RopeScaling:
     beta_slow: float = 1.0
     truncate: bool = True
     attention_factor: float = 1.0
+    # longrope (Phi-3, LongRoPE): per-frequency divisors of the base frequencies, one set for
+    # contexts within original_max_position_embeddings (short) and one beyond it (long), and
+    # which set this model rotates with. transformers picks per forward, by the longest position
+    # it holds, so a sequence that grows past the original context keeps keys rotated with the
+    # short set beside new ones rotated with the long set. A KV cache cannot re-rotate its keys,
+    # so jaxinfer picks once, as vLLM does: the long set when the context the model is served
+    # for (LLM's max_model_len; from config.json, max_position_embeddings) exceeds the original
+    # context (`ModelConfig.with_context`). Either way cos and sin carry attention_factor.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    long: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +97,7 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
     sliding_window: int | None = None  # Mistral: keys older than this are masked
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE rotates the first rotary_dim dims of each head only
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"  # one of ACTIVATIONS (Gemma: gelu_pytorch_tanh)
@@ -126,6 +140,13 @@ class ModelConfig:
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+        if not (0 < self.partial_rotary_factor <= 1) or self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor!r} must be in (0, 1] and leave an "
+                              f"even number of rotated dims (head_dim={self.head_dim} gives {self.rotary_dim})")
+        rs = self.rope_scaling
+        if rs.rope_type == "longrope" and not (len(rs.short_factor) == len(rs.long_factor) == self.rotary_dim // 2):
+            raise ConfigError(f"longrope short_factor / long_factor have {len(rs.short_factor)} / "
+                              f"{len(rs.long_factor)} values; the rotated dims need {self.rotary_dim // 2} each")
         if self.norm_style not in NORM_STYLES:
             raise ConfigError(f"norm_style={self.norm_style!r} is not one of {', '.join(NORM_STYLES)}")
         if self.hidden_act not in ACTIVATIONS:
@@ -173,6 +194,27 @@ class ModelConfig:
         if self.layer_types is not None and self.layer_types[i] == "full_attention":
             return None
         return self.sliding_window
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that RoPE rotates (the rest pass through), as transformers
+        rounds it: int(head_dim * partial_rotary_factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def fused_projections(self) -> bool:
+        """Whether the checkpoint stores q/k/v and gate/up fused (Phi-3's qkv_proj, gate_up_proj)."""
+        return self.architecture in FUSED
+
+    def with_context(self, max_model_len: int) -> ModelConfig:
+        """This config served for contexts up to max_model_len: a longrope model rotates with its
+        long factors when max_model_len exceeds original_max_position_embeddings, with its short
+        ones otherwise (vLLM's rule; see RopeScaling). Other models are unchanged."""
+        rs = self.rope_scaling
+        if rs.rope_type != "longrope":
+            return self
+        long = max_model_len > rs.original_max_position_embeddings
+        return self if long == rs.long else dataclasses.replace(self, rope_scaling=dataclasses.replace(rs, long=long))
 
     @property
     def attention_scale(self) -> float:
@@ -230,6 +272,13 @@ class ModelConfig:
             rope.update({k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if k in LLAMA3_KEYS})
         elif self.rope_scaling.rope_type == "yarn":
             rope.update({k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if k in YARN_KEYS})
+        elif self.rope_scaling.rope_type == "longrope":
+            rs = self.rope_scaling
+            rope.update(short_factor=list(rs.short_factor), long_factor=list(rs.long_factor), factor=rs.factor,
+                        original_max_position_embeddings=rs.original_max_position_embeddings,
+                        attention_factor=rs.attention_factor)
+        if self.partial_rotary_factor != 1.0:
+            rope["partial_rotary_factor"] = self.partial_rotary_factor
         out: dict[str, Any] = {
             "architectures": [self.architecture],
             "model_type": model_type,
@@ -262,6 +311,12 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
         if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
             out["use_sliding_window"] = False
+        if model_type == "phi3":  # pad_token_id: Phi3Config's default (32000) is past a small vocab; inference never reads it
+            out.update(sliding_window=self.sliding_window, partial_rotary_factor=self.partial_rotary_factor,
+                       original_max_position_embeddings=(self.rope_scaling.original_max_position_embeddings
+                                                         if self.rope_scaling.rope_type == "longrope"
+                                                         else self.max_position_embeddings),
+                       pad_token_id=None)
         if model_type == "mixtral":  # its intermediate_size is the experts' width; renormalizes always
             out.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
                        intermediate_size=self.moe_intermediate_size)
@@ -344,6 +399,9 @@ class ModelConfig:
         theta = rope_params.get("rope_theta", hf.get("rope_theta", default_theta))
         scaling_src = rope_scaling_d or rope_params
         rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default")) or "default"
+        phi3 = arch == "Phi3ForCausalLM"
+        if phi3 and rope_type in ("su", "yarn"):  # Phi-3's early spellings of longrope, as transformers reads them
+            rope_type = "longrope"
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
                 f"{source}: rope_type={rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
@@ -369,9 +427,11 @@ class ModelConfig:
                 truncate=bool(scaling_src.get("truncate", True)),
                 attention_factor=yarn_attention_factor(factor, scaling_src.get("attention_factor"),
                                                        scaling_src.get("mscale"), scaling_src.get("mscale_all_dim")))
+        elif rope_type == "longrope":
+            scaling = _longrope(hf, scaling_src, phi3)
 
         sliding_window, layer_types = None, None
-        if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
+        if arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM"):
             sliding_window = hf.get("sliding_window")
         elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
                       "Qwen3MoeForCausalLM") and hf.get("use_sliding_window"):
@@ -404,6 +464,8 @@ class ModelConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
+            partial_rotary_factor=float(rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+                                        if phi3 else 1.0),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=qkv_bias,
             o_bias=attention_bias and (arch == "LlamaForCausalLM" or gemma or olmo2 or olmoe),
@@ -505,12 +567,32 @@ def _moe_fields(arch: str, hf: dict[str, Any], num_layers: int, intermediate_siz
     return fields
 
 
+def _longrope(hf: dict[str, Any], src: dict[str, Any], phi3: bool) -> RopeScaling:
+    """longrope's RopeScaling as transformers reads it: original_max_position_embeddings from the top
+    level first (Phi-3 keeps it there; Phi3Config's default 4096), the factor from the two lengths
+    unless given, attention_factor sqrt(1 + ln(factor) / ln(original)) unless given; the long
+    set rotates when max_position_embeddings exceeds the original context (`with_context`)."""
+    max_pos = int(hf.get("max_position_embeddings", 2048))
+    original = int(hf.get("original_max_position_embeddings") or src.get("original_max_position_embeddings")
+                   or (4096 if phi3 else max_pos))
+    short, long_ = src.get("short_factor"), src.get("long_factor")
+    if not (isinstance(short, list) and isinstance(long_, list)):
+        raise ConfigError(f"rope_type='longrope' needs short_factor and long_factor lists (got {short!r}, {long_!r})")
+    factor = float(src.get("factor") or max_pos / original)
+    attention = src.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling("longrope", factor=factor, original_max_position_embeddings=original,
+                       attention_factor=float(attention), short_factor=tuple(map(float, short)),
+                       long_factor=tuple(map(float, long_)), long=max_pos > original)
+
+
 def _optional_float(value) -> float | None:
     return None if value is None else float(value)
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> list[float]:
-    """Inverse RoPE frequencies [head_dim // 2], with the configured scaling.
+    """Inverse RoPE frequencies [rotary_dim // 2], with the configured scaling.
 
     llama3 scaling (Llama 3.1 report): wavelengths longer than
     original_max / low_freq_factor are divided by `factor`, shorter than
@@ -518,21 +600,24 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> list[float]:
     local: the sliding layers' frequencies where they have a base of their own (Gemma 3's
     `local_rope_theta`, never scaled); elsewhere the same as the others'.
     """
-    half = cfg.head_dim // 2
+    dim = cfg.rotary_dim
+    half = dim // 2
     if local and cfg.local_rope_theta is not None:
-        return [1.0 / (cfg.local_rope_theta ** (2 * i / cfg.head_dim)) for i in range(half)]
-    inv = [1.0 / (cfg.rope_theta ** (2 * i / cfg.head_dim)) for i in range(half)]
+        return [1.0 / (cfg.local_rope_theta ** (2 * i / dim)) for i in range(half)]
+    inv = [1.0 / (cfg.rope_theta ** (2 * i / dim)) for i in range(half)]
     s = cfg.rope_scaling
     if s.rope_type == "linear":
         return [f / s.factor for f in inv]
+    if s.rope_type == "longrope":
+        return [f / e for f, e in zip(inv, s.long_factor if s.long else s.short_factor)]
     if s.rope_type == "yarn":  # YaRN: interpolate the slow dims by factor, keep the fast ones, ramp between
         def dim_of(rotations: float) -> float:  # the dim that turns `rotations` times over the original context
-            return cfg.head_dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
                 2 * math.log(cfg.rope_theta))
         low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
         if s.truncate:
             low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, cfg.head_dim - 1)
+        low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
         out = []

@@ -265,11 +265,15 @@ def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype, scale: float 
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate [B, T, heads, H] by position; HF's rotate-half (non-interleaved) convention.
+    """Rotate [B, T, heads, H] by position; HF's rotate-half (non-interleaved) convention, over the
+    first 2 * cos.shape[-1] dims of each head (all of them but for partial rotary).
 
     Computed in float32 and rounded to x's dtype once. For bf16, XLA:CPU otherwise rounds after
     every product and sum (a convert pair each), which made the rotation of k alone ~37 us a layer
     of a 32-row decode step; the single rounding is also the more accurate result."""
+    rotary = 2 * cos.shape[-1]
+    if rotary < x.shape[-1]:  # partial rotary (Phi-4-mini): the first `rotary` dims turn, the rest pass through
+        return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
     x32, cos, sin = x.astype(jnp.float32), cos.astype(jnp.float32), sin.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

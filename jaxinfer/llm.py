@@ -168,6 +168,7 @@ class LLM:
         if not (isinstance(self.max_model_len, int) and 1 < self.max_model_len <= cfg.max_position_embeddings):
             raise ValueError(f"max_model_len={max_model_len!r} must be in [2, {cfg.max_position_embeddings}] "
                              "(the model's max_position_embeddings)")
+        self.cfg = cfg = cfg.with_context(self.max_model_len)  # longrope: short or long factors, once (vLLM's rule)
         tok_dir = Path(tokenizer) if tokenizer else self.model_dir
         self.tokenizer = Tokenizer.from_dir(tok_dir, cfg.bos_token_id, cfg.eos_token_ids)
         if tokenizer and self.tokenizer is None:

@@ -41,7 +41,13 @@ from jaxinfer.sampling import is_int
 # LayerWeights field -> the PEFT module names it fuses, in its column order
 FIELDS = {"wqkv": ("q_proj", "k_proj", "v_proj"), "wo": ("o_proj",), "w_gate_up": ("gate_proj", "up_proj"),
           "w_down": ("down_proj",)}
-MODULE_FIELD = {m: (f, i) for f, mods in FIELDS.items() for i, m in enumerate(mods)}
+# Phi-3's fused modules: one adapter over a whole field, its A shared by the field's sub-modules and
+# its B's rows split among them (exact: each sub-module's delta is x A^T B_m^T)
+FUSED_MODULES = {"qkv_proj": "wqkv", "gate_up_proj": "w_gate_up"}
+# PEFT module -> (its field, the field's sub-modules it covers)
+MODULE_FIELD = {m: (f, (i,)) for f, mods in FIELDS.items() for i, m in enumerate(mods)}
+MODULE_FIELD.update({m: (f, tuple(range(len(FIELDS[f])))) for m, f in FUSED_MODULES.items()})
+ALL_MODULES = [m for mods in FIELDS.values() for m in mods]
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -159,6 +165,10 @@ def load_peft_adapter(req: LoRARequest, cfg: ModelConfig, max_rank: int) -> Host
             raise ValueError(f"{where}: tensor {name!r} is not a LoRA A/B matrix of a supported module "
                              f"({sorted(MODULE_FIELD)} of model.layers.N)")
         layer, module = int(m.group(1)), m.group(2)
+        if (module in FUSED_MODULES) != cfg.fused_projections and module not in ("o_proj", "down_proj"):
+            have = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if cfg.fused_projections else ALL_MODULES
+            raise ValueError(f"{where}: tensor {name!r} adapts {module}, which {cfg.architecture} does not have "
+                             f"(its modules: {', '.join(have)})")
         if layer >= cfg.num_layers:
             raise ValueError(f"{where}: tensor {name!r} is for layer {layer}; the model has {cfg.num_layers}")
         found.setdefault((layer, module), {})[m.group(3)] = np.asarray(t.astype(jnp.float32))
@@ -168,20 +178,22 @@ def load_peft_adapter(req: LoRARequest, cfg: ModelConfig, max_rank: int) -> Host
     for (layer, module), ab in sorted(found.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{where}: layer {layer} {module} has lora_{''.join(ab)} without its pair")
-        field, sub = MODULE_FIELD[module]
+        field, subs = MODULE_FIELD[module]
         if field not in layers[layer]:
             raise ValueError(f"{where}: layer {layer} is a mixture-of-experts layer, which has no {module} to adapt "
                              "(adapters of its attention projections are served)")
         din, outs = field_dims(cfg, field)
         a, b = ab["A"], ab["B"]
-        if a.shape != (r, din) or b.shape != (outs[sub], r):
+        widths = [outs[sub] for sub in subs]
+        if a.shape != (r, din) or b.shape != (sum(widths), r):
             raise ValueError(f"{where}: layer {layer} {module}: lora_A {a.shape} / lora_B {b.shape}, expected "
-                             f"({r}, {din}) / ({outs[sub]}, {r}) for r={r} and this model")
+                             f"({r}, {din}) / ({sum(widths)}, {r}) for r={r} and this model")
         if layers[layer][field] is None:
             layers[layer][field] = _zeros(cfg, field, max_rank)
         fa, fb = layers[layer][field]
-        fa[:, sub * max_rank:sub * max_rank + r] = a.T
-        fb[sub][:r] = b.T * scale
+        for sub, rows in zip(subs, np.split(b, np.cumsum(widths)[:-1])):
+            fa[:, sub * max_rank:sub * max_rank + r] = a.T
+            fb[sub][:r] = rows.T * scale
     return HostAdapter(req, layers)
 
 

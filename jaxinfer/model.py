@@ -312,7 +312,7 @@ def dense_mlp(layer: LayerWeights, cfg: ModelConfig, hn: jax.Array) -> jax.Array
 
 
 def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype, local: bool = False) -> tuple[jax.Array, jax.Array]:
-    """RoPE tables (cos, sin) [B, T, 1, H/2] for positions [B, T]: the config's frequencies
+    """RoPE tables (cos, sin) [B, T, 1, rotary_dim / 2] for positions [B, T]: the config's frequencies
     (`rope_inv_freq`; local: Gemma 3's sliding layers') and YaRN's attention factor."""
     inv_freq = jnp.asarray(np.asarray(rope_inv_freq(cfg, local=local), np.float32))
     scaled = not (local and cfg.local_rope_theta is not None)  # the local base is never scaled

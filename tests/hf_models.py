@@ -55,10 +55,21 @@ ARCHS = {
                   {"num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 3, "num_experts": 8,
                    "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
                    "mlp_only_layers": [1]}),
+    # Phi-3 (Phi-4-mini's shape): fused qkv_proj and gate_up_proj, RoPE on the first 3/4 of each head
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+             {"num_key_value_heads": 2, "pad_token_id": None,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}}),
     # OLMoE: OLMo's q / k norms over all heads, top 2 of 4 experts, not renormalized
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
               {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),
 }
+
+# Phi-3.5-mini's LongRoPE: short and long factors per rotated frequency (6 here: head_dim 16, 3/4 rotated)
+# past an original context of 32 (max_position_embeddings 256: factor 8)
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.1, 1.3, 1.8, 2.5, 3.0], "long_factor": [1.0, 1.5, 3.0, 6.0, 10.0, 16.0]}
+ARCHS["phi3_longrope"] = (ARCHS["phi3"][0], ARCHS["phi3"][1],
+                          {**ARCHS["phi3"][2], "rope_parameters": LONGROPE, "original_max_position_embeddings": 32})
 
 
 def write_tiny(arch: str, out_dir: Path, seed: int = 0, dtype=torch.float32, **overrides) -> Path:

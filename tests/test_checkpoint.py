@@ -78,7 +78,8 @@ def test_bf16_llm_saves_and_exports_its_weights_in_checkpoint_layout(tiny_dir, t
         LLM(str(tiny_dir), weight_layout="rows")
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma2", "gemma3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma2", "gemma3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                                  "phi3_longrope"])
 def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
     src = write_tiny(arch, tmp_path / "src")
     cfg, w = load_hf(src)
@@ -94,7 +95,7 @@ def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "mixtral",
-                                  "qwen2_moe", "qwen3_moe", "olmoe"])
+                                  "qwen2_moe", "qwen3_moe", "olmoe", "phi3"])
 def test_parameter_count_is_transformers(arch):
     """ModelConfig.num_params (the memory calculator's count) against the parameters transformers
     builds for the same config: biases, per-head and whole-projection q / k norms, sandwich norms,
@@ -287,7 +288,7 @@ def test_missing_tensor_names_it(tmp_path):
     _err(d, "model.layers.1.mlp.down_proj.weight' is missing")
 
 
-@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "Phi3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "PhiForCausalLM", "DeepseekV3ForCausalLM"])
 def test_unsupported_architecture_lists_supported(tiny_dir, tmp_path, arch):
     d = _copy(tiny_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
@@ -331,14 +332,70 @@ def test_yarn_frequencies_and_attention_factor_are_transformers(rope):
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
 
 
+# Phi-3 configs as the Hub holds them (older spellings: rope_scaling, its "type"), trimmed: Phi-3.5-mini
+# (LongRoPE over all 96 dims), Phi-4-mini (LongRoPE over the first 3/4 of 128)
+PHI3_BASE = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+             "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+             "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+             "sliding_window": 262144, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000}
+HUB_PHI3 = {
+    "phi-3.5-mini": {**PHI3_BASE, "rope_scaling": {"type": "longrope", "short_factor": [1.0 + 0.01 * i for i in range(48)],
+                                                   "long_factor": [1.0 + 0.7 * i for i in range(48)]}},
+    "phi-4-mini": {**PHI3_BASE, "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 200064,
+                   "partial_rotary_factor": 0.75, "sliding_window": None, "tie_word_embeddings": True,
+                   "rope_scaling": {"type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(48)],
+                                    "long_factor": [1.0 + 0.9 * i for i in range(48)]}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_PHI3))
+def test_longrope_frequencies_and_attention_factor_are_transformers(name):
+    """Short and long frequencies (partial rotary included) and the attention factor against
+    transformers' longrope for the same dict; the long set rotates when the model is served past
+    its original context (max_model_len, `with_context`), and the config writes what it reads."""
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from jaxinfer.config import ModelConfig, rope_inv_freq
+    d = HUB_PHI3[name]
+    cfg = ModelConfig.from_hf_dict(d)
+    ref = Phi3Config(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    assert cfg.rope_scaling.rope_type == "longrope" and cfg.rope_scaling.long  # served for 131072 by default
+    assert cfg.rotary_dim == 96 and cfg.sliding_window == d["sliding_window"]
+    assert cfg.fused_projections and cfg.tie_word_embeddings == bool(d.get("tie_word_embeddings"))
+    short_want, factor = ROPE_INIT_FUNCTIONS["longrope"](ref, None)
+    long_want, _ = ROPE_INIT_FUNCTIONS["longrope"](ref, None, seq_len=4097)
+    short_cfg = cfg.with_context(4096)
+    assert not short_cfg.rope_scaling.long and short_cfg.with_context(8192) == cfg
+    np.testing.assert_allclose(np.asarray(rope_inv_freq(short_cfg), np.float32), short_want.numpy(), rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(rope_inv_freq(cfg), np.float32), long_want.numpy(), rtol=2e-6)
+    assert cfg.rope_scaling.attention_factor == pytest.approx(factor, rel=1e-6) and factor > 1.1
+    assert ModelConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict()))) == cfg
+    # Phi-3-mini-128k's first config spelled longrope "su" (transformers 5.24 no longer reads it)
+    assert ModelConfig.from_hf_dict({**d, "rope_scaling": {**d["rope_scaling"], "type": "su"}}) == cfg
+
+
+def test_phi3_config_errors_name_the_value():
+    from jaxinfer.config import ConfigError, ModelConfig
+    base = HUB_PHI3["phi-3.5-mini"]
+    for change, match in [({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 47, "long_factor": [1.0] * 48}},
+                           "47 / 48 values; the rotated dims need 48"),
+                          ({"rope_scaling": {"type": "longrope", "long_factor": [1.0] * 48}},
+                           "needs short_factor and long_factor lists"),
+                          ({"rope_scaling": None, "partial_rotary_factor": 1.5}, "partial_rotary_factor=1.5"),
+                          ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'")]:
+        with pytest.raises(ConfigError, match=match):
+            ModelConfig.from_hf_dict({**base, **change})
+
+
 def test_unsupported_dtype_and_rope(tiny_dir, tmp_path):
     with pytest.raises(CheckpointError, match="dtype='float16'"):
         load_hf(tiny_dir, "float16")
     d = _copy(tiny_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}
     (d / "config.json").write_text(json.dumps(cfg))
-    _err(d, "rope_type='longrope' is not supported")
+    _err(d, "rope_type='dynamic' is not supported")
 
 
 @pytest.mark.parametrize("name, match", [("tokenizer.json", "cannot be read as a tokenizer"),

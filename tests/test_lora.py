@@ -154,3 +154,28 @@ def test_moe_models_serve_attention_adapters_as_peft_does(tmp_path):
     with pytest.raises(ValueError, match="experts.*attention projections"):
         llm.generate({"prompt_token_ids": PROMPT}, sp, lora_request=LoRARequest("x", 2, str(tmp_path / "experts")))
     assert llm.generate({"prompt_token_ids": PROMPT}, sp)[0].outputs[0].token_ids == plain.outputs[0].token_ids
+
+
+def test_phi3_fused_module_adapters_match_peft(tmp_path):
+    """Phi-3's adapters target its fused qkv_proj and gate_up_proj: served as one A shared by the
+    field's parts and B's rows split among them, greedy tokens and prompt logprobs equal PEFT's.
+    A q_proj adapter, which Phi-3 has no module for, is refused at the request, naming it."""
+    base = write_tiny("phi3", tmp_path / "base")
+    ref = _adapter(base, tmp_path / "fused", 1, r=4, lora_alpha=8,
+                   target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    _adapter(write_tiny("llama", tmp_path / "llama"), tmp_path / "split", 2, r=4, lora_alpha=8, target_modules=["q_proj"])
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=4, max_model_len=64)
+    sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": PROMPT}, sp, lora_request=LoRARequest("fused", 1, str(tmp_path / "fused")))[0]
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        lp = torch.log_softmax(ref(ids).logits[0].float(), -1).numpy()
+    assert out.outputs[0].token_ids == want[0, len(PROMPT):].tolist()
+    ours = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], PROMPT[1:])]
+    np.testing.assert_allclose(ours, lp[np.arange(len(PROMPT) - 1), PROMPT[1:]], atol=1e-4)
+    plain = llm.generate({"prompt_token_ids": PROMPT}, sp)[0]
+    assert not np.allclose([d[t].logprob for d, t in zip(plain.prompt_logprobs[1:], PROMPT[1:])], ours, atol=1e-3)
+    with pytest.raises(ValueError, match="adapts q_proj, which Phi3ForCausalLM does not have.*qkv_proj"):
+        llm.generate({"prompt_token_ids": PROMPT}, sp, lora_request=LoRARequest("split", 2, str(tmp_path / "split")))
+    assert llm.generate({"prompt_token_ids": PROMPT}, sp)[0].outputs[0].token_ids == plain.outputs[0].token_ids

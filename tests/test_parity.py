@@ -13,7 +13,7 @@ PROMPT_LENS = (5, 17, 40)  # different lengths in one batch; 40 > mistral's slid
 
 # Gemma (1) differs from Gemma 2 only by what Gemma 2 adds (sandwich norms, layer types, soft caps):
 # it gets the first test alone, which keeps the suite short
-FULL = sorted(set(ARCHS) - {"gemma"})
+FULL = sorted(set(ARCHS) - {"gemma", "phi3_longrope"})  # longrope: test_longrope_matches_transformers
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
@@ -104,3 +104,43 @@ def test_greedy_matches_transformers_under_other_schedules(tiny, opts):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, len(p):]
         assert out.outputs[0].token_ids == ref.tolist(), f"{arch} {opts}"
+
+
+def test_longrope_matches_transformers_within_and_past_the_original_context(tmp_path):
+    """Phi-3.5's LongRoPE (partial rotary too), original context 32 of 256. transformers rotates a
+    forward with the short factors while its longest position is within 32 and with the long ones
+    past it. jaxinfer picks once by max_model_len (vLLM's rule): served for 32 tokens, prompts and
+    greedy continuations within them match transformers; served for 256, a 40-token prompt and its
+    continuation (long factors on both sides) match. Short prompts served for 256 rotate with the
+    long factors, where transformers uses the short ones: their logprobs differ, so the factor set
+    is what the first two checks compare."""
+    path = write_tiny("phi3_longrope", tmp_path / "phi3_longrope")
+    hf = load_hf_model(path)
+    rng = np.random.default_rng(3)
+    short = [rng.integers(3, 128, size=n).tolist() for n in (5, 17)]
+    long_prompt = rng.integers(3, 128, size=40).tolist()
+
+    def check(llm, prompt, new):
+        params = SamplingParams(temperature=0, max_tokens=new, min_tokens=new, prompt_logprobs=0)
+        out = llm.generate({"prompt_token_ids": prompt}, params)[0]
+        with torch.no_grad():
+            ref_lp = hf(torch.tensor([prompt])).logits[0].log_softmax(-1).numpy()
+            ref_tokens = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
+                                     do_sample=False)[0, len(prompt):].tolist()
+        got = np.array([out.prompt_logprobs[i + 1][t].logprob for i, t in enumerate(prompt[1:])])
+        ref = ref_lp[np.arange(len(prompt) - 1), prompt[1:]]
+        return got, ref, out.outputs[0].token_ids, ref_tokens
+
+    within = LLM(str(path), dtype="float32", max_model_len=32)
+    assert not within.cfg.rope_scaling.long
+    for p in short:
+        got, ref, tokens, ref_tokens = check(within, p, 32 - len(p))
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+        assert tokens == ref_tokens
+    past = LLM(str(path), dtype="float32")  # max_model_len: the model's 256
+    assert past.cfg.rope_scaling.long
+    got, ref, tokens, ref_tokens = check(past, long_prompt, 24)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    assert tokens == ref_tokens
+    got, ref, _, _ = check(past, short[1], 1)
+    assert np.max(np.abs(got - ref)) > 1e-2
