@@ -28,6 +28,7 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
     "Phi3ForCausalLM": "phi3",
+    "GraniteForCausalLM": "granite",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -110,6 +111,13 @@ class ModelConfig:
     input_norms: bool = True  # False (OLMo 2): attention and MLP read the residual stream unnormalized
     qk_norm_full: bool = False  # OLMo 2: q and k normalized over all heads at once, before the split
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim)
+    # Granite's scalars (muP): embeddings times embedding_multiplier, each block's output times
+    # residual_multiplier before it joins the residual stream, attention_multiplier as the
+    # attention scale (None: from query_pre_attn_scalar / head_dim), logits divided by logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     # per layer, one of LAYER_TYPES (Gemma 2 / 3); None: sliding_window, if any, applies to every layer
     layer_types: tuple[str, ...] | None = None
     local_rope_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (never scaled)
@@ -180,7 +188,8 @@ class ModelConfig:
             if not set(self.dense_layers) <= set(range(self.num_layers)):
                 raise ConfigError(f"dense_layers={list(self.dense_layers)!r} must be layer indices "
                                   f"in [0, {self.num_layers})")
-        for name in ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        for name in ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name}={value!r} must be positive (or null)")
@@ -219,6 +228,8 @@ class ModelConfig:
     @property
     def attention_scale(self) -> float:
         """What q.k is multiplied by before the softmax."""
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
@@ -301,12 +312,15 @@ class ModelConfig:
         }
         if self.rope_scaling.rope_type != "default":
             out["rope_scaling"] = dict(rope)
-        if model_type in ("llama", "qwen3", "qwen3_moe"):
-            out["attention_bias"] = self.o_bias if model_type == "llama" else self.qkv_bias
+        if model_type in ("llama", "granite", "qwen3", "qwen3_moe"):
+            out["attention_bias"] = self.o_bias if model_type in ("llama", "granite") else self.qkv_bias
         if model_type in ("gemma", "gemma2", "gemma3_text", "olmo2", "olmoe"):
             out["attention_bias"] = self.qkv_bias
-        if model_type == "llama":
+        if model_type in ("llama", "granite"):
             out["mlp_bias"] = self.mlp_bias
+        if model_type == "granite":
+            out.update(embedding_multiplier=self.embedding_multiplier, residual_multiplier=self.residual_multiplier,
+                       attention_multiplier=self.attention_scale, logits_scaling=self.logits_scaling)
         if model_type in ("mistral", "mixtral"):
             out["sliding_window"] = self.sliding_window
         if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
@@ -468,7 +482,7 @@ class ModelConfig:
                                         if phi3 else 1.0),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=qkv_bias,
-            o_bias=attention_bias and (arch == "LlamaForCausalLM" or gemma or olmo2 or olmoe),
+            o_bias=attention_bias and (arch in ("LlamaForCausalLM", "GraniteForCausalLM") or gemma or olmo2 or olmoe),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2 or olmoe,
             qk_norm_full=olmo2 or olmoe,
@@ -490,6 +504,7 @@ class ModelConfig:
                                                             30.0 if arch == "Gemma2ForCausalLM" else None))
                                      if later_gemma else None),
             **moe,
+            **(_granite_fields(hf) if arch == "GraniteForCausalLM" else {}),
         )
 
     @classmethod
@@ -565,6 +580,12 @@ def _moe_fields(arch: str, hf: dict[str, Any], num_layers: int, intermediate_siz
     if arch == "Qwen2MoeForCausalLM":
         fields["shared_expert_intermediate_size"] = int(hf.get("shared_expert_intermediate_size", 5632))
     return fields
+
+
+def _granite_fields(hf: dict[str, Any]) -> dict[str, float]:
+    """Granite's four scalars, transformers' defaults (1.0) where left out."""
+    return {name: float(hf.get(name, 1.0)) for name in
+            ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")}
 
 
 def _longrope(hf: dict[str, Any], src: dict[str, Any], phi3: bool) -> RopeScaling:

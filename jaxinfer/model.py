@@ -218,13 +218,21 @@ def _map_projections(weights: Weights, fn) -> Weights:
 
 def lm_logits(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm + LM head on pre-norm hidden states [..., D] -> float32 logits [..., V]
-    (soft-capped where the model caps them: Gemma 2 / 3's final_logit_softcapping)."""
+    (`finish_logits`: Granite's scaling, Gemma 2 / 3's soft cap)."""
     x = rms_norm(hidden, weights.final_norm, cfg.rms_norm_eps, cfg.norm_style)
     head = weights.lm_head
     if isinstance(head, QuantWeight):  # float32 logits, whatever the activation dtype
         logits = matmul(x.astype(jnp.float32), head)
     else:
         logits = dense_dot(x, TransposedWeight(weights.embed) if head is None else head)  # tied: the [V, D] embedding
+    return finish_logits(logits, cfg)
+
+
+def finish_logits(logits: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The LM head's float32 products as the model's logits: divided by Granite's logits_scaling,
+    soft-capped by Gemma 2 / 3's final_logit_softcapping (each only where the model has it)."""
+    if cfg.logits_scaling != 1.0:
+        logits = logits / jnp.float32(cfg.logits_scaling)
     return cap_scores(logits, cfg.final_logit_softcapping)
 
 
@@ -234,6 +242,8 @@ def embed_tokens(weights: Weights, cfg: ModelConfig, tokens: jax.Array) -> jax.A
     x = weights.embed[tokens]
     if cfg.scale_embeddings:
         x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+    if cfg.embedding_multiplier != 1.0:  # Granite: a float32 product, rounded once (as torch's by a Python float)
+        x = (x.astype(jnp.float32) * jnp.float32(cfg.embedding_multiplier)).astype(x.dtype)
     return x
 
 
@@ -340,8 +350,16 @@ def decoder_layer(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, sin,
     inlines the calls before it optimizes, so the compiled program is the one the unrolled loop
     gave. Tracing plus lowering no longer grows with the depth of the model."""
     delta, k_pages, v_pages = attention_block(layer, cfg, x, cos, sin, k_pages, v_pages, meta, backend, window)
-    x = x + delta
-    return x + mlp_block(layer, cfg, x), k_pages, v_pages
+    x = x + residual_scaled(delta, cfg)
+    return x + residual_scaled(mlp_block(layer, cfg, x), cfg), k_pages, v_pages
+
+
+def residual_scaled(delta: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """A block's output as it joins the residual stream: times Granite's residual_multiplier (a
+    float32 product rounded once, as torch multiplies by a Python float), else unchanged."""
+    if cfg.residual_multiplier == 1.0:
+        return delta
+    return (delta.astype(jnp.float32) * jnp.float32(cfg.residual_multiplier)).astype(delta.dtype)
 
 
 def forward(weights: Weights, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,

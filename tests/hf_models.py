@@ -59,6 +59,10 @@ ARCHS = {
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
              {"num_key_value_heads": 2, "pad_token_id": None,
               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}}),
+    # Granite: muP scalars on the embeddings, each residual branch, the attention scale and the logits
+    "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM,
+                {"num_key_value_heads": 2, "attention_bias": True, "embedding_multiplier": 3.0,
+                 "residual_multiplier": 0.5, "attention_multiplier": 0.2, "logits_scaling": 2.0}),
     # OLMoE: OLMo's q / k norms over all heads, top 2 of 4 experts, not renormalized
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
               {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),

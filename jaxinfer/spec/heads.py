@@ -43,11 +43,12 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv.cache import AttentionMeta, KVCache
-from jaxinfer.layers import cap_scores, dense_dot, matmul, rms_norm
+from jaxinfer.layers import dense_dot, matmul, rms_norm
 from jaxinfer.model import (
     LayerWeights,
     Weights,
     decoder_layer,
+    finish_logits,
     layer_shapes,
     layout_projection,
     lm_logits,
@@ -60,7 +61,8 @@ HEAD_METHODS = ("eagle", "medusa")
 LAYER_STYLE_FIELDS = ("hidden_act", "norm_style", "scale_embeddings", "sandwich_norms", "input_norms", "qk_norm_full",
                       "query_pre_attn_scalar", "layer_types", "local_rope_theta", "attn_logit_softcapping",
                       "final_logit_softcapping", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                      "norm_topk_prob", "shared_expert_intermediate_size", "dense_layers")
+                      "norm_topk_prob", "shared_expert_intermediate_size", "dense_layers", "embedding_multiplier",
+                      "residual_multiplier", "attention_multiplier")
 _TARGET_KEYS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
@@ -156,7 +158,7 @@ def head_logits(head: dict, target: Weights, hidden: jax.Array, target_cfg: Mode
     if "draft_ids" not in head:
         return lm_logits(target, hidden, target_cfg)
     x = rms_norm(hidden, target.final_norm, target_cfg.rms_norm_eps, target_cfg.norm_style)
-    sub = cap_scores(dense_dot(x, head["draft_head"]), target_cfg.final_logit_softcapping)  # [..., N] float32
+    sub = finish_logits(dense_dot(x, head["draft_head"]), target_cfg)  # [..., N] float32
     full = jnp.full(sub.shape[:-1] + (target.embed.shape[0],), -jnp.inf, jnp.float32)
     return full.at[..., head["draft_ids"]].set(sub)
 
