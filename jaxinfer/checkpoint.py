@@ -164,6 +164,8 @@ def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
         "k_norm": p + "self_attn.k_norm.weight", "gate": p + "mlp.gate_proj", "up": p + "mlp.up_proj",
         "down": p + "mlp.down_proj", "qkv": p + "self_attn.qkv_proj", "gate_up": p + "mlp.gate_up_proj",
     }
+    if not cfg.gated_mlp:  # StarCoder2: c_fc (up), c_proj (down)
+        names.update(up=p + "mlp.c_fc", down=p + "mlp.c_proj")
     if cfg.sandwich_norms:
         names.update(mlp_norm=p + "pre_feedforward_layernorm.weight",
                      post_attn_norm=p + "post_attention_layernorm.weight",
@@ -180,6 +182,11 @@ def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
                          gate=m + "shared_expert.gate_proj", up=m + "shared_expert.up_proj",
                          down=m + "shared_expert.down_proj", shared_gate=m + "shared_expert_gate.weight")
     return names
+
+
+def _bias_of(weight_name: str) -> str:
+    """A norm's shift beside its scale: "....weight" -> "....bias"."""
+    return weight_name.removesuffix("weight") + "bias"
 
 
 def _linear(src: TensorSource, parts: list[tuple[str, int, int]], quant):
@@ -209,6 +216,9 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
     if cfg.input_norms:
         yield "attn_norm", src.get(nm["attn_norm"], (d,))
         yield "mlp_norm", src.get(nm["mlp_norm"], (d,))
+        if cfg.norm_style == "layernorm":
+            yield "attn_norm_bias", src.get(_bias_of(nm["attn_norm"]), (d,))
+            yield "mlp_norm_bias", src.get(_bias_of(nm["mlp_norm"]), (d,))
     if cfg.sandwich_norms:
         yield "post_attn_norm", src.get(nm["post_attn_norm"], (d,))
         yield "post_mlp_norm", src.get(nm["post_mlp_norm"], (d,))
@@ -219,9 +229,10 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
     if cfg.is_moe_layer(i):
         yield from _hf_experts(cfg, src, nm, quant)
         f = cfg.shared_expert_intermediate_size
+    gate_up = ([(nm["gate_up"], 2 * f, d)] if fused else
+               [(nm["gate"], f, d), (nm["up"], f, d)] if cfg.gated_mlp else [(nm["up"], f, d)])
     if f:
-        yield "w_gate_up", _linear(src, [(nm["gate_up"], 2 * f, d)] if fused else
-                                   [(nm["gate"], f, d), (nm["up"], f, d)], quant)
+        yield "w_gate_up", _linear(src, gate_up, quant)
         yield "w_down", _linear(src, [(nm["down"], d, f)], quant)
     if cfg.qkv_bias:
         yield "bqkv", np.concatenate([src.get(nm["q"] + ".bias", (n * h,)),
@@ -233,8 +244,7 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
         yield "q_norm", src.get(nm["q_norm"], (n * h,) if cfg.qk_norm_full else (h,))
         yield "k_norm", src.get(nm["k_norm"], (k * h,) if cfg.qk_norm_full else (h,))
     if cfg.mlp_bias:
-        yield "b_gate_up", np.concatenate([src.get(nm["gate"] + ".bias", (f,)),
-                                           src.get(nm["up"] + ".bias", (f,))])
+        yield "b_gate_up", np.concatenate([src.get(m + ".bias", (width,)) for m, width, _ in gate_up])
         yield "b_down", src.get(nm["down"] + ".bias", (d,))
 
 
@@ -289,6 +299,8 @@ def load_weights(model_dir: Path, cfg: ModelConfig, dtype=jnp.float32,
             layers.append(LayerWeights(**fields))
         embed = _to_device(src.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)), dtype)
         final_norm = _to_device(src.get("model.norm.weight", (cfg.hidden_size,)), dtype)
+        final_bias = (_to_device(src.get("model.norm.bias", (cfg.hidden_size,)), dtype)
+                      if cfg.norm_style == "layernorm" else None)
         lm_head = None
         if not cfg.tie_word_embeddings:
             lm_head = _to_device(_linear(src, [("lm_head", cfg.vocab_size, cfg.hidden_size)], quant), dtype)
@@ -296,7 +308,7 @@ def load_weights(model_dir: Path, cfg: ModelConfig, dtype=jnp.float32,
         raise CheckpointError(f"{model_dir}: {e}") from None
     finally:
         src.close()
-    return Weights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
+    return Weights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head, final_norm_bias=final_bias)
 
 
 def _put_linear(out: dict, schemes: dict, parts: list[tuple[str, int]], w, cast):
@@ -323,6 +335,9 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
         nm = _hf_layer_names(cfg, i)
         if layer.attn_norm is not None:
             out[nm["attn_norm"]] = cast(layer.attn_norm)
+        if layer.attn_norm_bias is not None:
+            out[_bias_of(nm["attn_norm"])], out[_bias_of(nm["mlp_norm"])] = map(
+                cast, (layer.attn_norm_bias, layer.mlp_norm_bias))
         fused = cfg.fused_projections
         _put_linear(out, schemes, [(nm["qkv"], (n + 2 * k) * h)] if fused else
                     [(nm["q"], n * h), (nm["k"], k * h), (nm["v"], k * h)], layer.wqkv, cast)
@@ -331,8 +346,9 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
             out[nm["mlp_norm"]] = cast(layer.mlp_norm)
         if layer.w_gate_up is not None:  # a dense MLP, or a MoE layer's shared expert
             fl = layer.w_down.shape[0]
-            _put_linear(out, schemes, [(nm["gate_up"], 2 * fl)] if fused else [(nm["gate"], fl), (nm["up"], fl)],
-                        layer.w_gate_up, cast)
+            gate_up = ([(nm["gate_up"], 2 * fl)] if fused else
+                       [(nm["gate"], fl), (nm["up"], fl)] if cfg.gated_mlp else [(nm["up"], fl)])
+            _put_linear(out, schemes, gate_up, layer.w_gate_up, cast)
             _put_linear(out, schemes, [(nm["down"], cfg.hidden_size)], layer.w_down, cast)
         if layer.router is not None:
             out[nm["router"]] = cast(layer.router).T
@@ -353,11 +369,14 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
         if layer.q_norm is not None:
             out[nm["q_norm"]], out[nm["k_norm"]] = cast(layer.q_norm), cast(layer.k_norm)
         if layer.b_gate_up is not None:
-            out[nm["gate"] + ".bias"], out[nm["up"] + ".bias"] = np.split(cast(layer.b_gate_up), 2)
+            parts = [nm["gate"], nm["up"]] if cfg.gated_mlp else [nm["up"]]
+            out.update({m + ".bias": b for m, b in zip(parts, np.split(cast(layer.b_gate_up), len(parts)))})
             out[nm["down"] + ".bias"] = cast(layer.b_down)
         if layer.post_attn_norm is not None:
             out[nm["post_attn_norm"]], out[nm["post_mlp_norm"]] = cast(layer.post_attn_norm), cast(layer.post_mlp_norm)
     out["model.norm.weight"] = cast(weights.final_norm)
+    if weights.final_norm_bias is not None:
+        out["model.norm.bias"] = cast(weights.final_norm_bias)
     if weights.lm_head is not None:  # a quantized head of tied embeddings is written as an untied one
         _put_linear(out, schemes, [("lm_head", cfg.vocab_size)], weights.lm_head, cast)
     return {name: np.ascontiguousarray(a) for name, a in out.items()}, schemes
@@ -538,4 +557,5 @@ def _abstract_weights(cfg: ModelConfig, tree, quant: dict | None = None) -> Weig
             _, i, field = name.split(".")
             layers[int(i)] = layers[int(i)].replace(**{field: QuantWeight(**arrays, fmt=d["fmt"])})
     return Weights(embed=sds((cfg.vocab_size, cfg.hidden_size)), layers=layers,
-                   final_norm=sds((cfg.hidden_size,)), lm_head=lm_head)
+                   final_norm=sds((cfg.hidden_size,)), lm_head=lm_head,
+                   final_norm_bias=sds((cfg.hidden_size,)) if cfg.norm_style == "layernorm" else None)

@@ -29,6 +29,7 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "OlmoeForCausalLM": "olmoe",
     "Phi3ForCausalLM": "phi3",
     "GraniteForCausalLM": "granite",
+    "Starcoder2ForCausalLM": "starcoder2",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -38,9 +39,9 @@ FUSED = ("Phi3ForCausalLM",)  # q/k/v as one qkv_proj and gate/up as one gate_up
 LLAMA3_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
              "attention_factor")
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # of the gated MLP: act(gate) * up
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # of the MLP: act(gate) * up, or act(up) (gated_mlp=False)
 LAYER_TYPES = ("full_attention", "sliding_attention")
-NORM_STYLES = ("llama", "gemma", "olmo2")  # layers.rms_norm's orders of rounding
+NORM_STYLES = ("llama", "gemma", "olmo2", "layernorm")  # layers.rms_norm's orders of rounding; LayerNorm (StarCoder2)
 MOE_IMPLS = ("auto", "dense", "skip", "grouped")  # how `moe.experts_forward` runs the experts
 
 
@@ -99,6 +100,7 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
     sliding_window: int | None = None  # Mistral: keys older than this are masked
     partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE rotates the first rotary_dim dims of each head only
+    gated_mlp: bool = True  # act(gate) * up; False (StarCoder2): act(up), w_gate_up holding up alone
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"  # one of ACTIVATIONS (Gemma: gelu_pytorch_tanh)
@@ -183,8 +185,8 @@ class ModelConfig:
                                   f"[1, num_experts={self.num_experts}]")
             if not (isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0):
                 raise ConfigError(f"moe_intermediate_size={self.moe_intermediate_size!r} must be a positive integer")
-            if self.mlp_bias:
-                raise ConfigError("mlp_bias=True is not supported with experts (num_experts > 0)")
+            if self.mlp_bias or not self.gated_mlp:
+                raise ConfigError("experts (num_experts > 0) are gated MLPs without biases (mlp_bias=False, gated_mlp=True)")
             if not set(self.dense_layers) <= set(range(self.num_layers)):
                 raise ConfigError(f"dense_layers={list(self.dense_layers)!r} must be layer indices "
                                   f"in [0, {self.num_layers})")
@@ -242,7 +244,7 @@ class ModelConfig:
         and shared expert (active: only the num_experts_per_tok experts one token goes through)."""
         d = self.hidden_size
         if not self.is_moe_layer(i):
-            return 3 * d * self.intermediate_size
+            return (3 if self.gated_mlp else 2) * d * self.intermediate_size
         experts = self.num_experts_per_tok if active else self.num_experts
         fs = self.shared_expert_intermediate_size
         return d * self.num_experts + experts * 3 * d * self.moe_intermediate_size + (3 * d * fs + d) * (fs > 0)
@@ -253,9 +255,11 @@ class ModelConfig:
         attn = d * h * e + 2 * d * k * e + h * e * d
         attn += (h * e + 2 * k * e) * self.qkv_bias + d * self.o_bias
         attn += ((h + k) * e if self.qk_norm_full else 2 * e) * self.qk_norm
-        per_layer = attn + (2 * f + d) * self.mlp_bias + (2 * self.input_norms + 2 * self.sandwich_norms) * d
+        norms = (2 * self.input_norms + 2 * self.sandwich_norms) * d * (2 if self.norm_style == "layernorm" else 1)
+        per_layer = attn + ((2 if self.gated_mlp else 1) * f + d) * self.mlp_bias + norms
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + sum(map(self.mlp_params, range(self.num_layers))) + embed + d
+        final_norm = d * (2 if self.norm_style == "layernorm" else 1)
+        return self.num_layers * per_layer + sum(map(self.mlp_params, range(self.num_layers))) + embed + final_norm
 
     def matmul_flops_per_token(self, lm_head: bool = True) -> float:
         """Forward FLOPs of one token's weight products: 2 x the projection parameters of every
@@ -318,6 +322,8 @@ class ModelConfig:
             out["attention_bias"] = self.qkv_bias
         if model_type in ("llama", "granite"):
             out["mlp_bias"] = self.mlp_bias
+        if model_type == "starcoder2":
+            out.update(norm_epsilon=self.rms_norm_eps, use_bias=self.mlp_bias, sliding_window=self.sliding_window)
         if model_type == "granite":
             out.update(embedding_multiplier=self.embedding_multiplier, residual_multiplier=self.residual_multiplier,
                        attention_multiplier=self.attention_scale, logits_scaling=self.logits_scaling)
@@ -378,12 +384,13 @@ class ModelConfig:
         later_gemma = arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
         olmo2 = arch == "Olmo2ForCausalLM"
         olmoe = arch == "OlmoeForCausalLM"  # OLMo's q / k norms over all heads, Llama's pre-norm layers
+        starcoder2 = arch == "Starcoder2ForCausalLM"  # LayerNorms, a plain GELU MLP, biases everywhere (use_bias)
         if olmoe and hf.get("clip_qkv") is not None:
             raise ConfigError(f"{source}: clip_qkv={hf['clip_qkv']!r} is not supported (null only)")
         if later_gemma:  # their MLPs read hidden_activation
             act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
         else:
-            act = hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+            act = hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma or starcoder2 else "silu")
             if gemma and act == "gelu":  # Gemma's legacy spelling, which transformers reads as the tanh form
                 act = "gelu_pytorch_tanh"
         if act not in ACTIVATIONS:
@@ -445,7 +452,7 @@ class ModelConfig:
             scaling = _longrope(hf, scaling_src, phi3)
 
         sliding_window, layer_types = None, None
-        if arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM"):
+        if arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM", "Starcoder2ForCausalLM"):
             sliding_window = hf.get("sliding_window")
         elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
                       "Qwen3MoeForCausalLM") and hf.get("use_sliding_window"):
@@ -462,7 +469,7 @@ class ModelConfig:
         moe = _moe_fields(arch, hf, layers, inter) if arch in MOE else {}
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        attention_bias = bool(hf.get("attention_bias", False))
+        attention_bias = bool(hf.get("use_bias", True)) if starcoder2 else bool(hf.get("attention_bias", False))
         qkv_bias = (arch == "Qwen2ForCausalLM" or attention_bias
                     or (arch == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True))))
         return cls(
@@ -475,15 +482,17 @@ class ModelConfig:
             num_kv_heads=int(kv_heads),
             head_dim=int(head_dim),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(hf.get("norm_epsilon", 1e-5) if starcoder2 else hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
             partial_rotary_factor=float(rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
                                         if phi3 else 1.0),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=qkv_bias,
-            o_bias=attention_bias and (arch in ("LlamaForCausalLM", "GraniteForCausalLM") or gemma or olmo2 or olmoe),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            o_bias=attention_bias and (arch in ("LlamaForCausalLM", "GraniteForCausalLM") or gemma or olmo2 or olmoe
+                                       or starcoder2),
+            mlp_bias=attention_bias if starcoder2 else bool(hf.get("mlp_bias", False)),
+            gated_mlp=not starcoder2,
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2 or olmoe,
             qk_norm_full=olmo2 or olmoe,
             input_norms=not olmo2,
@@ -491,7 +500,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             hidden_act=act,
-            norm_style="gemma" if gemma else ("olmo2" if olmo2 else "llama"),
+            norm_style="gemma" if gemma else ("olmo2" if olmo2 else ("layernorm" if starcoder2 else "llama")),
             scale_embeddings=gemma,
             sandwich_norms=later_gemma or olmo2,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if later_gemma else None,

@@ -244,6 +244,23 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, style: str = "llama") 
     return weight * x32.astype(x.dtype)
 
 
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm (StarCoder2): mean and biased variance over the last dim, scale and shift, all in
+    float32 and rounded once (as torch computes a bf16 LayerNorm on CPU)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float, style: str = "llama") -> jax.Array:
+    """A model's input / final norm: `layer_norm` for style "layernorm", else `rms_norm` (bias None)."""
+    if style == "layernorm":
+        return layer_norm(x, weight, bias, eps)
+    return rms_norm(x, weight, eps, style)
+
+
 def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """cos and sin tables for positions [B, T]: each [B, T, 1, H/2], times `scale` (YaRN's
     attention factor) in float32 before the cast, as transformers scales them.
@@ -295,10 +312,17 @@ def gated_activation(gate_up: jax.Array, act: str) -> jax.Array:
     approximation of GELU for "gelu_pytorch_tanh" (Gemma; transformers' gelu_pytorch_tanh)."""
     if act == "silu":
         return swiglu(gate_up)
-    if act == "gelu_pytorch_tanh":
-        gate, up = jnp.split(gate_up, 2, axis=-1)
-        return jax.nn.gelu(gate, approximate=True) * up
-    raise ValueError(f"activation {act!r} is not one of silu, gelu_pytorch_tanh")
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return activation(gate, act) * up
+
+
+def activation(x: jax.Array, act: str) -> jax.Array:
+    """silu, GELU's tanh approximation ("gelu_pytorch_tanh") or exact GELU ("gelu")."""
+    if act == "silu":
+        return jax.nn.silu(x)
+    if act in ("gelu_pytorch_tanh", "gelu"):
+        return jax.nn.gelu(x, approximate=act == "gelu_pytorch_tanh")
+    raise ValueError(f"activation {act!r} is not one of silu, gelu_pytorch_tanh, gelu")
 
 
 def fold_heads(q: jax.Array, kv_heads: int) -> jax.Array:

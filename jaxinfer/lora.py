@@ -47,6 +47,7 @@ FUSED_MODULES = {"qkv_proj": "wqkv", "gate_up_proj": "w_gate_up"}
 # PEFT module -> (its field, the field's sub-modules it covers)
 MODULE_FIELD = {m: (f, (i,)) for f, mods in FIELDS.items() for i, m in enumerate(mods)}
 MODULE_FIELD.update({m: (f, tuple(range(len(FIELDS[f])))) for m, f in FUSED_MODULES.items()})
+MODULE_FIELD.update({"c_fc": ("w_gate_up", (0,)), "c_proj": ("w_down", (0,))})  # StarCoder2's ungated MLP
 ALL_MODULES = [m for mods in FIELDS.values() for m in mods]
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -96,8 +97,17 @@ def layer_fields(cfg: ModelConfig, i: int) -> tuple[str, ...]:
 def field_dims(cfg: ModelConfig, field: str) -> tuple[int, list[int]]:
     """(Din, the output width of each sub-module) of a fused projection."""
     d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    return {"wqkv": (d, [n * h, k * h, k * h]), "wo": (n * h, [d]), "w_gate_up": (d, [f, f]),
+    return {"wqkv": (d, [n * h, k * h, k * h]), "wo": (n * h, [d]), "w_gate_up": (d, [f, f] if cfg.gated_mlp else [f]),
             "w_down": (f, [d])}[field]
+
+
+def model_modules(cfg: ModelConfig) -> list[str]:
+    """The PEFT module names an adapter of this model may target (the checkpoint's Linear modules)."""
+    if cfg.fused_projections:
+        return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    if not cfg.gated_mlp:
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]
+    return ALL_MODULES
 
 
 @dataclasses.dataclass
@@ -165,10 +175,9 @@ def load_peft_adapter(req: LoRARequest, cfg: ModelConfig, max_rank: int) -> Host
             raise ValueError(f"{where}: tensor {name!r} is not a LoRA A/B matrix of a supported module "
                              f"({sorted(MODULE_FIELD)} of model.layers.N)")
         layer, module = int(m.group(1)), m.group(2)
-        if (module in FUSED_MODULES) != cfg.fused_projections and module not in ("o_proj", "down_proj"):
-            have = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if cfg.fused_projections else ALL_MODULES
+        if module not in model_modules(cfg):
             raise ValueError(f"{where}: tensor {name!r} adapts {module}, which {cfg.architecture} does not have "
-                             f"(its modules: {', '.join(have)})")
+                             f"(its modules: {', '.join(model_modules(cfg))})")
         if layer >= cfg.num_layers:
             raise ValueError(f"{where}: tensor {name!r} is for layer {layer}; the model has {cfg.num_layers}")
         found.setdefault((layer, module), {})[m.group(3)] = np.asarray(t.astype(jnp.float32))

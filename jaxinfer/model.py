@@ -26,12 +26,14 @@ from jaxinfer.layers import (
     PanelWeight,
     TiedHead,
     TransposedWeight,
+    activation,
     apply_rope,
     attention,
     cap_scores,
     dense_dot,
     gated_activation,
     matmul,
+    norm,
     rms_norm,
     rope_cos_sin,
 )
@@ -42,10 +44,12 @@ from jaxinfer.wquant import MODULES, QuantWeight
 class LayerWeights:
     wqkv: jax.Array  # [D, (N + 2K) H]
     wo: jax.Array  # [N H, D]
-    w_gate_up: jax.Array | None = None  # [D, 2F]   (a MoE layer's: its shared expert, if any)
+    w_gate_up: jax.Array | None = None  # [D, 2F]   (a MoE layer's: its shared expert, if any; [D, F]: up alone, gated_mlp=False)
     w_down: jax.Array | None = None  # [F, D]
     attn_norm: jax.Array | None = None  # [D]   (None: OLMo 2, no input norms)
     mlp_norm: jax.Array | None = None  # [D]
+    attn_norm_bias: jax.Array | None = None  # [D]   LayerNorm's shift (StarCoder2)
+    mlp_norm_bias: jax.Array | None = None  # [D]
     bqkv: jax.Array | None = None  # [(N + 2K) H]   Qwen2
     bo: jax.Array | None = None  # [D]
     q_norm: jax.Array | None = None  # [H]   Qwen3, Gemma 3 ([N H]: OLMo 2)
@@ -66,6 +70,7 @@ class Weights:
     layers: list  # [L] LayerWeights
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None = None  # [D, V] (or a QuantWeight / TransposedWeight / TiedHead); None: tied to embed
+    final_norm_bias: jax.Array | None = None  # [D]   LayerNorm's shift (StarCoder2)
 
     @property
     def dtype(self):
@@ -82,15 +87,18 @@ def layer_shapes(cfg: ModelConfig, i: int = 0) -> dict[str, tuple[int, ...] | No
     e, fe = cfg.num_experts, cfg.moe_intermediate_size
     if sparse:
         f = cfg.shared_expert_intermediate_size
+    up = (2 if cfg.gated_mlp else 1) * f  # gate and up, or up alone
+    norm_bias = (d,) if cfg.input_norms and cfg.norm_style == "layernorm" else None
     return {
-        "wqkv": (d, qkv), "wo": (n * h, d), "w_gate_up": (d, 2 * f) if f else None, "w_down": (f, d) if f else None,
+        "wqkv": (d, qkv), "wo": (n * h, d), "w_gate_up": (d, up) if f else None, "w_down": (f, d) if f else None,
         "attn_norm": (d,) if cfg.input_norms else None,
         "mlp_norm": (d,) if cfg.input_norms else None,
+        "attn_norm_bias": norm_bias, "mlp_norm_bias": norm_bias,
         "bqkv": (qkv,) if cfg.qkv_bias else None,
         "bo": (d,) if cfg.o_bias else None,
         "q_norm": ((n * h,) if cfg.qk_norm_full else (h,)) if cfg.qk_norm else None,
         "k_norm": ((k * h,) if cfg.qk_norm_full else (h,)) if cfg.qk_norm else None,
-        "b_gate_up": (2 * f,) if cfg.mlp_bias else None,
+        "b_gate_up": (up,) if cfg.mlp_bias else None,
         "b_down": (d,) if cfg.mlp_bias else None,
         "post_attn_norm": (d,) if cfg.sandwich_norms else None,
         "post_mlp_norm": (d,) if cfg.sandwich_norms else None,
@@ -103,16 +111,16 @@ def layer_shapes(cfg: ModelConfig, i: int = 0) -> dict[str, tuple[int, ...] | No
 
 def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Weights:
     """Random weights (normal(0, std) matrices, unit norms, zero biases)."""
-    norm = jnp.zeros if cfg.norm_style == "gemma" else jnp.ones  # Gemma's norms scale by 1 + weight
+    norm_init = jnp.zeros if cfg.norm_style == "gemma" else jnp.ones  # Gemma's norms scale by 1 + weight
     shapes = [layer_shapes(cfg, i) for i in range(cfg.num_layers)]
     keys = iter(jax.random.split(key, cfg.num_layers * len(shapes[0]) + 2))
 
     def make(name, shape):
         k = next(keys)
-        if "norm" in name:
-            return norm(shape, dtype)
-        if name.startswith("b"):
+        if name.startswith("b") or name.endswith("_bias"):
             return jnp.zeros(shape, dtype)
+        if "norm" in name:
+            return norm_init(shape, dtype)
         return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
     layers = [LayerWeights(**{n: (None if s is None else make(n, s)) for n, s in layer.items()}) for layer in shapes]
@@ -120,7 +128,9 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float
     lm_head = None
     if not cfg.tie_word_embeddings:
         lm_head = (std * jax.random.normal(next(keys), (cfg.hidden_size, cfg.vocab_size))).astype(dtype)
-    return Weights(embed=embed, layers=layers, final_norm=norm((cfg.hidden_size,), dtype), lm_head=lm_head)
+    final_bias = jnp.zeros((cfg.hidden_size,), dtype) if cfg.norm_style == "layernorm" else None
+    return Weights(embed=embed, layers=layers, final_norm=norm_init((cfg.hidden_size,), dtype), lm_head=lm_head,
+                   final_norm_bias=final_bias)
 
 
 def cast_weights(weights: Weights, dtype) -> Weights:
@@ -219,13 +229,18 @@ def _map_projections(weights: Weights, fn) -> Weights:
 def lm_logits(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm + LM head on pre-norm hidden states [..., D] -> float32 logits [..., V]
     (`finish_logits`: Granite's scaling, Gemma 2 / 3's soft cap)."""
-    x = rms_norm(hidden, weights.final_norm, cfg.rms_norm_eps, cfg.norm_style)
+    x = final_norm(weights, hidden, cfg)
     head = weights.lm_head
     if isinstance(head, QuantWeight):  # float32 logits, whatever the activation dtype
         logits = matmul(x.astype(jnp.float32), head)
     else:
         logits = dense_dot(x, TransposedWeight(weights.embed) if head is None else head)  # tied: the [V, D] embedding
     return finish_logits(logits, cfg)
+
+
+def final_norm(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The final norm (RMSNorm in the model's style, or LayerNorm) of pre-norm hidden states."""
+    return norm(hidden, weights.final_norm, weights.final_norm_bias, cfg.rms_norm_eps, cfg.norm_style)
 
 
 def finish_logits(logits: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -253,7 +268,8 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
     x [B, T, D] -> (delta [B, T, D], k_pages, v_pages)."""
     b, t, _ = x.shape
     n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    hn = x if layer.attn_norm is None else rms_norm(x, layer.attn_norm, cfg.rms_norm_eps, cfg.norm_style)
+    hn = x if layer.attn_norm is None else norm(x, layer.attn_norm, layer.attn_norm_bias, cfg.rms_norm_eps,
+                                                cfg.norm_style)
     with jax.named_scope("proj"):
         qkv = matmul(hn, layer.wqkv)  # [B, T, (N + 2K) H]
     if layer.bqkv is not None:
@@ -294,7 +310,7 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
 def mlp_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Gated MLP (SwiGLU; GeGLU for Gemma), or a mixture of such experts (`jaxinfer.moe`, plus
     Qwen2-MoE's sigmoid-gated shared expert), pre-norm but for OLMo 2. x [B, T, D] -> delta [B, T, D]."""
-    hn = x if layer.mlp_norm is None else rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps, cfg.norm_style)
+    hn = x if layer.mlp_norm is None else norm(x, layer.mlp_norm, layer.mlp_norm_bias, cfg.rms_norm_eps, cfg.norm_style)
     if layer.router is None:
         out = dense_mlp(layer, cfg, hn)
     else:
@@ -315,7 +331,8 @@ def dense_mlp(layer: LayerWeights, cfg: ModelConfig, hn: jax.Array) -> jax.Array
     if layer.b_gate_up is not None:
         gu = gu + layer.b_gate_up
     with jax.named_scope("proj"):
-        out = matmul(gated_activation(gu, cfg.hidden_act), layer.w_down)
+        act = gated_activation(gu, cfg.hidden_act) if cfg.gated_mlp else activation(gu, cfg.hidden_act)
+        out = matmul(act, layer.w_down)
     if layer.b_down is not None:
         out = out + layer.b_down
     return out

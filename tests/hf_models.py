@@ -63,6 +63,9 @@ ARCHS = {
     "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM,
                 {"num_key_value_heads": 2, "attention_bias": True, "embedding_multiplier": 3.0,
                  "residual_multiplier": 0.5, "attention_multiplier": 0.2, "logits_scaling": 2.0}),
+    # StarCoder2: LayerNorms, an ungated GELU MLP (c_fc, c_proj), biases everywhere, a sliding window
+    "starcoder2": (transformers.Starcoder2Config, transformers.Starcoder2ForCausalLM,
+                   {"num_key_value_heads": 2, "sliding_window": 24, "norm_epsilon": 1e-5}),
     # OLMoE: OLMo's q / k norms over all heads, top 2 of 4 experts, not renormalized
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
               {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),

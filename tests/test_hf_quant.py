@@ -326,8 +326,9 @@ def test_export_refuses_what_compressed_tensors_cannot_hold(base, tmp_path):
         export_hf(tmp_path / "awq", cfg, awq)
 
 
-# q/k/v biases; per-head q/k norms and an explicit head_dim; Phi-3's fused qkv_proj and gate_up_proj
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3"])
+# q/k/v biases; per-head q/k norms and an explicit head_dim; Phi-3's fused qkv_proj and gate_up_proj;
+# StarCoder2's ungated MLP with biases
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3", "starcoder2"])
 def test_compressed_checkpoints_of_other_architectures_match_transformers(tmp_path, arch):
     base = write_tiny(arch, tmp_path / arch)
     path = write_compressed(base, tmp_path / f"{arch}_q", {"weights": {**INT4_G32, "group_size": 16}})

@@ -156,14 +156,19 @@ def test_moe_models_serve_attention_adapters_as_peft_does(tmp_path):
     assert llm.generate({"prompt_token_ids": PROMPT}, sp)[0].outputs[0].token_ids == plain.outputs[0].token_ids
 
 
-def test_phi3_fused_module_adapters_match_peft(tmp_path):
-    """Phi-3's adapters target its fused qkv_proj and gate_up_proj: served as one A shared by the
-    field's parts and B's rows split among them, greedy tokens and prompt logprobs equal PEFT's.
-    A q_proj adapter, which Phi-3 has no module for, is refused at the request, naming it."""
-    base = write_tiny("phi3", tmp_path / "base")
-    ref = _adapter(base, tmp_path / "fused", 1, r=4, lora_alpha=8,
-                   target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
-    _adapter(write_tiny("llama", tmp_path / "llama"), tmp_path / "split", 2, r=4, lora_alpha=8, target_modules=["q_proj"])
+@pytest.mark.parametrize("arch, modules, foreign", [
+    ("phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], ("llama", "q_proj", "qkv_proj")),
+    ("starcoder2", ["q_proj", "v_proj", "o_proj", "c_fc", "c_proj"], ("llama", "gate_proj", "c_fc")),
+])
+def test_adapters_of_other_module_layouts_match_peft(tmp_path, arch, modules, foreign):
+    """Phi-3's adapters target its fused qkv_proj and gate_up_proj (served as one A shared by the
+    field's parts and B's rows split among them); StarCoder2's its ungated MLP's c_fc and c_proj.
+    Greedy tokens and prompt logprobs equal PEFT's. An adapter of a module the model does not
+    have (a Llama's) is refused at the request, naming it and the model's modules."""
+    base = write_tiny(arch, tmp_path / "base")
+    ref = _adapter(base, tmp_path / "fused", 1, r=4, lora_alpha=8, target_modules=modules)
+    other, module, listed = foreign
+    _adapter(write_tiny(other, tmp_path / other), tmp_path / "split", 2, r=4, lora_alpha=8, target_modules=[module])
     llm = LLM(str(base), enable_lora=True, max_lora_rank=4, max_model_len=64)
     sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0, ignore_eos=True)
     out = llm.generate({"prompt_token_ids": PROMPT}, sp, lora_request=LoRARequest("fused", 1, str(tmp_path / "fused")))[0]
@@ -176,6 +181,7 @@ def test_phi3_fused_module_adapters_match_peft(tmp_path):
     np.testing.assert_allclose(ours, lp[np.arange(len(PROMPT) - 1), PROMPT[1:]], atol=1e-4)
     plain = llm.generate({"prompt_token_ids": PROMPT}, sp)[0]
     assert not np.allclose([d[t].logprob for d, t in zip(plain.prompt_logprobs[1:], PROMPT[1:])], ours, atol=1e-3)
-    with pytest.raises(ValueError, match="adapts q_proj, which Phi3ForCausalLM does not have.*qkv_proj"):
+    with pytest.raises(ValueError, match=f"adapts {module}, which {type(ref.base_model.model).__name__} does not "
+                                         f"have.*{listed}"):
         llm.generate({"prompt_token_ids": PROMPT}, sp, lora_request=LoRARequest("split", 2, str(tmp_path / "split")))
     assert llm.generate({"prompt_token_ids": PROMPT}, sp)[0].outputs[0].token_ids == plain.outputs[0].token_ids

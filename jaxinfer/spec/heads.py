@@ -48,6 +48,7 @@ from jaxinfer.model import (
     LayerWeights,
     Weights,
     decoder_layer,
+    final_norm,
     finish_logits,
     layer_shapes,
     layout_projection,
@@ -62,7 +63,7 @@ LAYER_STYLE_FIELDS = ("hidden_act", "norm_style", "scale_embeddings", "sandwich_
                       "query_pre_attn_scalar", "layer_types", "local_rope_theta", "attn_logit_softcapping",
                       "final_logit_softcapping", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
                       "norm_topk_prob", "shared_expert_intermediate_size", "dense_layers", "embedding_multiplier",
-                      "residual_multiplier", "attention_multiplier")
+                      "residual_multiplier", "attention_multiplier", "gated_mlp")
 _TARGET_KEYS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
@@ -157,7 +158,7 @@ def head_logits(head: dict, target: Weights, hidden: jax.Array, target_cfg: Mode
     (the other tokens -inf)."""
     if "draft_ids" not in head:
         return lm_logits(target, hidden, target_cfg)
-    x = rms_norm(hidden, target.final_norm, target_cfg.rms_norm_eps, target_cfg.norm_style)
+    x = final_norm(target, hidden, target_cfg)
     sub = finish_logits(dense_dot(x, head["draft_head"]), target_cfg)  # [..., N] float32
     full = jnp.full(sub.shape[:-1] + (target.embed.shape[0],), -jnp.inf, jnp.float32)
     return full.at[..., head["draft_ids"]].set(sub)
