@@ -88,13 +88,27 @@ def _read_raw(path: Path, name: str) -> np.ndarray:
 # (and transformers writes them), and as transformers 4.52-4.5x named them in memory
 TEXT_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
                        "language_model.lm_head.": "lm_head."}
+# GPT-NeoX's top-level names (the Hub's; transformers 5 reads embed_out as lm_head) as Llama's
+NEOX_PREFIXES = {"gpt_neox.layers.": "model.layers.", "gpt_neox.embed_in.": "model.embed_tokens.",
+                 "gpt_neox.final_layer_norm.": "model.norm.", "embed_out.": "lm_head."}
 
 
-def _text_model_name(name: str) -> str:
-    """A tensor's name in the text-only model (`TEXT_MODEL_PREFIXES`); other names unchanged."""
-    for prefix, text in TEXT_MODEL_PREFIXES.items():
+def _text_model_name(name: str) -> tuple[str, tuple[str, str] | None]:
+    """A tensor's name in Llama's layout of the text-only model (`TEXT_MODEL_PREFIXES`,
+    `NEOX_PREFIXES`), and the (stored, ours) prefix pair that renamed it (None: unchanged)."""
+    for prefix, text in (TEXT_MODEL_PREFIXES | NEOX_PREFIXES).items():
         if name.startswith(prefix):
-            return text + name[len(prefix):]
+            return text + name[len(prefix):], (prefix, text)
+    return name, None
+
+
+def _hub_name(cfg: ModelConfig, name: str) -> str:
+    """A tensor or module name as the architecture's checkpoints spell it (GPT-NeoX: `NEOX_PREFIXES`
+    backwards); Llama's layout for the others."""
+    if cfg.architecture == "GPTNeoXForCausalLM":
+        for prefix, ours in NEOX_PREFIXES.items():
+            if name.startswith(ours):
+                return prefix + name[len(ours):]
     return name
 
 
@@ -122,14 +136,24 @@ class TensorSource:
         self.paths = {f: model_dir / f for f in files}
         self.files = {f: _open_safetensors(p) for f, p in self.paths.items()}
         self.where, self.stored = {}, {}  # text model's name -> file, -> the name stored there
+        self.renamed: dict[str, str] = {}  # our prefix -> the stored one, for the prefixes this checkpoint renames
         for f, h in self.files.items():
             for name in h.keys():
-                text = _text_model_name(name)
+                text, renamed = _text_model_name(name)
                 self.where[text], self.stored[text] = f, name
+                if renamed is not None:
+                    self.renamed[renamed[1]] = renamed[0]
         self.model_dir = model_dir
 
+    def stored_module(self, name: str) -> str:
+        """A module's name as this checkpoint spells it (what its quantization config names)."""
+        for ours, stored in self.renamed.items():  # prefixes end with ".": "lm_head." holds module "lm_head"
+            if (name + ".").startswith(ours):
+                return (stored + name[len(ours):]) if len(name) >= len(ours) else stored[:-1]
+        return name
+
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """Tensor `name` (a text model's name: see `_text_model_name`), checked against `shape`
+        """Tensor `name` (in Llama's layout: see `_text_model_name`), checked against `shape`
         when given."""
         f = self.where.get(name)
         if f is None:
@@ -164,7 +188,10 @@ def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
         "k_norm": p + "self_attn.k_norm.weight", "gate": p + "mlp.gate_proj", "up": p + "mlp.up_proj",
         "down": p + "mlp.down_proj", "qkv": p + "self_attn.qkv_proj", "gate_up": p + "mlp.gate_up_proj",
     }
-    if not cfg.gated_mlp:  # StarCoder2: c_fc (up), c_proj (down)
+    if cfg.architecture == "GPTNeoXForCausalLM":
+        names.update(qkv=p + "attention.query_key_value", o=p + "attention.dense", up=p + "mlp.dense_h_to_4h",
+                     down=p + "mlp.dense_4h_to_h")
+    elif not cfg.gated_mlp:  # StarCoder2: c_fc (up), c_proj (down)
         names.update(up=p + "mlp.c_fc", down=p + "mlp.c_proj")
     if cfg.sandwich_norms:
         names.update(mlp_norm=p + "pre_feedforward_layernorm.weight",
@@ -193,7 +220,7 @@ def _linear(src: TensorSource, parts: list[tuple[str, int, int]], quant):
     """A projection from its HF Linear parts [(module, out, in)] (several for q/k/v and gate/up):
     a dense [K, N] array in our layout, or a QuantWeight when the checkpoint stores it quantized
     (`hf_quant`; parts that cannot share one QuantWeight are dequantized into the dense matrix)."""
-    schemes = [quant.scheme_of(m) if quant is not None else None for m, _, _ in parts]
+    schemes = [quant.scheme_of(src.stored_module(m)) if quant is not None else None for m, _, _ in parts]
     if all(s is None for s in schemes):
         if len(parts) == 1:
             return src.get(parts[0][0] + ".weight", parts[0][1:]).T
@@ -229,15 +256,14 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
     if cfg.is_moe_layer(i):
         yield from _hf_experts(cfg, src, nm, quant)
         f = cfg.shared_expert_intermediate_size
-    gate_up = ([(nm["gate_up"], 2 * f, d)] if fused else
-               [(nm["gate"], f, d), (nm["up"], f, d)] if cfg.gated_mlp else [(nm["up"], f, d)])
+    gate_up = ([(nm["up"], f, d)] if not cfg.gated_mlp else
+               [(nm["gate_up"], 2 * f, d)] if fused else [(nm["gate"], f, d), (nm["up"], f, d)])
     if f:
         yield "w_gate_up", _linear(src, gate_up, quant)
         yield "w_down", _linear(src, [(nm["down"], d, f)], quant)
     if cfg.qkv_bias:
-        yield "bqkv", np.concatenate([src.get(nm["q"] + ".bias", (n * h,)),
-                                      src.get(nm["k"] + ".bias", (k * h,)),
-                                      src.get(nm["v"] + ".bias", (k * h,))])
+        parts = [(nm["qkv"], (n + 2 * k) * h)] if fused else [(nm["q"], n * h), (nm["k"], k * h), (nm["v"], k * h)]
+        yield "bqkv", np.concatenate([src.get(m + ".bias", (width,)) for m, width in parts])
     if cfg.o_bias:
         yield "bo", src.get(nm["o"] + ".bias", (d,))
     if cfg.qk_norm:
@@ -346,8 +372,8 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
             out[nm["mlp_norm"]] = cast(layer.mlp_norm)
         if layer.w_gate_up is not None:  # a dense MLP, or a MoE layer's shared expert
             fl = layer.w_down.shape[0]
-            gate_up = ([(nm["gate_up"], 2 * fl)] if fused else
-                       [(nm["gate"], fl), (nm["up"], fl)] if cfg.gated_mlp else [(nm["up"], fl)])
+            gate_up = ([(nm["up"], fl)] if not cfg.gated_mlp else
+                       [(nm["gate_up"], 2 * fl)] if fused else [(nm["gate"], fl), (nm["up"], fl)])
             _put_linear(out, schemes, gate_up, layer.w_gate_up, cast)
             _put_linear(out, schemes, [(nm["down"], cfg.hidden_size)], layer.w_down, cast)
         if layer.router is not None:
@@ -361,7 +387,9 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
                             cast)
             if layer.shared_gate is not None:
                 out[nm["shared_gate"]] = cast(layer.shared_gate).T
-        if layer.bqkv is not None:
+        if layer.bqkv is not None and fused:
+            out[nm["qkv"] + ".bias"] = cast(layer.bqkv)
+        elif layer.bqkv is not None:
             out[nm["q"] + ".bias"], out[nm["k"] + ".bias"], out[nm["v"] + ".bias"] = np.split(
                 cast(layer.bqkv), [n * h, (n + k) * h])
         if layer.bo is not None:
@@ -379,7 +407,13 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
         out["model.norm.bias"] = cast(weights.final_norm_bias)
     if weights.lm_head is not None:  # a quantized head of tied embeddings is written as an untied one
         _put_linear(out, schemes, [("lm_head", cfg.vocab_size)], weights.lm_head, cast)
-    return {name: np.ascontiguousarray(a) for name, a in out.items()}, schemes
+    return ({_hub_name(cfg, name): np.ascontiguousarray(a) for name, a in out.items()},
+            {_hub_name(cfg, m): group for m, group in schemes.items()})
+
+
+# The names of Linear modules' weights: Llama's layout, GPT-NeoX's
+LINEAR_SUFFIXES = ("_proj.weight", "lm_head.weight", "query_key_value.weight", "attention.dense.weight",
+                   "dense_h_to_4h.weight", "dense_4h_to_h.weight", "embed_out.weight")
 
 
 def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: Weights, dtype="bfloat16",
@@ -405,7 +439,7 @@ def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: Weights, dtype="bf
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
     if schemes:
         hf_cfg["tie_word_embeddings"] = weights.lm_head is None
-        dense = [name[:-len(".weight")] for name in state if name.endswith("_proj.weight") or name == "lm_head.weight"]
+        dense = [name[:-len(".weight")] for name in state if name.endswith(LINEAR_SUFFIXES)]
         dense = [m for m in dense if m not in schemes]  # float8 codes are stored as "weight" too
         hf_cfg["quantization_config"] = hf_quant.quantization_config(schemes, dense)
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

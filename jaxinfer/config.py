@@ -30,12 +30,13 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "Phi3ForCausalLM": "phi3",
     "GraniteForCausalLM": "granite",
     "Starcoder2ForCausalLM": "starcoder2",
+    "GPTNeoXForCausalLM": "gpt_neox",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 MOE = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")  # sparse MoE MLPs
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
-FUSED = ("Phi3ForCausalLM",)  # q/k/v as one qkv_proj and gate/up as one gate_up_proj in the checkpoint
+FUSED = ("Phi3ForCausalLM", "GPTNeoXForCausalLM")  # checkpoints with q/k/v in one module (and Phi-3's gate/up)
 LLAMA3_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
              "attention_factor")
@@ -101,6 +102,11 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: keys older than this are masked
     partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE rotates the first rotary_dim dims of each head only
     gated_mlp: bool = True  # act(gate) * up; False (StarCoder2): act(up), w_gate_up holding up alone
+    # GPT-NeoX (Pythia): wqkv's columns per head ([q_h, k_h, v_h] for each head h, as the checkpoint's
+    # query_key_value holds them), and attention and MLP both reading the layer's input, their
+    # outputs added to it together (use_parallel_residual)
+    qkv_per_head: bool = False
+    parallel_residual: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"  # one of ACTIVATIONS (Gemma: gelu_pytorch_tanh)
@@ -153,6 +159,9 @@ class ModelConfig:
         if not (0 < self.partial_rotary_factor <= 1) or self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor!r} must be in (0, 1] and leave an "
                               f"even number of rotated dims (head_dim={self.head_dim} gives {self.rotary_dim})")
+        if self.qkv_per_head and self.num_kv_heads != self.num_heads:
+            raise ConfigError(f"qkv_per_head (GPT-NeoX) needs num_kv_heads == num_heads, not {self.num_kv_heads} "
+                              f"of {self.num_heads}")
         rs = self.rope_scaling
         if rs.rope_type == "longrope" and not (len(rs.short_factor) == len(rs.long_factor) == self.rotary_dim // 2):
             raise ConfigError(f"longrope short_factor / long_factor have {len(rs.short_factor)} / "
@@ -214,7 +223,8 @@ class ModelConfig:
 
     @property
     def fused_projections(self) -> bool:
-        """Whether the checkpoint stores q/k/v and gate/up fused (Phi-3's qkv_proj, gate_up_proj)."""
+        """Whether the checkpoint stores q/k/v fused, and gate/up where the MLP is gated (Phi-3's
+        qkv_proj, gate_up_proj; GPT-NeoX's query_key_value)."""
         return self.architecture in FUSED
 
     def with_context(self, max_model_len: int) -> ModelConfig:
@@ -324,6 +334,10 @@ class ModelConfig:
             out["mlp_bias"] = self.mlp_bias
         if model_type == "starcoder2":
             out.update(norm_epsilon=self.rms_norm_eps, use_bias=self.mlp_bias, sliding_window=self.sliding_window)
+        if model_type == "gpt_neox":
+            out.update(layer_norm_eps=self.rms_norm_eps, attention_bias=self.qkv_bias,
+                       partial_rotary_factor=self.partial_rotary_factor, rotary_pct=self.partial_rotary_factor,
+                       rotary_emb_base=self.rope_theta, use_parallel_residual=self.parallel_residual)
         if model_type == "granite":
             out.update(embedding_multiplier=self.embedding_multiplier, residual_multiplier=self.residual_multiplier,
                        attention_multiplier=self.attention_scale, logits_scaling=self.logits_scaling)
@@ -385,12 +399,13 @@ class ModelConfig:
         olmo2 = arch == "Olmo2ForCausalLM"
         olmoe = arch == "OlmoeForCausalLM"  # OLMo's q / k norms over all heads, Llama's pre-norm layers
         starcoder2 = arch == "Starcoder2ForCausalLM"  # LayerNorms, a plain GELU MLP, biases everywhere (use_bias)
+        neox = arch == "GPTNeoXForCausalLM"  # likewise, with q / k / v per head, a parallel residual, partial rotary
         if olmoe and hf.get("clip_qkv") is not None:
             raise ConfigError(f"{source}: clip_qkv={hf['clip_qkv']!r} is not supported (null only)")
         if later_gemma:  # their MLPs read hidden_activation
             act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
         else:
-            act = hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma or starcoder2 else "silu")
+            act = hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma or starcoder2 else "gelu" if neox else "silu")
             if gemma and act == "gelu":  # Gemma's legacy spelling, which transformers reads as the tanh form
                 act = "gelu_pytorch_tanh"
         if act not in ACTIVATIONS:
@@ -417,7 +432,7 @@ class ModelConfig:
             local_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
             rope_params = rope_params.get("full_attention") or {}
         rope_scaling_d = hf.get("rope_scaling") or {}
-        theta = rope_params.get("rope_theta", hf.get("rope_theta", default_theta))
+        theta = rope_params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", default_theta)))
         scaling_src = rope_scaling_d or rope_params
         rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default")) or "default"
         phi3 = arch == "Phi3ForCausalLM"
@@ -469,7 +484,8 @@ class ModelConfig:
         moe = _moe_fields(arch, hf, layers, inter) if arch in MOE else {}
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        attention_bias = bool(hf.get("use_bias", True)) if starcoder2 else bool(hf.get("attention_bias", False))
+        attention_bias = (bool(hf.get("use_bias", True)) if starcoder2 else
+                          bool(hf.get("attention_bias", neox)))
         qkv_bias = (arch == "Qwen2ForCausalLM" or attention_bias
                     or (arch == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True))))
         return cls(
@@ -482,17 +498,21 @@ class ModelConfig:
             num_kv_heads=int(kv_heads),
             head_dim=int(head_dim),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(hf.get("norm_epsilon", 1e-5) if starcoder2 else hf.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(hf.get("norm_epsilon", 1e-5) if starcoder2 else hf.get("layer_norm_eps", 1e-5) if neox
+                               else hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
-            partial_rotary_factor=float(rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-                                        if phi3 else 1.0),
+            partial_rotary_factor=float(
+                rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) if phi3 else
+                rope_params.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)) if neox else 1.0),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=qkv_bias,
             o_bias=attention_bias and (arch in ("LlamaForCausalLM", "GraniteForCausalLM") or gemma or olmo2 or olmoe
-                                       or starcoder2),
-            mlp_bias=attention_bias if starcoder2 else bool(hf.get("mlp_bias", False)),
-            gated_mlp=not starcoder2,
+                                       or starcoder2 or neox),
+            mlp_bias=attention_bias if starcoder2 else (neox or bool(hf.get("mlp_bias", False))),
+            gated_mlp=not (starcoder2 or neox),
+            qkv_per_head=neox,
+            parallel_residual=neox and bool(hf.get("use_parallel_residual", True)),
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2 or olmoe,
             qk_norm_full=olmo2 or olmoe,
             input_norms=not olmo2,
@@ -500,7 +520,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             hidden_act=act,
-            norm_style="gemma" if gemma else ("olmo2" if olmo2 else ("layernorm" if starcoder2 else "llama")),
+            norm_style="gemma" if gemma else ("olmo2" if olmo2 else ("layernorm" if starcoder2 or neox else "llama")),
             scale_embeddings=gemma,
             sandwich_norms=later_gemma or olmo2,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if later_gemma else None,

@@ -48,8 +48,11 @@ FUSED_MODULES = {"qkv_proj": "wqkv", "gate_up_proj": "w_gate_up"}
 MODULE_FIELD = {m: (f, (i,)) for f, mods in FIELDS.items() for i, m in enumerate(mods)}
 MODULE_FIELD.update({m: (f, tuple(range(len(FIELDS[f])))) for m, f in FUSED_MODULES.items()})
 MODULE_FIELD.update({"c_fc": ("w_gate_up", (0,)), "c_proj": ("w_down", (0,))})  # StarCoder2's ungated MLP
+MODULE_FIELD.update({"query_key_value": ("wqkv", (0, 1, 2)), "dense": ("wo", (0,)),  # GPT-NeoX's
+                     "dense_h_to_4h": ("w_gate_up", (0,)), "dense_4h_to_h": ("w_down", (0,))})
 ALL_MODULES = [m for mods in FIELDS.values() for m in mods]
-_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?:model|gpt_neox)\.layers\.(\d+)\.(?:self_attn|attention|mlp)\.(\w+)"
+                  r"\.lora_([AB])\.weight$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +106,8 @@ def field_dims(cfg: ModelConfig, field: str) -> tuple[int, list[int]]:
 
 def model_modules(cfg: ModelConfig) -> list[str]:
     """The PEFT module names an adapter of this model may target (the checkpoint's Linear modules)."""
+    if cfg.architecture == "GPTNeoXForCausalLM":
+        return ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
     if cfg.fused_projections:
         return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     if not cfg.gated_mlp:

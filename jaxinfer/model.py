@@ -274,6 +274,8 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
         qkv = matmul(hn, layer.wqkv)  # [B, T, (N + 2K) H]
     if layer.bqkv is not None:
         qkv = qkv + layer.bqkv
+    if cfg.qkv_per_head:  # GPT-NeoX: [q_h, k_h, v_h] per head -> [q; k; v]
+        qkv = qkv.reshape(b, t, n, 3, h).swapaxes(2, 3).reshape(b, t, 3 * n * h)
     q, k, v = jnp.split(qkv, [n * h, (n + kh) * h], axis=-1)
     if cfg.qk_norm_full:  # OLMo 2: over all heads' dims at once
         q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps, cfg.norm_style)
@@ -367,6 +369,8 @@ def decoder_layer(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, sin,
     inlines the calls before it optimizes, so the compiled program is the one the unrolled loop
     gave. Tracing plus lowering no longer grows with the depth of the model."""
     delta, k_pages, v_pages = attention_block(layer, cfg, x, cos, sin, k_pages, v_pages, meta, backend, window)
+    if cfg.parallel_residual:  # GPT-NeoX: the MLP reads the layer's input too; (mlp + attention) + x as transformers
+        return (mlp_block(layer, cfg, x) + delta) + x, k_pages, v_pages
     x = x + residual_scaled(delta, cfg)
     return x + residual_scaled(mlp_block(layer, cfg, x), cfg), k_pages, v_pages
 

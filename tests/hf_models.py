@@ -66,6 +66,10 @@ ARCHS = {
     # StarCoder2: LayerNorms, an ungated GELU MLP (c_fc, c_proj), biases everywhere, a sliding window
     "starcoder2": (transformers.Starcoder2Config, transformers.Starcoder2ForCausalLM,
                    {"num_key_value_heads": 2, "sliding_window": 24, "norm_epsilon": 1e-5}),
+    # GPT-NeoX (Pythia): q / k / v per head in one query_key_value, a parallel residual, RoPE on a
+    # quarter of each head, LayerNorms, an ungated exact-GELU MLP, biases, an untied head
+    "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM,
+                 {"rotary_pct": 0.25, "layer_norm_eps": 1e-5, "hidden_act": "gelu"}),
     # OLMoE: OLMo's q / k norms over all heads, top 2 of 4 experts, not renormalized
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
               {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),
