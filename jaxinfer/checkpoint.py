@@ -88,27 +88,29 @@ def _read_raw(path: Path, name: str) -> np.ndarray:
 # (and transformers writes them), and as transformers 4.52-4.5x named them in memory
 TEXT_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
                        "language_model.lm_head.": "lm_head."}
-# GPT-NeoX's top-level names (the Hub's; transformers 5 reads embed_out as lm_head) as Llama's
-NEOX_PREFIXES = {"gpt_neox.layers.": "model.layers.", "gpt_neox.embed_in.": "model.embed_tokens.",
-                 "gpt_neox.final_layer_norm.": "model.norm.", "embed_out.": "lm_head."}
+# Other architectures' top-level names as Llama's: GPT-NeoX's (the Hub's; transformers 5 reads
+# embed_out as lm_head), Phi-2's final norm
+HUB_PREFIXES = {"GPTNeoXForCausalLM": {"gpt_neox.layers.": "model.layers.", "gpt_neox.embed_in.": "model.embed_tokens.",
+                                       "gpt_neox.final_layer_norm.": "model.norm.", "embed_out.": "lm_head."},
+                "PhiForCausalLM": {"model.final_layernorm.": "model.norm."}}
+RENAMES = {stored: ours for prefixes in HUB_PREFIXES.values() for stored, ours in prefixes.items()}
 
 
 def _text_model_name(name: str) -> tuple[str, tuple[str, str] | None]:
     """A tensor's name in Llama's layout of the text-only model (`TEXT_MODEL_PREFIXES`,
-    `NEOX_PREFIXES`), and the (stored, ours) prefix pair that renamed it (None: unchanged)."""
-    for prefix, text in (TEXT_MODEL_PREFIXES | NEOX_PREFIXES).items():
+    `HUB_PREFIXES`), and the (stored, ours) prefix pair that renamed it (None: unchanged)."""
+    for prefix, text in (TEXT_MODEL_PREFIXES | RENAMES).items():
         if name.startswith(prefix):
             return text + name[len(prefix):], (prefix, text)
     return name, None
 
 
 def _hub_name(cfg: ModelConfig, name: str) -> str:
-    """A tensor or module name as the architecture's checkpoints spell it (GPT-NeoX: `NEOX_PREFIXES`
-    backwards); Llama's layout for the others."""
-    if cfg.architecture == "GPTNeoXForCausalLM":
-        for prefix, ours in NEOX_PREFIXES.items():
-            if name.startswith(ours):
-                return prefix + name[len(ours):]
+    """A tensor or module name as the architecture's checkpoints spell it (`HUB_PREFIXES` backwards;
+    Llama's layout where it has none)."""
+    for prefix, ours in HUB_PREFIXES.get(cfg.architecture, {}).items():
+        if name.startswith(ours):
+            return prefix + name[len(ours):]
     return name
 
 
@@ -191,6 +193,9 @@ def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
     if cfg.architecture == "GPTNeoXForCausalLM":
         names.update(qkv=p + "attention.query_key_value", o=p + "attention.dense", up=p + "mlp.dense_h_to_4h",
                      down=p + "mlp.dense_4h_to_h")
+    elif cfg.architecture == "PhiForCausalLM":  # one input norm, held twice (shared_input_norm)
+        names.update(o=p + "self_attn.dense", up=p + "mlp.fc1", down=p + "mlp.fc2",
+                     mlp_norm=p + "input_layernorm.weight")
     elif not cfg.gated_mlp:  # StarCoder2: c_fc (up), c_proj (down)
         names.update(up=p + "mlp.c_fc", down=p + "mlp.c_proj")
     if cfg.sandwich_norms:
@@ -330,11 +335,13 @@ def load_weights(model_dir: Path, cfg: ModelConfig, dtype=jnp.float32,
         lm_head = None
         if not cfg.tie_word_embeddings:
             lm_head = _to_device(_linear(src, [("lm_head", cfg.vocab_size, cfg.hidden_size)], quant), dtype)
+        head_bias = _to_device(src.get("lm_head.bias", (cfg.vocab_size,)), dtype) if cfg.lm_head_bias else None
     except hf_quant.QuantConfigError as e:
         raise CheckpointError(f"{model_dir}: {e}") from None
     finally:
         src.close()
-    return Weights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head, final_norm_bias=final_bias)
+    return Weights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head, final_norm_bias=final_bias,
+                   lm_head_bias=head_bias)
 
 
 def _put_linear(out: dict, schemes: dict, parts: list[tuple[str, int]], w, cast):
@@ -407,13 +414,16 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
         out["model.norm.bias"] = cast(weights.final_norm_bias)
     if weights.lm_head is not None:  # a quantized head of tied embeddings is written as an untied one
         _put_linear(out, schemes, [("lm_head", cfg.vocab_size)], weights.lm_head, cast)
+    if weights.lm_head_bias is not None:
+        out["lm_head.bias"] = cast(weights.lm_head_bias)
     return ({_hub_name(cfg, name): np.ascontiguousarray(a) for name, a in out.items()},
             {_hub_name(cfg, m): group for m, group in schemes.items()})
 
 
 # The names of Linear modules' weights: Llama's layout, GPT-NeoX's
 LINEAR_SUFFIXES = ("_proj.weight", "lm_head.weight", "query_key_value.weight", "attention.dense.weight",
-                   "dense_h_to_4h.weight", "dense_4h_to_h.weight", "embed_out.weight")
+                   "dense_h_to_4h.weight", "dense_4h_to_h.weight", "embed_out.weight", "self_attn.dense.weight",
+                   "mlp.fc1.weight", "mlp.fc2.weight")
 
 
 def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: Weights, dtype="bfloat16",
@@ -592,4 +602,5 @@ def _abstract_weights(cfg: ModelConfig, tree, quant: dict | None = None) -> Weig
             layers[int(i)] = layers[int(i)].replace(**{field: QuantWeight(**arrays, fmt=d["fmt"])})
     return Weights(embed=sds((cfg.vocab_size, cfg.hidden_size)), layers=layers,
                    final_norm=sds((cfg.hidden_size,)), lm_head=lm_head,
-                   final_norm_bias=sds((cfg.hidden_size,)) if cfg.norm_style == "layernorm" else None)
+                   final_norm_bias=sds((cfg.hidden_size,)) if cfg.norm_style == "layernorm" else None,
+                   lm_head_bias=sds((cfg.vocab_size,)) if cfg.lm_head_bias else None)

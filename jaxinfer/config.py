@@ -31,6 +31,7 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "GraniteForCausalLM": "granite",
     "Starcoder2ForCausalLM": "starcoder2",
     "GPTNeoXForCausalLM": "gpt_neox",
+    "PhiForCausalLM": "phi",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -107,6 +108,10 @@ class ModelConfig:
     # outputs added to it together (use_parallel_residual)
     qkv_per_head: bool = False
     parallel_residual: bool = False
+    # Phi-1.5 / Phi-2: one input LayerNorm that attention and MLP share (held as attn_norm and
+    # mlp_norm, equal), and a bias on the LM head
+    shared_input_norm: bool = False
+    lm_head_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"  # one of ACTIVATIONS (Gemma: gelu_pytorch_tanh)
@@ -265,9 +270,10 @@ class ModelConfig:
         attn = d * h * e + 2 * d * k * e + h * e * d
         attn += (h * e + 2 * k * e) * self.qkv_bias + d * self.o_bias
         attn += ((h + k) * e if self.qk_norm_full else 2 * e) * self.qk_norm
-        norms = (2 * self.input_norms + 2 * self.sandwich_norms) * d * (2 if self.norm_style == "layernorm" else 1)
+        input_norms = (1 if self.shared_input_norm else 2) * self.input_norms
+        norms = (input_norms + 2 * self.sandwich_norms) * d * (2 if self.norm_style == "layernorm" else 1)
         per_layer = attn + ((2 if self.gated_mlp else 1) * f + d) * self.mlp_bias + norms
-        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + self.vocab_size * self.lm_head_bias
         final_norm = d * (2 if self.norm_style == "layernorm" else 1)
         return self.num_layers * per_layer + sum(map(self.mlp_params, range(self.num_layers))) + embed + final_norm
 
@@ -338,6 +344,9 @@ class ModelConfig:
             out.update(layer_norm_eps=self.rms_norm_eps, attention_bias=self.qkv_bias,
                        partial_rotary_factor=self.partial_rotary_factor, rotary_pct=self.partial_rotary_factor,
                        rotary_emb_base=self.rope_theta, use_parallel_residual=self.parallel_residual)
+        if model_type == "phi":
+            out.update(layer_norm_eps=self.rms_norm_eps, partial_rotary_factor=self.partial_rotary_factor,
+                       qk_layernorm=False)
         if model_type == "granite":
             out.update(embedding_multiplier=self.embedding_multiplier, residual_multiplier=self.residual_multiplier,
                        attention_multiplier=self.attention_scale, logits_scaling=self.logits_scaling)
@@ -400,12 +409,18 @@ class ModelConfig:
         olmoe = arch == "OlmoeForCausalLM"  # OLMo's q / k norms over all heads, Llama's pre-norm layers
         starcoder2 = arch == "Starcoder2ForCausalLM"  # LayerNorms, a plain GELU MLP, biases everywhere (use_bias)
         neox = arch == "GPTNeoXForCausalLM"  # likewise, with q / k / v per head, a parallel residual, partial rotary
+        phi = arch == "PhiForCausalLM"  # a parallel residual from one shared LayerNorm, partial rotary, LM head bias
+        if phi and hf.get("qk_layernorm"):
+            raise ConfigError(f"{source}: qk_layernorm=True is not supported for PhiForCausalLM (false only)")
         if olmoe and hf.get("clip_qkv") is not None:
             raise ConfigError(f"{source}: clip_qkv={hf['clip_qkv']!r} is not supported (null only)")
         if later_gemma:  # their MLPs read hidden_activation
             act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
         else:
-            act = hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma or starcoder2 else "gelu" if neox else "silu")
+            act = hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma or starcoder2 else "gelu" if neox else
+                                           "gelu_new" if phi else "silu")
+            if act == "gelu_new":  # transformers' Python spelling of GELU's tanh approximation
+                act = "gelu_pytorch_tanh"
             if gemma and act == "gelu":  # Gemma's legacy spelling, which transformers reads as the tanh form
                 act = "gelu_pytorch_tanh"
         if act not in ACTIVATIONS:
@@ -484,7 +499,7 @@ class ModelConfig:
         moe = _moe_fields(arch, hf, layers, inter) if arch in MOE else {}
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        attention_bias = (bool(hf.get("use_bias", True)) if starcoder2 else
+        attention_bias = (bool(hf.get("use_bias", True)) if starcoder2 else phi or
                           bool(hf.get("attention_bias", neox)))
         qkv_bias = (arch == "Qwen2ForCausalLM" or attention_bias
                     or (arch == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True))))
@@ -498,21 +513,24 @@ class ModelConfig:
             num_kv_heads=int(kv_heads),
             head_dim=int(head_dim),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(hf.get("norm_epsilon", 1e-5) if starcoder2 else hf.get("layer_norm_eps", 1e-5) if neox
-                               else hf.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(hf.get("norm_epsilon", 1e-5) if starcoder2 else hf.get("layer_norm_eps", 1e-5)
+                               if neox or phi else hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
             partial_rotary_factor=float(
                 rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) if phi3 else
-                rope_params.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)) if neox else 1.0),
+                rope_params.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)) if neox else
+                rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)) if phi else 1.0),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=qkv_bias,
             o_bias=attention_bias and (arch in ("LlamaForCausalLM", "GraniteForCausalLM") or gemma or olmo2 or olmoe
-                                       or starcoder2 or neox),
-            mlp_bias=attention_bias if starcoder2 else (neox or bool(hf.get("mlp_bias", False))),
-            gated_mlp=not (starcoder2 or neox),
+                                       or starcoder2 or neox or phi),
+            mlp_bias=attention_bias if starcoder2 else (neox or phi or bool(hf.get("mlp_bias", False))),
+            gated_mlp=not (starcoder2 or neox or phi),
             qkv_per_head=neox,
-            parallel_residual=neox and bool(hf.get("use_parallel_residual", True)),
+            parallel_residual=phi or (neox and bool(hf.get("use_parallel_residual", True))),
+            shared_input_norm=phi,
+            lm_head_bias=phi,
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2 or olmoe,
             qk_norm_full=olmo2 or olmoe,
             input_norms=not olmo2,
@@ -520,7 +538,8 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             hidden_act=act,
-            norm_style="gemma" if gemma else ("olmo2" if olmo2 else ("layernorm" if starcoder2 or neox else "llama")),
+            norm_style="gemma" if gemma else ("olmo2" if olmo2 else ("layernorm" if starcoder2 or neox or phi
+                                                                      else "llama")),
             scale_embeddings=gemma,
             sandwich_norms=later_gemma or olmo2,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if later_gemma else None,

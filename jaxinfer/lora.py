@@ -49,7 +49,8 @@ MODULE_FIELD = {m: (f, (i,)) for f, mods in FIELDS.items() for i, m in enumerate
 MODULE_FIELD.update({m: (f, tuple(range(len(FIELDS[f])))) for m, f in FUSED_MODULES.items()})
 MODULE_FIELD.update({"c_fc": ("w_gate_up", (0,)), "c_proj": ("w_down", (0,))})  # StarCoder2's ungated MLP
 MODULE_FIELD.update({"query_key_value": ("wqkv", (0, 1, 2)), "dense": ("wo", (0,)),  # GPT-NeoX's
-                     "dense_h_to_4h": ("w_gate_up", (0,)), "dense_4h_to_h": ("w_down", (0,))})
+                     "dense_h_to_4h": ("w_gate_up", (0,)), "dense_4h_to_h": ("w_down", (0,)),
+                     "fc1": ("w_gate_up", (0,)), "fc2": ("w_down", (0,))})  # and Phi-2's
 ALL_MODULES = [m for mods in FIELDS.values() for m in mods]
 _KEY = re.compile(r"^base_model\.model\.(?:model|gpt_neox)\.layers\.(\d+)\.(?:self_attn|attention|mlp)\.(\w+)"
                   r"\.lora_([AB])\.weight$")
@@ -108,6 +109,8 @@ def model_modules(cfg: ModelConfig) -> list[str]:
     """The PEFT module names an adapter of this model may target (the checkpoint's Linear modules)."""
     if cfg.architecture == "GPTNeoXForCausalLM":
         return ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    if cfg.architecture == "PhiForCausalLM":
+        return ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
     if cfg.fused_projections:
         return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     if not cfg.gated_mlp:

@@ -71,6 +71,7 @@ class Weights:
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None = None  # [D, V] (or a QuantWeight / TransposedWeight / TiedHead); None: tied to embed
     final_norm_bias: jax.Array | None = None  # [D]   LayerNorm's shift (StarCoder2)
+    lm_head_bias: jax.Array | None = None  # [V]   Phi-2
 
     @property
     def dtype(self):
@@ -129,8 +130,9 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float
     if not cfg.tie_word_embeddings:
         lm_head = (std * jax.random.normal(next(keys), (cfg.hidden_size, cfg.vocab_size))).astype(dtype)
     final_bias = jnp.zeros((cfg.hidden_size,), dtype) if cfg.norm_style == "layernorm" else None
+    head_bias = jnp.zeros((cfg.vocab_size,), dtype) if cfg.lm_head_bias else None
     return Weights(embed=embed, layers=layers, final_norm=norm_init((cfg.hidden_size,), dtype), lm_head=lm_head,
-                   final_norm_bias=final_bias)
+                   final_norm_bias=final_bias, lm_head_bias=head_bias)
 
 
 def cast_weights(weights: Weights, dtype) -> Weights:
@@ -235,6 +237,8 @@ def lm_logits(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Arra
         logits = matmul(x.astype(jnp.float32), head)
     else:
         logits = dense_dot(x, TransposedWeight(weights.embed) if head is None else head)  # tied: the [V, D] embedding
+    if weights.lm_head_bias is not None:  # Phi-2
+        logits = logits + weights.lm_head_bias.astype(jnp.float32)
     return finish_logits(logits, cfg)
 
 

@@ -79,7 +79,7 @@ def test_bf16_llm_saves_and_exports_its_weights_in_checkpoint_layout(tiny_dir, t
 
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma2", "gemma3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                                  "granite", "phi3_longrope", "starcoder2", "gpt_neox"])
+                                  "granite", "phi3_longrope", "starcoder2", "gpt_neox", "phi"])
 def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
     src = write_tiny(arch, tmp_path / "src")
     cfg, w = load_hf(src)
@@ -95,7 +95,8 @@ def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "mixtral",
-                                  "qwen2_moe", "qwen3_moe", "olmoe", "phi3", "granite", "starcoder2", "gpt_neox"])
+                                  "qwen2_moe", "qwen3_moe", "olmoe", "phi3", "granite", "starcoder2", "gpt_neox",
+                                  "phi"])
 def test_parameter_count_is_transformers(arch):
     """ModelConfig.num_params (the memory calculator's count) against the parameters transformers
     builds for the same config: biases, per-head and whole-projection q / k norms, sandwich norms,
@@ -288,7 +289,7 @@ def test_missing_tensor_names_it(tmp_path):
     _err(d, "model.layers.1.mlp.down_proj.weight' is missing")
 
 
-@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "PhiForCausalLM", "DeepseekV3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "FalconForCausalLM", "DeepseekV3ForCausalLM"])
 def test_unsupported_architecture_lists_supported(tiny_dir, tmp_path, arch):
     d = _copy(tiny_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())

@@ -64,7 +64,7 @@ LAYER_STYLE_FIELDS = ("hidden_act", "norm_style", "scale_embeddings", "sandwich_
                       "final_logit_softcapping", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
                       "norm_topk_prob", "shared_expert_intermediate_size", "dense_layers", "embedding_multiplier",
                       "residual_multiplier", "attention_multiplier", "gated_mlp",
-                      "qkv_per_head", "parallel_residual")
+                      "qkv_per_head", "parallel_residual", "shared_input_norm")
 _TARGET_KEYS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
@@ -160,7 +160,10 @@ def head_logits(head: dict, target: Weights, hidden: jax.Array, target_cfg: Mode
     if "draft_ids" not in head:
         return lm_logits(target, hidden, target_cfg)
     x = final_norm(target, hidden, target_cfg)
-    sub = finish_logits(dense_dot(x, head["draft_head"]), target_cfg)  # [..., N] float32
+    sub = dense_dot(x, head["draft_head"])  # [..., N] float32
+    if target.lm_head_bias is not None:
+        sub = sub + target.lm_head_bias[head["draft_ids"]].astype(jnp.float32)
+    sub = finish_logits(sub, target_cfg)
     full = jnp.full(sub.shape[:-1] + (target.embed.shape[0],), -jnp.inf, jnp.float32)
     return full.at[..., head["draft_ids"]].set(sub)
 
