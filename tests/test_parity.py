@@ -144,3 +144,21 @@ def test_longrope_matches_transformers_within_and_past_the_original_context(tmp_
     assert tokens == ref_tokens
     got, ref, _, _ = check(past, short[1], 1)
     assert np.max(np.abs(got - ref)) > 1e-2
+
+
+def test_gpt_neox_sequential_residual_and_config_errors(tmp_path):
+    """GPT-NeoX with use_parallel_residual=False (attention, then the MLP on its output) matches
+    transformers' logprobs; Phi's qk_layernorm, which jaxinfer does not run, is refused by name."""
+    from jaxinfer.checkpoint import CheckpointError, load_hf
+    path = write_tiny("gpt_neox", tmp_path / "seq", use_parallel_residual=False)
+    hf = load_hf_model(path)
+    llm = LLM(str(path), dtype="float32")
+    assert not llm.cfg.parallel_residual
+    p = _prompts()[2]
+    out = llm.generate({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([p])).logits[0].log_softmax(-1).numpy()[np.arange(len(p) - 1), p[1:]]
+    np.testing.assert_allclose([out.prompt_logprobs[i + 1][t].logprob for i, t in enumerate(p[1:])], ref, atol=1e-4)
+    phi = write_tiny("phi", tmp_path / "phi", qk_layernorm=True)
+    with pytest.raises(CheckpointError, match="qk_layernorm=True is not supported for PhiForCausalLM"):
+        load_hf(phi)
