@@ -127,6 +127,20 @@ def test_bad_adapters_are_refused_naming_the_problem(models, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3)
 
 
+def _matches_peft(llm, ref, request, sp):
+    """PROMPT through llm with request's adapter (sp: 8 greedy tokens with prompt logprobs): the tokens
+    and prompt logprobs (1e-4) of PEFT's model ref. Returns (our output, our prompt logprobs)."""
+    out = llm.generate({"prompt_token_ids": PROMPT}, sp, lora_request=request)[0]
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        lp = torch.log_softmax(ref(ids).logits[0].float(), -1).numpy()
+    assert out.outputs[0].token_ids == want[0, len(PROMPT):].tolist()
+    ours = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], PROMPT[1:])]
+    np.testing.assert_allclose(ours, lp[np.arange(len(PROMPT) - 1), PROMPT[1:]], atol=1e-4)
+    return out, ours
+
+
 def test_moe_models_serve_attention_adapters_as_peft_does(tmp_path):
     """A Mixtral with a PEFT adapter of its attention projections: greedy tokens and prompt logprobs
     equal PEFT's. An adapter that also adapts an expert (as PEFT saved them when experts were Linear
@@ -140,14 +154,7 @@ def test_moe_models_serve_attention_adapters_as_peft_does(tmp_path):
     save_file(tensors, str(tmp_path / "experts" / "adapter_model.safetensors"))
     llm = LLM(str(base), enable_lora=True, max_lora_rank=4, max_model_len=64)
     sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0, ignore_eos=True)
-    out = llm.generate({"prompt_token_ids": PROMPT}, sp, lora_request=LoRARequest("attn", 1, str(tmp_path / "attn")))[0]
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        want = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
-        lp = torch.log_softmax(ref(ids).logits[0].float(), -1).numpy()
-    assert out.outputs[0].token_ids == want[0, len(PROMPT):].tolist()
-    ours = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], PROMPT[1:])]
-    np.testing.assert_allclose(ours, lp[np.arange(len(PROMPT) - 1), PROMPT[1:]], atol=1e-4)
+    out, ours = _matches_peft(llm, ref, LoRARequest("attn", 1, str(tmp_path / "attn")), sp)
     plain = llm.generate({"prompt_token_ids": PROMPT}, sp)[0]
     assert plain.outputs[0].token_ids != out.outputs[0].token_ids or not np.allclose(
         [d[t].logprob for d, t in zip(plain.prompt_logprobs[1:], PROMPT[1:])], ours, atol=1e-3)
@@ -176,14 +183,7 @@ def test_adapters_of_other_module_layouts_match_peft(tmp_path, arch, modules, fo
     _adapter(write_tiny(other, tmp_path / other), tmp_path / "split", 2, r=4, lora_alpha=8, target_modules=[module])
     llm = LLM(str(base), enable_lora=True, max_lora_rank=4, max_model_len=64)
     sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0, ignore_eos=True)
-    out = llm.generate({"prompt_token_ids": PROMPT}, sp, lora_request=LoRARequest("fused", 1, str(tmp_path / "fused")))[0]
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        want = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
-        lp = torch.log_softmax(ref(ids).logits[0].float(), -1).numpy()
-    assert out.outputs[0].token_ids == want[0, len(PROMPT):].tolist()
-    ours = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], PROMPT[1:])]
-    np.testing.assert_allclose(ours, lp[np.arange(len(PROMPT) - 1), PROMPT[1:]], atol=1e-4)
+    _, ours = _matches_peft(llm, ref, LoRARequest("fused", 1, str(tmp_path / "fused")), sp)
     plain = llm.generate({"prompt_token_ids": PROMPT}, sp)[0]
     assert not np.allclose([d[t].logprob for d, t in zip(plain.prompt_logprobs[1:], PROMPT[1:])], ours, atol=1e-3)
     with pytest.raises(ValueError, match=f"adapts {module}, which {type(ref.base_model.model).__name__} does not "
