@@ -499,8 +499,10 @@ class ModelConfig:
         moe = _moe_fields(arch, hf, layers, inter) if arch in MOE else {}
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        attention_bias = (bool(hf.get("use_bias", True)) if starcoder2 else phi or
-                          bool(hf.get("attention_bias", neox)))
+        if starcoder2:
+            attention_bias = bool(hf.get("use_bias", True))
+        else:  # Phi's projections always have biases; GPT-NeoX's by default
+            attention_bias = phi or bool(hf.get("attention_bias", neox))
         qkv_bias = (arch == "Qwen2ForCausalLM" or attention_bias
                     or (arch == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True))))
         return cls(

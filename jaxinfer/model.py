@@ -374,7 +374,7 @@ def decoder_layer(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, sin,
     gave. Tracing plus lowering no longer grows with the depth of the model."""
     delta, k_pages, v_pages = attention_block(layer, cfg, x, cos, sin, k_pages, v_pages, meta, backend, window)
     if cfg.parallel_residual:  # GPT-NeoX: the MLP reads the layer's input too; (mlp + attention) + x as transformers
-        return (mlp_block(layer, cfg, x) + delta) + x, k_pages, v_pages
+        return (residual_scaled(mlp_block(layer, cfg, x), cfg) + residual_scaled(delta, cfg)) + x, k_pages, v_pages
     x = x + residual_scaled(delta, cfg)
     return x + residual_scaled(mlp_block(layer, cfg, x), cfg), k_pages, v_pages
 
