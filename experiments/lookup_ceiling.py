@@ -20,6 +20,17 @@ every distinct prefix of the candidates, and accepts the longest candidate that 
 output. It is priced at a plain forward of that width (a tree mask adds no flops), so it asks
 whether multi-candidate lookup would pay before anything implements the tree mask.
 
+With --corpus-draft L, a round where prompt lookup finds nothing drafts instead from the training
+corpus, as retrieval-based drafting does (REST, He et al. 2024): L tokens chained from the most
+frequent next token of the longest context (up to --corpus-ngram tokens) seen in the training
+split, tokenized by the target's tokenizer (`corpus_table`). Rounds with a prompt match are the
+loop's lookup unchanged. It asks whether a datastore beside the prompt would lift prompt lookup
+on the code edits, where the prompt itself offers little; it is not one of the loop's drafters.
+Stop 49 (`lookup_ceiling_corpus.md`, scaled lookup k 8): on the code edits 43-45 of ~195 rounds
+draft from the corpus and keep 0.47-0.53 tokens each; τ 2.37 -> 2.59 / 2.62 / 2.62 and the
+ceiling 1.61x -> 1.66x / 1.59x / 1.44x for 2 / 4 / 8 corpus tokens (continuation: 1.91x -> 1.93x
+at most). It is not the route to 2x.
+
 It also reports where the repeats that prompt lookup finds come from: the share of output tokens
 that complete a 4-gram of the prompt (the answer copying its prompt, the regime the code_edit
 set is meant to create) and the share that complete a 4-gram found only earlier in the output
@@ -30,6 +41,8 @@ Writes experiments/results/lookup_ceiling.{json,md}.
     python experiments/lookup_ceiling.py [--dtype float32] [--ks 2 4 8 11 15] [--prompts 4]
     python experiments/lookup_ceiling.py --prompt-lookup-min 1 --prompt-lookup-scale 2 --ks 4 8 --out ...scaled
     python experiments/lookup_ceiling.py --prompt-lookup-min 1 --prompt-lookup-scale 2 --ks 8 --branches 1 2 3 --out ...tree
+    python experiments/lookup_ceiling.py --prompt-lookup-min 1 --prompt-lookup-scale 2 --ks 8 --corpus-draft 0 2 4 8 \
+        --out experiments/results/lookup_ceiling_corpus
 """
 
 from __future__ import annotations
@@ -131,6 +144,72 @@ def replay_tree(seq: list[int], start: int, k: int, n_max: int, n_min: int, scal
     return widths
 
 
+def corpus_table(tok_dir: Path, n_max: int, bits: int) -> list[dict[int, int]]:
+    """Next-token tables of the training split: tables[n] maps a context of n tokens (packed as one
+    integer, `bits` a token) to its most frequent next token (ties: the lowest id)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from jaxinfer import corpus
+    hft = HFTokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    texts = [t for _, t in corpus.split_texts("train")]
+    stream = np.concatenate([np.asarray(e.ids, np.int64) for e in hft.encode_batch(texts, add_special_tokens=False)])
+    tables = [{}]
+    for n in range(1, n_max + 1):
+        key = np.zeros(stream.size - n, np.int64)
+        for t in range(n):
+            key = (key << bits) | stream[t:stream.size - n + t]
+        pair = (key << bits) | stream[n:]
+        uniq, counts = np.unique(pair, return_counts=True)
+        ctx, nxt = uniq >> bits, uniq & ((1 << bits) - 1)
+        order = np.lexsort((nxt, -counts, ctx))  # by context, then count (high first), then id
+        ctx, nxt = ctx[order], nxt[order]
+        first = np.ones(ctx.size, bool)
+        first[1:] = ctx[1:] != ctx[:-1]
+        tables.append(dict(zip(ctx[first].tolist(), nxt[first].tolist())))
+    return tables
+
+
+def corpus_draft(tables: list[dict[int, int]], context: list[int], length: int, bits: int) -> list[int]:
+    """Up to `length` tokens chained from the corpus tables (longest known context first); fewer
+    where no context of any length is known."""
+    ctx, out = list(context), []
+    for _ in range(length):
+        for n in range(min(len(tables) - 1, len(ctx)), 0, -1):
+            key = 0
+            for t in ctx[-n:]:
+                key = (key << bits) | t
+            if key in tables[n]:
+                out.append(tables[n][key])
+                ctx.append(out[-1])
+                break
+        else:
+            break
+    return out
+
+
+def replay_corpus(seq: list[int], start: int, k: int, n_max: int, n_min: int, scale: int | None,
+                  tables: list[dict[int, int]], length: int, bits: int) -> tuple[list[int], int, int]:
+    """`replay` with a corpus draft of `length` tokens (`corpus_draft`, verified as wide as the loop's
+    draft width that holds it) in rounds without a prompt match. Returns the rounds' widths, the
+    corpus rounds and the drafts they got accepted."""
+    lengths = None if scale is None else lookup_lengths(k, n_max, scale)
+    p, end, widths, rounds, accepted = start, len(seq) - 1, [], 0, 0
+    while p < end:
+        cands = lookup_candidates(seq, p, k, n_max, n_min, lengths, 1)
+        draft = list(cands[0]) if cands else corpus_draft(tables, seq[:p + 1], length, bits)
+        if not draft:
+            widths.append(1)
+            p += 1
+            continue
+        true, acc = seq[p + 1:p + 1 + len(draft)], 0
+        while acc < len(true) and draft[acc] == true[acc]:
+            acc += 1
+        widths.append(1 + (len(draft) if cands else min(w for w in draft_widths(k) if w >= len(draft))))
+        rounds, accepted = rounds + (not cands), accepted + (0 if cands else acc)
+        p += min(acc + 1, end - p)
+    return widths, rounds, accepted
+
+
 def repeat_shares(seq: list[int], start: int, n: int = 4) -> tuple[float, float]:
     """(share of output tokens seq[start:] completing an n-gram of the prompt seq[:start], share
     completing an n-gram only earlier in the output): each token counted with its n - 1 predecessors."""
@@ -162,6 +241,10 @@ def main(argv=None):
                     help="drafts per matched token (NgramDrafter.scale): rounds verify 1 + lookup_lengths[n] wide")
     ap.add_argument("--branches", type=int, nargs="+", default=[1],
                     help="candidate drafts per round, verified as a token tree (1: the loop's prompt lookup)")
+    ap.add_argument("--corpus-draft", type=int, nargs="+", default=[],
+                    help="drafts a round without a prompt match takes from the training corpus (0: none; needs "
+                         "one branch)")
+    ap.add_argument("--corpus-ngram", type=int, default=4, help="longest corpus context --corpus-draft matches")
     ap.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
                     help="as LLM(attention_backend=...) and bench_spec.py (auto: native on CPU where the kernels build)")
     ap.add_argument("--out", default=str(RESULTS / "lookup_ceiling"))
@@ -180,14 +263,23 @@ def main(argv=None):
     # moves one sample of every width instead of one width's price. Each program compiles once.
     scale = args.prompt_lookup_scale
     widths = sorted({1} | {1 + w for k in args.ks for w in (draft_widths(k) if scale else (k,))}
-                    | {t for k in args.ks for t in range(2, 2 + max(args.branches) * k) if max(args.branches) > 1})
+                    | {t for k in args.ks for t in range(2, 2 + max(args.branches) * k) if max(args.branches) > 1}
+                    | {1 + w for k in args.ks for w in draft_widths(k) if args.corpus_draft})
+    tables, bits = [], (cfg.vocab_size - 1).bit_length()
+    if args.corpus_draft:
+        if (args.corpus_ngram + 1) * bits > 63:  # a context and its next token packed in one int64
+            raise SystemExit(f"--corpus-ngram {args.corpus_ngram}: {args.corpus_ngram + 1} tokens of {bits} bits "
+                             "do not fit in 63")
+        tables = corpus_table(Path(target_dir), args.corpus_ngram, bits)
+        print("corpus contexts by length: " + ", ".join(f"{n}: {len(t):,}" for n, t in enumerate(tables) if n),
+              flush=True)
     timers = [forward_timer(weights, cfg, 1, t, context=longest + m // 2, backend=backend) for t in widths]
     samples = [[timed() for timed in timers] for _ in range(5)]
     cost = dict(zip(widths, np.median(samples, axis=0).tolist()))
     print("forward ms by width: " + ", ".join(f"T={t}: {v:.3f} ({v / cost[1]:.2f}x)" for t, v in cost.items()),
           flush=True)
 
-    rows, shares = [], {}
+    rows, shares, corpus_rows = [], {}, []
     for name, prompts in sets.items():
         seqs = []
         for p in prompts:  # plain greedy decoding, EOS ignored, as bench_spec times it
@@ -216,13 +308,27 @@ def main(argv=None):
                 print(f"{name:12s} k={k:2d} branches {b}: rounds {len(widths)} ({matched} with a match)  "
                       f"τ {row['tau']:.2f}  (matched rounds {row['tau_matched']:.2f})  mean width "
                       f"{row['mean_width']:.2f}  ceiling {row['ceiling']:.2f}x", flush=True)
+            for length in args.corpus_draft:
+                runs = [replay_corpus(seq, start, k, *n_range, scale, tables, length, bits) for seq, start in seqs]
+                widths = [w for r in runs for w in r[0]]
+                emitted = sum(len(seq) - 1 - start for seq, start in seqs)
+                corpus_rounds, accepted = sum(r[1] for r in runs), sum(r[2] for r in runs)
+                row = {"set": name, "k": k, "corpus_draft": length, "rounds": len(widths), "corpus_rounds": corpus_rounds,
+                       "corpus_accepted_per_round": accepted / max(corpus_rounds, 1), "tau": emitted / len(widths),
+                       "mean_width": sum(widths) / len(widths),
+                       "ceiling": emitted * cost[1] / sum(cost[w] for w in widths)}
+                corpus_rows.append(row)
+                print(f"{name:12s} k={k:2d} corpus draft {length}: rounds {len(widths)} ({corpus_rounds} from the "
+                      f"corpus, {row['corpus_accepted_per_round']:.2f} accepted each)  τ {row['tau']:.2f}  mean width "
+                      f"{row['mean_width']:.2f}  ceiling {row['ceiling']:.2f}x", flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(model=args.model, dtype=args.dtype, attention_backend=backend, prompts=args.prompts, max_tokens=m,
                 ngram=[args.prompt_lookup_min, args.prompt_lookup_max], prompt_lookup_scale=scale, forward_ms={str(t): v for t, v in cost.items()},
                 command="python experiments/lookup_ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, repeat_shares=shares), indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, corpus_rows=corpus_rows,
+                                                        repeat_shares=shares), indent=1) + "\n")
     md = [f"# Prompt-lookup ceiling on {args.model} ({args.dtype}, attention {backend}, batch 1, greedy)", "",
           f"`{meta['command']}`: {args.prompts} prompts per set (bench_spec's), {m} tokens each, n = "
           f"{args.prompt_lookup_min}..{args.prompt_lookup_max}"
@@ -234,6 +340,14 @@ def main(argv=None):
           "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['set']} | {r['k']} | {r['branches']} | {r['rounds']} | {r['matched_rounds']} | {r['tau']:.2f} | "
            f"{r['tau_matched']:.2f} | {r['mean_width']:.2f} | {r['ceiling']:.2f}x |" for r in rows]
+    if corpus_rows:
+        md += ["", (f"Rounds without a prompt match drafting from the training corpus (--corpus-draft; contexts up "
+                    f"to {args.corpus_ngram} tokens; 0: prompt lookup alone):"), "",
+               "| set | k | corpus draft | rounds | corpus rounds | accepted per corpus round | τ | mean width | ceiling |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        md += [f"| {r['set']} | {r['k']} | {r['corpus_draft']} | {r['rounds']} | {r['corpus_rounds']} | "
+               f"{r['corpus_accepted_per_round']:.2f} | {r['tau']:.2f} | {r['mean_width']:.2f} | {r['ceiling']:.2f}x |"
+               for r in corpus_rows]
     md += ["", ("Where the repeats come from (mean over the set's prompts; a token counts with its three "
                 "predecessors):"), "",
            "| set | output tokens completing a prompt 4-gram | completing only an earlier output 4-gram |",
