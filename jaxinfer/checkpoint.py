@@ -193,11 +193,12 @@ def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
     if cfg.architecture == "GPTNeoXForCausalLM":
         names.update(qkv=p + "attention.query_key_value", o=p + "attention.dense", up=p + "mlp.dense_h_to_4h",
                      down=p + "mlp.dense_4h_to_h")
-    elif cfg.architecture == "PhiForCausalLM":  # one input norm, held twice (shared_input_norm)
-        names.update(o=p + "self_attn.dense", up=p + "mlp.fc1", down=p + "mlp.fc2",
-                     mlp_norm=p + "input_layernorm.weight")
+    elif cfg.architecture == "PhiForCausalLM":
+        names.update(o=p + "self_attn.dense", up=p + "mlp.fc1", down=p + "mlp.fc2")
     elif not cfg.gated_mlp:  # StarCoder2: c_fc (up), c_proj (down)
         names.update(up=p + "mlp.c_fc", down=p + "mlp.c_proj")
+    if cfg.shared_input_norm:  # Phi-2, Cohere: one input norm, held twice
+        names["mlp_norm"] = names["attn_norm"]
     if cfg.sandwich_norms:
         names.update(mlp_norm=p + "pre_feedforward_layernorm.weight",
                      post_attn_norm=p + "post_attention_layernorm.weight",

@@ -32,6 +32,7 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "Starcoder2ForCausalLM": "starcoder2",
     "GPTNeoXForCausalLM": "gpt_neox",
     "PhiForCausalLM": "phi",
+    "CohereForCausalLM": "cohere",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -43,7 +44,8 @@ YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fa
              "attention_factor")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # of the MLP: act(gate) * up, or act(up) (gated_mlp=False)
 LAYER_TYPES = ("full_attention", "sliding_attention")
-NORM_STYLES = ("llama", "gemma", "olmo2", "layernorm")  # layers.rms_norm's orders of rounding; LayerNorm (StarCoder2)
+# layers.rms_norm's orders of rounding; LayerNorm (StarCoder2), and without a shift (Cohere)
+NORM_STYLES = ("llama", "gemma", "olmo2", "layernorm", "cohere")
 MOE_IMPLS = ("auto", "dense", "skip", "grouped")  # how `moe.experts_forward` runs the experts
 
 
@@ -112,6 +114,8 @@ class ModelConfig:
     # mlp_norm, equal), and a bias on the LM head
     shared_input_norm: bool = False
     lm_head_bias: bool = False
+    rope_interleaved: bool = False  # Cohere: RoPE turns dims (2i, 2i + 1) together, not (i, i + rotary_dim / 2)
+    logit_scale: float = 1.0  # Cohere: logits times this
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"  # one of ACTIVATIONS (Gemma: gelu_pytorch_tanh)
@@ -205,7 +209,8 @@ class ModelConfig:
                 raise ConfigError(f"dense_layers={list(self.dense_layers)!r} must be layer indices "
                                   f"in [0, {self.num_layers})")
         for name in ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-                     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+                     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
+                     "logit_scale"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name}={value!r} must be positive (or null)")
@@ -347,6 +352,9 @@ class ModelConfig:
         if model_type == "phi":
             out.update(layer_norm_eps=self.rms_norm_eps, partial_rotary_factor=self.partial_rotary_factor,
                        qk_layernorm=False)
+        if model_type == "cohere":
+            out.update(layer_norm_eps=self.rms_norm_eps, logit_scale=self.logit_scale, use_qk_norm=False,
+                       attention_bias=self.qkv_bias)
         if model_type == "granite":
             out.update(embedding_multiplier=self.embedding_multiplier, residual_multiplier=self.residual_multiplier,
                        attention_multiplier=self.attention_scale, logits_scaling=self.logits_scaling)
@@ -410,6 +418,9 @@ class ModelConfig:
         starcoder2 = arch == "Starcoder2ForCausalLM"  # LayerNorms, a plain GELU MLP, biases everywhere (use_bias)
         neox = arch == "GPTNeoXForCausalLM"  # likewise, with q / k / v per head, a parallel residual, partial rotary
         phi = arch == "PhiForCausalLM"  # a parallel residual from one shared LayerNorm, partial rotary, LM head bias
+        cohere = arch == "CohereForCausalLM"  # likewise (a LayerNorm without shift), interleaved RoPE, logit scale
+        if cohere and hf.get("use_qk_norm"):
+            raise ConfigError(f"{source}: use_qk_norm=True is not supported for CohereForCausalLM (false only)")
         if phi and hf.get("qk_layernorm"):
             raise ConfigError(f"{source}: qk_layernorm=True is not supported for PhiForCausalLM (false only)")
         if olmoe and hf.get("clip_qkv") is not None:
@@ -516,22 +527,24 @@ class ModelConfig:
             head_dim=int(head_dim),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(hf.get("norm_epsilon", 1e-5) if starcoder2 else hf.get("layer_norm_eps", 1e-5)
-                               if neox or phi else hf.get("rms_norm_eps", 1e-6)),
+                               if neox or phi or cohere else hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
             partial_rotary_factor=float(
                 rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) if phi3 else
                 rope_params.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)) if neox else
                 rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)) if phi else 1.0),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma or cohere)),
             qkv_bias=qkv_bias,
             o_bias=attention_bias and (arch in ("LlamaForCausalLM", "GraniteForCausalLM") or gemma or olmo2 or olmoe
-                                       or starcoder2 or neox or phi),
+                                       or starcoder2 or neox or phi or cohere),
             mlp_bias=attention_bias if starcoder2 else (neox or phi or bool(hf.get("mlp_bias", False))),
             gated_mlp=not (starcoder2 or neox or phi),
             qkv_per_head=neox,
-            parallel_residual=phi or (neox and bool(hf.get("use_parallel_residual", True))),
-            shared_input_norm=phi,
+            parallel_residual=phi or cohere or (neox and bool(hf.get("use_parallel_residual", True))),
+            shared_input_norm=phi or cohere,
+            rope_interleaved=cohere,
+            logit_scale=float(hf.get("logit_scale", 0.0625)) if cohere else 1.0,
             lm_head_bias=phi,
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2 or olmoe,
             qk_norm_full=olmo2 or olmoe,
@@ -540,8 +553,8 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             hidden_act=act,
-            norm_style="gemma" if gemma else ("olmo2" if olmo2 else ("layernorm" if starcoder2 or neox or phi
-                                                                      else "llama")),
+            norm_style=("gemma" if gemma else "olmo2" if olmo2 else "layernorm" if starcoder2 or neox or phi
+                        else "cohere" if cohere else "llama"),
             scale_embeddings=gemma,
             sandwich_norms=later_gemma or olmo2,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if later_gemma else None,

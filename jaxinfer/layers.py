@@ -244,19 +244,22 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, style: str = "llama") 
     return weight * x32.astype(x.dtype)
 
 
-def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm (StarCoder2): mean and biased variance over the last dim, scale and shift, all in
-    float32 and rounded once (as torch computes a bf16 LayerNorm on CPU)."""
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
+    """LayerNorm (StarCoder2; Cohere's without a shift: bias None): mean and biased variance over
+    the last dim, scale and shift, all in float32 and rounded once (as torch computes a bf16
+    LayerNorm on CPU, and Cohere's LayerNorm spells out)."""
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    y = y * weight.astype(jnp.float32)
+    return (y if bias is None else y + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float, style: str = "llama") -> jax.Array:
-    """A model's input / final norm: `layer_norm` for style "layernorm", else `rms_norm` (bias None)."""
-    if style == "layernorm":
+    """A model's input / final norm: `layer_norm` for styles "layernorm" and "cohere" (bias None), else
+    `rms_norm` (bias None)."""
+    if style in ("layernorm", "cohere"):
         return layer_norm(x, weight, bias, eps)
     return rms_norm(x, weight, eps, style)
 
@@ -281,17 +284,22 @@ def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype, scale: float 
     return jnp.split(both, 2, axis=-1)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool = False) -> jax.Array:
     """Rotate [B, T, heads, H] by position; HF's rotate-half (non-interleaved) convention, over the
-    first 2 * cos.shape[-1] dims of each head (all of them but for partial rotary).
+    first 2 * cos.shape[-1] dims of each head (all of them but for partial rotary). interleaved
+    (Cohere): dims 2i and 2i + 1 turn together by frequency i (GPT-J's convention).
 
     Computed in float32 and rounded to x's dtype once. For bf16, XLA:CPU otherwise rounds after
     every product and sum (a convert pair each), which made the rotation of k alone ~37 us a layer
     of a 32-row decode step; the single rounding is also the more accurate result."""
     rotary = 2 * cos.shape[-1]
     if rotary < x.shape[-1]:  # partial rotary (Phi-4-mini): the first `rotary` dims turn, the rest pass through
-        return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
+        return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin, interleaved), x[..., rotary:]], axis=-1)
     x32, cos, sin = x.astype(jnp.float32), cos.astype(jnp.float32), sin.astype(jnp.float32)
+    if interleaved:
+        x1, x2 = x32[..., 0::2], x32[..., 1::2]
+        turned = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return turned.reshape(x.shape).astype(x.dtype)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 

@@ -249,9 +249,12 @@ def final_norm(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Arr
 
 def finish_logits(logits: jax.Array, cfg: ModelConfig) -> jax.Array:
     """The LM head's float32 products as the model's logits: divided by Granite's logits_scaling,
-    soft-capped by Gemma 2 / 3's final_logit_softcapping (each only where the model has it)."""
+    times Cohere's logit_scale, soft-capped by Gemma 2 / 3's final_logit_softcapping (each only where
+    the model has it)."""
     if cfg.logits_scaling != 1.0:
         logits = logits / jnp.float32(cfg.logits_scaling)
+    if cfg.logit_scale != 1.0:  # Cohere
+        logits = logits * jnp.float32(cfg.logit_scale)
     return cap_scores(logits, cfg.final_logit_softcapping)
 
 
@@ -290,7 +293,7 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
     if layer.q_norm is not None and not cfg.qk_norm_full:  # per head (Qwen3, Gemma 3)
         q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps, cfg.norm_style)
         k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps, cfg.norm_style)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, cos, sin, cfg.rope_interleaved), apply_rope(k, cos, sin, cfg.rope_interleaved)
 
     if k_pages is None:  # no cache (training, scoring): the new tokens are the whole context
         with jax.named_scope("attention"):

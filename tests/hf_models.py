@@ -73,6 +73,10 @@ ARCHS = {
     # Phi-2: attention and MLP in parallel from one LayerNorm, RoPE on part of each head, an LM head bias
     "phi": (transformers.PhiConfig, transformers.PhiForCausalLM,
             {"num_key_value_heads": 2, "partial_rotary_factor": 0.5, "layer_norm_eps": 1e-5}),
+    # Cohere (Command R): attention and MLP in parallel from one shift-less LayerNorm, interleaved RoPE,
+    # a logit scale, tied embeddings
+    "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM,
+               {"num_key_value_heads": 2, "logit_scale": 0.5, "layer_norm_eps": 1e-5}),
     # OLMoE: OLMo's q / k norms over all heads, top 2 of 4 experts, not renormalized
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
               {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),

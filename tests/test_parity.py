@@ -148,7 +148,8 @@ def test_longrope_matches_transformers_within_and_past_the_original_context(tmp_
 
 def test_gpt_neox_sequential_residual_and_config_errors(tmp_path):
     """GPT-NeoX with use_parallel_residual=False (attention, then the MLP on its output) matches
-    transformers' logprobs; Phi's qk_layernorm, which jaxinfer does not run, is refused by name."""
+    transformers' logprobs; Phi's qk_layernorm and Cohere's use_qk_norm (Command R+), which jaxinfer
+    does not run, are refused by name."""
     from jaxinfer.checkpoint import CheckpointError, load_hf
     path = write_tiny("gpt_neox", tmp_path / "seq", use_parallel_residual=False)
     hf = load_hf_model(path)
@@ -162,3 +163,6 @@ def test_gpt_neox_sequential_residual_and_config_errors(tmp_path):
     phi = write_tiny("phi", tmp_path / "phi", qk_layernorm=True)
     with pytest.raises(CheckpointError, match="qk_layernorm=True is not supported for PhiForCausalLM"):
         load_hf(phi)
+    cohere = write_tiny("cohere", tmp_path / "cohere", use_qk_norm=True)
+    with pytest.raises(CheckpointError, match="use_qk_norm=True is not supported for CohereForCausalLM"):
+        load_hf(cohere)
