@@ -199,7 +199,10 @@ def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
         names.update(up=p + "mlp.c_fc", down=p + "mlp.c_proj")
     if cfg.shared_input_norm:  # Phi-2, Cohere: one input norm, held twice
         names["mlp_norm"] = names["attn_norm"]
-    if cfg.sandwich_norms:
+    if cfg.sandwich_norms and cfg.architecture == "Glm4ForCausalLM":
+        names.update(post_attn_norm=p + "post_self_attn_layernorm.weight",
+                     post_mlp_norm=p + "post_mlp_layernorm.weight")
+    elif cfg.sandwich_norms:
         names.update(mlp_norm=p + "pre_feedforward_layernorm.weight",
                      post_attn_norm=p + "post_attention_layernorm.weight",
                      post_mlp_norm=p + "post_feedforward_layernorm.weight")
@@ -255,7 +258,7 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
     if cfg.sandwich_norms:
         yield "post_attn_norm", src.get(nm["post_attn_norm"], (d,))
         yield "post_mlp_norm", src.get(nm["post_mlp_norm"], (d,))
-    fused = cfg.fused_projections  # Phi-3: one qkv_proj, one gate_up_proj (gate rows first), as our fields are
+    fused = cfg.fused_qkv  # Phi-3, GPT-NeoX: one qkv module, as our field is
     yield "wqkv", _linear(src, [(nm["qkv"], (n + 2 * k) * h, d)] if fused else
                           [(nm["q"], n * h, d), (nm["k"], k * h, d), (nm["v"], k * h, d)], quant)
     yield "wo", _linear(src, [(nm["o"], d, n * h)], quant)
@@ -263,7 +266,7 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
         yield from _hf_experts(cfg, src, nm, quant)
         f = cfg.shared_expert_intermediate_size
     gate_up = ([(nm["up"], f, d)] if not cfg.gated_mlp else
-               [(nm["gate_up"], 2 * f, d)] if fused else [(nm["gate"], f, d), (nm["up"], f, d)])
+               [(nm["gate_up"], 2 * f, d)] if cfg.fused_gate_up else [(nm["gate"], f, d), (nm["up"], f, d)])
     if f:
         yield "w_gate_up", _linear(src, gate_up, quant)
         yield "w_down", _linear(src, [(nm["down"], d, f)], quant)
@@ -372,7 +375,7 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
         if layer.attn_norm_bias is not None:
             out[_bias_of(nm["attn_norm"])], out[_bias_of(nm["mlp_norm"])] = map(
                 cast, (layer.attn_norm_bias, layer.mlp_norm_bias))
-        fused = cfg.fused_projections
+        fused = cfg.fused_qkv
         _put_linear(out, schemes, [(nm["qkv"], (n + 2 * k) * h)] if fused else
                     [(nm["q"], n * h), (nm["k"], k * h), (nm["v"], k * h)], layer.wqkv, cast)
         _put_linear(out, schemes, [(nm["o"], cfg.hidden_size)], layer.wo, cast)
@@ -381,7 +384,7 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
         if layer.w_gate_up is not None:  # a dense MLP, or a MoE layer's shared expert
             fl = layer.w_down.shape[0]
             gate_up = ([(nm["up"], fl)] if not cfg.gated_mlp else
-                       [(nm["gate_up"], 2 * fl)] if fused else [(nm["gate"], fl), (nm["up"], fl)])
+                       [(nm["gate_up"], 2 * fl)] if cfg.fused_gate_up else [(nm["gate"], fl), (nm["up"], fl)])
             _put_linear(out, schemes, gate_up, layer.w_gate_up, cast)
             _put_linear(out, schemes, [(nm["down"], cfg.hidden_size)], layer.w_down, cast)
         if layer.router is not None:

@@ -33,12 +33,15 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "GPTNeoXForCausalLM": "gpt_neox",
     "PhiForCausalLM": "phi",
     "CohereForCausalLM": "cohere",
+    "GlmForCausalLM": "glm",
+    "Glm4ForCausalLM": "glm4",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 MOE = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")  # sparse MoE MLPs
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
-FUSED = ("Phi3ForCausalLM", "GPTNeoXForCausalLM")  # checkpoints with q/k/v in one module (and Phi-3's gate/up)
+FUSED_QKV = ("Phi3ForCausalLM", "GPTNeoXForCausalLM")  # checkpoints with q/k/v in one module
+FUSED_GATE_UP = ("Phi3ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM")  # and with gate/up in one
 LLAMA3_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
              "attention_factor")
@@ -232,10 +235,16 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
-    def fused_projections(self) -> bool:
-        """Whether the checkpoint stores q/k/v fused, and gate/up where the MLP is gated (Phi-3's
-        qkv_proj, gate_up_proj; GPT-NeoX's query_key_value)."""
-        return self.architecture in FUSED
+    def fused_qkv(self) -> bool:
+        """Whether the checkpoint stores q/k/v as one module (Phi-3's qkv_proj, GPT-NeoX's
+        query_key_value), as our wqkv holds them."""
+        return self.architecture in FUSED_QKV
+
+    @property
+    def fused_gate_up(self) -> bool:
+        """Whether the checkpoint stores gate/up as one module (Phi-3's and GLM's gate_up_proj, gate rows
+        first), as our w_gate_up holds them."""
+        return self.architecture in FUSED_GATE_UP
 
     def with_context(self, max_model_len: int) -> ModelConfig:
         """This config served for contexts up to max_model_len: a longrope model rotates with its
@@ -352,6 +361,9 @@ class ModelConfig:
         if model_type == "phi":
             out.update(layer_norm_eps=self.rms_norm_eps, partial_rotary_factor=self.partial_rotary_factor,
                        qk_layernorm=False)
+        if model_type in ("glm", "glm4"):  # pad_token_id: as for phi3 below
+            out.update(partial_rotary_factor=self.partial_rotary_factor, attention_bias=self.qkv_bias,
+                       pad_token_id=None)
         if model_type == "cohere":
             out.update(layer_norm_eps=self.rms_norm_eps, logit_scale=self.logit_scale, use_qk_norm=False,
                        attention_bias=self.qkv_bias)
@@ -419,6 +431,8 @@ class ModelConfig:
         neox = arch == "GPTNeoXForCausalLM"  # likewise, with q / k / v per head, a parallel residual, partial rotary
         phi = arch == "PhiForCausalLM"  # a parallel residual from one shared LayerNorm, partial rotary, LM head bias
         cohere = arch == "CohereForCausalLM"  # likewise (a LayerNorm without shift), interleaved RoPE, logit scale
+        glm = arch in ("GlmForCausalLM", "Glm4ForCausalLM")  # interleaved RoPE on half of each head, fused gate/up
+        glm4 = arch == "Glm4ForCausalLM"  # and norms after attention and MLP (Gemma 2's sandwich)
         if cohere and hf.get("use_qk_norm"):
             raise ConfigError(f"{source}: use_qk_norm=True is not supported for CohereForCausalLM (false only)")
         if phi and hf.get("qk_layernorm"):
@@ -512,8 +526,8 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         if starcoder2:
             attention_bias = bool(hf.get("use_bias", True))
-        else:  # Phi's projections always have biases; GPT-NeoX's by default
-            attention_bias = phi or bool(hf.get("attention_bias", neox))
+        else:  # Phi's projections always have biases; GPT-NeoX's and GLM's q/k/v by default
+            attention_bias = phi or bool(hf.get("attention_bias", neox or glm))
         qkv_bias = (arch == "Qwen2ForCausalLM" or attention_bias
                     or (arch == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True))))
         return cls(
@@ -533,7 +547,7 @@ class ModelConfig:
             partial_rotary_factor=float(
                 rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) if phi3 else
                 rope_params.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)) if neox else
-                rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)) if phi else 1.0),
+                rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)) if phi or glm else 1.0),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma or cohere)),
             qkv_bias=qkv_bias,
             o_bias=attention_bias and (arch in ("LlamaForCausalLM", "GraniteForCausalLM") or gemma or olmo2 or olmoe
@@ -543,7 +557,7 @@ class ModelConfig:
             qkv_per_head=neox,
             parallel_residual=phi or cohere or (neox and bool(hf.get("use_parallel_residual", True))),
             shared_input_norm=phi or cohere,
-            rope_interleaved=cohere,
+            rope_interleaved=cohere or glm,
             logit_scale=float(hf.get("logit_scale", 0.0625)) if cohere else 1.0,
             lm_head_bias=phi,
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2 or olmoe,
@@ -556,7 +570,7 @@ class ModelConfig:
             norm_style=("gemma" if gemma else "olmo2" if olmo2 else "layernorm" if starcoder2 or neox or phi
                         else "cohere" if cohere else "llama"),
             scale_embeddings=gemma,
-            sandwich_norms=later_gemma or olmo2,
+            sandwich_norms=later_gemma or olmo2 or glm4,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if later_gemma else None,
             layer_types=tuple(layer_types) if layer_types is not None else None,
             local_rope_theta=local_theta,

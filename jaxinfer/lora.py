@@ -111,8 +111,10 @@ def model_modules(cfg: ModelConfig) -> list[str]:
         return ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
     if cfg.architecture == "PhiForCausalLM":
         return ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
-    if cfg.fused_projections:
+    if cfg.fused_qkv:
         return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    if cfg.fused_gate_up:
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
     if not cfg.gated_mlp:
         return ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]
     return ALL_MODULES

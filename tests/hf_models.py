@@ -77,6 +77,12 @@ ARCHS = {
     # a logit scale, tied embeddings
     "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM,
                {"num_key_value_heads": 2, "logit_scale": 0.5, "layer_norm_eps": 1e-5}),
+    # GLM-4 (0414): interleaved RoPE on half of each head, fused gate_up_proj, q/k/v biases, norms after
+    # attention and MLP; GLM (GLM-4-9B-chat-hf) is the same without those norms
+    "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM,
+             {"num_key_value_heads": 2, "head_dim": 16, "pad_token_id": None, "eos_token_id": 2}),
+    "glm": (transformers.GlmConfig, transformers.GlmForCausalLM,
+            {"num_key_value_heads": 2, "head_dim": 16, "pad_token_id": None, "eos_token_id": 2}),
     # OLMoE: OLMo's q / k norms over all heads, top 2 of 4 experts, not renormalized
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
               {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),

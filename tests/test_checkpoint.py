@@ -79,7 +79,7 @@ def test_bf16_llm_saves_and_exports_its_weights_in_checkpoint_layout(tiny_dir, t
 
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma2", "gemma3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                                  "granite", "phi3_longrope", "starcoder2", "gpt_neox", "phi", "cohere"])
+                                  "granite", "phi3_longrope", "starcoder2", "gpt_neox", "phi", "cohere", "glm", "glm4"])
 def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
     src = write_tiny(arch, tmp_path / "src")
     cfg, w = load_hf(src)
@@ -96,7 +96,7 @@ def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "mixtral",
                                   "qwen2_moe", "qwen3_moe", "olmoe", "phi3", "granite", "starcoder2", "gpt_neox",
-                                  "phi", "cohere"])
+                                  "phi", "cohere", "glm4"])
 def test_parameter_count_is_transformers(arch):
     """ModelConfig.num_params (the memory calculator's count) against the parameters transformers
     builds for the same config: biases, per-head and whole-projection q / k norms, sandwich norms,
@@ -363,7 +363,7 @@ def test_longrope_frequencies_and_attention_factor_are_transformers(name):
     ref = Phi3Config(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
     assert cfg.rope_scaling.rope_type == "longrope" and cfg.rope_scaling.long  # served for 131072 by default
     assert cfg.rotary_dim == 96 and cfg.sliding_window == d["sliding_window"]
-    assert cfg.fused_projections and cfg.tie_word_embeddings == bool(d.get("tie_word_embeddings"))
+    assert cfg.fused_qkv and cfg.fused_gate_up and cfg.tie_word_embeddings == bool(d.get("tie_word_embeddings"))
     short_want, factor = ROPE_INIT_FUNCTIONS["longrope"](ref, None)
     long_want, _ = ROPE_INIT_FUNCTIONS["longrope"](ref, None, seq_len=4097)
     short_cfg = cfg.with_context(4096)

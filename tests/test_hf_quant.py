@@ -328,8 +328,9 @@ def test_export_refuses_what_compressed_tensors_cannot_hold(base, tmp_path):
 
 # q/k/v biases; per-head q/k norms and an explicit head_dim; Phi-3's fused qkv_proj and gate_up_proj;
 # StarCoder2's ungated MLP with biases; GPT-NeoX's per-head query_key_value and its own module names;
-# Phi-2's dense, fc1 / fc2 and LM head bias; Cohere's tied head beside quantized projections
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3", "starcoder2", "gpt_neox", "phi", "cohere"])
+# Phi-2's dense, fc1 / fc2 and LM head bias; Cohere's tied head beside quantized projections; GLM-4's
+# fused gate_up_proj beside separate q / k / v
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3", "starcoder2", "gpt_neox", "phi", "cohere", "glm4"])
 def test_compressed_checkpoints_of_other_architectures_match_transformers(tmp_path, arch):
     base = write_tiny(arch, tmp_path / arch)
     path = write_compressed(base, tmp_path / f"{arch}_q", {"weights": {**INT4_G32, "group_size": 16}})

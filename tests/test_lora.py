@@ -169,12 +169,13 @@ def test_moe_models_serve_attention_adapters_as_peft_does(tmp_path):
     ("gpt_neox", ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
      ("llama", "q_proj", "query_key_value")),
     ("phi", ["q_proj", "v_proj", "dense", "fc1", "fc2"], ("llama", "gate_proj", "fc1")),
+    ("glm4", ["q_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"], ("llama", "gate_proj", "gate_up_proj")),
 ])
 def test_adapters_of_other_module_layouts_match_peft(tmp_path, arch, modules, foreign):
     """Phi-3's adapters target its fused qkv_proj and gate_up_proj (served as one A shared by the
     field's parts and B's rows split among them); StarCoder2's its ungated MLP's c_fc and c_proj;
     GPT-NeoX's its per-head query_key_value, dense, dense_h_to_4h and dense_4h_to_h; Phi-2's its
-    dense, fc1 and fc2.
+    dense, fc1 and fc2; GLM-4's its fused gate_up_proj beside separate q / k / v.
     Greedy tokens and prompt logprobs equal PEFT's. An adapter of a module the model does not
     have (a Llama's) is refused at the request, naming it and the model's modules."""
     base = write_tiny(arch, tmp_path / "base")
