@@ -216,7 +216,8 @@ def write_compressed(src: Path, out_dir: Path, scheme: str | dict, ignore=("lm_h
 # installs on a CPU-only machine with this torch), round to nearest per group.
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+               "self_attn.qkv_proj", "mlp.gate_up_proj")  # Phi-3's fused modules
 # a MoE layer's expert and shared-expert projections (Mixtral's w1 / w3 / w2, Qwen's gate / up / down); not the router
 EXPERT = re.compile(r"model\.layers\.\d+\.(block_sparse_moe\.experts\.\d+\.w[123]"
                     r"|mlp\.(experts\.\d+|shared_expert)\.(gate|up|down)_proj)")

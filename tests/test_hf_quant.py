@@ -162,6 +162,9 @@ PACKED = {  # name: (writer, its arguments, the format the projections load as)
     "gptq_int4_g32_asym_desc_act": (write_gptq, {"bits": 4, "group": 32, "sym": False, "desc_act": True}, "int4"),
     "awq_int4_g32": (write_awq, {"group": 32}, "int4"),
     "qwen2_gptq_int4_g32": (write_gptq, {"bits": 4, "group": 32, "sym": True}, "int4"),  # q/k/v biases beside
+    # Phi-3's fused qkv_proj and gate_up_proj, each one quantized module
+    "phi3_gptq_int4_g32_asym_desc_act": (write_gptq, {"bits": 4, "group": 32, "sym": False, "desc_act": True}, "int4"),
+    "phi3_awq_int4_g32": (write_awq, {"group": 32}, "int4"),
 }
 
 
@@ -183,8 +186,9 @@ def test_gptq_and_awq_checkpoints_compute_their_dequantized_weights(base, tmp_pa
     share), and the model is the dense one with the dequantized weights, which quantization moved
     away from the original's."""
     writer, kw, fmt = PACKED[name]
-    if name.startswith("qwen2"):
-        base = write_tiny("qwen2", tmp_path / "qwen2")
+    arch = name.split("_")[0]
+    if arch in ("qwen2", "phi3"):
+        base = write_tiny(arch, tmp_path / arch)
     dequantized = writer(base, tmp_path / "q", **kw)
     cfg, weights = load_hf(tmp_path / "q")
     for layer in weights.layers:
