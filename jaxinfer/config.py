@@ -35,6 +35,7 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "CohereForCausalLM": "cohere",
     "GlmForCausalLM": "glm",
     "Glm4ForCausalLM": "glm4",
+    "SmolLM3ForCausalLM": "smollm3",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -118,6 +119,7 @@ class ModelConfig:
     shared_input_norm: bool = False
     lm_head_bias: bool = False
     rope_interleaved: bool = False  # Cohere: RoPE turns dims (2i, 2i + 1) together, not (i, i + rotary_dim / 2)
+    rope_layers: tuple[bool, ...] | None = None  # SmolLM3: whether each layer rotates q / k (None: all do)
     logit_scale: float = 1.0  # Cohere: logits times this
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -171,6 +173,8 @@ class ModelConfig:
         if not (0 < self.partial_rotary_factor <= 1) or self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor!r} must be in (0, 1] and leave an "
                               f"even number of rotated dims (head_dim={self.head_dim} gives {self.rotary_dim})")
+        if self.rope_layers is not None and len(self.rope_layers) != self.num_layers:
+            raise ConfigError(f"rope_layers has {len(self.rope_layers)} entries for {self.num_layers} layers")
         if self.qkv_per_head and self.num_kv_heads != self.num_heads:
             raise ConfigError(f"qkv_per_head (GPT-NeoX) needs num_kv_heads == num_heads, not {self.num_kv_heads} "
                               f"of {self.num_heads}")
@@ -364,6 +368,12 @@ class ModelConfig:
         if model_type in ("glm", "glm4"):  # pad_token_id: as for phi3 below
             out.update(partial_rotary_factor=self.partial_rotary_factor, attention_bias=self.qkv_bias,
                        pad_token_id=None)
+        if model_type == "smollm3":  # pad_token_id: as for phi3 below
+            out.update(no_rope_layers=[int(v) for v in (self.rope_layers or (True,) * self.num_layers)],
+                       use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                       layer_types=[("full_attention" if self.layer_window(i) is None else "sliding_attention")
+                                    for i in range(self.num_layers)],
+                       attention_bias=self.o_bias, mlp_bias=self.mlp_bias, pad_token_id=None)
         if model_type == "cohere":
             out.update(layer_norm_eps=self.rms_norm_eps, logit_scale=self.logit_scale, use_qk_norm=False,
                        attention_bias=self.qkv_bias)
@@ -433,6 +443,7 @@ class ModelConfig:
         cohere = arch == "CohereForCausalLM"  # likewise (a LayerNorm without shift), interleaved RoPE, logit scale
         glm = arch in ("GlmForCausalLM", "Glm4ForCausalLM")  # interleaved RoPE on half of each head, fused gate/up
         glm4 = arch == "Glm4ForCausalLM"  # and norms after attention and MLP (Gemma 2's sandwich)
+        smollm3 = arch == "SmolLM3ForCausalLM"  # Llama's layers, every n-th without RoPE (NoPE)
         if cohere and hf.get("use_qk_norm"):
             raise ConfigError(f"{source}: use_qk_norm=True is not supported for CohereForCausalLM (false only)")
         if phi and hf.get("qk_layernorm"):
@@ -512,6 +523,10 @@ class ModelConfig:
         elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
                       "Qwen3MoeForCausalLM") and hf.get("use_sliding_window"):
             raise ConfigError(f"{source}: use_sliding_window=True is not supported for {arch}")
+        elif smollm3 and hf.get("use_sliding_window") and hf.get("sliding_window"):
+            sliding_window = hf["sliding_window"]  # on the NoPE layers, unless layer_types says otherwise
+            layer_types = hf.get("layer_types") or [
+                "full_attention" if use else "sliding_attention" for use in _smollm3_rope_layers(hf, layers)]
         elif later_gemma:  # local (sliding) and global layers interleaved
             sliding_window = hf.get("sliding_window", 4096)
             layer_types = hf.get("layer_types")
@@ -551,13 +566,14 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma or cohere)),
             qkv_bias=qkv_bias,
             o_bias=attention_bias and (arch in ("LlamaForCausalLM", "GraniteForCausalLM") or gemma or olmo2 or olmoe
-                                       or starcoder2 or neox or phi or cohere),
+                                       or starcoder2 or neox or phi or cohere or smollm3),
             mlp_bias=attention_bias if starcoder2 else (neox or phi or bool(hf.get("mlp_bias", False))),
             gated_mlp=not (starcoder2 or neox or phi),
             qkv_per_head=neox,
             parallel_residual=phi or cohere or (neox and bool(hf.get("use_parallel_residual", True))),
             shared_input_norm=phi or cohere,
             rope_interleaved=cohere or glm,
+            rope_layers=_smollm3_rope_layers(hf, layers) if smollm3 else None,
             logit_scale=float(hf.get("logit_scale", 0.0625)) if cohere else 1.0,
             lm_head_bias=phi,
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2 or olmoe,
@@ -657,6 +673,16 @@ def _moe_fields(arch: str, hf: dict[str, Any], num_layers: int, intermediate_siz
     if arch == "Qwen2MoeForCausalLM":
         fields["shared_expert_intermediate_size"] = int(hf.get("shared_expert_intermediate_size", 5632))
     return fields
+
+
+def _smollm3_rope_layers(hf: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
+    """SmolLM3's no_rope_layers (1: the layer uses RoPE), or, left out, every no_rope_layer_interval-th
+    layer without, as transformers fills it in."""
+    given = hf.get("no_rope_layers")
+    if given is None:
+        interval = int(hf.get("no_rope_layer_interval", 4))
+        given = [int((i + 1) % interval != 0) for i in range(num_layers)]
+    return tuple(bool(v) for v in given)
 
 
 def _granite_fields(hf: dict[str, Any]) -> dict[str, float]:

@@ -293,7 +293,8 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
     if layer.q_norm is not None and not cfg.qk_norm_full:  # per head (Qwen3, Gemma 3)
         q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps, cfg.norm_style)
         k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps, cfg.norm_style)
-    q, k = apply_rope(q, cos, sin, cfg.rope_interleaved), apply_rope(k, cos, sin, cfg.rope_interleaved)
+    if cos is not None:  # None: a layer without RoPE (SmolLM3's NoPE layers)
+        q, k = apply_rope(q, cos, sin, cfg.rope_interleaved), apply_rope(k, cos, sin, cfg.rope_interleaved)
 
     if k_pages is None:  # no cache (training, scoring): the new tokens are the whole context
         with jax.named_scope("attention"):
@@ -357,8 +358,10 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype, local: bool = Fal
 
 def layer_rope(cfg: ModelConfig, positions: jax.Array, dtype) -> list[tuple[jax.Array, jax.Array]]:
     """Every layer's RoPE tables (`rope_tables`). The layers share one pair, except Gemma 3's
-    sliding layers, which rotate with a base of their own."""
+    sliding layers, which rotate with a base of their own, and SmolLM3's NoPE layers (None, None)."""
     tables = {False: rope_tables(cfg, positions, dtype)}
+    if cfg.rope_layers is not None:  # SmolLM3: (None, None) for a layer that does not rotate
+        return [tables[False] if use else (None, None) for use in cfg.rope_layers]
     if cfg.local_rope_theta is None:
         return [tables[False]] * cfg.num_layers
     tables[True] = rope_tables(cfg, positions, dtype, local=True)

@@ -83,6 +83,10 @@ ARCHS = {
              {"num_key_value_heads": 2, "head_dim": 16, "pad_token_id": None, "eos_token_id": 2}),
     "glm": (transformers.GlmConfig, transformers.GlmForCausalLM,
             {"num_key_value_heads": 2, "head_dim": 16, "pad_token_id": None, "eos_token_id": 2}),
+    # SmolLM3: Llama's layers, every 2nd without RoPE here (4th in the Hub's), that one with a sliding window
+    "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM,
+                {"num_key_value_heads": 2, "no_rope_layer_interval": 2, "use_sliding_window": True,
+                 "sliding_window": 24, "pad_token_id": None, "eos_token_id": 2, "bos_token_id": 1}),
     # OLMoE: OLMo's q / k norms over all heads, top 2 of 4 experts, not renormalized
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
               {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),

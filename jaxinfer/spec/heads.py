@@ -64,7 +64,8 @@ LAYER_STYLE_FIELDS = ("hidden_act", "norm_style", "scale_embeddings", "sandwich_
                       "final_logit_softcapping", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
                       "norm_topk_prob", "shared_expert_intermediate_size", "dense_layers", "embedding_multiplier",
                       "residual_multiplier", "attention_multiplier", "gated_mlp",
-                      "qkv_per_head", "parallel_residual", "shared_input_norm", "rope_interleaved")
+                      "qkv_per_head", "parallel_residual", "shared_input_norm", "rope_interleaved",
+                      "rope_layers")
 _TARGET_KEYS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
