@@ -36,6 +36,7 @@ MODEL_TYPES = {  # architecture -> HF model_type
     "GlmForCausalLM": "glm",
     "Glm4ForCausalLM": "glm4",
     "SmolLM3ForCausalLM": "smollm3",
+    "Cohere2ForCausalLM": "cohere2",
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -374,9 +375,13 @@ class ModelConfig:
                        layer_types=[("full_attention" if self.layer_window(i) is None else "sliding_attention")
                                     for i in range(self.num_layers)],
                        attention_bias=self.o_bias, mlp_bias=self.mlp_bias, pad_token_id=None)
-        if model_type == "cohere":
+        if model_type in ("cohere", "cohere2"):
             out.update(layer_norm_eps=self.rms_norm_eps, logit_scale=self.logit_scale, use_qk_norm=False,
                        attention_bias=self.qkv_bias)
+        if model_type == "cohere2":  # its global layers do without RoPE: rope_layers follows the layer types
+            out.update(sliding_window=self.sliding_window, pad_token_id=None,
+                       layer_types=[("full_attention" if self.layer_window(i) is None else "sliding_attention")
+                                    for i in range(self.num_layers)])
         if model_type == "granite":
             out.update(embedding_multiplier=self.embedding_multiplier, residual_multiplier=self.residual_multiplier,
                        attention_multiplier=self.attention_scale, logits_scaling=self.logits_scaling)
@@ -440,12 +445,14 @@ class ModelConfig:
         starcoder2 = arch == "Starcoder2ForCausalLM"  # LayerNorms, a plain GELU MLP, biases everywhere (use_bias)
         neox = arch == "GPTNeoXForCausalLM"  # likewise, with q / k / v per head, a parallel residual, partial rotary
         phi = arch == "PhiForCausalLM"  # a parallel residual from one shared LayerNorm, partial rotary, LM head bias
-        cohere = arch == "CohereForCausalLM"  # likewise (a LayerNorm without shift), interleaved RoPE, logit scale
+        # likewise (a LayerNorm without shift), interleaved RoPE, logit scale; Cohere 2 (Command R7B,
+        # Command A): sliding layers with RoPE, global ones without
+        cohere = arch in ("CohereForCausalLM", "Cohere2ForCausalLM")
         glm = arch in ("GlmForCausalLM", "Glm4ForCausalLM")  # interleaved RoPE on half of each head, fused gate/up
         glm4 = arch == "Glm4ForCausalLM"  # and norms after attention and MLP (Gemma 2's sandwich)
         smollm3 = arch == "SmolLM3ForCausalLM"  # Llama's layers, every n-th without RoPE (NoPE)
         if cohere and hf.get("use_qk_norm"):
-            raise ConfigError(f"{source}: use_qk_norm=True is not supported for CohereForCausalLM (false only)")
+            raise ConfigError(f"{source}: use_qk_norm=True is not supported for {arch} (false only)")
         if phi and hf.get("qk_layernorm"):
             raise ConfigError(f"{source}: qk_layernorm=True is not supported for PhiForCausalLM (false only)")
         if olmoe and hf.get("clip_qkv") is not None:
@@ -523,6 +530,11 @@ class ModelConfig:
         elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
                       "Qwen3MoeForCausalLM") and hf.get("use_sliding_window"):
             raise ConfigError(f"{source}: use_sliding_window=True is not supported for {arch}")
+        elif arch == "Cohere2ForCausalLM":  # transformers' defaults: window 4096, every 4th layer global
+            sliding_window = hf.get("sliding_window", 4096)
+            layer_types = hf.get("layer_types") or [
+                "sliding_attention" if (i + 1) % int(hf.get("sliding_window_pattern", 4)) else "full_attention"
+                for i in range(layers)]
         elif smollm3 and hf.get("use_sliding_window") and hf.get("sliding_window"):
             sliding_window = hf["sliding_window"]  # on the NoPE layers, unless layer_types says otherwise
             layer_types = hf.get("layer_types") or [
@@ -573,7 +585,9 @@ class ModelConfig:
             parallel_residual=phi or cohere or (neox and bool(hf.get("use_parallel_residual", True))),
             shared_input_norm=phi or cohere,
             rope_interleaved=cohere or glm,
-            rope_layers=_smollm3_rope_layers(hf, layers) if smollm3 else None,
+            rope_layers=(_smollm3_rope_layers(hf, layers) if smollm3 else
+                         tuple(t == "sliding_attention" for t in layer_types) if arch == "Cohere2ForCausalLM"
+                         else None),
             logit_scale=float(hf.get("logit_scale", 0.0625)) if cohere else 1.0,
             lm_head_bias=phi,
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2 or olmoe,

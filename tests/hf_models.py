@@ -87,6 +87,10 @@ ARCHS = {
     "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM,
                 {"num_key_value_heads": 2, "no_rope_layer_interval": 2, "use_sliding_window": True,
                  "sliding_window": 24, "pad_token_id": None, "eos_token_id": 2, "bos_token_id": 1}),
+    # Cohere 2 (Command R7B, Command A): Cohere's layers, sliding ones with RoPE and global ones without
+    "cohere2": (transformers.Cohere2Config, transformers.Cohere2ForCausalLM,
+                {"num_key_value_heads": 2, "logit_scale": 0.5, "layer_norm_eps": 1e-5, "sliding_window": 24,
+                 "layer_types": ["sliding_attention", "full_attention"], "pad_token_id": None}),
     # OLMoE: OLMo's q / k norms over all heads, top 2 of 4 experts, not renormalized
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
               {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),

@@ -80,7 +80,7 @@ def test_bf16_llm_saves_and_exports_its_weights_in_checkpoint_layout(tiny_dir, t
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma2", "gemma3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                                   "granite", "phi3_longrope", "starcoder2", "gpt_neox", "phi", "cohere", "glm", "glm4",
-                                  "smollm3"])
+                                  "smollm3", "cohere2"])
 def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
     src = write_tiny(arch, tmp_path / "src")
     cfg, w = load_hf(src)
@@ -97,7 +97,7 @@ def test_export_loads_in_transformers_with_same_logits(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "mixtral",
                                   "qwen2_moe", "qwen3_moe", "olmoe", "phi3", "granite", "starcoder2", "gpt_neox",
-                                  "phi", "cohere", "glm4", "smollm3"])
+                                  "phi", "cohere", "glm4", "smollm3", "cohere2"])
 def test_parameter_count_is_transformers(arch):
     """ModelConfig.num_params (the memory calculator's count) against the parameters transformers
     builds for the same config: biases, per-head and whole-projection q / k norms, sandwich norms,

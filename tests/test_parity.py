@@ -17,9 +17,10 @@ PROMPT_LENS = (5, 17, 40)  # different lengths in one batch; 40 > mistral's slid
 FULL = sorted(set(ARCHS) - {"gemma", "phi3_longrope", "glm"})
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # Dense archs whose departures from the others (scalars, norms, parallel branches, interleaved or
-# partial RoPE) act within each token's own computation: the schedules test below runs the others,
-# which cover what a schedule can change (positions across chunks, windows, q / k / v layouts)
-SAME_SCHEDULES = ("granite", "phi", "cohere", "glm4")
+# partial RoPE) act within each token's own computation, and Cohere 2, whose windows and layers without
+# RoPE SmolLM3 has too: the schedules test below runs the others, which cover what a schedule can
+# change (positions across chunks, windows, q / k / v layouts)
+SAME_SCHEDULES = ("granite", "phi", "cohere", "glm4", "cohere2")
 
 
 @pytest.fixture(scope="module", params=FULL)
