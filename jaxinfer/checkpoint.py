@@ -149,9 +149,10 @@ class TensorSource:
 
     def stored_module(self, name: str) -> str:
         """A module's name as this checkpoint spells it (what its quantization config names)."""
-        for ours, stored in self.renamed.items():  # prefixes end with ".": "lm_head." holds module "lm_head"
-            if (name + ".").startswith(ours):
-                return (stored + name[len(ours):]) if len(name) >= len(ours) else stored[:-1]
+        dotted = name + "."  # the prefixes end with ".": "lm_head." also covers module "lm_head"
+        for ours, stored in self.renamed.items():
+            if dotted.startswith(ours):
+                return (stored + dotted[len(ours):])[:-1]
         return name
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -220,6 +221,26 @@ def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
     return names
 
 
+def _projection_parts(cfg: ModelConfig, nm: dict, f: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """The HF modules that wqkv and w_gate_up stack, in column order, with their output widths:
+    q / k / v, or the one module where the checkpoint fuses them (Phi-3, GPT-NeoX); gate / up, the
+    one fused module (Phi-3, GLM), or up alone for an ungated MLP (f: the MLP's width)."""
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv = ([(nm["qkv"], (n + 2 * k) * h)] if cfg.fused_qkv else
+           [(nm["q"], n * h), (nm["k"], k * h), (nm["v"], k * h)])
+    gate_up = ([(nm["up"], f)] if not cfg.gated_mlp else
+               [(nm["gate_up"], 2 * f)] if cfg.fused_gate_up else [(nm["gate"], f), (nm["up"], f)])
+    return qkv, gate_up
+
+
+def linear_modules(cfg: ModelConfig) -> list[str]:
+    """The names (last component) of a dense layer's Linear modules as the checkpoint spells them:
+    the modules a PEFT adapter of this model can target."""
+    nm = _hf_layer_names(cfg, 0)
+    qkv, gate_up = _projection_parts(cfg, nm, cfg.intermediate_size)
+    return [m.rsplit(".", 1)[1] for m, _ in [*qkv, (nm["o"], 0), *gate_up, (nm["down"], 0)]]
+
+
 def _bias_of(weight_name: str) -> str:
     """A norm's shift beside its scale: "....weight" -> "....bias"."""
     return weight_name.removesuffix("weight") + "bias"
@@ -258,28 +279,25 @@ def _hf_tensors_of_layer(cfg: ModelConfig, src: TensorSource, i: int, quant=None
     if cfg.sandwich_norms:
         yield "post_attn_norm", src.get(nm["post_attn_norm"], (d,))
         yield "post_mlp_norm", src.get(nm["post_mlp_norm"], (d,))
-    fused = cfg.fused_qkv  # Phi-3, GPT-NeoX: one qkv module, as our field is
-    yield "wqkv", _linear(src, [(nm["qkv"], (n + 2 * k) * h, d)] if fused else
-                          [(nm["q"], n * h, d), (nm["k"], k * h, d), (nm["v"], k * h, d)], quant)
+    if cfg.is_moe_layer(i):
+        f = cfg.shared_expert_intermediate_size
+    qkv, gate_up = _projection_parts(cfg, nm, f)
+    yield "wqkv", _linear(src, [(m, width, d) for m, width in qkv], quant)
     yield "wo", _linear(src, [(nm["o"], d, n * h)], quant)
     if cfg.is_moe_layer(i):
         yield from _hf_experts(cfg, src, nm, quant)
-        f = cfg.shared_expert_intermediate_size
-    gate_up = ([(nm["up"], f, d)] if not cfg.gated_mlp else
-               [(nm["gate_up"], 2 * f, d)] if cfg.fused_gate_up else [(nm["gate"], f, d), (nm["up"], f, d)])
     if f:
-        yield "w_gate_up", _linear(src, gate_up, quant)
+        yield "w_gate_up", _linear(src, [(m, width, d) for m, width in gate_up], quant)
         yield "w_down", _linear(src, [(nm["down"], d, f)], quant)
     if cfg.qkv_bias:
-        parts = [(nm["qkv"], (n + 2 * k) * h)] if fused else [(nm["q"], n * h), (nm["k"], k * h), (nm["v"], k * h)]
-        yield "bqkv", np.concatenate([src.get(m + ".bias", (width,)) for m, width in parts])
+        yield "bqkv", np.concatenate([src.get(m + ".bias", (width,)) for m, width in qkv])
     if cfg.o_bias:
         yield "bo", src.get(nm["o"] + ".bias", (d,))
     if cfg.qk_norm:
         yield "q_norm", src.get(nm["q_norm"], (n * h,) if cfg.qk_norm_full else (h,))
         yield "k_norm", src.get(nm["k_norm"], (k * h,) if cfg.qk_norm_full else (h,))
     if cfg.mlp_bias:
-        yield "b_gate_up", np.concatenate([src.get(m + ".bias", (width,)) for m, width, _ in gate_up])
+        yield "b_gate_up", np.concatenate([src.get(m + ".bias", (width,)) for m, width in gate_up])
         yield "b_down", src.get(nm["down"] + ".bias", (d,))
 
 
@@ -360,11 +378,16 @@ def _put_linear(out: dict, schemes: dict, parts: list[tuple[str, int]], w, cast)
     out.update({m + ".weight": r for (m, _), r in zip(parts, rows)})
 
 
+def _split_bias(parts: list[tuple[str, int]], bias: np.ndarray) -> dict[str, np.ndarray]:
+    """A fused field's bias as its modules' ("module.bias": its rows)."""
+    widths = [width for _, width in parts]
+    return {m + ".bias": b for (m, _), b in zip(parts, np.split(bias, np.cumsum(widths)[:-1]))}
+
+
 def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[str, np.ndarray], dict]:
     """Weights -> HF tensor names and layouts (numpy), for export, and the compressed-tensors
     config group of each quantized projection ({module: group}, empty for a dense model)."""
     weights = dense_layout(weights)
-    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     cast = (lambda x: np.asarray(x, dtype=jnp.dtype(dtype))) if dtype else np.asarray
     out = {"model.embed_tokens.weight": cast(weights.embed)}
     schemes: dict[str, dict] = {}
@@ -375,16 +398,13 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
         if layer.attn_norm_bias is not None:
             out[_bias_of(nm["attn_norm"])], out[_bias_of(nm["mlp_norm"])] = map(
                 cast, (layer.attn_norm_bias, layer.mlp_norm_bias))
-        fused = cfg.fused_qkv
-        _put_linear(out, schemes, [(nm["qkv"], (n + 2 * k) * h)] if fused else
-                    [(nm["q"], n * h), (nm["k"], k * h), (nm["v"], k * h)], layer.wqkv, cast)
+        # a dense MLP's width, or a MoE layer's shared expert's (w_down [F, D], also as a QuantWeight)
+        qkv, gate_up = _projection_parts(cfg, nm, 0 if layer.w_down is None else layer.w_down.shape[0])
+        _put_linear(out, schemes, qkv, layer.wqkv, cast)
         _put_linear(out, schemes, [(nm["o"], cfg.hidden_size)], layer.wo, cast)
         if layer.mlp_norm is not None:
             out[nm["mlp_norm"]] = cast(layer.mlp_norm)
-        if layer.w_gate_up is not None:  # a dense MLP, or a MoE layer's shared expert
-            fl = layer.w_down.shape[0]
-            gate_up = ([(nm["up"], fl)] if not cfg.gated_mlp else
-                       [(nm["gate_up"], 2 * fl)] if cfg.fused_gate_up else [(nm["gate"], fl), (nm["up"], fl)])
+        if layer.w_gate_up is not None:
             _put_linear(out, schemes, gate_up, layer.w_gate_up, cast)
             _put_linear(out, schemes, [(nm["down"], cfg.hidden_size)], layer.w_down, cast)
         if layer.router is not None:
@@ -398,18 +418,14 @@ def hf_state_dict(cfg: ModelConfig, weights: Weights, dtype=None) -> tuple[dict[
                             cast)
             if layer.shared_gate is not None:
                 out[nm["shared_gate"]] = cast(layer.shared_gate).T
-        if layer.bqkv is not None and fused:
-            out[nm["qkv"] + ".bias"] = cast(layer.bqkv)
-        elif layer.bqkv is not None:
-            out[nm["q"] + ".bias"], out[nm["k"] + ".bias"], out[nm["v"] + ".bias"] = np.split(
-                cast(layer.bqkv), [n * h, (n + k) * h])
+        if layer.bqkv is not None:
+            out.update(_split_bias(qkv, cast(layer.bqkv)))
         if layer.bo is not None:
             out[nm["o"] + ".bias"] = cast(layer.bo)
         if layer.q_norm is not None:
             out[nm["q_norm"]], out[nm["k_norm"]] = cast(layer.q_norm), cast(layer.k_norm)
         if layer.b_gate_up is not None:
-            parts = [nm["gate"], nm["up"]] if cfg.gated_mlp else [nm["up"]]
-            out.update({m + ".bias": b for m, b in zip(parts, np.split(cast(layer.b_gate_up), len(parts)))})
+            out.update(_split_bias(gate_up, cast(layer.b_gate_up)))
             out[nm["down"] + ".bias"] = cast(layer.b_down)
         if layer.post_attn_norm is not None:
             out[nm["post_attn_norm"]], out[nm["post_mlp_norm"]] = cast(layer.post_attn_norm), cast(layer.post_mlp_norm)

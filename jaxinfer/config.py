@@ -233,6 +233,11 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def layer_type_names(self) -> list[str]:
+        """Each layer's transformers layer type: "sliding_attention" where it has a window."""
+        return ["full_attention" if self.layer_window(i) is None else "sliding_attention"
+                for i in range(self.num_layers)]
+
     @property
     def rotary_dim(self) -> int:
         """The leading dims of each head that RoPE rotates (the rest pass through), as transformers
@@ -366,22 +371,19 @@ class ModelConfig:
         if model_type == "phi":
             out.update(layer_norm_eps=self.rms_norm_eps, partial_rotary_factor=self.partial_rotary_factor,
                        qk_layernorm=False)
-        if model_type in ("glm", "glm4"):  # pad_token_id: as for phi3 below
-            out.update(partial_rotary_factor=self.partial_rotary_factor, attention_bias=self.qkv_bias,
-                       pad_token_id=None)
-        if model_type == "smollm3":  # pad_token_id: as for phi3 below
+        if model_type in ("phi3", "glm", "glm4", "smollm3", "cohere2"):
+            out["pad_token_id"] = None  # their classes' defaults lie past a small vocab; inference never reads it
+        if model_type in ("glm", "glm4"):
+            out.update(partial_rotary_factor=self.partial_rotary_factor, attention_bias=self.qkv_bias)
+        if model_type == "smollm3":
             out.update(no_rope_layers=[int(v) for v in (self.rope_layers or (True,) * self.num_layers)],
                        use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
-                       layer_types=[("full_attention" if self.layer_window(i) is None else "sliding_attention")
-                                    for i in range(self.num_layers)],
-                       attention_bias=self.o_bias, mlp_bias=self.mlp_bias, pad_token_id=None)
+                       layer_types=self.layer_type_names(), attention_bias=self.o_bias, mlp_bias=self.mlp_bias)
         if model_type in ("cohere", "cohere2"):
             out.update(layer_norm_eps=self.rms_norm_eps, logit_scale=self.logit_scale, use_qk_norm=False,
                        attention_bias=self.qkv_bias)
         if model_type == "cohere2":  # its global layers do without RoPE: rope_layers follows the layer types
-            out.update(sliding_window=self.sliding_window, pad_token_id=None,
-                       layer_types=[("full_attention" if self.layer_window(i) is None else "sliding_attention")
-                                    for i in range(self.num_layers)])
+            out.update(sliding_window=self.sliding_window, layer_types=self.layer_type_names())
         if model_type == "granite":
             out.update(embedding_multiplier=self.embedding_multiplier, residual_multiplier=self.residual_multiplier,
                        attention_multiplier=self.attention_scale, logits_scaling=self.logits_scaling)
@@ -389,12 +391,11 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
         if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
             out["use_sliding_window"] = False
-        if model_type == "phi3":  # pad_token_id: Phi3Config's default (32000) is past a small vocab; inference never reads it
+        if model_type == "phi3":
             out.update(sliding_window=self.sliding_window, partial_rotary_factor=self.partial_rotary_factor,
                        original_max_position_embeddings=(self.rope_scaling.original_max_position_embeddings
                                                          if self.rope_scaling.rope_type == "longrope"
-                                                         else self.max_position_embeddings),
-                       pad_token_id=None)
+                                                         else self.max_position_embeddings))
         if model_type == "mixtral":  # its intermediate_size is the experts' width; renormalizes always
             out.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
                        intermediate_size=self.moe_intermediate_size)
@@ -409,11 +410,9 @@ class ModelConfig:
             out.update(shared_expert_intermediate_size=self.shared_expert_intermediate_size, qkv_bias=self.qkv_bias)
         if model_type in ("gemma2", "gemma3_text"):  # spelled out: transformers' defaults differ from ours
             scalar = float(self.query_pre_attn_scalar or self.head_dim)  # its config class wants an int
-            types = [("full_attention" if self.layer_window(i) is None else "sliding_attention")
-                     for i in range(self.num_layers)]
             out.update(hidden_activation=self.hidden_act,
                        query_pre_attn_scalar=int(scalar) if scalar.is_integer() else scalar,
-                       sliding_window=self.sliding_window, layer_types=types,
+                       sliding_window=self.sliding_window, layer_types=self.layer_type_names(),
                        attn_logit_softcapping=self.attn_logit_softcapping,
                        final_logit_softcapping=self.final_logit_softcapping)
         if model_type == "gemma3_text":  # RoPE per layer type (the flat keys are the older spelling)
@@ -524,6 +523,7 @@ class ModelConfig:
         elif rope_type == "longrope":
             scaling = _longrope(hf, scaling_src, phi3)
 
+        rope_layers = _smollm3_rope_layers(hf, layers) if smollm3 else None
         sliding_window, layer_types = None, None
         if arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM", "Starcoder2ForCausalLM"):
             sliding_window = hf.get("sliding_window")
@@ -538,7 +538,7 @@ class ModelConfig:
         elif smollm3 and hf.get("use_sliding_window") and hf.get("sliding_window"):
             sliding_window = hf["sliding_window"]  # on the NoPE layers, unless layer_types says otherwise
             layer_types = hf.get("layer_types") or [
-                "full_attention" if use else "sliding_attention" for use in _smollm3_rope_layers(hf, layers)]
+                "full_attention" if use else "sliding_attention" for use in rope_layers]
         elif later_gemma:  # local (sliding) and global layers interleaved
             sliding_window = hf.get("sliding_window", 4096)
             layer_types = hf.get("layer_types")
@@ -571,10 +571,10 @@ class ModelConfig:
                                if neox or phi or cohere else hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
-            partial_rotary_factor=float(
-                rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) if phi3 else
-                rope_params.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)) if neox else
-                rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)) if phi or glm else 1.0),
+            # where transformers rotates part of each head: its config's default share (GPT-NeoX: rotary_pct)
+            partial_rotary_factor=float(rope_params.get("partial_rotary_factor", hf.get(
+                "rotary_pct" if neox else "partial_rotary_factor", 1.0 if phi3 else 0.25 if neox else 0.5))
+                if phi3 or neox or phi or glm else 1.0),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma or cohere)),
             qkv_bias=qkv_bias,
             o_bias=attention_bias and (arch in ("LlamaForCausalLM", "GraniteForCausalLM") or gemma or olmo2 or olmoe
@@ -585,9 +585,8 @@ class ModelConfig:
             parallel_residual=phi or cohere or (neox and bool(hf.get("use_parallel_residual", True))),
             shared_input_norm=phi or cohere,
             rope_interleaved=cohere or glm,
-            rope_layers=(_smollm3_rope_layers(hf, layers) if smollm3 else
-                         tuple(t == "sliding_attention" for t in layer_types) if arch == "Cohere2ForCausalLM"
-                         else None),
+            rope_layers=(tuple(t == "sliding_attention" for t in layer_types) if arch == "Cohere2ForCausalLM"
+                         else rope_layers),
             logit_scale=float(hf.get("logit_scale", 0.0625)) if cohere else 1.0,
             lm_head_bias=phi,
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM") or olmo2 or olmoe,

@@ -41,17 +41,16 @@ from jaxinfer.sampling import is_int
 # LayerWeights field -> the PEFT module names it fuses, in its column order
 FIELDS = {"wqkv": ("q_proj", "k_proj", "v_proj"), "wo": ("o_proj",), "w_gate_up": ("gate_proj", "up_proj"),
           "w_down": ("down_proj",)}
-# Phi-3's fused modules: one adapter over a whole field, its A shared by the field's sub-modules and
-# its B's rows split among them (exact: each sub-module's delta is x A^T B_m^T)
-FUSED_MODULES = {"qkv_proj": "wqkv", "gate_up_proj": "w_gate_up"}
-# PEFT module -> (its field, the field's sub-modules it covers)
-MODULE_FIELD = {m: (f, (i,)) for f, mods in FIELDS.items() for i, m in enumerate(mods)}
-MODULE_FIELD.update({m: (f, tuple(range(len(FIELDS[f])))) for m, f in FUSED_MODULES.items()})
-MODULE_FIELD.update({"c_fc": ("w_gate_up", (0,)), "c_proj": ("w_down", (0,))})  # StarCoder2's ungated MLP
-MODULE_FIELD.update({"query_key_value": ("wqkv", (0, 1, 2)), "dense": ("wo", (0,)),  # GPT-NeoX's
-                     "dense_h_to_4h": ("w_gate_up", (0,)), "dense_4h_to_h": ("w_down", (0,)),
-                     "fc1": ("w_gate_up", (0,)), "fc2": ("w_down", (0,))})  # and Phi-2's
-ALL_MODULES = [m for mods in FIELDS.values() for m in mods]
+# PEFT module -> (its field, the field's sub-modules it covers). The other layouts' names: a fused
+# module (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's query_key_value) covers its whole field, its A
+# shared by the field's sub-modules and its B's rows split among them (exact: each sub-module's delta
+# is x A^T B_m^T); an ungated MLP's up (StarCoder2's c_fc, GPT-NeoX's dense_h_to_4h, Phi-2's fc1) is
+# its field's one sub-module. `model_modules` says which names a model has.
+MODULE_FIELD = {m: (f, (i,)) for f, mods in FIELDS.items() for i, m in enumerate(mods)} | {
+    "qkv_proj": ("wqkv", (0, 1, 2)), "query_key_value": ("wqkv", (0, 1, 2)), "gate_up_proj": ("w_gate_up", (0, 1)),
+    "dense": ("wo", (0,)),
+    "c_fc": ("w_gate_up", (0,)), "dense_h_to_4h": ("w_gate_up", (0,)), "fc1": ("w_gate_up", (0,)),
+    "c_proj": ("w_down", (0,)), "dense_4h_to_h": ("w_down", (0,)), "fc2": ("w_down", (0,))}
 _KEY = re.compile(r"^base_model\.model\.(?:model|gpt_neox)\.layers\.(\d+)\.(?:self_attn|attention|mlp)\.(\w+)"
                   r"\.lora_([AB])\.weight$")
 
@@ -107,17 +106,8 @@ def field_dims(cfg: ModelConfig, field: str) -> tuple[int, list[int]]:
 
 def model_modules(cfg: ModelConfig) -> list[str]:
     """The PEFT module names an adapter of this model may target (the checkpoint's Linear modules)."""
-    if cfg.architecture == "GPTNeoXForCausalLM":
-        return ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-    if cfg.architecture == "PhiForCausalLM":
-        return ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
-    if cfg.fused_qkv:
-        return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    if cfg.fused_gate_up:
-        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
-    if not cfg.gated_mlp:
-        return ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]
-    return ALL_MODULES
+    from jaxinfer.checkpoint import linear_modules  # checkpoint -> model -> layers imports this module
+    return linear_modules(cfg)
 
 
 @dataclasses.dataclass
