@@ -117,8 +117,9 @@ def test_f32_matmul_matches_a_float64_product(rows, k, n):
 
 @needs_f32
 def test_f32_matmul_rows_are_independent_of_batch_and_pass():
-    """A row's float32 result is the same bits alone, in a batch of 5, or as row 17 of 30 (second
-    pass over the panels): each output sums its products in order k = 0, 1, ...; leading dims are
+    """A row's float32 result is the same bits alone, in a batch of 4 to 13 or of 30, whichever
+    pass over the panels takes it (and across blocks of k, K = 96): each output sums its products
+    in order k = 0, 1, ...; leading dims are
     flattened, vmap runs it row by row, and a PanelWeight multiplies through `layers.matmul`."""
     from jaxinfer.layers import matmul
     rng = np.random.default_rng(1)
@@ -130,6 +131,8 @@ def test_f32_matmul_rows_are_independent_of_batch_and_pass():
     whole = np.asarray(mm(x, pw))
     np.testing.assert_array_equal(np.asarray(mm(x[17:18], pw))[0], whole[17])
     np.testing.assert_array_equal(np.asarray(mm(x[15:20], pw))[2], whole[17])
+    for rows in (4, 7, 9, 11, 13):  # the AVX2 build's groups of passes: 4, 4+3, 5+4, 6+5, 5+5+3
+        np.testing.assert_array_equal(np.asarray(mm(x[17 - rows + 1:18], pw))[-1], whole[17])
     np.testing.assert_array_equal(np.asarray(mm(x.reshape(5, 6, 96), pw)).reshape(30, 70), whole)
     mapped = jax.jit(jax.vmap(lambda r: matmul(r, pw)))(x)
     np.testing.assert_array_equal(np.asarray(mapped), whole)

@@ -233,17 +233,22 @@ inline void store8(float* p, __m256 v, int64_t count) {
   }
 }
 
-// AVX2: up to 32 rows take passes of up to 3 rows over whole panels (4 vectors a row; the FMAs read
-// the weights from L1), which streams each panel from memory once, as decode and verification want.
-// More rows (prefill) go in passes of up to 6 rows over one half of a panel at a time (12
-// accumulators, both weight vectors held in registers, as a 6x16 micro-kernel), which keeps the
-// FMAs busy where the weights come from cache: ~0.95x XLA's time from 64 rows up, where whole
-// panels took ~1.2x. Each output sums its K products in order either way, so a row's bits do not
-// depend on which path its batch took. The unroll pragmas let GCC keep a tile's accumulators in
-// registers; without them GCC 12 stores every accumulator to the stack on every k.
-constexpr int64_t kF32PanelRows = 3;         // rows per pass over whole panels
-constexpr int64_t kF32WholePanelsUpTo = 32;  // more rows than this take half panels
+// AVX2, by the number of rows M:
+// - up to 3 (decode): one pass over whole panels (4 vectors a row; the FMAs read the weights from
+//   L1), which streams each panel from memory once;
+// - 4 to 32 (verification, small batches): passes over half panels, a few rows each, taking turns
+//   block by block of k while the block sits in L1 (`f32_half_part`, `f32_rows` says why);
+// - more (prefill): passes of up to 6 rows over one half of a panel at a time (12 accumulators,
+//   both weight vectors held in registers, as a 6x16 micro-kernel), which keeps the FMAs busy
+//   where the weights come from cache: ~0.95x XLA's time from 64 rows up, where whole panels took
+//   ~1.2x.
+// Each output sums its K products in order on every path, so a row's bits do not depend on which
+// path its batch took. The unroll pragmas let GCC keep a tile's accumulators in registers;
+// without them GCC 12 stores every accumulator to the stack on every k.
+constexpr int64_t kF32PanelRows = 3;         // rows per pass over whole panels (decode)
+constexpr int64_t kF32WholePanelsUpTo = 32;  // more rows than this take the prefill path
 constexpr int64_t kF32HalfRows = 6;          // rows per pass over half panels
+constexpr int64_t kF32BlockK = 64;           // k per block when passes take turns on a panel (8 KB)
 
 template <int MR>
 inline void f32_tile(const float* x, const float* wp, float* y, int64_t K, int64_t N, int64_t n, int64_t left,
@@ -269,6 +274,44 @@ inline void f32_tile(const float* x, const float* wp, float* y, int64_t K, int64
   for (int r = 0; r < MR; ++r)
     #pragma GCC unroll 16
     for (int c = 0; c < 4; ++c) store8(y + r * N + n + 8 * c, acc[r][c], left - 8 * c);
+}
+
+// Products k0 .. k1-1 of MR rows with half of a panel (wp points at its first weight), added to
+// the running sums part[MR][32] (this half's 16 of them: loaded into registers, stored back): the
+// prefill path's 6 x 16 micro-kernel below, cut into blocks of k so that the passes of a few rows
+// can take turns on a block of the panel while it sits in L1 (`f32_rows`). The pass also
+// prefetches `pf_lines` cache lines from pf, one every `pf_step` k.
+template <int MR>
+inline void f32_half_part(const float* x, const float* wp, float* part, int64_t K, int64_t k0, int64_t k1,
+                          const char* pf, int64_t pf_lines, int64_t pf_step) {
+  __m256 acc[MR][2];
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = _mm256_loadu_ps(part + r * kF32Cols);
+    acc[r][1] = _mm256_loadu_ps(part + r * kF32Cols + 8);
+  }
+  wp += k0 * kF32Cols;
+  int64_t countdown = 0;
+  for (int64_t k = k0; k < k1; ++k, wp += kF32Cols) {
+    if (pf_lines > 0 && --countdown <= 0) {
+      _mm_prefetch(pf, _MM_HINT_T0);
+      pf += 64;
+      --pf_lines;
+      countdown = pf_step;
+    }
+    const __m256 w0 = _mm256_loadu_ps(wp), w1 = _mm256_loadu_ps(wp + 8);
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+      acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(part + r * kF32Cols, acc[r][0]);
+    _mm256_storeu_ps(part + r * kF32Cols + 8, acc[r][1]);
+  }
 }
 
 // Outputs n .. n+15 (`left` of them real, at least 1) of MR rows, from half of a panel (wp points
@@ -313,6 +356,47 @@ inline void f32_rows(const float* x, const float* wp, float* y, int64_t M, int64
           default: f32_half_tile<6>(xr, wp + h, yr, K, N, n + h, left - h); break;
         }
       }
+    return;
+  }
+  if (M > kF32PanelRows) {
+    // 4 to 32 rows: passes over half panels and groups of up to 6 rows (as even as they split: a
+    // group of 5 or 6 keeps the FMAs busy, one of 3 or 4 at about half their rate, too few
+    // accumulators for their latency) take turns block by block of k, the block sitting in L1,
+    // and share out the prefetches of the block kF32PrefetchBytes ahead. The weight stream
+    // overlaps every pass's FMAs, where whole-panel passes of 3 rows overlapped it with the first
+    // pass's only (two cores, 9 rows: ~1.2x less time). Each output still sums its K products
+    // in order.
+    const int64_t groups = (M + kF32HalfRows - 1) / kF32HalfRows, per = (M + groups - 1) / groups;
+    const int64_t passes = 2 * groups;
+    alignas(32) float part[kF32WholePanelsUpTo * kF32Cols];
+    std::fill(part, part + M * kF32Cols, 0.0f);
+    for (int64_t k0 = 0; k0 < K; k0 += kF32BlockK) {
+      const int64_t k1 = std::min(K, k0 + kF32BlockK);
+      const char* pf = (const char*)(wp + k0 * kF32Cols) + kF32PrefetchBytes;
+      const int64_t lines = 2 * (k1 - k0), share = (lines + passes - 1) / passes;
+      const int64_t step = std::max<int64_t>(1, (k1 - k0) / share);
+      int64_t pass = 0;
+      for (int64_t r0 = 0; r0 < M; r0 += per) {
+        const float* xr = x + r0 * K;
+        for (int64_t h = 0; h < kF32Cols; h += 16, ++pass) {
+          const float* wh = wp + h;
+          float* ph = part + r0 * kF32Cols + h;
+          const char* ppf = pf + pass * share * 64;
+          const int64_t pl = std::max<int64_t>(0, std::min(share, lines - pass * share));
+          switch (std::min(per, M - r0)) {
+            case 1: f32_half_part<1>(xr, wh, ph, K, k0, k1, ppf, pl, step); break;
+            case 2: f32_half_part<2>(xr, wh, ph, K, k0, k1, ppf, pl, step); break;
+            case 3: f32_half_part<3>(xr, wh, ph, K, k0, k1, ppf, pl, step); break;
+            case 4: f32_half_part<4>(xr, wh, ph, K, k0, k1, ppf, pl, step); break;
+            case 5: f32_half_part<5>(xr, wh, ph, K, k0, k1, ppf, pl, step); break;
+            default: f32_half_part<6>(xr, wh, ph, K, k0, k1, ppf, pl, step); break;
+          }
+        }
+      }
+    }
+    for (int64_t r = 0; r < M; ++r)
+      for (int c = 0; c < 4; ++c)
+        store8(y + r * N + n + 8 * c, _mm256_load_ps(part + r * kF32Cols + 8 * c), left - 8 * c);
     return;
   }
 #endif
