@@ -236,7 +236,7 @@ inline void store8(float* p, __m256 v, int64_t count) {
 // AVX2, by the number of rows M:
 // - up to 3 (decode): one pass over whole panels (4 vectors a row; the FMAs read the weights from
 //   L1), which streams each panel from memory once;
-// - 4 to 32 (verification, small batches): passes over half panels, a few rows each, taking turns
+// - 4 to 64 (verification, small batches): passes over half panels, a few rows each, taking turns
 //   block by block of k while the block sits in L1 (`f32_half_part`, `f32_rows` says why);
 // - more (prefill): passes of up to 6 rows over one half of a panel at a time (12 accumulators,
 //   both weight vectors held in registers, as a 6x16 micro-kernel), which keeps the FMAs busy
@@ -246,7 +246,7 @@ inline void store8(float* p, __m256 v, int64_t count) {
 // path its batch took. The unroll pragmas let GCC keep a tile's accumulators in registers;
 // without them GCC 12 stores every accumulator to the stack on every k.
 constexpr int64_t kF32PanelRows = 3;         // rows per pass over whole panels (decode)
-constexpr int64_t kF32WholePanelsUpTo = 32;  // more rows than this take the prefill path
+constexpr int64_t kF32BlockedUpTo = 64;      // more rows than this take the prefill path
 constexpr int64_t kF32HalfRows = 6;          // rows per pass over half panels
 constexpr int64_t kF32BlockK = 64;           // k per block when passes take turns on a panel (8 KB)
 
@@ -344,7 +344,7 @@ inline void f32_half_tile(const float* x, const float* wp, float* y, int64_t K, 
 inline void f32_rows(const float* x, const float* wp, float* y, int64_t M, int64_t K, int64_t N, int64_t n,
                      int64_t left) {
 #if !JAXINFER_AVX512
-  if (M > kF32WholePanelsUpTo) {
+  if (M > kF32BlockedUpTo) {
     for (int64_t h = 0; h < kF32Cols && h < left; h += 16)
       for (int64_t r0 = 0; r0 < M; r0 += kF32HalfRows) {
         const float* xr = x + r0 * K;
@@ -361,15 +361,16 @@ inline void f32_rows(const float* x, const float* wp, float* y, int64_t M, int64
     return;
   }
   if (M > kF32PanelRows) {
-    // 4 to 32 rows: passes over half panels and groups of up to 6 rows, as even as they split
+    // 4 to 64 rows: passes over half panels and groups of up to 6 rows, as even as they split
     // (a Zen 3 core, the block in L2: 3 / 4 / 5 / 6 rows at 63 / 77 / 86 / 88 GFLOP/s), take turns
     // block by block of k, the block sitting in L1, and share out the prefetches of the block
     // kF32PrefetchBytes ahead. The weight stream overlaps every pass's FMAs, where whole-panel
     // passes of 3 rows overlapped it with the first pass's only (two cores, the embedded target's
-    // products at 9 rows: ~1.35x less time). Each output still sums its K products in order.
+    // products at 9 rows: ~1.35x less time; 33 to 64 rows, which took the prefill path: 1.07x to
+    // 1.3x). Each output still sums its K products in order.
     const int64_t groups = (M + kF32HalfRows - 1) / kF32HalfRows, per = (M + groups - 1) / groups;
     const int64_t passes = 2 * groups;
-    alignas(32) float part[kF32WholePanelsUpTo * kF32Cols];
+    alignas(32) float part[kF32BlockedUpTo * kF32Cols];
     std::fill(part, part + M * kF32Cols, 0.0f);
     for (int64_t k0 = 0; k0 < K; k0 += kF32BlockK) {
       const int64_t k1 = std::min(K, k0 + kF32BlockK);
