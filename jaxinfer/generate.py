@@ -95,7 +95,8 @@ def prompt_forward(weights: Weights, cfg: ModelConfig, max_len: int, backend: st
     b, t = tokens.shape
     kv, page_table = init_contiguous(cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim, weights.dtype,
                                      kv_quant)
-    meta = AttentionMeta(page_table=page_table, kv_lens=prompt_lens, q_lens=prompt_lens, contiguous=True)
+    meta = AttentionMeta(page_table=page_table, kv_lens=prompt_lens, q_lens=prompt_lens, contiguous=True,
+                         fresh=True)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     last = jnp.maximum(prompt_lens - 1, 0)[:, None]  # [B, 1]
     logits, _, kv = forward(weights, cfg, tokens, positions, kv, meta, backend=backend,

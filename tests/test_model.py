@@ -322,3 +322,39 @@ def test_contiguous_bf16_bits_loop_equals_the_reference(t):
     valid = (jnp.arange(t)[None, :] < meta.q_lens[:, None])[:, :, None, None]
     err = jnp.max(jnp.where(valid, jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)), 0))
     assert float(err) <= 1e-2 * float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+
+
+@pytest.mark.parametrize("window,cap", [(None, None), (5, None), (None, 30.0)])
+def test_prompt_attention_equals_the_reference_over_a_fresh_cache(window, cap):
+    """A prompt into an empty cache attends to itself alone (`layers.prompt_attention`, query blocks
+    against the keys up to their end): the valid queries of right-padded rows (lengths 13, 4, 0)
+    get what `attention_reference` gives reading a 40-slot cache whose later slots hold other
+    values; and a fresh prompt through the model gives the logits of the same prompt without the
+    flag."""
+    from jaxinfer.layers import attention_reference, prompt_attention
+
+    b, t, n, kh, h, s = 3, 13, 4, 2, 16, 40
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, t, kh, h)), jnp.float32) for _ in range(2))
+    lens = jnp.array([13, 4, 0], jnp.int32)
+    cache = [jnp.asarray(rng.normal(size=(b, kh, s, h)), jnp.float32) for _ in range(2)]
+    kc, vc = (c.at[:, :, :t].set(x.transpose(0, 2, 1, 3)) for c, x in zip(cache, (k, v)))
+    meta = AttentionMeta(jnp.zeros((b, 1), jnp.int32), lens, lens, True)
+    want = attention_reference(q, kc, vc, meta, scale=0.25, sliding_window=window, soft_cap=cap)
+    got = jax.jit(lambda q, k, v: prompt_attention(q, k, v, scale=0.25, sliding_window=window, soft_cap=cap))(q, k, v)
+    valid = (jnp.arange(t)[None, :] < lens[:, None])[:, :, None, None]
+    np.testing.assert_allclose(np.asarray(jnp.where(valid, got, 0)), np.asarray(jnp.where(valid, want, 0)),
+                               atol=2e-6)
+
+    cfg = dataclasses.replace(CFG, sliding_window=window)
+    weights = init_weights(cfg, jax.random.PRNGKey(0), std=0.1)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, 9)), jnp.int32)
+    plens = jnp.array([9, 6], jnp.int32)
+
+    def logits(fresh):
+        kv, table = init_contiguous(cfg.num_layers, 2, 32, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+        m = AttentionMeta(table, plens, plens, True, fresh=fresh)
+        return forward(weights, cfg, tokens, jnp.broadcast_to(jnp.arange(9), (2, 9)), kv, m, backend="xla",
+                             logits_at=(plens - 1)[:, None])[0]
+    np.testing.assert_allclose(np.asarray(logits(True)), np.asarray(logits(False)), atol=1e-5)

@@ -99,7 +99,8 @@ def spec_prefill(weights: Weights, cfg: ModelConfig, drafter, draft_params, stat
     b, t = tokens.shape
     s, m = statics.max_len, statics.max_new
     kv, page_table = init_contiguous(cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim, weights.dtype)
-    meta = AttentionMeta(page_table=page_table, kv_lens=prompt_lens, q_lens=prompt_lens, contiguous=True)
+    meta = AttentionMeta(page_table=page_table, kv_lens=prompt_lens, q_lens=prompt_lens, contiguous=True,
+                         fresh=True)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     last = jnp.maximum(prompt_lens - 1, 0)[:, None]  # [B, 1]
     want_prompt_lp = statics.num_prompt_logprobs >= 0
