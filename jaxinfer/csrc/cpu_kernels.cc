@@ -316,27 +316,15 @@ inline void f32_half_part(const float* x, const float* wp, float* part, int64_t 
 }
 
 // Outputs n .. n+15 (`left` of them real, at least 1) of MR rows, from half of a panel (wp points
-// at its first weight).
+// at its first weight): `f32_half_part` over all of K at once (the prefill path).
 template <int MR>
 inline void f32_half_tile(const float* x, const float* wp, float* y, int64_t K, int64_t N, int64_t n,
                           int64_t left) {
-  __m256 acc[MR][2];
-  #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k, wp += kF32Cols) {
-    __m256 w0 = _mm256_loadu_ps(wp), w1 = _mm256_loadu_ps(wp + 8);
-    asm("" : "+x"(w0), "+x"(w1));  // held in registers: GCC would fold them into each FMA
-    #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
-      acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
-    }
-  }
-  #pragma GCC unroll 16
+  alignas(32) float part[MR * kF32Cols] = {};
+  f32_half_part<MR>(x, wp, part, K, 0, K, nullptr, 0, 1);
   for (int r = 0; r < MR; ++r) {
-    store8(y + r * N + n, acc[r][0], left);
-    store8(y + r * N + n + 8, acc[r][1], left - 8);
+    store8(y + r * N + n, _mm256_load_ps(part + r * kF32Cols), left);
+    store8(y + r * N + n + 8, _mm256_load_ps(part + r * kF32Cols + 8), left - 8);
   }
 }
 #endif
