@@ -21,7 +21,7 @@ from flax import struct
 
 from jaxinfer import cpu_kernels, moe
 from jaxinfer.config import ModelConfig, rope_inv_freq
-from jaxinfer.kv.cache import AttentionMeta, KVCache, as_read, write_pages, write_slots
+from jaxinfer.kv.cache import AttentionMeta, KVCache, write_pages, write_slots
 from jaxinfer.layers import (
     PanelWeight,
     TiedHead,
@@ -34,7 +34,6 @@ from jaxinfer.layers import (
     gated_activation,
     matmul,
     norm,
-    prompt_attention,
     rms_norm,
     rope_cos_sin,
 )
@@ -299,22 +298,16 @@ def attention_block(layer: LayerWeights, cfg: ModelConfig, x: jax.Array, cos, si
 
     if k_pages is None:  # no cache (training, scoring): the new tokens are the whole context
         with jax.named_scope("attention"):
-            out = prompt_attention(q, k, v, scale=cfg.attention_scale, sliding_window=window,
-                                   soft_cap=cfg.attn_logit_softcapping)
+            out = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), meta, scale=cfg.attention_scale,
+                            backend="xla", sliding_window=window, soft_cap=cfg.attn_logit_softcapping)
     else:
         with jax.named_scope("kv_write"):
             page, offset = write_slots(meta, t, k_pages.shape[2], k_pages.shape[0])
-            k_new, v_new = as_read(k_pages, k), as_read(v_pages, v)
             k_pages = write_pages(k_pages, k, page, offset, meta)
             v_pages = write_pages(v_pages, v, page, offset, meta)
         with jax.named_scope("attention"):
-            if meta.fresh and backend != "pallas" and k_new is not None and v_new is not None:
-                # a prompt into an empty cache attends to itself alone (the Pallas kernels read pages)
-                out = prompt_attention(q, k_new, v_new, scale=cfg.attention_scale, sliding_window=window,
-                                       soft_cap=cfg.attn_logit_softcapping)
-            else:
-                out = attention(q, k_pages, v_pages, meta, scale=cfg.attention_scale, backend=backend,
-                                sliding_window=window, soft_cap=cfg.attn_logit_softcapping)  # [B, T, N, H]
+            out = attention(q, k_pages, v_pages, meta, scale=cfg.attention_scale, backend=backend,
+                            sliding_window=window, soft_cap=cfg.attn_logit_softcapping)  # [B, T, N, H]
     with jax.named_scope("proj"):
         out = matmul(out.reshape(b, t, n * h), layer.wo)
     if layer.bo is not None:

@@ -325,13 +325,12 @@ def test_contiguous_bf16_bits_loop_equals_the_reference(t):
 
 
 @pytest.mark.parametrize("window,cap", [(None, None), (5, None), (None, 30.0)])
-def test_prompt_attention_equals_the_reference_over_a_fresh_cache(window, cap):
-    """A prompt into an empty cache attends to itself alone (`layers.prompt_attention`, query blocks
-    against the keys up to their end): the valid queries of right-padded rows (lengths 13, 4, 0)
-    get what `attention_reference` gives reading a 40-slot cache whose later slots hold other
-    values; and a fresh prompt through the model gives the logits of the same prompt without the
-    flag."""
-    from jaxinfer.layers import attention_reference, prompt_attention
+def test_fresh_prompt_attention_equals_the_reference_over_the_whole_cache(window, cap):
+    """A prompt into an empty cache (`AttentionMeta.fresh`) attends over its own slots alone: the
+    valid queries of right-padded rows (lengths 13, 4, 0) get what `attention_reference` gives
+    reading the whole 40-slot cache, whose later slots hold other values; and a fresh prompt through
+    the model gives the logits of the same prompt without the flag."""
+    from jaxinfer.layers import attention, attention_reference
 
     b, t, n, kh, h, s = 3, 13, 4, 2, 16, 40
     rng = np.random.default_rng(2)
@@ -342,7 +341,8 @@ def test_prompt_attention_equals_the_reference_over_a_fresh_cache(window, cap):
     kc, vc = (c.at[:, :, :t].set(x.transpose(0, 2, 1, 3)) for c, x in zip(cache, (k, v)))
     meta = AttentionMeta(jnp.zeros((b, 1), jnp.int32), lens, lens, True)
     want = attention_reference(q, kc, vc, meta, scale=0.25, sliding_window=window, soft_cap=cap)
-    got = jax.jit(lambda q, k, v: prompt_attention(q, k, v, scale=0.25, sliding_window=window, soft_cap=cap))(q, k, v)
+    fresh = meta.replace(fresh=True)
+    got = jax.jit(lambda q, k, v: attention(q, k, v, fresh, scale=0.25, sliding_window=window, soft_cap=cap))(q, kc, vc)
     valid = (jnp.arange(t)[None, :] < lens[:, None])[:, :, None, None]
     np.testing.assert_allclose(np.asarray(jnp.where(valid, got, 0)), np.asarray(jnp.where(valid, want, 0)),
                                atol=2e-6)

@@ -79,8 +79,8 @@ class AttentionMeta:
     # a contiguous bf16 cache stored as bits may run `layers.contiguous_bits_loop` (False: read whole)
     bits_loop: bool = struct.field(pytree_node=False, default=True)
     slots: jax.Array | None = None  # [B] per-sequence slot (KIVI residual); None: the row index
-    # the cache held nothing before this call (a prompt into a fresh cache): every row's queries
-    # sit at positions 0 .. T-1 and see this call's tokens only (`layers.prompt_attention`)
+    # a prompt into an empty contiguous cache: every row's queries sit at positions 0 .. T-1 and
+    # see only the first T slots (`layers.attention` reads no others)
     fresh: bool = struct.field(pytree_node=False, default=False)
 
     def row_slots(self) -> jax.Array:
@@ -175,16 +175,6 @@ def _read(pages, take):
     if isinstance(pages, BitsPages):
         return widen_from_storage(take(pages.bits), pages.dtype)
     return take(pages)
-
-
-def as_read(pages, new: jax.Array) -> jax.Array | None:
-    """This call's new keys or values [B, T, K, H] as reading them back from `pages` would give them
-    (bf16 BitsPages: float32), or None where the cache does not hold them exactly (quantized)."""
-    if isinstance(pages, BitsPages):
-        return new.astype(jnp.float32)
-    if isinstance(pages, jax.Array) and pages.dtype == new.dtype:
-        return new
-    return None
 
 
 def gather_pages(pages, meta: AttentionMeta) -> jax.Array:
