@@ -27,7 +27,10 @@
 // per block, two blocks prefetched ahead); each block's K is read, and a bf16 block's V
 // converted, once for all of them. Each query folds its scores into its own online softmax and
 // accumulates the values in float32, with the arithmetic it would have alone; nothing past the
-// row's length is read.
+// row's length is read. The AVX2 build transposes each block's K once (slot j's dim d at
+// kt[d][j]) so that a query's 16 scores are FMAs over d for up to four queries on the same
+// loads, with no sums across lanes: verifying 9 tokens costs 1.5x less than lane-summed dot
+// products (2 items, 200 slots: 122 -> 87 us; 1 token: 14.4 -> 15.7 us).
 
 #include <immintrin.h>
 
@@ -42,7 +45,7 @@
 #include "xla/ffi/api/ffi.h"
 
 // Two builds, by what -march=native enables: AVX512-BF16 gives all four kernels; AVX2 with FMA
-// (no AVX512-BF16) gives the float32 ones, the same algorithms on 8-lane vectors.
+// (no AVX512-BF16) gives the float32 ones on 8-lane vectors (attention's scores as above).
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define JAXINFER_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -504,6 +507,13 @@ inline float sum8(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+
+// The largest of a vector's 8 lanes.
+inline float max8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
 #endif
 
 constexpr int kMaxHeadDim = 256;
@@ -533,16 +543,18 @@ struct Attention {
   }
 
   // Pointers to row b's slots s0 .. s0+15 of kv head kh in `pages` (s0 a multiple of 16);
-  // nullptr for the slots outside [lo, hi). A block inside one page is one page-table lookup.
+  // nullptr for the slots outside [lo, hi). One page-table lookup per page the block touches
+  // (one division per block, whatever the page size).
   void block(const E* pages, int64_t b, int64_t kh, int64_t s0, int64_t lo, int64_t hi, const E** p) const {
-    if (ps % 16 == 0 && s0 >= lo && s0 + 16 <= hi) {
-      const E* base = slot(pages, b, kh, s0);
-      for (int j = 0; j < 16; ++j) p[j] = base + j * H;
-      return;
-    }
-    for (int j = 0; j < 16; ++j) {
-      const int64_t s = s0 + j;
-      p[j] = s >= lo && s < hi ? slot(pages, b, kh, s) : nullptr;
+    const int64_t from = std::max(s0, lo), to = std::min(s0 + 16, hi);
+    for (int64_t s = s0; s < std::min(from, s0 + 16); ++s) p[s - s0] = nullptr;
+    for (int64_t s = std::max(to, s0); s < s0 + 16; ++s) p[s - s0] = nullptr;
+    if (from >= to) return;
+    int64_t page = from / ps, off = from % ps;
+    const E* base = slot(pages, b, kh, from) - off * H;  // the page's slot 0
+    for (int64_t s = from; s < to; ++s, ++off) {
+      if (off == ps) base = slot(pages, b, kh, ++page * ps), off = 0;
+      p[s - s0] = base + off * H;
     }
   }
 
@@ -629,78 +641,155 @@ struct Attention {
         for (int c = 0; c < 2 * HC; ++c) _mm512_storeu_ps(o + gi * HD + c * 16, r[gi][c]);
   }
 #else
-  // AVX2: the same fold on 8-lane vectors. A score is one query-key dot product summed across
-  // its lanes; the values are accumulated 8 dims at a time for the gc heads together.
-  template <int HC>
-  void fold(int64_t b, int64_t kh, int64_t t, int64_t g0, int64_t gc, int64_t groups, const E* const* kp,
-            const float* const* vrow, uint32_t valid, float* m, float* l, float* acc) const {
-    constexpr int64_t HD = 32 * HC;
-    alignas(32) float pj[4][16];
-    float alpha[4];
-    for (int64_t gi = 0; gi < gc; ++gi) {
-      const int64_t i = t * groups + g0 + gi;
-      const float* qp = query(b, t, kh * groups + g0 + gi);
-      alignas(32) float sc[16];
-      for (int j = 0; j < 16; ++j) {
-        sc[j] = -INFINITY;
-        if (!(valid >> j & 1)) continue;
-        __m256 x0 = _mm256_setzero_ps(), x1 = _mm256_setzero_ps();  // two FMA chains
-        for (int c = 0; c < 4 * HC; c += 2) {
-          x0 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[j] + c * 8), _mm256_loadu_ps(qp + c * 8), x0);
-          x1 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[j] + c * 8 + 8), _mm256_loadu_ps(qp + c * 8 + 8), x1);
-        }
-        sc[j] = sum8(_mm256_add_ps(x0, x1)) * scale;
+  // AVX2. A block's K is transposed once (kt[d][j]: slot j's dim d; zeros for slots outside the
+  // item's range) for all the queries that see it. A query's 16 scores are then two vectors of
+  // FMAs over d, q[d] broadcast, with no sums across lanes, for up to four queries on the same
+  // loads. Each query updates its own online softmax, and queries that see the same slots of the
+  // block accumulate their values four at a time (independent FMA chains).
+  static void transpose8(__m256* r) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20), r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20), r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20), r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20), r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+  }
+
+  template <int HD>
+  static void transpose_block(const float* const* kp, float* kt) {
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < HD; c += 8) {
+        __m256 r[8];
+        for (int j = 0; j < 8; ++j) r[j] = kp[8 * h + j] ? _mm256_loadu_ps(kp[8 * h + j] + c) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) _mm256_store_ps(kt + (c + i) * 16 + 8 * h, r[i]);
       }
-      if (soft_cap > 0)
-        for (int h = 0; h < 2; ++h)
-          _mm256_store_ps(sc + 8 * h, soft_cap_lanes<__m256, Ops8>(_mm256_load_ps(sc + 8 * h), soft_cap));
-      float top = -INFINITY;
-      for (int j = 0; j < 16; ++j) {
-        if (!(valid >> j & 1)) sc[j] = -INFINITY;
-        top = std::max(top, sc[j]);
+  }
+
+  // sc[qi][j] = scale * (query qi . slot j) for QC queries: one FMA chain per query and lane, in
+  // order of d, whichever queries share the call.
+  template <int HD, int QC>
+  static void scores(const float* const* qp, const float* kt, float scale, float* sc) {
+    __m256 a[QC][2];
+    for (int qi = 0; qi < QC; ++qi) a[qi][0] = a[qi][1] = _mm256_setzero_ps();
+    for (int d = 0; d < HD; ++d) {
+      const __m256 k0 = _mm256_load_ps(kt + d * 16), k1 = _mm256_load_ps(kt + d * 16 + 8);
+      for (int qi = 0; qi < QC; ++qi) {
+        const __m256 x = _mm256_broadcast_ss(qp[qi] + d);
+        a[qi][0] = _mm256_fmadd_ps(x, k0, a[qi][0]);
+        a[qi][1] = _mm256_fmadd_ps(x, k1, a[qi][1]);
       }
-      const float m_new = std::max(m[i], top);
-      alpha[gi] = rescale(m[i], m_new);
-      float total = 0.0f;
-      for (int h = 0; h < 2; ++h) {
-        _mm256_store_ps(pj[gi] + 8 * h, exp8(_mm256_sub_ps(_mm256_load_ps(sc + 8 * h), _mm256_set1_ps(m_new))));
-        for (int j = 8 * h; j < 8 * h + 8; ++j) {
-          if (!(valid >> j & 1)) pj[gi][j] = 0.0f;
-          total += pj[gi][j];
-        }
-      }
-      l[i] = l[i] * alpha[gi] + total;
-      m[i] = m_new;
     }
-    float* o = acc + (t * groups + g0) * HD;
-    switch (gc) {  // at least four independent FMA chains: 4, 2 or 1 vectors of each of gc heads
-      case 1: return accumulate<HC, 1, 4>(o, alpha, pj, vrow, valid);
-      case 2: return accumulate<HC, 2, 2>(o, alpha, pj, vrow, valid);
-      case 3: return accumulate<HC, 3, 1>(o, alpha, pj, vrow, valid);
-      default: return accumulate<HC, 4, 1>(o, alpha, pj, vrow, valid);
+    for (int qi = 0; qi < QC; ++qi) {
+      _mm256_storeu_ps(sc + qi * 16, _mm256_mul_ps(a[qi][0], _mm256_set1_ps(scale)));
+      _mm256_storeu_ps(sc + qi * 16 + 8, _mm256_mul_ps(a[qi][1], _mm256_set1_ps(scale)));
     }
   }
 
-  // o[gi] = o[gi] * alpha[gi] + sum over the valid slots j of pj[gi][j] * vrow[j], for GC heads,
-  // CW vectors of each at a time.
-  template <int HC, int GC, int CW>
-  static void accumulate(float* o, const float* alpha, const float (*pj)[16], const float* const* vrow,
-                         uint32_t valid) {
-    constexpr int64_t HD = 32 * HC;
-    for (int c0 = 0; c0 < 4 * HC; c0 += CW) {
-      __m256 r[GC][CW];
-      for (int gi = 0; gi < GC; ++gi)
+  // One query's online softmax over a block: its scores sc[16] become probabilities (0 outside
+  // `valid`), its running max m and sum l move on; returns the factor its accumulator is scaled by.
+  float softmax_step(float* sc, uint32_t valid, float& m, float& l) const {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256 s[2], keep[2];
+    for (int h = 0; h < 2; ++h) {
+      s[h] = _mm256_loadu_ps(sc + 8 * h);
+      if (soft_cap > 0) s[h] = soft_cap_lanes<__m256, Ops8>(s[h], soft_cap);
+      const __m256i lanes = _mm256_and_si256(_mm256_set1_epi32(int(valid >> (8 * h))), bit);
+      keep[h] = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lanes, bit));
+      s[h] = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s[h], keep[h]);
+    }
+    const float m_new = std::max(m, max8(_mm256_max_ps(s[0], s[1])));
+    const float alpha = rescale(m, m_new);
+    __m256 total = _mm256_setzero_ps();
+    for (int h = 0; h < 2; ++h) {
+      const __m256 p = _mm256_and_ps(exp8(_mm256_sub_ps(s[h], _mm256_set1_ps(m_new))), keep[h]);
+      _mm256_storeu_ps(sc + 8 * h, p);
+      total = _mm256_add_ps(total, p);
+    }
+    l = l * alpha + sum8(total);
+    m = m_new;
+    return alpha;
+  }
+
+  // o[qi] = o[qi] * alpha[qi] + sum over slots j in [from, to) of p[qi][j] * vrow[j] for QC
+  // queries (accumulators HD apart, probabilities 16 apart), CW vectors of each at a time.
+  template <int HD, int QC, int CW>
+  static void accumulate(float* o, const float* alpha, const float* p, const float* const* vrow, int from, int to) {
+    for (int c0 = 0; c0 < HD / 8; c0 += CW) {
+      __m256 r[QC][CW];
+      for (int qi = 0; qi < QC; ++qi)
         for (int c = 0; c < CW; ++c)
-          r[gi][c] = _mm256_mul_ps(_mm256_loadu_ps(o + gi * HD + (c0 + c) * 8), _mm256_set1_ps(alpha[gi]));
-      for (int j = 0; j < 16; ++j) {
-        if (!(valid >> j & 1)) continue;
-        for (int gi = 0; gi < GC; ++gi) {
-          const __m256 w = _mm256_broadcast_ss(&pj[gi][j]);
-          for (int c = 0; c < CW; ++c) r[gi][c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vrow[j] + (c0 + c) * 8), r[gi][c]);
+          r[qi][c] = _mm256_mul_ps(_mm256_loadu_ps(o + qi * HD + (c0 + c) * 8), _mm256_set1_ps(alpha[qi]));
+      for (int j = from; j < to; ++j) {
+        __m256 x[CW];
+        for (int c = 0; c < CW; ++c) x[c] = _mm256_loadu_ps(vrow[j] + (c0 + c) * 8);
+        for (int qi = 0; qi < QC; ++qi) {
+          const __m256 w = _mm256_broadcast_ss(p + qi * 16 + j);
+          for (int c = 0; c < CW; ++c) r[qi][c] = _mm256_fmadd_ps(w, x[c], r[qi][c]);
         }
       }
-      for (int gi = 0; gi < GC; ++gi)
-        for (int c = 0; c < CW; ++c) _mm256_storeu_ps(o + gi * HD + (c0 + c) * 8, r[gi][c]);
+      for (int qi = 0; qi < QC; ++qi)
+        for (int c = 0; c < CW; ++c) _mm256_storeu_ps(o + qi * HD + (c0 + c) * 8, r[qi][c]);
+    }
+  }
+
+  // Folds the block at slot s0 into every query of (row b, kv head kh) that sees part of it
+  // (query i = t * groups + g: token t, head g of the group). scratch: 16 floats and three int32
+  // per query (its scores, then probabilities; its index; the slots [from, to) of the block it sees).
+  template <int HC>
+  void fold_block(int64_t b, int64_t kh, int64_t groups, int64_t s0, const float* const* kp,
+                  const float* const* vrow, const int64_t* lo, const int64_t* hi, float* m, float* l, float* acc,
+                  float* scratch) const {
+    constexpr int HD = 32 * HC;
+    alignas(32) float kt[HD * 16];
+    transpose_block<HD>(kp, kt);
+    float* sc = scratch;
+    int32_t* seen = reinterpret_cast<int32_t*>(scratch + 16 * T * groups);  // i, from, to per query
+    int64_t nq = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (hi[t] <= lo[t] || s0 < lo[t] / 16 * 16 || s0 >= hi[t]) continue;
+      const int32_t from = int32_t(std::max<int64_t>(lo[t] - s0, 0)), to = int32_t(std::min<int64_t>(hi[t] - s0, 16));
+      for (int64_t g = 0; g < groups; ++g, ++nq)
+        seen[3 * nq] = int32_t(t * groups + g), seen[3 * nq + 1] = from, seen[3 * nq + 2] = to;
+    }
+    for (int64_t c = 0; c < nq; c += 4) {
+      const float* qp[4];
+      const int64_t qc = std::min<int64_t>(4, nq - c);
+      for (int64_t qi = 0; qi < qc; ++qi) {
+        const int64_t i = seen[3 * (c + qi)];
+        qp[qi] = query(b, i / groups, kh * groups + i % groups);
+      }
+      switch (qc) {
+        case 1: scores<HD, 1>(qp, kt, scale, sc + c * 16); break;
+        case 2: scores<HD, 2>(qp, kt, scale, sc + c * 16); break;
+        case 3: scores<HD, 3>(qp, kt, scale, sc + c * 16); break;
+        default: scores<HD, 4>(qp, kt, scale, sc + c * 16); break;
+      }
+    }
+    for (int64_t c = 0; c < nq;) {
+      const int32_t i = seen[3 * c], from = seen[3 * c + 1], to = seen[3 * c + 2];
+      int64_t qc = 1;  // a run of up to four consecutive queries that see the same slots
+      while (qc < 4 && c + qc < nq && seen[3 * (c + qc)] == i + qc && seen[3 * (c + qc) + 1] == from &&
+             seen[3 * (c + qc) + 2] == to)
+        ++qc;
+      const uint32_t valid = ((1u << to) - 1) & ~((1u << from) - 1);
+      float alpha[4];
+      for (int64_t qi = 0; qi < qc; ++qi) alpha[qi] = softmax_step(sc + (c + qi) * 16, valid, m[i + qi], l[i + qi]);
+      float* o = acc + i * HD;
+      const float* p = sc + c * 16;
+      switch (qc) {  // at least four independent FMA chains
+        case 1: accumulate<HD, 1, 4>(o, alpha, p, vrow, from, to); break;
+        case 2: accumulate<HD, 2, 4>(o, alpha, p, vrow, from, to); break;
+        case 3: accumulate<HD, 3, 2>(o, alpha, p, vrow, from, to); break;
+        default: accumulate<HD, 4, 2>(o, alpha, p, vrow, from, to); break;
+      }
+      c += qc;
     }
   }
 #endif
@@ -721,6 +810,10 @@ struct Attention {
     thread_local std::vector<float> state;
     bounds.resize(2 * T);
     state.assign(T * groups * (2 + HD), 0.0f);
+#if !JAXINFER_AVX512
+    thread_local std::vector<float> scratch;  // fold_block's: 16 floats and three int32 per query
+    scratch.resize(T * groups * (16 + 3));
+#endif
     int64_t* lo = bounds.data();
     int64_t* hi = lo + T;
     float* m = state.data();
@@ -767,6 +860,7 @@ struct Attention {
 #endif
         }
       }
+#if JAXINFER_AVX512
       for (int64_t t = 0; t < T; ++t) {
         if (hi[t] <= lo[t] || s0 < lo[t] / 16 * 16 || s0 >= hi[t]) continue;
         const int64_t from = std::max<int64_t>(lo[t] - s0, 0), to = std::min<int64_t>(hi[t] - s0, 16);
@@ -774,6 +868,9 @@ struct Attention {
         for (int64_t g0 = 0; g0 < groups; g0 += 4)
           fold<HC>(b, kh, t, g0, std::min<int64_t>(4, groups - g0), groups, kp, vrow, valid, m, l, acc);
       }
+#else
+      fold_block<HC>(b, kh, groups, s0, kp, vrow, lo, hi, m, l, acc, scratch.data());
+#endif
     }
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < groups; ++g) {
