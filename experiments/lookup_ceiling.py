@@ -31,6 +31,17 @@ draft from the corpus and keep 0.47-0.53 tokens each; τ 2.37 -> 2.59 / 2.62 / 2
 ceiling 1.61x -> 1.66x / 1.59x / 1.44x for 2 / 4 / 8 corpus tokens (continuation: 1.91x -> 1.93x
 at most). It is not the route to 2x.
 
+With --oracle it also replays lookup that knows the output (`replay_oracle`): "oracle: length"
+drafts the loop's candidate cut to exactly what will be accepted (the bound on any rule for how
+long a draft to verify: the scaled widths, adaptive k, confidence cut-offs), "oracle: any match"
+the best continuation of any earlier occurrence of any suffix (the bound on any rule for which
+match to follow: frequency votes, longer n, token trees with one winner). Stop 51
+(`lookup_ceiling_oracle.md`, scaled lookup, code edits, k 8): τ 2.37 / 2.50 / 2.82 and ceiling
+2.06x / 2.34x / 2.60x for the loop's rule / oracle length / oracle match (continuation 2.58x /
+2.94x / 3.22x). A perfect length rule would gain ~14% and no realizable one gets near it
+(replayed that stop, code edits k 8: n up to 6 or 8, 3 drafts per matched token, a
+majority vote over all earlier occurrences: τ 2.37-2.43, ceiling within 3% of the loop's).
+
 It also reports where the repeats that prompt lookup finds come from: the share of output tokens
 that complete a 4-gram of the prompt (the answer copying its prompt, the regime the code_edit
 set is meant to create) and the share that complete a 4-gram found only earlier in the output
@@ -43,6 +54,8 @@ Writes experiments/results/lookup_ceiling.{json,md}.
     python experiments/lookup_ceiling.py --prompt-lookup-min 1 --prompt-lookup-scale 2 --ks 8 --branches 1 2 3 --out ...tree
     python experiments/lookup_ceiling.py --prompt-lookup-min 1 --prompt-lookup-scale 2 --ks 8 --corpus-draft 0 2 4 8 \
         --out experiments/results/lookup_ceiling_corpus
+    python experiments/lookup_ceiling.py --prompt-lookup-min 1 --prompt-lookup-scale 2 --ks 4 8 --oracle \
+        --out experiments/results/lookup_ceiling_oracle
 """
 
 from __future__ import annotations
@@ -210,6 +223,32 @@ def replay_corpus(seq: list[int], start: int, k: int, n_max: int, n_min: int, sc
     return widths, rounds, accepted
 
 
+def replay_oracle(seq: list[int], start: int, k: int, n_max: int, n_min: int, any_candidate: bool) -> list[int]:
+    """Rounds of prompt lookup that knows the output: each round drafts exactly the tokens it will
+    have accepted, verified at the smallest of the loop's draft widths (`draft_widths`) that holds
+    them, and a round that would accept nothing runs a one-token step. any_candidate False: the
+    loop's candidate (the most recent occurrence of the longest matching suffix, n_max..n_min) cut
+    to its accepted prefix -- the bound on any rule for how long a draft to verify; True: the best
+    continuation of any earlier occurrence of any suffix of n_max..1 tokens -- the bound on any
+    rule for which match to draft from (and how long). Returns each round's verify width."""
+    widths_k = draft_widths(k)
+    p, end, widths = start, len(seq) - 1, []
+    while p < end:
+        true, best = seq[p + 1:p + 1 + k], 0
+        for n in range(n_max, (0 if any_candidate else n_min - 1), -1):
+            cands = lookup_candidates(seq, p, k, n, n, None, p + 1 if any_candidate else 1)
+            for cand in cands:
+                a = 0
+                while a < min(len(cand), len(true)) and cand[a] == true[a]:
+                    a += 1
+                best = max(best, a)
+            if cands and not any_candidate:
+                break
+        widths.append(1 + min(w for w in widths_k if w >= best) if best else 1)
+        p += min(best + 1, end - p)
+    return widths
+
+
 def repeat_shares(seq: list[int], start: int, n: int = 4) -> tuple[float, float]:
     """(share of output tokens seq[start:] completing an n-gram of the prompt seq[:start], share
     completing an n-gram only earlier in the output): each token counted with its n - 1 predecessors."""
@@ -244,6 +283,9 @@ def main(argv=None):
     ap.add_argument("--corpus-draft", type=int, nargs="+", default=[],
                     help="drafts a round without a prompt match takes from the training corpus (0: none; needs "
                          "one branch)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also replay lookup that knows the output (replay_oracle): its best draft length, and its "
+                         "best candidate of any earlier match")
     ap.add_argument("--corpus-ngram", type=int, default=4, help="longest corpus context --corpus-draft matches")
     ap.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
                     help="as LLM(attention_backend=...) and bench_spec.py (auto: native on CPU where the kernels build)")
@@ -264,7 +306,7 @@ def main(argv=None):
     scale = args.prompt_lookup_scale
     widths = sorted({1} | {1 + w for k in args.ks for w in (draft_widths(k) if scale else (k,))}
                     | {t for k in args.ks for t in range(2, 2 + max(args.branches) * k) if max(args.branches) > 1}
-                    | {1 + w for k in args.ks for w in draft_widths(k) if args.corpus_draft})
+                    | {1 + w for k in args.ks for w in draft_widths(k) if args.corpus_draft or args.oracle})
     tables, bits = [], (cfg.vocab_size - 1).bit_length()
     if args.corpus_draft:
         if (args.corpus_ngram + 1) * bits > 63:  # a context and its next token packed in one int64
@@ -308,6 +350,19 @@ def main(argv=None):
                 print(f"{name:12s} k={k:2d} branches {b}: rounds {len(widths)} ({matched} with a match)  "
                       f"τ {row['tau']:.2f}  (matched rounds {row['tau_matched']:.2f})  mean width "
                       f"{row['mean_width']:.2f}  ceiling {row['ceiling']:.2f}x", flush=True)
+            for any_candidate in ((False, True) if args.oracle else ()):
+                widths = [w for seq, start in seqs for w in replay_oracle(seq, start, k, *n_range, any_candidate)]
+                emitted = sum(len(seq) - 1 - start for seq, start in seqs)
+                matched = sum(w > 1 for w in widths)
+                label = "oracle: any match" if any_candidate else "oracle: length"
+                row = {"set": name, "k": k, "branches": label, "rounds": len(widths), "matched_rounds": matched,
+                       "tau": emitted / len(widths),
+                       "tau_matched": (emitted - (len(widths) - matched)) / max(matched, 1),
+                       "mean_width": sum(widths) / len(widths),
+                       "ceiling": emitted * cost[1] / sum(cost[w] for w in widths)}
+                rows.append(row)
+                print(f"{name:12s} k={k:2d} {label}: rounds {len(widths)} ({matched} with a match)  τ {row['tau']:.2f}  "
+                      f"mean width {row['mean_width']:.2f}  ceiling {row['ceiling']:.2f}x", flush=True)
             for length in args.corpus_draft:
                 runs = [replay_corpus(seq, start, k, *n_range, scale, tables, length, bits) for seq, start in seqs]
                 widths = [w for r in runs for w in r[0]]
