@@ -16,18 +16,19 @@ Four kernels in `csrc/cpu_kernels.cc`, on XLA's intra-op threads:
   contiguous panels with a 16 KB prefetch run 9 rows in ~1.1x the time of one
   (`cpu_kernels_speed.md`) and match XLA from 128 rows up, so every product goes to it: a float32
   row's result depends neither on its batch-mates nor on how its prompt was chunked.
-- `attention`: `layers.attention_reference`'s contract for queries of up to
-  `ATTENTION_MAX_TOKENS` tokens per row against a paged or contiguous cache of their dtype (bf16
-  or float32): one work item per (row, kv head) takes all of its queries through the slots 16 at
-  a time, read straight from their pages (no gather), each query with its own online softmax,
-  float32 accumulation, and work that stops at each row's length.
+- `attention`: `layers.attention_reference`'s contract for queries of any number of tokens per
+  row against a paged or contiguous cache of their dtype (bf16 or float32): one work item per
+  (row, kv head, chunk of 32 query tokens) takes its queries through the slots 16 at a time, read
+  straight from their pages (no gather), each query with its own online softmax, float32
+  accumulation, and work that stops at each row's length.
 
-Prefill attention (more than `ATTENTION_MAX_TOKENS` tokens per row) stays on XLA. On 2 cores the
-kernel already takes 0.51-0.56x XLA's time for one 128-token causal prefill and 0.75-1.01x at 512
-tokens (`cpu_kernels_speed.md`, stop 35), but its work items are (row, kv head) pairs, so a one-row
-prefill would use at most num_kv_heads threads: taking prefill needs items split along the query
-tokens first. With the size switch, a prompt prefilled in chunks of up to 16 tokens goes through
-the attention kernel and one prefilled whole through XLA, and the two round differently.
+Prefill attention goes through the same kernel: a prompt's tokens are split into chunks of 32,
+so a single row keeps every thread busy, and since each query's arithmetic does not depend on the
+call's width, a prompt prefilled whole, in the engine's chunks or token by token gives every
+token the same bits. On 2 AVX2 cores (stop 51, the embedded target's 6 heads over 2 kv heads, 6
+layers) it takes ~0.45-0.55x XLA's time from 64 to 1024 prompt tokens (192 tokens: 3.7-4.1 ms
+against 8.6-9.5 ms for XLA reading only the prompt's own slots); stop 35 measured the AVX-512
+build at 0.51-0.75x (bf16) and 0.56-1.01x (float32) for 128-512 tokens before the chunks.
 
 `experiments/cpu_kernels_speed.py` times the kernels against XLA side by side;
 `experiments/bench_decode.py --weight-layouts in_out out_in native --attention-backends xla native`
@@ -232,9 +233,6 @@ def f32_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     return jax.lax.platform_dependent(x, cpu=native, default=xla)
 
 
-ATTENTION_MAX_TOKENS = 16  # query tokens per row the attention kernel takes (decode, verification)
-
-
 def _bits(pages) -> jax.Array | None:
     """A bf16 page array (or `BitsPages` of bf16) as its uint16 bits; None for any other kind."""
     from jaxinfer.kv.bits import to_storage
@@ -257,11 +255,11 @@ def _cache(q: jax.Array, pages) -> jax.Array | None:
 
 
 def attention_applies(q: jax.Array, k_pages, v_pages) -> bool:
-    """Whether `attention` takes this call: queries of up to ATTENTION_MAX_TOKENS tokens per row,
-    bf16 against a bf16 cache (plain or `BitsPages`; not quantized) or float32 against a float32
-    cache, head dim a multiple of 32 up to 256, and the kernels available."""
+    """Whether `attention` takes this call: bf16 queries against a bf16 cache (plain or
+    `BitsPages`; not quantized) or float32 against a float32 cache, head dim a multiple of 32 up
+    to 256, and the kernels available. Any number of query tokens (decode, verification, prefill)."""
     h = q.shape[-1]
-    return (q.shape[1] <= ATTENTION_MAX_TOKENS and h % 32 == 0 and h <= 256
+    return (h % 32 == 0 and h <= 256
             and _cache(q, k_pages) is not None and _cache(q, v_pages) is not None and available(q.dtype))
 
 
@@ -269,8 +267,9 @@ def attention(q: jax.Array, k_pages, v_pages, meta, *, scale: float, sliding_win
               soft_cap: float | None = None) -> jax.Array:
     """`layers.attention_reference`'s arguments and result (q [B, T, N, H] against a paged
     [P, K, ps, H] or contiguous [B, K, S, H] cache, bf16 or float32 alike), computed by the native
-    kernel: one work item per (row, kv head), its queries' scores 16 slots at a time (AVX512-BF16
-    dot products, or float32 FMAs), an online softmax, values accumulated in float32. The work
+    kernel: one work item per (row, kv head, 32 query tokens), its queries' scores 16 slots at
+    a time (AVX512-BF16 dot products, or float32 FMAs), an online softmax, values accumulated in
+    float32. The work
     stops at each row's length and starts at its sliding window, whatever the page table's
     width. soft_cap: Gemma 2's capped scores, cap * tanh(score / cap). Padding queries give zeros."""
     b, t, n, h = q.shape

@@ -599,9 +599,9 @@ def attention(q, k_pages, v_pages, meta: AttentionMeta, *, scale: float, backend
     `attention_paged_ragged` over paged caches (except KIVI keys) for calls of up to
     `RAGGED_MAX_TOKENS` tokens per row, `attention_paged_loop` for wider paged calls and for bf16
     bits contiguous caches in short steps (`contiguous_bits_loop`), `attention_reference` otherwise.
-    "native" runs `cpu_kernels.attention` where it applies (queries of up to 16 tokens per row
-    against a cache of their dtype, bf16 or float32, paged or contiguous), the "xla" path
-    otherwise."""
+    "native" runs `cpu_kernels.attention` where it applies (queries against a cache of their
+    dtype, bf16 or float32, paged or contiguous; decode, verification and prefill alike), the
+    "xla" path otherwise."""
     if backend == "native":
         if cpu_kernels.attention_applies(q, k_pages, v_pages):
             return cpu_kernels.attention(q, k_pages, v_pages, meta, scale=scale, sliding_window=sliding_window,

@@ -194,6 +194,38 @@ def test_attention_gives_a_token_the_same_bits_whatever_the_call_width(dtype):
         np.testing.assert_array_equal(np.asarray(attend(q[:, i:i + 1], one), np.float32), wide[:, i:i + 1])
 
 
+@pytest.mark.parametrize("dtype", BOTH_DTYPES)
+@pytest.mark.parametrize("n,kh", [(6, 2), (4, 4)])  # GQA (AVX2: transposed K blocks), MHA (dot products)
+def test_prefill_attention_gives_each_token_its_one_token_bits_across_chunks(dtype, n, kh):
+    """A prefill-wide call (70 tokens: three of the kernel's 32-token chunks, the last partial)
+    matches the reference, on top of a cached prefix (prefix caching) and with a padded row, and
+    gives each token exactly the bits a one-token call gives it: a prompt prefilled whole, in the
+    engine's chunks or token by token attends alike."""
+    rng = np.random.default_rng(11)
+    b, t, h, ps, pp = 2, 70, 64, 16, 7
+    kv_lens = np.array([100, 57], np.int32)  # row 0: 30 cached tokens before its 70
+    q_lens = np.array([70, 57], np.int32)  # row 1: a 57-token prompt padded to 70
+    q, k, v, meta = _paged_case(rng, b, t, n, kh, h, ps, pp, b * pp, q_lens, kv_lens)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    assert cpu_kernels.attention_applies(q, k, v)
+    attend = jax.jit(lambda q, m: cpu_kernels.attention(q, k, v, m, scale=0.125))
+    wide = np.asarray(attend(q, meta), np.float32)
+    want = _reference(q, k, v, meta, scale=0.125)
+    if dtype == jnp.float32:
+        for row, q_len in enumerate(q_lens):
+            np.testing.assert_allclose(wide[row, :q_len], want[row, :q_len], atol=2e-5, rtol=1e-4)
+        assert np.all(wide[1, 57:] == 0)  # padding queries give zeros
+    else:
+        _assert_close_on_valid_queries(wide, want, q_lens)
+    for i in (0, 31, 32, 56, 63, 64, 69):  # token i alone, with the cache as long as it sees
+        one = AttentionMeta(page_table=meta.page_table, kv_lens=jnp.asarray(np.minimum(kv_lens - q_lens + 1 + i, kv_lens)),
+                            q_lens=jnp.asarray((i < q_lens).astype(np.int32)))
+        got = np.asarray(attend(q[:, i:i + 1], one), np.float32)
+        for row in range(b):
+            if i < q_lens[row]:
+                np.testing.assert_array_equal(got[row, 0], wide[row, i])
+
+
 @needs_bf16
 def test_attention_reads_a_contiguous_cache_like_its_pages():
     """A contiguous [B, K, S, H] cache is one page of S slots per row: the same result as the same
@@ -216,9 +248,9 @@ def test_attention_reads_a_contiguous_cache_like_its_pages():
 
 
 def test_native_attention_backend_falls_back_to_xla_where_the_kernel_does_not_apply():
-    """Head dims that are not multiples of 32, queries whose dtype is not the cache's, caches of
-    other dtypes and wide prefill calls take the "xla" path under backend "native" (same result
-    as "xla")."""
+    """Head dims that are not multiples of 32, queries whose dtype is not the cache's and caches
+    of other dtypes take the "xla" path under backend "native" (same result as "xla"); prefill-wide
+    calls take the kernel."""
     rng = np.random.default_rng(4)
     q = jnp.asarray(rng.standard_normal((2, 3, 4, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((5, 2, 8, 16)), jnp.float32) for _ in range(2))
@@ -231,7 +263,7 @@ def test_native_attention_backend_falls_back_to_xla_where_the_kernel_does_not_ap
     assert cpu_kernels.attention_applies(q32, k32, k32) == cpu_kernels.available(jnp.float32)
     assert not cpu_kernels.attention_applies(q32.astype(jnp.bfloat16), k32, k32)
     assert not cpu_kernels.attention_applies(q32.astype(jnp.float16), k32.astype(jnp.float16), k32.astype(jnp.float16))
-    assert not cpu_kernels.attention_applies(jnp.zeros((2, 17, 4, 32)), k32, k32)
+    assert cpu_kernels.attention_applies(jnp.zeros((2, 200, 4, 32)), k32, k32) == cpu_kernels.available(jnp.float32)
     assert resolve_backend("xla") == "xla" and resolve_backend("pallas") == "pallas"
     for dtype in (jnp.bfloat16, jnp.float32):
         assert resolve_backend("auto", dtype) == ("native" if cpu_kernels.available(dtype) else "xla")

@@ -22,10 +22,11 @@
 // accumulators per pass, prefetched 16 KB ahead so the stream and the FMAs overlap. Each output
 // sums its K products in order, whatever the tile.
 //
-// Attention: one work item per (row, kv head). Its queries (tokens x the heads of the group) go
-// through the visible slots 16 at a time, read from their pages in place (one page-table lookup
-// per block, two blocks prefetched ahead); each block's K is read, and a bf16 block's V
-// converted, once for all of them. Each query folds its scores into its own online softmax and
+// Attention: one work item per (row, kv head, chunk of 32 query tokens: a decode or verify step
+// is one chunk, a prefill's chunks share one row out over the threads). Its queries (tokens x
+// the heads of the group) go through the visible slots 16 at a time, read from their pages in
+// place (one page-table lookup per block, two blocks prefetched ahead); each block's K is read,
+// and a bf16 block's V converted, once for all of them. Each query folds its scores into its own online softmax and
 // accumulates the values in float32, with the arithmetic it would have alone; nothing past the
 // row's length is read. The AVX2 build transposes each block's K once (slot j's dim d at
 // kt[d][j]) so that a query's 16 scores are FMAs over d for up to four queries on the same
@@ -518,6 +519,7 @@ inline float max8(__m256 v) {
 
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kPrefetchSlots = 32;  // how far ahead of its block a query pulls K and V into L1
+constexpr int64_t kAttentionChunk = 32;  // query tokens per work item (a prefill's rows split over the threads)
 
 // Attention over a cache of E: uint16_t (bfloat16 bits; bf16 queries, vdpbf16ps scores, values
 // converted to float32 once per block; AVX-512 build only) or float (float32 queries, cache and
@@ -598,18 +600,18 @@ struct Attention {
   }
 
   // Folds one block (slots kp, values vrow, `valid` of them visible) into the online softmax of
-  // the gc (<= 4) queries of token t's heads g0 .. g0+gc-1 (within kv head kh's group): their
+  // the gc (<= 4) queries of token t0 + t's heads g0 .. g0+gc-1 (t: its index in the item's state) (within kv head kh's group): their
   // scores, the new running maxima and sums, and the values accumulated into acc, the gc heads
   // together.
   template <int HC>
-  void fold(int64_t b, int64_t kh, int64_t t, int64_t g0, int64_t gc, int64_t groups, const E* const* kp,
+  void fold(int64_t b, int64_t kh, int64_t t0, int64_t t, int64_t g0, int64_t gc, int64_t groups, const E* const* kp,
             const float* const* vrow, uint32_t valid, float* m, float* l, float* acc) const {
     constexpr int64_t HD = 32 * HC;
     alignas(64) float pj[4][16];
     float alpha[4];
     for (int64_t gi = 0; gi < gc; ++gi) {
       const int64_t i = t * groups + g0 + gi;
-      const E* qp = query(b, t, kh * groups + g0 + gi);
+      const E* qp = query(b, t0 + t, kh * groups + g0 + gi);
       __m512 raw = _mm512_mul_ps(scores<HC>(qp, kp, (__mmask16)valid), _mm512_set1_ps(scale));
       if (soft_cap > 0) raw = soft_cap_lanes<__m512, Ops16>(raw, soft_cap);
       const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)valid, raw);
@@ -692,6 +694,27 @@ struct Attention {
     }
   }
 
+  // sc[j] = scale * (query . slot j) as one dot product per slot (two FMA chains, summed across
+  // lanes), 0 for absent slots: the scores where a kv head serves a single query head (MHA), so a
+  // decode step has one query per block and transposing the block would cost more than it saves
+  // (1 token, 8 kv heads x 144 slots: 1.5x the time). A kernel picks by the model's group size
+  // alone, so a token's scores do not depend on the call's width.
+  template <int HD>
+  static void scores_direct(const float* qp, const float* const* kp, float scale, float* sc) {
+    for (int j = 0; j < 16; ++j) {
+      if (!kp[j]) {
+        sc[j] = 0.0f;
+        continue;
+      }
+      __m256 x0 = _mm256_setzero_ps(), x1 = _mm256_setzero_ps();
+      for (int c = 0; c < HD; c += 16) {
+        x0 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[j] + c), _mm256_loadu_ps(qp + c), x0);
+        x1 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[j] + c + 8), _mm256_loadu_ps(qp + c + 8), x1);
+      }
+      sc[j] = sum8(_mm256_add_ps(x0, x1)) * scale;
+    }
+  }
+
   // One query's online softmax over a block: its scores sc[16] become probabilities (0 outside
   // `valid`), its running max m and sum l move on; returns the factor its accumulator is scaled by.
   float softmax_step(float* sc, uint32_t valid, float& m, float& l) const {
@@ -739,31 +762,35 @@ struct Attention {
     }
   }
 
-  // Folds the block at slot s0 into every query of (row b, kv head kh) that sees part of it
-  // (query i = t * groups + g: token t, head g of the group). scratch: 16 floats and three int32
-  // per query (its scores, then probabilities; its index; the slots [from, to) of the block it sees).
+  // Folds the block at slot s0 into every query of the item (row b, kv head kh, tokens t0 ..
+  // t0 + nt - 1) that sees part of it (query i = t * groups + g: token t0 + t, head g of the
+  // group). scratch: 16 floats and three int32 per query (its scores, then probabilities; its
+  // index; the slots [from, to) of the block it sees).
   template <int HC>
-  void fold_block(int64_t b, int64_t kh, int64_t groups, int64_t s0, const float* const* kp,
+  void fold_block(int64_t b, int64_t kh, int64_t groups, int64_t t0, int64_t nt, int64_t s0, const float* const* kp,
                   const float* const* vrow, const int64_t* lo, const int64_t* hi, float* m, float* l, float* acc,
                   float* scratch) const {
     constexpr int HD = 32 * HC;
+    const bool direct = groups == 1;  // MHA: scores_direct
     alignas(32) float kt[HD * 16];
-    transpose_block<HD>(kp, kt);
+    if (!direct) transpose_block<HD>(kp, kt);
     float* sc = scratch;
-    int32_t* seen = reinterpret_cast<int32_t*>(scratch + 16 * T * groups);  // i, from, to per query
+    int32_t* seen = reinterpret_cast<int32_t*>(scratch + 16 * nt * groups);  // i, from, to per query
     int64_t nq = 0;
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = 0; t < nt; ++t) {
       if (hi[t] <= lo[t] || s0 < lo[t] / 16 * 16 || s0 >= hi[t]) continue;
       const int32_t from = int32_t(std::max<int64_t>(lo[t] - s0, 0)), to = int32_t(std::min<int64_t>(hi[t] - s0, 16));
       for (int64_t g = 0; g < groups; ++g, ++nq)
         seen[3 * nq] = int32_t(t * groups + g), seen[3 * nq + 1] = from, seen[3 * nq + 2] = to;
     }
-    for (int64_t c = 0; c < nq; c += 4) {
+    for (int64_t c = 0; direct && c < nq; ++c)
+      scores_direct<HD>(query(b, t0 + seen[3 * c], kh), kp, scale, sc + c * 16);
+    for (int64_t c = 0; !direct && c < nq; c += 4) {
       const float* qp[4];
       const int64_t qc = std::min<int64_t>(4, nq - c);
       for (int64_t qi = 0; qi < qc; ++qi) {
         const int64_t i = seen[3 * (c + qi)];
-        qp[qi] = query(b, i / groups, kh * groups + i % groups);
+        qp[qi] = query(b, t0 + i / groups, kh * groups + i % groups);
       }
       switch (qc) {
         case 1: scores<HD, 1>(qp, kt, scale, sc + c * 16); break;
@@ -794,38 +821,39 @@ struct Attention {
   }
 #endif
 
-  // All queries of row b that read kv head kh (its tokens x the heads of its group), 16 slots
+  // All queries of row b's tokens t0 .. t1-1 that read kv head kh (x the heads of its group), 16 slots
   // at a time: each block's K is read (and a bf16 block's V converted to float32) once for all
   // of them, and up to four heads of a token accumulate their values together (independent FMA
   // chains). Each query keeps its own online softmax (running max m, sum l, accumulator) and
   // sees exactly the blocks and the arithmetic it would see alone, so its result depends neither
-  // on how many tokens the call verifies nor on its batch-mates. HC: the head dim in 32s.
+  // on how many tokens the call verifies or prefills, nor on its chunk, nor on its batch-mates.
+  // HC: the head dim in 32s.
   template <int HC>
-  void item(int64_t b, int64_t kh, int64_t groups) const {
+  void item(int64_t b, int64_t kh, int64_t t0, int64_t t1, int64_t groups) const {
     constexpr int64_t HD = 32 * HC;
-    const int64_t q_len = q_lens[b], kv_len = kv_lens[b];
+    const int64_t q_len = q_lens[b], kv_len = kv_lens[b], nt = t1 - t0;
     // Per-thread scratch, reused across items and calls (no allocation per item in a decode step):
-    // token t sees slots [lo[t], hi[t]); query i's running max m[i], sum l[i], accumulator acc[i].
+    // token t0 + t sees slots [lo[t], hi[t]); query i's running max m[i], sum l[i], accumulator acc[i].
     thread_local std::vector<int64_t> bounds;
     thread_local std::vector<float> state;
-    bounds.resize(2 * T);
-    state.assign(T * groups * (2 + HD), 0.0f);
+    bounds.resize(2 * nt);
+    state.assign(nt * groups * (2 + HD), 0.0f);
 #if !JAXINFER_AVX512
     thread_local std::vector<float> scratch;  // fold_block's: 16 floats and three int32 per query
-    scratch.resize(T * groups * (16 + 3));
+    scratch.resize(nt * groups * (16 + 3));
 #endif
     int64_t* lo = bounds.data();
-    int64_t* hi = lo + T;
+    int64_t* hi = lo + nt;
     float* m = state.data();
-    float* l = m + T * groups;
-    float* acc = l + T * groups;
-    std::fill(m, m + T * groups, -INFINITY);
+    float* l = m + nt * groups;
+    float* acc = l + nt * groups;
+    std::fill(m, m + nt * groups, -INFINITY);
     int64_t first = kv_len, last = 0;  // the slots any query sees
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t pos = kv_len - q_len + t;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t pos = kv_len - q_len + t0 + t;
       hi[t] = std::min(kv_len, pos + 1);
       lo[t] = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-      if (t >= q_len || hi[t] <= lo[t]) lo[t] = hi[t] = 0;  // a padding query, or nothing visible: zeros
+      if (t0 + t >= q_len || hi[t] <= lo[t]) lo[t] = hi[t] = 0;  // a padding query, or nothing visible: zeros
       if (hi[t] > lo[t]) first = std::min(first, lo[t]), last = std::max(last, hi[t]);
     }
     [[maybe_unused]] alignas(64) float vf[kF32 ? 1 : 16 * HD];
@@ -861,21 +889,21 @@ struct Attention {
         }
       }
 #if JAXINFER_AVX512
-      for (int64_t t = 0; t < T; ++t) {
+      for (int64_t t = 0; t < nt; ++t) {
         if (hi[t] <= lo[t] || s0 < lo[t] / 16 * 16 || s0 >= hi[t]) continue;
         const int64_t from = std::max<int64_t>(lo[t] - s0, 0), to = std::min<int64_t>(hi[t] - s0, 16);
         const uint32_t valid = ((1u << to) - 1) & ~((1u << from) - 1);  // slots s0 + [from, to)
         for (int64_t g0 = 0; g0 < groups; g0 += 4)
-          fold<HC>(b, kh, t, g0, std::min<int64_t>(4, groups - g0), groups, kp, vrow, valid, m, l, acc);
+          fold<HC>(b, kh, t0, t, g0, std::min<int64_t>(4, groups - g0), groups, kp, vrow, valid, m, l, acc);
       }
 #else
-      fold_block<HC>(b, kh, groups, s0, kp, vrow, lo, hi, m, l, acc, scratch.data());
+      fold_block<HC>(b, kh, groups, t0, nt, s0, kp, vrow, lo, hi, m, l, acc, scratch.data());
 #endif
     }
-    for (int64_t t = 0; t < T; ++t)
+    for (int64_t t = 0; t < nt; ++t)
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t i = t * groups + g;
-        float* o = out + ((b * T + t) * N + kh * groups + g) * HD;
+        float* o = out + ((b * T + t0 + t) * N + kh * groups + g) * HD;
         if (hi[t] <= lo[t]) {
           std::fill(o, o + HD, 0.0f);
           continue;
@@ -885,16 +913,16 @@ struct Attention {
       }
   }
 
-  void item(int64_t b, int64_t kh, int64_t groups) const {
+  void item(int64_t b, int64_t kh, int64_t t0, int64_t t1, int64_t groups) const {
     switch (H / 32) {
-      case 1: return item<1>(b, kh, groups);
-      case 2: return item<2>(b, kh, groups);
-      case 3: return item<3>(b, kh, groups);
-      case 4: return item<4>(b, kh, groups);
-      case 5: return item<5>(b, kh, groups);
-      case 6: return item<6>(b, kh, groups);
-      case 7: return item<7>(b, kh, groups);
-      default: return item<8>(b, kh, groups);  // H <= kMaxHeadDim, checked by the caller
+      case 1: return item<1>(b, kh, t0, t1, groups);
+      case 2: return item<2>(b, kh, t0, t1, groups);
+      case 3: return item<3>(b, kh, t0, t1, groups);
+      case 4: return item<4>(b, kh, t0, t1, groups);
+      case 5: return item<5>(b, kh, t0, t1, groups);
+      case 6: return item<6>(b, kh, t0, t1, groups);
+      case 7: return item<7>(b, kh, t0, t1, groups);
+      default: return item<8>(b, kh, t0, t1, groups);  // H <= kMaxHeadDim, checked by the caller
     }
   }
 };
@@ -917,8 +945,14 @@ ffi::Error AttentionImpl(ffi::ThreadPool& pool, const QBuffer& q, const KVBuffer
                  q_lens.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], kd[1], qd[3], kd[2], pd[1], window,
                  scale, soft_cap};
   const int64_t groups = a.N / a.KH;
-  // one item per (row, kv head): its queries share the kv head's slots, read while in cache
-  parallel_for(pool, a.B * a.KH, [&a, groups](int64_t item) { a.item(item / a.KH, item % a.KH, groups); });
+  // One item per (row, kv head, chunk of kAttentionChunk tokens): its queries share the kv head's
+  // slots, read while in cache. A decode or verify step is one chunk; a prefill's chunks spread a
+  // single row over every thread, the last (which see the most slots) handed out first.
+  const int64_t chunks = (a.T + kAttentionChunk - 1) / kAttentionChunk, rows = a.B * a.KH;
+  parallel_for(pool, rows * chunks, [&a, groups, chunks, rows](int64_t item) {
+    const int64_t c = chunks - 1 - item / rows, r = item % rows, t0 = c * kAttentionChunk;
+    a.item(r / a.KH, r % a.KH, t0, std::min(a.T, t0 + kAttentionChunk), groups);
+  });
   return ffi::Error::Success();
 }
 
