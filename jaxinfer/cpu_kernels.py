@@ -25,10 +25,10 @@ Four kernels in `csrc/cpu_kernels.cc`, on XLA's intra-op threads:
 Prefill attention goes through the same kernel: a prompt's tokens are split into chunks of 32,
 so a single row keeps every thread busy, and since each query's arithmetic does not depend on the
 call's width, a prompt prefilled whole, in the engine's chunks or token by token gives every
-token the same bits. On 2 AVX2 cores (stop 51, the embedded target's 6 heads over 2 kv heads, 6
-layers) it takes ~0.45-0.55x XLA's time from 64 to 1024 prompt tokens (192 tokens: 3.7-4.1 ms
-against 8.6-9.5 ms for XLA reading only the prompt's own slots); stop 35 measured the AVX-512
-build at 0.51-0.75x (bf16) and 0.56-1.01x (float32) for 128-512 tokens before the chunks.
+token the same bits. On 2 AVX2 cores (`cpu_kernels_speed_avx2_s51.md`: 6 layers, 8 heads) it takes
+0.55x / 0.44x / 0.52x / 0.35x XLA's time at 64 / 192 / 512 / 1024 prompt tokens, and the embedded
+target's 192-token prefill went from 51 to 41.5 ms (stop 51); stop 35 measured the AVX-512 build at
+0.51-0.75x (bf16) and 0.56-1.01x (float32) for 128-512 tokens before the chunks.
 
 `experiments/cpu_kernels_speed.py` times the kernels against XLA side by side;
 `experiments/bench_decode.py --weight-layouts in_out out_in native --attention-backends xla native`
