@@ -26,9 +26,9 @@
 // is one chunk, a prefill's chunks share one row out over the threads). Its queries (tokens x
 // the heads of the group) go through the visible slots 16 at a time, read from their pages in
 // place (one page-table lookup per block, two blocks prefetched ahead); each block's K is read,
-// and a bf16 block's V converted, once for all of them. Each query folds its scores into its own online softmax and
-// accumulates the values in float32, with the arithmetic it would have alone; nothing past the
-// row's length is read. The AVX2 build transposes each block's K once (slot j's dim d at
+// and a bf16 block's V converted, once for all of them. Each query folds its scores into its own
+// online softmax and accumulates the values in float32, with the arithmetic it would have alone;
+// nothing past the row's length is read. The AVX2 build transposes each block's K once (slot j's dim d at
 // kt[d][j]) so that a query's 16 scores are FMAs over d for up to four queries on the same
 // loads, with no sums across lanes: verifying 9 tokens costs 1.5x less than lane-summed dot
 // products (2 items, 200 slots: 122 -> 87 us; 1 token: 14.4 -> 15.7 us).
@@ -600,9 +600,9 @@ struct Attention {
   }
 
   // Folds one block (slots kp, values vrow, `valid` of them visible) into the online softmax of
-  // the gc (<= 4) queries of token t0 + t's heads g0 .. g0+gc-1 (t: its index in the item's state) (within kv head kh's group): their
-  // scores, the new running maxima and sums, and the values accumulated into acc, the gc heads
-  // together.
+  // the gc (<= 4) queries of token t0 + t's heads g0 .. g0+gc-1 (t: its index in the item's
+  // state; the heads within kv head kh's group): their scores, the new running maxima and sums,
+  // and the values accumulated into acc, the gc heads together.
   template <int HC>
   void fold(int64_t b, int64_t kh, int64_t t0, int64_t t, int64_t g0, int64_t gc, int64_t groups, const E* const* kp,
             const float* const* vrow, uint32_t valid, float* m, float* l, float* acc) const {
@@ -697,7 +697,7 @@ struct Attention {
   // sc[j] = scale * (query . slot j) as one dot product per slot (two FMA chains, summed across
   // lanes), 0 for absent slots: the scores where a kv head serves a single query head (MHA), so a
   // decode step has one query per block and transposing the block would cost more than it saves
-  // (1 token, 8 kv heads x 144 slots: 1.5x the time). A kernel picks by the model's group size
+  // (1 token, 8 kv heads x 144 slots: ~1.3x the time). A kernel picks by the model's group size
   // alone, so a token's scores do not depend on the call's width.
   template <int HD>
   static void scores_direct(const float* qp, const float* const* kp, float scale, float* sc) {
