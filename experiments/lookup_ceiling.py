@@ -100,13 +100,18 @@ def replay(seq: list[int], start: int, k: int, n_max: int, n_min: int, scale: in
             widths.append(1)
             p += 1
             continue
-        true = seq[p + 1:p + 1 + k]
-        acc = 0
-        while acc < len(true) and draft[acc] == true[acc]:
-            acc += 1
+        acc = agreed(draft, seq[p + 1:p + 1 + k])
         widths.append(1 + int(np.sum(draft >= 0)))
         p += min(acc + 1, end - p)
     return widths
+
+
+def agreed(draft, true) -> int:
+    """How many leading tokens of draft the output true repeats (the drafts a round accepts)."""
+    a = 0
+    while a < min(len(draft), len(true)) and draft[a] == true[a]:
+        a += 1
+    return a
 
 
 def lookup_candidates(seq: list[int], p: int, k: int, n_max: int, n_min: int, lengths: tuple[int, ...] | None,
@@ -146,12 +151,7 @@ def replay_tree(seq: list[int], start: int, k: int, n_max: int, n_min: int, scal
             widths.append(1)
             p += 1
             continue
-        true, acc = seq[p + 1:p + 1 + k], 0
-        for cand in cands:
-            a = 0
-            while a < min(len(cand), len(true)) and cand[a] == true[a]:
-                a += 1
-            acc = max(acc, a)
+        acc = max(agreed(cand, seq[p + 1:p + 1 + k]) for cand in cands)
         widths.append(1 + len({cand[:i] for cand in cands for i in range(1, len(cand) + 1)}))
         p += min(acc + 1, end - p)
     return widths
@@ -214,9 +214,7 @@ def replay_corpus(seq: list[int], start: int, k: int, n_max: int, n_min: int, sc
             widths.append(1)
             p += 1
             continue
-        true, acc = seq[p + 1:p + 1 + len(draft)], 0
-        while acc < len(true) and draft[acc] == true[acc]:
-            acc += 1
+        acc = agreed(draft, seq[p + 1:p + 1 + len(draft)])
         widths.append(1 + (len(draft) if cands else min(w for w in draft_widths(k) if w >= len(draft))))
         rounds, accepted = rounds + (not cands), accepted + (0 if cands else acc)
         p += min(acc + 1, end - p)
@@ -234,14 +232,10 @@ def replay_oracle(seq: list[int], start: int, k: int, n_max: int, n_min: int, an
     widths_k = draft_widths(k)
     p, end, widths = start, len(seq) - 1, []
     while p < end:
-        true, best = seq[p + 1:p + 1 + k], 0
+        best = 0
         for n in range(n_max, (0 if any_candidate else n_min - 1), -1):
             cands = lookup_candidates(seq, p, k, n, n, None, p + 1 if any_candidate else 1)
-            for cand in cands:
-                a = 0
-                while a < min(len(cand), len(true)) and cand[a] == true[a]:
-                    a += 1
-                best = max(best, a)
+            best = max([best] + [agreed(cand, seq[p + 1:p + 1 + k]) for cand in cands])
             if cands and not any_candidate:
                 break
         widths.append(1 + min(w for w in widths_k if w >= best) if best else 1)
@@ -337,31 +331,22 @@ def main(argv=None):
             # the tree replay's single-candidate case is the loop's lookup, round for round
             assert all(replay_tree(seq, start, k, *n_range, scale, 1) == replay(seq, start, k, *n_range, scale)
                        for seq, start in seqs[:1])
-            for b in args.branches:
-                widths = [w for seq, start in seqs for w in
-                          (replay(seq, start, k, *n_range, scale) if b == 1 else replay_tree(seq, start, k, *n_range, scale, b))]
-                emitted = sum(len(seq) - 1 - start for seq, start in seqs)
-                spent = sum(cost[w] for w in widths)
+            runs = {b: [replay(seq, start, k, *n_range, scale) if b == 1 else replay_tree(seq, start, k, *n_range, scale, b)
+                        for seq, start in seqs] for b in args.branches}
+            for label, any_candidate in ((("oracle: length", False), ("oracle: any match", True)) if args.oracle else ()):
+                runs[label] = [replay_oracle(seq, start, k, *n_range, any_candidate) for seq, start in seqs]
+            emitted = sum(len(seq) - 1 - start for seq, start in seqs)
+            for b, per_prompt in runs.items():
+                widths = [w for prompt_widths in per_prompt for w in prompt_widths]
                 matched = sum(w > 1 for w in widths)
-                row = dict(set=name, k=k, branches=b, rounds=len(widths), matched_rounds=matched,
-                           tau=emitted / len(widths), tau_matched=(emitted - (len(widths) - matched)) / max(matched, 1),
-                           mean_width=sum(widths) / len(widths), ceiling=emitted * cost[1] / spent)
-                rows.append(row)
-                print(f"{name:12s} k={k:2d} branches {b}: rounds {len(widths)} ({matched} with a match)  "
-                      f"τ {row['tau']:.2f}  (matched rounds {row['tau_matched']:.2f})  mean width "
-                      f"{row['mean_width']:.2f}  ceiling {row['ceiling']:.2f}x", flush=True)
-            for any_candidate in ((False, True) if args.oracle else ()):
-                widths = [w for seq, start in seqs for w in replay_oracle(seq, start, k, *n_range, any_candidate)]
-                emitted = sum(len(seq) - 1 - start for seq, start in seqs)
-                matched = sum(w > 1 for w in widths)
-                label = "oracle: any match" if any_candidate else "oracle: length"
-                row = {"set": name, "k": k, "branches": label, "rounds": len(widths), "matched_rounds": matched,
+                row = {"set": name, "k": k, "branches": b, "rounds": len(widths), "matched_rounds": matched,
                        "tau": emitted / len(widths),
                        "tau_matched": (emitted - (len(widths) - matched)) / max(matched, 1),
                        "mean_width": sum(widths) / len(widths),
                        "ceiling": emitted * cost[1] / sum(cost[w] for w in widths)}
                 rows.append(row)
-                print(f"{name:12s} k={k:2d} {label}: rounds {len(widths)} ({matched} with a match)  τ {row['tau']:.2f}  "
+                print(f"{name:12s} k={k:2d} {b if isinstance(b, str) else f'branches {b}'}: rounds {len(widths)} "
+                      f"({matched} with a match)  τ {row['tau']:.2f}  (matched rounds {row['tau_matched']:.2f})  "
                       f"mean width {row['mean_width']:.2f}  ceiling {row['ceiling']:.2f}x", flush=True)
             for length in args.corpus_draft:
                 runs = [replay_corpus(seq, start, k, *n_range, scale, tables, length, bits) for seq, start in seqs]

@@ -16,12 +16,13 @@ xla / native ratios, and whether the two backends' first tokens agree.
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
-from report import write_report
+from report import paired, write_report
 
 from jaxinfer import LLM, SamplingParams
 
@@ -29,13 +30,12 @@ RESULTS = Path(__file__).parent / "results"
 BACKENDS = ("xla", "native")
 
 
-def first_token(llm: LLM, prompt: list[int], path: str) -> tuple[float, int]:
-    """(seconds, first token) of one request generating one token along `path`."""
+def first_token(llm: LLM, prompt: list[int], path: str) -> int:
+    """The first token of one request generating one token along `path`."""
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     reqs = [{"prompt_token_ids": prompt}]
-    t = time.perf_counter()
     out = llm.generate(reqs, params) if path == "engine" else llm.generate_static(reqs, params, batch_size=1)
-    return time.perf_counter() - t, out[0].outputs[0].token_ids[0]
+    return out[0].outputs[0].token_ids[0]
 
 
 def main():
@@ -59,14 +59,14 @@ def main():
     for path in ("engine", "static"):
         for n in args.lengths:
             prompt = rng.integers(3, vocab, size=n).tolist()
-            tokens = {b: first_token(llm, prompt, path)[1] for b, llm in llms.items()}  # compiles
-            secs = {b: [] for b in BACKENDS}
-            for r in range(args.repeats):
-                for b in (BACKENDS if r % 2 == 0 else BACKENDS[::-1]):
-                    secs[b].append(first_token(llms[b], prompt, path)[0])
-            ratios = np.array(secs["xla"]) / np.array(secs["native"])
-            row = {"path": path, "prompt_tokens": n, "xla_ms": 1e3 * float(np.median(secs["xla"])),
-                   "native_ms": 1e3 * float(np.median(secs["native"])), "xla_over_native": float(np.median(ratios)),
+            tokens = {b: first_token(llm, prompt, path) for b, llm in llms.items()}  # compiles
+            ratios, native_secs, _ = paired(functools.partial(first_token, llms["xla"], prompt, path),
+                                            functools.partial(first_token, llms["native"], prompt, path),
+                                            args.repeats, warmup=False)
+            ratios = np.array(ratios)
+            xla_secs = ratios * np.array(native_secs)
+            row = {"path": path, "prompt_tokens": n, "xla_ms": 1e3 * float(np.median(xla_secs)),
+                   "native_ms": 1e3 * float(np.median(native_secs)), "xla_over_native": float(np.median(ratios)),
                    "round_ratios": [round(float(x), 3) for x in ratios],
                    "same_first_token": tokens["xla"] == tokens["native"]}
             rows.append(row)
@@ -76,7 +76,7 @@ def main():
               f"{time.perf_counter() - t0:.0f} s; dtype {llms['xla'].dtype}. One request, one output token, "
               f"greedy; engine: chunked prefill of up to {args.max_num_batched_tokens} tokens a step, prefix "
               f"caching off; static: `generate_static`, batch 1. Medians of {args.repeats} rounds, the backends "
-              "taking turns; xla / native: median of the rounds' ratios.\n\n")
+              "taking turns (`report.paired`); xla / native: median of the rounds' ratios.\n\n")
     lines = ["| path | prompt tokens | xla ms | native ms | xla / native | same first token |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['path']} | {r['prompt_tokens']} | {r['xla_ms']:.1f} | {r['native_ms']:.1f} | "
