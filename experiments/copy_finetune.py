@@ -40,7 +40,7 @@ measurements on runs/copy-target-1200, `*_copy_target_1200.*`): 56.1% copied, τ
 replay and 2.91 measured at k 8, n-gram 1.70x (k 4: 1.53x), while held-out CE worsened to 3.395
 (plain) and 2.273 (edit documents, up from 2.081: it had begun to memorize the training edits).
 
-Stop 52 tried a gentler recipe that also feeds repeat documents (`repeat_rows`: a random span of
+Stop 52 tried a gentler recipe that also feeds repeat documents (`repeat_document`: a random span of
 training text, three newlines, the same span again, never the same twice): 300 steps at lr 3e-4,
 rows 2 edit / 2 repeat / 4 plain (`--edit-fraction 0.25 --repeat-fraction 0.25 --lr 3e-4
 --out-model runs/copy-a`, 17 min; `copy_finetune_repeat.json`). Held-out CE *fell*, plain 3.182 ->
@@ -92,33 +92,33 @@ def edit_documents(tok: Tokenizer, split: str, min_tokens: int = 40, max_tokens:
     return docs
 
 
-def pack(docs: list[list[int]], rng, num: int, length: int, eos: int) -> np.ndarray:
-    """num windows of `length` tokens, each documents drawn at random and joined by EOS."""
+def pack(draw, rng, num: int, length: int, eos: int) -> np.ndarray:
+    """num windows of `length` tokens, each documents draw(rng) joined by EOS."""
     out = np.zeros((num, length), np.int32)
     for i in range(num):
         row: list[int] = []
         while len(row) < length:
-            row += docs[int(rng.integers(len(docs)))] + [eos]
+            row += draw(rng) + [eos]
         out[i] = row[:length]
     return out
 
 
-def repeat_rows(windows: np.ndarray, rng, num: int, length: int, sep: list[int], eos: int,
-                span: tuple[int, int] = (48, 224)) -> np.ndarray:
-    """num rows of `length` tokens packed with repeat documents: a random span of a training window,
-    sep, then the same span again (the answer is the prompt, token for token). Unlike the edit
-    documents these are never the same twice, so they teach copying, not the training functions."""
-    out = np.zeros((num, length), np.int32)
-    for i in range(num):
-        row: list[int] = []
-        while len(row) < length:
-            w = windows[int(rng.integers(len(windows)))]
-            n = int(rng.integers(span[0], span[1] + 1))
-            a = int(rng.integers(0, len(w) - n + 1))
-            piece = w[a:a + n].tolist()
-            row += piece + sep + piece + [eos]
-        out[i] = row[:length]
-    return out
+def pick(docs: list[list[int]]):
+    """A `pack` draw: one of docs at random."""
+    return lambda rng: docs[int(rng.integers(len(docs)))]
+
+
+def repeat_document(windows: np.ndarray, sep: list[int], span: tuple[int, int] = (48, 224)):
+    """A `pack` draw: a random span of a training window, sep, then the same span again (the answer
+    is the prompt, token for token). Unlike the edit documents these are never the same twice, so
+    they teach copying, not the training functions."""
+    def draw(rng) -> list[int]:
+        w = windows[int(rng.integers(len(windows)))]
+        n = int(rng.integers(span[0], span[1] + 1))
+        a = int(rng.integers(0, len(w) - n + 1))
+        piece = w[a:a + n].tolist()
+        return piece + sep + piece
+    return draw
 
 
 def main(argv=None):
@@ -129,7 +129,7 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--edit-fraction", type=float, default=0.75, help="rows of each batch that are edit documents")
     ap.add_argument("--repeat-fraction", type=float, default=0.0,
-                    help="rows of each batch that are repeat documents (`repeat_rows`)")
+                    help="rows of each batch that are repeat documents (`repeat_document`)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-model", default="runs/copy-target")
@@ -145,13 +145,16 @@ def main(argv=None):
     n_edit = max(1, round(args.batch * args.edit_fraction))
     n_rep = round(args.batch * args.repeat_fraction)
     n_plain = args.batch - n_edit - n_rep
-    need = args.steps * n_plain + 400
+    if n_plain < 0:
+        raise SystemExit(f"--edit-fraction {args.edit_fraction} + --repeat-fraction {args.repeat_fraction} give "
+                         f"{n_edit} + {n_rep} rows, more than --batch {args.batch}")
+    need = args.steps * n_plain + (400 if n_rep else 0)
     plain = np.concatenate([corpus.token_windows(tok, 400, args.seq_len + 1, "train", seed=args.seed + 1 + i)
                             for i in range(-(-need // 400))])  # one window per file and seed
-    sep = tok.encode("\n\n\n", add_special_tokens=False)
-    rep_src = plain[-400:]  # windows the plain rows do not use
+    # repeat documents cut from the last 400 windows, which the plain rows do not use
+    repeat = repeat_document(plain[-400:], tok.encode("\n\n\n", add_special_tokens=False))
     held_plain = corpus.token_windows(tok, 16, args.seq_len + 1, "heldout", seed=7)
-    held_edit = pack(edit_documents(tok, "heldout"), np.random.default_rng(7), 16, args.seq_len + 1, eos)
+    held_edit = pack(pick(edit_documents(tok, "heldout")), np.random.default_rng(7), 16, args.seq_len + 1, eos)
     print(f"{len(docs)} edit documents from the training split; {args.steps} steps of {args.batch} x "
           f"{args.seq_len} tokens ({n_edit} edit rows, {n_rep} repeat rows each), lr {args.lr}", flush=True)
 
@@ -170,9 +173,9 @@ def main(argv=None):
     state = train.init_state(params, opt)
     t0 = time.perf_counter()
     for s in range(args.steps):
-        edit_rows = pack(docs, rng, n_edit, args.seq_len + 1, eos)
+        edit_rows = pack(pick(docs), rng, n_edit, args.seq_len + 1, eos)
         rows = plain[s * n_plain:(s + 1) * n_plain]
-        rep_rows = repeat_rows(rep_src, rng, n_rep, args.seq_len + 1, sep, eos)
+        rep_rows = pack(repeat, rng, n_rep, args.seq_len + 1, eos)
         state, m = step_fn(state, jnp.asarray(np.concatenate([edit_rows, rep_rows, rows])))
         if (s + 1) % 20 == 0:
             print(f"step {s + 1}: loss {float(m['loss']):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
