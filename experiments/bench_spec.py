@@ -89,10 +89,10 @@ def continuation_prompts(tok: Tokenizer, num: int) -> list[list[int]]:
 def code_edit_prompts(tok: Tokenizer, num: int, min_tokens: int = 80, max_tokens: int = 224) -> list[list[int]]:
     """A held-out function, two blank lines, then its header renamed to `<name>_v2`: the answer
     a copying model gives repeats the function. How much a given model's answer actually repeats
-    the prompt is what the n-gram rows measure (the embedded 11M target rarely copies a whole
-    body; much of what prompt lookup finds is its own repetition: `lookup_ceiling.py` measured
-    3.6% of its greedy output tokens here completing a 4-gram of the prompt, 58.8% repeating one
-    of its own earlier output)."""
+    the prompt is what the n-gram rows measure. The embedded 11M target, even after its `copy`
+    training stage, usually writes a new docstring and body instead: on 8 of these prompts
+    `lookup_ceiling.py` measured 13.7% of its greedy output tokens completing a 4-gram of the
+    prompt and 50.1% repeating one of its own earlier output (before the copy stage: 3.6% / 58.8%)."""
     cands = []
     for f, text, tree in corpus.parsed_files("heldout"):
         for node in ast.walk(tree):

@@ -208,16 +208,16 @@ def embedded_ngram():
 
 
 def test_bad_words_are_never_generated_on_any_path(embedded, embedded_ngram):
-    """A single-token word ("path", two encodings) and a two-token one ("list of") that greedy
+    """A single-token word ("path", two encodings) and a two-token one ("is a") that greedy
     decoding writes are absent once banned, with the same tokens from the engine, the static loop
     and the engine's n-gram speculation. (The static speculative loop is checked for every drafter
     in test_spec_decode.)"""
     prompt = "import os\n\ndef read_config(path):\n"
     base = embedded.generate([prompt], SamplingParams(temperature=0, max_tokens=48))[0].outputs[0].token_ids
-    params = SamplingParams(temperature=0, max_tokens=48, bad_words=["path", "list of"])
+    params = SamplingParams(temperature=0, max_tokens=48, bad_words=["path", "is a"])
     seqs = embedded.engine.inputs.bad_words_ids(params)
-    assert [652] in seqs and [485] in seqs and [643, 378] in seqs  # " path", "path", " list of"
-    assert _contains(base, [652]) and _contains(base, [643, 378])
+    assert [652] in seqs and [485] in seqs and [322, 272] in seqs  # " path", "path", " is a"
+    assert _contains(base, [652]) and _contains(base, [322, 272])
     out = embedded.generate([prompt], params)[0].outputs[0].token_ids
     assert not any(_contains(out, s) for s in seqs) and len(out) == 48
     assert embedded.generate_static([prompt], params)[0].outputs[0].token_ids == out
