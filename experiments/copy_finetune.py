@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxinfer import LLM, SamplingParams, corpus, train
 from jaxinfer.checkpoint import export_hf, load_hf
 from jaxinfer.llm import resolve_model
-from jaxinfer.model import forward
 from jaxinfer.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -88,19 +88,11 @@ def edit_documents(tok: Tokenizer, split: str, min_tokens: int = 40, max_tokens:
                 ids = tok.encode(f"{src}\n\n\n{renamed}")
                 weights = [1] * len(ids)
                 if mask_header:  # tokens can merge across the boundaries: mask from the last shared one
-                    a = _shared(ids, tok.encode(f"{src}\n\n\n")) - 1
-                    b = _shared(ids, tok.encode(f"{src}\n\n\n{renamed.split(chr(10), 1)[0]}"))
+                    a = len(os.path.commonprefix([ids, tok.encode(f"{src}\n\n\n")])) - 1
+                    b = len(os.path.commonprefix([ids, tok.encode(f"{src}\n\n\n{renamed.split(chr(10), 1)[0]}")]))
                     weights[a:b] = [0] * (b - a)
                 docs.append((ids, weights))
     return docs
-
-
-def _shared(x: list[int], y: list[int]) -> int:
-    """Length of the common prefix of x and y."""
-    n = 0
-    while n < min(len(x), len(y)) and x[n] == y[n]:
-        n += 1
-    return n
 
 
 def pack(draw, rng, num: int, length: int, eos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,19 +131,6 @@ def repeat_document(windows: np.ndarray, sep: list[int], span: tuple[int, int] =
             weights[n:n + len(sep) + min(masked, n)] = [0] * (len(sep) + min(masked, n))
         return piece + sep + piece, weights
     return draw
-
-
-def weighted_lm_loss(cfg):
-    """loss(params, (tokens [B, T + 1], weights [B, T + 1])): next-token cross-entropy, each target
-    token weighted (`train.cross_entropy`'s mask)."""
-    def loss(params, batch):
-        tokens, weights = batch
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-        logits, _, _ = forward(params, cfg, inputs, positions, None, None)
-        ce = train.cross_entropy(logits, targets, weights[:, 1:])
-        return ce, {"ce": ce}
-    return loss
 
 
 def unprompted_copies(model: str | Path, num: int = 32, max_tokens: int = 256) -> dict:
@@ -209,15 +188,14 @@ def main(argv=None):
     print(f"{len(docs)} edit documents from the training split; {args.steps} steps of {args.batch} x "
           f"{args.seq_len} tokens ({n_edit} edit rows, {n_rep} repeat rows each), lr {args.lr}", flush=True)
 
-    loss_fn = weighted_lm_loss(cfg)
+    loss_fn = train.lm_loss_fn(cfg)
     tc = train.TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
                            warmup_steps=min(20, args.steps // 10), min_lr_ratio=0.1, weight_decay=0.0)
     opt = train.make_optimizer(tc)
     step_fn, eval_fn = train.make_train_step(loss_fn, opt), train.make_eval_step(loss_fn)
 
     def heldout(p):
-        return {name: float(np.mean([float(eval_fn(p, (jnp.asarray(b[None]), jnp.ones((1, b.size))))["ce"])
-                                     for b in batch]))
+        return {name: float(np.mean([float(eval_fn(p, jnp.asarray(b[None]))["ce"]) for b in batch]))
                 for name, batch in (("plain", held_plain), ("edit", held_edit))}
 
     before = heldout(params)

@@ -90,17 +90,19 @@ def distill_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature
 
 def lm_loss_fn(cfg: ModelConfig, teacher: tuple[ModelConfig, Weights] | None = None,
                distill_weight: float = 0.0, temperature: float = 1.0) -> Callable:
-    """loss(params, batch) -> (loss, aux) for a language model on batch [B, T + 1] tokens.
+    """loss(params, batch) -> (loss, aux) for a language model on batch [B, T + 1] tokens, or on
+    (tokens [B, T + 1], weights [B, T + 1]): each target token's cross-entropy weighted.
 
     With a teacher, its logits on the same inputs are computed inside the step (no
     gradient) and mixed in as (1 - w) CE + w KL. aux: {"ce": cross-entropy}.
     """
-    def loss(params: Weights, batch: jax.Array, teacher_params=None):
+    def loss(params: Weights, batch, teacher_params=None):
+        batch, weights = batch if isinstance(batch, tuple) else (batch, None)
         inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T]
         b, t = inputs.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         logits, _, _ = forward(params, cfg, inputs, positions, None, None)  # [B, T, V]
-        ce = cross_entropy(logits, targets)
+        ce = cross_entropy(logits, targets, None if weights is None else weights[:, 1:])
         if teacher is None or distill_weight == 0.0:
             return ce, {"ce": ce}
         t_cfg, _ = teacher
