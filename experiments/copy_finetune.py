@@ -55,8 +55,10 @@ Recipes not shipped:
   (`--random-alphabet 8 512`, `copy_finetune_random_alphabet.json`, runs/copy-f), so that tokens
   recur within a span as they do in code: random copies 96.1%, text 68.4%, bodies 70.5%; held-out
   CE 3.146 / 2.414 / 1.649, 0 of 32 `_v2`; replayed code-edit τ 2.85 / 3.69 on 4 / 8 prompts, and
-  bench_spec's code edits 1.99x (k 8, τ 2.95) but continuation 1.75x (τ 2.26: it loops less,
-  42% of its continuation output repeating itself against 71%; `bench_spec_b1_greedy_s54_copy_f.md`).
+  bench_spec's code edits 1.99x (k 8, τ 2.95) but continuation 1.75x at best (n-gram; scaled
+  lookup's τ 2.26 at k 8: it loops less, 42% of its continuation output repeating itself against
+  71%; `bench_spec_b1_greedy_s54_copy_f.md`). Held-out NLL 3.0891, top-1 42.8%
+  (`default_models_copy_f.md`; the shipped target 3.0834, 42.3%).
   Not shipped in stop 54 for want of time to retrain the heads and rerun every figure on it, and
   because it trades a met figure (continuation 2.65x) for a code-edit one still short of 2x.
 """
