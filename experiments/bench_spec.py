@@ -89,10 +89,10 @@ def continuation_prompts(tok: Tokenizer, num: int) -> list[list[int]]:
 def code_edit_prompts(tok: Tokenizer, num: int, min_tokens: int = 80, max_tokens: int = 224) -> list[list[int]]:
     """A held-out function, two blank lines, then its header renamed to `<name>_v2`: the answer
     a copying model gives repeats the function. How much a given model's answer actually repeats
-    the prompt is what the n-gram rows measure. The embedded 11M target, even after its `copy`
-    training stage, usually writes a new docstring and body instead: on 8 of these prompts
-    `lookup_ceiling.py` measured 13.7% of its greedy output tokens completing a 4-gram of the
-    prompt and 50.1% repeating one of its own earlier output (before the copy stage: 3.6% / 58.8%)."""
+    the prompt is what the n-gram rows measure. On 8 of these prompts `lookup_ceiling.py` measured
+    64.9% of the embedded target's greedy output tokens completing a 4-gram of the prompt and
+    16.7% repeating one of its own earlier output (before its `copy` training stage: 3.6% / 58.8%;
+    after stop 53's one-run stage, which taught no induction: 13.7% / 50.1%)."""
     cands = []
     for f, text, tree in corpus.parsed_files("heldout"):
         for node in ast.walk(tree):
