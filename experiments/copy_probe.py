@@ -30,17 +30,16 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from copy_finetune import edit_documents, repeated
+from eval_default_models import model_pass, nll_and_argmax
 
 from jaxinfer import corpus
 from jaxinfer.checkpoint import load_hf
 from jaxinfer.llm import resolve_model
-from jaxinfer.model import forward
 from jaxinfer.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -71,17 +70,8 @@ def score(cfg, weights, docs: list[tuple[list[int], int]], bins: int = 9) -> dic
     tokens = np.zeros((len(docs), length), np.int32)
     for i, (d, _) in enumerate(docs):
         tokens[i, :len(d)] = d
-
-    @jax.jit
-    def step(w, toks):
-        inp, tgt = toks[:, :-1], toks[:, 1:]
-        pos = jnp.broadcast_to(jnp.arange(inp.shape[1], dtype=jnp.int32), inp.shape)
-        logits, _, _ = forward(w, cfg, inp, pos, None, None)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        nll = -jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0]
-        return nll, jnp.argmax(logp, -1) == tgt
-
-    nll, hit = (np.asarray(x) for x in step(weights, jnp.asarray(tokens)))
+    out = model_pass(weights, cfg, tokens, len(docs), nll_and_argmax)
+    nll, hit = out["nll"], out["argmax"] == tokens[:, 1:]
     per_bin: list[list[tuple[float, bool]]] = [[] for _ in range(bins)]
     for i, (d, start) in enumerate(docs):
         for j, k in enumerate(range(start - 1, len(d) - 1)):  # logits at k predict token k + 1
